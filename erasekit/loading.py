@@ -1,0 +1,88 @@
+"""Load a text-to-image pipeline from a hub id, a local diffusers folder, or a single checkpoint file.
+
+The default model is tinyworld, shipped inside the package, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ._device import resolve_device, resolve_dtype
+from .errors import ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def model_path(model: str | Path | None) -> str:
+    """``None``/"tinyworld" → the packaged tinyworld folder; anything else unchanged."""
+    from . import tinyworld
+
+    if model is None or str(model) == tinyworld.MODEL_ID:
+        return str(tinyworld.path())
+    return str(model)
+
+
+def _is_sdxl_folder(folder: Path) -> bool:
+    index = folder / "model_index.json"
+    return index.exists() and "XL" in json.loads(index.read_text()).get("_class_name", "")
+
+
+def _is_sdxl_file(path: Path) -> bool:
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return any(k.startswith("conditioner.embedders.1") for k in f.keys())
+
+
+def load_pipeline(model: str | Path | None = None, *, device: str | torch.device | None = "auto",
+                  dtype: str | torch.dtype | None = "auto", config: str | Path | None = None):
+    """Load a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+
+    Args:
+        model: hub id ("stable-diffusion-v1-5/stable-diffusion-v1-5"), a local diffusers folder, a single
+            ``.safetensors``/``.ckpt`` checkpoint as SD web UIs keep them, or None/"tinyworld".
+        device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+        dtype: "auto" (fp16 on CUDA, fp32 on CPU), "float32", "float16", "bfloat16".
+        config: for a single-file checkpoint, a local diffusers folder (or hub id) with the model's
+            configs, needed when offline.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    source = model_path(model)
+    path = Path(source)
+    try:
+        if path.is_dir():
+            cls = StableDiffusionXLPipeline if _is_sdxl_folder(path) else StableDiffusionPipeline
+            kwargs = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
+            pipe = cls.from_pretrained(str(path), torch_dtype=dtype, **kwargs)
+        elif path.suffix in SINGLE_FILE_SUFFIXES:
+            if not path.is_file():
+                raise ModelNotFoundError(f"model file not found: {path}")
+            cls = StableDiffusionXLPipeline if _is_sdxl_file(path) else StableDiffusionPipeline
+            kwargs = {"config": str(config)} if config else {}
+            pipe = cls.from_single_file(str(path), torch_dtype=dtype, **kwargs)
+        elif path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+            raise ModelNotFoundError(
+                f"model {source!r} is neither a diffusers folder (with model_index.json), a checkpoint file "
+                f"({', '.join(SINGLE_FILE_SUFFIXES)}), nor a hub id of the form 'owner/name'")
+        else:
+            from diffusers import DiffusionPipeline
+
+            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+    except ModelNotFoundError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as e:
+        hint = " (when offline, give a local folder, or `config=` a local config folder for a single file)"
+        raise ModelNotFoundError(f"could not load model {source!r}: {str(e).splitlines()[0]}{hint}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,117 @@
+"""Pipelines built in code with random weights, for tests and benchmarks (no hub, no download).
+
+``tiny_pipeline("sd1" | "sd2" | "sdxl")`` has the *structure* of each family at toy width:
+SD 1.x (conv ``proj_in``, one CLIP encoder), SD 2.x (linear projections, head dims per block),
+SDXL (two text encoders, the second with projection, ``text_time`` added conditioning, concatenated
+2-encoder context). ``sd15_unet()`` / ``sd15_text_encoder()`` have SD 1.5's full shapes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .tinyworld.tokenizer import write_tokenizer_files
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def tiny_tokenizer(directory: str | Path | None = None):
+    from transformers import CLIPTokenizer
+
+    directory = Path(directory or tempfile.mkdtemp(prefix="erasekit-tok-"))
+    return CLIPTokenizer.from_pretrained(str(write_tokenizer_files(directory, extra_words=("cat", "dog", "car"))))
+
+
+def _clip_config(tokenizer, hidden: int, layers: int = 2, projection: int | None = None):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        projection_dim=projection or hidden, hidden_act="gelu",
+    )
+
+
+def tiny_components(family: str = "sd1", seed: int = 0) -> dict:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16)
+    common = dict(sample_size=8, in_channels=4, out_channels=4, norm_num_groups=8)
+    if family == "sd1":
+        unet = UNet2DConditionModel(
+            block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=24, attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            **common)
+        text_encoder = CLIPTextModel(_clip_config(tokenizer, 24))
+        return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                    safety_checker=None, feature_extractor=None, image_encoder=None)
+    if family == "sd2":
+        unet = UNet2DConditionModel(
+            block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32, attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            **common)
+        text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
+        return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                    safety_checker=None, feature_extractor=None, image_encoder=None)
+    # sdxl: context = concat(encoder 1 hidden 16, encoder 2 hidden 24) = 40; pooled from encoder 2
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=40, attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 24,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **common)
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, 16))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer, 24, projection=24))
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer, scheduler=scheduler, image_encoder=None, feature_extractor=None)
+
+
+def tiny_pipeline(family: str = "sd1", seed: int = 0):
+    """A ``StableDiffusionPipeline`` (sd1, sd2) or ``StableDiffusionXLPipeline`` (sdxl) with random weights."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    components = tiny_components(family, seed)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(**components)
+    else:
+        pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd15_unet(dtype: torch.dtype = torch.float32):
+    """A UNet with Stable Diffusion 1.5's exact configuration and random weights (≈ 860 M parameters)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ).to(dtype)
+
+
+def sd15_text_encoder(tokenizer=None, dtype: torch.dtype = torch.float32):
+    """A CLIP ViT-L/14 text encoder (SD 1.x's: 12 layers, 768 wide) with random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=max(len(tokenizer), 49408), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_act="quick_gelu",
+        projection_dim=768)).to(dtype)

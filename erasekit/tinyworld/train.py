@@ -1,0 +1,302 @@
+"""Train tinyworld from a seed: data → VAE → judge → text encoder + UNet → a diffusers pipeline folder.
+
+Each stage checkpoints every ``checkpoint_every`` steps into ``work_dir``; a killed run started again with
+the same arguments resumes where it stopped. Randomness is drawn per step from generators seeded with
+``(seed, stage, step)``, so a resumed run follows the same trajectory as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import model as M
+from .judge import JudgeNet, TinyworldJudge
+from .world import ATTRIBUTES, caption, random_scene, render
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Args:
+        seed: master seed; data, initialisation and every step's noise derive from it.
+        n_images: size of the rendered training pool.
+        vae_steps, judge_steps, unet_steps: optimisation steps per stage.
+        batch_size: batch size of the VAE and diffusion stages (the judge uses twice this).
+        lr: peak learning rate of the diffusion stage (cosine decay after a short warm-up).
+        cond_dropout: probability of training on the empty caption (classifier-free guidance).
+        checkpoint_every: steps between resumable checkpoints.
+    """
+
+    seed: int = 0
+    n_images: int = 24000
+    vae_steps: int = 700
+    judge_steps: int = 800
+    unet_steps: int = 3000
+    batch_size: int = 64
+    lr: float = 5e-4
+    cond_dropout: float = 0.1
+    checkpoint_every: int = 250
+
+
+def _gen(seed: int, stage: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_003 + step)
+
+
+def _save_ckpt(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load_ckpt(path: Path) -> dict | None:
+    return torch.load(path, weights_only=True) if path.exists() else None
+
+
+def make_data(config: TrainConfig, work: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Render the image pool once; returns (images uint8 (N,32,32,3), labels int (N,4))."""
+    path = work / "data.npz"
+    if path.exists():
+        data = np.load(path)
+        return data["images"], data["labels"]
+    rng = random.Random(config.seed)
+    images, labels = [], []
+    for _ in tqdm(range(config.n_images), desc="render", mininterval=2):
+        scene = random_scene(rng)
+        images.append(render(scene, rng))
+        labels.append(list(scene.labels().values()))
+    images, labels = np.stack(images), np.array(labels, dtype=np.int64)
+    np.savez(work / "data.tmp.npz", images=images, labels=labels)
+    (work / "data.tmp.npz").replace(path)
+    return images, labels
+
+
+def _to_x(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _cosine(step: int, total: int, warmup: int = 100) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _run_stage(name, stage, config, work, modules, opt, steps, step_fn, lr_fn=None):
+    """Generic resumable loop: ``step_fn(step, generator) -> loss``."""
+    path = work / f"{name}.pt"
+    state = _load_ckpt(path)
+    start = 0
+    if state is not None:
+        for key, module in modules.items():
+            module.load_state_dict(state[key])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, mininterval=2)
+    for step in bar:
+        if lr_fn is not None:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lr_fn(step)
+        loss = step_fn(step, _gen(config.seed, stage, step))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{name}: loss is {loss.item()} at step {step}; last good checkpoint kept in {path}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+            _save_ckpt(path, {"step": step + 1, "opt": opt.state_dict(),
+                              **{k: m.state_dict() for k, m in modules.items()}})
+
+
+def train_vae(config, work, images):
+    torch.manual_seed(config.seed)
+    vae = M.make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+    data = _to_x(images)
+
+    def step_fn(step, gen):
+        idx = torch.randint(0, len(data), (config.batch_size,), generator=gen)
+        x = data[idx]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        kl = posterior.kl().mean() / (3 * 32 * 32)
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+
+    _run_stage("vae", 1, config, work, {"vae": vae}, opt, config.vae_steps, step_fn,
+               lambda s: _cosine(s, config.vae_steps))
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(data[i:i + 512]).latent_dist.mean for i in range(0, min(len(data), 2048), 512)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    return vae
+
+
+def train_judge(config, work, images, labels, vae):
+    torch.manual_seed(config.seed + 1)
+    net = JudgeNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+    data, targets = _to_x(images), torch.from_numpy(labels)
+    n_train = int(len(data) * 0.9)  # the last 10 % is held out for the judge's accuracy
+
+    def step_fn(step, gen):
+        idx = torch.randint(0, n_train, (2 * config.batch_size,), generator=gen)
+        x = data[idx]
+        half = len(x) // 4
+        with torch.no_grad():  # a quarter of the batch goes through the VAE, as generated images do
+            post = vae.encode(x[:half]).latent_dist
+            z = post.mean + 0.5 * post.std * torch.randn(post.mean.shape, generator=gen)
+            x = torch.cat([vae.decode(z).sample.clamp(-1, 1), x[half:]])
+        x = x + 0.03 * torch.randn(x.shape, generator=gen)
+        logits = net(x)
+        return sum(F.cross_entropy(logits[a], targets[idx, i]) for i, a in enumerate(ATTRIBUTES))
+
+    _run_stage("judge", 2, config, work, {"judge": net}, opt, config.judge_steps, step_fn,
+               lambda s: _cosine(s, config.judge_steps))
+    judge = TinyworldJudge(net)
+    heldout = judge(data[n_train:])
+    accuracy = {a: float((heldout.probs[a].argmax(-1) == targets[n_train:, i]).float().mean())
+                for i, a in enumerate(ATTRIBUTES)}
+    return judge, accuracy
+
+
+class _AuxHead(torch.nn.Module):
+    """Training aid: predicts each attribute (or 'unspecified') from the pooled text embedding, so that
+    synonyms land near each other quickly. Not part of the exported model."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({a: torch.nn.Linear(hidden, len(ATTRIBUTES[a]) + 1) for a in ATTRIBUTES})
+
+    def forward(self, pooled):
+        return {a: h(pooled) for a, h in self.heads.items()}
+
+
+def train_diffusion(config, work, images, labels, vae, tokenizer):
+    torch.manual_seed(config.seed + 2)
+    text_encoder = M.make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    unet = M.make_unet()
+    aux = _AuxHead(M.HIDDEN)
+    noise_scheduler = M.make_train_scheduler()
+    ema = {"unet": [p.detach().clone() for p in unet.parameters()],
+           "text_encoder": [p.detach().clone() for p in text_encoder.parameters()]}
+    params = list(unet.parameters()) + list(text_encoder.parameters()) + list(aux.parameters())
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+
+    data = _to_x(images)
+    with torch.no_grad():
+        posts = [vae.encode(data[i:i + 512]).latent_dist for i in tqdm(range(0, len(data), 512), desc="encode")]
+    mean = torch.cat([p.mean for p in posts]) * vae.config.scaling_factor
+    std = torch.cat([p.std for p in posts]) * vae.config.scaling_factor
+    names = {a: list(ATTRIBUTES[a]) for a in ATTRIBUTES}
+    alphas = noise_scheduler.alphas_cumprod
+
+    ema_path = work / "ema.pt"
+    ema_state = _load_ckpt(ema_path)
+    if ema_state is not None:
+        ema = ema_state
+
+    def step_fn(step, gen):
+        idx = torch.randint(0, len(mean), (config.batch_size,), generator=gen)
+        rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        texts, aux_targets = [], {a: [] for a in ATTRIBUTES}
+        for i in idx.tolist():
+            scene_words = {a: names[a][labels[i, j]] for j, a in enumerate(ATTRIBUTES)}
+            from .world import Scene
+
+            text = caption(Scene(**scene_words), rng) if rng.random() >= config.cond_dropout else ""
+            texts.append(text)
+            for j, a in enumerate(ATTRIBUTES):  # 'unspecified' when the caption leaves it out
+                said = any(s in text for s in ATTRIBUTES[a][scene_words[a]])
+                aux_targets[a].append(int(labels[i, j]) if said and text else len(names[a]))
+        ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        out = text_encoder(ids)
+        z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, 1000, (len(z0),), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        pred = unet(zt, t, out.last_hidden_state).sample
+        logits = aux(out.pooler_output)
+        aux_loss = sum(F.cross_entropy(logits[k], torch.tensor(aux_targets[k])) for k in ATTRIBUTES)
+        return F.mse_loss(pred, noise) + 0.05 * aux_loss
+
+    def update_ema(step):
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for key, module in (("unet", unet), ("text_encoder", text_encoder)):
+                for e, p in zip(ema[key], module.parameters()):
+                    e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+    class _EmaStep:  # wraps step_fn so the EMA is updated and checkpointed with the stage
+        def __init__(self):
+            self.last = None
+
+        def __call__(self, step, gen):
+            if self.last is not None:
+                update_ema(self.last)
+                if self.last % config.checkpoint_every == 0:
+                    _save_ckpt(ema_path, ema)
+            self.last = step
+            return step_fn(step, gen)
+
+    wrapped = _EmaStep()
+    _run_stage("diffusion", 3, config, work, {"unet": unet, "text_encoder": text_encoder, "aux": aux}, opt,
+               config.unet_steps, wrapped, lambda s: _cosine(s, config.unet_steps))
+    if wrapped.last is not None:
+        update_ema(wrapped.last)
+        _save_ckpt(ema_path, ema)
+    with torch.no_grad():
+        for key, module in (("unet", unet), ("text_encoder", text_encoder)):
+            for e, p in zip(ema[key], module.parameters()):
+                p.copy_(e)
+    return text_encoder.eval(), unet.eval()
+
+
+def train(out_dir: str | Path, work_dir: str | Path, config: TrainConfig = TrainConfig()) -> dict:
+    """Run every stage (resuming from ``work_dir``) and write the pipeline + judge to ``out_dir``."""
+    from diffusers import StableDiffusionPipeline
+
+    out_dir, work = Path(out_dir), Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    M.write_json(work / "config.json", asdict(config))
+    started = time.time()
+    images, labels = make_data(config, work)
+    tokenizer = M.make_tokenizer(work / "tokenizer")
+    vae = train_vae(config, work, images)
+    judge, judge_accuracy = train_judge(config, work, images, labels, vae)
+    text_encoder, unet = train_diffusion(config, work, images, labels, vae, tokenizer)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=M.make_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp)
+    judge.save_pretrained(tmp / "judge")
+    manifest = {"train_config": asdict(config), "judge_heldout_accuracy": judge_accuracy,
+                "train_seconds": round(time.time() - started, 1)}
+    M.write_json(tmp / "tinyworld.json", manifest)
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.replace(out_dir)
+    return manifest
