@@ -1,0 +1,389 @@
+"""The ``erasekit`` command line. One function per command; heavy imports happen inside commands so that
+``erasekit --help`` is instant. User errors are ``ErasekitError``s, printed without a traceback (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, ErasekitError
+
+EXAMPLES = {
+    "erase": """examples:
+  erasekit erase --method uce --concept circle --out circle.safetensors
+  erasekit erase --method uce --concept circle --concept red --preserve square --out two.safetensors
+  erasekit erase --method uce --help            # every option of a method
+  erasekit erase --method rece --concept circle --config rece.toml --model ./my-sd15 --out c.safetensors""",
+    "generate": """examples:
+  erasekit generate --prompt "a red circle" --seed 0 --out x.png
+  erasekit generate --prompt "a red circle" --adapter circle.safetensors --seed 0 1 2 3 --out-dir out/ --judge
+  erasekit generate --prompt "a red circle" --adapter circle.safetensors:0.5 --adapter red.safetensors""",
+    "inspect": "example:\n  erasekit inspect circle.safetensors [--json]",
+    "tinyworld": """examples:
+  erasekit tinyworld eval --out benchmarks/tinyworld_eval.json
+  erasekit tinyworld render --prompt "a striped red circle on a black background" --out r.png
+  erasekit tinyworld train --out ./tinyworld --work ./tinyworld-work   # ~40 min on 2 CPU cores, resumable""",
+    "env": "example:\n  erasekit env",
+}
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="hub id, local diffusers folder, or single .safetensors/.ckpt "
+                   "checkpoint (default: the packaged tinyworld)")
+    p.add_argument("--model-config", default=None, help="for a single-file checkpoint offline: a local folder "
+                   "with the diffusers configs of its family")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
+
+
+def _load(args):
+    from .loading import load_pipeline
+
+    return load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.model_config)
+
+
+def _writable_dir(path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".erasekit-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to output folder {str(path)!r}: {e.strerror}") from None
+    return path
+
+
+def _parse_adapter(spec: str) -> tuple[str, float]:
+    """'path.safetensors[:weight]' → (path, weight)."""
+    path, _, weight = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() else (spec, "", "1")
+    try:
+        return path, float(weight)
+    except ValueError:
+        raise ConfigError(f"--adapter {spec!r}: expected PATH or PATH:WEIGHT") from None
+
+
+# ------------------------------------------------------------------------------------------- erase
+
+def erase_command(args, method_spec) -> int:
+    import time
+
+    from ._cli_config import config_from_args, read_toml
+
+    file_values = read_toml(args.config) if args.config else {}
+    config = config_from_args(method_spec.config_cls, args, file_values, method_spec.defaults)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out must end in .safetensors, got {str(out)!r}")
+    _writable_dir(out.parent if str(out.parent) else ".")
+    pipe = _load(args)
+    started = time.perf_counter()
+    adapter = method_spec.erase(pipe, config)
+    seconds = time.perf_counter() - started
+    adapter.save(out, dtype=_save_dtype(args.save_dtype))
+    print(f"erased {', '.join(config.concepts)} with {method_spec.name} in {seconds:.2f} s "
+          f"→ {out} ({out.stat().st_size / 1e6:.2f} MB, {len(adapter.deltas)} modules)")
+    return 0
+
+
+def _save_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16}[name]
+
+
+def _erase_parser(method: str | None) -> tuple[argparse.ArgumentParser, object]:
+    from ._cli_config import add_config_arguments
+
+    p = argparse.ArgumentParser(prog="erasekit erase", description="Erase concepts; write one adapter file.",
+                                epilog=EXAMPLES["erase"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    spec = None
+    from .methods import METHODS
+
+    p.add_argument("--method", required=True, choices=sorted(METHODS), help="erasure strategy")
+    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    p.add_argument("--config", default=None, help="TOML file of method options (flags override it)")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"], help="tensor dtype in the file")
+    _add_runtime(p)
+    if method is not None:
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+        spec = METHODS[method]
+        add_config_arguments(p, spec.config_cls, spec.defaults)
+    return p, spec
+
+
+# ---------------------------------------------------------------------------------------- generate
+
+def generate_command(args) -> int:
+    from .generate import contact_sheet, generate
+
+    pipe = _load(args)
+    if args.adapter:
+        from . import compose
+
+        for spec in args.adapter:
+            path, weight = _parse_adapter(spec)
+            compose.load(pipe, path, weight=weight)
+    prompts = [p for p in args.prompt for _ in args.seed]
+    seeds = [s for _ in args.prompt for s in args.seed]
+    images = generate(pipe, prompts, seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      negative_prompt=args.negative_prompt, progress=len(prompts) > 8)
+    if args.out and len(images) == 1:
+        out = Path(args.out)
+        _writable_dir(out.parent if str(out.parent) else ".")
+        images[0].save(out)
+        written = [out]
+    else:
+        folder = _writable_dir(args.out_dir or (Path(args.out).with_suffix("") if args.out else "erasekit-out"))
+        written = []
+        for k, (im, p, s) in enumerate(zip(images, prompts, seeds)):
+            path = folder / f"{k:03d}-seed{s}-{'_'.join(p.split())[:60]}.png"
+            im.save(path)
+            written.append(path)
+        contact_sheet(images).save(folder / "contact_sheet.png")
+        written.append(folder / "contact_sheet.png")
+    verdicts = _judge_lines(args, pipe, images, prompts, seeds) if args.judge else []
+    for line in verdicts:
+        print(line)
+    print(f"wrote {len(written)} file(s): {written[0]}" + (f" … {written[-1]}" if len(written) > 1 else ""))
+    return 0
+
+
+def _judge_lines(args, pipe, images, prompts, seeds) -> list[str]:
+    from . import tinyworld
+    from .loading import model_path
+
+    folder = Path(model_path(args.model))
+    if not (folder / "judge").is_dir():
+        raise ConfigError("--judge needs a tinyworld model (its judge ships beside it); for real models use "
+                          "`erasekit audit --judge clip|nudenet`")
+    judgement = tinyworld.load_judge(folder)(images)
+    lines = []
+    for k, (p, s) in enumerate(zip(prompts, seeds)):
+        parts = []
+        for attribute in tinyworld.ATTRIBUTES:
+            label = judgement.labels(attribute)[k]
+            parts.append(f"{label} ({judgement.probs[attribute][k].max():.2f})")
+        lines.append(f"judge: seed {s} {p!r}: " + ", ".join(parts))
+    return lines
+
+
+# ----------------------------------------------------------------------------------------- inspect
+
+def inspect_command(args) -> int:
+    from .adapter import load_adapter
+
+    adapter = load_adapter(args.adapter)
+    size = Path(args.adapter).stat().st_size
+    if args.json:
+        print(json.dumps(adapter.describe() if hasattr(adapter, "describe") else _describe(adapter, size), indent=2))
+        return 0
+    d = _describe(adapter, size)
+    print(f"{args.adapter}: {d['method']} erasing {', '.join(d['concepts'])}")
+    print(f"  base model : {d['base_model'] or '(not recorded)'}")
+    print(f"  components : {', '.join(d['components'])}   gating: {d['gating'].get('rule')}")
+    print(f"  size       : {size / 1e6:.3f} MB, {d['parameters']:,} parameters in {len(d['modules'])} modules")
+    print(f"  config     : {json.dumps(d['config'], sort_keys=True)}")
+    if d["stats"]:
+        print(f"  stats      : {', '.join(d['stats'])} (exact merging)")
+    for m in d["modules"]:
+        print(f"    {m['module']:<80} {m['kind']:<8} rank {m['rank'] if m['rank'] is not None else '-':<4} {m['shape']}")
+    return 0
+
+
+def _describe(adapter, size: int) -> dict:
+    return {
+        "method": adapter.method, "concepts": list(adapter.concepts), "base_model": adapter.base_model,
+        "components": list(adapter.components), "gating": adapter.gating, "config": adapter.config,
+        "parameters": adapter.num_parameters, "bytes": size, "stats": sorted(adapter.stats), "info": adapter.info,
+        "modules": [{"module": k, "kind": "lowrank" if d.delta is None else "full", "rank": d.rank,
+                     "shape": list(d.weight_shape)} for k, d in sorted(adapter.deltas.items())],
+    }
+
+
+# --------------------------------------------------------------------------------------- tinyworld
+
+def tinyworld_command(args) -> int:
+    if args.tinyworld_command == "train":
+        from .tinyworld.train import TrainConfig, train
+
+        config = TrainConfig(seed=args.seed, unet_steps=args.unet_steps, n_images=args.n_images)
+        manifest = train(args.out, args.work, config)
+        print(json.dumps(manifest, indent=2))
+        return 0
+    if args.tinyworld_command == "render":
+        import random
+
+        from .tinyworld import world
+
+        scene = _scene_from_prompt(args.prompt)
+        from PIL import Image
+
+        Image.fromarray(world.render(scene, random.Random(args.seed))).save(args.out)
+        print(f"rendered {scene} → {args.out}")
+        return 0
+    # eval
+    from . import tinyworld
+    from .tinyworld.eval import QUALITY_BARS, quality
+
+    pipe = _load(args)
+    judge = tinyworld.load_judge(Path(_model_folder(args)))
+    results = quality(pipe, judge, seeds=tuple(args.seeds))
+    rows, ok = [], True
+    print(f"{'prompts':<20} {'attribute':<11} {'accuracy':>9} {'bar':>6}")
+    for kind, values in results.items():
+        for attribute, value in values.items():
+            if attribute == "images":
+                continue
+            bar = QUALITY_BARS.get((kind, attribute))
+            passed = bar is None or value >= bar
+            ok &= passed
+            rows.append({"prompts": kind, "attribute": attribute, "accuracy": value, "bar": bar, "passed": passed})
+            print(f"{kind:<20} {attribute:<11} {value:>9.3f} {'' if bar is None else f'{bar:.2f}':>6} {'' if passed else 'FAIL'}")
+    if args.out:
+        from .bench_utils import run_record
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"run": run_record(), "seeds": args.seeds, "results": results,
+                                              "rows": rows, "all_bars_met": ok}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0 if ok else 1
+
+
+def _model_folder(args) -> str:
+    from .loading import model_path
+
+    return model_path(args.model)
+
+
+def _scene_from_prompt(prompt: str):
+    from .tinyworld import world
+
+    words = f" {prompt.lower()} "
+    found = {}
+    for attribute, table in world.ATTRIBUTES.items():
+        for name, names in table.items():
+            if any(f" {n} " in words for n in names):
+                found[attribute] = name
+    missing = [a for a in ("shape",) if a not in found]
+    if missing:
+        raise ConfigError(f"prompt {prompt!r} names no tinyworld shape; shapes: {', '.join(world.SHAPES)}")
+    return world.Scene(found["shape"], found.get("colour", "red"), found.get("texture", "solid"),
+                       found.get("background", "black"))
+
+
+# --------------------------------------------------------------------------------------------- env
+
+def env_command(args) -> int:
+    import platform
+
+    import torch
+
+    from . import __version__
+
+    lines = {"erasekit": __version__, "python": platform.python_version(), "platform": platform.platform(),
+             "torch": torch.__version__, "cuda available": torch.cuda.is_available()}
+    for mod in ("diffusers", "transformers", "accelerate", "safetensors", "peft", "open_clip", "nudenet"):
+        try:
+            lines[mod] = __import__(mod).__version__
+        except Exception:
+            lines[mod] = "not installed"
+    if torch.cuda.is_available():
+        lines["gpu"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    from . import tinyworld
+
+    lines["tinyworld"] = str(tinyworld.path()) + ("" if (tinyworld.path() / "model_index.json").exists() else " (missing!)")
+    for k, v in lines.items():
+        print(f"{k:<16} {v}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="erasekit", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Erase concepts from text-to-image diffusion models as composable adapters; audit the result.",
+        epilog="Every command defaults to the packaged tinyworld model. `erasekit COMMAND --help` for examples.")
+    parser.add_argument("--version", action="version", version=f"erasekit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    sub.add_parser("erase", help="erase concepts with a strategy; write an adapter", add_help=False)
+
+    g = sub.add_parser("generate", help="generate images, optionally with adapters", epilog=EXAMPLES["generate"], formatter_class=fmt)
+    g.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    g.add_argument("--seed", type=int, nargs="+", default=[0], help="one image per seed per prompt (default 0)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--adapter", action="append", default=[], help="adapter file, optionally PATH:WEIGHT (repeatable)")
+    g.add_argument("--out", default=None, help="PNG path for a single image")
+    g.add_argument("--out-dir", default=None, help="folder for several images and a contact sheet")
+    g.add_argument("--judge", action="store_true", help="print what tinyworld's judge sees in each image")
+    _add_runtime(g)
+
+    i = sub.add_parser("inspect", help="print an adapter's record, modules, ranks and size", epilog=EXAMPLES["inspect"], formatter_class=fmt)
+    i.add_argument("adapter")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    t = sub.add_parser("tinyworld", help="train, evaluate or render the tiny world", epilog=EXAMPLES["tinyworld"], formatter_class=fmt)
+    tsub = t.add_subparsers(dest="tinyworld_command", metavar="SUBCOMMAND", required=True)
+    tt = tsub.add_parser("train", help="regenerate data, model and judge from a seed (resumable)")
+    tt.add_argument("--out", required=True, help="folder to write the pipeline + judge to")
+    tt.add_argument("--work", required=True, help="folder for data and resumable checkpoints")
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--unet-steps", type=int, default=3000)
+    tt.add_argument("--n-images", type=int, default=24000)
+    te = tsub.add_parser("eval", help="the quality table: does the judge agree with the prompt?")
+    te.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    te.add_argument("--out", default=None, help="JSON file for the results")
+    _add_runtime(te)
+    tr = tsub.add_parser("render", help="render the ground-truth image of a prompt")
+    tr.add_argument("--prompt", required=True)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", required=True)
+
+    sub.add_parser("env", help="versions and devices, for bug reports", epilog=EXAMPLES["env"], formatter_class=fmt)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # transformers warns about optional image-processor backends on import; the CLI never uses them
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "erase":
+            pre = argparse.ArgumentParser(add_help=False)
+            pre.add_argument("--method", default=None)
+            known, _ = pre.parse_known_args(argv[1:])
+            parser, spec = _erase_parser(known.method)
+            args = parser.parse_args(argv[1:])
+            return erase_command(args, spec)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        if args.command == "generate" and args.out and args.out_dir:
+            raise ConfigError("give --out (one image) or --out-dir (several), not both")
+        return {"generate": generate_command, "inspect": inspect_command, "tinyworld": tinyworld_command,
+                "env": env_command}[args.command](args)
+    except ErasekitError as e:
+        print(f"erasekit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("erasekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
