@@ -27,6 +27,9 @@ EXAMPLES = {
   erasekit tinyworld render --prompt "a striped red circle on a black background" --out r.png
   erasekit tinyworld train --out ./tinyworld --work ./tinyworld-work   # ~40 min on 2 CPU cores, resumable""",
     "env": "example:\n  erasekit env",
+    "demo": """examples:
+  erasekit demo                                  # UCE erases "circle" from tinyworld, judged before/after
+  erasekit demo --method rece --concept red --out-dir demo-red""",
 }
 
 
@@ -276,6 +279,67 @@ def _scene_from_prompt(prompt: str):
                        found.get("background", "black"))
 
 
+# -------------------------------------------------------------------------------------------- demo
+
+def demo_command(args) -> int:
+    """The main job on tinyworld: erase a concept, generate before/after, print what the judge sees."""
+    import time
+
+    from . import compose, tinyworld
+    from .api import erase
+    from .generate import contact_sheet, generate
+    from .tinyworld.world import COLOURS, SHAPES, Scene, canonical, concept_attribute, synonyms
+
+    concept = canonical(args.concept) if args.concept else "circle"
+    attribute = concept_attribute(concept)
+    folder = _writable_dir(args.out_dir)
+    pipe = _load(args)
+    judge = tinyworld.load_judge(Path(_model_folder(args)))
+    base = [Scene(s, c, "solid", "black") for s in SHAPES for c in COLOURS]
+    target = [sc for sc in base if getattr(sc, attribute) == concept]
+    others = [sc for sc in base if getattr(sc, attribute) != concept][:: max(1, len(base) // 24)]
+    names = synonyms(concept)
+    rows = [(f"{concept!r} prompts", target, {}), *[(f"via synonym {w!r}", target, {attribute: w}) for w in names[1:]],
+            (f"other {attribute}s", others, None)]
+    prompts = [sc.prompt(names=n or {}) for _, scenes, n in rows for sc in scenes]
+    scenes = [sc for _, scenes, _ in rows for sc in scenes]
+    seeds = list(args.seed)
+    all_prompts = [p for p in prompts for _ in seeds]
+    all_scenes = [sc for sc in scenes for _ in seeds]
+    all_seeds = seeds * len(prompts)
+
+    print(f"tinyworld: {len(all_prompts)} images before and after erasing {concept!r} with {args.method} …")
+    before = generate(pipe, all_prompts, all_seeds)
+    started = time.perf_counter()
+    adapter = erase(pipe, args.method, [concept])
+    seconds = time.perf_counter() - started
+    adapter_path = folder / f"{concept}.{args.method}.safetensors"
+    adapter.save(adapter_path)
+    name = compose.load(pipe, adapter)
+    after = generate(pipe, all_prompts, all_seeds)
+    compose.unload(pipe, [name])
+
+    def seen(images, scenes_):
+        verdict = judge(images)
+        return [lab == getattr(sc, attribute) for lab, sc in zip(verdict.labels(attribute), scenes_)], verdict
+
+    ok_before, _ = seen(before, all_scenes)
+    ok_after, _ = seen(after, all_scenes)
+    print(f"\nerased {concept!r} in {seconds:.2f} s → {adapter_path} ({adapter_path.stat().st_size / 1e3:.0f} kB)\n")
+    print(f"{'what the judge sees':<34} {'before':>8} {'after':>8}")
+    start = 0
+    for label, scenes_, _ in rows:
+        n = len(scenes_) * len(seeds)
+        b, a = sum(ok_before[start:start + n]), sum(ok_after[start:start + n])
+        what = f"{concept} seen" if label != f"other {attribute}s" else f"{attribute} correct"
+        print(f"{label + ': ' + what:<34} {f'{b}/{n}':>8} {f'{a}/{n}':>8}")
+        start += n
+    contact_sheet(before, columns=len(seeds) * 6).save(folder / "before.png")
+    contact_sheet(after, columns=len(seeds) * 6).save(folder / "after.png")
+    print(f"\nimages: {folder / 'before.png'}, {folder / 'after.png'}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- env
 
 def env_command(args) -> int:
@@ -350,6 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out", required=True)
 
+    d = sub.add_parser("demo", help="erase a concept from tinyworld and show the judge's verdict before/after",
+                       epilog=EXAMPLES["demo"], formatter_class=fmt)
+    d.add_argument("--method", default="uce", help="erasure strategy (default: uce)")
+    d.add_argument("--concept", default="circle", help="a tinyworld concept (default: circle)")
+    d.add_argument("--seed", type=int, nargs="+", default=[0, 1], help="seeds per prompt (default: 0 1)")
+    d.add_argument("--out-dir", default="erasekit-demo", help="where the adapter and before/after sheets go")
+    _add_runtime(d)
+
     sub.add_parser("env", help="versions and devices, for bug reports", epilog=EXAMPLES["env"], formatter_class=fmt)
     return parser
 
@@ -376,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate" and args.out and args.out_dir:
             raise ConfigError("give --out (one image) or --out-dir (several), not both")
         return {"generate": generate_command, "inspect": inspect_command, "tinyworld": tinyworld_command,
-                "env": env_command}[args.command](args)
+                "demo": demo_command, "env": env_command}[args.command](args)
     except ErasekitError as e:
         print(f"erasekit: error: {e}", file=sys.stderr)
         return 2
