@@ -1,0 +1,181 @@
+"""Trainable weight deltas on ``nn.Linear``/``nn.Conv2d`` modules, attached with forward hooks.
+
+Each adapted module computes ``m(x) + ΔW x`` where ``ΔW = up @ down`` is low rank (LoRA, Hu et al. 2021,
+https://arxiv.org/abs/2106.09685, Eq. 3: ``h = W₀x + BAx``, ``B`` = up initialised to zero) or a full matrix
+(``rank=0``). The base weights and the module classes are never touched: the hooks only add a term to the
+module's output, so ``with deltas.disabled():`` turns the very same model back into the frozen original, bit
+for bit. Trained methods use this to let one UNet serve as both student and teacher.
+
+>>> with attach(unet, select(unet, lambda name, m: ".attn2." in name), rank=4) as deltas:
+...     student = unet(x, t, c).sample
+...     with deltas.disabled():
+...         teacher = unet(x, t, c).sample
+...     module_deltas = deltas.export("unet")   # {"unet.<path>": ModuleDelta}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import ModuleDelta
+from .errors import ConfigError
+
+SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+def select(model: nn.Module, include: Callable[[str, nn.Module], bool]) -> list[str]:
+    """Names of the ``nn.Linear``/``nn.Conv2d`` modules of ``model`` for which ``include(name, module)``."""
+    return [name for name, m in model.named_modules() if isinstance(m, SUPPORTED) and include(name, m)]
+
+
+def _kaiming_(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    # nn.Linear's default init (kaiming_uniform with a=√5, i.e. U(±1/√fan_in)), drawn from a seeded generator
+    bound = 1 / math.sqrt(tensor[0].numel())
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound, generator=generator)
+
+
+class Deltas:
+    """Trainable ``ΔW`` on named modules of a model (see the module docstring).
+
+    Args:
+        model: the model to adapt (e.g. ``pipe.unet``); it is not modified until ``attach``.
+        names: module paths inside ``model`` (``nn.Linear`` or ``nn.Conv2d`` with ``groups=1``).
+        rank: ``r`` of ``up @ down``; 0 trains a full ``ΔW``.
+        generator: seeds ``down`` (``up`` and full deltas start at zero, so ΔW = 0 at first).
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], rank: int, generator: torch.Generator | None = None):
+        if not names:
+            raise ConfigError("no module selected to adapt")
+        generator = generator or torch.Generator().manual_seed(0)
+        modules = dict(model.named_modules())
+        self.model, self.rank, self.enabled = model, rank, True
+        self.modules: dict[str, nn.Module] = {}
+        self.params: dict[str, torch.nn.Parameter] = {}  # "<path>.lora_A" / ".lora_B" / ".delta"
+        self._handles: list = []
+        for name in names:
+            m = modules.get(name)
+            if not isinstance(m, SUPPORTED):
+                raise ConfigError(f"module {name!r} is {type(m).__name__}, not Linear/Conv2d")
+            if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
+                raise ConfigError(f"module {name!r}: grouped or non-zero-padded Conv2d is not supported")
+            w = m.weight
+            kw = dict(device=w.device, dtype=torch.float32)  # deltas are trained and stored in fp32
+            if rank > 0:
+                # drawn on CPU so that the initialisation does not depend on the device
+                down = _kaiming_(torch.empty((rank, *w.shape[1:])), generator).to(w.device)
+                up = torch.zeros((w.shape[0], rank, *([1] * (w.dim() - 2))), **kw)
+                self.params[f"{name}.lora_A"] = nn.Parameter(down)
+                self.params[f"{name}.lora_B"] = nn.Parameter(up)
+            else:
+                self.params[f"{name}.delta"] = nn.Parameter(torch.zeros(w.shape, **kw))
+            self.modules[name] = m
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    def _delta_output(self, name: str, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        conv = isinstance(m, nn.Conv2d)
+        if self.rank > 0:
+            down, up = p[f"{name}.lora_A"], p[f"{name}.lora_B"]
+            if conv:
+                h = F.conv2d(x, down.to(x.dtype), None, m.stride, m.padding, m.dilation)
+                return F.conv2d(h, up.to(x.dtype))
+            return F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
+        delta = p[f"{name}.delta"].to(x.dtype)
+        return F.conv2d(x, delta, None, m.stride, m.padding, m.dilation) if conv else F.linear(x, delta)
+
+    def _hook(self, name: str):
+        def hook(module, args, kwargs, output):
+            if not self.enabled:
+                return None  # the module's own output, untouched
+            x = args[0] if args else kwargs["input"]
+            return output + self._delta_output(name, module, x).to(output.dtype)
+
+        return hook
+
+    def attach(self) -> Deltas:
+        if not self._handles:
+            self._handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in self.modules.items()]
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base model: hooks return the modules' outputs unchanged."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    # -- data -----------------------------------------------------------------------------------------
+    def export(self, prefix: str) -> dict[str, ModuleDelta]:
+        """``{"<prefix>.<path>": ModuleDelta}``: detached fp32 CPU copies of the current deltas."""
+        out = {}
+        for name in self.modules:
+            get = lambda s: self.params[f"{name}.{s}"].detach().float().cpu().clone()  # noqa: E731
+            out[f"{prefix}.{name}"] = (ModuleDelta(down=get("lora_A"), up=get("lora_B")) if self.rank > 0
+                                       else ModuleDelta(delta=get("delta")))
+        return out
+
+    def load(self, deltas: dict[str, ModuleDelta], prefix: str, weight: float = 1.0) -> None:
+        """Copy ``ModuleDelta`` values (keys ``"<prefix>.<path>"``) into these deltas, scaled by ``weight``."""
+        with torch.no_grad():
+            for name in self.modules:
+                d = deltas[f"{prefix}.{name}"]
+                if self.rank > 0:
+                    self.params[f"{name}.lora_A"].copy_(d.down)
+                    self.params[f"{name}.lora_B"].copy_(d.up * weight)
+                else:
+                    self.params[f"{name}.delta"].copy_(d.dense() * weight)
+
+
+@contextlib.contextmanager
+def attach(model: nn.Module, names: list[str], rank: int, generator: torch.Generator | None = None) -> Iterator[Deltas]:
+    """Attach trainable deltas for the duration of the block; the hooks are always removed on exit."""
+    deltas = Deltas(model, names, rank, generator).attach()
+    try:
+        yield deltas
+    finally:
+        deltas.remove()
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, deltas: dict[str, ModuleDelta], prefix: str = "unet", weight: float = 1.0) -> Iterator[Deltas]:
+    """Apply stored deltas (e.g. an ``Adapter``'s) to ``model`` with hooks for the duration of the block."""
+    names = [k[len(prefix) + 1:] for k in deltas if k.startswith(prefix + ".")]
+    ranks = {d.rank or 0 for k, d in deltas.items() if k.startswith(prefix + ".")}
+    if len(ranks) != 1:
+        raise ConfigError(f"deltas under {prefix!r} mix ranks {sorted(ranks)}; apply them one rank at a time")
+    d = Deltas(model, names, ranks.pop())
+    for p in d.params.values():
+        p.requires_grad_(False)
+    d.load(deltas, prefix, weight)
+    d.attach()
+    try:
+        yield d
+    finally:
+        d.remove()
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """``requires_grad=False`` on every parameter of ``model`` for the block; previous flags restored after."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)

@@ -1,0 +1,123 @@
+"""All but One: surgical concept erasing with model preservation (Hong, Lee, Woo, AAAI 2024,
+https://arxiv.org/abs/2312.12807).
+
+No code was published; this follows the paper's description (erasekit's reconstruction, see
+``reference/erasure-methods.md`` §2.2). Write the model's score as ``ε(x, c) = ε(x, ∅) + g(x, c)`` with the
+guidance term ``g(x, c) = ε(x, c) − ε(x, ∅)``. Only the target's guidance term is changed, toward the guidance
+term of a user-chosen replacement ``r`` (or toward ``−η g`` — zero for η = 0 — when there is none), while an
+explicit loss pins the unconditional score to the original's (ANT's uncond-preservation term, Li et al. 2025):
+
+    L = ‖g_θ(x_t, c) − g*(x_t)‖² + λ ‖ε_θ(x_t, ∅) − ε_θ₀(x_t, ∅)‖²,
+    g* = g_θ₀(x_t, r)  with a replacement,   g* = −η g_θ₀(x_t, c)  without,
+
+x_t drawn as in ESD: a partial DDIM rollout of the frozen model on ``c`` with guidance ``start_guidance``.
+At the optimum ``ε_θ(x, c) = ε_θ₀(x, ∅) + g*``: prompts of ``c`` follow ``r``'s guidance, ``∅`` is untouched.
+Training machinery (deltas on a module preset, one UNet as student and teacher) is ESD's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .. import _lora
+from ..adapter import Adapter
+from ..errors import ConfigError
+from .esd import PRESETS, Cond, TrainMethod, _validate, ddim_scheduler, encode, latent_shape, predict, rollout, train
+
+
+@dataclass(frozen=True)
+class AboConfig:
+    """Args:
+        concepts: prompts to erase, e.g. ("circle",); with several, each step trains on one drawn at random.
+        replace_with: concept whose guidance term the erased concepts take on, e.g. "square" ("" = none:
+            the guidance term is steered to −η times itself).
+        negative_guidance: η, used without a replacement (0 = guidance term to zero, 1 = reversed).
+        preserve_weight: λ, weight of the unconditional-score preservation loss.
+        train_method: which UNet modules get a delta (ESD's presets: esd-x, esd-x-strict, esd-u, esd-all).
+        start_guidance: classifier-free guidance of the frozen model's rollout that produces x_t.
+        num_inference_steps: DDIM steps of that rollout; it stops at a uniformly drawn step.
+        iterations: optimisation steps.
+        lr: Adam learning rate (constant).
+        rank: rank of each delta; 0 trains full-rank deltas.
+        batch_size: x_t samples per step.
+        resolution: image side in pixels (0 = the model's own, sample_size × VAE factor).
+        seed: seed of the initialisation and of every step's noise.
+        mixed_precision: "no", "bf16" or "fp16" (CUDA) autocast for the forward passes.
+        gradient_checkpointing: recompute UNet activations in the backward pass to save memory.
+        checkpoint_dir: folder for resumable training checkpoints ("" = none).
+        checkpoint_every: steps between checkpoints (0 = only at the end).
+        resume: continue from the checkpoint in checkpoint_dir, if there is one.
+        progress: show a progress bar.
+    """
+
+    concepts: tuple[str, ...]
+    replace_with: str = ""
+    negative_guidance: float = 1.0
+    preserve_weight: float = 1.0
+    train_method: TrainMethod = "esd-x"
+    start_guidance: float = 3.0
+    num_inference_steps: int = 20
+    iterations: int = 150
+    lr: float = 1e-3
+    rank: int = 4
+    batch_size: int = 4
+    resolution: int = 0
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 0
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        _validate(self)
+        if self.train_method not in PRESETS:
+            raise ConfigError(f"train_method must be one of {', '.join(PRESETS)}, got {self.train_method!r}")
+        if self.preserve_weight < 0:
+            raise ConfigError(f"preserve_weight must be ≥ 0, got {self.preserve_weight}")
+        if self.replace_with.strip() in {c.strip() for c in self.concepts}:
+            raise ConfigError(f"replace_with {self.replace_with!r} is one of the concepts being erased")
+
+
+def objective(pipe, config: AboConfig) -> Callable:
+    """``loss_for(deltas) -> loss_fn(step, generator)``: the loss of one step (module docstring)."""
+    unet = pipe.unet
+    replace = bool(config.replace_with.strip())
+    conds, uncond = encode(pipe, list(config.concepts) + ([config.replace_with] if replace else []), config.resolution)
+    erased = conds[:len(config.concepts)]
+    scheduler = ddim_scheduler(pipe, config.num_inference_steps)
+    shape = latent_shape(pipe, config)
+    n = shape[0]
+
+    def loss_for(deltas: _lora.Deltas):
+        def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
+            k = int(torch.randint(len(erased), (), generator=gen))
+            steps = int(torch.randint(config.num_inference_steps, (), generator=gen))
+            with deltas.disabled(), torch.no_grad():  # the frozen original: the same UNet without deltas
+                x, t = rollout(unet, scheduler, erased[k], uncond, config.start_guidance, steps, shape, gen)
+                teacher = Cond.cat([uncond.repeat(n), (conds[-1] if replace else erased[k]).repeat(n)])
+                e_null0, e_other0 = predict(unet, torch.cat([x, x]), t, teacher).float().chunk(2)
+            # g*: the replacement's guidance term, or −η × the target's own
+            g_target = e_other0 - e_null0 if replace else -config.negative_guidance * (e_other0 - e_null0)
+            student = Cond.cat([erased[k].repeat(n), uncond.repeat(n)])
+            e_cond, e_null = predict(unet, torch.cat([x, x]), t, student).float().chunk(2)
+            return F.mse_loss(e_cond - e_null, g_target) + config.preserve_weight * F.mse_loss(e_null, e_null0)
+
+        return loss_fn
+
+    return loss_for
+
+
+def erase(pipe, config: AboConfig) -> Adapter:
+    """Train an All-but-One adapter; ``pipe`` is left as it was (no hooks, same weights)."""
+    names = _lora.select(pipe.unet, PRESETS[config.train_method])
+    return train(pipe, config, names, objective(pipe, config), "abo")
+
+
+__all__ = ["AboConfig", "erase", "objective"]
