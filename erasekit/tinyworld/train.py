@@ -38,7 +38,7 @@ class TrainConfig:
     seed: int = 0
     n_images: int = 24000
     vae_steps: int = 700
-    judge_steps: int = 800
+    judge_steps: int = 3000
     unet_steps: int = 3000
     batch_size: int = 64
     lr: float = 5e-4
