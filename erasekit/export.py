@@ -1,0 +1,306 @@
+"""Export erasures to the LoRA layouts other tools load, and bake them into a standalone pipeline (DESIGN §2-§3).
+
+- ``to_diffusers(adapter, path)``: a LoRA file that stock ``pipe.load_lora_weights(path)`` loads (PEFT backend):
+  keys ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.text_model.…``, ``text_encoder_2.…``)
+  and a ``lora_adapter_metadata`` record with ``lora_alpha == r`` for every module, so the scale is exactly 1.
+- ``to_kohya(adapter, path)``: the kohya / A1111 layout (``lora_unet_<module with _>.lora_down.weight``,
+  ``.lora_up.weight``, ``.alpha`` = rank; ``lora_te_…``, SDXL ``lora_te1_…`` / ``lora_te2_…``).
+- ``bake(pipe, adapters, out_dir)``: fuse static erasures and ``save_pretrained`` a stock pipeline folder with a
+  model card.
+
+Only static low-rank deltas are LoRA: a full delta has no factors (pass ``svd_rank`` to approximate it; the relative
+error is reported), and a gated adapter (SPM) loses its prompt gate — it is exported with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .adapter import COMPONENTS, Adapter, ModuleDelta
+from .errors import AdapterError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["to_diffusers", "to_kohya", "bake"]
+
+KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+KOHYA_PREFIXES_SDXL = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA factors
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _canonical_path(component: str, path: str) -> str:
+    """CLIP module paths with transformers' ``text_model.`` prefix (the layout LoRA files and web UIs use)."""
+    if component != "unet" and not path.startswith("text_model."):
+        return "text_model." + path
+    return path
+
+
+def _svd(key: str, delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors ``(down, up)`` of a full delta (Eckart–Young); logs the relative error."""
+    matrix = delta.float().flatten(1)  # (out, in·kh·kw)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    rank = min(rank, s.numel())
+    error = float(s[rank:].norm() / s.norm().clamp_min(1e-30))
+    logger.info("%s: rank-%d SVD of a full delta, relative Frobenius error %.3g", key, rank, error)
+    down = (s[:rank, None] * vh[:rank]).reshape(rank, *delta.shape[1:])
+    up = u[:, :rank].reshape(delta.shape[0], rank, *([1] * (delta.ndim - 2)))
+    return down.contiguous(), up.contiguous()
+
+
+def _factors(adapter: Adapter, svd_rank: int | None) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """``(component, module path) -> (down, up)`` for every delta; refuses full deltas unless ``svd_rank``."""
+    if not adapter.is_static:
+        warnings.warn(
+            f"adapter {adapter.method!r} ({', '.join(adapter.concepts)}) is gated "
+            f"({adapter.gating.get('rule')}); a LoRA file cannot carry the gate, so the export applies it to every "
+            "prompt (γ = 1)", UserWarning, stacklevel=3)
+    factors = {}
+    full = [k for k, d in adapter.deltas.items() if d.delta is not None]
+    if full and svd_rank is None:
+        raise AdapterError(
+            f"adapter {adapter.method!r} has full deltas ({len(full)} modules, e.g. {full[0]!r}), which cannot be "
+            "expressed as LoRA factors; pass svd_rank=<r> to export a rank-r approximation")
+    if svd_rank is not None and svd_rank < 1:
+        raise AdapterError(f"svd_rank must be a positive integer, got {svd_rank!r}")
+    errors = []
+    for key, delta in adapter.deltas.items():
+        component, _, path = key.partition(".")
+        if component not in COMPONENTS:
+            raise AdapterError(f"adapter key {key!r} names no component of {COMPONENTS}")
+        if delta.delta is not None:
+            down, up = _svd(key, delta.delta, svd_rank)
+            approx = ModuleDelta(down=down, up=up).dense()
+            errors.append(float((approx - delta.dense()).norm() / delta.dense().norm().clamp_min(1e-30)))
+        else:
+            down, up = delta.down, delta.up
+        factors[(component, path)] = (down.contiguous(), up.contiguous())
+    if errors:
+        warnings.warn(f"full deltas exported as rank-{svd_rank} SVD approximations: max relative error "
+                      f"{max(errors):.3g}", UserWarning, stacklevel=3)
+    return factors
+
+
+def _source_record(adapter: Adapter) -> str:
+    return json.dumps({"method": adapter.method, "concepts": list(adapter.concepts),
+                       "base_model": adapter.base_model, "gating": adapter.gating}, sort_keys=True, default=str)
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """``safetensors`` write to a temporary file beside ``path``, then ``os.replace`` (DESIGN §2)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# diffusers / PEFT layout
+# --------------------------------------------------------------------------------------------------------------
+
+
+def to_diffusers(adapter: Adapter, path: str | Path, *, svd_rank: int | None = None) -> Path:
+    """Write ``adapter`` as a diffusers LoRA file; ``pipe.load_lora_weights(path)`` then applies ``W + B A``.
+
+    Keys are ``<component>.<module>.lora_A.weight`` ``[r, in(, kh, kw)]`` and ``.lora_B.weight``
+    ``[out, r(, 1, 1)]``; the ``lora_adapter_metadata`` record gives PEFT ``r``, ``lora_alpha`` and per-module
+    ``rank_pattern`` / ``alpha_pattern`` with ``alpha == rank`` everywhere (scale exactly 1).
+
+    Args:
+        adapter: a static low-rank adapter (gated: exported with a warning; full deltas: see ``svd_rank``).
+        path: the ``.safetensors`` file to write (atomically).
+        svd_rank: approximate full deltas by their best rank-``svd_rank`` factors instead of refusing them.
+
+    Raises:
+        AdapterError: the adapter has full deltas and no ``svd_rank`` was given.
+    """
+    factors = _factors(adapter, svd_rank)
+    tensors, by_component = {}, {}
+    for (component, path_), (down, up) in factors.items():
+        module = _canonical_path(component, path_)
+        tensors[f"{component}.{module}.lora_A.weight"] = down
+        tensors[f"{component}.{module}.lora_B.weight"] = up
+        # PEFT matches target modules by suffix: the path without CLIP's `text_model.` fits both layouts.
+        target = module[len("text_model."):] if module.startswith("text_model.") else module
+        by_component.setdefault(component, {})[target] = int(down.shape[0])
+    lora_metadata = {}
+    for component, ranks in by_component.items():
+        r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
+        pattern = {m: k for m, k in ranks.items() if k != r}
+        config = {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+                  "target_modules": sorted(ranks), "use_dora": False, "lora_bias": False}
+        lora_metadata.update({f"{component}.{k}": v for k, v in config.items()})
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(lora_metadata, sort_keys=True),
+                "erasekit.source": _source_record(adapter)}
+    return _save_atomic(tensors, path, metadata)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# kohya / A1111 layout
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_sdxl(adapter: Adapter) -> bool:
+    return "text_encoder_2" in adapter.components or "text_encoder_2" in (adapter.fingerprint or {})
+
+
+def to_kohya(adapter: Adapter, path: str | Path, *, sdxl: bool | None = None, svd_rank: int | None = None) -> Path:
+    """Write ``adapter`` in the kohya / A1111 LoRA layout (``alpha = rank``, so the scale is exactly 1).
+
+    Keys: ``lora_unet_<diffusers module path, dots as _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``;
+    text encoders ``lora_te_text_model_…`` (SDXL: ``lora_te1_…`` and ``lora_te2_…``).
+
+    Args:
+        adapter: a static low-rank adapter (gated: exported with a warning; full deltas: see ``svd_rank``).
+        path: the ``.safetensors`` file to write (atomically).
+        sdxl: use SDXL's text-encoder prefixes; default: the adapter touches or was fingerprinted on
+            ``text_encoder_2``.
+        svd_rank: approximate full deltas by their best rank-``svd_rank`` factors instead of refusing them.
+    """
+    factors = _factors(adapter, svd_rank)
+    prefixes = KOHYA_PREFIXES_SDXL if (_is_sdxl(adapter) if sdxl is None else sdxl) else KOHYA_PREFIXES
+    tensors = {}
+    ranks = set()
+    for (component, path_), (down, up) in factors.items():
+        stem = f"{prefixes[component]}_{_canonical_path(component, path_).replace('.', '_')}"
+        tensors[f"{stem}.lora_down.weight"] = down
+        tensors[f"{stem}.lora_up.weight"] = up
+        tensors[f"{stem}.alpha"] = torch.tensor(float(down.shape[0]))
+        ranks.add(int(down.shape[0]))
+    metadata = {"format": "pt", "ss_network_module": "networks.lora", "erasekit.source": _source_record(adapter)}
+    if len(ranks) == 1:
+        metadata["ss_network_dim"] = metadata["ss_network_alpha"] = str(ranks.pop())
+    return _save_atomic(tensors, path, metadata)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bake
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _adapter_sha256(adapter: Adapter, path: Path | None) -> str:
+    """sha256 of the adapter file, or of its tensors (sorted keys, fp32 bytes) for an in-memory adapter."""
+    digest = hashlib.sha256()
+    if path is not None:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    for key in sorted(adapter.deltas):
+        delta = adapter.deltas[key]
+        for part, tensor in (("lora_A", delta.down), ("lora_B", delta.up), ("delta", delta.delta)):
+            if tensor is not None:
+                digest.update(f"{key}.{part}{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _model_card(pipe, rows: list[dict]) -> str:
+    base = getattr(getattr(pipe, "config", None), "_name_or_path", "") or "(in-memory pipeline)"
+    lines = [
+        "---", "library_name: diffusers", "tags:", "- erasekit", "- concept-erasure", "---", "",
+        "# Concept-erased pipeline", "",
+        f"Base model: `{base}`. The erasures below were fused into the weights with erasekit "
+        "(`erasekit.export.bake`); the folder loads with stock `DiffusionPipeline.from_pretrained`.", "",
+        "| erasure | method | concepts | weight | adapter sha256 |", "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['name']} | {row['method']} | {', '.join(row['concepts'])} | {row['weight']:g} "
+                     f"| `{row['sha256']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def bake(pipe, adapters: Sequence, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Fuse static erasures into ``pipe``'s weights in place, ``save_pretrained(out_dir)``, then restore ``pipe``.
+
+    No copy of the model is made: the adapters are loaded and fused on ``pipe`` itself (any erasure already loaded
+    is switched off meanwhile), the folder is written to a temporary directory beside ``out_dir`` and renamed, and
+    ``pipe`` is returned bit-exactly to its previous state. The folder's ``model_index.json`` names the stock
+    diffusers class, and ``README.md`` lists each erasure: method, concepts, weight, adapter sha256.
+
+    Args:
+        pipe: the pipeline to bake from.
+        adapters: ``Adapter`` objects or adapter file paths, or ``(adapter_or_path, weight)`` pairs.
+        out_dir: the folder to create.
+        overwrite: replace an existing ``out_dir``.
+
+    Raises:
+        AdapterError: a gated adapter (its gating would be lost) or an adapter that does not fit ``pipe``.
+    """
+    from . import compose
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+    entries = []
+    for item in adapters:
+        source, weight = item if isinstance(item, tuple) else (item, 1.0)
+        adapter, default_name = compose._as_adapter(source)
+        if not adapter.is_static:
+            raise AdapterError(f"cannot bake gated adapter {default_name!r} ({adapter.gating.get('rule')}): fusing "
+                               "it into the weights would lose the gating")
+        path = Path(source) if isinstance(source, (str, Path)) else None
+        entries.append((adapter, default_name, float(weight), path))
+
+    stock = _stock_pipeline(pipe)
+    loaded, rows = [], []
+    with compose.disabled(pipe):
+        try:
+            for i, (adapter, default_name, weight, path) in enumerate(entries):
+                name = compose.load(pipe, adapter, name=f"_bake{i}:{default_name}", weight=weight)
+                loaded.append(name)
+                rows.append(dict(name=default_name, method=adapter.method, concepts=list(adapter.concepts),
+                                 weight=weight, sha256=_adapter_sha256(adapter, path)))
+            compose.fuse(pipe, loaded)
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+            try:
+                stock.save_pretrained(tmp)
+                (tmp / "README.md").write_text(_model_card(pipe, rows), encoding="utf-8")
+                if out_dir.exists():
+                    old = out_dir.with_name(f".{out_dir.name}.old")
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.replace(out_dir, old)
+                    os.replace(tmp, out_dir)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, out_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        finally:
+            if loaded:
+                compose.unload(pipe, loaded)
+    return out_dir
+
+
+def _stock_pipeline(pipe):
+    """``pipe`` as its nearest diffusers class (sharing components), so ``model_index.json`` names a stock class."""
+    for cls in type(pipe).__mro__:
+        if cls.__module__.split(".")[0] == "diffusers" and hasattr(cls, "from_pipe"):
+            if cls is type(pipe):
+                return pipe
+            return cls.from_pipe(pipe)
+    raise AdapterError(f"{type(pipe).__name__} has no diffusers pipeline class to save as")
