@@ -39,9 +39,10 @@ The gating record (``Adapter.gating``) read here::
 adapters ``i`` combined this way on one module contribute ``(Σ_i w_i γ_i B_i)(Σ_j γ_j A_j)`` — ``γ²`` for one adapter
 and cross terms ``B_i A_j`` for several (their ranks must match) — instead of the linear ``Σ_i w_i γ_i B_i A_i``.
 
-State lives in one ``Composer`` per pipeline, kept in a ``weakref.WeakKeyDictionary`` keyed by the pipeline (the
-pipeline object is not modified; the composer holds its modules, never the pipeline). Hooks live on the modules, so a
-second pipeline sharing the same ``unet`` (``from_pipe``) sees the same erasures.
+State lives in one ``Composer`` per UNet, kept in a ``weakref.WeakKeyDictionary`` keyed by ``pipe.unet`` (the
+pipeline object is not modified; the composer holds its components weakly, so it goes away with them). The hooks live
+on the modules, so keying by the UNet means that pipelines sharing it (``Pipeline.from_pipe(pipe)``) share the erasures
+too, and any of them can list, disable or unload them.
 
 Example::
 
@@ -164,7 +165,13 @@ class _Loaded:
 # The composer
 # --------------------------------------------------------------------------------------------------------------
 
-_COMPOSERS: "weakref.WeakKeyDictionary[object, Composer]" = weakref.WeakKeyDictionary()
+_COMPOSERS: "weakref.WeakKeyDictionary[nn.Module, Composer]" = weakref.WeakKeyDictionary()
+
+
+def _key(pipe):
+    """The registry key of a pipeline: its UNet, where the hooks live (the pipeline itself if it has none)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if isinstance(unet, nn.Module) else pipe
 
 
 def _row_key(row: torch.Tensor) -> bytes:
@@ -197,8 +204,8 @@ class Composer:
     """
 
     def __init__(self, pipe):
-        self.components: dict[str, nn.Module] = {
-            c: getattr(pipe, c) for c in COMPONENTS if isinstance(getattr(pipe, c, None), nn.Module)
+        self._components: dict[str, weakref.ref] = {
+            c: weakref.ref(getattr(pipe, c)) for c in COMPONENTS if isinstance(getattr(pipe, c, None), nn.Module)
         }
         self.tokenizer = getattr(pipe, "tokenizer", None)
         self.adapters: dict[str, _Loaded] = {}
@@ -215,10 +222,14 @@ class Composer:
     @classmethod
     def of(cls, pipe, create: bool = True) -> "Composer | None":
         """The composer of ``pipe`` (created on first use when ``create``)."""
-        composer = _COMPOSERS.get(pipe)
+        composer = _COMPOSERS.get(_key(pipe))
         if composer is None and create:
-            composer = _COMPOSERS[pipe] = cls(pipe)
+            composer = _COMPOSERS[_key(pipe)] = cls(pipe)
         return composer
+
+    def component(self, name: str) -> nn.Module | None:
+        ref = self._components.get(name)
+        return ref() if ref is not None else None
 
     # ---- names -----------------------------------------------------------------------------------------------
 
@@ -251,7 +262,7 @@ class Composer:
             component, _, path = key.partition(".")
             if component not in COMPONENTS:
                 raise AdapterMismatchError(f"erasure {name!r}: key {key!r} names no component of {COMPONENTS}")
-            root = self.components.get(component)
+            root = self.component(component)
             if root is None:
                 raise AdapterMismatchError(f"erasure {name!r} changes {component!r}, which this pipeline does not have")
             if gate_spec is not None and component != "unet":
@@ -309,7 +320,7 @@ class Composer:
             special = set(self.tokenizer.all_special_ids)
             ids = self.tokenizer(list(prompts), truncation=True, max_length=self.tokenizer.model_max_length).input_ids
             token_sets = tuple(frozenset(i for i in row if i not in special) for row in ids)
-        unet = self.components["unet"]
+        unet = self.component("unet")
         device = next(unet.parameters()).device
         return _Gate(prompts, embeds.detach().to(device=device, dtype=torch.float32), token_sets,
                      spec["metric"], spec["factor"], spec["combine"])
@@ -393,10 +404,10 @@ class Composer:
     def _ensure_gate_hooks(self) -> None:
         if self._gate_handles:
             return
-        unet = self.components["unet"]
+        unet = self.component("unet")
         self._gate_handles.append(unet.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True))
         self._gate_handles.append(unet.register_forward_hook(self._unet_post_hook, always_call=True))
-        encoder = self.components.get("text_encoder")
+        encoder = self.component("text_encoder")
         if encoder is not None and self.tokenizer is not None:
             self._gate_handles.append(encoder.register_forward_hook(self._text_encoder_hook, with_kwargs=True))
 
@@ -463,7 +474,7 @@ class Composer:
 
     def _tokens_for(self, row: torch.Tensor) -> frozenset[int] | None:
         tokens = self._token_ids.get(_row_key(row))
-        encoder = self.components.get("text_encoder")
+        encoder = self.component("text_encoder")
         width = getattr(getattr(encoder, "config", None), "hidden_size", None)
         if tokens is None and width is not None and row.shape[-1] > width:
             tokens = self._token_ids.get(_row_key(row[..., :width]))  # SDXL: [encoder 1 | encoder 2] context
@@ -768,7 +779,7 @@ def unload(pipe, names: str | Sequence[str] | None = None) -> None:
     composer.unload(names)
     if not composer.adapters:
         composer._remove_gate_hooks()
-        _COMPOSERS.pop(pipe, None)
+        _COMPOSERS.pop(_key(pipe), None)
 
 
 def list_erasures(pipe) -> list[dict]:

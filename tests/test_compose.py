@@ -242,3 +242,22 @@ def test_fp16_module_output_matches_fused(family):
         pytest.skip(f"fp16 on this device: {err}")
     assert hooked.dtype == torch.float16 and torch.isfinite(hooked).all()
     torch.testing.assert_close(hooked.float(), fused.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_state_is_shared_by_pipelines_sharing_the_unet_and_freed_with_it():
+    import gc
+    import weakref
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = tiny_pipeline("sd1")
+    compose.load(pipe, random_adapter(pipe, ("attn2.to_k",), components=("unet",)), name="a")
+    sibling = StableDiffusionImg2ImgPipeline.from_pipe(pipe)  # same modules, so the same hooks
+    assert [e["name"] for e in compose.list_erasures(sibling)] == ["a"]
+    compose.unload(sibling)
+    assert compose.list_erasures(pipe) == []
+    compose.load(pipe, random_adapter(pipe, ("attn2.to_k",), components=("unet",)), name="b")
+    unet = weakref.ref(pipe.unet)
+    del pipe, sibling
+    gc.collect()
+    assert unet() is None  # the registry does not keep a pipeline alive

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import erasekit.adapter
+from erasekit import compose
 from erasekit.adapter import Adapter, ModuleDelta
 from erasekit.errors import AdapterError
 from erasekit.pipelines import ErasureStableDiffusionPipeline, ErasureStableDiffusionXLPipeline
@@ -46,6 +47,7 @@ def test_no_adapters_equals_stock_pipeline_and_verbs_work(family):
     assert pipe.load_erasure(random_adapter(pipe, seed=1), name="a") == "a"
     pipe.load_erasure(random_adapter(pipe, ("attn2.to_v",), seed=2, concepts=("dog",)), name="b", weight=0.5)
     assert [(e["name"], e["weight"], e["enabled"]) for e in pipe.erasures] == [("a", 1.0, True), ("b", 0.5, True)]
+    assert compose.list_erasures(stock) == pipe.erasures  # one state per UNet: from_pipe siblings share it
     both = generate(pipe)
     assert np.abs(both - base).max() > 1e-3
 
