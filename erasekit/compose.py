@@ -198,7 +198,7 @@ def _resolve_module(root: nn.Module, path: str) -> nn.Module | None:
 
 
 class Composer:
-    """The erasures loaded on one pipeline: adapters, per-module hooks, gates, fused state.
+    """The erasures loaded on one UNet (and the pipelines sharing it): adapters, per-module hooks, gates, fused state.
 
     Obtain it with ``Composer.of(pipe)``; the module-level functions (``load``, ``fuse``, ...) are thin wrappers.
     """
