@@ -1,0 +1,151 @@
+"""Closed-form erase time and memory on a model with SD 1.5's full shapes (random weights, CPU, fp32).
+
+    python benchmarks/closed_form_perf.py [--repeats 3] [--zero-init] [--out benchmarks/closed_form_perf.json]
+
+Cases: UCE with 1 concept; UCE with 100 concepts and 500 preserve prompts (one joint solve). Times exclude
+model building; they include everything ``erasekit.erase`` does (prompt encoding, the D×D solve, the per-layer
+factors, the base fingerprint). Prompts are made of tinyworld words, which the test tokenizer keeps as one token
+each, like CLIP's BPE does for common words. Reported: wall and CPU seconds per case (best and median of
+``--repeats``), a breakdown of the 100-concept case, peak RSS (``resource.getrusage``), torch threads and the load
+average, since other work on the machine slows the wall clock. Targets: ≤ 2 s (1 concept), ≤ 60 s (100 + 500).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from erasekit.api import erase
+from erasekit.methods import _text, uce
+from erasekit.testing import sd15_text_encoder, sd15_unet, tiny_components
+from erasekit.tinyworld.world import BACKGROUNDS, COLOURS, SHAPES, TEXTURES
+
+TARGETS_S = {"uce_1_concept": 2.0, "uce_100_concepts_500_preserve": 60.0}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def build_pipe(zero_init: bool):
+    """SD 1.5 UNet + CLIP ViT-L text encoder with random weights, in a StableDiffusionPipeline (tiny VAE)."""
+    from diffusers import StableDiffusionPipeline
+
+    if zero_init:  # random attn2 k/v only: erase reads nothing else, and full random init is slow on CPU
+        with torch.device("meta"):
+            unet = sd15_unet()
+        unet = unet.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, p in unet.named_parameters():
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5) if ".attn2.to_" in name else p.zero_()
+    else:
+        unet = sd15_unet()
+    components = tiny_components("sd1")
+    components.update(unet=unet, text_encoder=sd15_text_encoder(components["tokenizer"]))
+    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompts() -> tuple[list[str], list[str]]:
+    """100 concepts ("crimson disc", ...) and 500 distinct preserve prompts ("a striped box on a night sky")."""
+    colours = [n for names in COLOURS.values() for n in names]
+    shapes = [n for names in SHAPES.values() for n in names]
+    textures = [n for names in TEXTURES.values() for n in names]
+    backgrounds = [n for names in BACKGROUNDS.values() for n in names]
+    concepts = [f"{c} {s}" for c, s in itertools.product(colours, shapes)][:100]
+    preserve = [f"a {t} {s} on a {b}" for t, s, b in itertools.product(textures, shapes, backgrounds)][:500]
+    assert len(set(concepts)) == 100 and len(set(preserve)) == 500
+    return concepts, preserve
+
+
+def timed(fn, repeats: int) -> dict:
+    walls, cpus, result = [], [], None
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        result = fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return {"wall_s_best": round(min(walls), 3), "wall_s_median": round(statistics.median(walls), 3),
+            "wall_s_first": round(walls[0], 3), "cpu_s_best": round(min(cpus), 3), "repeats": repeats,
+            "_result": result}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--zero-init", action="store_true", help="random attn2 k/v, zeros elsewhere (fast build)")
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    args = parser.parse_args(argv)
+
+    load_before = os.getloadavg()
+    t = time.perf_counter()
+    pipe = build_pipe(args.zero_init)
+    build_s = time.perf_counter() - t
+    rss_model = peak_rss_mb()
+    concepts, preserve = prompts()
+    tokens = _text.tokenize(pipe, concepts + preserve).attention_mask.sum(1).float()
+
+    results = {}
+    one = timed(lambda: erase(pipe, "uce", ["crimson disc"]), args.repeats)
+    results["uce_1_concept"] = {**one, "rank": one.pop("_result").info["rank"]}
+    many = timed(lambda: erase(pipe, "uce", concepts, preserve=preserve), args.repeats)
+    adapter = many.pop("_result")
+    results["uce_100_concepts_500_preserve"] = {**many, "rank": adapter.info["rank"],
+                                               "erase_keys": adapter.info["erase_keys"],
+                                               "preserve_keys": adapter.info["preserve_keys"],
+                                               "adapter_parameters": adapter.num_parameters}
+    rss_after = peak_rss_mb()
+
+    # breakdown of the 100-concept case (one run of each step)
+    config = uce.UceConfig(concepts=tuple(concepts), preserve=tuple(preserve))
+    steps = {}
+    t = time.perf_counter()
+    keys = uce.collect_keys(pipe, config)
+    steps["encode_prompts_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    edit = uce.solve(keys, 1.0, 1.0, 0.5)
+    steps["solve_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    uce.module_deltas(uce.find_targets(pipe, config.targets), edit.P, edit.Q)
+    steps["layer_factors_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    uce.base_fingerprint(pipe)
+    steps["fingerprint_s"] = time.perf_counter() - t
+    results["uce_100_concepts_500_preserve"]["breakdown"] = {k: round(v, 3) for k, v in steps.items()}
+
+    for name, target in TARGETS_S.items():
+        results[name]["target_s"] = target
+        results[name]["meets_target"] = results[name]["wall_s_best"] <= target
+    report = {
+        "benchmark": "closed_form_perf", "model": "sd15_unet + sd15_text_encoder (random weights, fp32, CPU)",
+        "unet_init": "attn2 k/v random, rest zero" if args.zero_init else "full random init",
+        "results": results,
+        "prompt_tokens_mean": round(float(tokens.mean()), 2),
+        "model_build_s": round(build_s, 1),
+        "peak_rss_mb": {"after_model_build": round(rss_model), "after_erasing": round(rss_after),
+                        "erasing_increase": round(rss_after - rss_model)},
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "machine": platform.processor() or platform.machine(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "note": "wall times include waiting for the CPU when other processes run (see load_average_*); "
+                "cpu_s is this process's CPU time, over all its threads",
+    }
+    print(json.dumps(report, indent=2))
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

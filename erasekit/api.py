@@ -1,0 +1,30 @@
+"""The Python entry point: ``erasekit.erase(pipe, "uce", ["Van Gogh"], preserve=("Monet",))``."""
+
+from __future__ import annotations
+
+from .adapter import Adapter
+from .errors import ConfigError
+
+
+def erase(pipe, method: str, concepts, **options) -> Adapter:
+    """Erase ``concepts`` from ``pipe`` with a registered method and return the erasure as an :class:`Adapter`.
+
+    Args:
+        pipe: a loaded ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` (not modified).
+        method: a key of :data:`erasekit.methods.METHODS` ("uce", "time", "rece", ...).
+        concepts: a prompt or a sequence of prompts to erase.
+        **options: fields of the method's config (e.g. ``preserve=("Monet",)``, ``lam=0.1``); the registry's
+            preset defaults apply first.
+
+    Raises:
+        ConfigError: unknown method, unknown option, or an invalid value.
+    """
+    from .methods import METHODS
+
+    spec = METHODS.get(method)
+    if spec is None:
+        raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    return spec.erase(pipe, spec.make_config(concepts, **options))
+
+
+__all__ = ["erase"]

@@ -1,0 +1,78 @@
+"""Erasure strategies: one module per method, each with one frozen config dataclass and ``erase(pipe, config)``.
+
+``METHODS`` is the only list of method names: the CLI, the Python entry (:func:`erasekit.api.erase`), docs and
+tests derive everything from it. Adding a method = one module + one entry here.
+
+Every config dataclass has ``concepts: tuple[str, ...]`` as its first field, documents each field in a
+Google-style ``Args:`` docstring, uses simple field types (str, int, float, bool, tuple[str, ...], Literal[...])
+and validates itself in ``__post_init__`` (raising :class:`erasekit.errors.ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from ..errors import ConfigError
+from . import rece, time, uce
+from . import abo, esd  # trained: ESD presets, All-but-One
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registry entry.
+
+    Attributes:
+        name: registry key (the CLI's ``--method``).
+        module: the strategy module (holds the config class and ``erase``).
+        config_cls: the frozen config dataclass.
+        defaults: preset option values applied over ``config_cls``'s own defaults, under the user's options.
+        summary: one line for ``--help`` and docs tables.
+    """
+
+    name: str
+    module: ModuleType
+    config_cls: type
+    defaults: dict = field(default_factory=dict)
+    summary: str = ""
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Option names a user may set (every config field but ``concepts``)."""
+        return tuple(f.name for f in dataclasses.fields(self.config_cls) if f.name != "concepts")
+
+    def make_config(self, concepts, **options):
+        """The config for ``concepts`` with ``defaults`` and then ``options`` applied; ConfigError on unknown
+        options."""
+        unknown = [k for k in options if k not in self.options]
+        if unknown:
+            raise ConfigError(f"unknown option {unknown[0]!r} for method {self.name!r}; valid options: "
+                              f"{', '.join(self.options)}")
+        concepts = (concepts,) if isinstance(concepts, str) else tuple(concepts or ())
+        return self.config_cls(concepts=concepts, **{**self.defaults, **options})
+
+    def erase(self, pipe, config):
+        """Run the strategy: ``module.erase(pipe, config) -> Adapter``; ``pipe`` is not modified."""
+        if not isinstance(config, self.config_cls):
+            raise ConfigError(f"method {self.name!r} takes a {self.config_cls.__name__}, "
+                              f"got {type(config).__name__}")
+        return self.module.erase(pipe, config)
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec for spec in (
+        MethodSpec("uce", uce, uce.UceConfig,
+                   summary="Unified Concept Editing: closed-form edit of cross-attention k/v (seconds, no training)"),
+        MethodSpec("time", time, time.TimeConfig,
+                   summary="TIME: closed-form edit of cross-attention v (k optional), 77 aligned token keys"),
+        MethodSpec("rece", rece, rece.ReceConfig,
+                   summary="RECE: UCE, then iterated erasure of closed-form adversarial embeddings"),
+        MethodSpec("esd-x", esd, esd.EsdConfig, {"train_method": "esd-x"}, "ESD-x: fine-tune cross-attention (low-rank) toward negative guidance"),
+        MethodSpec("esd-x-strict", esd, esd.EsdConfig, {"train_method": "esd-x-strict"}, "ESD-x-strict: as ESD-x on cross-attention k/v only"),
+        MethodSpec("esd-u", esd, esd.EsdConfig, {"train_method": "esd-u"}, "ESD-u: fine-tune every UNet layer but cross-attention toward negative guidance"),
+        MethodSpec("abo", abo, abo.AboConfig, summary="All-but-One: steer the target's guidance term to a replacement, unconditional score pinned"),
+    )
+}
+
+__all__ = ["METHODS", "MethodSpec"]

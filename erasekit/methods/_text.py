@@ -1,0 +1,194 @@
+"""Prompt encoding shared by the closed-form methods: the UNet's text context, exactly as the pipelines build it.
+
+``encode_prompts`` returns ``encoder_hidden_states`` (N, L, D) as ``StableDiffusionPipeline.encode_prompt``
+(SD 1.x/2.x: the text encoder's last hidden state) or ``StableDiffusionXLPipeline.encode_prompt`` (SDXL: the
+*penultimate* hidden states of both encoders, concatenated on the feature axis: 768 + 1280 = 2048) computes it,
+in batches under ``torch.no_grad``, returned in fp32 whatever the pipeline's dtype. ``last_token_embeddings``
+returns the context vector at each prompt's last subject token (``attention_mask.sum() - 2``, the index the UCE
+code uses); since CLIP's text transformer is causal, only the tokens up to that index are run through it.
+
+Prompt presets (UCE's ``--expand_prompts``, ``trainscripts/uce_sd_erase.py``) and TIME's augmentations
+(``apply_time.py --with_augs``) live here too, so that every method expands prompts the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: UCE's object preset: "image of X", ... (``concept_type == 'object'`` in the reference code).
+OBJECT_TEMPLATES: tuple[str, ...] = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
+#: UCE's art preset: "painting by X", ... (``concept_type == 'art'``).
+ART_TEMPLATES: tuple[str, ...] = ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}")
+#: TIME's ``--with_augs`` prefixes, applied to source and destination prompts alike.
+TIME_TEMPLATES: tuple[str, ...] = ("A photo of {}", "An image of {}", "A picture of {}")
+#: ``expand_prompts`` values of the closed-form configs.
+PRESETS: dict[str, tuple[str, ...]] = {"none": (), "object": OBJECT_TEMPLATES, "art": ART_TEMPLATES}
+
+
+def expand(prompt: str, templates: tuple[str, ...]) -> list[str]:
+    """``[prompt] + [t.format(prompt) for t in templates]``: the prompt itself first, then its templated forms."""
+    return [prompt] + [t.format(prompt) for t in templates]
+
+
+def time_augment(prompt: str) -> list[str]:
+    """TIME's augmentation: the prompt, then "A photo of / An image of / A picture of" + the prompt, with a
+    leading capital "A" of the prompt lowered as the reference code does (``apply_time.py``)."""
+    base = "a" + prompt[1:] if prompt[:1] == "A" else prompt
+    return [prompt] + [t.format(base) for t in TIME_TEMPLATES]
+
+
+@dataclass(frozen=True)
+class _Encoder:
+    tokenizer: object
+    model: torch.nn.Module
+    penultimate: bool  # SDXL uses hidden_states[-2]; SD 1.x/2.x the last hidden state
+
+
+def encoders(pipe) -> list[_Encoder]:
+    """The (tokenizer, text encoder) pairs whose outputs make the UNet context, in concatenation order."""
+    te2 = getattr(pipe, "text_encoder_2", None)
+    if te2 is not None:  # SDXL (the refiner has no first encoder)
+        pairs = [(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)), (pipe.tokenizer_2, te2)]
+        return [_Encoder(t, m, True) for t, m in pairs if t is not None and m is not None]
+    return [_Encoder(pipe.tokenizer, pipe.text_encoder, False)]
+
+
+def context_dim(pipe) -> int:
+    """D, the width of ``encoder_hidden_states`` (768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL)."""
+    return sum(int(e.model.config.hidden_size) for e in encoders(pipe))
+
+
+def device_of(pipe) -> torch.device:
+    return next(encoders(pipe)[0].model.parameters()).device
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Tokenised prompts, padded to ``model_max_length`` (77) as the pipelines do.
+
+    Attributes:
+        input_ids: one (N, 77) tensor per text encoder.
+        attention_mask: (N, 77) of the first tokenizer (1 on BOS, the words and EOS).
+        last_index: (N,) index of the last subject token, ``attention_mask.sum() - 2`` (0 = BOS for "").
+    """
+
+    input_ids: list[torch.Tensor]
+    attention_mask: torch.Tensor
+    last_index: torch.Tensor
+
+
+def tokenize(pipe, prompts: list[str]) -> Tokens:
+    ids, mask = [], None
+    for enc in encoders(pipe):
+        tok = enc.tokenizer
+        out = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt")
+        ids.append(out.input_ids)
+        mask = out.attention_mask if mask is None else mask
+    return Tokens(ids, mask, mask.sum(dim=1) - 2)
+
+
+def _is_causal(model: torch.nn.Module) -> bool:
+    # CLIP's text transformer applies a causal mask: position i only sees positions <= i.
+    return type(model).__name__.startswith("CLIPText")
+
+
+@torch.no_grad()
+def _encode_ids(pipe, ids: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Context (B, L, D) in fp32 for already tokenised (and possibly truncated) prompts."""
+    parts = []
+    for enc, input_ids in zip(encoders(pipe), ids):
+        model = enc.model
+        device = next(model.parameters()).device
+        kwargs = {}
+        if getattr(model.config, "use_attention_mask", False):
+            kwargs["attention_mask"] = mask.to(device)
+        if enc.penultimate:
+            hidden = model(input_ids.to(device), output_hidden_states=True, **kwargs).hidden_states[-2]
+        else:
+            hidden = model(input_ids.to(device), **kwargs)[0]
+        parts.append(hidden.float())
+    return torch.cat(parts, dim=-1)
+
+
+def encode_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """``encoder_hidden_states`` (N, 77, D) fp32 for ``prompts``, on the text encoder's device."""
+    tokens = tokenize(pipe, prompts)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out.append(_encode_ids(pipe, [x[i:i + batch_size] for x in tokens.input_ids],
+                               tokens.attention_mask[i:i + batch_size]))
+    return torch.cat(out) if out else torch.zeros(0, 77, context_dim(pipe), device=device_of(pipe))
+
+
+def last_token_embeddings(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """(N, D) fp32: each prompt's context vector at its last subject token (``attention_mask.sum() - 2``).
+
+    With causal text encoders (CLIP) only the first ``last_index + 1`` tokens are encoded, prompts sorted by
+    length so that each batch is cut to its longest member: the result equals slicing the full
+    ``encode_prompt`` output (up to float rounding) at a fraction of the cost.
+    """
+    tokens = tokenize(pipe, prompts)
+    n = len(prompts)
+    out = torch.zeros(n, context_dim(pipe), device=device_of(pipe))
+    causal = all(_is_causal(e.model) for e in encoders(pipe))
+    order = torch.argsort(tokens.last_index, stable=True)
+    for i in range(0, n, batch_size):
+        rows = order[i:i + batch_size]
+        last = tokens.last_index[rows]
+        length = int(last.max()) + 1 if causal else tokens.attention_mask.shape[1]
+        hidden = _encode_ids(pipe, [x[rows, :length] for x in tokens.input_ids], tokens.attention_mask[rows, :length])
+        out[rows.to(out.device)] = hidden[torch.arange(len(rows)), last.to(hidden.device)]
+    return out
+
+
+def align_tokens(pipe, source: str, destination: str) -> list[int]:
+    """TIME's token alignment (``apply_time.py``): for each of the 77 source positions, the destination position
+    whose context vector it is mapped to.
+
+    When the source's tokens are a subsequence of the destination's (TIME's use: "a pack of roses" → "a pack of
+    blue roses"), each source token goes to its next match, greedily, "an" counting as "a"; the positions after
+    the source's EOS (padding) follow positionally after the matched EOS, and overflow maps to 76. Otherwise
+    (erasure: "cat" → "dog" or → "") the reference code fails; here the common prefix and suffix (EOS) are
+    matched, each differing source token goes to the differing destination token at the same offset (clamped to
+    the last one, or to the last prefix token when the destination has none), and the padding follows the EOS.
+    """
+    tok = encoders(pipe)[0].tokenizer
+    length = tok.model_max_length
+
+    def words(text):
+        ids = tok(text, truncation=True, max_length=length).input_ids
+        return ["a</w>" if t == "an</w>" else t for t in tok.convert_ids_to_tokens(ids)]
+
+    a, b = words(source), words(destination)
+    index: list[int] = []
+    j = 0
+    for token in a:  # TIME's greedy subsequence match
+        while j < len(b) and b[j] != token:
+            j += 1
+        if j == len(b):
+            break
+        index.append(j)
+        j += 1
+    if len(index) < len(a):  # fallback: prefix / middle / suffix
+        prefix = 0
+        while prefix < min(len(a), len(b)) - 1 and a[prefix] == b[prefix]:
+            prefix += 1
+        suffix = 0
+        while suffix < min(len(a), len(b)) - prefix and a[len(a) - 1 - suffix] == b[len(b) - 1 - suffix]:
+            suffix += 1
+        mid_a, mid_b = len(a) - prefix - suffix, len(b) - prefix - suffix
+        index = list(range(prefix))
+        for k in range(mid_a):
+            index.append(prefix + min(k, mid_b - 1) if mid_b > 0 else max(prefix - 1, 0))
+        index += [len(b) - suffix + k for k in range(suffix)]
+        j = len(b)
+    while len(index) < length:  # padding after EOS, positionally
+        index.append(min(j, length - 1))
+        j += 1
+    return index[:length]

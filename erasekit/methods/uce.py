@@ -1,0 +1,411 @@
+"""Unified Concept Editing (Gandikota et al., WACV 2024, https://arxiv.org/abs/2308.14761), Eq. 7.
+
+Closed-form edit of the cross-attention key/value projections ``W`` (``attn2.to_k``/``to_v``) of the UNet:
+
+    min_W  s_e Σ_e ||W c_e − v*_e||² + s_p Σ_p ||W c_p − W_old c_p||² + λ ||W − W_old||²_F
+    W' = (λ W_old + s_e Σ_e v*_e c_eᵀ + s_p Σ_p W_old c_p c_pᵀ) (λI + s_e Σ_e c_e c_eᵀ + s_p Σ_p c_p c_pᵀ)⁻¹
+
+with ``replace`` targets ``v*_e = W_old c_g`` (c_g: the guide's key, "" = unconditional). Writing
+``A = λI + C``, ``C = s_e Σ_e c_e c_eᵀ + s_p Σ_p c_p c_pᵀ``, the right-hand factor, and multiplying out
+``W_old A = λW_old + s_e Σ_e W_old c_e c_eᵀ + s_p Σ_p W_old c_p c_pᵀ``, the preserve terms cancel:
+
+    (W' − W_old) A = s_e Σ_e (v*_e − W_old c_e) c_eᵀ
+    ΔW = Σ_e s_e (v*_e − W_old c_e)(A⁻¹ c_e)ᵀ                     (rank ≤ number of erase keys)
+       = W_old · D A⁻¹,  D = s_e Σ_e (c_g − c_e) c_eᵀ           (replace guides: v*_e = W_old c_g)
+
+so ``W' = W_old T`` with one text-space matrix ``T = I + D (λI + C)⁻¹`` (D×D, D = context width) shared by every
+edited layer and independent of the UNet weights. ``erase`` solves the D×D system once (``torch.linalg.solve``
+in float64, float32 on MPS), factors ``D A⁻¹ = P Qᵀ`` exactly (P = s_e [c_g − c_e], Q = A⁻¹[c_e]; recompressed by
+thin QR + SVD of the small core, dropping only directions with σ ≤ 1e-10·σ_max), and emits per layer the LoRA
+factors ``up = W_old P`` [out, r], ``down = Qᵀ`` [r, in] (a dense delta where that would be smaller).
+
+Statistics for exact merging: a joint solve over the erase and preserve sets of several adapters (same λ, same
+modules, same base) has ``C = Σ_i C_i`` and ``D = Σ_i D_i``. Stored as d×d fp32 matrices these would not merge
+exactly: the adapter file keeps statistics in fp32, and fp32 rounding of ``C`` (relative 6e-8 of ``||C||``) is
+amplified by cond(λI + C), which reaches 10³–10⁴ for CLIP keys (LayerNorm outputs are strongly anisotropic): a
+merge then differs from the joint solve by ~1e-4 relative. So the adapter stores the *keys* themselves, which are
+fp32 numbers to begin with (the text encoder's outputs) and so round-trip exactly: ``keys.erase`` (n, D) c_e,
+``keys.guide`` (n, D) c_g, ``keys.preserve`` (m, D) c_p, and per-key weights ``weights.erase`` (n,) = s_e,
+``weights.preserve`` (m,) = s_p; ``C = Σ w c cᵀ`` and ``D = Σ w_e (c_g − c_e) c_eᵀ`` follow
+(:func:`statistics`). :func:`merge` concatenates them and re-solves in float64: the joint solve, exactly (a
+prompt preserved by two adapters is counted twice, as in a joint solve over both lists). Size: (2n + m)·D·4
+bytes, e.g. 6 KB for one SD 1.x concept in "last_token" mode (``save_stats=False`` leaves them out).
+
+Keys (``key_mode``): "last_token" — one key per prompt, the context vector at ``attention_mask.sum() − 2`` (the
+last subject token; BOS for ""), as the authors' diffusers rewrite (``trainscripts/uce_sd_erase.py``);
+"tokens" — the paper-era code (``train-scripts/train_erase.py``): every position from the last subject token
+through EOS and padding, erase and guide sequences trimmed to equal length and paired position by position.
+
+``expand_prompts`` adds UCE's templates ("object": "image of X", ...; "art": "painting by X", ...) to every
+erase *and* preserve prompt, each templated erase prompt mapped to the concept's guide. (The reference code's
+loop ``zip(erase_concepts, preserve_concepts)`` expands nothing without preserve prompts and appends the templated
+*erase* prompts to the preserve list, cancelling part of the erasure; that is not reproduced.) The reference
+code's default guide for art is "art"; here the guide is always what ``guides`` says ("" unless given).
+"""
+
+import dataclasses
+import logging
+import time
+import typing
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..adapter import Adapter, ModuleDelta
+from ..errors import ConfigError
+from . import _text
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGETS: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")
+RTOL = 1e-10  # singular values below RTOL·σ_max of the text-space edit are numerically zero (fp64)
+
+
+# ------------------------------------------------------------------------------------------------ config
+def validate_config(config) -> None:
+    """Shared checks of the closed-form configs: coerce lists/strings to tuples, check types, Literal values,
+    non-empty concepts. Raises ConfigError naming the field."""
+    name = type(config).__name__
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        origin = typing.get_origin(hint)
+        if origin is tuple:
+            if isinstance(value, str):
+                value = (value,)
+            if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name}.{f.name} must be a sequence of strings, got {value!r}")
+            object.__setattr__(config, f.name, tuple(value))
+        elif origin is Literal:
+            if value not in typing.get_args(hint):
+                raise ConfigError(f"{name}.{f.name} must be one of {typing.get_args(hint)}, got {value!r}")
+        elif hint is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}.{f.name} must be true or false, got {value!r}")
+        elif hint is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}.{f.name} must be an integer, got {value!r}")
+        elif hint is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ConfigError(f"{name}.{f.name} must be a number, got {value!r}")
+            object.__setattr__(config, f.name, float(value))
+    if not config.concepts:
+        raise ConfigError(f"{name}: give at least one concept to erase")
+    if any(not c.strip() for c in config.concepts):
+        raise ConfigError(f"{name}: a concept is empty ({config.concepts!r})")
+    guides = getattr(config, "guides", None)
+    if guides is not None and len(guides) not in (1, len(config.concepts)):
+        raise ConfigError(f"{name}: give one guide for all concepts or one per concept; got {len(guides)} guides "
+                          f"for {len(config.concepts)} concepts")
+    targets = getattr(config, "targets", None)
+    if targets is not None and not targets:
+        raise ConfigError(f"{name}.targets is empty")
+
+
+def positive(config, *names: str, strict: bool = True) -> None:
+    for n in names:
+        v = getattr(config, n)
+        if v < 0 or (strict and v == 0):
+            raise ConfigError(f"{type(config).__name__}.{n} must be {'> 0' if strict else '>= 0'}, got {v}")
+
+
+@dataclass(frozen=True)
+class UceConfig:
+    """Unified Concept Editing (Eq. 7), defaults of the authors' diffusers code.
+
+    Args:
+        concepts: prompts to erase, e.g. ("Van Gogh",); any number, solved jointly.
+        guides: what each erased concept is mapped to (v* = W·key of the guide); "" = unconditional. One for
+            all concepts, or one per concept.
+        preserve: prompts whose key/value outputs must not change.
+        erase_scale: s_e, weight of the erase sum in Eq. 7.
+        preserve_scale: s_p, weight of the preserve sum in Eq. 7.
+        lam: λ in Eq. 7, keeps W close to the original (repo default 0.5).
+        key_mode: "last_token" (one key per prompt at its last subject token, the authors' current code) or
+            "tokens" (last subject token through EOS/padding, the paper-era code).
+        expand_prompts: add UCE's prompt templates to every erase and preserve prompt: "none", "object"
+            ("image of/photo of/portrait of/picture of/painting of X") or "art" ("painting by/art by/artwork
+            by/picture by/style of X").
+        targets: module-path suffixes of the UNet Linear layers to edit (they must read the text context).
+        save_stats: store the keys and weights of the solve so that adapters can be merged exactly.
+    """
+
+    concepts: tuple[str, ...]
+    guides: tuple[str, ...] = ("",)
+    preserve: tuple[str, ...] = ()
+    erase_scale: float = 1.0
+    preserve_scale: float = 1.0
+    lam: float = 0.5
+    key_mode: Literal["last_token", "tokens"] = "last_token"
+    expand_prompts: Literal["none", "object", "art"] = "none"
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    save_stats: bool = True
+
+    def __post_init__(self):
+        validate_config(self)
+        positive(self, "erase_scale", "lam")
+        positive(self, "preserve_scale", strict=False)
+
+
+# ------------------------------------------------------------------------------------------------ keys
+@dataclass(frozen=True)
+class Keys:
+    """The vectors of one closed-form solve, one per row (D = context width).
+
+    Attributes:
+        erase: (n, D) erase keys c_e.
+        guide: (n, D) guide keys c_g, paired with ``erase``: v*_e = W c_g.
+        preserve: (m, D) preserve keys c_p (targets W c_p).
+    """
+
+    erase: torch.Tensor
+    guide: torch.Tensor
+    preserve: torch.Tensor
+
+
+def prompt_pairs(concepts, guides, templates=()) -> list[tuple[str, str]]:
+    """(erase prompt, guide prompt) pairs: each concept and its templated forms, mapped to its guide."""
+    guides = tuple(guides) * len(concepts) if len(guides) == 1 else tuple(guides)
+    return [(p, g) for c, g in zip(concepts, guides) for p in _text.expand(c, templates)]
+
+
+def collect_keys(pipe, config: UceConfig, batch_size: int = 64) -> Keys:
+    """Encode the erase, guide and preserve prompts of ``config`` into keys (fp32, on the text encoder's device)."""
+    templates = _text.PRESETS[config.expand_prompts]
+    pairs = prompt_pairs(config.concepts, config.guides, templates)
+    preserve = [p for c in config.preserve for p in _text.expand(c, templates)]
+    unique = list(dict.fromkeys([e for e, _ in pairs] + [g for _, g in pairs] + preserve))
+    row = {p: i for i, p in enumerate(unique)}
+    if config.key_mode == "last_token":
+        emb = _text.last_token_embeddings(pipe, unique, batch_size)  # (U, D)
+        pick = lambda prompts: emb[torch.tensor([row[p] for p in prompts], dtype=torch.long)]  # noqa: E731
+        return Keys(pick([e for e, _ in pairs]), pick([g for _, g in pairs]), pick(preserve))
+    # "tokens": paper-era keys, train_erase.py (old UCE code)
+    emb = _text.encode_prompts(pipe, unique, batch_size)  # (U, 77, D)
+    last = _text.tokenize(pipe, unique).last_index.tolist()
+    length = emb.shape[1]
+    erase, guide = [], []
+    for e, g in pairs:
+        i, j = last[row[e]], last[row[g]]
+        farthest = max(i, j)
+        erase.append(emb[row[e], i:length - (farthest - i)])
+        guide.append(emb[row[g], j:length - (farthest - j)])
+    kept = [emb[row[p], last[row[p]]:] for p in preserve]
+    dim = emb.shape[-1]
+    cat = lambda xs: torch.cat(xs) if xs else emb.new_zeros(0, dim)  # noqa: E731
+    return Keys(cat(erase), cat(guide), cat(kept))
+
+
+# ------------------------------------------------------------------------------------------------ solve
+def solve_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+@dataclass(frozen=True)
+class TextEdit:
+    """A closed-form edit in text space: ``W' = W (I + P Qᵀ)`` for every edited layer W.
+
+    Attributes:
+        P, Q: (D, r) factors of ``D A⁻¹``, r = numerical rank ≤ number of erase keys.
+    """
+
+    P: torch.Tensor
+    Q: torch.Tensor
+
+
+def compress(P: torch.Tensor, Q: torch.Tensor, rtol: float = RTOL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-factor ``P Qᵀ`` (D×n times n×D) to its numerical rank r ≤ min(n, D): thin QR of both factors, SVD of
+    the small core, singular values ≤ rtol·σ_max dropped (at least one direction kept), √σ on each side."""
+    Qa, Ra = torch.linalg.qr(P)
+    Qb, Rb = torch.linalg.qr(Q)
+    U, S, Vh = torch.linalg.svd(Ra @ Rb.T)
+    r = max(1, int((S > rtol * S[0]).sum())) if S.numel() and S[0] > 0 else 1
+    root = S[:r].sqrt()
+    return Qa @ (U[:, :r] * root), Qb @ (Vh[:r].T * root)
+
+
+def _weights(scale, n: int, dtype, device) -> torch.Tensor:
+    """Per-key weights (n, 1) from a scalar scale or an (n,) tensor."""
+    if isinstance(scale, torch.Tensor):
+        return scale.to(device=device, dtype=dtype).reshape(n, 1)
+    return torch.full((n, 1), float(scale), dtype=dtype, device=device)
+
+
+def statistics(keys: Keys, erase_scale, preserve_scale, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``C = s_e Σ c_e c_eᵀ + s_p Σ c_p c_pᵀ`` and ``D = s_e Σ (c_g − c_e) c_eᵀ`` (D×D); scales may be per key."""
+    c_e, c_g, c_p = (k.to(dtype) for k in (keys.erase, keys.guide, keys.preserve))
+    w_e = _weights(erase_scale, len(c_e), dtype, c_e.device)
+    w_p = _weights(preserve_scale, len(c_p), dtype, c_e.device)
+    return (w_e * c_e).T @ c_e + (w_p * c_p).T @ c_p, (w_e * (c_g - c_e)).T @ c_e
+
+
+def solve(keys: Keys, erase_scale, preserve_scale, lam: float, dtype: torch.dtype | None = None) -> TextEdit:
+    """Eq. 7 in text space: ``D A⁻¹ = P Qᵀ`` with ``A = λI + C``, one linear solve for all layers (no explicit
+    inverse). ``erase_scale``/``preserve_scale``: scalars, or one weight per key ((n,), (m,) tensors)."""
+    device = keys.erase.device
+    dtype = dtype or solve_dtype(device)
+    c_e, c_g, c_p = (k.to(device=device, dtype=dtype) for k in (keys.erase, keys.guide, keys.preserve))
+    w_e = _weights(erase_scale, len(c_e), dtype, device)
+    w_p = _weights(preserve_scale, len(c_p), dtype, device)
+    C = (w_e * c_e).T @ c_e + (w_p * c_p).T @ c_p  # Eq. 7, right-hand sums
+    A = lam * torch.eye(c_e.shape[1], dtype=dtype, device=device) + C
+    P0 = (w_e * (c_g - c_e)).T  # (D, n): s_e (c_g − c_e), so that D = P0 c_e
+    Q0 = torch.linalg.solve(A, c_e.T)  # (D, n): A⁻¹ c_e
+    return TextEdit(*compress(P0, Q0))
+
+
+# ------------------------------------------------------------------------------------------------ modules
+def base_linear(module: torch.nn.Module) -> torch.nn.Module:
+    """The plain Linear under a PEFT/LoRA wrapper (``base_layer``), or the module itself."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def find_targets(pipe, targets: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
+    """UNet modules whose path equals or ends with ``"." + pattern`` for a pattern in ``targets``, sorted by path.
+
+    Every one must be a Linear reading the text context (``in_features`` = context width)."""
+    dim = _text.context_dim(pipe)
+    found: dict[str, torch.nn.Linear] = {}
+    for pattern in targets:
+        hits = {n: m for n, m in pipe.unet.named_modules() if n == pattern or n.endswith("." + pattern)}
+        if not hits:
+            raise ConfigError(f"target {pattern!r} matches no module of the UNet")
+        for n, m in hits.items():
+            m = base_linear(m)
+            if not isinstance(m, torch.nn.Linear) or m.in_features != dim:
+                raise ConfigError(f"target {pattern!r} matches {n}, which is not a Linear layer reading the "
+                                  f"{dim}-wide text context (closed-form edits apply to cross-attention k/v)")
+            found[n] = m
+    return dict(sorted(found.items()))
+
+
+def weight64(module: torch.nn.Module, device, dtype) -> torch.Tensor:
+    return module.weight.detach().to(device=device, dtype=dtype)
+
+
+def module_deltas(modules: dict[str, torch.nn.Module], P: torch.Tensor, Q: torch.Tensor) -> dict[str, ModuleDelta]:
+    """``ΔW = W (P Qᵀ)`` per layer as LoRA factors ``up = W P``, ``down = Qᵀ`` (fp32, CPU, contiguous); a dense
+    delta where the factors would hold more numbers than the matrix."""
+    deltas = {}
+    down = Q.T.float().contiguous().cpu()
+    M = None
+    for name, module in modules.items():
+        W = weight64(module, P.device, P.dtype)
+        out, dim = W.shape
+        r = P.shape[1]
+        if r * (out + dim) < out * dim:
+            deltas[f"unet.{name}"] = ModuleDelta(down=down, up=(W @ P).float().contiguous().cpu())
+        else:
+            M = P @ Q.T if M is None else M
+            deltas[f"unet.{name}"] = ModuleDelta(delta=(W @ M).float().contiguous().cpu())
+    return deltas
+
+
+# ------------------------------------------------------------------------------------------------ adapter
+def base_model_id(pipe) -> str:
+    config = getattr(pipe, "config", None)
+    return str(getattr(pipe, "name_or_path", None) or getattr(config, "_name_or_path", None) or "")
+
+
+def text_components(pipe) -> tuple[str, ...]:
+    """Components a closed-form edit depends on: the UNet (edited) and the text encoders (they make the keys)."""
+    return ("unet",) + tuple(c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None)
+
+
+def base_fingerprint(pipe) -> dict:
+    """``erasekit.adapter.fingerprint(pipe, components)`` when the adapter module provides it, else {}."""
+    from .. import adapter as adapter_module
+
+    fingerprint = getattr(adapter_module, "fingerprint", None)
+    return dict(fingerprint(pipe, text_components(pipe))) if fingerprint is not None else {}
+
+
+def make_adapter(method: str, config, pipe, deltas, stats: dict, info: dict) -> Adapter:
+    return Adapter(
+        method=method, concepts=tuple(config.concepts), config=dataclasses.asdict(config), deltas=deltas,
+        base_model=base_model_id(pipe), fingerprint=base_fingerprint(pipe), stats=stats, info=info)
+
+
+def key_stats(keys: Keys, erase_scale: float, preserve_scale: float) -> dict[str, torch.Tensor]:
+    """The adapter's merge statistics: the keys (fp32, exact) and one weight per key."""
+    cpu = lambda t: t.float().contiguous().cpu()  # noqa: E731
+    return {"keys.erase": cpu(keys.erase), "keys.guide": cpu(keys.guide), "keys.preserve": cpu(keys.preserve),
+            "weights.erase": torch.full((len(keys.erase),), float(erase_scale)),
+            "weights.preserve": torch.full((len(keys.preserve),), float(preserve_scale))}
+
+
+STAT_NAMES = ("keys.erase", "keys.guide", "keys.preserve", "weights.erase", "weights.preserve")
+
+
+@torch.no_grad()
+def erase(pipe, config: UceConfig) -> Adapter:
+    """Return the UCE edit of ``pipe``'s UNet as exact low-rank deltas; ``pipe`` is not modified."""
+    start = time.perf_counter()
+    modules = find_targets(pipe, config.targets)
+    keys = collect_keys(pipe, config)  # 1. keys and guide keys from the text encoder(s)
+    edit = solve(keys, config.erase_scale, config.preserve_scale, config.lam)  # 2. one D×D solve
+    deltas = module_deltas(modules, edit.P, edit.Q)  # 3. per-layer ΔW = W P Qᵀ
+    info = {"rank": int(edit.P.shape[1]), "erase_keys": int(keys.erase.shape[0]),
+            "preserve_keys": int(keys.preserve.shape[0]), "targets": list(config.targets),
+            "solve_dtype": str(edit.P.dtype).replace("torch.", ""), "seconds": round(time.perf_counter() - start, 3)}
+    logger.info("uce: %d concept(s), %d erase / %d preserve keys, rank %d, %d modules in %.2f s",
+                len(config.concepts), info["erase_keys"], info["preserve_keys"], info["rank"], len(deltas),
+                info["seconds"])
+    stats = key_stats(keys, config.erase_scale, config.preserve_scale) if config.save_stats else {}
+    return make_adapter("uce", config, pipe, deltas, stats, info)
+
+
+# ------------------------------------------------------------------------------------------------ merge
+@torch.no_grad()
+def merge(adapters, pipe) -> Adapter:
+    """Merge closed-form adapters (UCE, TIME) exactly: one joint solve of Eq. 7 over all their stored erase and
+    preserve keys (each with its own weights), re-factorised into low-rank deltas for ``pipe``'s current weights.
+
+    Requires statistics in every adapter (``save_stats``), the same λ, the same edited modules and the same base
+    fingerprint (and ``pipe`` of that base); else ConfigError.
+    """
+    adapters = list(adapters)
+    if not adapters:
+        raise ConfigError("merge needs at least one adapter")
+    for i, a in enumerate(adapters):
+        if any(n not in a.stats for n in STAT_NAMES) or "lam" not in a.config:
+            raise ConfigError(f"adapter {i} ({a.method}: {', '.join(a.concepts)}) has no closed-form statistics: "
+                              f"only UCE/TIME adapters made with save_stats can be merged")
+    lams = {float(a.config["lam"]) for a in adapters}
+    if len(lams) != 1:
+        raise ConfigError(f"adapters to merge must share λ (lam); got {sorted(lams)}")
+    names = {tuple(sorted(a.deltas)) for a in adapters}
+    if len(names) != 1:
+        raise ConfigError("adapters to merge must edit the same modules (same targets); they differ")
+    prints = [a.fingerprint for a in adapters if a.fingerprint]
+    if any(p != prints[0] for p in prints):
+        raise ConfigError("adapters to merge were computed on different base models (fingerprints differ)")
+    if prints:
+        current = base_fingerprint(pipe)
+        if current and any(current.get(k) != v for k, v in prints[0].items()):
+            raise ConfigError("the pipeline is not the base model the adapters were computed on "
+                              "(fingerprint differs); merge on the original base pipeline")
+    dim = _text.context_dim(pipe)
+    if any(a.stats["keys.erase"].shape[-1] != dim for a in adapters):
+        raise ConfigError(f"the adapters' keys do not have the pipeline's text-context width {dim}")
+    lam = lams.pop()
+    device = _text.device_of(pipe)
+    cat = lambda name: torch.cat([a.stats[name] for a in adapters]).to(device)  # noqa: E731
+    keys = Keys(cat("keys.erase"), cat("keys.guide"), cat("keys.preserve"))
+    edit = solve(keys, cat("weights.erase"), cat("weights.preserve"), lam)
+    paths = [k.split(".", 1)[1] for k in sorted(adapters[0].deltas)]
+    deltas = module_deltas({p: base_linear(pipe.unet.get_submodule(p)) for p in paths}, edit.P, edit.Q)
+    methods = {a.method for a in adapters}
+    concepts = tuple(c for a in adapters for c in a.concepts)
+    targets = adapters[0].info.get("targets", adapters[0].config.get("targets"))
+    info = {"rank": int(edit.P.shape[1]), "erase_keys": int(keys.erase.shape[0]),
+            "preserve_keys": int(keys.preserve.shape[0]), "targets": targets,
+            "merged_from": [{"method": a.method, "concepts": list(a.concepts), "config": a.config} for a in adapters]}
+    stats = {n: torch.cat([a.stats[n] for a in adapters]).float().contiguous() for n in STAT_NAMES}
+    return Adapter(method=methods.pop() if len(methods) == 1 else "uce", concepts=concepts,
+                   config={"concepts": concepts, "lam": lam, "targets": targets}, deltas=deltas,
+                   base_model=adapters[0].base_model, fingerprint=dict(prints[0]) if prints else {},
+                   stats=stats, info=info)
