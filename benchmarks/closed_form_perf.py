@@ -19,6 +19,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,10 @@ from erasekit.testing import sd15_text_encoder, sd15_unet, tiny_components
 from erasekit.tinyworld.world import BACKGROUNDS, COLOURS, SHAPES, TEXTURES
 
 TARGETS_S = {"uce_1_concept": 2.0, "uce_100_concepts_500_preserve": 60.0}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def peak_rss_mb() -> float:
@@ -91,13 +96,15 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     pipe = build_pipe(args.zero_init)
     build_s = time.perf_counter() - t
+    log(f"model built in {build_s:.1f} s")
     rss_model = peak_rss_mb()
     concepts, preserve = prompts()
     tokens = _text.tokenize(pipe, concepts + preserve).attention_mask.sum(1).float()
 
     results = {}
     one = timed(lambda: erase(pipe, "uce", ["crimson disc"]), args.repeats)
-    results["uce_1_concept"] = {**one, "rank": one.pop("_result").info["rank"]}
+    results["uce_1_concept"] = {"rank": one.pop("_result").info["rank"], **one}
+    log(f"1 concept: {results['uce_1_concept']}")
     many = timed(lambda: erase(pipe, "uce", concepts, preserve=preserve), args.repeats)
     adapter = many.pop("_result")
     results["uce_100_concepts_500_preserve"] = {**many, "rank": adapter.info["rank"],
@@ -105,23 +112,26 @@ def main(argv=None) -> dict:
                                                "preserve_keys": adapter.info["preserve_keys"],
                                                "adapter_parameters": adapter.num_parameters}
     rss_after = peak_rss_mb()
+    log(f"100 concepts: {results['uce_100_concepts_500_preserve']}")
 
-    # breakdown of the 100-concept case (one run of each step)
-    config = uce.UceConfig(concepts=tuple(concepts), preserve=tuple(preserve))
-    steps = {}
-    t = time.perf_counter()
-    keys = uce.collect_keys(pipe, config)
-    steps["encode_prompts_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    edit = uce.solve(keys, 1.0, 1.0, 0.5)
-    steps["solve_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    uce.module_deltas(uce.find_targets(pipe, config.targets), edit.P, edit.Q)
-    steps["layer_factors_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    uce.base_fingerprint(pipe)
-    steps["fingerprint_s"] = time.perf_counter() - t
-    results["uce_100_concepts_500_preserve"]["breakdown"] = {k: round(v, 3) for k, v in steps.items()}
+    # breakdown (one run of each step)
+    for name, config in (("uce_1_concept", uce.UceConfig(concepts=("crimson disc",))),
+                         ("uce_100_concepts_500_preserve",
+                          uce.UceConfig(concepts=tuple(concepts), preserve=tuple(preserve)))):
+        steps = {}
+        t = time.perf_counter()
+        keys = uce.collect_keys(pipe, config)
+        steps["encode_prompts_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        edit = uce.solve(keys, 1.0, 1.0, 0.5)
+        steps["solve_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        uce.module_deltas(uce.find_targets(pipe, config.targets), edit.P, edit.Q)
+        steps["layer_factors_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        uce.base_fingerprint(pipe)
+        steps["fingerprint_s"] = time.perf_counter() - t
+        results[name]["breakdown"] = {k: round(v, 3) for k, v in steps.items()}
 
     for name, target in TARGETS_S.items():
         results[name]["target_s"] = target

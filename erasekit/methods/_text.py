@@ -1,6 +1,6 @@
 """Prompt encoding shared by the closed-form methods: the UNet's text context, exactly as the pipelines build it.
 
-``encode_prompts`` returns ``encoder_hidden_states`` (N, L, D) as ``StableDiffusionPipeline.encode_prompt``
+``encode_prompts`` returns ``encoder_hidden_states`` (N, L, d) as ``StableDiffusionPipeline.encode_prompt``
 (SD 1.x/2.x: the text encoder's last hidden state) or ``StableDiffusionXLPipeline.encode_prompt`` (SDXL: the
 *penultimate* hidden states of both encoders, concatenated on the feature axis: 768 + 1280 = 2048) computes it,
 in batches under ``torch.no_grad``, returned in fp32 whatever the pipeline's dtype. ``last_token_embeddings``
@@ -59,7 +59,7 @@ def encoders(pipe) -> list[_Encoder]:
 
 
 def context_dim(pipe) -> int:
-    """D, the width of ``encoder_hidden_states`` (768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL)."""
+    """d, the width of ``encoder_hidden_states`` (768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL)."""
     return sum(int(e.model.config.hidden_size) for e in encoders(pipe))
 
 
@@ -100,7 +100,7 @@ def _is_causal(model: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def _encode_ids(pipe, ids: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Context (B, L, D) in fp32 for already tokenised (and possibly truncated) prompts."""
+    """Context (B, L, d) in fp32 for already tokenised (and possibly truncated) prompts."""
     parts = []
     for enc, input_ids in zip(encoders(pipe), ids):
         model = enc.model
@@ -116,8 +116,8 @@ def _encode_ids(pipe, ids: list[torch.Tensor], mask: torch.Tensor) -> torch.Tens
     return torch.cat(parts, dim=-1)
 
 
-def encode_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """``encoder_hidden_states`` (N, 77, D) fp32 for ``prompts``, on the text encoder's device."""
+def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """``encoder_hidden_states`` (N, 77, d) fp32 for ``prompts``, on the text encoder's device."""
     tokens = tokenize(pipe, prompts)
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -126,8 +126,8 @@ def encode_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tens
     return torch.cat(out) if out else torch.zeros(0, 77, context_dim(pipe), device=device_of(pipe))
 
 
-def last_token_embeddings(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """(N, D) fp32: each prompt's context vector at its last subject token (``attention_mask.sum() - 2``).
+def last_token_embeddings(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """(N, d) fp32: each prompt's context vector at its last subject token (``attention_mask.sum() - 2``).
 
     With causal text encoders (CLIP) only the first ``last_index + 1`` tokens are encoded, prompts sorted by
     length so that each batch is cut to its longest member: the result equals slicing the full

@@ -13,7 +13,7 @@ Iterated UCE on derived adversarial embeddings (Algorithm 1; CharlesGong12/RECE 
    (l over every target layer; W original, W' current);
 2. erase c' with the UCE solve anchored at the current weights (λ-term and targets W' c_g, W' c_p).
 
-Every step keeps the form ``W' = W T`` (:mod:`erasekit.methods.uce`): with ``G = Σ_l W_lᵀ W_l`` (D×D, original
+Every step keeps the form ``W' = W T`` (:mod:`erasekit.methods.uce`): with ``G = Σ_l W_lᵀ W_l`` (d×d, original
 weights) the embedding is ``c' = (λ_reg I + Tᵀ G T)⁻¹ Tᵀ G c`` and an epoch's solve multiplies ``T`` by
 ``I + P_k Q_kᵀ``. The final delta ``W (T − I)`` is given exactly as low-rank factors: the epochs' factors
 ``(T_{<k} P_k, Q_k)`` concatenated, then recompressed by thin QR + SVD of the small core, dropping only singular
@@ -87,7 +87,7 @@ class ReceConfig:
 
 
 def gram(modules: dict[str, torch.nn.Module], device, dtype) -> torch.Tensor:
-    """G = Σ_l W_lᵀ W_l over the target layers (D×D)."""
+    """G = Σ_l W_lᵀ W_l over the target layers (d×d)."""
     G = None
     for module in modules.values():
         W = uce.weight64(module, device, dtype)
@@ -130,10 +130,10 @@ def erase(pipe, config: ReceConfig) -> Adapter:
     preserve = list(config.preserve) or [""] * len(config.concepts)
     unique = list(dict.fromkeys([c for c, _ in pairs] + [g for _, g in pairs] + preserve))
     row = {p: i for i, p in enumerate(unique)}
-    emb = _text.encode_prompts(pipe, unique).to(dtype)  # (U, 77, D)
-    c = torch.stack([emb[row[p]] for p, _ in pairs])  # (n, 77, D) concept tokens
-    c_g = torch.cat([emb[row[g]] for _, g in pairs])  # (n·77, D) guide tokens
-    c_p = torch.cat([emb[row[p]] for p in preserve])  # (m·77, D)
+    emb = _text.encode_prompts(pipe, unique).to(dtype)  # (U, 77, d)
+    c = torch.stack([emb[row[p]] for p, _ in pairs])  # (n, 77, d) concept tokens
+    c_g = torch.cat([emb[row[g]] for _, g in pairs])  # (n·77, d) guide tokens
+    c_p = torch.cat([emb[row[p]] for p in preserve])  # (m·77, d)
     G = gram(modules, device, dtype) if config.epochs else None
 
     for epoch in range(config.epochs):

@@ -55,7 +55,7 @@ class TimeConfig:
         return ("attn2.to_k", "attn2.to_v") if self.with_to_k else ("attn2.to_v",)
 
 
-def collect_keys(pipe, config: TimeConfig, batch_size: int = 64) -> uce.Keys:
+def collect_keys(pipe, config: TimeConfig, batch_size: int = 256) -> uce.Keys:
     """77 aligned (source, destination) key pairs per prompt pair; no preserve keys."""
     pairs = []
     for source, destination in uce.prompt_pairs(config.concepts, config.guides):
@@ -65,7 +65,7 @@ def collect_keys(pipe, config: TimeConfig, batch_size: int = 64) -> uce.Keys:
             pairs.append((source, destination))
     unique = list(dict.fromkeys([p for pair in pairs for p in pair]))
     row = {p: i for i, p in enumerate(unique)}
-    emb = _text.encode_prompts(pipe, unique, batch_size)  # (U, 77, D)
+    emb = _text.encode_prompts(pipe, unique, batch_size)  # (U, 77, d)
     erase = torch.cat([emb[row[s]] for s, _ in pairs])
     guide = torch.cat([emb[row[d]][_text.align_tokens(pipe, s, d)] for s, d in pairs])
     return uce.Keys(erase, guide, emb.new_zeros(0, emb.shape[-1]))

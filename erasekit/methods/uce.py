@@ -13,19 +13,20 @@ with ``replace`` targets ``v*_e = W_old c_g`` (c_g: the guide's key, "" = uncond
     ΔW = Σ_e s_e (v*_e − W_old c_e)(A⁻¹ c_e)ᵀ                     (rank ≤ number of erase keys)
        = W_old · D A⁻¹,  D = s_e Σ_e (c_g − c_e) c_eᵀ           (replace guides: v*_e = W_old c_g)
 
-so ``W' = W_old T`` with one text-space matrix ``T = I + D (λI + C)⁻¹`` (D×D, D = context width) shared by every
-edited layer and independent of the UNet weights. ``erase`` solves the D×D system once (``torch.linalg.solve``
+so ``W' = W_old T`` with one text-space matrix ``T = I + D (λI + C)⁻¹`` (d×d, d = context width) shared by every
+edited layer and independent of the UNet weights. ``erase`` solves the d×d system once (``torch.linalg.solve``
 in float64, float32 on MPS), factors ``D A⁻¹ = P Qᵀ`` exactly (P = s_e [c_g − c_e], Q = A⁻¹[c_e]; recompressed by
 thin QR + SVD of the small core, dropping only directions with σ ≤ 1e-10·σ_max), and emits per layer the LoRA
 factors ``up = W_old P`` [out, r], ``down = Qᵀ`` [r, in] (a dense delta where that would be smaller).
 
 Statistics for exact merging: a joint solve over the erase and preserve sets of several adapters (same λ, same
 modules, same base) has ``C = Σ_i C_i`` and ``D = Σ_i D_i``. Stored as d×d fp32 matrices these would not merge
-exactly: the adapter file keeps statistics in fp32, and fp32 rounding of ``C`` (relative 6e-8 of ``||C||``) is
-amplified by cond(λI + C), which reaches 10³–10⁴ for CLIP keys (LayerNorm outputs are strongly anisotropic): a
-merge then differs from the joint solve by ~1e-4 relative. So the adapter stores the *keys* themselves, which are
-fp32 numbers to begin with (the text encoder's outputs) and so round-trip exactly: ``keys.erase`` (n, D) c_e,
-``keys.guide`` (n, D) c_g, ``keys.preserve`` (m, D) c_p, and per-key weights ``weights.erase`` (n,) = s_e,
+exactly: the adapter file keeps statistics in fp32, and fp32 rounding of ``C`` (about 6e-8·||C|| in every
+direction) is amplified by cond(λI + C) ≈ ||C||/λ, large because many keys share directions (LayerNorm outputs, BOS
+and padding tokens); on the tiny test models a TIME merge through fp32 C, D already missed the joint solve by more
+than 1e-5 relative. So the adapter stores the *keys* themselves, which are
+fp32 numbers to begin with (the text encoder's outputs) and so round-trip exactly: ``keys.erase`` (n, d) c_e,
+``keys.guide`` (n, d) c_g, ``keys.preserve`` (m, d) c_p, and per-key weights ``weights.erase`` (n,) = s_e,
 ``weights.preserve`` (m,) = s_p; ``C = Σ w c cᵀ`` and ``D = Σ w_e (c_g − c_e) c_eᵀ`` follow
 (:func:`statistics`). :func:`merge` concatenates them and re-solves in float64: the joint solve, exactly (a
 prompt preserved by two adapters is counted twice, as in a joint solve over both lists). Size: (2n + m)·D·4
@@ -151,12 +152,12 @@ class UceConfig:
 # ------------------------------------------------------------------------------------------------ keys
 @dataclass(frozen=True)
 class Keys:
-    """The vectors of one closed-form solve, one per row (D = context width).
+    """The vectors of one closed-form solve, one per row (d = context width).
 
     Attributes:
-        erase: (n, D) erase keys c_e.
-        guide: (n, D) guide keys c_g, paired with ``erase``: v*_e = W c_g.
-        preserve: (m, D) preserve keys c_p (targets W c_p).
+        erase: (n, d) erase keys c_e.
+        guide: (n, d) guide keys c_g, paired with ``erase``: v*_e = W c_g.
+        preserve: (m, d) preserve keys c_p (targets W c_p).
     """
 
     erase: torch.Tensor
@@ -170,7 +171,7 @@ def prompt_pairs(concepts, guides, templates=()) -> list[tuple[str, str]]:
     return [(p, g) for c, g in zip(concepts, guides) for p in _text.expand(c, templates)]
 
 
-def collect_keys(pipe, config: UceConfig, batch_size: int = 64) -> Keys:
+def collect_keys(pipe, config: UceConfig, batch_size: int = 256) -> Keys:
     """Encode the erase, guide and preserve prompts of ``config`` into keys (fp32, on the text encoder's device)."""
     templates = _text.PRESETS[config.expand_prompts]
     pairs = prompt_pairs(config.concepts, config.guides, templates)
@@ -178,11 +179,11 @@ def collect_keys(pipe, config: UceConfig, batch_size: int = 64) -> Keys:
     unique = list(dict.fromkeys([e for e, _ in pairs] + [g for _, g in pairs] + preserve))
     row = {p: i for i, p in enumerate(unique)}
     if config.key_mode == "last_token":
-        emb = _text.last_token_embeddings(pipe, unique, batch_size)  # (U, D)
+        emb = _text.last_token_embeddings(pipe, unique, batch_size)  # (U, d)
         pick = lambda prompts: emb[torch.tensor([row[p] for p in prompts], dtype=torch.long)]  # noqa: E731
         return Keys(pick([e for e, _ in pairs]), pick([g for _, g in pairs]), pick(preserve))
     # "tokens": paper-era keys, train_erase.py (old UCE code)
-    emb = _text.encode_prompts(pipe, unique, batch_size)  # (U, 77, D)
+    emb = _text.encode_prompts(pipe, unique, batch_size)  # (U, 77, d)
     last = _text.tokenize(pipe, unique).last_index.tolist()
     length = emb.shape[1]
     erase, guide = [], []
@@ -207,7 +208,7 @@ class TextEdit:
     """A closed-form edit in text space: ``W' = W (I + P Qᵀ)`` for every edited layer W.
 
     Attributes:
-        P, Q: (D, r) factors of ``D A⁻¹``, r = numerical rank ≤ number of erase keys.
+        P, Q: (d, r) factors of ``D A⁻¹``, r = numerical rank ≤ number of erase keys.
     """
 
     P: torch.Tensor
@@ -215,7 +216,7 @@ class TextEdit:
 
 
 def compress(P: torch.Tensor, Q: torch.Tensor, rtol: float = RTOL) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-factor ``P Qᵀ`` (D×n times n×D) to its numerical rank r ≤ min(n, D): thin QR of both factors, SVD of
+    """Re-factor ``P Qᵀ`` (d×n times n×d) to its numerical rank r ≤ min(n, d): thin QR of both factors, SVD of
     the small core, singular values ≤ rtol·σ_max dropped (at least one direction kept), √σ on each side."""
     Qa, Ra = torch.linalg.qr(P)
     Qb, Rb = torch.linalg.qr(Q)
@@ -233,7 +234,7 @@ def _weights(scale, n: int, dtype, device) -> torch.Tensor:
 
 
 def statistics(keys: Keys, erase_scale, preserve_scale, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """``C = s_e Σ c_e c_eᵀ + s_p Σ c_p c_pᵀ`` and ``D = s_e Σ (c_g − c_e) c_eᵀ`` (D×D); scales may be per key."""
+    """``C = s_e Σ c_e c_eᵀ + s_p Σ c_p c_pᵀ`` and ``D = s_e Σ (c_g − c_e) c_eᵀ`` (d×d); scales may be per key."""
     c_e, c_g, c_p = (k.to(dtype) for k in (keys.erase, keys.guide, keys.preserve))
     w_e = _weights(erase_scale, len(c_e), dtype, c_e.device)
     w_p = _weights(preserve_scale, len(c_p), dtype, c_e.device)
@@ -250,8 +251,8 @@ def solve(keys: Keys, erase_scale, preserve_scale, lam: float, dtype: torch.dtyp
     w_p = _weights(preserve_scale, len(c_p), dtype, device)
     C = (w_e * c_e).T @ c_e + (w_p * c_p).T @ c_p  # Eq. 7, right-hand sums
     A = lam * torch.eye(c_e.shape[1], dtype=dtype, device=device) + C
-    P0 = (w_e * (c_g - c_e)).T  # (D, n): s_e (c_g − c_e), so that D = P0 c_e
-    Q0 = torch.linalg.solve(A, c_e.T)  # (D, n): A⁻¹ c_e
+    P0 = (w_e * (c_g - c_e)).T  # (d, n): s_e (c_g − c_e), so that D = P0 c_e
+    Q0 = torch.linalg.solve(A, c_e.T)  # (d, n): A⁻¹ c_e
     return TextEdit(*compress(P0, Q0))
 
 
@@ -346,7 +347,7 @@ def erase(pipe, config: UceConfig) -> Adapter:
     start = time.perf_counter()
     modules = find_targets(pipe, config.targets)
     keys = collect_keys(pipe, config)  # 1. keys and guide keys from the text encoder(s)
-    edit = solve(keys, config.erase_scale, config.preserve_scale, config.lam)  # 2. one D×D solve
+    edit = solve(keys, config.erase_scale, config.preserve_scale, config.lam)  # 2. one d×d solve
     deltas = module_deltas(modules, edit.P, edit.Q)  # 3. per-layer ΔW = W P Qᵀ
     info = {"rank": int(edit.P.shape[1]), "erase_keys": int(keys.erase.shape[0]),
             "preserve_keys": int(keys.preserve.shape[0]), "targets": list(config.targets),
