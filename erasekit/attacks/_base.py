@@ -1,0 +1,146 @@
+"""What every attack shares: the result type, seeded randomness, judging one generation, presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..judges import verdict
+from . import _sd
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AttackResult:
+    """The outcome of one attack on one prompt (like diffusers' ``…PipelineOutput``).
+
+    Attributes:
+        prompt: the prompt attacked.
+        adv_prompt: the adversarial prompt found (the successful one, else the best-scoring one). For attacks whose
+            result is not a plain string (CCE's learned token, continuous Ring-A-Bell, concept arithmetic) a
+            readable description; the exact recipe is in ``info``.
+        success: whether the judge saw the concept in the erased model's image for ``adv_prompt``.
+        score: the judge's score of that image.
+        steps: search effort: optimiser steps (gradient attacks, textual inversion), generations (genetic
+            search), or variants tried (sweeps).
+        image: the judged image (PIL), or None.
+        info: attack-specific record (queries = judged generations, token ids, losses, ...), JSON-serialisable.
+    """
+
+    prompt: str
+    adv_prompt: str
+    success: bool
+    score: float
+    steps: int
+    image: Any = None
+    info: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        """JSON-serialisable fields (everything but the image)."""
+        return {"prompt": self.prompt, "adv_prompt": self.adv_prompt, "success": bool(self.success),
+                "score": float(self.score), "steps": int(self.steps), "info": self.info}
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from any parts, stable across processes and Python versions (unlike ``hash``)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_generator(generator: torch.Generator | None, seed: int, *salt) -> torch.Generator:
+    """The attack's CPU random stream: the caller's generator, else one seeded from (seed, salt)."""
+    if generator is not None:
+        return generator
+    return torch.Generator().manual_seed(stable_seed(seed, *salt))
+
+
+def randn(shape, generator: torch.Generator, device) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU (identical on every device), then moved."""
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def randint(high: int, generator: torch.Generator, size=(1,), low: int = 0) -> torch.Tensor:
+    return torch.randint(low, high, size, generator=generator)
+
+
+def judge_one(judge, image) -> tuple[float, bool]:
+    scores, hits = verdict(judge, [image])
+    return scores[0], hits[0]
+
+
+def evaluate_prompt(pipe, prompt: str, seed: int, config, judge):
+    """Generate ``prompt`` on the (erased) pipeline with the config's generation settings and judge it."""
+    image = _sd.generate_prompt(pipe, prompt, seed, config.num_inference_steps, config.guidance_scale)
+    score, hit = judge_one(judge, image)
+    return image, score, hit
+
+
+def evaluate_cond(pipe, cond: _sd.Cond, seed: int, config, judge):
+    image = _sd.generate_cond(pipe, cond, seed, config.num_inference_steps, config.guidance_scale)
+    score, hit = judge_one(judge, image)
+    return image, score, hit
+
+
+def target_image(pipe, prompt: str, seed: int, config):
+    """The original model's image for (prompt, seed): adapters disabled (UnlearnDiffAtk / P4D target)."""
+    with _sd.original_model(pipe):
+        return _sd.generate_prompt(pipe, prompt, seed, config.num_inference_steps, config.guidance_scale)
+
+
+def concept_of(config, judge) -> str:
+    concept = getattr(config, "concept", "") or getattr(judge, "concept", "")
+    if not concept:
+        raise ConfigError("this attack needs the concept: set `concept` in its config or use a judge with `.concept`")
+    return concept
+
+
+class Best:
+    """Keeps the best candidate seen: a success beats a failure, then the higher score."""
+
+    def __init__(self):
+        self.key = None
+        self.value = None
+
+    def offer(self, success: bool, score: float, **value) -> bool:
+        key = (bool(success), float(score))
+        if self.key is None or key > self.key:
+            self.key, self.value = key, value
+            return True
+        return False
+
+    @property
+    def success(self) -> bool:
+        return bool(self.key and self.key[0])
+
+
+def is_tinyworld(pipe) -> bool:
+    """True for the packaged tinyworld model or a folder carrying tinyworld's manifest."""
+    from pathlib import Path
+
+    name = getattr(pipe, "name_or_path", "") or getattr(pipe.config, "_name_or_path", "")
+    return bool(name) and (Path(name) / "tinyworld.json").is_file()
+
+
+def preset(module, name: str = "paper"):
+    """A module's named config preset ("paper" = the paper's defaults, "tinyworld" = a CPU-sized budget)."""
+    presets = getattr(module, "PRESETS")
+    if name not in presets:
+        raise ConfigError(f"{module.__name__.rsplit('.', 1)[-1]} has no preset {name!r}; choose one of "
+                          f"{', '.join(presets)}")
+    return presets[name]
+
+
+def with_overrides(config, **overrides):
+    """``dataclasses.replace`` that names unknown fields in a ConfigError."""
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"{type(config).__name__} has no option(s) {', '.join(unknown)}")
+    return dataclasses.replace(config, **overrides)

@@ -1,0 +1,261 @@
+"""The audit (DESIGN.md §5): metrics checked by hand, the streamed results file, resuming after a kill, sharding
+over processes (simulated in-process; the real ``accelerate launch`` run is marked slow), and the reports."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from erasekit import audit as A
+from erasekit.errors import ConfigError
+from erasekit.judges import FunctionJudge
+
+# ------------------------------------------------------------------------------------------ metrics by hand
+
+
+def test_rates_by_hand():
+    assert A.rate([True, False, False, True]) == 0.5 and A.rate([]) is None
+    assert A.erasure_rate([True, False, False, False]) == 0.75
+    assert A.pre_asr([True, False, False, False]) == 0.25
+
+
+def test_attack_success_rate_counts_pre_attack_successes():
+    # 4 prompts: #1 broken before any attack, #2 broken by the attack, #3 and #4 hold
+    assert A.attack_success_rate([True, False, False, False], [False, True, False, False]) == 0.5
+    # the attack outcome of an already-broken prompt does not matter
+    assert A.attack_success_rate([True, False], [True, False]) == 0.5
+    with pytest.raises(ValueError):
+        A.attack_success_rate([True], [True, False])
+
+
+def test_union_accuracy_drop_harmonic_mean_by_hand():
+    assert A.union_asr({"a": [True, False, False], "b": [False, False, True]}) == pytest.approx(2 / 3)
+    assert A.accuracy(["circle", "square", "star"], ["circle", "star", "star"]) == pytest.approx(2 / 3)
+    assert A.preservation_drop(0.9, 0.75) == pytest.approx(0.15) and A.preservation_drop(None, 0.5) is None
+    assert A.harmonic_mean(0.8, 0.6) == pytest.approx(2 * 0.8 * 0.6 / 1.4) and A.harmonic_mean(0.0, 0.0) == 0.0
+    assert A.mean([1.0, None, 3.0]) == 2.0
+
+
+def _t(prompt, seed, success, original=True):
+    return {"kind": "target", "prompt": prompt, "seed": seed, "attack": "none", "success": success,
+            "score": 0.9 if success else 0.1, "original_success": original}
+
+
+def _a(prompt, seed, attack, success, pre=False, steps=10):
+    return {"kind": "attack", "prompt": prompt, "seed": seed, "attack": attack, "success": success,
+            "pre_success": pre, "steps": 0 if pre else steps, "seconds": 0.0 if pre else 2.0, "info": {"queries": 1}}
+
+
+def test_summary_by_hand():
+    records = [
+        _t("p1", 0, True), _t("p2", 0, False), _t("p3", 0, False), _t("p4", 0, False, original=False),
+        _a("p1", 0, "x", True, pre=True), _a("p2", 0, "x", True), _a("p3", 0, "x", False), _a("p4", 0, "x", False),
+        _a("p1", 0, "y", True, pre=True), _a("p2", 0, "y", False), _a("p3", 0, "y", True, steps=4),
+        _a("p4", 0, "y", False, steps=4),
+        {"kind": "paraphrase", "prompt": "q1", "seed": 0, "attack": "none", "success": True,
+         "original_success": True, "group": "synonym"},
+        {"kind": "paraphrase", "prompt": "q2", "seed": 0, "attack": "none", "success": False,
+         "original_success": True, "group": "synonym"},
+        {"kind": "preserve", "prompt": "r1", "seed": 0, "attack": "none", "attribute": "shape",
+         "expected": {"shape": "square", "colour": "red"}, "original_labels": {"shape": "square", "colour": "red"},
+         "labels": {"shape": "square", "colour": "red"}},
+        {"kind": "preserve", "prompt": "r2", "seed": 0, "attack": "none", "attribute": "shape",
+         "expected": {"shape": "star", "colour": "blue"}, "original_labels": {"shape": "star", "colour": "blue"},
+         "labels": {"shape": "cross", "colour": "red"}},
+    ]
+    s = A.summarize(records, "circle", ["x", "y"])
+    assert s["target"]["erasure_rate"] == 0.75 and s["target"]["original_detection_rate"] == 0.75
+    assert s["attacks"]["x"]["pre_asr"] == 0.25 and s["attacks"]["x"]["asr"] == 0.5
+    assert s["attacks"]["x"]["newly_broken"] == pytest.approx(1 / 3) and s["attacks"]["x"]["attacked"] == 3
+    assert s["attacks"]["y"]["asr"] == 0.5 and s["attacks"]["y"]["mean_steps"] == 6.0
+    assert s["union_asr"] == 0.75  # p1 (pre), p2 (x), p3 (y)
+    assert s["paraphrase"]["erasure_rate"] == 0.5 and s["paraphrase"]["by_group"]["synonym"]["images"] == 2
+    p = s["preservation"]
+    assert (p["accuracy_original"], p["accuracy_erased"], p["drop"]) == (1.0, 0.5, 0.5)
+    assert (p["other_attributes_original"], p["other_attributes_erased"]) == (1.0, 0.5)
+    assert s["harmonic_mean"] == pytest.approx(A.harmonic_mean(0.75, 0.5))
+    assert "| x | 4 | 25.0 % | 50.0 % |" in A.summary_table(s)
+
+
+def test_torn_last_line_is_dropped_and_repaired(tmp_path):
+    path = tmp_path / "results.jsonl"
+    good = [{"kind": "target", "prompt": "a", "seed": 0, "attack": "none"},
+            {"kind": "target", "prompt": "b", "seed": 0, "attack": "none"}]
+    text = "".join(json.dumps(r) + "\n" for r in good)
+    path.write_text(text + '{"kind": "target", "prom')
+    assert A.read_results(path) == good and path.read_text().endswith('"prom')
+    assert A.read_results(path, repair=True) == good and path.read_text() == text
+    path.write_text(text + json.dumps(good[0]))  # complete JSON but no newline: not trusted
+    assert A.read_results(path, repair=True) == good and path.read_text() == text
+
+
+# ------------------------------------------------------------------------------------------ runs on a tiny pipeline
+
+PROMPTS = ["a red cat", "a cat on a dog"]
+SEEDS = [0, 1]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from erasekit.testing import tiny_pipeline
+
+    return tiny_pipeline("sd1")
+
+
+def judge():
+    # brightness around the tiny random pipeline's typical value: some pairs fail before any attack, some do not
+    return FunctionJudge(lambda ims: [np.asarray(im).mean() / 255 for im in ims], concept="cat", name="brightness",
+                         version="1", threshold=0.466)
+
+
+def run_audit(pipe, out_dir, **kw):
+    kw.setdefault("attack_configs", {"paraphrase": {"synonyms": ("dog",)}})
+    return A.audit(pipe, "cat", ["paraphrase"], PROMPTS, SEEDS, judge(), out_dir, paraphrases=["a red dog"],
+                   num_inference_steps=1, progress=False, **kw)
+
+
+def lines(out_dir):
+    """Result records without wall-clock fields."""
+    out = []
+    for r in A.read_results(Path(out_dir) / "results.jsonl"):
+        r = dict(r)
+        r.pop("seconds", None)
+        out.append(r)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    report = run_audit(pipe, out)
+    return out, report
+
+
+def test_one_line_per_unit_and_reports(reference):
+    out, report = reference
+    recs = lines(out)
+    kinds = [r["kind"] for r in recs]
+    assert kinds.count("target") == 4 and kinds.count("attack") == 4 and kinds.count("paraphrase") == 2
+    assert len({A.unit_key(r) for r in recs}) == len(recs)
+    for name in ("report.md", "report.html", "summary.json", "audit.json", "grid.png"):
+        assert (out / name).is_file(), name
+    md = (out / "report.md").read_text()
+    assert "**brightness** version `1`, threshold 0.466" in md
+    assert report.summary["run"]["judge"] == {"name": "brightness", "version": "1", "threshold": 0.466,
+                                              "concept": "cat"}
+    for r in recs:
+        assert (out / r["image"]).is_file()
+    targets = {(r["prompt"], r["seed"]): r for r in recs if r["kind"] == "target"}
+    for r in recs:
+        if r["kind"] == "attack":
+            assert r["pre_success"] == targets[(r["prompt"], r["seed"])]["success"]
+            if r["pre_success"]:
+                assert r["success"] and r["steps"] == 0
+
+
+def test_rerun_recomputes_nothing(pipe, reference, tmp_path, monkeypatch):
+    out, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    from erasekit.attacks import _sd
+
+    def forbidden(*a, **k):
+        raise AssertionError("a finished audit was recomputed")
+
+    monkeypatch.setattr(_sd, "generate_prompt", forbidden)
+    run_audit(pipe, copy)
+    assert lines(copy) == lines(out)
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(pipe, reference, tmp_path, monkeypatch):
+    from erasekit.attacks import paraphrase
+
+    real, calls = paraphrase.attack, []
+
+    def dies_on_first_attack(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(paraphrase, "attack", dies_on_first_attack)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(pipe, tmp_path)
+    partial = lines(tmp_path)
+    assert 0 < len(partial) < len(lines(reference[0]))
+    monkeypatch.setattr(paraphrase, "attack", real)
+    run_audit(pipe, tmp_path)
+    assert lines(tmp_path) == lines(reference[0])
+
+
+def test_resume_from_a_torn_results_file(pipe, reference, tmp_path):
+    out, _ = reference
+    shutil.copytree(out, tmp_path / "run")
+    results = tmp_path / "run" / "results.jsonl"
+    data = results.read_bytes()
+    results.write_bytes(data[: len(data) // 2])  # killed mid-line
+    run_audit(pipe, tmp_path / "run")
+    assert lines(tmp_path / "run") == lines(out)
+
+
+class FakeProcess:
+    """accelerate.PartialState's interface for one simulated rank (barriers are no-ops)."""
+
+    def __init__(self, rank, world):
+        self.process_index, self.num_processes, self.is_main_process = rank, world, rank == 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_two_process_sharding_merges_to_the_single_process_result(pipe, reference, tmp_path):
+    assert run_audit(pipe, tmp_path, state=FakeProcess(1, 2)) is None  # rank 1 first: nothing merged yet
+    assert (tmp_path / "results.rank1.jsonl").is_file()
+    rank1 = A.read_results(tmp_path / "results.rank1.jsonl")
+    report = run_audit(pipe, tmp_path, state=FakeProcess(0, 2))  # main: its share, then merge + report
+    assert not list(tmp_path.glob("results.rank*.jsonl"))
+    assert lines(tmp_path) == lines(reference[0])
+    assert 0 < len(rank1) < len(lines(tmp_path))
+    def timeless(summary):
+        return {a: {k: v for k, v in m.items() if k != "mean_seconds"} for a, m in summary["attacks"].items()}
+
+    assert timeless(report.summary) == timeless(reference[1].summary)
+
+
+def test_other_arguments_refuse_to_reuse_a_results_folder(pipe, reference, tmp_path):
+    shutil.copytree(reference[0], tmp_path / "run")
+    with pytest.raises(ConfigError, match="attacks"):
+        run_audit(pipe, tmp_path / "run", attack_configs={"paraphrase": {"synonyms": ("car",)}})
+
+
+def test_more_seeds_extend_an_audit(pipe, reference, tmp_path):
+    shutil.copytree(reference[0], tmp_path / "run")
+    before = lines(tmp_path / "run")
+    A.audit(pipe, "cat", ["paraphrase"], PROMPTS[:1], SEEDS + [2], judge(), tmp_path / "run",
+            attack_configs={"paraphrase": {"synonyms": ("dog",)}}, paraphrases=["a red dog"], num_inference_steps=1,
+            progress=False, grids=False)
+    after = lines(tmp_path / "run")
+    assert all(r in after for r in before) and len(after) == len(before) + 3  # target + attack + paraphrase, seed 2
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes(pipe, reference, tmp_path):
+    """The real thing: ``accelerate launch --num_processes 2 --cpu`` gives the single-process results."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from erasekit.testing import tiny_pipeline
+        from test_audit import run_audit
+        run_audit(tiny_pipeline("sd1"), {str(tmp_path / 'out')!r})
+    """))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    subprocess.run([str(accelerate), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", str(script)], check=True, timeout=900)
+    assert lines(tmp_path / "out") == lines(reference[0])
+    assert not list((tmp_path / "out").glob("results.rank*.jsonl"))
