@@ -17,6 +17,7 @@ from types import ModuleType
 from ..errors import ConfigError
 from . import rece, time, uce
 from . import abo, esd  # trained: ESD presets, All-but-One
+from . import advunlearn, fewshot  # text encoder
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,12 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("esd-x-strict", esd, esd.EsdConfig, {"train_method": "esd-x-strict"}, "ESD-x-strict: as ESD-x on cross-attention k/v only"),
         MethodSpec("esd-u", esd, esd.EsdConfig, {"train_method": "esd-u"}, "ESD-u: fine-tune every UNet layer but cross-attention toward negative guidance"),
         MethodSpec("abo", abo, abo.AboConfig, summary="All-but-One: steer the target's guidance term to a replacement, unconditional score pinned"),
+        MethodSpec("advunlearn", advunlearn, advunlearn.AdvUnlearnConfig,
+                   summary="AdvUnlearn: adversarial training of the text encoder (inner soft-prompt attack, ESD target, retain loss)"),
+        MethodSpec("advunlearn-fast", advunlearn, advunlearn.AdvUnlearnConfig, {"attack_method": "fast_at"},
+                   "AdvUnlearn with the fast_at inner attack (Adam on the gradient's sign)"),
+        MethodSpec("fewshot", fewshot, fewshot.FewShotConfig,
+                   summary="Few-shot erasing: gradient ascent on a few images' denoising loss, text-encoder MLPs"),
     )
 }
 

@@ -1,0 +1,215 @@
+"""What the text-encoder methods (AdvUnlearn, few-shot erasing) share: trainable deltas on the pipeline's text
+encoder(s), differentiable prompt encoding, a partial DDIM rollout with the frozen model, packaging.
+
+The UNet and VAE stay frozen; deltas are attached with ``erasekit._lora`` hooks to the ``nn.Linear`` modules of
+``pipe.text_encoder`` (and ``pipe.text_encoder_2`` on SDXL), so that ``deltas.disabled()`` is the original model,
+bit for bit, and the adapter holds ``text_encoder.<module path>`` deltas only. Module paths are stored without
+the ``text_model.`` prefix (transformers ≥ 5 spelling; ``erasekit.compose`` resolves both). Only ``nn.Linear``
+weights are adapted: the adapter format has no LayerNorm deltas, so the authors' ``final_layer_norm`` option and
+the layers' own LayerNorms stay frozen.
+
+The adapter's fingerprint covers the text encoder(s) only: it loads onto any pipeline sharing the encoder,
+whatever its UNet (the "plug-and-play" transfer the AdvUnlearn paper claims).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .. import _lora
+from ..adapter import Adapter, ModuleDelta
+from ..attacks import _sd
+from ..errors import ConfigError
+
+ENCODERS = ("text_encoder", "text_encoder_2")
+_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+
+
+def encoder_components(pipe) -> list[str]:
+    """The pipeline's text encoders, in ``encode_prompt`` order (SD: one; SDXL: two)."""
+    return [c for c in ENCODERS if isinstance(getattr(pipe, c, None), torch.nn.Module)]
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer layer a module path lies in ("encoder.layers.3.mlp.fc1" → 3), or None."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def num_layers(encoder: torch.nn.Module) -> int:
+    return int(encoder.config.num_hidden_layers)
+
+
+def select(pipe, include: Callable[[str, int, int], bool]) -> dict[str, list[str]]:
+    """Per text encoder, the ``nn.Linear`` paths inside its transformer layers for which
+    ``include(path, layer, num_layers)``; ConfigError when nothing is selected."""
+    out = {}
+    for component in encoder_components(pipe):
+        encoder = getattr(pipe, component)
+        total = num_layers(encoder)
+        names = [n for n, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)
+                 and (layer := layer_index(n)) is not None and include(n, layer, total)]
+        if names:
+            out[component] = names
+    if not out:
+        raise ConfigError("the module selection matches no Linear layer of the text encoder")
+    return out
+
+
+def canonical(path: str) -> str:
+    return path.removeprefix("text_model.")
+
+
+class EncoderDeltas:
+    """``_lora.Deltas`` on each selected text encoder, seen as one set (params, ``disabled``, ``export``)."""
+
+    def __init__(self, pipe, names: dict[str, list[str]], rank: int, generator: torch.Generator):
+        self.parts = {c: _lora.Deltas(getattr(pipe, c), n, rank, generator) for c, n in names.items()}
+
+    @property
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        return {f"{c}.{k}": p for c, d in self.parts.items() for k, p in d.params.items()}
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The original text encoder(s)."""
+        with contextlib.ExitStack() as stack:
+            for d in self.parts.values():
+                stack.enter_context(d.disabled())
+            yield
+
+    def export(self) -> dict[str, ModuleDelta]:
+        out = {}
+        for c, d in self.parts.items():
+            for key, delta in d.export(c).items():
+                out[f"{c}.{canonical(key[len(c) + 1:])}"] = delta
+        return out
+
+
+@contextlib.contextmanager
+def attached(pipe, names: dict[str, list[str]], rank: int, seed: int) -> Iterator[EncoderDeltas]:
+    """Trainable deltas on the text encoder(s) for the block; every component frozen and in eval mode meanwhile
+    (CLIP and the UNet have no dropout to speak of; eval keeps student and teacher identical). Hooks, grad flags
+    and train/eval modes are restored on exit."""
+    components = [m for m in (getattr(pipe, c, None) for c in ("unet", "vae", *ENCODERS)) if isinstance(m, torch.nn.Module)]
+    modes = [m.training for m in components]
+    deltas = EncoderDeltas(pipe, names, rank, torch.Generator().manual_seed(seed))
+    with contextlib.ExitStack() as stack:
+        for m in components:
+            stack.enter_context(_lora.frozen(m))
+            m.eval()
+        try:
+            for d in deltas.parts.values():
+                d.attach()
+            yield deltas
+        finally:
+            for d in deltas.parts.values():
+                d.remove()
+            for m, mode in zip(components, modes):
+                m.train(mode)
+
+
+# ------------------------------------------------------------------------------------------ conditioning
+def token_ids(pipe, prompts: list[str]) -> list[torch.Tensor]:
+    return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids for tok, _ in _sd.encoders(pipe)]
+
+
+def encode(pipe, prompts: list[str]) -> _sd.Cond:
+    """The UNet conditioning of ``prompts`` through the pipeline's current (hooked, trainable) encoders, with grad;
+    the same tensors as ``pipe.encode_prompt`` (SD: last hidden state; SDXL: both penultimate states + pooled)."""
+    return _sd.encode_ids(pipe, token_ids(pipe, prompts))
+
+
+@torch.no_grad()
+def rollout(pipe, scheduler, cond: _sd.Cond, uncond: _sd.Cond, guidance: float, steps: int, shape: tuple,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t after ``steps`` DDIM steps with CFG from pure noise, and t = the next timestep (ESD's partial rollout).
+
+    ``cond`` has one row per sample (``shape[0]``) or one row for all; ``uncond`` one row.
+    """
+    n = shape[0]
+    device = _sd.device_of(pipe)
+    x = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(device)
+    cond = cond if cond.embeds.shape[0] == n else cond.expand(n)
+    both = _sd.Cond.cat([uncond.expand(n), cond])
+    for t in scheduler.timesteps[:steps]:
+        e_uncond, e_cond = _sd.unet_eps(pipe, scheduler.scale_model_input(torch.cat([x, x]), t), t, both).chunk(2)
+        x = scheduler.step(e_uncond + guidance * (e_cond - e_uncond), t, x).prev_sample
+    return x, scheduler.timesteps[steps]
+
+
+def latent_shape(pipe, batch_size: int, resolution: int = 0) -> tuple[int, ...]:
+    factor = int(pipe.vae_scale_factor)
+    if resolution % factor:
+        raise ConfigError(f"resolution must be a multiple of the VAE factor {factor}, got {resolution}")
+    side = (resolution or int(pipe.unet.config.sample_size) * factor) // factor
+    return (batch_size, int(pipe.unet.config.in_channels), side, side)
+
+
+# ------------------------------------------------------------------------------------------ training
+def train(pipe, config, names: dict[str, list[str]], loss_for: Callable, method: str, steps: int, *,
+          extra_params: dict[str, torch.Tensor] | None = None) -> Adapter:
+    """Attach deltas on ``names``, fit ``loss_for(deltas)`` with the shared loop, package a text-encoder Adapter.
+
+    ``extra_params``: further tensors to checkpoint with the run (e.g. AdvUnlearn's attack state); they get no
+    gradient from the loss, so Adam leaves them alone.
+    """
+    from .. import _train
+
+    run = {k: v for k, v in dataclasses.asdict(config).items()
+           if k not in ("iterations", "epochs", "resume", "checkpoint_dir", "checkpoint_every", "progress")}
+    started = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with attached(pipe, names, config.rank, config.seed) as deltas:
+        loss_fn = loss_for(deltas)
+        params = {**deltas.params, **(extra_params or {})}
+        losses = _train.fit(params, loss_fn, steps=steps, lr=config.lr, seed=config.seed,
+                            checkpoint_dir=config.checkpoint_dir or None, checkpoint_every=config.checkpoint_every,
+                            resume=config.resume, run=run, mixed_precision=config.mixed_precision,
+                            progress=config.progress, desc=method)
+        module_deltas = deltas.export()
+    training = {"steps": len(losses), "seconds": round(time.perf_counter() - started, 2),
+                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+    if torch.cuda.is_available():
+        training["peak_cuda_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return package(pipe, config, module_deltas, method, training)
+
+
+def package(pipe, config, module_deltas: dict[str, ModuleDelta], method: str, training: dict) -> Adapter:
+    import diffusers
+
+    from ..adapter import fingerprint
+
+    components = sorted({k.partition(".")[0] for k in module_deltas}, key=ENCODERS.index)
+    return Adapter(
+        method=method, concepts=tuple(config.concepts), config=dataclasses.asdict(config), deltas=module_deltas,
+        base_model=str(getattr(pipe, "name_or_path", "") or getattr(pipe.config, "_name_or_path", "") or ""),
+        fingerprint=fingerprint(pipe, components),
+        info={"training": training, "torch": torch.__version__, "diffusers": diffusers.__version__,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    )
+
+
+def validate(config) -> None:
+    """Checks shared by the text-encoder methods' configs."""
+    if isinstance(config.concepts, str) or not config.concepts or not all(c.strip() for c in config.concepts):
+        raise ConfigError("concepts must be a non-empty tuple of non-empty prompts, e.g. ('circle',)")
+    for name in ("rank", "resolution", "checkpoint_every"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be ≥ 0, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise ConfigError(f"lr must be > 0, got {config.lr}")
+    if config.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {config.mixed_precision!r}")
+    if config.resume and not config.checkpoint_dir:
+        raise ConfigError("resume needs checkpoint_dir")
+    if isinstance(config.templates, str) or any("{}" not in t for t in config.templates):
+        raise ConfigError(f"templates must be a tuple of prompts that each contain '{{}}', got {config.templates!r}")
