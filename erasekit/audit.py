@@ -299,6 +299,8 @@ def _attack_plans(attacks: Sequence[str], budget: str, attack_configs: Mapping[s
         if given is not None and not isinstance(given, Mapping):
             config = given
         else:
+            if preset_name and budget == "tinyworld" and f"tinyworld-{preset_name}" in module.PRESETS:
+                preset_name = f"tinyworld-{preset_name}"  # e.g. "p4d:k" on tinyworld: P4D-K with a CPU budget
             config = _base.preset(module, preset_name or budget)
             if given:
                 config = _base.with_overrides(config, **dict(given))
@@ -412,7 +414,8 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
     Args:
         pipe: a diffusers SD / SDXL pipeline with the erasure(s) loaded.
         concept: the erased concept ("circle", "nudity", "Van Gogh").
-        attacks: registry names (``erasekit.attacks.ATTACKS``), optionally with a preset: "p4d:k".
+        attacks: registry names (``erasekit.attacks.ATTACKS``), optionally with a preset: "p4d:k" (with the
+            tinyworld budget, the preset's "tinyworld-" variant when there is one).
         prompts: the concept's prompts (None: tinyworld's canonical grid for a tinyworld concept).
         seeds: one image (and one attack) per (prompt, seed).
         judge: "tinyworld" | "clip" | "nudenet", or any ``erasekit.judges.Judge``.

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from .. import _lora
 from ..adapter import Adapter
 from ..errors import ConfigError
-from .esd import PRESETS, Cond, TrainMethod, _validate, ddim_scheduler, encode, latent_shape, predict, rollout, train
+from .esd import (PRESETS, Cond, PromptTable, TrainMethod, _validate, ddim_scheduler, latent_shape, predict, rollout,
+                  train, training_templates)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class AboConfig:
         concepts: prompts to erase, e.g. ("circle",); with several, each step trains on one drawn at random.
         replace_with: concept whose guidance term the erased concepts take on, e.g. "square" ("" = none:
             the guidance term is steered to −η times itself).
+        templates: prompts the concepts (and the replacement, in the same template) are trained in, "{}"
+            standing for the concept; empty: the bare concept, or tinyworld's caption templates on tinyworld
+            (as ESD's ``training_templates``).
         negative_guidance: η, used without a replacement (0 = guidance term to zero, 1 = reversed).
         preserve_weight: λ, weight of the unconditional-score preservation loss.
         train_method: which UNet modules get a delta (ESD's presets: esd-x, esd-x-strict, esd-u, esd-all).
@@ -57,6 +61,7 @@ class AboConfig:
 
     concepts: tuple[str, ...]
     replace_with: str = ""
+    templates: tuple[str, ...] = ()
     negative_guidance: float = 1.0
     preserve_weight: float = 1.0
     train_method: TrainMethod = "esd-x"
@@ -88,25 +93,29 @@ class AboConfig:
 def objective(pipe, config: AboConfig) -> Callable:
     """``loss_for(deltas) -> loss_fn(step, generator)``: the loss of one step (module docstring)."""
     unet = pipe.unet
+    n_concepts = len(config.concepts)
     replace = bool(config.replace_with.strip())
-    conds, uncond = encode(pipe, list(config.concepts) + ([config.replace_with] if replace else []), config.resolution)
-    erased = conds[:len(config.concepts)]
+    table = PromptTable(pipe, training_templates(pipe, config),
+                        list(config.concepts) + ([config.replace_with] if replace else []), config.resolution)
+    uncond = table.uncond
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config)
     n = shape[0]
 
     def loss_for(deltas: _lora.Deltas):
         def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
-            k = int(torch.randint(len(erased), (), generator=gen))
+            k = int(torch.randint(n_concepts, (), generator=gen))
+            rows = torch.randint(len(table.templates), (n,), generator=gen).tolist()
             steps = int(torch.randint(config.num_inference_steps, (), generator=gen))
+            erased = table.batch(k, rows)
+            other = table.batch(n_concepts, rows) if replace else erased  # the replacement in the same template
             with deltas.disabled(), torch.no_grad():  # the frozen original: the same UNet without deltas
-                x, t = rollout(unet, scheduler, erased[k], uncond, config.start_guidance, steps, shape, gen)
-                teacher = Cond.cat([uncond.repeat(n), (conds[-1] if replace else erased[k]).repeat(n)])
+                x, t = rollout(unet, scheduler, erased, uncond, config.start_guidance, steps, shape, gen)
+                teacher = Cond.cat([uncond.repeat(n), other])
                 e_null0, e_other0 = predict(unet, torch.cat([x, x]), t, teacher).float().chunk(2)
             # g*: the replacement's guidance term, or −η × the target's own
             g_target = e_other0 - e_null0 if replace else -config.negative_guidance * (e_other0 - e_null0)
-            student = Cond.cat([erased[k].repeat(n), uncond.repeat(n)])
-            e_cond, e_null = predict(unet, torch.cat([x, x]), t, student).float().chunk(2)
+            e_cond, e_null = predict(unet, torch.cat([x, x]), t, Cond.cat([erased, uncond.repeat(n)])).float().chunk(2)
             return F.mse_loss(e_cond - e_null, g_target) + config.preserve_weight * F.mse_loss(e_null, e_null0)
 
         return loss_fn

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -58,6 +60,9 @@ class EsdConfig:
         train_method: which UNet modules get a delta: esd-x (cross-attention), esd-x-strict (cross-attention
             k/v), esd-u (everything but cross-attention), esd-all.
         erase_from: erase the concepts only within this concept ("" = everywhere).
+        templates: prompts the concepts are trained in, "{}" standing for the concept, e.g. ("{}", "a photo of
+            {}"); each sample of a step draws one. Empty: the bare concept, as in the paper; on tinyworld,
+            tinyworld's caption templates with random other attributes (see ``training_templates``).
         negative_guidance: η, the strength of the negative guidance in the target (paper code: 1; new code: 2).
         start_guidance: classifier-free guidance of the frozen model's rollout that produces x_t.
         num_inference_steps: DDIM steps of that rollout; it stops at a uniformly drawn step.
@@ -78,6 +83,7 @@ class EsdConfig:
     concepts: tuple[str, ...]
     train_method: TrainMethod = "esd-x"
     erase_from: str = ""
+    templates: tuple[str, ...] = ()
     negative_guidance: float = 2.0
     start_guidance: float = 3.0
     num_inference_steps: int = 20
@@ -116,6 +122,64 @@ def _validate(config) -> None:
         raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {config.mixed_precision!r}")
     if config.resume and not config.checkpoint_dir:
         raise ConfigError("resume needs checkpoint_dir")
+    if isinstance(config.templates, str) or any("{}" not in t for t in config.templates):
+        raise ConfigError(f"templates must be a tuple of prompts that each contain '{{}}', got {config.templates!r}")
+
+
+# ------------------------------------------------------------------------------------------ prompts
+TINYWORLD_TEMPLATES = 64  # how many caption templates are drawn on tinyworld
+SLOT = "\x00"  # the concept's place while a template is filled (fill_template formats twice: no literal "{}")
+
+
+def is_tinyworld(pipe) -> bool:
+    """The model folder declares itself tinyworld (``tinyworld.json``, as ``generate.model_defaults`` reads)."""
+    folder = getattr(pipe, "name_or_path", "") or getattr(pipe.config, "_name_or_path", "") or ""
+    return bool(folder) and (Path(folder) / "tinyworld.json").is_file()
+
+
+def training_templates(pipe, config) -> list[str]:
+    """The prompt templates ("{}" = the concept) a trained method draws its prompts from.
+
+    ``config.templates`` if given; else, on tinyworld and for concepts of one tinyworld attribute, tinyworld's
+    own caption templates (``TRAIN_TEMPLATES``) with the concept's slot left as "{}" and the other attributes
+    filled with random names (each of colour/texture/background dropped with probability 0.15, as in training
+    captions), so that the erasure covers the concept in context and not only the bare word; else ["{}"].
+    Synonyms of the concept are never used: leaking through them stays measurable.
+    """
+    if config.templates:
+        return list(config.templates)
+    if is_tinyworld(pipe):
+        from ..tinyworld import world
+
+        try:
+            attributes = {world.concept_attribute(c) for c in config.concepts}
+        except KeyError:
+            attributes = set()
+        if len(attributes) == 1:
+            attribute = attributes.pop()
+            rng = random.Random(config.seed)
+            out = []
+            for _ in range(TINYWORLD_TEMPLATES):
+                scene = world.random_scene(rng)
+                words = {a: SLOT if a == attribute else
+                         "" if a != "shape" and rng.random() < 0.15 else rng.choice(table[getattr(scene, a)])
+                         for a, table in world.ATTRIBUTES.items()}
+                out.append(world.fill_template(rng.choice(world.TRAIN_TEMPLATES), words).replace(SLOT, "{}"))
+            return out
+    return ["{}"]
+
+
+class PromptTable:
+    """Encoded prompts ``template × name`` for a few name lists (erased concepts, their replacements, ...)."""
+
+    def __init__(self, pipe, templates: list[str], names: list[str], resolution: int = 0):
+        self.templates, self.names = templates, names
+        prompts = [t.replace("{}", name) for name in names for t in templates]
+        self.conds, self.uncond = encode(pipe, prompts, resolution)
+
+    def batch(self, name: int, rows: list[int]) -> Cond:
+        """Conds of ``names[name]`` in the templates ``rows`` (one per sample)."""
+        return Cond.cat([self.conds[name * len(self.templates) + j] for j in rows])
 
 
 # ------------------------------------------------------------------------------------- conditioning
@@ -186,11 +250,14 @@ def ddim_scheduler(pipe, num_inference_steps: int):
 @torch.no_grad()
 def rollout(unet, scheduler, cond: Cond, uncond: Cond, guidance: float, steps: int, shape: tuple,
             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_t after ``steps`` DDIM steps with CFG from pure noise, and t = the next timestep (ESD's partial rollout)."""
+    """x_t after ``steps`` DDIM steps with CFG from pure noise, and t = the next timestep (ESD's partial rollout).
+
+    ``cond`` holds one row per sample (``shape[0]`` rows); ``uncond`` one row.
+    """
     device = scheduler.timesteps.device
     dtype = cond.hidden.dtype
     x = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(device, dtype)
-    both = Cond.cat([uncond.repeat(shape[0]), cond.repeat(shape[0])])
+    both = Cond.cat([uncond.repeat(shape[0]), cond])
     for t in scheduler.timesteps[:steps]:
         e_uncond, e_cond = predict(unet, scheduler.scale_model_input(torch.cat([x, x]), t), t, both).chunk(2)
         x = scheduler.step(e_uncond + guidance * (e_cond - e_uncond), t, x).prev_sample
@@ -243,30 +310,36 @@ def package(pipe, config, module_deltas: dict, method: str, training: dict) -> A
 
 
 def latent_shape(pipe, config) -> tuple[int, ...]:
-    side = image_size(pipe, config.resolution) // int(pipe.vae_scale_factor)
+    factor = int(pipe.vae_scale_factor)
+    if config.resolution % factor:
+        raise ConfigError(f"resolution must be a multiple of the VAE factor {factor}, got {config.resolution}")
+    side = image_size(pipe, config.resolution) // factor
     return (config.batch_size, int(pipe.unet.config.in_channels), side, side)
 
 
 def objective(pipe, config: EsdConfig) -> Callable:
     """``loss_for(deltas) -> loss_fn(step, generator)``: the ESD loss of one step (module docstring)."""
     unet = pipe.unet
-    source = [config.erase_from or c for c in config.concepts]  # what x_t is drawn from and the student sees
-    conds, uncond = encode(pipe, list(config.concepts) + source, config.resolution)
-    erased, froms = conds[:len(config.concepts)], conds[len(config.concepts):]
+    n_concepts = len(config.concepts)
+    sources = [config.erase_from or c for c in config.concepts]  # what x_t is drawn from and the student sees
+    table = PromptTable(pipe, training_templates(pipe, config), list(config.concepts) + sources, config.resolution)
+    uncond = table.uncond
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config)
     n, eta = shape[0], config.negative_guidance
 
     def loss_for(deltas: _lora.Deltas):
         def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
-            k = int(torch.randint(len(erased), (), generator=gen))
+            k = int(torch.randint(n_concepts, (), generator=gen))
+            rows = torch.randint(len(table.templates), (n,), generator=gen).tolist()
             steps = int(torch.randint(config.num_inference_steps, (), generator=gen))
+            erased, source = table.batch(k, rows), table.batch(n_concepts + k, rows)
             with deltas.disabled(), torch.no_grad():  # the frozen teacher: the same UNet without deltas
-                x, t = rollout(unet, scheduler, froms[k], uncond, config.start_guidance, steps, shape, gen)
-                teacher = Cond.cat([uncond.repeat(n), erased[k].repeat(n), froms[k].repeat(n)])
+                x, t = rollout(unet, scheduler, source, uncond, config.start_guidance, steps, shape, gen)
+                teacher = Cond.cat([uncond.repeat(n), erased, source])
                 e_null, e_erase, e_from = predict(unet, torch.cat([x] * 3), t, teacher).float().chunk(3)
             target = e_from - eta * (e_erase - e_null)
-            return F.mse_loss(predict(unet, x, t, froms[k].repeat(n)).float(), target)
+            return F.mse_loss(predict(unet, x, t, source).float(), target)
 
         return loss_fn
 
