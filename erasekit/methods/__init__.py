@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from . import rece, time, uce
 from . import abo, esd  # trained: ESD presets, All-but-One
 from . import advunlearn, fewshot  # text encoder
+from . import spm  # trained: one-dimensional membranes
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ METHODS: dict[str, MethodSpec] = {
                    "AdvUnlearn with the fast_at inner attack (Adam on the gradient's sign)"),
         MethodSpec("fewshot", fewshot, fewshot.FewShotConfig,
                    summary="Few-shot erasing: gradient ascent on a few images' denoising loss, text-encoder MLPs"),
+        MethodSpec("spm", spm, spm.SpmConfig, summary="SPM: rank-1 membranes on the transformer blocks, Latent Anchoring, gated by prompt similarity"),
     )
 }
 
