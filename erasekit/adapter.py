@@ -50,7 +50,8 @@ GATING_RULES = {
     "prompt_similarity": {"prompts": list, "metric": str, "facilitate_factor": (int, float)},
 }
 #: how many elements of each parameter the "weights" digest of :func:`fingerprint` reads, at most
-FINGERPRINT_SAMPLE = 65536
+FINGERPRINT_SAMPLE = 8192  # elements read per parameter
+FINGERPRINT_BLOCKS = 16  # contiguous blocks they are read in
 
 # safetensors dtype name -> (torch dtype, bytes per element); the dtypes this reader accepts
 _DTYPES = {
@@ -781,8 +782,11 @@ def _fingerprint_module(module: torch.nn.Module, sample: int = FINGERPRINT_SAMPL
     for name, p in params:
         architecture.update(json.dumps([name, list(p.shape)]).encode() + b"\n")
         flat = p.detach().reshape(-1)
-        step = max(1, -(-flat.numel() // sample))  # ceil: at most `sample` elements
-        values = flat[::step].to(device="cpu", dtype=torch.float16).contiguous()
+        if flat.numel() > sample:  # FINGERPRINT_BLOCKS contiguous blocks, evenly spread (cheap to read)
+            block = sample // FINGERPRINT_BLOCKS
+            starts = torch.linspace(0, flat.numel() - block, FINGERPRINT_BLOCKS).long().tolist()
+            flat = torch.cat([flat[s:s + block] for s in starts])
+        values = flat.to(device="cpu", dtype=torch.float16).contiguous()
         weights.update(name.encode() + b"\n")
         weights.update(values.view(torch.uint8).numpy())
     return {"architecture": architecture.hexdigest(), "weights": weights.hexdigest()}
@@ -793,9 +797,10 @@ def fingerprint(pipe, components=None) -> dict[str, dict[str, str]]:
 
     For each component (by default every one of ``unet``, ``text_encoder``, ``text_encoder_2`` the pipeline
     has): ``"architecture"`` is the sha256 of the sorted (parameter name, shape) list, and ``"weights"`` the
-    sha256 of a strided sample of each parameter (at most ``FINGERPRINT_SAMPLE`` elements, cast to fp16), so
+    sha256 of a sample of each parameter (``FINGERPRINT_BLOCKS`` contiguous blocks spread evenly, at most
+    ``FINGERPRINT_SAMPLE`` elements in all, cast to fp16), so
     fp32 and fp16 loads of one checkpoint, on any device, give the same digests. Parameter names drop a leading
-    ``text_model.`` so that transformers 4 and 5 agree. Cost: one pass over ≤ 64 Ki elements per parameter.
+    ``text_model.`` so that transformers 4 and 5 agree. Cost: a read of ≤ ``FINGERPRINT_SAMPLE`` elements per parameter.
 
     Args:
         pipe: a diffusers pipeline (anything with ``unet``/``text_encoder``/``text_encoder_2`` attributes).

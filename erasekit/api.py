@@ -14,7 +14,7 @@ def erase(pipe, method: str, concepts, **options) -> Adapter:
         method: a key of :data:`erasekit.methods.METHODS` ("uce", "time", "rece", ...).
         concepts: a prompt or a sequence of prompts to erase.
         **options: fields of the method's config (e.g. ``preserve=("Monet",)``, ``lam=0.1``); the registry's
-            preset defaults apply first.
+            preset defaults apply first (on a tinyworld model, its tinyworld values: ``MethodSpec.tinyworld``).
 
     Raises:
         ConfigError: unknown method, unknown option, or an invalid value.
@@ -24,7 +24,9 @@ def erase(pipe, method: str, concepts, **options) -> Adapter:
     spec = METHODS.get(method)
     if spec is None:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    return spec.erase(pipe, spec.make_config(concepts, **options))
+    from .tinyworld import is_tinyworld
+
+    return spec.erase(pipe, spec.make_config(concepts, tinyworld=is_tinyworld(pipe), **options))
 
 
 __all__ = ["erase"]

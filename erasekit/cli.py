@@ -12,6 +12,15 @@ from pathlib import Path
 from .errors import ConfigError, ErasekitError
 
 EXAMPLES = {
+    "export": """examples:
+  erasekit export circle.safetensors --to diffusers --out circle-lora.safetensors   # pipe.load_lora_weights(...)
+  erasekit export circle.safetensors --to kohya --out circle-kohya.safetensors      # A1111 / ComfyUI""",
+    "fuse": """examples:
+  erasekit fuse --adapter circle.safetensors --out ./tinyworld-no-circle
+  erasekit fuse --model ./my-sd15 --adapter nudity.safetensors --adapter logo.safetensors:0.8 --out ./sd15-safe""",
+    "merge": """examples:
+  erasekit merge circle.safetensors red.safetensors --out both.safetensors     # UCE/TIME: exact joint re-solve
+  erasekit merge a.safetensors b.safetensors --weights 1 0.5 --out ab.safetensors   # others: weighted stack""",
     "erase": """examples:
   erasekit erase --method uce --concept circle --out circle.safetensors
   erasekit erase --method uce --concept circle --concept red --preserve square --out two.safetensors
@@ -77,7 +86,10 @@ def erase_command(args, method_spec) -> int:
     from ._cli_config import config_from_args, read_toml
 
     file_values = read_toml(args.config) if args.config else {}
-    config = config_from_args(method_spec.config_cls, args, file_values, method_spec.defaults)
+    from .tinyworld import is_tinyworld
+
+    on_tinyworld = args.model is None or is_tinyworld(args.model)
+    config = config_from_args(method_spec.config_cls, args, file_values, method_spec.preset(on_tinyworld))
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out must end in .safetensors, got {str(out)!r}")
@@ -206,6 +218,51 @@ def _describe(adapter, size: int) -> dict:
         "modules": [{"module": k, "kind": "lowrank" if d.delta is None else "full", "rank": d.rank,
                      "shape": list(d.weight_shape)} for k, d in sorted(adapter.deltas.items())],
     }
+
+
+# ------------------------------------------------------------------------------ export / fuse / merge
+
+def export_command(args) -> int:
+    from . import export
+    from .adapter import load_adapter
+
+    adapter = load_adapter(args.adapter)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out must end in .safetensors, got {str(out)!r}")
+    _writable_dir(out.parent if str(out.parent) else ".")
+    write = export.to_diffusers if args.to == "diffusers" else export.to_kohya
+    write(adapter, out, svd_rank=args.svd_rank)
+    print(f"wrote {out} ({args.to} LoRA layout, {out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def fuse_command(args) -> int:
+    from . import export
+
+    pipe = _load(args)
+    adapters = [_parse_adapter(spec) for spec in args.adapter]
+    _writable_dir(Path(args.out).parent)
+    out = export.bake(pipe, adapters, args.out, overwrite=args.overwrite)
+    print(f"wrote a {type(pipe).__name__} folder with {len(adapters)} erasure(s) fused: {out}")
+    return 0
+
+
+def merge_command(args) -> int:
+    from .adapter import load_adapter
+    from .merge import can_merge_exactly, merge
+
+    adapters = [load_adapter(path) for path in args.adapters]
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out must end in .safetensors, got {str(out)!r}")
+    _writable_dir(out.parent if str(out.parent) else ".")
+    exact = can_merge_exactly(adapters, args.weights) and not args.stack
+    pipe = _load(args) if exact else None
+    merged = merge(adapters, pipe=pipe, weights=args.weights, exact=exact)
+    merged.save(out)
+    print(f"merged {len(adapters)} adapters ({merged.info['merge']}): {', '.join(merged.concepts)} → {out}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------- tinyworld
@@ -397,6 +454,28 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("adapter")
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
+    x = sub.add_parser("export", help="write a static adapter as a stock diffusers or kohya LoRA file",
+                       epilog=EXAMPLES["export"], formatter_class=fmt)
+    x.add_argument("adapter")
+    x.add_argument("--to", required=True, choices=["diffusers", "kohya"], help="LoRA layout")
+    x.add_argument("--out", required=True, help="file to write (.safetensors)")
+    x.add_argument("--svd-rank", type=int, default=None, help="approximate full deltas at this rank (else refused)")
+
+    f = sub.add_parser("fuse", help="bake adapters into the weights: a complete pipeline folder for deployment",
+                       epilog=EXAMPLES["fuse"], formatter_class=fmt)
+    f.add_argument("--adapter", action="append", required=True, metavar="PATH[:WEIGHT]", help="repeatable")
+    f.add_argument("--out", required=True, help="pipeline folder to create")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    _add_runtime(f)
+
+    m = sub.add_parser("merge", help="merge adapters: exact re-solve (UCE/TIME with statistics) or weighted stack",
+                       epilog=EXAMPLES["merge"], formatter_class=fmt)
+    m.add_argument("adapters", nargs="+")
+    m.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    m.add_argument("--weights", type=float, nargs="+", default=None, help="one per adapter (weighted stack)")
+    m.add_argument("--stack", action="store_true", help="weighted stack even where an exact re-solve exists")
+    _add_runtime(m)
+
     t = sub.add_parser("tinyworld", help="train, evaluate or render the tiny world", epilog=EXAMPLES["tinyworld"], formatter_class=fmt)
     tsub = t.add_subparsers(dest="tinyworld_command", metavar="SUBCOMMAND", required=True)
     tt = tsub.add_parser("train", help="regenerate data, model and judge from a seed (resumable)")
@@ -447,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "generate" and args.out and args.out_dir:
             raise ConfigError("give --out (one image) or --out-dir (several), not both")
-        return {"generate": generate_command, "inspect": inspect_command, "tinyworld": tinyworld_command,
+        return {"generate": generate_command, "inspect": inspect_command, "export": export_command,
+                "fuse": fuse_command, "merge": merge_command, "tinyworld": tinyworld_command,
                 "demo": demo_command, "env": env_command}[args.command](args)
     except ErasekitError as e:
         print(f"erasekit: error: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ import pytest
 
 from erasekit.cli import main
 
-COMMANDS = ["generate", "inspect", "tinyworld", "env"]
+COMMANDS = ["generate", "inspect", "export", "fuse", "merge", "tinyworld", "env"]
 
 
 def test_top_level_help_is_fast_and_imports_no_torch():

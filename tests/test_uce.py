@@ -51,8 +51,11 @@ def test_registry_entries_and_configs():
         assert hints["concepts"] == tuple[str, ...]
         for f in fields:
             assert f"{f.name}:" in cls.__doc__, f"{name}: field {f.name} undocumented"
-            assert hints[f.name] in (str, int, float, bool, tuple[str, ...]) or typing.get_origin(hints[f.name]) is \
-                typing.Literal, f"{name}.{f.name}: {hints[f.name]}"
+            simple = (str, int, float, bool, tuple[str, ...], tuple[int, ...])
+            hint = hints[f.name]
+            optional = [a for a in typing.get_args(hint) if a is not type(None)] if type(None) in typing.get_args(hint) else []
+            assert hint in simple or typing.get_origin(hint) is typing.Literal or (
+                len(optional) == 1 and optional[0] in simple), f"{name}.{f.name}: {hint}"
         assert callable(spec.module.erase)
         spec.make_config(("cat",))  # defaults are valid
 

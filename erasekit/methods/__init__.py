@@ -21,6 +21,13 @@ from . import advunlearn, fewshot  # text encoder
 from . import spm  # trained: one-dimensional membranes
 
 
+#: closed-form settings on tinyworld, whose jointly trained text encoder spreads a concept over the tokens after
+#: it: keys in context (caption templates, every token aligned), values pushed past the guide, and the concept's
+#: siblings preserved (measured in benchmarks/closed_form_tinyworld.json)
+TINYWORLD_CLOSED_FORM = {"expand_prompts": "tinyworld", "key_mode": "aligned", "negative_guidance": 1.0,
+                         "preserve_related": True}
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One registry entry.
@@ -30,6 +37,8 @@ class MethodSpec:
         module: the strategy module (holds the config class and ``erase``).
         config_cls: the frozen config dataclass.
         defaults: preset option values applied over ``config_cls``'s own defaults, under the user's options.
+        tinyworld: tinyworld-sized option values, applied over ``defaults`` when erasing from a tinyworld model
+            (the packaged one, or any folder with ``tinyworld.json``), still under the user's options.
         summary: one line for ``--help`` and docs tables.
     """
 
@@ -38,21 +47,26 @@ class MethodSpec:
     config_cls: type
     defaults: dict = field(default_factory=dict)
     summary: str = ""
+    tinyworld: dict = field(default_factory=dict)
 
     @property
     def options(self) -> tuple[str, ...]:
         """Option names a user may set (every config field but ``concepts``)."""
         return tuple(f.name for f in dataclasses.fields(self.config_cls) if f.name != "concepts")
 
-    def make_config(self, concepts, **options):
-        """The config for ``concepts`` with ``defaults`` and then ``options`` applied; ConfigError on unknown
-        options."""
+    def make_config(self, concepts, tinyworld: bool = False, **options):
+        """The config for ``concepts`` with ``defaults`` (then, with ``tinyworld``, the tinyworld values) and then
+        ``options`` applied; ConfigError on unknown options."""
         unknown = [k for k in options if k not in self.options]
         if unknown:
             raise ConfigError(f"unknown option {unknown[0]!r} for method {self.name!r}; valid options: "
                               f"{', '.join(self.options)}")
         concepts = (concepts,) if isinstance(concepts, str) else tuple(concepts or ())
-        return self.config_cls(concepts=concepts, **{**self.defaults, **options})
+        return self.config_cls(concepts=concepts, **{**self.preset(tinyworld), **options})
+
+    def preset(self, tinyworld: bool = False) -> dict:
+        """Option values that override the config class's defaults (``defaults``, plus ``tinyworld`` values)."""
+        return {**self.defaults, **(self.tinyworld if tinyworld else {})}
 
     def erase(self, pipe, config):
         """Run the strategy: ``module.erase(pipe, config) -> Adapter``; ``pipe`` is not modified."""
@@ -65,11 +79,13 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec for spec in (
         MethodSpec("uce", uce, uce.UceConfig,
-                   summary="Unified Concept Editing: closed-form edit of cross-attention k/v (seconds, no training)"),
+                   summary="Unified Concept Editing: closed-form edit of cross-attention k/v (seconds, no training)",
+                   tinyworld=TINYWORLD_CLOSED_FORM),
         MethodSpec("time", time, time.TimeConfig,
                    summary="TIME: closed-form edit of cross-attention v (k optional), 77 aligned token keys"),
         MethodSpec("rece", rece, rece.ReceConfig,
-                   summary="RECE: UCE, then iterated erasure of closed-form adversarial embeddings"),
+                   summary="RECE: UCE, then iterated erasure of closed-form adversarial embeddings",
+                   tinyworld={k.replace("key_mode", "uce_key_mode"): v for k, v in TINYWORLD_CLOSED_FORM.items()}),
         MethodSpec("esd-x", esd, esd.EsdConfig, {"train_method": "esd-x"}, "ESD-x: fine-tune cross-attention (low-rank) toward negative guidance"),
         MethodSpec("esd-x-strict", esd, esd.EsdConfig, {"train_method": "esd-x-strict"}, "ESD-x-strict: as ESD-x on cross-attention k/v only"),
         MethodSpec("esd-u", esd, esd.EsdConfig, {"train_method": "esd-u"}, "ESD-u: fine-tune every UNet layer but cross-attention toward negative guidance"),

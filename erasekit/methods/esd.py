@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,44 +127,33 @@ def _validate(config) -> None:
 
 # ------------------------------------------------------------------------------------------ prompts
 TINYWORLD_TEMPLATES = 64  # how many caption templates are drawn on tinyworld
-SLOT = "\x00"  # the concept's place while a template is filled (fill_template formats twice: no literal "{}")
 
 
 def is_tinyworld(pipe) -> bool:
-    """The model folder declares itself tinyworld (``tinyworld.json``, as ``generate.model_defaults`` reads)."""
-    folder = getattr(pipe, "name_or_path", "") or getattr(pipe.config, "_name_or_path", "") or ""
-    return bool(folder) and (Path(folder) / "tinyworld.json").is_file()
+    """The model folder declares itself tinyworld (``tinyworld.json``)."""
+    from ..tinyworld import is_tinyworld as check
+
+    return check(pipe)
 
 
 def training_templates(pipe, config) -> list[str]:
     """The prompt templates ("{}" = the concept) a trained method draws its prompts from.
 
     ``config.templates`` if given; else, on tinyworld and for concepts of one tinyworld attribute, tinyworld's
-    own caption templates (``TRAIN_TEMPLATES``) with the concept's slot left as "{}" and the other attributes
-    filled with random names (each of colour/texture/background dropped with probability 0.15, as in training
-    captions), so that the erasure covers the concept in context and not only the bare word; else ["{}"].
-    Synonyms of the concept are never used: leaking through them stays measurable.
+    caption templates (:func:`erasekit.tinyworld.caption_templates`: the concept in context, never its
+    synonyms, so that leaking through them stays measurable); else ["{}"].
     """
     if config.templates:
         return list(config.templates)
     if is_tinyworld(pipe):
-        from ..tinyworld import world
+        from .. import tinyworld
 
         try:
-            attributes = {world.concept_attribute(c) for c in config.concepts}
+            attributes = {tinyworld.concept_attribute(c) for c in config.concepts}
         except KeyError:
             attributes = set()
         if len(attributes) == 1:
-            attribute = attributes.pop()
-            rng = random.Random(config.seed)
-            out = []
-            for _ in range(TINYWORLD_TEMPLATES):
-                scene = world.random_scene(rng)
-                words = {a: SLOT if a == attribute else
-                         "" if a != "shape" and rng.random() < 0.15 else rng.choice(table[getattr(scene, a)])
-                         for a, table in world.ATTRIBUTES.items()}
-                out.append(world.fill_template(rng.choice(world.TRAIN_TEMPLATES), words).replace(SLOT, "{}"))
-            return out
+            return tinyworld.caption_templates(config.concepts[0], TINYWORLD_TEMPLATES, config.seed)
     return ["{}"]
 
 

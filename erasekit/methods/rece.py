@@ -58,7 +58,13 @@ class ReceConfig:
         initial_uce: start with a UCE erasure of the concepts (epoch 0); false = adversarial steps only.
         uce_lam: λ of the initial UCE solve.
         uce_preserve_scale: s_p of the initial UCE solve (its preserve prompts are ``preserve``).
-        uce_key_mode: keys of the initial UCE solve, "tokens" (paper-era code) or "last_token".
+        uce_key_mode: keys of the initial UCE solve, "tokens" (paper-era code), "last_token" or "aligned"
+            (:class:`erasekit.methods.uce.UceConfig`).
+        expand_prompts: prompt templates for the concepts and preserve prompts of every step ("none", "object",
+            "art", "tinyworld"; as UCE's). The adversarial steps use each templated prompt's 77 tokens, each
+            mapped to its aligned token of the prompt with the guide in the concept's place.
+        negative_guidance: η of the initial UCE solve (UCE's; 0 = the paper).
+        preserve_related: preserve the erased concepts' related concepts in every step (UCE's; tinyworld).
         targets: module-path suffixes of the UNet Linear layers to edit.
     """
 
@@ -73,13 +79,16 @@ class ReceConfig:
     initial_uce: bool = True
     uce_lam: float = 0.5
     uce_preserve_scale: float = 1.0
-    uce_key_mode: Literal["last_token", "tokens"] = "tokens"
+    uce_key_mode: Literal["last_token", "tokens", "aligned"] = "tokens"
+    expand_prompts: Literal["none", "object", "art", "tinyworld"] = "none"
+    negative_guidance: float = 0.0
+    preserve_related: bool = False
     targets: tuple[str, ...] = uce.DEFAULT_TARGETS
 
     def __post_init__(self):
         uce.validate_config(self)
         uce.positive(self, "erase_scale", "lam", "uce_lam", "reg_scale")
-        uce.positive(self, "preserve_scale", "uce_preserve_scale", "epochs", strict=False)
+        uce.positive(self, "preserve_scale", "uce_preserve_scale", "epochs", "negative_guidance", strict=False)
         if self.epochs == 0 and not self.initial_uce:
             from ..errors import ConfigError
 
@@ -119,20 +128,26 @@ def erase(pipe, config: ReceConfig) -> Adapter:
         first = uce.UceConfig(concepts=config.concepts, guides=config.guides, preserve=config.preserve,
                               erase_scale=config.erase_scale, preserve_scale=config.uce_preserve_scale,
                               lam=config.uce_lam, key_mode=config.uce_key_mode, targets=config.targets,
-                              save_stats=False)
+                              expand_prompts=config.expand_prompts, negative_guidance=config.negative_guidance,
+                              preserve_related=config.preserve_related, save_stats=False)
         keys = uce.collect_keys(pipe, first)
         edit = uce.solve(keys, first.erase_scale, first.preserve_scale, first.lam, dtype)
         factors.append((edit.P, edit.Q))
         T = T + edit.P @ edit.Q.T
         keys_total += keys.erase.shape[0]
 
-    pairs = uce.prompt_pairs(config.concepts, config.guides)
-    preserve = list(config.preserve) or [""] * len(config.concepts)
+    templated = config.expand_prompts != "none"
+    pairs = uce.prompt_pairs(config.concepts, config.guides, config.expand_prompts, templated_guides=templated)
+    preserve = uce.preserve_prompts(pipe, config) or [""] * len(config.concepts)
     unique = list(dict.fromkeys([c for c, _ in pairs] + [g for _, g in pairs] + preserve))
     row = {p: i for i, p in enumerate(unique)}
     emb = _text.encode_prompts(pipe, unique).to(dtype)  # (U, 77, d)
     c = torch.stack([emb[row[p]] for p, _ in pairs])  # (n, 77, d) concept tokens
-    c_g = torch.cat([emb[row[g]] for _, g in pairs])  # (n·77, d) guide tokens
+    if templated:  # each token to its aligned guide token
+        c_g = torch.cat([emb[row[g]][torch.tensor(_text.align_tokens(pipe, p, g), device=emb.device)]
+                         for p, g in pairs])
+    else:
+        c_g = torch.cat([emb[row[g]] for _, g in pairs])  # (n·77, d) guide tokens
     c_p = torch.cat([emb[row[p]] for p in preserve])  # (m·77, d)
     G = gram(modules, device, dtype) if config.epochs else None
 

@@ -123,11 +123,18 @@ class UceConfig:
         erase_scale: s_e, weight of the erase sum in Eq. 7.
         preserve_scale: s_p, weight of the preserve sum in Eq. 7.
         lam: λ in Eq. 7, keeps W close to the original (repo default 0.5).
-        key_mode: "last_token" (one key per prompt at its last subject token, the authors' current code) or
-            "tokens" (last subject token through EOS/padding, the paper-era code).
-        expand_prompts: add UCE's prompt templates to every erase and preserve prompt: "none", "object"
-            ("image of/photo of/portrait of/picture of/painting of X") or "art" ("painting by/art by/artwork
-            by/picture by/style of X").
+        key_mode: "last_token" (one key per prompt at its last subject token, the authors' current code),
+            "tokens" (last subject token through EOS/padding, the paper-era code) or "aligned" (every token
+            of the prompt, each mapped to its aligned token of the prompt with the guide in the concept's place,
+            TIME's alignment: for templates with the concept mid-sentence, whose later tokens carry it too).
+        expand_prompts: add prompt templates to every erase and preserve prompt: "none", "object" ("image
+            of/photo of/portrait of/picture of/painting of X"), "art" ("painting by/art by/artwork by/picture
+            by/style of X") or "tinyworld" (64 of tinyworld's caption templates, the concept in context).
+        negative_guidance: η, push the erased keys' values past the guide's, away from the concept:
+            v* = W(c_g + η(c_g − c_e)); 0 = the paper's replace target (an extension, as ESD's η).
+        preserve_related: also preserve the concepts related to each erased one in the model's own concept
+            vocabulary (tinyworld: the other values of its attribute, e.g. the other shapes for "circle");
+            no effect on models without one.
         targets: module-path suffixes of the UNet Linear layers to edit (they must read the text context).
         save_stats: store the keys and weights of the solve so that adapters can be merged exactly.
     """
@@ -138,15 +145,17 @@ class UceConfig:
     erase_scale: float = 1.0
     preserve_scale: float = 1.0
     lam: float = 0.5
-    key_mode: Literal["last_token", "tokens"] = "last_token"
-    expand_prompts: Literal["none", "object", "art"] = "none"
+    key_mode: Literal["last_token", "tokens", "aligned"] = "last_token"
+    expand_prompts: Literal["none", "object", "art", "tinyworld"] = "none"
+    negative_guidance: float = 0.0
+    preserve_related: bool = False
     targets: tuple[str, ...] = DEFAULT_TARGETS
     save_stats: bool = True
 
     def __post_init__(self):
         validate_config(self)
         positive(self, "erase_scale", "lam")
-        positive(self, "preserve_scale", strict=False)
+        positive(self, "preserve_scale", "negative_guidance", strict=False)
 
 
 # ------------------------------------------------------------------------------------------------ keys
@@ -165,25 +174,89 @@ class Keys:
     preserve: torch.Tensor
 
 
-def prompt_pairs(concepts, guides, templates=()) -> list[tuple[str, str]]:
-    """(erase prompt, guide prompt) pairs: each concept and its templated forms, mapped to its guide."""
+TINYWORLD_TEMPLATES = 64  # caption templates per concept with expand_prompts="tinyworld"
+
+
+def templates_for(concept: str, preset: str, fallback: str | None = None) -> tuple[str, ...]:
+    """The templates ("{}" = the concept) of ``preset`` for ``concept``; "tinyworld" draws them per concept
+    (those of ``fallback`` for a word that is not a tinyworld concept)."""
+    if preset != "tinyworld":
+        return _text.PRESETS[preset]
+    from .. import tinyworld
+
+    for word in (concept, fallback):
+        try:
+            return tuple(tinyworld.caption_templates(word, TINYWORLD_TEMPLATES))
+        except (KeyError, StopIteration, TypeError):
+            continue
+    raise ConfigError(f"expand_prompts='tinyworld' needs tinyworld concepts; {concept!r} is not one")
+
+
+def _fill(template: str, word: str) -> str:
+    return " ".join(template.replace("{}", word).split())
+
+
+def prompt_pairs(concepts, guides, preset: str = "none", templated_guides: bool = False) -> list[tuple[str, str]]:
+    """(erase prompt, guide prompt) pairs: each concept and its templated forms, mapped to its guide (or, with
+    ``templated_guides``, to the same template filled with the guide)."""
     guides = tuple(guides) * len(concepts) if len(guides) == 1 else tuple(guides)
-    return [(p, g) for c, g in zip(concepts, guides) for p in _text.expand(c, templates)]
+    pairs = []
+    for c, g in zip(concepts, guides):
+        pairs.append((c, g))
+        pairs += [(_fill(t, c), _fill(t, g) if templated_guides else g) for t in templates_for(c, preset)]
+    return pairs
+
+
+def preserve_prompts(pipe, config) -> list[str]:
+    """``config.preserve`` (plus, with ``preserve_related`` on tinyworld, the erased concepts' related concepts),
+    each with its templated forms."""
+    preserve = list(config.preserve)
+    if getattr(config, "preserve_related", False):
+        from .. import tinyworld
+
+        if tinyworld.is_tinyworld(pipe):
+            erased = set()
+            for c in config.concepts:
+                try:
+                    erased.add(tinyworld.canonical(c))
+                    preserve += tinyworld.related(c)
+                except (KeyError, StopIteration):
+                    continue
+            preserve = [p for p in dict.fromkeys(preserve) if p not in erased]
+    out = []
+    for p in preserve:
+        out.append(p)
+        out += [_fill(t, p) for t in templates_for(p, config.expand_prompts, config.concepts[0])]
+    return out
 
 
 def collect_keys(pipe, config: UceConfig, batch_size: int = 256) -> Keys:
-    """Encode the erase, guide and preserve prompts of ``config`` into keys (fp32, on the text encoder's device)."""
-    templates = _text.PRESETS[config.expand_prompts]
-    pairs = prompt_pairs(config.concepts, config.guides, templates)
-    preserve = [p for c in config.preserve for p in _text.expand(c, templates)]
+    """Encode the erase, guide and preserve prompts of ``config`` into keys (fp32, on the text encoder's device);
+    guide keys moved by ``negative_guidance``: c_g + η (c_g − c_e)."""
+    keys = _collect_keys(pipe, config, batch_size)
+    eta = getattr(config, "negative_guidance", 0.0)
+    if eta:
+        keys = Keys(keys.erase, keys.guide + eta * (keys.guide - keys.erase), keys.preserve)
+    return keys
+
+
+def _collect_keys(pipe, config, batch_size: int) -> Keys:
+    aligned = config.key_mode == "aligned"
+    pairs = prompt_pairs(config.concepts, config.guides, config.expand_prompts, templated_guides=aligned)
+    preserve = preserve_prompts(pipe, config)
     unique = list(dict.fromkeys([e for e, _ in pairs] + [g for _, g in pairs] + preserve))
     row = {p: i for i, p in enumerate(unique)}
     if config.key_mode == "last_token":
         emb = _text.last_token_embeddings(pipe, unique, batch_size)  # (U, d)
         pick = lambda prompts: emb[torch.tensor([row[p] for p in prompts], dtype=torch.long)]  # noqa: E731
         return Keys(pick([e for e, _ in pairs]), pick([g for _, g in pairs]), pick(preserve))
-    # "tokens": paper-era keys, train_erase.py (old UCE code)
     emb = _text.encode_prompts(pipe, unique, batch_size)  # (U, 77, d)
+    dim = emb.shape[-1]
+    cat = lambda xs: torch.cat(xs) if xs else emb.new_zeros(0, dim)  # noqa: E731
+    if aligned:  # every token, to its aligned guide token (TIME's alignment)
+        guide = [emb[row[g]][torch.tensor(_text.align_tokens(pipe, e, g), device=emb.device)] for e, g in pairs]
+        return Keys(cat([emb[row[e]] for e, _ in pairs]), cat(guide), cat([emb[row[p]] for p in preserve]))
+    # "tokens": paper-era keys, train_erase.py (old UCE code)
     last = _text.tokenize(pipe, unique).last_index.tolist()
     length = emb.shape[1]
     erase, guide = [], []
@@ -193,8 +266,6 @@ def collect_keys(pipe, config: UceConfig, batch_size: int = 256) -> Keys:
         erase.append(emb[row[e], i:length - (farthest - i)])
         guide.append(emb[row[g], j:length - (farthest - j)])
     kept = [emb[row[p], last[row[p]]:] for p in preserve]
-    dim = emb.shape[-1]
-    cat = lambda xs: torch.cat(xs) if xs else emb.new_zeros(0, dim)  # noqa: E731
     return Keys(cat(erase), cat(guide), cat(kept))
 
 

@@ -23,6 +23,47 @@ def path() -> Path:
     return Path(__file__).parent / "weights"
 
 
+def is_tinyworld(pipe_or_path) -> bool:
+    """Whether a pipeline (or a model folder) is a tinyworld model: its folder holds ``tinyworld.json``."""
+    if isinstance(pipe_or_path, (str, Path)):
+        folder = str(pipe_or_path)
+    else:
+        config = getattr(pipe_or_path, "config", None)
+        folder = getattr(pipe_or_path, "name_or_path", "") or getattr(config, "_name_or_path", "") or ""
+    return bool(folder) and (Path(folder) / "tinyworld.json").is_file()
+
+
+def caption_templates(concept: str, n: int = 64, seed: int = 0) -> list[str]:
+    """``n`` prompt templates ("{}" = the concept's place) in the style of tinyworld's training captions.
+
+    Each is one of ``TRAIN_TEMPLATES`` with the concept's attribute left as "{}" and the other attributes
+    filled with random names (colour, texture and background each dropped with probability 0.15, as in
+    training captions), so that an erasure covers the concept in context and not only the bare word. Synonyms
+    of the concept never appear. Raises KeyError for a word that is not a tinyworld concept.
+    """
+    import random
+
+    from .world import fill_template, random_scene
+
+    attribute = concept_attribute(concept)
+    slot = "\x00"  # the concept's place while filling (fill_template formats twice: no literal "{}")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        words = {a: slot if a == attribute else
+                 "" if a != "shape" and rng.random() < 0.15 else rng.choice(table[getattr(scene, a)])
+                 for a, table in ATTRIBUTES.items()}
+        out.append(fill_template(rng.choice(TRAIN_TEMPLATES), words).replace(slot, "{}"))
+    return out
+
+
+def related(concept: str) -> list[str]:
+    """The other concepts of a tinyworld concept's attribute, canonical names ("circle" → the other shapes)."""
+    name = canonical(concept)
+    return [other for other in ATTRIBUTES[concept_attribute(name)] if other != name]
+
+
 def load_judge(model_path: str | Path | None = None, device: str = "cpu"):
     """Load the judge shipped beside a tinyworld pipeline (default: the packaged one)."""
     from .judge import TinyworldJudge
@@ -32,6 +73,7 @@ def load_judge(model_path: str | Path | None = None, device: str = "cpu"):
 
 __all__ = [
     "ATTRIBUTES", "BACKGROUNDS", "CANONICAL_TEMPLATE", "COLOURS", "HELDOUT_TEMPLATES", "MODEL_ID", "SHAPES",
-    "TEXTURES", "TRAIN_TEMPLATES", "Scene", "canonical", "concept_attribute", "grid_scenes", "load_judge",
+    "TEXTURES", "TRAIN_TEMPLATES", "Scene", "canonical", "concept_attribute", "caption_templates", "grid_scenes", "is_tinyworld",
+    "load_judge", "related",
     "path", "render", "synonyms",
 ]
