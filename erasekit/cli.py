@@ -18,6 +18,10 @@ EXAMPLES = {
     "fuse": """examples:
   erasekit fuse --adapter circle.safetensors --out ./tinyworld-no-circle
   erasekit fuse --model ./my-sd15 --adapter nudity.safetensors --adapter logo.safetensors:0.8 --out ./sd15-safe""",
+    "audit": """examples:
+  erasekit audit --adapter circle.safetensors --concept circle --attack unlearndiffatk --out-dir audit/
+  erasekit audit --adapter circle.safetensors --concept circle --attack all --seed 0 1 --out-dir audit/
+  accelerate launch -m erasekit.cli audit ...      # prompts split over processes; rerun to resume""",
     "merge": """examples:
   erasekit merge circle.safetensors red.safetensors --out both.safetensors     # UCE/TIME: exact joint re-solve
   erasekit merge a.safetensors b.safetensors --weights 1 0.5 --out ab.safetensors   # others: weighted stack""",
@@ -265,6 +269,33 @@ def merge_command(args) -> int:
     return 0
 
 
+def audit_command(args) -> int:
+    from . import compose
+    from .attacks import ATTACKS
+    from .audit import audit
+
+    attacks = sorted(ATTACKS) if args.attack == ["all"] else args.attack
+    unknown = [a for a in attacks if a.split(":")[0] not in ATTACKS]
+    if unknown:
+        raise ConfigError(f"unknown attack {unknown[0]!r}; choose from: all, {', '.join(sorted(ATTACKS))}")
+    prompts = None
+    if args.prompts:
+        from .attacks._concepts import read_lines
+
+        prompts = read_lines(args.prompts)
+    _writable_dir(args.out_dir)
+    pipe = _load(args)
+    for spec in args.adapter:
+        path, weight = _parse_adapter(spec)
+        compose.load(pipe, path, weight=weight)
+    report = audit(pipe, args.concept, attacks, prompts=prompts, seeds=args.seed, judge=args.judge,
+                   out_dir=args.out_dir, budget=args.budget)
+    if report is not None:
+        print(report)
+        print(f"report: {report.report_md} · {report.report_html}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------- tinyworld
 
 def tinyworld_command(args) -> int:
@@ -468,6 +499,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     _add_runtime(f)
 
+    a = sub.add_parser("audit", help="attack an erased model with adversarial prompts; report what comes back",
+                       epilog=EXAMPLES["audit"], formatter_class=fmt)
+    a.add_argument("--adapter", action="append", default=[], metavar="PATH[:WEIGHT]", help="the erasure (repeatable)")
+    a.add_argument("--concept", required=True, help="the erased concept")
+    a.add_argument("--attack", nargs="+", default=["unlearndiffatk"], help="attack names (or 'all'), NAME:PRESET")
+    a.add_argument("--prompts", default=None, help="text file of the concept's prompts (default: tinyworld's grid)")
+    a.add_argument("--seed", type=int, nargs="+", default=[0])
+    a.add_argument("--judge", default="tinyworld", choices=["tinyworld", "clip", "nudenet"])
+    a.add_argument("--budget", default="auto", choices=["auto", "tinyworld", "paper"], help="attack presets")
+    a.add_argument("--out-dir", required=True, help="results, images and report (rerun to resume)")
+    _add_runtime(a)
+
     m = sub.add_parser("merge", help="merge adapters: exact re-solve (UCE/TIME with statistics) or weighted stack",
                        epilog=EXAMPLES["merge"], formatter_class=fmt)
     m.add_argument("adapters", nargs="+")
@@ -527,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate" and args.out and args.out_dir:
             raise ConfigError("give --out (one image) or --out-dir (several), not both")
         return {"generate": generate_command, "inspect": inspect_command, "export": export_command,
-                "fuse": fuse_command, "merge": merge_command, "tinyworld": tinyworld_command,
+                "fuse": fuse_command, "merge": merge_command, "audit": audit_command, "tinyworld": tinyworld_command,
                 "demo": demo_command, "env": env_command}[args.command](args)
     except ErasekitError as e:
         print(f"erasekit: error: {e}", file=sys.stderr)

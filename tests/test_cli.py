@@ -8,7 +8,7 @@ import pytest
 
 from erasekit.cli import main
 
-COMMANDS = ["generate", "inspect", "export", "fuse", "merge", "tinyworld", "env"]
+COMMANDS = ["generate", "inspect", "export", "fuse", "merge", "audit", "tinyworld", "env"]
 
 
 def test_top_level_help_is_fast_and_imports_no_torch():
@@ -75,3 +75,8 @@ def test_tinyworld_render(tmp_path):
 def test_python_dash_m_works():
     out = subprocess.run([sys.executable, "-m", "erasekit", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "erasekit" in out.stdout
+
+
+def test_audit_unknown_attack_is_one_clear_error(tmp_path, capsys):
+    code = main(["audit", "--concept", "circle", "--attack", "nope", "--out-dir", str(tmp_path / "a")])
+    assert code == 2 and "unknown attack 'nope'" in capsys.readouterr().err
