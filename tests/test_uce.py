@@ -336,3 +336,38 @@ def test_adapter_round_trip(pipes, tmp_path):
     assert loaded.method == "uce" and set(loaded.stats) == set(uce.STAT_NAMES)
     assert all(torch.equal(loaded.stats[n], adapter.stats[n]) for n in uce.STAT_NAMES)  # exact: merges stay exact
     assert all(torch.equal(loaded.deltas[k].dense(), adapter.deltas[k].dense()) for k in adapter.deltas)
+
+
+# ------------------------------------------------------------------------------------------ tinyworld (judged)
+TW_CONCEPT_PROMPTS = ["a solid red circle on a black background", "a striped blue circle on a white background",
+                      "a dotted green circle on a black background", "a picture of a yellow disc",
+                      "an outlined purple round shape on a black background", "a solid orange circle"]
+TW_OTHER = [("a solid red square on a black background", "square"), ("a striped blue star on a black background", "star"),
+            ("a dotted green triangle on a white background", "triangle"), ("a solid yellow cross", "cross"),
+            ("an outlined purple diamond on a black background", "diamond"), ("a solid orange square", "square")]
+
+
+@pytest.mark.parametrize("method", ["uce"])  # RECE misses this bar on tinyworld: benchmarks/closed_form_tinyworld.json
+def test_tinyworld_circle_is_gone_and_other_shapes_stay(tinyworld_pipe, judge, method):
+    """Judged on tinyworld (the full protocol is benchmarks/closed_form_tinyworld.py): the judge no longer sees a
+    circle, synonyms included; the other shapes are still drawn; only cross-attention k/v change."""
+    from erasekit import compose, erase
+    from erasekit.generate import generate
+
+    adapter = erase(tinyworld_pipe, method, ["circle"])
+    assert {k.rsplit(".", 1)[-1] for k in adapter.deltas} == {"to_k", "to_v"}
+    assert all(".attn2." in k and k.startswith("unet.") for k in adapter.deltas)
+    prompts = TW_CONCEPT_PROMPTS + [p for p, _ in TW_OTHER]
+    seeds = (0, 1)
+    all_prompts = [p for p in prompts for _ in seeds]
+    all_seeds = [s for _ in prompts for s in seeds]
+    name = compose.load(tinyworld_pipe, adapter)
+    try:
+        images = generate(tinyworld_pipe, all_prompts, all_seeds, output_type="np")
+    finally:
+        compose.unload(tinyworld_pipe, name)
+    shapes = judge(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).labels("shape")
+    n = len(TW_CONCEPT_PROMPTS) * len(seeds)
+    assert sum(s == "circle" for s in shapes[:n]) <= 1, shapes[:n]
+    expected = [want for _, want in TW_OTHER for _ in seeds]
+    assert sum(s == w for s, w in zip(shapes[n:], expected)) >= len(expected) - 1, list(zip(shapes[n:], expected))

@@ -23,7 +23,8 @@ from . import spm  # trained: one-dimensional membranes
 
 #: closed-form settings on tinyworld, whose jointly trained text encoder spreads a concept over the tokens after
 #: it: keys in context (caption templates, every token aligned), values pushed past the guide, and the concept's
-#: siblings preserved (measured in benchmarks/closed_form_tinyworld.json)
+#: siblings preserved (measured in benchmarks/closed_form_tinyworld.json). Statistics for exact merging are left
+#: out there: 77 aligned keys per prompt would make a 9 MB file of a 0.1 MB edit (``erasekit merge`` stacks instead).
 TINYWORLD_CLOSED_FORM = {"expand_prompts": "tinyworld", "key_mode": "aligned", "negative_guidance": 1.0,
                          "preserve_related": True}
 
@@ -80,7 +81,7 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec for spec in (
         MethodSpec("uce", uce, uce.UceConfig,
                    summary="Unified Concept Editing: closed-form edit of cross-attention k/v (seconds, no training)",
-                   tinyworld=TINYWORLD_CLOSED_FORM),
+                   tinyworld={**TINYWORLD_CLOSED_FORM, "save_stats": False}),
         MethodSpec("time", time, time.TimeConfig,
                    summary="TIME: closed-form edit of cross-attention v (k optional), 77 aligned token keys"),
         MethodSpec("rece", rece, rece.ReceConfig,

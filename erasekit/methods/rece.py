@@ -27,6 +27,7 @@ the reference's per-epoch image validation that keeps the epoch with the lowest 
 epoch is returned; choose ``epochs`` instead), and its random sampling of preserve prompts (all are used).
 """
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -60,10 +61,9 @@ class ReceConfig:
         uce_preserve_scale: s_p of the initial UCE solve (its preserve prompts are ``preserve``).
         uce_key_mode: keys of the initial UCE solve, "tokens" (paper-era code), "last_token" or "aligned"
             (:class:`erasekit.methods.uce.UceConfig`).
-        expand_prompts: prompt templates for the concepts and preserve prompts of every step ("none", "object",
-            "art", "tinyworld"; as UCE's). The adversarial steps use each templated prompt's 77 tokens, each
-            mapped to its aligned token of the prompt with the guide in the concept's place.
-        negative_guidance: η of the initial UCE solve (UCE's; 0 = the paper).
+        expand_prompts: prompt templates for the concepts and preserve prompts of the initial UCE solve ("none",
+            "object", "art", "tinyworld"; as UCE's); the adversarial steps use each concept's own prompt.
+        negative_guidance: η of every solve (UCE's: targets c_g + η(c_g − c); 0 = the paper).
         preserve_related: preserve the erased concepts' related concepts in every step (UCE's; tinyworld).
         targets: module-path suffixes of the UNet Linear layers to edit.
     """
@@ -136,25 +136,23 @@ def erase(pipe, config: ReceConfig) -> Adapter:
         T = T + edit.P @ edit.Q.T
         keys_total += keys.erase.shape[0]
 
-    templated = config.expand_prompts != "none"
-    pairs = uce.prompt_pairs(config.concepts, config.guides, config.expand_prompts, templated_guides=templated)
-    preserve = uce.preserve_prompts(pipe, config) or [""] * len(config.concepts)
+    # the adversarial steps work on each concept's own prompt (77 tokens), as the paper; templates and the
+    # related concepts shape the initial UCE solve and the preserve set
+    pairs = uce.prompt_pairs(config.concepts, config.guides)
+    preserve = uce.preserve_prompts(pipe, dataclasses.replace(config, expand_prompts="none")) or [""] * len(config.concepts)
     unique = list(dict.fromkeys([c for c, _ in pairs] + [g for _, g in pairs] + preserve))
     row = {p: i for i, p in enumerate(unique)}
     emb = _text.encode_prompts(pipe, unique).to(dtype)  # (U, 77, d)
     c = torch.stack([emb[row[p]] for p, _ in pairs])  # (n, 77, d) concept tokens
-    if templated:  # each token to its aligned guide token
-        c_g = torch.cat([emb[row[g]][torch.tensor(_text.align_tokens(pipe, p, g), device=emb.device)]
-                         for p, g in pairs])
-    else:
-        c_g = torch.cat([emb[row[g]] for _, g in pairs])  # (n·77, d) guide tokens
+    c_g = torch.cat([emb[row[g]] for _, g in pairs])  # (n·77, d) guide tokens
     c_p = torch.cat([emb[row[p]] for p in preserve])  # (m·77, d)
     G = gram(modules, device, dtype) if config.epochs else None
 
     for epoch in range(config.epochs):
         R = adversarial_map(G, T, config.reg_scale)  # 1. c' = R c for all 77 tokens
         c_adv = (c @ R.T).reshape(-1, dim)
-        keys = uce.Keys(c_adv, c_g, c_p)  # 2. UCE on c', anchored at W' = W T
+        target = c_g + config.negative_guidance * (c_g - c_adv) if config.negative_guidance else c_g
+        keys = uce.Keys(c_adv, target, c_p)  # 2. UCE on c', anchored at W' = W T
         edit = uce.solve(keys, config.erase_scale, config.preserve_scale, config.lam, dtype)
         TP = T @ edit.P  # W' P = W (T P)
         factors.append((TP, edit.Q))
