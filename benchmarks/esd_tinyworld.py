@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(1)  # CPU threads beyond the free cores slow torch down badly
 
     from erasekit import tinyworld
     from erasekit.bench_utils import run_record
@@ -107,8 +108,8 @@ def main(argv=None) -> int:
             entry["meets"]["replacement_share"] = share >= BARS["abo_replacement_share_min"]
         record["methods"][method] = entry
         logging.info("%s: %s", method, json.dumps({k: v for k, v in entry.items() if k != "config"}))
-    record["run"] = run_record()
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        record["run"] = run_record()
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")  # after every method
     return 0
 
 

@@ -267,6 +267,12 @@ def train_diffusion(config, work, images, labels, vae, tokenizer):
     return text_encoder.eval(), unet.eval()
 
 
+#: generation defaults written to ``tinyworld.json`` (read by ``erasekit.generate.model_defaults``): on the shipped
+#: model, guidance 3 beat 5 and 7.5 on texture accuracy (0.84 vs 0.79 / 0.76, shapes and colours ≥ 0.97 for all),
+#: and 10 DDIM steps matched 20
+GENERATION = {"num_inference_steps": 10, "guidance_scale": 3.0}
+
+
 def train(out_dir: str | Path, work_dir: str | Path, config: TrainConfig = TrainConfig()) -> dict:
     """Run every stage (resuming from ``work_dir``) and write the pipeline + judge to ``out_dir``."""
     from diffusers import StableDiffusionPipeline
@@ -292,7 +298,7 @@ def train(out_dir: str | Path, work_dir: str | Path, config: TrainConfig = Train
     pipe.save_pretrained(tmp)
     judge.save_pretrained(tmp / "judge")
     manifest = {"train_config": asdict(config), "judge_heldout_accuracy": judge_accuracy,
-                "train_seconds": round(time.time() - started, 1)}
+                "generation": dict(GENERATION), "train_seconds": round(time.time() - started, 1)}
     M.write_json(tmp / "tinyworld.json", manifest)
     if out_dir.exists():
         import shutil
