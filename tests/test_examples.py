@@ -78,7 +78,8 @@ def test_exact_merge_of_uce_adapters_equals_joint_solve(tinyworld_pipe):
     from erasekit import erase
     from erasekit.merge import merge
 
-    opts = dict(expand_prompts="none", key_mode="last_token", preserve_related=False, negative_guidance=0.0)
+    opts = dict(expand_prompts="none", key_mode="last_token", preserve_related=False, negative_guidance=0.0,
+                save_stats=True)
     a, b = erase(tinyworld_pipe, "uce", ["circle"], **opts), erase(tinyworld_pipe, "uce", ["red"], **opts)
     merged = merge([a, b], pipe=tinyworld_pipe)
     joint = erase(tinyworld_pipe, "uce", ["circle", "red"], **opts)
