@@ -7,7 +7,8 @@ DESIGN §3: for every adapted ``nn.Linear``/``nn.Conv2d`` of ``unet``, ``text_en
 ``w_i`` is the user's weight and ``γ_i`` the adapter's gate: 1 for static adapters, SPM's Facilitated Transport
 similarity for membranes (``gating["rule"] == "prompt_similarity"``, see ``reference/erasure-methods.md`` §3).
 The term is added to the module's *output* by one ``register_forward_hook`` per module (all adapters on that module
-share it), so base weights stay untouched: ``unload`` removes the hooks and outputs are bit-identical to the base
+share it; their low-rank terms are stacked into one up-projection ``[B_1 … B_n] [c_1 A_1 x; …; c_n A_n x]``, so the
+full-size output is touched once however many adapters compose), so base weights stay untouched: ``unload`` removes the hooks and outputs are bit-identical to the base
 again. Weight 0 or a disabled adapter skips its term (bit-identical base output). ``fuse`` writes static adapters
 into the weights (keeping a CPU copy of the originals, restored bit-exactly by ``unfuse``).
 
@@ -349,14 +350,24 @@ class Composer:
             if not active:
                 return None  # bit-identical base output
             x = args[0]
-            factored = []
+            factored, hidden, ups = [], [], []
             for term, loaded in active:
                 if loaded.gate is not None and loaded.gate.combine == "factors":
                     factored.append((term, loaded))
                     continue
                 coef = self._coefficient(loaded, output, slot)
+                if term.low_rank:  # stacked below: Σ_i B_i (c_i A_i x) as one up-projection
+                    down, up = term.cast(slot.module.weight)
+                    h = slot.down(x, down)
+                    hidden.append(h if isinstance(coef, float) and coef == 1.0 else h * coef)
+                    ups.append(up)
+                    continue
                 delta = slot.term(x, term)
                 output = output + (delta if isinstance(coef, float) and coef == 1.0 else delta * coef)
+            if hidden:  # one full-size add per module, however many low-rank adapters (rank-r adds are cheap)
+                channel = 1 if isinstance(slot.module, nn.Conv2d) else -1
+                h = hidden[0] if len(hidden) == 1 else torch.cat(hidden, channel)
+                output = output + slot.up(h, ups[0] if len(ups) == 1 else torch.cat(ups, 1))
             if factored:
                 output = output + self._factored_term(x, output, slot, factored)
             return output
