@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,6 +43,29 @@ def _is_sdxl_file(path: Path) -> bool:
         return any(k.startswith("conditioner.embedders.1") for k in f.keys())
 
 
+def _from(path: Path, source: str, dtype, config):
+    """The pipeline from a diffusers folder, a single checkpoint file, or a hub id."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if path.is_dir():
+        cls = StableDiffusionXLPipeline if _is_sdxl_folder(path) else StableDiffusionPipeline
+        kwargs = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
+        return cls.from_pretrained(str(path), torch_dtype=dtype, **kwargs)
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise ModelNotFoundError(f"model file not found: {path}")
+        cls = StableDiffusionXLPipeline if _is_sdxl_file(path) else StableDiffusionPipeline
+        kwargs = {"config": str(config)} if config else {}
+        return cls.from_single_file(str(path), torch_dtype=dtype, **kwargs)
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ModelNotFoundError(
+            f"model {source!r} is neither a diffusers folder (with model_index.json), a checkpoint file "
+            f"({', '.join(SINGLE_FILE_SUFFIXES)}), nor a hub id of the form 'owner/name'")
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+
+
 def load_pipeline(model: str | Path | None = None, *, device: str | torch.device | None = "auto",
                   dtype: str | torch.dtype | None = "auto", config: str | Path | None = None):
     """Load a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
@@ -54,31 +78,14 @@ def load_pipeline(model: str | Path | None = None, *, device: str | torch.device
         config: for a single-file checkpoint, a local diffusers folder (or hub id) with the model's
             configs, needed when offline.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     source = model_path(model)
     path = Path(source)
     try:
-        if path.is_dir():
-            cls = StableDiffusionXLPipeline if _is_sdxl_folder(path) else StableDiffusionPipeline
-            kwargs = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
-            pipe = cls.from_pretrained(str(path), torch_dtype=dtype, **kwargs)
-        elif path.suffix in SINGLE_FILE_SUFFIXES:
-            if not path.is_file():
-                raise ModelNotFoundError(f"model file not found: {path}")
-            cls = StableDiffusionXLPipeline if _is_sdxl_file(path) else StableDiffusionPipeline
-            kwargs = {"config": str(config)} if config else {}
-            pipe = cls.from_single_file(str(path), torch_dtype=dtype, **kwargs)
-        elif path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
-            raise ModelNotFoundError(
-                f"model {source!r} is neither a diffusers folder (with model_index.json), a checkpoint file "
-                f"({', '.join(SINGLE_FILE_SUFFIXES)}), nor a hub id of the form 'owner/name'")
-        else:
-            from diffusers import DiffusionPipeline
-
-            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        with warnings.catch_warnings():  # diffusers ≥ 0.36 renames torch_dtype to dtype; ≥ 0.30 is supported
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = _from(path, source, dtype, config)
     except ModelNotFoundError:
         raise
     except (OSError, ValueError, EnvironmentError) as e:
