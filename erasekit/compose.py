@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import COMPONENTS, Adapter, ModuleDelta
+from .adapter import COMPONENTS, Adapter, ModuleDelta, _find_module
 from .errors import AdapterError, AdapterMismatchError
 
 logger = logging.getLogger(__name__)
@@ -183,21 +183,6 @@ def _row_key(row: torch.Tensor) -> bytes:
     return digest.digest()
 
 
-def _resolve_module(root: nn.Module, path: str) -> nn.Module | None:
-    """``root.get_submodule(path)``, tolerating CLIP's ``text_model.`` prefix (present before transformers 5)."""
-    candidates = [path]
-    if path.startswith("text_model."):
-        candidates.append(path[len("text_model."):])
-    elif hasattr(root, "text_model"):
-        candidates.append("text_model." + path)
-    for candidate in candidates:
-        try:
-            return root.get_submodule(candidate)
-        except AttributeError:
-            continue
-    return None
-
-
 class Composer:
     """The erasures loaded on one UNet (and the pipelines sharing it): adapters, per-module hooks, gates, fused state.
 
@@ -270,7 +255,7 @@ class Composer:
                 raise AdapterError(
                     f"erasure {name!r} is gated by prompt similarity but changes {key!r}: gates are computed from "
                     "the UNet's encoder_hidden_states, so gated deltas must be on the unet only")
-            module = _resolve_module(root, path)
+            module = _find_module(root, path)
             if module is None:
                 raise AdapterMismatchError(f"erasure {name!r}: module {path!r} not found in pipe.{component}")
             if not isinstance(module, (nn.Linear, nn.Conv2d)):

@@ -122,10 +122,9 @@ class Best:
 
 def is_tinyworld(pipe) -> bool:
     """True for the packaged tinyworld model or a folder carrying tinyworld's manifest."""
-    from pathlib import Path
+    from ..tinyworld import is_tinyworld as check
 
-    name = getattr(pipe, "name_or_path", "") or getattr(pipe.config, "_name_or_path", "")
-    return bool(name) and (Path(name) / "tinyworld.json").is_file()
+    return check(pipe)
 
 
 def preset(module, name: str = "paper"):

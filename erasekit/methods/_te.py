@@ -199,17 +199,7 @@ def package(pipe, config, module_deltas: dict[str, ModuleDelta], method: str, tr
 
 
 def validate(config) -> None:
-    """Checks shared by the text-encoder methods' configs."""
-    if isinstance(config.concepts, str) or not config.concepts or not all(c.strip() for c in config.concepts):
-        raise ConfigError("concepts must be a non-empty tuple of non-empty prompts, e.g. ('circle',)")
-    for name in ("rank", "resolution", "checkpoint_every"):
-        if getattr(config, name) < 0:
-            raise ConfigError(f"{name} must be ≥ 0, got {getattr(config, name)}")
-    if not config.lr > 0:
-        raise ConfigError(f"lr must be > 0, got {config.lr}")
-    if config.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {config.mixed_precision!r}")
-    if config.resume and not config.checkpoint_dir:
-        raise ConfigError("resume needs checkpoint_dir")
-    if isinstance(config.templates, str) or any("{}" not in t for t in config.templates):
-        raise ConfigError(f"templates must be a tuple of prompts that each contain '{{}}', got {config.templates!r}")
+    """Checks shared by the text-encoder methods' configs: those of every trained method."""
+    from .esd import validate_training
+
+    validate_training(config)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .. import _lora, _train
 from ..adapter import Adapter
 from ..errors import ConfigError
+from ..tinyworld import is_tinyworld
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +107,18 @@ class EsdConfig:
 
 
 def _validate(config) -> None:
-    """Checks shared by the trained methods' configs (ESD, All-but-One)."""
-    if isinstance(config.concepts, str) or not config.concepts or not all(c.strip() for c in config.concepts):
-        raise ConfigError("concepts must be a non-empty tuple of non-empty prompts, e.g. ('circle',)")
+    """Checks shared by the trained methods' configs (ESD, All-but-One): the rollout's step counts, then
+    :func:`validate_training`."""
     for name in ("iterations", "num_inference_steps", "batch_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be ≥ 1, got {getattr(config, name)}")
+    validate_training(config)
+
+
+def validate_training(config) -> None:
+    """Checks shared by every trained method's config (concepts, rank, lr, precision, resume, templates)."""
+    if isinstance(config.concepts, str) or not config.concepts or not all(c.strip() for c in config.concepts):
+        raise ConfigError("concepts must be a non-empty tuple of non-empty prompts, e.g. ('circle',)")
     for name in ("rank", "resolution", "checkpoint_every"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be ≥ 0, got {getattr(config, name)}")
@@ -127,13 +134,6 @@ def _validate(config) -> None:
 
 # ------------------------------------------------------------------------------------------ prompts
 TINYWORLD_TEMPLATES = 64  # how many caption templates are drawn on tinyworld
-
-
-def is_tinyworld(pipe) -> bool:
-    """The model folder declares itself tinyworld (``tinyworld.json``)."""
-    from ..tinyworld import is_tinyworld as check
-
-    return check(pipe)
 
 
 def training_templates(pipe, config) -> list[str]:
