@@ -23,9 +23,8 @@ _EXPORTS = {
     "load_pipeline": "erasekit.loading",
     "ErasureStableDiffusionPipeline": "erasekit.pipelines", "ErasureStableDiffusionXLPipeline": "erasekit.pipelines",
     "METHODS": "erasekit.methods",
-    "audit": "erasekit.audit",
 }
-_SUBMODULES = ("compose", "tinyworld", "methods", "attacks", "judges", "export", "errors")
+_SUBMODULES = ("compose", "audit", "bench", "tinyworld", "methods", "attacks", "judges", "export", "errors")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -31,3 +31,16 @@ def run_record() -> dict:
         "python": platform.python_version(), "torch": torch.__version__, "diffusers": version("diffusers"),
         "transformers": version("transformers"), "erasekit": __version__, "git_commit": commit,
     }
+
+
+def dtype_of(name: str, device: str):
+    """A torch dtype from "auto" (float16 on CUDA, float32 elsewhere), "float32", "float16" or "bfloat16"."""
+    import torch
+
+    from .errors import ConfigError
+
+    if name == "auto":
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    if name not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {name!r}")
+    return getattr(torch, name)

@@ -40,6 +40,11 @@ EXAMPLES = {
   erasekit tinyworld render --prompt "a striped red circle on a black background" --out r.png
   erasekit tinyworld train --out ./tinyworld --work ./tinyworld-work   # ~40 min on 2 CPU cores, resumable""",
     "env": "example:\n  erasekit env",
+    "bench": """examples:
+  erasekit bench --quick                     # every method on the tinyworld suite, ≤ 15 min on 2 CPU cores
+  erasekit bench                             # the full suite (every entry, every attack)
+  erasekit bench --quick --methods uce spm --attacks unlearndiffatk p4d
+  erasekit bench perf                        # erase time, training memory, composition overhead (SD 1.5 shapes)""",
     "demo": """examples:
   erasekit demo                                  # UCE erases "circle" from tinyworld, judged before/after
   erasekit demo --method rece --concept red --out-dir demo-red""",
@@ -454,6 +459,20 @@ def env_command(args) -> int:
     return 0
 
 
+def bench_command(args) -> int:
+    if args.target == "perf":
+        from .perf import run_perf
+
+        run_perf(args.out_dir, device=args.device, quick=args.quick)
+        return 0
+    from .bench import run_suite, table
+
+    results = run_suite("quick" if args.quick else "full", args.out_dir, methods=args.methods, attacks=args.attacks,
+                        entries=args.entries, work_dir=args.work, model=args.model, device=args.device)
+    print(table(results))
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -544,6 +563,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out-dir", default="erasekit-demo", help="where the adapter and before/after sheets go")
     _add_runtime(d)
 
+    b = sub.add_parser("bench", help="benchmark every method on the tinyworld suite (or `bench perf`: speed/memory)",
+                       epilog=EXAMPLES["bench"], formatter_class=fmt)
+    b.add_argument("target", nargs="?", default="suite", choices=["suite", "perf"],
+                   help="suite (default): erase + audit on tinyworld; perf: timing and memory on real-model shapes")
+    b.add_argument("--quick", action="store_true", help="the quick budget (see erasekit.bench.BUDGETS)")
+    b.add_argument("--methods", nargs="+", default=None, help="registry names (default: all)")
+    b.add_argument("--attacks", nargs="+", default=None, help="attack names (default: all)")
+    b.add_argument("--entries", nargs="+", default=None, help="suite entries: shape colour texture multi (default: all)")
+    b.add_argument("--out-dir", default="benchmarks", help="where results.json / .md / .png go")
+    b.add_argument("--work", default=None, help="cache of adapters and audits (default: OUT_DIR/.bench-BUDGET)")
+    b.add_argument("--model", default=None, help="a tinyworld model folder (default: the packaged one)")
+    b.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+
     sub.add_parser("env", help="versions and devices, for bug reports", epilog=EXAMPLES["env"], formatter_class=fmt)
     return parser
 
@@ -571,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("give --out (one image) or --out-dir (several), not both")
         return {"generate": generate_command, "inspect": inspect_command, "export": export_command,
                 "fuse": fuse_command, "merge": merge_command, "audit": audit_command, "tinyworld": tinyworld_command,
-                "demo": demo_command, "env": env_command}[args.command](args)
+                "demo": demo_command, "env": env_command, "bench": bench_command}[args.command](args)
     except ErasekitError as e:
         print(f"erasekit: error: {e}", file=sys.stderr)
         return 2

@@ -105,6 +105,72 @@ def sd15_unet(dtype: torch.dtype = torch.float32):
     ).to(dtype)
 
 
+def sdxl_unet(dtype: torch.dtype = torch.float32):
+    """A UNet with Stable Diffusion XL base 1.0's configuration and random weights (≈ 2.6 B parameters)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    ).to(dtype)
+
+
+def sdxl_text_encoders(tokenizer=None, dtype: torch.dtype = torch.float32):
+    """SDXL's two text encoders with random weights: CLIP ViT-L (768 wide) and OpenCLIP ViT-bigG (1280 wide,
+    32 layers, with projection)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    common = dict(vocab_size=max(len(tokenizer), 49408), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    one = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                       num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768, **common))
+    two = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                     num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+                                                     **common))
+    return one.to(dtype), two.to(dtype)
+
+
+def real_shape_pipeline(family: str = "sd15", dtype: torch.dtype = torch.float32):
+    """A pipeline with a real model's UNet and text encoder(s) (random weights) and a tiny VAE: ``"sd15"`` or
+    ``"sdxl"``. For timing and memory, which do not depend on the weights."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if family == "sd15":
+        parts = tiny_components("sd1")
+        parts["unet"], parts["text_encoder"] = sd15_unet(dtype), sd15_text_encoder(parts["tokenizer"], dtype)
+        pipe = StableDiffusionPipeline(**parts, requires_safety_checker=False)
+    elif family == "sdxl":
+        parts = tiny_components("sdxl")
+        parts["unet"] = sdxl_unet(dtype)
+        parts["text_encoder"], parts["text_encoder_2"] = sdxl_text_encoders(parts["tokenizer"], dtype)
+        pipe = StableDiffusionXLPipeline(**parts)
+    else:
+        raise ValueError(f"family must be 'sd15' or 'sdxl', got {family!r}")
+    pipe.vae.to(dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def unet_inputs(unet, batch: int, device, dtype, generator=None) -> dict:
+    """Random inputs of one UNet call at the model's native resolution: sample, timestep, context (and SDXL's
+    ``added_cond_kwargs``)."""
+    size, width = unet.config.sample_size, unet.config.cross_attention_dim
+    gen = generator or torch.Generator().manual_seed(0)
+    out = {"sample": torch.randn(batch, 4, size, size, generator=gen).to(device, dtype),
+           "timestep": torch.tensor([500] * batch, device=device),
+           "encoder_hidden_states": torch.randn(batch, 77, width, generator=gen).to(device, dtype)}
+    if unet.config.addition_embed_type == "text_time":
+        out["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, generator=gen).to(device, dtype),
+                                    "time_ids": torch.tensor([[8 * size, 8 * size, 0, 0, 8 * size, 8 * size]] * batch,
+                                                             device=device, dtype=dtype)}
+    return out
+
+
 def sd15_text_encoder(tokenizer=None, dtype: torch.dtype = torch.float32):
     """A CLIP ViT-L/14 text encoder (SD 1.x's: 12 layers, 768 wide) with random weights."""
     from transformers import CLIPTextConfig, CLIPTextModel

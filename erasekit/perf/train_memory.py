@@ -1,4 +1,4 @@
-"""Peak memory and time of one ESD-x training step on a UNet with SD 1.5's full shapes (random weights).
+"""Peak memory and time of one ESD-x training step on a UNet with SD 1.5's (or SDXL's) full shapes (random weights).
 
 Two variants, each measured in a fresh subprocess (peak RSS = ``ru_maxrss`` of that process):
 
@@ -8,11 +8,12 @@ Two variants, each measured in a fresh subprocess (peak RSS = ``ru_maxrss`` of t
   itself trained in place on the esd-x parameters (full tensors, Adam state on them).
 
 One step = the teacher's ε(x_t, ∅) and ε(x_t, c) (no grad, batch 2), the student's ε(x_t, c), the ESD loss,
-backward and one Adam step; CPU, fp32, batch 1, 64×64 latents, text context 77×768. The partial DDIM
-rollout that produces x_t is left out: it runs without gradients on the teacher and costs both variants the same.
+backward and one Adam step; batch 1 at the model's native resolution (SD 1.5: 64×64 latents, context 77×768).
+The partial DDIM rollout that produces x_t is left out: it runs without gradients on the teacher and costs both
+variants the same. Peak memory: the process's peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
 
-    python benchmarks/train_memory.py                      # both variants → benchmarks/train_memory.json
-    python benchmarks/train_memory.py --gradient-checkpointing
+    erasekit bench perf                                    # → benchmarks/train_memory.json (and the others)
+    python -m erasekit.perf.train_memory --gradient-checkpointing [--model sdxl --device cuda --dtype float16]
 """
 
 from __future__ import annotations
@@ -26,30 +27,37 @@ import sys
 import time
 from pathlib import Path
 
-OUT = Path(__file__).with_name("train_memory.json")
+def _peak_gb(device: str = "cpu") -> float:
+    if device.startswith("cuda"):
+        import torch
 
-
-def _peak_gb() -> float:
+        return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def child(variant: str, rank: int, checkpointing: bool) -> dict:
+def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", device: str = "cpu",
+          dtype_name: str = "auto") -> dict:
     import copy
 
     import torch
     import torch.nn.functional as F
 
     from erasekit import _lora
+    from erasekit.bench_utils import dtype_of
     from erasekit.methods.esd import PRESETS
-    from erasekit.testing import sd15_unet
+    from erasekit.testing import sd15_unet, sdxl_unet, unet_inputs
 
     torch.manual_seed(0)
-    baseline = _peak_gb()
-    unet = sd15_unet().eval()
+    dtype = dtype_of(dtype_name, device)
+    baseline = _peak_gb(device)
+    unet = (sd15_unet if model == "sd15" else sdxl_unet)(dtype).to(device).eval()
     names = _lora.select(unet, PRESETS["esd-x"])
-    x = torch.randn(1, 4, 64, 64)
-    t = torch.tensor(500)
-    cond, uncond = torch.randn(1, 77, 768), torch.randn(1, 77, 768)
+    inputs = unet_inputs(unet, 1, device, dtype)
+    x, t, cond = inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]
+    extra = {"added_cond_kwargs": inputs["added_cond_kwargs"]} if "added_cond_kwargs" in inputs else {}
+    extra2 = ({"added_cond_kwargs": {k: torch.cat([v, v]) for k, v in extra["added_cond_kwargs"].items()}}
+              if extra else {})
+    uncond = torch.randn_like(cond)
     unet.requires_grad_(False)
     if variant == "ours":
         deltas = _lora.Deltas(unet, names, rank).attach()
@@ -67,37 +75,47 @@ def child(variant: str, rank: int, checkpointing: bool) -> dict:
     if checkpointing:
         unet.enable_gradient_checkpointing()
     opt = torch.optim.Adam(params, lr=1e-5)
-    after_setup = _peak_gb()
+    after_setup = _peak_gb(device)
     started = time.perf_counter()
     with teacher_context(), torch.no_grad():
-        e_null, e_cond = teacher(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample.chunk(2)
+        e_null, e_cond = teacher(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]),
+                                 **extra2).sample.chunk(2)
     target = e_null - 2.0 * (e_cond - e_null)
-    loss = F.mse_loss(unet(x, t, cond).sample, target)
+    with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+        loss = F.mse_loss(unet(x, t, cond, **extra).sample.float(), target.float())
     loss.backward()
     opt.step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    return {"variant": variant, "peak_rss_gb": round(_peak_gb(), 3), "rss_after_setup_gb": round(after_setup, 3),
+    return {"variant": variant, "model": model, "device": device, "dtype": str(dtype)[6:],
+            "peak_rss_gb": round(_peak_gb(device), 3), "rss_after_setup_gb": round(after_setup, 3),
             "rss_before_model_gb": round(baseline, 3), "step_seconds": round(seconds, 2),
             "trainable_parameters": sum(p.numel() for p in params), "adapted_modules": len(names),
             "unet_parameters": sum(p.numel() for p in unet.parameters()), "threads": torch.get_num_threads(),
             "loss": float(loss)}
 
 
-def main(argv=None) -> int:
+def main(argv=None, out: str | Path = "benchmarks/train_memory.json") -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=4, help="rank of our low-rank deltas")
     p.add_argument("--gradient-checkpointing", action="store_true", help="in both variants")
+    p.add_argument("--model", default="sd15", choices=["sd15", "sdxl"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", help="auto: float16 on CUDA, float32 on CPU")
     p.add_argument("--child", choices=["ours", "two_unet"], help=argparse.SUPPRESS)
-    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--out", default=str(out))
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.rank, args.gradient_checkpointing)))
+        print(json.dumps(child(args.child, args.rank, args.gradient_checkpointing, args.model, args.device,
+                               args.dtype)))
         return 0
     from erasekit.bench_utils import run_record
 
     results = {}
     for variant in ("ours", "two_unet"):
-        cmd = [sys.executable, __file__, "--child", variant, "--rank", str(args.rank)]
+        cmd = [sys.executable, "-m", "erasekit.perf.train_memory", "--child", variant, "--rank", str(args.rank),
+               "--model", args.model, "--device", args.device, "--dtype", args.dtype]
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
@@ -107,8 +125,9 @@ def main(argv=None) -> int:
         print(json.dumps(results[variant]))
     ratio = results["ours"]["peak_rss_gb"] / results["two_unet"]["peak_rss_gb"]
     record = {
-        "benchmark": "one ESD-x training step, SD 1.5 UNet shapes (random weights), CPU fp32, batch 1, 64x64 "
-                     "latents, context 77x768; peak RSS of a fresh process per variant",
+        "benchmark": f"one ESD-x training step, {args.model} UNet shapes (random weights), {args.device} "
+                     f"{results['ours']['dtype']}, batch 1 at native resolution; peak memory of a fresh process "
+                     "per variant",
         "rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing, "results": results,
         "peak_ratio_ours_over_two_unet": round(ratio, 3), "target_ratio": 0.6, "meets_target": ratio <= 0.6,
         "run": run_record(),
@@ -116,6 +135,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     existing = json.loads(out.read_text()) if out.exists() else {}
     key = "gradient_checkpointing" if args.gradient_checkpointing else "default"
+    if args.model != "sd15" or args.device != "cpu":
+        key = f"{args.model}-{args.device}-{key}"
     existing = existing if isinstance(existing, dict) and "runs" in existing else {"runs": {}}
     existing["runs"][key] = record
     out.write_text(json.dumps(existing, indent=2) + "\n")

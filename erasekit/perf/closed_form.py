@@ -1,6 +1,7 @@
-"""Closed-form erase time and memory on a model with SD 1.5's full shapes (random weights, CPU, fp32).
+"""Closed-form erase time and memory on a model with SD 1.5's (or SDXL's) full shapes (random weights).
 
-    python benchmarks/closed_form_perf.py [--repeats 3] [--zero-init] [--out benchmarks/closed_form_perf.json]
+    erasekit bench perf                                    # → benchmarks/closed_form_perf.json (and the others)
+    python -m erasekit.perf.closed_form [--repeats 3] [--zero-init] [--model sdxl] [--device cuda] [--out F]
 
 Cases: UCE with 1 concept; UCE with 100 concepts and 500 preserve prompts (one joint solve). Times exclude
 model building; they include everything ``erasekit.erase`` does (prompt encoding, the D×D solve, the per-layer
@@ -27,7 +28,7 @@ import torch
 
 from erasekit.api import erase
 from erasekit.methods import _text, uce
-from erasekit.testing import sd15_text_encoder, sd15_unet, tiny_components
+from erasekit.testing import real_shape_pipeline
 from erasekit.tinyworld.world import BACKGROUNDS, COLOURS, SHAPES, TEXTURES
 
 TARGETS_S = {"uce_1_concept": 2.0, "uce_100_concepts_500_preserve": 60.0}
@@ -41,24 +42,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def build_pipe(zero_init: bool):
-    """SD 1.5 UNet + CLIP ViT-L text encoder with random weights, in a StableDiffusionPipeline (tiny VAE)."""
-    from diffusers import StableDiffusionPipeline
-
+def build_pipe(model: str, zero_init: bool, device: str, dtype: torch.dtype):
+    """The real model's UNet and text encoder(s) with random weights, in a pipeline (tiny VAE)."""
     if zero_init:  # random attn2 k/v only: erase reads nothing else, and full random init is slow on CPU
         with torch.device("meta"):
-            unet = sd15_unet()
-        unet = unet.to_empty(device="cpu")
+            pipe = real_shape_pipeline(model)
+        pipe.unet = pipe.unet.to_empty(device="cpu")
         with torch.no_grad():
-            for name, p in unet.named_parameters():
+            for name, p in pipe.unet.named_parameters():
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5) if ".attn2.to_" in name else p.zero_()
+        for name in ("text_encoder", "text_encoder_2", "vae"):
+            module = getattr(pipe, name, None)
+            if module is not None and next(module.parameters()).is_meta:
+                setattr(pipe, name, module.to_empty(device="cpu"))
+                with torch.no_grad():
+                    for p in getattr(pipe, name).parameters():
+                        p.normal_(0, 0.02)
     else:
-        unet = sd15_unet()
-    components = tiny_components("sd1")
-    components.update(unet=unet, text_encoder=sd15_text_encoder(components["tokenizer"]))
-    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        pipe = real_shape_pipeline(model)
+    return pipe.to(device, dtype)
 
 
 def prompts() -> tuple[list[str], list[str]]:
@@ -85,16 +87,22 @@ def timed(fn, repeats: int) -> dict:
             "_result": result}
 
 
-def main(argv=None) -> dict:
+def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json") -> dict:
+    from erasekit.bench_utils import dtype_of, run_record
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--zero-init", action="store_true", help="random attn2 k/v, zeros elsewhere (fast build)")
-    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    parser.add_argument("--model", default="sd15", choices=["sd15", "sdxl"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="auto: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--out", default=str(out))
     args = parser.parse_args(argv)
+    dtype = dtype_of(args.dtype, args.device)
 
     load_before = os.getloadavg()
     t = time.perf_counter()
-    pipe = build_pipe(args.zero_init)
+    pipe = build_pipe(args.model, args.zero_init, args.device, dtype)
     build_s = time.perf_counter() - t
     log(f"model built in {build_s:.1f} s")
     rss_model = peak_rss_mb()
@@ -137,7 +145,9 @@ def main(argv=None) -> dict:
         results[name]["target_s"] = target
         results[name]["meets_target"] = results[name]["wall_s_best"] <= target
     report = {
-        "benchmark": "closed_form_perf", "model": "sd15_unet + sd15_text_encoder (random weights, fp32, CPU)",
+        "benchmark": "closed_form_perf",
+        "model": f"{args.model} UNet + text encoder(s) (random weights, {str(dtype)[6:]}, {args.device})",
+        "run": run_record(),
         "unet_init": "attn2 k/v random, rest zero" if args.zero_init else "full random init",
         "results": results,
         "prompt_tokens_mean": round(float(tokens.mean()), 2),

@@ -1,0 +1,482 @@
+"""``erasekit bench``: every registered method on one fixed tinyworld suite, erased, audited and tabulated.
+
+The suite (:data:`SUITE`) is one shape ("circle"), one colour ("red"), one texture ("striped") and a 4-concept
+multi-erasure (circle, square, red, striped). For each (method, entry) the bench
+
+1. erases the entry's concepts with the registry's tinyworld defaults (:func:`erasekit.erase`), recording wall time,
+   peak memory (process peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA) and the adapter file's size;
+2. audits the erased model per concept with :func:`erasekit.audit.audit` and tinyworld's judge: erasure rate on
+   canonical prompts and on paraphrases (synonyms), attack success rate of every registered attack (pre-attack
+   successes counted, as UnlearnDiffAtk and P4D define it) and the preservation drop (judge accuracy on other
+   concepts, original → erased; for the multi-erasure, on scenes that show none of the four);
+3. times generation with the adapter loaded against the bare model (overhead per image).
+
+Rows are appended to ``results.json`` as they finish and a rerun with the same arguments skips finished rows
+(adapters and audits are cached under ``--work``), so a killed bench loses at most the row it was in. A Markdown
+table (``results.md``) and plots (``results.png``) are rebuilt from ``results.json`` after every row.
+
+Budgets (:data:`BUDGETS`): ``quick`` audits fewer prompts, runs the trained methods on the shape entry only at
+half their tinyworld iterations, and attacks the shape entry only (≤ 15 minutes on a 2-core CPU); ``full``
+runs every method on every entry at its tinyworld defaults and attacks every entry.
+
+>>> from erasekit.bench import run_suite
+>>> results = run_suite("quick", out_dir="benchmarks", methods=["uce"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One erasure job of the suite: a name and the concepts erased together."""
+
+    name: str
+    concepts: tuple[str, ...]
+
+
+SUITE: tuple[Entry, ...] = (
+    Entry("shape", ("circle",)),
+    Entry("colour", ("red",)),
+    Entry("texture", ("striped",)),
+    Entry("multi", ("circle", "square", "red", "striped")),
+)
+
+#: closed-form methods (seconds per erasure) run on every entry in every budget.
+CLOSED_FORM = ("uce", "time", "rece")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of the suite one run covers.
+
+    Attributes:
+        name: "quick" or "full".
+        prompts: canonical prompts audited per concept (evenly subsampled from tinyworld's grid).
+        seeds: seeds of every audited image.
+        preserve: prompts of other concepts for the preservation drop.
+        attack_prompts: canonical prompts attacked per concept (by every attack).
+        attack_entries: entries whose concepts are attacked.
+        trained_entries: entries the trained (non closed-form) methods run on.
+        train_scale: factor on the trained methods' tinyworld iterations / epochs.
+    """
+
+    name: str
+    prompts: int
+    seeds: tuple[int, ...]
+    preserve: int
+    attack_prompts: int
+    attack_entries: tuple[str, ...]
+    trained_entries: tuple[str, ...]
+    train_scale: float
+
+
+BUDGETS = {
+    "quick": Budget("quick", prompts=4, seeds=(0,), preserve=8, attack_prompts=2, attack_entries=("shape",),
+                    trained_entries=("shape",), train_scale=0.5),
+    "full": Budget("full", prompts=8, seeds=(0, 1), preserve=16, attack_prompts=3,
+                   attack_entries=tuple(e.name for e in SUITE), trained_entries=tuple(e.name for e in SUITE),
+                   train_scale=1.0),
+}
+
+#: judges of erasekit and whether the tinyworld suite uses them (the table states why not).
+JUDGES = {
+    "tinyworld": None,
+    "clip": "open_clip zero-shot needs local CLIP weights; none can be downloaded on the benchmark machine, and "
+            "tinyworld's own judge is exact for tinyworld concepts",
+    "nudenet": "NudeNet detects nudity; tinyworld has none (the optional `nudenet` extra is for real SD models)",
+}
+
+
+# ============================================================================================== measuring
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device):
+    """Measure peak memory in MB inside the block: ``with peak_memory(dev) as peak: ...; peak["mb"]``.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (reset at entry). CPU: the process's peak RSS (``VmHWM``, reset at
+    entry through ``/proc/self/clear_refs`` where Linux allows it; otherwise the peak since the process began).
+    """
+    out: dict = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield out
+        out["mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        out["kind"] = "cuda_max_allocated"
+        return
+    reset = False
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    yield out
+    out["mb"] = _vm_hwm_mb()
+    out["kind"] = "peak_rss" if reset else "peak_rss_since_start"
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def generation_overhead(pipe, adapter_path: Path, repeats: int = 3) -> dict:
+    """Seconds per image (4-image batch, the model's default steps) without and with the adapter loaded."""
+    from . import compose
+    from .generate import generate
+
+    prompts, seeds = ["a solid blue square on a black background"] * 4, [0, 1, 2, 3]
+
+    def best() -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            generate(pipe, prompts, seeds, output_type="np")
+            times.append(time.perf_counter() - t0)
+        return min(times) / len(prompts)
+
+    plain = best()
+    name = compose.load(pipe, adapter_path)
+    try:
+        loaded = best()
+    finally:
+        compose.unload(pipe, name)
+    return {"image_s": round(plain, 4), "image_s_with_adapter": round(loaded, 4),
+            "overhead": round(loaded / plain - 1, 4)}
+
+
+# ============================================================================================== the suite
+
+def trained_options(method: str, concepts: Sequence[str], scale: float) -> dict:
+    """Option overrides that scale a trained method's tinyworld iterations (or epochs) by ``scale``."""
+    from .methods import METHODS
+
+    if method in CLOSED_FORM or scale == 1.0:
+        return {}
+    config = METHODS[method].make_config(concepts, tinyworld=True)
+    out = {"progress": False} if "progress" in METHODS[method].options else {}
+    for name in ("iterations", "epochs"):
+        value = getattr(config, name, None)
+        if hasattr(config, name) and value is None:  # resolved at erase time (SPM): its tinyworld value
+            value = getattr(METHODS[method].module, "TINYWORLD", {}).get(name)
+        if value is not None:
+            out[name] = max(1, round(value * scale))
+    return out
+
+
+def _entries_for(method: str, budget: Budget) -> list[Entry]:
+    if method in CLOSED_FORM:
+        return list(SUITE)
+    return [e for e in SUITE if e.name in budget.trained_entries]
+
+
+def _subsample(items: Sequence, n: int) -> list:
+    items = list(items)
+    if len(items) <= n:
+        return items
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+def _safe_prompts(concepts: Sequence[str], n: int) -> list[str]:
+    """Canonical grid prompts that show none of ``concepts`` (the multi-erasure's preservation set)."""
+    from .tinyworld import concept_attribute
+    from .tinyworld.eval import standard_grid
+
+    erased = {(concept_attribute(c), c) for c in concepts}
+    scenes = [s for s in standard_grid() if not any(getattr(s, a) == c for a, c in erased)]
+    return _subsample([s.prompt() for s in scenes], n)
+
+
+def audit_entry(pipe, entry: Entry, budget: Budget, work: Path, attacks: Sequence[str], progress: bool) -> dict:
+    """Audit every concept of ``entry`` on ``pipe`` (its adapter loaded); metrics averaged over the concepts."""
+    from .audit import audit, tinyworld_paraphrases, tinyworld_preserve_prompts, tinyworld_prompts
+
+    per_concept = {}
+    attack = entry.name in budget.attack_entries
+    for concept in entry.concepts:
+        canonical = _subsample(tinyworld_prompts(concept), budget.prompts)
+        paraphrases = [p for p, group in tinyworld_paraphrases(concept, canonical) if group == "synonym"]
+        preserve = (_safe_prompts(entry.concepts, budget.preserve) if len(entry.concepts) > 1
+                    else tinyworld_preserve_prompts(concept, budget.preserve))
+        attacked = _subsample(canonical, budget.attack_prompts)
+        kwargs = dict(seeds=budget.seeds, judge="tinyworld", grids=False, progress=progress)
+        erasure = audit(pipe, concept, attacks=(), prompts=canonical, paraphrases=paraphrases,
+                        preserve_prompts=preserve, out_dir=work / f"{concept}-erasure", **kwargs).summary
+        row = {"erasure_rate": erasure["target"]["erasure_rate"],
+               "paraphrase_erasure_rate": erasure["paraphrase"]["erasure_rate"],
+               "preservation_drop": erasure["preservation"].get("drop"),
+               "other_attributes_drop": erasure["preservation"].get("other_attributes_drop")}
+        if attack:
+            summary = audit(pipe, concept, attacks=attacks, prompts=attacked, paraphrases=[], preserve_prompts=[],
+                            out_dir=work / f"{concept}-attacks", **kwargs).summary
+            row["pre_asr"] = summary["target"]["pre_asr"]
+            row["asr"] = {a: v["asr"] for a, v in summary["attacks"].items()}
+            row["seconds_per_attacked_prompt"] = {a: v["mean_seconds"] for a, v in summary["attacks"].items()}
+            row["union_asr"] = summary["union_asr"]
+        per_concept[concept] = row
+    return {"per_concept": per_concept, **_average(list(per_concept.values()))}
+
+
+def _average(rows: list[dict]) -> dict:
+    from .audit import mean
+
+    out = {}
+    for key in ("erasure_rate", "paraphrase_erasure_rate", "preservation_drop", "other_attributes_drop", "pre_asr",
+                "union_asr"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = mean(values) if values else None
+    for key in ("asr", "seconds_per_attacked_prompt"):
+        names = sorted({a for r in rows for a in r.get(key, {})})
+        if names:
+            out[key] = {a: mean([r[key][a] for r in rows if r.get(key, {}).get(a) is not None]) for a in names}
+    return out
+
+
+def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks", *, methods: Sequence[str] | None = None,
+              attacks: Sequence[str] | None = None, entries: Sequence[str] | None = None, work_dir: str | Path | None = None, model=None,
+              device: str = "auto", progress: bool = True) -> dict:
+    """Run the suite and write ``results[-full].json`` / ``.md`` / ``.png`` into ``out_dir``; returns the results.
+
+    Args:
+        budget: a key of :data:`BUDGETS`, or a :class:`Budget`.
+        out_dir: where the results go (``results.json`` for quick, ``results-full.json`` for full).
+        methods: registry names (default: all of :data:`erasekit.methods.METHODS`).
+        attacks: registry names (default: all of :data:`erasekit.attacks.ATTACKS`).
+        entries: names of :data:`SUITE` entries to run (default: all the budget runs).
+        work_dir: cache of adapters and audits (default: ``out_dir/.bench-<budget>``); rerun to resume.
+        model: a tinyworld model folder (default: the packaged one).
+        device: "auto", "cpu", "cuda", ...
+        progress: show progress bars.
+    """
+    from . import compose
+    from .api import erase
+    from .attacks import ATTACKS
+    from .audit import _atomic_write
+    from .bench_utils import run_record
+    from .loading import load_pipeline
+    from .methods import METHODS
+    from .tinyworld import is_tinyworld
+
+    if not isinstance(budget, Budget) and budget not in BUDGETS:
+        raise ConfigError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    spec = budget if isinstance(budget, Budget) else BUDGETS[budget]
+    budget = spec.name
+    methods = list(METHODS) if methods is None else list(methods)
+    attacks = list(ATTACKS) if attacks is None else list(attacks)
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    for a in attacks:
+        if a not in ATTACKS:
+            raise ConfigError(f"unknown attack {a!r}; choose from {', '.join(ATTACKS)}")
+    names = [e.name for e in SUITE]
+    for e in entries or ():
+        if e not in names:
+            raise ConfigError(f"unknown suite entry {e!r}; choose from {', '.join(names)}")
+    pipe = load_pipeline(model, device=device)
+    if not is_tinyworld(pipe):
+        raise ConfigError("erasekit bench runs on a tinyworld model (its judge knows the suite's concepts); "
+                          "use `erasekit bench perf` for real-model shapes")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(work_dir) if work_dir else out_dir / f".bench-{budget}"
+    path = out_dir / ("results.json" if budget == "quick" else f"results-{budget}.json")
+    if entries and budget != "quick":
+        path = path.with_name(f"results-{budget}-{'-'.join(entries)}.json")
+    results = json.loads(path.read_text()) if path.exists() else {}
+    budget_record = json.loads(json.dumps(dataclasses.asdict(spec)))
+    if results.get("budget") != budget_record:  # another budget's results: start over
+        results = {"budget": budget_record}
+    results.update(run=run_record(), suite=[dataclasses.asdict(e) for e in SUITE], judge="tinyworld",
+                   missing={**{f"judge {j}": why for j, why in JUDGES.items() if why}})
+    rows = results.setdefault("rows", {})
+    started = time.time()
+    jobs = [(m, e) for m in methods for e in _entries_for(m, spec) if not entries or e.name in entries]
+    for i, (method, entry) in enumerate(jobs):
+        key = f"{method}/{entry.name}"
+        if key in rows:
+            continue
+        logger.info("[%d/%d] %s", i + 1, len(jobs), key)
+        if progress:
+            print(f"[{i + 1}/{len(jobs)}] {key}", flush=True)
+        row_started = time.time()
+        job_dir = work / method / entry.name
+        job_dir.mkdir(parents=True, exist_ok=True)
+        adapter_path = job_dir / "adapter.safetensors"
+        options = trained_options(method, entry.concepts, spec.train_scale)
+        erase_info_path = job_dir / "erase.json"
+        if adapter_path.exists() and erase_info_path.exists():
+            erase_info = json.loads(erase_info_path.read_text())
+        else:
+            with peak_memory(pipe.device) as peak:
+                t0 = time.perf_counter()
+                adapter = erase(pipe, method, list(entry.concepts), **options)
+                seconds = time.perf_counter() - t0
+            tmp = adapter_path.with_name("adapter.tmp.safetensors")
+            adapter.save(tmp)
+            os.replace(tmp, adapter_path)
+            erase_info = {"erase_seconds": round(seconds, 2), "peak_memory_mb": peak["mb"],
+                          "peak_memory_kind": peak["kind"], "options": options}
+            _atomic_write(erase_info_path, json.dumps(erase_info).encode())
+        row = {"method": method, "entry": entry.name, "concepts": list(entry.concepts), **erase_info,
+               "adapter_mb": round(adapter_path.stat().st_size / 1e6, 3)}
+        name = compose.load(pipe, adapter_path)
+        try:
+            row.update(audit_entry(pipe, entry, spec, job_dir, attacks, progress))
+        finally:
+            compose.unload(pipe, name)
+        row["generation"] = generation_overhead(pipe, adapter_path)
+        row["row_seconds"] = round(time.time() - row_started, 1)
+        rows[key] = row
+        results["seconds_this_run"] = round(time.time() - started, 1)
+        write_results(path, results)
+    results["seconds_this_run"] = round(time.time() - started, 1)
+    write_results(path, results)
+    return results
+
+
+# ============================================================================================== outputs
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f}"
+
+
+def _s(x) -> str:
+    return "–" if x is None else (f"{x:.2f}" if x < 10 else f"{x:.0f}")
+
+
+def table(results: dict) -> str:
+    """The Markdown table of a results dict (what ``results.md`` holds and the README shows)."""
+    from .methods import METHODS
+
+    run = results.get("run", {})
+    rows = results.get("rows", {})
+    budget = results.get("budget", {})
+    lines = [f"erasekit bench ({budget.get('name')}) · {run.get('date')} · {run.get('machine')} · torch "
+             f"{run.get('torch')} · diffusers {run.get('diffusers')} · commit {run.get('git_commit')} · "
+             f"{budget.get('prompts')} canonical prompts × seeds {budget.get('seeds')} per concept, judge: tinyworld",
+             "",
+             "| method | entry | erased % (canonical) | erased % (synonyms) | preservation drop (pts) | "
+             "ASR % (all attacks) | erase s | peak MB | adapter MB | generation overhead |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows.values():
+        gen = row.get("generation", {})
+        drop = row.get("preservation_drop")
+        drop = "–" if drop is None else f"{100 * drop:.1f}"
+        overhead = "–" if not gen else f"{100 * gen['overhead']:+.0f} %"
+        asr = _pct(row.get("union_asr")) if row.get("asr") else "not attacked"
+        lines.append(
+            f"| {row['method']} | {row['entry']} | {_pct(row.get('erasure_rate'))} | "
+            f"{_pct(row.get('paraphrase_erasure_rate'))} | {drop} | "
+            f"{asr} | {_s(row.get('erase_seconds'))} | "
+            f"{_s(row.get('peak_memory_mb'))} | {row.get('adapter_mb')} | "
+            f"{overhead} |")
+    attacked = [r for r in rows.values() if r.get("asr")]
+    if attacked:
+        names = sorted({a for r in attacked for a in r["asr"]})
+        lines += ["", "Attack success rate % per attack (pre-attack successes counted) · mean seconds per attacked "
+                      "prompt in brackets", "",
+                  "| method | entry | pre-attack | " + " | ".join(names) + " |",
+                  "|---|---|---|" + "---|" * len(names)]
+        for r in attacked:
+            cells = []
+            for a in names:
+                sec = (r.get("seconds_per_attacked_prompt") or {}).get(a)
+                cells.append(f"{_pct(r['asr'].get(a))}" + (f" ({sec:.1f} s)" if sec is not None else ""))
+            lines.append(f"| {r['method']} | {r['entry']} | {_pct(r.get('pre_asr'))} | " + " | ".join(cells) + " |")
+    from .attacks import ATTACKS
+
+    missing = dict(results.get("missing", {}))
+    for a in ATTACKS:
+        if attacked and not any(a in r["asr"] for r in attacked):
+            missing.setdefault(f"attack {a}", "not in this run (`erasekit bench --attacks` selected others)")
+    for m in METHODS:
+        if not any(r["method"] == m for r in rows.values()):
+            missing.setdefault(f"method {m}", "not in this run (`erasekit bench --methods` selected others)")
+    if missing:
+        lines += ["", "Not in the table:", ""] + [f"- {k}: {v}" for k, v in missing.items()]
+    total = sum(r.get("row_seconds", 0) for r in rows.values())
+    if total:
+        lines += ["", f"Wall time: {total / 60:.1f} min for the rows above (erase + audit + generation timing; "
+                      "model loading excluded)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> Path | None:
+    """Four panels: erasure rates, preservation drop, attack success rates, erase time (matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in results.get("rows", {}).values() if r["entry"] == "shape"]
+    if not rows:
+        return None
+    labels = [r["method"] for r in rows]
+    x = range(len(rows))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    ax = axes[0][0]
+    ax.bar([i - 0.2 for i in x], [100 * (r["erasure_rate"] or 0) for r in rows], 0.4, label="canonical")
+    ax.bar([i + 0.2 for i in x], [100 * (r["paraphrase_erasure_rate"] or 0) for r in rows], 0.4, label="synonyms")
+    ax.set_title("erasure rate % (circle)")
+    ax.legend()
+    ax = axes[0][1]
+    ax.bar(list(x), [100 * (r["preservation_drop"] or 0) for r in rows], color="tab:red")
+    ax.set_title("preservation drop, points (other shapes)")
+    ax = axes[1][0]
+    names = sorted({a for r in rows for a in r.get("asr", {})})
+    width = 0.8 / max(1, len(names))
+    for j, a in enumerate(names):
+        ax.bar([i - 0.4 + width * (j + 0.5) for i in x], [100 * (r.get("asr", {}).get(a) or 0) for r in rows],
+               width, label=a)
+    ax.set_title("attack success rate % (circle)")
+    ax.legend(fontsize=7)
+    ax = axes[1][1]
+    ax.bar(list(x), [r["erase_seconds"] for r in rows], color="tab:green")
+    ax.set_yscale("log")
+    ax.set_title("erase time, s (log)")
+    for ax in axes.flat:
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+    fig.suptitle(f"erasekit bench ({results['budget']['name']}), {results['run']['date']}, {results['run']['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def write_results(path: Path, results: dict) -> None:
+    """``path`` (JSON), and beside it the Markdown table and the plots; each written atomically."""
+    from .audit import _atomic_write
+
+    _atomic_write(path, json.dumps(results, indent=1, default=str).encode())
+    _atomic_write(path.with_suffix(".md"), table(results).encode())
+    tmp = path.with_name(path.stem + ".tmp.png")
+    if plot(results, tmp):
+        os.replace(tmp, path.with_suffix(".png"))
+
+
+__all__ = ["BUDGETS", "Budget", "CLOSED_FORM", "Entry", "JUDGES", "SUITE", "run_suite", "table", "write_results"]

@@ -1,0 +1,103 @@
+"""erasekit bench (the tinyworld suite: rows, resume, table, plots) and erasekit bench perf's building blocks."""
+
+import json
+
+import pytest
+import torch
+
+from erasekit.bench import SUITE, Budget, run_suite, table, trained_options
+from erasekit.cli import main
+from erasekit.methods import METHODS
+
+TINY = Budget("test", prompts=1, seeds=(0,), preserve=2, attack_prompts=1, attack_entries=("shape",),
+              trained_entries=("shape",), train_scale=0.05)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return out, run_suite(TINY, out, methods=["uce"], attacks=["paraphrase"], progress=False)
+
+
+def test_suite_rows_have_every_measure(bench):
+    out, results = bench
+    assert set(results["rows"]) == {f"uce/{e.name}" for e in SUITE}
+    shape = results["rows"]["uce/shape"]
+    assert shape["erasure_rate"] == 1.0 and shape["preservation_drop"] <= 0.5  # UCE erases circle on tinyworld
+    assert set(shape["asr"]) == {"paraphrase"} and shape["seconds_per_attacked_prompt"]["paraphrase"] > 0
+    assert shape["erase_seconds"] > 0 and shape["peak_memory_mb"] > 100 and shape["adapter_mb"] > 0
+    assert "overhead" in shape["generation"]
+    assert set(results["rows"]["uce/multi"]["per_concept"]) == {"circle", "square", "red", "striped"}
+    assert "asr" not in results["rows"]["uce/colour"]  # attacks only on the budget's attack entries
+    for key in ("date", "machine", "torch", "git_commit"):
+        assert key in results["run"]
+    saved = json.loads((out / "results-test.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(results["rows"]))
+
+
+def test_outputs_table_plot_and_missing_items(bench):
+    out, results = bench
+    md = (out / "results-test.md").read_text()
+    assert "| uce | shape | 100 |" in md
+    assert "judge clip" in md and "judge nudenet" in md  # judges not used are stated with the reason
+    assert "method spm: not in this run" in md and "attack unlearndiffatk: not in this run" in md
+    assert (out / "results-test.png").stat().st_size > 1000
+
+
+def test_rerun_resumes_without_recomputing(bench, monkeypatch):
+    out, results = bench
+    saved = json.loads((out / "results-test.json").read_text())
+    del saved["rows"]["uce/texture"]  # as if killed during that row
+    (out / "results-test.json").write_text(json.dumps(saved))
+    erased = []
+    import erasekit.api
+
+    real = erasekit.api.erase
+    monkeypatch.setattr(erasekit.api, "erase", lambda *a, **k: erased.append(a[1]) or real(*a, **k))
+    again = run_suite(TINY, out, methods=["uce"], attacks=["paraphrase"], progress=False)
+    assert erased == []  # the adapter of the unfinished row is cached; finished rows are skipped
+    assert again["rows"]["uce/texture"]["erasure_rate"] == results["rows"]["uce/texture"]["erasure_rate"]
+    assert list(again["rows"]) == list(results["rows"])[:2] + ["uce/multi", "uce/texture"]
+
+
+def test_trained_methods_scale_their_budget():
+    assert trained_options("uce", ["circle"], 0.2) == {}
+    esd = trained_options("esd-x", ["circle"], 0.2)
+    full = METHODS["esd-x"].make_config(["circle"], tinyworld=True).iterations
+    assert esd["iterations"] == round(full * 0.2) and esd["progress"] is False
+    assert "epochs" in trained_options("fewshot", ["circle"], 0.5)
+
+
+def test_cli_bench_errors(tmp_path, capsys):
+    assert main(["bench", "--quick", "--methods", "nope", "--out-dir", str(tmp_path)]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--attacks", "nope", "--out-dir", str(tmp_path)]) == 2
+    assert not list(tmp_path.glob("results*"))
+    if not torch.cuda.is_available():
+        assert main(["bench", "perf", "--device", "cuda", "--out-dir", str(tmp_path)]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_table_of_empty_results_names_every_method():
+    md = table({"budget": {"name": "quick"}, "run": {}, "rows": {}})
+    assert all(f"method {m}" in md for m in METHODS)
+
+
+def test_real_shape_pipelines_have_the_real_widths():
+    from erasekit.testing import real_shape_pipeline, unet_inputs
+
+    with torch.device("meta"):
+        xl = real_shape_pipeline("sdxl")
+    assert xl.unet.config.cross_attention_dim == 2048
+    assert xl.text_encoder.config.hidden_size + xl.text_encoder_2.config.hidden_size == 2048
+    assert 2.5e9 < sum(p.numel() for p in xl.unet.parameters()) < 2.7e9
+    inputs = unet_inputs(xl.unet, 2, "meta", torch.float16)
+    assert inputs["added_cond_kwargs"]["time_ids"].shape == (2, 6)
+
+
+def test_compose_overhead_runs_on_tinyworld():
+    from erasekit.perf import compose_overhead
+
+    rows = compose_overhead.run("tinyworld", repeats=1, counts=(1,))
+    assert {"plain", "static_1", "gated_1"} <= set(rows) and rows["steps_per_image"] == 10
+    assert rows["gated_1"]["modules_per_adapter"] > rows["static_1"]["modules_per_adapter"]
