@@ -18,6 +18,16 @@ def erase(pipe, method: str, concepts, **options) -> Adapter:
 
     Raises:
         ConfigError: unknown method, unknown option, or an invalid value.
+
+    >>> import erasekit
+    >>> pipe = erasekit.load_pipeline(device="cpu")
+    >>> adapter = erasekit.erase(pipe, "uce", ["circle"])        # closed form: a fraction of a second
+    >>> adapter.method, adapter.concepts, len(adapter.deltas)
+    ('uce', ('circle',), 14)
+    >>> erasekit.erase(pipe, "uce", ["circle"], lamb=0.1)
+    Traceback (most recent call last):
+    ...
+    erasekit.errors.ConfigError: unknown option 'lamb' for method 'uce'; valid options: ...
     """
     from .methods import METHODS
 

@@ -436,6 +436,15 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
 
     Returns:
         the :class:`AuditReport` (on a non-main process: the report once the main process wrote it, else None).
+
+    >>> import erasekit
+    >>> from erasekit.audit import audit
+    >>> pipe = erasekit.load_pipeline(device="cpu")
+    >>> _ = erasekit.compose.load(pipe, erasekit.erase(pipe, "uce", ["circle"]))
+    >>> report = audit(pipe, "circle", attacks=["p4d"], prompts=["a solid red circle on a black background"],
+    ...                paraphrases=[], preserve_prompts=[], out_dir=tmp / "audit", progress=False)
+    >>> report.summary["target"]["erasure_rate"], sorted(report.summary["attacks"])
+    (1.0, ['p4d'])
     """
     from . import attacks as attacks_pkg  # noqa: F401  (registry import errors surface early)
     from .attacks import _base, _sd

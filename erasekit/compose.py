@@ -689,6 +689,15 @@ def load(pipe, adapter_or_path: Adapter | str | Path, name: str | None = None, w
          strict: bool = False) -> str:
     """Apply an erasure to ``pipe`` through forward hooks (DESIGN §3) and return its name.
 
+    >>> import erasekit
+    >>> from erasekit import compose
+    >>> pipe = erasekit.load_pipeline(device="cpu")
+    >>> compose.load(pipe, erasekit.erase(pipe, "uce", ["circle"]), name="circle")
+    'circle'
+    >>> [(e["name"], e["method"], e["weight"]) for e in compose.list_erasures(pipe)]
+    [('circle', 'uce', 1.0)]
+    >>> compose.unload(pipe)                                   # the base model again, bit for bit
+
     Args:
         pipe: a diffusers pipeline with ``unet`` (and ``text_encoder``/``text_encoder_2`` if the adapter changes them).
         adapter_or_path: an ``Adapter`` or the path of an adapter ``.safetensors`` file.

@@ -77,6 +77,14 @@ def load_pipeline(model: str | Path | None = None, *, device: str | torch.device
         dtype: "auto" (fp16 on CUDA, fp32 on CPU), "float32", "float16", "bfloat16".
         config: for a single-file checkpoint, a local diffusers folder (or hub id) with the model's
             configs, needed when offline.
+
+    Raises:
+        ModelNotFoundError: the model is neither a folder, a checkpoint file nor a reachable hub id.
+
+    >>> import erasekit
+    >>> pipe = erasekit.load_pipeline(device="cpu")            # the packaged tinyworld model
+    >>> type(pipe).__name__, pipe.unet.config.cross_attention_dim
+    ('StableDiffusionPipeline', 64)
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
