@@ -121,6 +121,8 @@ class _Slot:
     terms: dict[str, _Term] = field(default_factory=dict)
     handle: object = None
     original: torch.Tensor | None = None  # CPU copy of the base weight while any adapter is fused
+    _stack_of: list = field(default_factory=list)  # the term tensors behind _stack
+    _stack: tuple = ()
 
     def down(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``A x``: Linear ``x @ Aᵀ``; Conv2d: conv with A as kernel and the module's stride/padding/dilation."""
@@ -138,6 +140,46 @@ class _Slot:
         if term.low_rank:
             return self.up(self.down(x, tensors[0]), tensors[1])
         return self.down(x, tensors[0])  # a full delta is applied like the module itself, without bias
+
+    def stacked(self, terms: list[_Term]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """``[A_1; …; A_n]``, ``[B_1 … B_n]`` and the ranks of low-rank terms, cached while the terms' tensors stay."""
+        tensors = [term.cast(self.module.weight) for term in terms]
+        if len(tensors) == 1:
+            return tensors[0][0], tensors[0][1], [tensors[0][0].shape[0]]
+        flat = [t for pair in tensors for t in pair]
+        if len(flat) != len(self._stack_of) or any(a is not b for a, b in zip(flat, self._stack_of)):
+            self._stack_of = flat
+            self._stack = (torch.cat([d for d, _ in tensors], 0), torch.cat([u for _, u in tensors], 1),
+                           [d.shape[0] for d, _ in tensors])
+        return self._stack
+
+    def add_low_rank(self, x: torch.Tensor, output: torch.Tensor, terms: list[_Term], coefs: list) -> torch.Tensor:
+        """``output + Σ_i B_i (c_i A_i x)``: one stacked down-projection, per-column coefficients, and the
+        up-projection accumulated into ``output`` in place when no gradient is recorded (one pass over it)."""
+        down, up, ranks = self.stacked(terms)
+        h = self.down(x, down)
+        if not all(isinstance(c, float) and c == 1.0 for c in coefs):
+            h = h * _column_scale(coefs, ranks, h, 1 if isinstance(self.module, nn.Conv2d) else h.ndim - 1)
+        recording = torch.is_grad_enabled() and (output.requires_grad or h.requires_grad)
+        if recording or not output.is_contiguous() or up.shape[2:] not in ((), (1, 1)):
+            return output + self.up(h, up)
+        if isinstance(self.module, nn.Conv2d):
+            b, c, r = output.shape[0], output.shape[1], up.shape[1]
+            output.view(b, c, -1).baddbmm_(up.view(c, r).expand(b, c, r), h.reshape(b, r, -1))
+        else:
+            output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+        return output
+
+
+def _column_scale(coefs: list, ranks: list[int], h: torch.Tensor, channel: int) -> torch.Tensor:
+    """Per-sample, per-rank-column factors ``c_i`` (floats, or ``(B, 1, …)`` gate tensors), shaped to multiply ``h``."""
+    batch = h.shape[0]
+    columns = [h.new_full((batch, r), c) if isinstance(c, float) else c.reshape(-1, 1).expand(batch, r)
+               for c, r in zip(coefs, ranks)]
+    scale = torch.cat(columns, 1)
+    shape = [batch] + [1] * (h.ndim - 1)
+    shape[channel] = scale.shape[1]
+    return scale.view(shape) if channel == h.ndim - 1 else scale.view(batch, -1, *([1] * (h.ndim - 2)))
 
 
 @dataclass
@@ -335,24 +377,20 @@ class Composer:
             if not active:
                 return None  # bit-identical base output
             x = args[0]
-            factored, hidden, ups = [], [], []
+            factored, low_rank, coefs = [], [], []
             for term, loaded in active:
                 if loaded.gate is not None and loaded.gate.combine == "factors":
                     factored.append((term, loaded))
                     continue
                 coef = self._coefficient(loaded, output, slot)
-                if term.low_rank:  # stacked below: Σ_i B_i (c_i A_i x) as one up-projection
-                    down, up = term.cast(slot.module.weight)
-                    h = slot.down(x, down)
-                    hidden.append(h if isinstance(coef, float) and coef == 1.0 else h * coef)
-                    ups.append(up)
+                if term.low_rank:  # stacked below: Σ_i B_i (c_i A_i x) as one down- and one up-projection
+                    low_rank.append(term)
+                    coefs.append(coef)
                     continue
                 delta = slot.term(x, term)
                 output = output + (delta if isinstance(coef, float) and coef == 1.0 else delta * coef)
-            if hidden:  # one full-size add per module, however many low-rank adapters (rank-r adds are cheap)
-                channel = 1 if isinstance(slot.module, nn.Conv2d) else -1
-                h = hidden[0] if len(hidden) == 1 else torch.cat(hidden, channel)
-                output = output + slot.up(h, ups[0] if len(ups) == 1 else torch.cat(ups, 1))
+            if low_rank:  # the full-size output is touched once, however many low-rank adapters
+                output = slot.add_low_rank(x, output, low_rank, coefs)
             if factored:
                 output = output + self._factored_term(x, output, slot, factored)
             return output

@@ -174,6 +174,33 @@ def test_per_sample_gates_in_one_batch_equal_separate_runs(family, pipe, base):
     assert compose.fuse(pipe) == []  # names=None leaves gated erasures on their hooks
 
 
+def test_gated_and_static_on_the_same_modules_stack_exactly(family, pipe, base):
+    static = random_adapter(pipe, TARGETS[family], seed=5, components=("unet",))
+    gate = random_adapter(pipe, TARGETS[family], seed=6, components=("unet",), gating=gated(["a cat"]))
+    compose.load(pipe, static, name="static", weight=0.7)
+    compose.load(pipe, gate, name="gated")
+    batch = generate(pipe, ["a cat", "red car"], seeds=(0, 1))  # gates 1 and 0 in one batch
+    np.testing.assert_allclose(batch[0], generate(pipe, "a cat", seeds=(0,))[0], atol=1e-5)
+    np.testing.assert_allclose(batch[1], generate(pipe, "red car", seeds=(1,))[0], atol=1e-5)
+    cat = generate(pipe, "a cat", guidance_scale=1.0)  # no CFG: the one row has gate 1
+    unet = pipe.unet
+    context = compose._encode_prompts(pipe, ["a cat", "red car"])
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kwargs = {}
+    if family == "sdxl":
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(2, 24), "time_ids": torch.zeros(2, 6)}
+    with torch.no_grad():  # in-place accumulation
+        fast = unet(sample, 10, context, **kwargs).sample
+    with torch.enable_grad():  # out-of-place (gradients recorded)
+        recorded = unet(sample.clone().requires_grad_(), 10, context, **kwargs).sample
+    torch.testing.assert_close(fast, recorded.detach(), atol=1e-5, rtol=1e-5)
+    compose.unload(pipe)
+    as_one = Adapter(method="sum", concepts=(), config={}, deltas={
+        k: ModuleDelta(delta=0.7 * static.deltas[k].dense() + gate.deltas[k].dense()) for k in static.deltas})
+    compose.load(pipe, as_one, name="as_one")
+    np.testing.assert_allclose(generate(pipe, "a cat", guidance_scale=1.0), cat, atol=1e-5)
+
+
 def test_clipcos_gate_and_factor_combine(family, pipe, base):
     prompt = "a cat"
     first = random_adapter(pipe, ("attn2.to_k",), seed=3, components=("unet",),

@@ -1,0 +1,27 @@
+"""The README is the front door: its benchmark table is the committed one, and CI runs its test command."""
+
+import json
+import re
+from pathlib import Path
+
+from erasekit.bench import table
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_shows_the_committed_benchmark_table():
+    results = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    md = table(results)
+    assert md == (ROOT / "benchmarks" / "results.md").read_text()  # results.md is rebuilt from results.json
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(rows) > 20
+    missing = [row for row in rows if row not in README]
+    assert not missing, f"README's benchmark table is stale (rerun `erasekit bench --quick`): {missing[:3]}"
+    assert results["run"]["date"][:10] in README and results["run"]["machine"] in README
+
+
+def test_ci_runs_the_readme_test_command():
+    command = re.search(r"pip install -e \"\.\[test\]\" && (python -m pytest[^\n`]*)", README).group(1)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f'pip install -e ".[test]" && {command}' in ci
