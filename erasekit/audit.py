@@ -496,8 +496,10 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
         for plan in plans:
             if hasattr(plan.module, "prepare") and _load_state(out_dir, plan.label) is None:
                 logger.info("preparing %s for %r", plan.label, concept)
+                t0 = time.perf_counter()
                 st = plan.module.prepare(pipe, judge_concept, plan.config,
                                          _base.make_generator(None, 0, plan.label, concept))
+                st["prepare_seconds"] = round(time.perf_counter() - t0, 2)  # once per concept (CCE's token, ...)
                 _save_state(out_dir, plan.label, st)
     proc.wait_for_everyone()
     if manifest_path.exists():
@@ -541,6 +543,9 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
         wanted = set(order)
         selected = [r for r in records if unit_key(r) in wanted]
         summary = summarize(selected, concept=concept, attacks=[p.label for p in plans])
+        for label, st in states.items():
+            if st is not None and st.get("prepare_seconds") is not None:
+                summary["attacks"][label]["prepare_seconds"] = st["prepare_seconds"]
         summary["run"] = {"judge": manifest["judge"], "generation": generation, "model": manifest["model"],
                           "budget": budget, "prompts": len(prompts), "seeds": seeds,
                           "paraphrases": len(paraphrases), "preserve_prompts": len(preserve_prompts),
@@ -790,13 +795,13 @@ def summary_table(summary: dict) -> str:
     if summary.get("harmonic_mean") is not None:
         lines.append(f"| H(erasure rate, preservation accuracy) | {_pct(summary['harmonic_mean'])} |")
     lines += ["", "| attack | prompts | pre-ASR | ASR | newly broken | attacked | mean steps | mean queries | "
-                  "mean s / attacked prompt |", "|---|---|---|---|---|---|---|---|---|"]
+                  "mean s / attacked prompt | s once per concept |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, a in summary["attacks"].items():
         lines.append(f"| {label} | {a['prompts']} | {_pct(a['pre_asr'])} | {_pct(a['asr'])} | "
                      f"{_pct(a['newly_broken'])} | {a['attacked']} | {_num(a['mean_steps'])} | "
-                     f"{_num(a['mean_queries'])} | {_num(a['mean_seconds'], 2)} |")
+                     f"{_num(a['mean_queries'])} | {_num(a['mean_seconds'], 2)} | {_num(a.get('prepare_seconds'))} |")
     if summary.get("union_asr") is not None:
-        lines.append(f"| union of attacks | | | {_pct(summary['union_asr'])} | | | | | |")
+        lines.append(f"| union of attacks | | | {_pct(summary['union_asr'])} | | | | | | |")
     return "\n".join(lines)
 
 

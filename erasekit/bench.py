@@ -233,6 +233,8 @@ def audit_entry(pipe, entry: Entry, budget: Budget, work: Path, attacks: Sequenc
             row["pre_asr"] = summary["target"]["pre_asr"]
             row["asr"] = {a: v["asr"] for a, v in summary["attacks"].items()}
             row["seconds_per_attacked_prompt"] = {a: v["mean_seconds"] for a, v in summary["attacks"].items()}
+            row["seconds_per_concept"] = {a: v["prepare_seconds"] for a, v in summary["attacks"].items()
+                                          if v.get("prepare_seconds") is not None}
             row["union_asr"] = summary["union_asr"]
         per_concept[concept] = row
     return {"per_concept": per_concept, **_average(list(per_concept.values()))}
@@ -246,7 +248,7 @@ def _average(rows: list[dict]) -> dict:
                 "union_asr"):
         values = [r[key] for r in rows if r.get(key) is not None]
         out[key] = mean(values) if values else None
-    for key in ("asr", "seconds_per_attacked_prompt"):
+    for key in ("asr", "seconds_per_attacked_prompt", "seconds_per_concept"):
         names = sorted({a for r in rows for a in r.get(key, {})})
         if names:
             out[key] = {a: mean([r[key][a] for r in rows if r.get(key, {}).get(a) is not None]) for a in names}
@@ -395,15 +397,18 @@ def table(results: dict) -> str:
     attacked = [r for r in rows.values() if r.get("asr")]
     if attacked:
         names = sorted({a for r in attacked for a in r["asr"]})
-        lines += ["", "Attack success rate % per attack (pre-attack successes counted) · mean seconds per attacked "
-                      "prompt in brackets", "",
+        lines += ["", "Attack success rate % per attack (pre-attack successes counted) · in brackets, mean seconds "
+                      "per attacked prompt, + seconds once per concept (CCE's learned token, Ring-A-Bell's concept "
+                      "vector)", "",
                   "| method | entry | pre-attack | " + " | ".join(names) + " |",
                   "|---|---|---|" + "---|" * len(names)]
         for r in attacked:
             cells = []
             for a in names:
                 sec = (r.get("seconds_per_attacked_prompt") or {}).get(a)
-                cells.append(f"{_pct(r['asr'].get(a))}" + (f" ({sec:.1f} s)" if sec is not None else ""))
+                once = (r.get("seconds_per_concept") or {}).get(a)
+                cost = "" if sec is None else f" ({sec:.1f} s" + (f" + {once:.0f} s" if once is not None else "") + ")"
+                cells.append(f"{_pct(r['asr'].get(a))}{cost}")
             lines.append(f"| {r['method']} | {r['entry']} | {_pct(r.get('pre_asr'))} | " + " | ".join(cells) + " |")
     from .attacks import ATTACKS
 
