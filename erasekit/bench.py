@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,9 +329,10 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
         adapter_path = job_dir / "adapter.safetensors"
         options = trained_options(method, entry.concepts, spec.train_scale)
         erase_info_path = job_dir / "erase.json"
-        if adapter_path.exists() and erase_info_path.exists():
-            erase_info = json.loads(erase_info_path.read_text())
-        else:
+        erase_info = json.loads(erase_info_path.read_text()) if erase_info_path.exists() else None
+        if not (adapter_path.exists() and erase_info and erase_info.get("options") == json.loads(json.dumps(options))):
+            shutil.rmtree(job_dir)  # made with other options (or unfinished): its adapter and audits are stale
+            job_dir.mkdir(parents=True)
             with peak_memory(pipe.device) as peak:
                 t0 = time.perf_counter()
                 adapter = erase(pipe, method, list(entry.concepts), **options)

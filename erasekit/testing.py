@@ -93,30 +93,35 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0):
     return pipe
 
 
+def _cast(model, dtype: torch.dtype):
+    """``model`` in ``dtype`` (left alone in fp32: diffusers warns about any ``.to(dtype)`` of a model)."""
+    return model if dtype == torch.float32 else model.to(dtype=dtype)
+
+
 def sd15_unet(dtype: torch.dtype = torch.float32):
     """A UNet with Stable Diffusion 1.5's exact configuration and random weights (≈ 860 M parameters)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
+    return _cast(UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    ).to(dtype)
+    ), dtype)
 
 
 def sdxl_unet(dtype: torch.dtype = torch.float32):
     """A UNet with Stable Diffusion XL base 1.0's configuration and random weights (≈ 2.6 B parameters)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
+    return _cast(UNet2DConditionModel(
         sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
         transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    ).to(dtype)
+    ), dtype)
 
 
 def sdxl_text_encoders(tokenizer=None, dtype: torch.dtype = torch.float32):
@@ -135,23 +140,25 @@ def sdxl_text_encoders(tokenizer=None, dtype: torch.dtype = torch.float32):
     return one.to(dtype), two.to(dtype)
 
 
-def real_shape_pipeline(family: str = "sd15", dtype: torch.dtype = torch.float32):
+def real_shape_pipeline(family: str = "sd15", dtype: torch.dtype = torch.float32, unet=None):
     """A pipeline with a real model's UNet and text encoder(s) (random weights) and a tiny VAE: ``"sd15"`` or
-    ``"sdxl"``. For timing and memory, which do not depend on the weights."""
+    ``"sdxl"``. For timing and memory, which do not depend on the weights. ``unet``: one built by the caller."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if family == "sd15":
         parts = tiny_components("sd1")
-        parts["unet"], parts["text_encoder"] = sd15_unet(dtype), sd15_text_encoder(parts["tokenizer"], dtype)
+        parts["unet"] = unet if unet is not None else sd15_unet(dtype)
+        parts["text_encoder"] = sd15_text_encoder(parts["tokenizer"], dtype)
         pipe = StableDiffusionPipeline(**parts, requires_safety_checker=False)
     elif family == "sdxl":
         parts = tiny_components("sdxl")
-        parts["unet"] = sdxl_unet(dtype)
+        parts["unet"] = unet if unet is not None else sdxl_unet(dtype)
         parts["text_encoder"], parts["text_encoder_2"] = sdxl_text_encoders(parts["tokenizer"], dtype)
         pipe = StableDiffusionXLPipeline(**parts)
     else:
         raise ValueError(f"family must be 'sd15' or 'sdxl', got {family!r}")
-    pipe.vae.to(dtype)
+    if dtype != torch.float32:
+        pipe.vae.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -28,7 +28,7 @@ import torch
 
 from erasekit.api import erase
 from erasekit.methods import _text, uce
-from erasekit.testing import real_shape_pipeline
+from erasekit.testing import real_shape_pipeline, sd15_unet, sdxl_unet
 from erasekit.tinyworld.world import BACKGROUNDS, COLOURS, SHAPES, TEXTURES
 
 TARGETS_S = {"uce_1_concept": 2.0, "uce_100_concepts_500_preserve": 60.0}
@@ -44,22 +44,15 @@ def peak_rss_mb() -> float:
 
 def build_pipe(model: str, zero_init: bool, device: str, dtype: torch.dtype):
     """The real model's UNet and text encoder(s) with random weights, in a pipeline (tiny VAE)."""
+    unet = None
     if zero_init:  # random attn2 k/v only: erase reads nothing else, and full random init is slow on CPU
         with torch.device("meta"):
-            pipe = real_shape_pipeline(model)
-        pipe.unet = pipe.unet.to_empty(device="cpu")
+            unet = (sd15_unet if model == "sd15" else sdxl_unet)()
+        unet = unet.to_empty(device="cpu")
         with torch.no_grad():
-            for name, p in pipe.unet.named_parameters():
+            for name, p in unet.named_parameters():
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5) if ".attn2.to_" in name else p.zero_()
-        for name in ("text_encoder", "text_encoder_2", "vae"):
-            module = getattr(pipe, name, None)
-            if module is not None and next(module.parameters()).is_meta:
-                setattr(pipe, name, module.to_empty(device="cpu"))
-                with torch.no_grad():
-                    for p in getattr(pipe, name).parameters():
-                        p.normal_(0, 0.02)
-    else:
-        pipe = real_shape_pipeline(model)
+    pipe = real_shape_pipeline(model, unet=unet)
     return pipe.to(device, dtype)
 
 

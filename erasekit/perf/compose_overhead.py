@@ -11,7 +11,8 @@ image and do not depend on the adapters). Models:
 
 Adapters are made in code with the shapes the methods emit: static = UCE-shaped (rank 1 on every ``attn2.to_k`` /
 ``attn2.to_v``), gated = SPM-shaped (rank 1 on every Linear/Conv2d of the transformer blocks, prompt-similarity
-gate). Overhead = median step time / the plain pipeline's − 1. Targets: ≤ 5 % with 4 gated adapters on sd15,
+gate). Overhead = median step time / the plain model's − 1, the plain model timed alternately with each
+configuration (inside ``compose.disabled``: hooks skip, bit-identical base) so that drift cancels. Targets: ≤ 5 % with 4 gated adapters on sd15,
 ≤ 1 % fused.
 
     erasekit bench perf                                   # → benchmarks/compose_overhead.json (this and the rest)
@@ -63,11 +64,12 @@ def make_adapter(pipe, kind: str, seed: int):
                    fingerprint=fingerprint(pipe, ("unet",)), gating=gating)
 
 
-def step_times(pipe, inputs: dict, repeats: int) -> list[float]:
+def step_times(pipe, inputs: dict, repeats: int, warmup: bool = True) -> list[float]:
     cuda = pipe.unet.device.type == "cuda"
     times = []
     with torch.no_grad():
-        pipe.unet(**inputs)  # warm-up (and gates, once)
+        if warmup:
+            pipe.unet(**inputs)  # warm-up (and gates, once)
         for _ in range(repeats):
             if cuda:
                 torch.cuda.synchronize()
@@ -77,6 +79,26 @@ def step_times(pipe, inputs: dict, repeats: int) -> list[float]:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
     return times
+
+
+def paired_times(pipe, inputs: dict, repeats: int) -> tuple[list[float], list[float]]:
+    """Step times with the loaded erasures and, alternating with them, inside ``compose.disabled`` (the plain
+    model): each pair is measured within seconds, so slow drift of the machine cancels out of the ratio."""
+    from erasekit import compose
+
+    with_, plain = [], []
+    step_times(pipe, inputs, 0)  # warm-up (and gates, once)
+    for _ in range(repeats):
+        with_ += step_times(pipe, inputs, 1, warmup=False)
+        with compose.disabled(pipe):
+            plain += step_times(pipe, inputs, 1, warmup=False)
+    return with_, plain
+
+
+def _row(with_: list[float], plain: list[float], steps: int, **extra) -> dict:
+    s, p = statistics.median(with_), statistics.median(plain)
+    return {"step_s": round(s, 5), "plain_step_s": round(p, 5), "image_s": round(steps * s, 3),
+            "overhead": round(s / p - 1, 4), **extra}
 
 
 def run(model: str, repeats: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -98,17 +120,13 @@ def run(model: str, repeats: int, device: str = "cpu", dtype: torch.dtype = torc
     for kind in ("static", "gated"):
         for n in counts:
             names = [compose.load(pipe, a, name=f"{kind}{i}") for i, a in enumerate(adapters[kind][:n])]
-            s = statistics.median(step_times(pipe, inputs, repeats))
-            rows[f"{kind}_{n}"] = {"step_s": round(s, 5), "image_s": round(steps * s, 3),
-                                   "overhead": round(s / plain - 1, 4),
-                                   "modules_per_adapter": len(adapters[kind][0].deltas)}
-            print(f"{model}: {kind} ×{n}: {s:.4f} s ({100 * (s / plain - 1):+.1f} %)", flush=True)
+            rows[f"{kind}_{n}"] = _row(*paired_times(pipe, inputs, repeats), steps,
+                                       modules_per_adapter=len(adapters[kind][0].deltas))
+            print(f"{model}: {kind} ×{n}: {rows[f'{kind}_{n}']}", flush=True)
             if kind == "static" and n == 4:
                 compose.fuse(pipe)
-                f = statistics.median(step_times(pipe, inputs, repeats))
-                rows["fused_4"] = {"step_s": round(f, 5), "image_s": round(steps * f, 3),
-                                   "overhead": round(f / plain - 1, 4)}
-                print(f"{model}: fused ×4: {f:.4f} s ({100 * (f / plain - 1):+.1f} %)", flush=True)
+                rows["fused_4"] = _row(*paired_times(pipe, inputs, repeats), steps)
+                print(f"{model}: fused ×4: {rows['fused_4']}", flush=True)
                 compose.unfuse(pipe)
             compose.unload(pipe, names)
     return {"steps_per_image": steps, **rows}
@@ -129,7 +147,8 @@ def main(argv=None, out: str | Path = "benchmarks/compose_overhead.json") -> dic
     models = args.models or (["sd15", "sdxl"] if args.device.startswith("cuda") else ["tinyworld", "sd15"])
     path = Path(args.out)
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data.update(targets=TARGETS, timed=f"median UNet step on a CFG batch of 2, {str(dtype)[6:]}, {args.device}",
+    data.update(targets=TARGETS, timed=f"median UNet step on a CFG batch of 2, {str(dtype)[6:]}, {args.device}; "
+                                       "plain model timed alternately with each configuration",
                 run=run_record())
     for model in models:
         data[model] = run(model, args.repeats if model != "tinyworld" else max(args.repeats, 20), args.device, dtype)

@@ -27,11 +27,25 @@ import sys
 import time
 from pathlib import Path
 
+def _reset_peak() -> None:
+    """Forget the peak RSS inherited from the parent (Linux keeps ``ru_maxrss`` across exec): reset VmHWM."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _peak_gb(device: str = "cpu") -> float:
     if device.startswith("cuda"):
         import torch
 
         return torch.cuda.max_memory_allocated(device) / 2**30
+    try:  # VmHWM: the peak since _reset_peak
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -49,6 +63,7 @@ def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", dev
 
     torch.manual_seed(0)
     dtype = dtype_of(dtype_name, device)
+    _reset_peak()
     baseline = _peak_gb(device)
     unet = (sd15_unet if model == "sd15" else sdxl_unet)(dtype).to(device).eval()
     names = _lora.select(unet, PRESETS["esd-x"])
