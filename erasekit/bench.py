@@ -75,6 +75,7 @@ class Budget:
         attack_entries: entries whose concepts are attacked.
         trained_entries: entries the trained (non closed-form) methods run on.
         train_scale: factor on the trained methods' tinyworld iterations / epochs.
+        timing_repeats: generations timed with and without each adapter (the best is kept).
     """
 
     name: str
@@ -85,11 +86,12 @@ class Budget:
     attack_entries: tuple[str, ...]
     trained_entries: tuple[str, ...]
     train_scale: float
+    timing_repeats: int = 3
 
 
 BUDGETS = {
-    "quick": Budget("quick", prompts=4, seeds=(0,), preserve=8, attack_prompts=2, attack_entries=("shape",),
-                    trained_entries=("shape",), train_scale=0.5),
+    "quick": Budget("quick", prompts=4, seeds=(0,), preserve=6, attack_prompts=2, attack_entries=("shape",),
+                    trained_entries=("shape",), train_scale=0.5, timing_repeats=2),
     "full": Budget("full", prompts=8, seeds=(0, 1), preserve=16, attack_prompts=3,
                    attack_entries=tuple(e.name for e in SUITE), trained_entries=tuple(e.name for e in SUITE),
                    train_scale=1.0),
@@ -311,6 +313,9 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
     budget_record = json.loads(json.dumps(dataclasses.asdict(spec)))
     if results.get("budget") != budget_record:  # another budget's results: start over
         results = {"budget": budget_record}
+        for method_dir in (work / m for m in METHODS):  # only what the bench wrote there
+            if method_dir.is_dir():
+                shutil.rmtree(method_dir)
     results.update(run=run_record(), suite=[dataclasses.asdict(e) for e in SUITE], judge="tinyworld",
                    missing={**{f"judge {j}": why for j, why in JUDGES.items() if why}})
     rows = results.setdefault("rows", {})
@@ -350,7 +355,7 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
             row.update(audit_entry(pipe, entry, spec, job_dir, attacks, progress))
         finally:
             compose.unload(pipe, name)
-        row["generation"] = generation_overhead(pipe, adapter_path)
+        row["generation"] = generation_overhead(pipe, adapter_path, spec.timing_repeats)
         row["row_seconds"] = round(time.time() - row_started, 1)
         rows[key] = row
         results["seconds_this_run"] = round(time.time() - started, 1)
