@@ -64,7 +64,10 @@ class ConceptArithmeticConfig:
 
 
 CONFIG = ConceptArithmeticConfig
-PRESETS = {"paper": ConceptArithmeticConfig(), "tinyworld": ConceptArithmeticConfig()}
+#: tinyworld: smaller scales tried too (with the paper's 1–2 alone, 4 of 6 solid-circle prompts on the *base* model
+#: come back as circles; with 0.75 and 0.5 as well, 10 of 10 circle prompts do)
+PRESETS = {"paper": ConceptArithmeticConfig(),
+           "tinyworld": ConceptArithmeticConfig(scales=(1.0, 0.75, 1.5, 0.5, 2.0))}
 
 
 def recipe(prompt: str, concept: str, config: ConceptArithmeticConfig) -> list[tuple[str, float]]:
