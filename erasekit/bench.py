@@ -122,25 +122,12 @@ def peak_memory(device: torch.device):
         out["mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         out["kind"] = "cuda_max_allocated"
         return
-    reset = False
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-        reset = True
+    from .bench_utils import peak_rss_mb, reset_peak_rss
+
+    reset = reset_peak_rss()
     yield out
-    out["mb"] = _vm_hwm_mb()
+    out["mb"] = round(peak_rss_mb(), 1)
     out["kind"] = "peak_rss" if reset else "peak_rss_since_start"
-
-
-def _vm_hwm_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def generation_overhead(pipe, adapter_path: Path, repeats: int = 3) -> dict:

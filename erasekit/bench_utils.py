@@ -33,14 +33,28 @@ def run_record() -> dict:
     }
 
 
-def dtype_of(name: str, device: str):
-    """A torch dtype from "auto" (float16 on CUDA, float32 elsewhere), "float32", "float16" or "bfloat16"."""
-    import torch
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS, where Linux allows it; False otherwise.
 
-    from .errors import ConfigError
+    Needed in a child process too: Linux keeps ``ru_maxrss`` across exec, so a child inherits its parent's peak.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
-    if name == "auto":
-        return torch.float16 if str(device).startswith("cuda") else torch.float32
-    if name not in ("float32", "float16", "bfloat16"):
-        raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {name!r}")
-    return getattr(torch, name)
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB since :func:`reset_peak_rss` (``VmHWM``; else ``ru_maxrss``, since start)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

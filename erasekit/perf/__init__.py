@@ -17,19 +17,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ConfigError
-
 
 def run_perf(out_dir: str | Path = "benchmarks", device: str = "cpu", quick: bool = False) -> dict[str, Path]:
     """Run the three benchmarks; returns {benchmark: output file}. ``quick`` = fewer repeats, tinyworld only for
     the composition overhead, no gradient-checkpointing variant."""
-    import torch
-
+    from .._device import resolve_device
     from . import closed_form, compose_overhead, train_memory
 
-    device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    device = str(resolve_device(device))  # ConfigError when CUDA is asked for and absent
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if device == "cpu" else f"-{device.replace(':', '')}"

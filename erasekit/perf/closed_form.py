@@ -81,7 +81,8 @@ def timed(fn, repeats: int) -> dict:
 
 
 def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json") -> dict:
-    from erasekit.bench_utils import dtype_of, run_record
+    from erasekit._device import resolve_dtype
+    from erasekit.bench_utils import run_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -91,7 +92,7 @@ def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json") -> dic
     parser.add_argument("--dtype", default="auto", help="auto: float16 on CUDA, float32 on CPU")
     parser.add_argument("--out", default=str(out))
     args = parser.parse_args(argv)
-    dtype = dtype_of(args.dtype, args.device)
+    dtype = resolve_dtype(args.dtype, torch.device(args.device))
 
     load_before = os.getloadavg()
     t = time.perf_counter()

@@ -133,7 +133,8 @@ def run(model: str, repeats: int, device: str = "cpu", dtype: torch.dtype = torc
 
 
 def main(argv=None, out: str | Path = "benchmarks/compose_overhead.json") -> dict:
-    from erasekit.bench_utils import dtype_of, run_record
+    from erasekit._device import resolve_dtype
+    from erasekit.bench_utils import run_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None, choices=["tinyworld", "sd15", "sdxl"],
@@ -143,7 +144,7 @@ def main(argv=None, out: str | Path = "benchmarks/compose_overhead.json") -> dic
     parser.add_argument("--dtype", default="auto", help="auto: float16 on CUDA, float32 on CPU")
     parser.add_argument("--out", default=str(out))
     args = parser.parse_args(argv)
-    dtype = dtype_of(args.dtype, args.device)
+    dtype = resolve_dtype(args.dtype, torch.device(args.device))
     models = args.models or (["sd15", "sdxl"] if args.device.startswith("cuda") else ["tinyworld", "sd15"])
     path = Path(args.out)
     data = json.loads(path.read_text()) if path.is_file() else {}

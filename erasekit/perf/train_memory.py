@@ -21,32 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-def _reset_peak() -> None:
-    """Forget the peak RSS inherited from the parent (Linux keeps ``ru_maxrss`` across exec): reset VmHWM."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
 def _peak_gb(device: str = "cpu") -> float:
+    """Peak memory since the child started measuring: CUDA allocations, or the process's peak RSS."""
     if device.startswith("cuda"):
         import torch
 
         return torch.cuda.max_memory_allocated(device) / 2**30
-    try:  # VmHWM: the peak since _reset_peak
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    from erasekit.bench_utils import peak_rss_mb
+
+    return peak_rss_mb() / 1024
 
 
 def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", device: str = "cpu",
@@ -57,13 +45,14 @@ def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", dev
     import torch.nn.functional as F
 
     from erasekit import _lora
-    from erasekit.bench_utils import dtype_of
+    from erasekit._device import resolve_dtype
+    from erasekit.bench_utils import reset_peak_rss
     from erasekit.methods.esd import PRESETS
     from erasekit.testing import sd15_unet, sdxl_unet, unet_inputs
 
     torch.manual_seed(0)
-    dtype = dtype_of(dtype_name, device)
-    _reset_peak()
+    dtype = resolve_dtype(dtype_name, torch.device(device))
+    reset_peak_rss()  # Linux keeps the parent's ru_maxrss across exec
     baseline = _peak_gb(device)
     unet = (sd15_unet if model == "sd15" else sdxl_unet)(dtype).to(device).eval()
     names = _lora.select(unet, PRESETS["esd-x"])
