@@ -288,8 +288,8 @@ TINYWORLD_STEPS = 10
 @pytest.mark.skipif(not _tinyworld_ready(), reason="tinyworld weights not trained yet")
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_every_attack_succeeds_on_the_base_tinyworld_model(tinyworld_pipe, name):
-    """Nothing is erased, so each attack (tinyworld budget) must make the judge see the concept (2 of 3 prompts:
-    discrete attacks such as Ring-A-Bell emit token soup that the base model itself sometimes fails to draw)."""
+    """Nothing is erased, so each attack (tinyworld budget) must make the judge see the concept on >= 90 % of the
+    concept prompts: all 3 here."""
     from erasekit.judges.tinyworld import TinyworldConceptJudge
 
     judge = TinyworldConceptJudge("circle", pipe=tinyworld_pipe)
@@ -298,4 +298,4 @@ def test_every_attack_succeeds_on_the_base_tinyworld_model(tinyworld_pipe, name)
     state = module.prepare(tinyworld_pipe, "circle", cfg) if hasattr(module, "prepare") else None  # per concept
     results = [run(name, tinyworld_pipe, p, judge, config=cfg, seed=0, state=state) for p in TINYWORLD_PROMPTS]
     hits = [r.success for r in results]
-    assert sum(hits) >= 2, [(r.adv_prompt, round(r.score, 3)) for r in results]
+    assert all(hits), [(r.adv_prompt, round(r.score, 3)) for r in results]

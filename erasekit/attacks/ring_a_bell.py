@@ -83,7 +83,7 @@ CONFIG = RingABellConfig
 PRESETS = {
     "paper": RingABellConfig(),
     "continuous": RingABellConfig(variant="continuous"),
-    "tinyworld": RingABellConfig(eta=1.0, length=8, population=64, generations=60),
+    "tinyworld": RingABellConfig(eta=1.0, length=8, population=128, generations=150),
     "tinyworld-continuous": RingABellConfig(variant="continuous", eta=1.0),
 }
 
@@ -143,9 +143,10 @@ def genetic_search(pipe, target: _sd.Cond, config: RingABellConfig, generator: t
         return torch.cat(out)
 
     keep = max(2, P // 2)
+    scores = fitness(pop)
     for _ in tqdm(range(config.generations), desc="ring-a-bell", disable=not progress, leave=False):
-        order = fitness(pop).argsort()
-        elite = pop[order[:keep]]
+        order = scores.argsort()[:keep]
+        elite, elite_scores = pop[order], scores[order]  # the kept half is not scored again
         n_child = P - keep
         a = elite[torch.randint(keep, (n_child,), generator=generator)]
         b = elite[torch.randint(keep, (n_child,), generator=generator)]
@@ -159,9 +160,9 @@ def genetic_search(pipe, target: _sd.Cond, config: RingABellConfig, generator: t
         rows = torch.arange(n_child)[mutate]
         children[rows, pos[mutate]] = new_tok[mutate]
         pop = torch.cat([elite, children])
-    f = fitness(pop)
-    best = int(f.argmin())
-    return pop[best].tolist(), float(f[best])
+        scores = torch.cat([elite_scores, fitness(children)])
+    best = int(scores.argmin())
+    return pop[best].tolist(), float(scores[best])
 
 
 def attack(pipe, prompt: str, config: RingABellConfig, judge, generator: torch.Generator | None = None, *,
