@@ -11,8 +11,9 @@ multi-erasure (circle, square, red, striped). For each (method, entry) the bench
    concepts, original → erased; for the multi-erasure, on scenes that show none of the four);
 3. times generation with the adapter loaded against the bare model (overhead per image).
 
-Rows are appended to ``results.json`` as they finish and a rerun with the same arguments skips finished rows
-(adapters and audits are cached under ``--work``), so a killed bench loses at most the row it was in. A Markdown
+Rows are appended to ``results.json`` as they finish, and to a copy in the ``--work`` cache: a rerun with the same
+cache skips finished rows (adapters and audits are cached there too), so a killed bench loses at most the row it
+was in, while a fresh clone (no cache) runs everything again rather than resuming the committed results. A Markdown
 table (``results.md``) and plots (``results.png``) are rebuilt from ``results.json`` after every row.
 
 Budgets (:data:`BUDGETS`): ``quick`` audits fewer prompts, runs the trained methods on the shape entry only at
@@ -296,7 +297,8 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
     path = out_dir / ("results.json" if budget == "quick" else f"results-{budget}.json")
     if entries and budget != "quick":
         path = path.with_name(f"results-{budget}-{'-'.join(entries)}.json")
-    results = json.loads(path.read_text()) if path.exists() else {}
+    state = work / path.name  # the resume state lives in the cache, so a committed results file is not resumed
+    results = json.loads(state.read_text()) if state.exists() else {}
     budget_record = json.loads(json.dumps(dataclasses.asdict(spec)))
     if results.get("budget") != budget_record:  # another budget's results: start over
         results = {"budget": budget_record}
@@ -346,8 +348,11 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
         row["row_seconds"] = round(time.time() - row_started, 1)
         rows[key] = row
         results["seconds_this_run"] = round(time.time() - started, 1)
+        _atomic_write(state, json.dumps(results, indent=1, default=str).encode())
         write_results(path, results)
     results["seconds_this_run"] = round(time.time() - started, 1)
+    work.mkdir(parents=True, exist_ok=True)
+    _atomic_write(state, json.dumps(results, indent=1, default=str).encode())
     write_results(path, results)
     return results
 

@@ -46,9 +46,10 @@ def test_outputs_table_plot_and_missing_items(bench):
 
 def test_rerun_resumes_without_recomputing(bench, monkeypatch):
     out, results = bench
-    saved = json.loads((out / "results-test.json").read_text())
+    state = out / ".bench-test" / "results-test.json"  # the resume state, in the cache
+    saved = json.loads(state.read_text())
     del saved["rows"]["uce/texture"]  # as if killed during that row
-    (out / "results-test.json").write_text(json.dumps(saved))
+    state.write_text(json.dumps(saved))
     erased = []
     import erasekit.api
 
@@ -101,3 +102,13 @@ def test_compose_overhead_runs_on_tinyworld():
     rows = compose_overhead.run("tinyworld", repeats=1, counts=(1,))
     assert {"plain", "static_1", "gated_1"} <= set(rows) and rows["steps_per_image"] == 10
     assert rows["gated_1"]["modules_per_adapter"] > rows["static_1"]["modules_per_adapter"]
+
+
+def test_results_without_their_cache_are_not_resumed(bench, tmp_path):
+    """A fresh clone has the committed results file but no cache: the bench runs again instead of resuming."""
+    out, results = bench
+    saved = json.loads((out / "results-test.json").read_text())
+    saved["rows"]["uce/shape"]["erasure_rate"] = -1.0  # a stale committed number
+    (tmp_path / "results-test-shape.json").write_text(json.dumps(saved))
+    again = run_suite(TINY, tmp_path, methods=["uce"], attacks=["paraphrase"], entries=["shape"], progress=False)
+    assert again["rows"]["uce/shape"]["erasure_rate"] == 1.0
