@@ -83,7 +83,7 @@ CONFIG = RingABellConfig
 PRESETS = {
     "paper": RingABellConfig(),
     "continuous": RingABellConfig(variant="continuous"),
-    "tinyworld": RingABellConfig(eta=1.0, length=8, population=128, generations=150),
+    "tinyworld": RingABellConfig(eta=1.0, length=8, population=128, generations=100),
     "tinyworld-continuous": RingABellConfig(variant="continuous", eta=1.0),
 }
 
