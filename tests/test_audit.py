@@ -243,7 +243,6 @@ def test_more_seeds_extend_an_audit(pipe, reference, tmp_path):
     assert all(r in after for r in before) and len(after) == len(before) + 3  # target + attack + paraphrase, seed 2
 
 
-@pytest.mark.slow
 def test_accelerate_launch_two_processes(pipe, reference, tmp_path):
     """The real thing: ``accelerate launch --num_processes 2 --cpu`` gives the single-process results."""
     script = tmp_path / "run.py"
