@@ -28,10 +28,11 @@ def compare_weights(shipped: Path, trained: Path) -> dict:
     rows = {}
     for f in sorted(shipped.glob("*/*.safetensors")):
         a, b = load_file(f), load_file(trained / f.relative_to(shipped))
+        same = {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
         rows[f.parent.name] = {
-            "tensors": len(a), "same_names_and_shapes": {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()},
-            "max_abs_diff": max(float((a[k].float() - b[k].float()).abs().max()) for k in a),
-            "bitwise_equal": all(torch.equal(a[k], b[k]) for k in a),
+            "tensors": len(a), "same_names_and_shapes": same,
+            "max_abs_diff": max(float((a[k].float() - b[k].float()).abs().max()) for k in a) if same else None,
+            "bitwise_equal": same and all(torch.equal(a[k], b[k]) for k in a),
         }
     return rows
 

@@ -297,6 +297,7 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
     path = out_dir / ("results.json" if budget == "quick" else f"results-{budget}.json")
     if entries and budget != "quick":
         path = path.with_name(f"results-{budget}-{'-'.join(entries)}.json")
+    work.mkdir(parents=True, exist_ok=True)
     state = work / path.name  # the resume state lives in the cache, so a committed results file is not resumed
     results = json.loads(state.read_text()) if state.exists() else {}
     budget_record = json.loads(json.dumps(dataclasses.asdict(spec)))
@@ -309,6 +310,12 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
                    missing={**{f"judge {j}": why for j, why in JUDGES.items() if why}})
     rows = results.setdefault("rows", {})
     started = time.time()
+
+    def save() -> None:  # the resume state, then the outputs
+        results["seconds_this_run"] = round(time.time() - started, 1)
+        _atomic_write(state, json.dumps(results, indent=1, default=str).encode())
+        write_results(path, results)
+
     jobs = [(m, e) for m in methods for e in _entries_for(m, spec) if not entries or e.name in entries]
     for i, (method, entry) in enumerate(jobs):
         key = f"{method}/{entry.name}"
@@ -347,13 +354,8 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
         row["generation"] = generation_overhead(pipe, adapter_path, spec.timing_repeats)
         row["row_seconds"] = round(time.time() - row_started, 1)
         rows[key] = row
-        results["seconds_this_run"] = round(time.time() - started, 1)
-        _atomic_write(state, json.dumps(results, indent=1, default=str).encode())
-        write_results(path, results)
-    results["seconds_this_run"] = round(time.time() - started, 1)
-    work.mkdir(parents=True, exist_ok=True)
-    _atomic_write(state, json.dumps(results, indent=1, default=str).encode())
-    write_results(path, results)
+        save()
+    save()
     return results
 
 

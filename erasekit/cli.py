@@ -38,7 +38,7 @@ EXAMPLES = {
     "tinyworld": """examples:
   erasekit tinyworld eval --out benchmarks/tinyworld_eval.json
   erasekit tinyworld render --prompt "a striped red circle on a black background" --out r.png
-  erasekit tinyworld train --out ./tinyworld --work ./tinyworld-work   # ~40 min on 2 CPU cores, resumable""",
+  erasekit tinyworld train --out ./tinyworld --work ./tinyworld-work   # ~47 min on 2 CPU cores, resumable""",
     "env": "example:\n  erasekit env",
     "bench": """examples:
   erasekit bench --quick                     # every method on the tinyworld suite, ~15 min on 2 CPU cores
