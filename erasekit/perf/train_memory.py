@@ -11,6 +11,11 @@ One step = the teacher's ε(x_t, ∅) and ε(x_t, c) (no grad, batch 2), the stu
 backward and one Adam step; batch 1 at the model's native resolution (SD 1.5: 64×64 latents, context 77×768).
 The partial DDIM rollout that produces x_t is left out: it runs without gradients on the teacher and costs both
 variants the same. Peak memory: the process's peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+On CPU the children run with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``): by default
+glibc raises that threshold as large blocks are freed and then keeps later freed tensors in its heap, so the
+peak RSS would measure the allocator's history rather than the tensors alive at the peak (what CUDA's counter
+measures); with the threshold fixed, every large tensor is returned to the system when freed. Both variants are
+measured the same way.
 
     erasekit bench perf                                    # → benchmarks/train_memory.json (and the others)
     python -m erasekit.perf.train_memory --gradient-checkpointing [--model sdxl --device cuda --dtype float16]
@@ -121,7 +126,8 @@ def main(argv=None, out: str | Path = "benchmarks/train_memory.json") -> int:
         cmd = [sys.executable, "-m", "erasekit.perf.train_memory", "--child", variant, "--rank", str(args.rank),
                "--model", args.model, "--device", args.device, "--dtype", args.dtype]
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # see the module docstring
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr)
             return proc.returncode
@@ -131,7 +137,7 @@ def main(argv=None, out: str | Path = "benchmarks/train_memory.json") -> int:
     record = {
         "benchmark": f"one ESD-x training step, {args.model} UNet shapes (random weights), {args.device} "
                      f"{results['ours']['dtype']}, batch 1 at native resolution; peak memory of a fresh process "
-                     "per variant",
+                     "per variant (glibc mmap threshold fixed at 128 KiB on CPU)",
         "rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing, "results": results,
         "peak_ratio_ours_over_two_unet": round(ratio, 3), "target_ratio": 0.6, "meets_target": ratio <= 0.6,
         "run": run_record(),
