@@ -406,7 +406,7 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
           budget: str = "auto", attack_configs: Mapping[str, Any] | None = None,
           paraphrases: Sequence[str] | str | None = None, preserve_prompts: Sequence[str] | str | None = None,
           judge_options: Mapping[str, Any] | None = None, num_inference_steps: int | None = None,
-          guidance_scale: float | None = None, grids: bool = True, progress: bool = True,
+          guidance_scale: float | None = None, batch_size: int = 1, grids: bool = True, progress: bool = True,
           state=None) -> AuditReport | None:
     """Audit the erasure of ``concept`` in ``pipe`` (its loaded adapters = the erased model; the same pipeline with
     ``erasekit.compose.disabled`` = the original).
@@ -430,6 +430,10 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
         judge_options: options of a judge given by name (e.g. {"weights": "ViT-B-32.bin"} for clip).
         num_inference_steps: sampling steps of every generation (None: the model's default).
         guidance_scale: CFG scale of every generation (None: the model's default).
+        batch_size: up to this many pending (prompt, seed) units of the target, paraphrase and preserve sets get
+            their original and their erased images in one pipeline call each (2-3x faster on a CPU at 8; the
+            memory of a ``batch_size`` generation). Images can differ from one-at-a-time ones in the last bits of
+            floating point, so a resumed or sharded audit matches an uninterrupted one exactly only at 1.
         grids: save image grids (original | erased | attacked) per prompt.
         progress: show progress bars.
         state: an ``accelerate.PartialState``-like object (default: ``PartialState()`` when accelerate is present).
@@ -523,11 +527,15 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
         for rec in read_results(path, repair=(path == own_file)):
             done.setdefault(unit_key(rec), rec)
     groups_of = dict(paraphrases)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     runner = _Runner(pipe, judge, plans, states, out_dir, generation, done, _Writer(own_file), groups_of)
     try:
-        for kind, prompt, seed in tqdm(mine, desc=f"audit {concept}" + (f" [{rank}/{world}]" if world > 1 else ""),
-                                       disable=not progress):
-            runner.group(kind, prompt, seed)
+        for i, unit in enumerate(tqdm(mine, desc=f"audit {concept}" + (f" [{rank}/{world}]" if world > 1 else ""),
+                                      disable=not progress)):
+            if batch_size > 1:
+                runner.prefetch(mine[i:i + batch_size])
+            runner.group(*unit)
     finally:
         runner.writer.close()
     proc.wait_for_everyone()
@@ -585,6 +593,33 @@ class _Runner:
         self.pipe, self.judge, self.plans, self.states = pipe, judge, plans, states
         self.out_dir, self.generation, self.done, self.writer = out_dir, generation, done, writer
         self.paraphrase_groups = paraphrase_groups
+        self.images: dict[tuple, tuple] = {}  # (kind, prompt, seed) -> (original, erased, seconds), from prefetch
+
+    def _pending_pair(self, unit: tuple) -> bool:
+        return unit[0] != "attack" and unit not in self.images and (*unit, "none") not in self.done
+
+    def prefetch(self, units: Sequence[tuple]) -> None:
+        """Original and erased images of the pending pair units among ``units``, one batched call each."""
+        from .generate import generate
+        from .attacks import _sd
+
+        if not units or not self._pending_pair(units[0]):
+            return
+        pending = [u for u in units if self._pending_pair(u)]
+        prompts, seeds = [u[1] for u in pending], [u[2] for u in pending]
+        t0 = time.perf_counter()
+        with _sd.original_model(self.pipe):
+            originals = generate(self.pipe, prompts, seeds, **self.generation)
+        erased = generate(self.pipe, prompts, seeds, **self.generation)
+        share = (time.perf_counter() - t0) / len(pending)
+        self.images.update({u: (o, e, share) for u, o, e in zip(pending, originals, erased)})
+
+    def _images(self, kind: str, prompt: str, seed: int) -> tuple[Any, Any, float]:
+        """(original, erased, seconds spent before the call): prefetched with their share of the batch's time,
+        or generated now (0: the caller's clock runs)."""
+        if (kind, prompt, seed) in self.images:
+            return self.images.pop((kind, prompt, seed))
+        return self._generate(prompt, seed, original=True), self._generate(prompt, seed, original=False), 0.0
 
     def _emit(self, record: dict) -> dict:
         self.writer.write(record)
@@ -614,14 +649,13 @@ class _Runner:
 
         key = (kind, prompt, seed, "none")
         t0 = time.perf_counter()
-        original = self._generate(prompt, seed, original=True)
-        erased = self._generate(prompt, seed, original=False)
+        original, erased, generation_seconds = self._images(kind, prompt, seed)
         scores, hits = verdict(self.judge, [original, erased])
         record = {"kind": kind, "prompt": prompt, "seed": seed, "attack": "none",
                   "original_score": scores[0], "original_success": hits[0], "score": scores[1], "success": hits[1],
                   "original_image": _save_image(original, self.out_dir, key, "original"),
                   "image": _save_image(erased, self.out_dir, key, "erased")}
-        record["seconds"] = round(time.perf_counter() - t0, 3)
+        record["seconds"] = round(time.perf_counter() - t0 + generation_seconds, 3)
         return record, original, erased
 
     def _target(self, prompt: str, seed: int) -> dict:
@@ -668,8 +702,7 @@ class _Runner:
         if key in self.done:
             return
         t0 = time.perf_counter()
-        original = self._generate(prompt, seed, original=True)
-        erased = self._generate(prompt, seed, original=False)
+        original, erased, generation_seconds = self._images("preserve", prompt, seed)
         record = {"kind": "preserve", "prompt": prompt, "seed": seed, "attack": "none"}
         if hasattr(self.judge, "judgement"):  # tinyworld: labels of every attribute
             from .attacks._concepts import tinyworld_scene
@@ -686,7 +719,7 @@ class _Runner:
             record["original_clip"], record["clip"] = self.judge.clip_score([original, erased], [prompt, prompt])
         record["original_image"] = _save_image(original, self.out_dir, key, "original")
         record["image"] = _save_image(erased, self.out_dir, key, "erased")
-        record["seconds"] = round(time.perf_counter() - t0, 3)
+        record["seconds"] = round(time.perf_counter() - t0 + generation_seconds, 3)
         self._emit(record)
 
 

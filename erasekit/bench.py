@@ -77,6 +77,7 @@ class Budget:
         trained_entries: entries the trained (non closed-form) methods run on.
         train_scale: factor on the trained methods' tinyworld iterations / epochs.
         timing_repeats: generations timed with and without each adapter (the best is kept).
+        batch_size: audit images generated per pipeline call (``erasekit.audit.audit``'s ``batch_size``).
     """
 
     name: str
@@ -88,6 +89,7 @@ class Budget:
     trained_entries: tuple[str, ...]
     train_scale: float
     timing_repeats: int = 3
+    batch_size: int = 8
 
 
 BUDGETS = {
@@ -211,7 +213,8 @@ def audit_entry(pipe, entry: Entry, budget: Budget, work: Path, attacks: Sequenc
         preserve = (_safe_prompts(entry.concepts, budget.preserve) if len(entry.concepts) > 1
                     else tinyworld_preserve_prompts(concept, budget.preserve))
         attacked = _subsample(canonical, budget.attack_prompts)
-        kwargs = dict(seeds=budget.seeds, judge="tinyworld", grids=False, progress=progress)
+        kwargs = dict(seeds=budget.seeds, judge="tinyworld", grids=False, progress=progress,
+                      batch_size=budget.batch_size)
         erasure = audit(pipe, concept, attacks=(), prompts=canonical, paraphrases=paraphrases,
                         preserve_prompts=preserve, out_dir=work / f"{concept}-erasure", **kwargs).summary
         row = {"erasure_rate": erasure["target"]["erasure_rate"],

@@ -294,7 +294,7 @@ def audit_command(args) -> int:
         path, weight = _parse_adapter(spec)
         compose.load(pipe, path, weight=weight)
     report = audit(pipe, args.concept, attacks, prompts=prompts, seeds=args.seed, judge=args.judge,
-                   out_dir=args.out_dir, budget=args.budget)
+                   out_dir=args.out_dir, budget=args.budget, batch_size=args.batch_size)
     if report is not None:
         print(report)
         print(f"report: {report.report_md} · {report.report_html}")
@@ -527,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, nargs="+", default=[0])
     a.add_argument("--judge", default="tinyworld", choices=["tinyworld", "clip", "nudenet"])
     a.add_argument("--budget", default="auto", choices=["auto", "tinyworld", "paper"], help="attack presets")
+    a.add_argument("--batch-size", type=int, default=1,
+                   help="original/erased images generated per pipeline call (faster; 1 = bitwise resumable)")
     a.add_argument("--out-dir", required=True, help="results, images and report (rerun to resume)")
     _add_runtime(a)
 

@@ -227,6 +227,28 @@ def test_two_process_sharding_merges_to_the_single_process_result(pipe, referenc
     assert timeless(report.summary) == timeless(reference[1].summary)
 
 
+def test_batched_generation_gives_the_one_at_a_time_results(pipe, reference, tmp_path, monkeypatch):
+    from erasekit import generate as G
+
+    real, sizes = G.generate, []
+
+    def spy(pipe, prompts, seeds, **kwargs):
+        sizes.append(len(prompts))
+        return real(pipe, prompts, seeds, **kwargs)
+
+    monkeypatch.setattr(G, "generate", spy)
+    run_audit(pipe, tmp_path, batch_size=8)
+    assert max(sizes) == 6  # the 4 targets and 2 paraphrases at once, original then erased
+    expected = {A.unit_key(r): r for r in lines(reference[0])}
+    got = {A.unit_key(r): r for r in lines(tmp_path)}
+    assert got.keys() == expected.keys()
+    for key, r in got.items():
+        assert r["success"] == expected[key]["success"], key
+        assert r["score"] == pytest.approx(expected[key]["score"], abs=1e-3), key
+    with pytest.raises(ConfigError, match="batch_size"):
+        run_audit(pipe, tmp_path / "bad", batch_size=0)
+
+
 def test_other_arguments_refuse_to_reuse_a_results_folder(pipe, reference, tmp_path):
     shutil.copytree(reference[0], tmp_path / "run")
     with pytest.raises(ConfigError, match="attacks"):
