@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     adapters = {}
     for method in args.methods + ([m for m in args.asr_compare if m not in args.methods] if args.asr else []):
         spec = METHODS[method]
-        config = spec.make_config((args.concept,), progress=False)
+        quiet = {"progress": False} if "progress" in spec.options else {}
+        config = spec.make_config((args.concept,), tinyworld=True, **quiet)  # tinyworld presets, as `erase` does
         started = time.perf_counter()
         adapter = spec.erase(pipe, config)
         seconds = time.perf_counter() - started
