@@ -17,7 +17,7 @@ was in, while a fresh clone (no cache) runs everything again rather than resumin
 table (``results.md``) and plots (``results.png``) are rebuilt from ``results.json`` after every row.
 
 Budgets (:data:`BUDGETS`): ``quick`` audits fewer prompts, runs the trained methods on the shape entry only at
-half their tinyworld iterations, and attacks the shape entry only (14–17 minutes on a 2-core CPU, with its load); ``full``
+half their tinyworld iterations, and attacks the shape entry only (12.5 minutes on a 2-core CPU, with its load); ``full``
 runs every method on every entry at its tinyworld defaults and attacks every entry.
 
 >>> from erasekit.bench import run_suite
