@@ -72,6 +72,7 @@ def main() -> None:
             drop = base[concept]["other_accuracy"] - r["other_accuracy"]
             r.update(method=method, erase_seconds=round(seconds, 2), other_accuracy_drop=round(drop, 4),
                      config={k: v for k, v in adapter.config.items() if k != "concepts"},
+                     **{k: adapter.info[k] for k in ("validation_rates", "kept_epoch") if k in adapter.info},
                      meets_bars=bool(r["canonical_rate"] <= BARS["canonical_rate_max"]
                                      and r["synonym_rate"] <= BARS["synonym_rate_max"]
                                      and drop <= BARS["other_accuracy_drop_max"]))

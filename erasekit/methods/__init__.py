@@ -86,7 +86,8 @@ METHODS: dict[str, MethodSpec] = {
                    summary="TIME: closed-form edit of cross-attention v (k optional), 77 aligned token keys"),
         MethodSpec("rece", rece, rece.ReceConfig,
                    summary="RECE: UCE, then iterated erasure of closed-form adversarial embeddings",
-                   tinyworld={k.replace("key_mode", "uce_key_mode"): v for k, v in TINYWORLD_CLOSED_FORM.items()}),
+                   tinyworld={**{k.replace("key_mode", "uce_key_mode"): v for k, v in TINYWORLD_CLOSED_FORM.items()},
+                              "validation_judge": "tinyworld"}),  # the reference's per-epoch model selection
         MethodSpec("esd-x", esd, esd.EsdConfig, {"train_method": "esd-x"}, "ESD-x: fine-tune cross-attention (low-rank) toward negative guidance"),
         MethodSpec("esd-x-strict", esd, esd.EsdConfig, {"train_method": "esd-x-strict"}, "ESD-x-strict: as ESD-x on cross-attention k/v only"),
         MethodSpec("esd-u", esd, esd.EsdConfig, {"train_method": "esd-u"}, "ESD-u: fine-tune every UNet layer but cross-attention toward negative guidance"),

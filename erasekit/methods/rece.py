@@ -22,14 +22,20 @@ values ≤ 1e-10·σ_max (:func:`erasekit.methods.uce.compress`); rank ≤ total
 Defaults (``train.py`` and README): 3 epochs (README's nudity setting; the script's argparse default is 10),
 λ = 0.1, λ_reg = 0.1, preserve_scale = 0.1, erase_scale = 1, guide " " (unconditional), to_k and to_v;
 when no preserve prompts are given the reference preserves " " once per concept, as done here. Epoch 0 uses the
-UCE settings of the checkpoint the README points to (λ 0.5, scales 1, paper-era "tokens" keys). Not reproduced:
-the reference's per-epoch image validation that keeps the epoch with the lowest NudeNet/Q16 rate (here the last
-epoch is returned; choose ``epochs`` instead), and its random sampling of preserve prompts (all are used).
+UCE settings of the checkpoint the README points to (λ 0.5, scales 1, paper-era "tokens" keys).
+
+Model selection (``train.py`` l.263-275): the reference generates a validation set after every epoch and keeps the
+epoch whose images a classifier (NudeNet / Q16) flags least, saving only strict improvements. With
+``validation_judge`` set, the same happens here, the initial UCE solve (epoch 0) included: every candidate edit is
+applied to the pipeline (:mod:`erasekit.compose`), ``validation_prompts`` × ``validation_seeds`` are generated and
+judged, and the earliest edit with the lowest rate is returned. Without it the last epoch is returned. Not
+reproduced: the reference's random sampling of preserve prompts (all are used).
 """
 
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,6 +72,11 @@ class ReceConfig:
         negative_guidance: η of every solve (UCE's: targets c_g + η(c_g − c); 0 = the paper).
         preserve_related: preserve the erased concepts' related concepts in every step (UCE's; tinyworld).
         targets: module-path suffixes of the UNet Linear layers to edit.
+        validation_judge: keep the epoch whose validation images this judge ("tinyworld", "nudenet", "clip") flags
+            least, the initial UCE solve included (the reference's model selection); "" = return the last epoch.
+        validation_prompts: prompts of the validation set (default: the concepts themselves; on tinyworld, 8 of
+            each concept's canonical grid prompts).
+        validation_seeds: validation images per prompt (seeds 0, 1, ...).
     """
 
     concepts: tuple[str, ...]
@@ -84,14 +95,23 @@ class ReceConfig:
     negative_guidance: float = 0.0
     preserve_related: bool = False
     targets: tuple[str, ...] = uce.DEFAULT_TARGETS
+    validation_judge: str = ""
+    validation_prompts: tuple[str, ...] = ()
+    validation_seeds: int = 1
 
     def __post_init__(self):
+        from ..errors import ConfigError
+        from ..judges import JUDGES
+
         uce.validate_config(self)
+        if self.validation_judge and self.validation_judge not in JUDGES:
+            raise ConfigError(f"ReceConfig: validation_judge must be '' or one of {', '.join(JUDGES)}, "
+                              f"got {self.validation_judge!r}")
+        if self.validation_seeds < 1:
+            raise ConfigError(f"ReceConfig: validation_seeds must be ≥ 1, got {self.validation_seeds}")
         uce.positive(self, "erase_scale", "lam", "uce_lam", "reg_scale")
         uce.positive(self, "preserve_scale", "uce_preserve_scale", "epochs", "negative_guidance", strict=False)
         if self.epochs == 0 and not self.initial_uce:
-            from ..errors import ConfigError
-
             raise ConfigError("ReceConfig: epochs=0 without initial_uce erases nothing")
 
 
@@ -109,6 +129,42 @@ def adversarial_map(G: torch.Tensor, T: torch.Tensor, reg_scale: float) -> torch
     dim = G.shape[0]
     TG = T.T @ G
     return torch.linalg.solve(reg_scale * torch.eye(dim, dtype=G.dtype, device=G.device) + TG @ T, TG)
+
+
+class _Validation:
+    """The reference's model selection: the share of validation images in which a judge sees the concept(s)."""
+
+    def __init__(self, pipe, config: ReceConfig, modules: dict):
+        from ..audit import _tinyworld_concept, tinyworld_prompts
+        from ..judges import load
+
+        self.pipe, self.config, self.modules = pipe, config, modules
+        self.sets = []  # (judge, prompts) per concept
+        for concept in config.concepts:
+            options = {"pipe": pipe} if config.validation_judge == "tinyworld" else {}
+            prompts = list(config.validation_prompts)
+            if not prompts and config.validation_judge == "tinyworld" and _tinyworld_concept(concept):
+                grid = tinyworld_prompts(concept)
+                prompts = grid[:: max(1, len(grid) // 8)][:8]
+            self.sets.append((load(config.validation_judge, concept, **options), prompts or [concept]))
+
+    def rate(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        from .. import compose
+        from ..generate import generate
+        from ..judges import verdict
+
+        P, Q = uce.compress(torch.cat([f[0] for f in factors], 1), torch.cat([f[1] for f in factors], 1))
+        candidate = uce.make_adapter("rece", self.config, self.pipe, uce.module_deltas(self.modules, P, Q), {}, {})
+        name = compose.load(self.pipe, candidate, name="rece-validation")
+        try:
+            hits = []
+            for judge, prompts in self.sets:
+                seeds = list(range(self.config.validation_seeds))
+                images = generate(self.pipe, [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds])
+                hits += verdict(judge, images)[1]
+        finally:
+            compose.unload(self.pipe, name)
+        return sum(hits) / len(hits)
 
 
 @torch.no_grad()
@@ -148,6 +204,13 @@ def erase(pipe, config: ReceConfig) -> Adapter:
     c_p = torch.cat([emb[row[p]] for p in preserve])  # (m·77, d)
     G = gram(modules, device, dtype) if config.epochs else None
 
+    validation = _Validation(pipe, config, modules) if config.validation_judge else None
+    rates: list[float] = []
+    best = (float("inf"), len(factors))  # (rate, number of factors of that edit)
+    if validation and factors:
+        rates.append(validation.rate(factors))
+        best = (rates[-1], len(factors))
+
     for epoch in range(config.epochs):
         R = adversarial_map(G, T, config.reg_scale)  # 1. c' = R c for all 77 tokens
         c_adv = (c @ R.T).reshape(-1, dim)
@@ -159,12 +222,21 @@ def erase(pipe, config: ReceConfig) -> Adapter:
         T = T + TP @ edit.Q.T
         keys_total += keys.erase.shape[0]
         logger.debug("rece epoch %d: |T - I| = %.4g", epoch, float(torch.linalg.norm(T - eye)))
+        if validation:
+            rates.append(validation.rate(factors))
+            if rates[-1] < best[0]:  # strict improvements only, as the reference saves them
+                best = (rates[-1], len(factors))
 
+    if validation:
+        factors = factors[:best[1]]
     P, Q = uce.compress(torch.cat([f[0] for f in factors], 1), torch.cat([f[1] for f in factors], 1))
     deltas = uce.module_deltas(modules, P, Q)
     info = {"rank": int(P.shape[1]), "erase_keys": int(keys_total), "epochs": config.epochs,
             "targets": list(config.targets), "seconds": round(time.perf_counter() - start, 3),
             "factorisation": "concatenated epoch factors, QR+SVD recompressed (rtol 1e-10)"}
+    if validation:
+        info.update(validation_rates=[round(r, 4) for r in rates],
+                    kept_epoch=best[1] - (1 if config.initial_uce else 0))  # 0 = the initial UCE solve
     logger.info("rece: %d concept(s), %d epoch(s), rank %d, %d modules", len(config.concepts), config.epochs,
                 info["rank"], len(deltas))
     return uce.make_adapter("rece", config, pipe, deltas, {}, info)
