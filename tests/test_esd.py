@@ -197,6 +197,24 @@ def test_abo_loss_and_preservation(sd1):
         assert torch.isfinite(loss_fn(deltas)(0, _train.step_generator(0, 0)))
 
 
+def test_esd_preserve_weight_adds_the_uncond_preservation_term(sd1):
+    config = esd.EsdConfig(concepts=("cat",), iterations=3, num_inference_steps=4, batch_size=2, lr=1e-2,
+                           progress=False)
+    adapter = esd.erase(sd1, config)
+    weighted = dataclasses.replace(config, preserve_weight=2.0)
+
+    def losses(scale):  # (ESD loss, ESD loss + 2·‖ε_θ(x_t, ∅) − ε₀(x_t, ∅)‖²) on the same draw
+        with torch.no_grad(), _lora.applied(sd1.unet, adapter.deltas, weight=scale) as deltas:
+            return [float(esd.objective(sd1, c)(deltas)(0, _train.step_generator(7, 0))) for c in (config, weighted)]
+
+    plain, both = losses(0.0)  # the base model: its unconditional score is the teacher's, the term is 0
+    assert both == pytest.approx(plain, rel=1e-4)
+    plain, both = losses(1.0)
+    assert both > plain * 1.0001
+    with pytest.raises(ConfigError, match="preserve_weight"):
+        esd.EsdConfig(concepts=("cat",), preserve_weight=-1.0)
+
+
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_structures_smoke(family):
     pipe = tiny_pipeline(family)

@@ -8,6 +8,8 @@ The UNet is fine-tuned so that its conditional score on the erased concept ``c``
 where ``x_t`` comes from a partial DDIM rollout of the frozen model, conditioned on ``c`` with classifier-free
 guidance ``start_guidance``, stopped at a random step (the authors' diffusers code, ``esd_sd.py``). With
 ``erase_from`` = B, the rollout, the student and the first term use B instead: erase ``c`` only within B.
+Optionally (``preserve_weight`` λ > 0, not in the paper) ANT's unconditional-score preservation term
+``λ‖ε_θ(x_t, ∅) − ε_θ₀(x_t, ∅)‖²`` (Li et al. 2025) is added, which holds back changes that act on every prompt.
 
 The trainable ``ΔW`` are low-rank (``rank``) or full (``rank=0``) deltas on the preset's modules, attached with
 hooks (``erasekit._lora``): the frozen teacher is the same UNet with the hooks disabled, so one UNet is in
@@ -64,6 +66,8 @@ class EsdConfig:
             {}"); each sample of a step draws one. Empty: the bare concept, as in the paper; on tinyworld,
             tinyworld's caption templates with random other attributes (see ``training_templates``).
         negative_guidance: η, the strength of the negative guidance in the target (paper code: 1; new code: 2).
+        preserve_weight: λ of ANT's unconditional-score preservation term ``λ‖ε_θ(x_t, ∅) − ε_θ₀(x_t, ∅)‖²``
+            added to the ESD loss (Li et al. 2025; All-but-One's second term); 0 = the paper's ESD.
         start_guidance: classifier-free guidance of the frozen model's rollout that produces x_t.
         num_inference_steps: DDIM steps of that rollout; it stops at a uniformly drawn step.
         iterations: optimisation steps.
@@ -85,6 +89,7 @@ class EsdConfig:
     erase_from: str = ""
     templates: tuple[str, ...] = ()
     negative_guidance: float = 2.0
+    preserve_weight: float = 0.0
     start_guidance: float = 3.0
     num_inference_steps: int = 20
     iterations: int = 150
@@ -102,6 +107,8 @@ class EsdConfig:
 
     def __post_init__(self):
         _validate(self)
+        if self.preserve_weight < 0:
+            raise ConfigError(f"preserve_weight must be ≥ 0, got {self.preserve_weight}")
         if self.train_method not in PRESETS:
             raise ConfigError(f"train_method must be one of {', '.join(PRESETS)}, got {self.train_method!r}")
 
@@ -327,7 +334,11 @@ def objective(pipe, config: EsdConfig) -> Callable:
                 teacher = Cond.cat([uncond.repeat(n), erased, source])
                 e_null, e_erase, e_from = predict(unet, torch.cat([x] * 3), t, teacher).float().chunk(3)
             target = e_from - eta * (e_erase - e_null)
-            return F.mse_loss(predict(unet, x, t, source).float(), target)
+            if not config.preserve_weight:
+                return F.mse_loss(predict(unet, x, t, source).float(), target)
+            student, null = predict(unet, torch.cat([x, x]), t,
+                                    Cond.cat([source, uncond.repeat(n)])).float().chunk(2)
+            return F.mse_loss(student, target) + config.preserve_weight * F.mse_loss(null, e_null)
 
         return loss_fn
 
