@@ -454,6 +454,8 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
     from .attacks import _base, _sd
     from .attacks._concepts import read_lines
 
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     started = time.time()
     proc = _process_state(state)
     out_dir = Path(out_dir)
@@ -527,8 +529,6 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
         for rec in read_results(path, repair=(path == own_file)):
             done.setdefault(unit_key(rec), rec)
     groups_of = dict(paraphrases)
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     runner = _Runner(pipe, judge, plans, states, out_dir, generation, done, _Writer(own_file), groups_of)
     try:
         for i, unit in enumerate(tqdm(mine, desc=f"audit {concept}" + (f" [{rank}/{world}]" if world > 1 else ""),

@@ -66,6 +66,17 @@ def _load(args):
     return load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.model_config)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (a bad value is a usage error, before anything is loaded or created)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _writable_dir(path: str | Path) -> Path:
     path = Path(path)
     try:
@@ -527,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, nargs="+", default=[0])
     a.add_argument("--judge", default="tinyworld", choices=["tinyworld", "clip", "nudenet"])
     a.add_argument("--budget", default="auto", choices=["auto", "tinyworld", "paper"], help="attack presets")
-    a.add_argument("--batch-size", type=int, default=1,
+    a.add_argument("--batch-size", type=_positive_int, default=1,
                    help="original/erased images generated per pipeline call (faster; 1 = bitwise resumable)")
     a.add_argument("--out-dir", required=True, help="results, images and report (rerun to resume)")
     _add_runtime(a)

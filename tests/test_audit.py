@@ -247,6 +247,7 @@ def test_batched_generation_gives_the_one_at_a_time_results(pipe, reference, tmp
         assert r["score"] == pytest.approx(expected[key]["score"], abs=1e-3), key
     with pytest.raises(ConfigError, match="batch_size"):
         run_audit(pipe, tmp_path / "bad", batch_size=0)
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 def test_other_arguments_refuse_to_reuse_a_results_folder(pipe, reference, tmp_path):

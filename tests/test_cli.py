@@ -77,6 +77,13 @@ def test_python_dash_m_works():
     assert out.returncode == 0 and "erasekit" in out.stdout
 
 
+def test_audit_bad_batch_size_is_a_usage_error_that_creates_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["audit", "--concept", "circle", "--batch-size", "0", "--out-dir", str(tmp_path / "a")])
+    assert exit_.value.code == 2 and "--batch-size: must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
 def test_audit_unknown_attack_is_one_clear_error(tmp_path, capsys):
     code = main(["audit", "--concept", "circle", "--attack", "nope", "--out-dir", str(tmp_path / "a")])
     assert code == 2 and "unknown attack 'nope'" in capsys.readouterr().err

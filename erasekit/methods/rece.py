@@ -131,6 +131,12 @@ def adversarial_map(G: torch.Tensor, T: torch.Tensor, reg_scale: float) -> torch
     return torch.linalg.solve(reg_scale * torch.eye(dim, dtype=G.dtype, device=G.device) + TG @ T, TG)
 
 
+def combine(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``(P, Q)`` for the edit ``T = Π_k (I + P_k Q_kᵀ)`` given as ``(T_{<k} P_k, Q_k)`` factors: concatenated,
+    then recompressed (:func:`erasekit.methods.uce.compress`)."""
+    return uce.compress(torch.cat([f[0] for f in factors], 1), torch.cat([f[1] for f in factors], 1))
+
+
 class _Validation:
     """The reference's model selection: the share of validation images in which a judge sees the concept(s)."""
 
@@ -153,8 +159,8 @@ class _Validation:
         from ..generate import generate
         from ..judges import verdict
 
-        P, Q = uce.compress(torch.cat([f[0] for f in factors], 1), torch.cat([f[1] for f in factors], 1))
-        candidate = uce.make_adapter("rece", self.config, self.pipe, uce.module_deltas(self.modules, P, Q), {}, {})
+        candidate = uce.make_adapter("rece", self.config, self.pipe, uce.module_deltas(self.modules, *combine(factors)),
+                                     {}, {})
         name = compose.load(self.pipe, candidate, name="rece-validation")
         try:
             hits = []
@@ -205,11 +211,9 @@ def erase(pipe, config: ReceConfig) -> Adapter:
     G = gram(modules, device, dtype) if config.epochs else None
 
     validation = _Validation(pipe, config, modules) if config.validation_judge else None
-    rates: list[float] = []
-    best = (float("inf"), len(factors))  # (rate, number of factors of that edit)
+    rates: list[float] = []  # rates[i]: the edit of factors[:i + 1]
     if validation and factors:
         rates.append(validation.rate(factors))
-        best = (rates[-1], len(factors))
 
     for epoch in range(config.epochs):
         R = adversarial_map(G, T, config.reg_scale)  # 1. c' = R c for all 77 tokens
@@ -224,19 +228,18 @@ def erase(pipe, config: ReceConfig) -> Adapter:
         logger.debug("rece epoch %d: |T - I| = %.4g", epoch, float(torch.linalg.norm(T - eye)))
         if validation:
             rates.append(validation.rate(factors))
-            if rates[-1] < best[0]:  # strict improvements only, as the reference saves them
-                best = (rates[-1], len(factors))
 
-    if validation:
-        factors = factors[:best[1]]
-    P, Q = uce.compress(torch.cat([f[0] for f in factors], 1), torch.cat([f[1] for f in factors], 1))
+    if validation:  # the earliest lowest rate: the reference saves strict improvements only
+        kept = rates.index(min(rates))
+        factors = factors[:kept + 1]
+    P, Q = combine(factors)
     deltas = uce.module_deltas(modules, P, Q)
     info = {"rank": int(P.shape[1]), "erase_keys": int(keys_total), "epochs": config.epochs,
             "targets": list(config.targets), "seconds": round(time.perf_counter() - start, 3),
             "factorisation": "concatenated epoch factors, QR+SVD recompressed (rtol 1e-10)"}
     if validation:
         info.update(validation_rates=[round(r, 4) for r in rates],
-                    kept_epoch=best[1] - (1 if config.initial_uce else 0))  # 0 = the initial UCE solve
+                    kept_epoch=kept if config.initial_uce else kept + 1)  # 0 = the initial UCE solve
     logger.info("rece: %d concept(s), %d epoch(s), rank %d, %d modules", len(config.concepts), config.epochs,
                 info["rank"], len(deltas))
     return uce.make_adapter("rece", config, pipe, deltas, {}, info)
