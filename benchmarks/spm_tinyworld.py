@@ -1,5 +1,6 @@
 """SPM membranes on tinyworld: one membrane erasing "circle", then four membranes (a shape, another shape, a colour,
-a texture) composed at once, with Facilitated Transport (the default gates) and without it (γ fixed to 1).
+a texture) composed at once, with Facilitated Transport (the default gates) and without it (γ fixed to 1), then the
+circle membrane on a second tinyworld checkpoint (the base UNet fine-tuned ``--transfer-steps`` more steps).
 
 For each erased concept, ``erasekit.tinyworld.eval.erasure`` gives the share of its canonical prompts and of its
 synonym prompts in which the judge still sees it, and the judge's accuracy on the other values of its attribute.
@@ -20,6 +21,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--adapters", default="", help="folder to save (and reuse) the trained membranes")
+    p.add_argument("--transfer-steps", type=int, default=300, help="fine-tuning steps of the second checkpoint")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -160,6 +163,33 @@ def main(argv=None) -> int:
                     save()
             finally:
                 compose.unload(pipe)
+
+    # 4. transfer: the first membrane on a second checkpoint of the same architecture
+    if args.transfer_steps > 0:
+        from erasekit.errors import BaseModelMismatchWarning
+        from erasekit.tinyworld.train import finetuned
+
+        started = time.perf_counter()
+        other = finetuned(pipe, args.transfer_steps)
+        change = sum(float((a - b).pow(2).sum()) for a, b in zip(other.unet.parameters(), pipe.unet.parameters()))
+        base2 = erasure(other, judge, first, seeds=seeds).as_dict()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compose.load(other, membranes[first], name=first)
+        try:
+            erased2 = erasure(other, judge, first, seeds=seeds).as_dict()
+        finally:
+            compose.unload(other)
+        record["transfer"] = {
+            "concept": first, "unet_finetune_steps": args.transfer_steps,
+            "unet_relative_weight_change": round((change / sum(float(p.pow(2).sum()) for p in pipe.unet.parameters()))
+                                                 ** 0.5, 5),
+            "fingerprint_warning": any(issubclass(w.category, BaseModelMismatchWarning) for w in caught),
+            "base": base2, "spm": erased2,
+            "other_accuracy_drop": round(base2["other_accuracy"] - erased2["other_accuracy"], 4),
+            "seconds": round(time.perf_counter() - started, 1),
+            "meets": {"canonical_rate": erased2["canonical_rate"] <= BARS["transfer_canonical_rate_max"]}}
+        logging.info("transfer: %s", record["transfer"])
     save()
     return 0
 

@@ -14,10 +14,8 @@ adapter to it. Results are written to the JSON after every step, so a killed run
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
-import random
 import resource
 import sys
 import tempfile
@@ -33,34 +31,6 @@ BARS = {"advunlearn_canonical_rate_max": 0.10, "advunlearn_other_accuracy_drop_m
 
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
-
-
-def second_unet(pipe, steps: int, seed: int = 1, batch_size: int = 16, lr: float = 1e-4):
-    """A tinyworld UNet fine-tuned ``steps`` steps further on fresh renders, text encoder frozen (shared)."""
-    import torch.nn.functional as F
-
-    from erasekit.tinyworld import world
-
-    unet = copy.deepcopy(pipe.unet).train()
-    opt = torch.optim.Adam(unet.parameters(), lr=lr)
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    alphas = pipe.scheduler.alphas_cumprod
-    for _ in range(steps):
-        scenes = [world.random_scene(rng) for _ in range(batch_size)]
-        x = torch.from_numpy(__import__("numpy").stack([world.render(s, rng) for s in scenes])).permute(0, 3, 1, 2)
-        with torch.no_grad():
-            z0 = pipe.vae.encode(x.float() / 127.5 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
-            ids = pipe.tokenizer([world.caption(s, rng) for s in scenes], padding="max_length", max_length=77,
-                                 truncation=True, return_tensors="pt").input_ids
-            context = pipe.text_encoder(ids)[0]
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, 1000, (batch_size,), generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, context).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return unet.eval().requires_grad_(False)
 
 
 def asr(pipe, concept: str, prompts, seeds, out_dir: Path) -> dict:
@@ -137,12 +107,11 @@ def main(argv=None) -> int:
         save()
 
     if args.transfer and "advunlearn" in adapters:
-        from diffusers import StableDiffusionPipeline
+        from erasekit.tinyworld.train import finetuned
 
         started = time.perf_counter()
-        unet2 = second_unet(pipe, args.transfer_steps)
-        other = StableDiffusionPipeline(**{**pipe.components, "unet": unet2})
-        other.register_to_config(_name_or_path=pipe.name_or_path)  # tinyworld's generation defaults
+        other = finetuned(pipe, args.transfer_steps)
+        unet2 = other.unet
         base2 = erasure(other, judge, args.concept, seeds=seeds)
         name = compose.load(other, adapters["advunlearn"], name="advunlearn")
         try:

@@ -201,6 +201,35 @@ def test_gated_and_static_on_the_same_modules_stack_exactly(family, pipe, base):
     np.testing.assert_allclose(generate(pipe, "a cat", guidance_scale=1.0), cat, atol=1e-5)
 
 
+def test_tokencos_gate_is_a_soft_tokenuni(family, pipe, base):
+    """tokencos(p, q) = mean over q's tokens of max(0, the best cosine to one of p's token embeddings)."""
+    adapter = random_adapter(pipe, ("attn2.to_k",), components=("unet",), gating=gated(["a cat"], metric="tokencos"))
+    compose.load(pipe, adapter, name="soft")
+    compose.load(pipe, random_adapter(pipe, ("attn2.to_v",), seed=2, components=("unet",), gating=gated(["a cat"])),
+                 name="exact")
+    prompts = ["a cat", "a big cat sat", "red car", "dog", ""]
+    gates = compose.gates(pipe, prompts)
+    special = set(pipe.tokenizer.all_special_ids)
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+
+    def tokens(prompt):
+        return [i for i in pipe.tokenizer(prompt).input_ids if i not in special]
+
+    for prompt, gate in zip(prompts, gates):
+        if not tokens(prompt):
+            expected = 0.0
+        else:
+            expected = np.mean([max(0.0, max(torch.cosine_similarity(table[j], table[i], dim=0).item()
+                                              for i in tokens(prompt))) for j in tokens("a cat")])
+        assert gate["soft"] == pytest.approx(expected, abs=1e-5), prompt
+        assert gate["soft"] >= gate["exact"] - 1e-6, prompt  # soft overlap: never below the exact one
+    assert gates[0]["soft"] == pytest.approx(1.0) and gates[1]["soft"] == pytest.approx(1.0)
+    assert gates[2]["soft"] < 1.0 and gates[4]["soft"] == 0.0
+    batch = generate(pipe, ["a cat", "red car"], seeds=(0, 1))  # the gates act per sample
+    np.testing.assert_allclose(batch[1], generate(pipe, "red car", seeds=(1,))[0], atol=1e-5)
+    assert np.abs(generate(pipe, "a cat") - base).max() > 1e-3
+
+
 def test_clipcos_gate_and_factor_combine(family, pipe, base):
     prompt = "a cat"
     first = random_adapter(pipe, ("attn2.to_k",), seed=3, components=("unet",),

@@ -51,6 +51,7 @@ def test_config_defaults_and_validation(sd1):
     config = spm.SpmConfig(concepts=("cat",))
     assert config.resolved(sd1).iterations == spm.PAPER_SD["iterations"]  # not tinyworld: the authors' values
     assert config.resolved(sd1).la_strength == 1000.0 and config.rank == 1
+    assert config.resolved(sd1).gate_metric == "clipcos_tokenuni"  # the reference's Facilitated Transport
     with pytest.raises(ConfigError, match="gate_combine"):
         spm.SpmConfig(concepts=("cat",), gate_combine="product")
     with pytest.raises(ConfigError, match="concepts"):
@@ -60,6 +61,28 @@ def test_config_defaults_and_validation(sd1):
 def test_tinyworld_gets_tinyworld_defaults(tinyworld_pipe):
     resolved = spm.SpmConfig(concepts=("circle",)).resolved(tinyworld_pipe)
     assert {k: getattr(resolved, k) for k in spm.TINYWORLD} == spm.TINYWORLD
+
+
+def test_tinyworld_gate_separates_prompts(tinyworld_pipe):
+    """On tinyworld the default gate (tokencos) opens for the concept, mostly for its synonyms, barely for others;
+    the reference's flattened clipcos would open ~0.8 for every prompt."""
+    pipe = tinyworld_pipe
+    config = spm.SpmConfig(concepts=("red",)).resolved(pipe)
+    assert config.gate_metric == "tokencos"
+    module = next(m for m in spm.transformer_modules(pipe.unet) if m.endswith("attn2.to_k"))
+    weight = dict(pipe.unet.named_modules())[module].weight
+    membrane = Adapter(method="spm", concepts=("red",), config={}, gating=spm.gating_record(config), deltas={
+        f"unet.{module}": ModuleDelta(down=torch.zeros(1, weight.shape[1]), up=torch.zeros(weight.shape[0], 1))})
+    prompts = ["a red circle on a black background", "a crimson circle", "a blue striped square", ""]
+    compose.load(pipe, membrane, name="red")
+    compose.load(pipe, spm.with_gate(membrane, metric="clipcos_tokenuni"), name="reference")
+    try:
+        gates = compose.gates(pipe, prompts)
+    finally:
+        compose.unload(pipe)
+    red, crimson, blue, empty = (g["red"] for g in gates)
+    assert red == pytest.approx(1.0) and crimson > 0.5 and blue < 0.3 and empty == 0.0
+    assert min(g["reference"] for g in gates[2:]) > 0.7  # why tinyworld does not use it
 
 
 def test_only_transformer_modules_get_rank_one_deltas(sd1, membrane):

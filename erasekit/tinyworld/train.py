@@ -306,3 +306,35 @@ def train(out_dir: str | Path, work_dir: str | Path, config: TrainConfig = Train
         shutil.rmtree(out_dir)
     tmp.replace(out_dir)
     return manifest
+
+
+def finetuned(pipe, steps: int, seed: int = 1, batch_size: int = 16, lr: float = 1e-4):
+    """A second tinyworld checkpoint: ``pipe`` with a copy of its UNet fine-tuned ``steps`` more steps on fresh renders
+    and captions (Adam, ``lr``), every other component shared. Used to show that an adapter transfers between
+    checkpoints of one architecture (SPM membranes, text-encoder adapters)."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    unet = copy.deepcopy(pipe.unet).train().requires_grad_(True)
+    opt = torch.optim.Adam(unet.parameters(), lr=lr)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    alphas = pipe.scheduler.alphas_cumprod
+    for _ in range(steps):
+        scenes = [random_scene(rng) for _ in range(batch_size)]
+        x = torch.from_numpy(np.stack([render(s, rng) for s in scenes])).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            z0 = pipe.vae.encode(x.float() / 127.5 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
+            ids = pipe.tokenizer([caption(s, rng) for s in scenes], padding="max_length",
+                                 max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+            context = pipe.text_encoder(ids.input_ids)[0]
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, len(alphas), (batch_size,), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        loss = F.mse_loss(unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, context).sample, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    other = StableDiffusionPipeline(**{**pipe.components, "unet": unet.eval().requires_grad_(False)})
+    other.register_to_config(_name_or_path=pipe.name_or_path)  # tinyworld's generation defaults
+    return other
