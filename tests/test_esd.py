@@ -215,6 +215,30 @@ def test_esd_preserve_weight_adds_the_uncond_preservation_term(sd1):
         esd.EsdConfig(concepts=("cat",), preserve_weight=-1.0)
 
 
+def test_esd_preserve_prompts_are_held_too(sd1, tinyworld_pipe):
+    config = esd.EsdConfig(concepts=("cat",), iterations=3, num_inference_steps=4, batch_size=2, lr=1e-2,
+                           preserve_weight=2.0, progress=False)
+    adapter = esd.erase(sd1, config)
+    kept = dataclasses.replace(config, preserve=("a dog", "a red car"))
+
+    def losses(scale):  # (ESD + ∅ term, ESD + ∅ term + one preserved prompt's term) on the same draw
+        with torch.no_grad(), _lora.applied(sd1.unet, adapter.deltas, weight=scale) as deltas:
+            return [float(esd.objective(sd1, c)(deltas)(0, _train.step_generator(7, 0))) for c in (config, kept)]
+
+    uncond_only, with_kept = losses(0.0)  # the base model holds every prompt: both terms are 0
+    assert with_kept == pytest.approx(uncond_only, rel=1e-4)
+    uncond_only, with_kept = losses(1.0)
+    assert with_kept > uncond_only * 1.0001
+    assert esd.preserved(sd1, kept) == ["a dog", "a red car"]
+    related = esd.EsdConfig(concepts=("circle",), preserve_weight=1.0, preserve_related=True, preserve=("a tree",))
+    assert esd.preserved(tinyworld_pipe, related) == ["a tree", "square", "triangle", "star", "cross", "diamond"]
+    assert esd.preserved(sd1, related) == ["a tree"]  # siblings are tinyworld's
+    with pytest.raises(ConfigError, match="preserve_weight > 0"):
+        esd.EsdConfig(concepts=("cat",), preserve=("a dog",))
+    with pytest.raises(ConfigError, match="preserve"):
+        esd.EsdConfig(concepts=("cat",), preserve_weight=1.0, preserve="a dog")
+
+
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_structures_smoke(family):
     pipe = tiny_pipeline(family)

@@ -9,7 +9,10 @@ where ``x_t`` comes from a partial DDIM rollout of the frozen model, conditioned
 guidance ``start_guidance``, stopped at a random step (the authors' diffusers code, ``esd_sd.py``). With
 ``erase_from`` = B, the rollout, the student and the first term use B instead: erase ``c`` only within B.
 Optionally (``preserve_weight`` λ > 0, not in the paper) ANT's unconditional-score preservation term
-``λ‖ε_θ(x_t, ∅) − ε_θ₀(x_t, ∅)‖²`` (Li et al. 2025) is added, which holds back changes that act on every prompt.
+``λ‖ε_θ(x_t, ∅) − ε_θ₀(x_t, ∅)‖²`` (Li et al. 2025) is added, which holds back changes that act on every prompt;
+with ``preserve`` prompts P (or ``preserve_related`` on tinyworld: the erased concept's siblings) each step also
+adds ``λ‖ε_θ(x_t, p) − ε_θ₀(x_t, p)‖²`` for one p drawn from P, in the same templates as the concept — the
+retain loss AdvUnlearn and All-but-One use, here for modules such as ``to_q``/``to_out`` that act on every prompt.
 
 The trainable ``ΔW`` are low-rank (``rank``) or full (``rank=0``) deltas on the preset's modules, attached with
 hooks (``erasekit._lora``): the frozen teacher is the same UNet with the hooks disabled, so one UNet is in
@@ -24,7 +27,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -68,6 +70,9 @@ class EsdConfig:
         negative_guidance: η, the strength of the negative guidance in the target (paper code: 1; new code: 2).
         preserve_weight: λ of ANT's unconditional-score preservation term ``λ‖ε_θ(x_t, ∅) − ε_θ₀(x_t, ∅)‖²``
             added to the ESD loss (Li et al. 2025; All-but-One's second term); 0 = the paper's ESD.
+        preserve: prompts whose predictions the preservation term also holds (needs preserve_weight > 0).
+        preserve_related: on tinyworld, also preserve the erased concepts' siblings (the other shapes for a
+            shape; needs preserve_weight > 0).
         start_guidance: classifier-free guidance of the frozen model's rollout that produces x_t.
         num_inference_steps: DDIM steps of that rollout; it stops at a uniformly drawn step.
         iterations: optimisation steps.
@@ -90,6 +95,8 @@ class EsdConfig:
     templates: tuple[str, ...] = ()
     negative_guidance: float = 2.0
     preserve_weight: float = 0.0
+    preserve: tuple[str, ...] = ()
+    preserve_related: bool = False
     start_guidance: float = 3.0
     num_inference_steps: int = 20
     iterations: int = 150
@@ -109,6 +116,10 @@ class EsdConfig:
         _validate(self)
         if self.preserve_weight < 0:
             raise ConfigError(f"preserve_weight must be ≥ 0, got {self.preserve_weight}")
+        if isinstance(self.preserve, str) or not all(isinstance(p, str) and p.strip() for p in self.preserve):
+            raise ConfigError(f"preserve must be a tuple of non-empty prompts, got {self.preserve!r}")
+        if (self.preserve or self.preserve_related) and not self.preserve_weight:
+            raise ConfigError("preserve / preserve_related need preserve_weight > 0 (the preservation term's weight)")
         if self.train_method not in PRESETS:
             raise ConfigError(f"train_method must be one of {', '.join(PRESETS)}, got {self.train_method!r}")
 
@@ -140,6 +151,17 @@ def validate_training(config) -> None:
 
 
 # ------------------------------------------------------------------------------------------ prompts
+def preserved(pipe, config) -> list[str]:
+    """``config.preserve`` plus, with ``preserve_related`` on tinyworld, the erased concepts' siblings (no erased
+    concept among them)."""
+    names = list(config.preserve)
+    if config.preserve_related and is_tinyworld(pipe):
+        from .. import tinyworld
+
+        names += tinyworld.related_to(config.concepts)
+    return [p for p in dict.fromkeys(names) if p not in config.concepts]
+
+
 TINYWORLD_TEMPLATES = 64  # how many caption templates are drawn on tinyworld
 
 
@@ -317,7 +339,9 @@ def objective(pipe, config: EsdConfig) -> Callable:
     unet = pipe.unet
     n_concepts = len(config.concepts)
     sources = [config.erase_from or c for c in config.concepts]  # what x_t is drawn from and the student sees
-    table = PromptTable(pipe, training_templates(pipe, config), list(config.concepts) + sources, config.resolution)
+    kept = preserved(pipe, config)
+    table = PromptTable(pipe, training_templates(pipe, config), list(config.concepts) + sources + kept,
+                        config.resolution)
     uncond = table.uncond
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config)
@@ -331,14 +355,19 @@ def objective(pipe, config: EsdConfig) -> Callable:
             erased, source = table.batch(k, rows), table.batch(n_concepts + k, rows)
             with deltas.disabled(), torch.no_grad():  # the frozen teacher: the same UNet without deltas
                 x, t = rollout(unet, scheduler, source, uncond, config.start_guidance, steps, shape, gen)
-                teacher = Cond.cat([uncond.repeat(n), erased, source])
-                e_null, e_erase, e_from = predict(unet, torch.cat([x] * 3), t, teacher).float().chunk(3)
-            target = e_from - eta * (e_erase - e_null)
+                held = [uncond.repeat(n)]  # what the preservation term holds: ∅, and one preserved prompt
+                if kept:  # drawn after the rollout: x_t is the same with or without preserve prompts
+                    held.append(table.batch(2 * n_concepts + int(torch.randint(len(kept), (), generator=gen)), rows))
+                teacher = Cond.cat([erased, source] + held)
+                e_erase, e_from, *e_held = predict(unet, torch.cat([x] * (2 + len(held))), t,
+                                                   teacher).float().chunk(2 + len(held))
+            target = e_from - eta * (e_erase - e_held[0])
             if not config.preserve_weight:
                 return F.mse_loss(predict(unet, x, t, source).float(), target)
-            student, null = predict(unet, torch.cat([x, x]), t,
-                                    Cond.cat([source, uncond.repeat(n)])).float().chunk(2)
-            return F.mse_loss(student, target) + config.preserve_weight * F.mse_loss(null, e_null)
+            student, *s_held = predict(unet, torch.cat([x] * (1 + len(held))), t,
+                                       Cond.cat([source] + held)).float().chunk(1 + len(held))
+            return F.mse_loss(student, target) + config.preserve_weight * sum(
+                F.mse_loss(s, e) for s, e in zip(s_held, e_held))
 
         return loss_fn
 

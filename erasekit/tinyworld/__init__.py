@@ -58,6 +58,19 @@ def caption_templates(concept: str, n: int = 64, seed: int = 0) -> list[str]:
     return out
 
 
+def related_to(concepts) -> list[str]:
+    """The siblings of every tinyworld concept in ``concepts`` (canonical names, in order, none of the concepts
+    themselves); words that are not tinyworld concepts are skipped."""
+    erased, out = set(), []
+    for concept in concepts:
+        try:
+            erased.add(canonical(concept))
+            out += related(concept)
+        except KeyError:
+            continue
+    return [c for c in dict.fromkeys(out) if c not in erased]
+
+
 def related(concept: str) -> list[str]:
     """The other concepts of a tinyworld concept's attribute, canonical names ("circle" → the other shapes)."""
     name = canonical(concept)
@@ -74,6 +87,6 @@ def load_judge(model_path: str | Path | None = None, device: str = "cpu"):
 __all__ = [
     "ATTRIBUTES", "BACKGROUNDS", "CANONICAL_TEMPLATE", "COLOURS", "HELDOUT_TEMPLATES", "MODEL_ID", "SHAPES",
     "TEXTURES", "TRAIN_TEMPLATES", "Scene", "canonical", "concept_attribute", "caption_templates", "grid_scenes", "is_tinyworld",
-    "load_judge", "related",
+    "load_judge", "related", "related_to",
     "path", "render", "synonyms",
 ]
