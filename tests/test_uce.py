@@ -54,8 +54,8 @@ def test_registry_entries_and_configs():
             simple = (str, int, float, bool, tuple[str, ...], tuple[int, ...])
             hint = hints[f.name]
             optional = [a for a in typing.get_args(hint) if a is not type(None)] if type(None) in typing.get_args(hint) else []
-            assert hint in simple or typing.get_origin(hint) is typing.Literal or (
-                len(optional) == 1 and optional[0] in simple), f"{name}.{f.name}: {hint}"
+            assert hint in simple or typing.get_origin(hint) is typing.Literal or (len(optional) == 1 and (
+                optional[0] in simple or typing.get_origin(optional[0]) is typing.Literal)), f"{name}.{f.name}: {hint}"
         assert callable(spec.module.erase)
         spec.make_config(("cat",))  # defaults are valid
 
