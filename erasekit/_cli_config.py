@@ -73,7 +73,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, defaults: dict | 
         name = flag_name(f.name, kind)
         kw = dict(dest=f.name, default=None, help=(text + shown).replace("%", "%%"))
         if kind == "tuple":
-            group.add_argument(name, action="append", type=arg if arg in (int, float) else str, metavar=f.name[:-1].upper() or "X", **kw)
+            group.add_argument(name, action="append", type=arg if arg in (int, float) else str, metavar=flag_name(f.name, kind)[2:].replace("-", "_").upper(), **kw)
         elif kind == "literal":
             group.add_argument(name, choices=list(arg), **kw)
         elif arg is bool:
