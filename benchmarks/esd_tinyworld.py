@@ -1,4 +1,4 @@
-"""ESD-x and All-but-One erasing "circle" from tinyworld with the tinyworld defaults, judged by tinyworld's judge.
+"""ESD-x and All-but-One erasing "circle" from tinyworld with the registry's tinyworld presets, judged by tinyworld's judge.
 
 For the base model and each erased model: ``erasekit.tinyworld.eval.erasure`` (share of the concept's canonical
 prompts and of its synonym prompts in which the judge still sees it; accuracy on the other shapes), the training
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     for method in args.methods:
         spec = METHODS[method]
         options = {"replace_with": args.replace_with} if method == "abo" else {}
-        config = spec.make_config((args.concept,), **options)
+        config = spec.make_config((args.concept,), tinyworld=True, **options)
         started = time.perf_counter()
         adapter = spec.erase(pipe, config)
         minutes = (time.perf_counter() - started) / 60

@@ -28,6 +28,11 @@ from . import spm  # trained: one-dimensional membranes
 TINYWORLD_CLOSED_FORM = {"expand_prompts": "tinyworld", "key_mode": "aligned", "negative_guidance": 1.0,
                          "preserve_related": True}
 
+#: ESD-x on tinyworld: its to_q/to_out deltas act on every prompt, and with the paper's loss alone erasing circle
+#: costs the other shapes 21.5 points; holding the siblings' predictions (the preservation term, as UCE preserves
+#: them in closed form) keeps them at 0 points, with more iterations to erase as far (benchmarks/esd_tinyworld.json).
+TINYWORLD_ESD_X = {"preserve_related": True, "preserve_weight": 1.0, "iterations": 250}
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -88,7 +93,8 @@ METHODS: dict[str, MethodSpec] = {
                    summary="RECE: UCE, then iterated erasure of closed-form adversarial embeddings",
                    tinyworld={**{k.replace("key_mode", "uce_key_mode"): v for k, v in TINYWORLD_CLOSED_FORM.items()},
                               "validation_judge": "tinyworld"}),  # the reference's per-epoch model selection
-        MethodSpec("esd-x", esd, esd.EsdConfig, {"train_method": "esd-x"}, "ESD-x: fine-tune cross-attention (low-rank) toward negative guidance"),
+        MethodSpec("esd-x", esd, esd.EsdConfig, {"train_method": "esd-x"}, "ESD-x: fine-tune cross-attention (low-rank) toward negative guidance",
+                   tinyworld=TINYWORLD_ESD_X),
         MethodSpec("esd-x-strict", esd, esd.EsdConfig, {"train_method": "esd-x-strict"}, "ESD-x-strict: as ESD-x on cross-attention k/v only"),
         MethodSpec("esd-u", esd, esd.EsdConfig, {"train_method": "esd-u"}, "ESD-u: fine-tune every UNet layer but cross-attention toward negative guidance"),
         MethodSpec("abo", abo, abo.AboConfig, summary="All-but-One: steer the target's guidance term to a replacement, unconditional score pinned"),
