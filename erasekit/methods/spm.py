@@ -251,8 +251,10 @@ def objective(pipe, config: SpmConfig) -> Callable:
 
 # -------------------------------------------------------------------------------------------- gating
 def gating_record(config: SpmConfig) -> dict:
-    """The adapter's Facilitated Transport record, as :mod:`erasekit.compose` reads it."""
-    return {"rule": "prompt_similarity", "prompts": list(config.concepts), "metric": config.gate_metric,
+    """The adapter's Facilitated Transport record, as :mod:`erasekit.compose` reads it (an unresolved
+    ``gate_metric=None`` records the reference's metric)."""
+    metric = config.gate_metric or PAPER_SD["gate_metric"]
+    return {"rule": "prompt_similarity", "prompts": list(config.concepts), "metric": metric,
             "facilitate_factor": float(config.facilitate_factor), "combine": config.gate_combine}
 
 

@@ -59,7 +59,7 @@ def make_adapter(pipe, kind: str, seed: int):
             up = torch.randn((w.shape[0], 1) + (1,) * (w.dim() - 2), generator=gen) * 1e-3
             deltas[f"unet.{name}"] = ModuleDelta(down=down, up=up)
     concept = f"concept {seed}"
-    gating = gating_record(SpmConfig(concepts=(concept,))) if kind == "gated" else {"rule": "static"}
+    gating = gating_record(SpmConfig(concepts=(concept,)).resolved(pipe)) if kind == "gated" else {"rule": "static"}
     return Adapter(method="spm" if kind == "gated" else "uce", concepts=(concept,), config={}, deltas=deltas,
                    fingerprint=fingerprint(pipe, ("unet",)), gating=gating)
 
