@@ -12,9 +12,9 @@ multi-erasure (circle, square, red, striped). For each (method, entry) the bench
 3. times generation with the adapter loaded against the bare model (overhead per image).
 
 Rows are appended to ``results.json`` as they finish, and to a copy in the ``--work`` cache: a rerun with the same
-cache skips finished rows (adapters and audits are cached there too), so a killed bench loses at most the row it
-was in, while a fresh clone (no cache) runs everything again rather than resuming the committed results. A Markdown
-table (``results.md``) and plots (``results.png``) are rebuilt from ``results.json`` after every row.
+cache skips finished rows (adapters and audits are cached there too) unless the method's resolved config changed
+since (a new preset or default: :func:`recipe`), so a killed bench loses at most the row it was in, while a fresh
+clone (no cache) runs everything again rather than resuming the committed results. A Markdown table (``results.md``) and plots (``results.png``) are rebuilt from ``results.json`` after every row.
 
 Budgets (:data:`BUDGETS`): ``quick`` audits fewer prompts, runs the trained methods on the shape entry only at
 half their tinyworld iterations, and attacks the shape entry only (12.5 minutes on a 2-core CPU, with its load); ``full``
@@ -177,6 +177,17 @@ def trained_options(method: str, concepts: Sequence[str], scale: float) -> dict:
     return out
 
 
+def recipe(pipe, method: str, concepts: Sequence[str], options: dict) -> dict:
+    """The resolved config that ``erase(pipe, method, concepts, **options)`` runs on a tinyworld ``pipe`` (registry
+    presets and tinyworld values, per-model defaults resolved), as JSON: what a cached row or adapter was made with."""
+    from .methods import METHODS
+
+    config = METHODS[method].make_config(tuple(concepts), tinyworld=True, **options)
+    if callable(getattr(config, "resolved", None)):
+        config = config.resolved(pipe)
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
 def _entries_for(method: str, budget: Budget) -> list[Entry]:
     if method in CLOSED_FORM:
         return list(SUITE)
@@ -322,7 +333,9 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
     jobs = [(m, e) for m in methods for e in _entries_for(m, spec) if not entries or e.name in entries]
     for i, (method, entry) in enumerate(jobs):
         key = f"{method}/{entry.name}"
-        if key in rows:
+        options = trained_options(method, entry.concepts, spec.train_scale)
+        made_with = recipe(pipe, method, entry.concepts, options)
+        if key in rows and rows[key].get("config", made_with) == made_with:  # rows from before configs were kept pass
             continue
         logger.info("[%d/%d] %s", i + 1, len(jobs), key)
         if progress:
@@ -331,11 +344,11 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
         job_dir = work / method / entry.name
         job_dir.mkdir(parents=True, exist_ok=True)
         adapter_path = job_dir / "adapter.safetensors"
-        options = trained_options(method, entry.concepts, spec.train_scale)
         erase_info_path = job_dir / "erase.json"
         erase_info = json.loads(erase_info_path.read_text()) if erase_info_path.exists() else None
-        if not (adapter_path.exists() and erase_info and erase_info.get("options") == json.loads(json.dumps(options))):
-            shutil.rmtree(job_dir)  # made with other options (or unfinished): its adapter and audits are stale
+        if not (adapter_path.exists() and erase_info and erase_info.get("options") == json.loads(json.dumps(options))
+                and erase_info.get("config", made_with) == made_with):
+            shutil.rmtree(job_dir)  # made with another config (or unfinished): its adapter and audits are stale
             job_dir.mkdir(parents=True)
             with peak_memory(pipe.device) as peak:
                 t0 = time.perf_counter()
@@ -345,7 +358,7 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
             adapter.save(tmp)
             os.replace(tmp, adapter_path)
             erase_info = {"erase_seconds": round(seconds, 2), "peak_memory_mb": peak["mb"],
-                          "peak_memory_kind": peak["kind"], "options": options}
+                          "peak_memory_kind": peak["kind"], "options": options, "config": made_with}
             _atomic_write(erase_info_path, json.dumps(erase_info).encode())
         row = {"method": method, "entry": entry.name, "concepts": list(entry.concepts), **erase_info,
                "adapter_mb": round(adapter_path.stat().st_size / 1e6, 3)}

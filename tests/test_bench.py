@@ -61,6 +61,28 @@ def test_rerun_resumes_without_recomputing(bench, monkeypatch):
     assert list(again["rows"]) == list(results["rows"])[:2] + ["uce/multi", "uce/texture"]
 
 
+def test_rows_made_with_another_config_are_redone(bench, monkeypatch):
+    out, results = bench
+    work = out / ".bench-test"
+    state = work / "results-test.json"
+    saved = json.loads(state.read_text())
+    assert saved["rows"]["uce/shape"]["config"]["concepts"] == ["circle"]  # rows record what made them
+    saved["rows"]["uce/shape"]["config"]["lam"] = 0.123  # as if made before a preset changed
+    state.write_text(json.dumps(saved))
+    info = json.loads((work / "uce" / "shape" / "erase.json").read_text())
+    info["config"]["lam"] = 0.123
+    (work / "uce" / "shape" / "erase.json").write_text(json.dumps(info))
+    erased = []
+    import erasekit.api
+
+    real = erasekit.api.erase
+    monkeypatch.setattr(erasekit.api, "erase", lambda *a, **k: erased.append(a[1]) or real(*a, **k))
+    again = run_suite(TINY, out, methods=["uce"], attacks=["paraphrase"], progress=False)
+    assert erased == ["uce"]  # that row only, its stale adapter too
+    assert again["rows"]["uce/shape"]["config"]["lam"] != 0.123
+    assert again["rows"]["uce/shape"]["erasure_rate"] == results["rows"]["uce/shape"]["erasure_rate"]
+
+
 def test_trained_methods_scale_their_budget():
     assert trained_options("uce", ["circle"], 0.2) == {}
     esd = trained_options("esd-x", ["circle"], 0.2)
