@@ -18,13 +18,7 @@ each row b and each gated adapter with erased prompts ``P``::
     γ_b = factor · max_{q ∈ P} max(clipcos(row_b, q), tokenuni(row_b, q))
     clipcos(p, q)  = cos(flatten(E(p)), flatten(E(q)))        E = the pipeline's own prompt encoding (77 × D)
     tokenuni(p, q) = |tok(p) ∩ tok(q)| / |tok(q)|             special tokens removed
-    tokencos(p, q) = mean_{j ∈ tok(q)} max(0, max_{i ∈ tok(p)} cos(W_i, W_j))     W = the text encoder's token embeddings
-
-``tokencos`` (metric ``"tokencos"``, alone) is erasekit's soft ``tokenuni``: token identity is replaced by the
-cosine of the encoder's input token embeddings, so it is 1 where ``tokenuni`` is 1 and ≥ ``tokenuni`` everywhere,
-and a synonym scores by how close its token embedding is. Use it where the flattened ``clipcos`` does not separate
-prompts (tinyworld's 64-wide encoder: 0.83 on prompts of the erased concept, 0.84 on all others; ``tokencos``:
-1.0, 0.58–0.78 on synonyms, ≤ 0.17 on others).
+    tokencos(p, q) = mean_{j ∈ tok(q)} max(0, max_{i ∈ tok(p)} cos(W_i, W_j))   W: the encoder's token embeddings
 
 so a classifier-free-guidance batch ``[uncond…, cond…]`` gets each row's own gate (the unconditional row too —
 unlike the reference, which applies the positive prompt's γ to both branches). ``E(q)`` is computed once at load with
@@ -34,6 +28,12 @@ the first encoder's slice of the context); where they are unknown (``prompt_embe
 the gate falls back to clipcos alone. Gates are computed once per prompt batch: the denoising loop passes the same
 ``encoder_hidden_states`` tensor at every step, and the last one's gates are reused. They are constants for autograd
 (no gradient flows through γ).
+
+``tokencos`` (metric ``"tokencos"``, alone) is erasekit's soft ``tokenuni``: token identity is replaced by the
+cosine of the encoder's input token embeddings, so it is 1 where ``tokenuni`` is 1 and ≥ ``tokenuni`` everywhere,
+and a synonym scores by how close its token embedding is. Use it where the flattened ``clipcos`` does not separate
+prompts (tinyworld's 64-wide encoder: 0.83 on prompts of the erased concept, 0.84 on all others; ``tokencos``:
+1.0, 0.58–0.78 on synonyms, ≤ 0.17 on others).
 
 The gating record (``Adapter.gating``) read here::
 

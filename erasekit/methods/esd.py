@@ -9,10 +9,10 @@ where ``x_t`` comes from a partial DDIM rollout of the frozen model, conditioned
 guidance ``start_guidance``, stopped at a random step (the authors' diffusers code, ``esd_sd.py``). With
 ``erase_from`` = B, the rollout, the student and the first term use B instead: erase ``c`` only within B.
 Optionally (``preserve_weight`` λ > 0, not in the paper) ANT's unconditional-score preservation term
-``λ‖ε_θ(x_t, ∅) − ε_θ₀(x_t, ∅)‖²`` (Li et al. 2025) is added, which holds back changes that act on every prompt;
-with ``preserve`` prompts P (or ``preserve_related`` on tinyworld: the erased concept's siblings) each step also
-adds ``λ‖ε_θ(x_t, p) − ε_θ₀(x_t, p)‖²`` for one p drawn from P, in the same templates as the concept — the
-retain loss AdvUnlearn and All-but-One use, here for modules such as ``to_q``/``to_out`` that act on every prompt.
+``λ‖ε_θ(x_t, ∅) − ε_θ₀(x_t, ∅)‖²`` (Li et al. 2025) is added, which holds back changes that act on every
+prompt. With ``preserve`` prompts P (or ``preserve_related`` on tinyworld: the erased concept's siblings) each
+step also adds ``λ‖ε_θ(x_t, p) − ε_θ₀(x_t, p)‖²`` for one p drawn from P, in the concept's templates: a retain
+loss like AdvUnlearn's utility term, for modules such as ``to_q``/``to_out`` whose deltas act on every prompt.
 
 The trainable ``ΔW`` are low-rank (``rank``) or full (``rank=0``) deltas on the preset's modules, attached with
 hooks (``erasekit._lora``): the frozen teacher is the same UNet with the hooks disabled, so one UNet is in
