@@ -14,7 +14,8 @@ multi-erasure (circle, square, red, striped). For each (method, entry) the bench
 Rows are appended to ``results.json`` as they finish, and to a copy in the ``--work`` cache: a rerun with the same
 cache skips finished rows (adapters and audits are cached there too) unless the method's resolved config changed
 since (a new preset or default: :func:`recipe`), so a killed bench loses at most the row it was in, while a fresh
-clone (no cache) runs everything again rather than resuming the committed results. A Markdown table (``results.md``) and plots (``results.png``) are rebuilt from ``results.json`` after every row.
+clone (no cache) runs everything again rather than resuming the committed results. A Markdown table
+(``results.md``) and plots (``results.png``) are rebuilt from ``results.json`` after every row.
 
 Budgets (:data:`BUDGETS`): ``quick`` audits fewer prompts, runs the trained methods on the shape entry only at
 half their tinyworld iterations, and attacks the shape entry only (12.5 minutes on a 2-core CPU, with its load); ``full``
