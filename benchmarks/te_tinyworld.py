@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--asr", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--asr-prompts", type=int, default=8, help="canonical prompts attacked (evenly subsampled)")
     p.add_argument("--asr-compare", nargs="*", default=["esd-x", "uce"])
+    p.add_argument("--replace-with", default="square",
+                   help="also train AdvUnlearn with this anchor as its target (the replace_with option; '' = skip)")
     p.add_argument("--transfer", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--transfer-steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
@@ -81,17 +83,21 @@ def main(argv=None) -> int:
     asr_prompts = all_prompts[::step][: args.asr_prompts]
     work = Path(tempfile.mkdtemp(prefix="te-bench-"))
     adapters = {}
-    for method in args.methods + ([m for m in args.asr_compare if m not in args.methods] if args.asr else []):
+    runs = [(m, m, {}) for m in args.methods]
+    if args.replace_with and "advunlearn" in args.methods:  # the option, beside the authors' ESD target
+        runs.append((f"advunlearn→{args.replace_with}", "advunlearn", {"replace_with": args.replace_with}))
+    runs += [(m, m, {}) for m in args.asr_compare if m not in args.methods] if args.asr else []
+    for label, method, options in runs:
         spec = METHODS[method]
         quiet = {"progress": False} if "progress" in spec.options else {}
-        config = spec.make_config((args.concept,), tinyworld=True, **quiet)  # tinyworld presets, as `erase` does
+        config = spec.make_config((args.concept,), tinyworld=True, **quiet, **options)  # tinyworld presets, as `erase`
         started = time.perf_counter()
         adapter = spec.erase(pipe, config)
         seconds = time.perf_counter() - started
-        adapters[method] = adapter
+        adapters[label] = adapter
         entry = {"config": adapter.config, "train_seconds": round(seconds, 1), "peak_rss_mb": peak_rss_mb(),
                  "trainable_parameters": adapter.num_parameters, "training": adapter.info.get("training")}
-        record["methods"][method] = entry
+        record["methods"][label] = entry
         name = compose.load(pipe, adapter, name=method)
         try:
             result = erasure(pipe, judge, args.concept, seeds=seeds)
@@ -99,11 +105,11 @@ def main(argv=None) -> int:
             entry["other_accuracy_drop"] = round(base.other_accuracy - result.other_accuracy, 4)
             save()
             if args.asr and (method == "advunlearn" or method in args.asr_compare):
-                entry["unlearndiffatk"] = asr(pipe, args.concept, asr_prompts, (0,), work / method)
+                entry["unlearndiffatk"] = asr(pipe, args.concept, asr_prompts, (0,), work / label)
                 entry["unlearndiffatk"]["prompts_attacked"] = asr_prompts
         finally:
             compose.unload(pipe, name)
-        logging.info("%s: %s", method, json.dumps({k: v for k, v in entry.items() if k != "config"}))
+        logging.info("%s: %s", label, json.dumps({k: v for k, v in entry.items() if k != "config"}))
         save()
 
     if args.transfer and "advunlearn" in adapters:
@@ -128,14 +134,14 @@ def main(argv=None) -> int:
 
     methods = record["methods"]
     meets = {}
-    if "advunlearn" in methods:
-        a = methods["advunlearn"]
-        meets["advunlearn_canonical_rate"] = a["erasure"]["canonical_rate"] <= BARS["advunlearn_canonical_rate_max"]
-        meets["advunlearn_other_accuracy_drop"] = a["other_accuracy_drop"] <= BARS["advunlearn_other_accuracy_drop_max"]
+    for label in [m for m in methods if m.startswith("advunlearn") and "erasure" in methods[m]]:
+        a = methods[label]
+        meets[f"{label}_canonical_rate"] = a["erasure"]["canonical_rate"] <= BARS["advunlearn_canonical_rate_max"]
+        meets[f"{label}_other_accuracy_drop"] = a["other_accuracy_drop"] <= BARS["advunlearn_other_accuracy_drop_max"]
         if "unlearndiffatk" in a:
             for m in args.asr_compare:
                 if "unlearndiffatk" in methods.get(m, {}):
-                    meets[f"advunlearn_asr_vs_{m}"] = a["unlearndiffatk"]["asr"] <= 0.5 * methods[m]["unlearndiffatk"]["asr"]
+                    meets[f"{label}_asr_vs_{m}"] = a["unlearndiffatk"]["asr"] <= 0.5 * methods[m]["unlearndiffatk"]["asr"]
     if "fewshot" in methods:
         f = methods["fewshot"]
         meets["fewshot_seconds"] = f["train_seconds"] <= BARS["fewshot_seconds_max"]

@@ -76,7 +76,9 @@ class Budget:
         attack_prompts: canonical prompts attacked per concept (by every attack).
         attack_entries: entries whose concepts are attacked.
         trained_entries: entries the trained (non closed-form) methods run on.
-        train_scale: factor on the trained methods' tinyworld iterations / epochs.
+        train_scale: factor on the trained methods' tinyworld iterations / epochs (and inner attack steps).
+        method_scale: (method, factor) pairs that replace ``train_scale`` for methods whose cost grows faster
+            than their iterations (AdvUnlearn: every outer step runs an inner attack).
         timing_repeats: generations timed with and without each adapter (the best is kept).
         batch_size: audit images generated per pipeline call (``erasekit.audit.audit``'s ``batch_size``).
     """
@@ -91,11 +93,23 @@ class Budget:
     train_scale: float
     timing_repeats: int = 3
     batch_size: int = 8
+    method_scale: tuple[tuple[str, float], ...] = ()
+
+    def scale_for(self, method: str) -> float:
+        return dict(self.method_scale).get(method, self.train_scale)
+
+    def same_as(self, record: dict) -> bool:
+        """Whether a results file's budget record is this budget (fields added since count at their defaults)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        ours = json.loads(json.dumps(dataclasses.asdict(self)))
+        return set(record) <= set(ours) and all(
+            record.get(k, json.loads(json.dumps(defaults.get(k)))) == v for k, v in ours.items())
 
 
 BUDGETS = {
     "quick": Budget("quick", prompts=4, seeds=(0,), preserve=6, attack_prompts=2, attack_entries=("shape",),
-                    trained_entries=("shape",), train_scale=0.5, timing_repeats=2),
+                    trained_entries=("shape",), train_scale=0.5, timing_repeats=2,
+                    method_scale=(("advunlearn", 0.25), ("advunlearn-fast", 0.25))),
     "full": Budget("full", prompts=8, seeds=(0, 1), preserve=16, attack_prompts=3,
                    attack_entries=tuple(e.name for e in SUITE), trained_entries=tuple(e.name for e in SUITE),
                    train_scale=1.0),
@@ -162,14 +176,15 @@ def generation_overhead(pipe, adapter_path: Path, repeats: int = 3) -> dict:
 # ============================================================================================== the suite
 
 def trained_options(method: str, concepts: Sequence[str], scale: float) -> dict:
-    """Option overrides that scale a trained method's tinyworld iterations (or epochs) by ``scale``."""
+    """Option overrides that scale a trained method's tinyworld iterations (or epochs, and inner attack steps)
+    by ``scale``."""
     from .methods import METHODS
 
     if method in CLOSED_FORM or scale == 1.0:
         return {}
     config = METHODS[method].make_config(concepts, tinyworld=True)
     out = {"progress": False} if "progress" in METHODS[method].options else {}
-    for name in ("iterations", "epochs"):
+    for name in ("iterations", "epochs", "attack_steps"):
         value = getattr(config, name, None)
         if hasattr(config, name) and value is None:  # resolved at erase time (SPM): its tinyworld value
             value = getattr(METHODS[method].module, "TINYWORLD", {}).get(name)
@@ -316,13 +331,13 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
     state = work / path.name  # the resume state lives in the cache, so a committed results file is not resumed
     results = json.loads(state.read_text()) if state.exists() else {}
     budget_record = json.loads(json.dumps(dataclasses.asdict(spec)))
-    if results.get("budget") != budget_record:  # another budget's results: start over
+    if not spec.same_as(results.get("budget", {"name": None})):  # another budget's results: start over
         results = {"budget": budget_record}
         for method_dir in (work / m for m in METHODS):  # only what the bench wrote there
             if method_dir.is_dir():
                 shutil.rmtree(method_dir)
-    results.update(run=run_record(), suite=[dataclasses.asdict(e) for e in SUITE], judge="tinyworld",
-                   missing={**{f"judge {j}": why for j, why in JUDGES.items() if why}})
+    results.update(budget=budget_record, run=run_record(), suite=[dataclasses.asdict(e) for e in SUITE],
+                   judge="tinyworld", missing={**{f"judge {j}": why for j, why in JUDGES.items() if why}})
     rows = results.setdefault("rows", {})
     started = time.time()
 
@@ -334,7 +349,7 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
     jobs = [(m, e) for m in methods for e in _entries_for(m, spec) if not entries or e.name in entries]
     for i, (method, entry) in enumerate(jobs):
         key = f"{method}/{entry.name}"
-        options = trained_options(method, entry.concepts, spec.train_scale)
+        options = trained_options(method, entry.concepts, spec.scale_for(method))
         made_with = recipe(pipe, method, entry.concepts, options)
         if key in rows and rows[key].get("config", made_with) == made_with:  # rows from before configs were kept pass
             continue

@@ -117,7 +117,7 @@ def test_inner_attack_is_the_audits_and_fast_at_runs(tinyworld_pipe):
     config = advunlearn.AdvUnlearnConfig(concepts=("circle",), attack_method="fast_at", attack_init="random",
                                          **{**SHORT, "iterations": 2})
     sp = config.soft_prompt_config(tinyworld_pipe)
-    assert (sp.space, sp.method, sp.k, sp.weight_decay) == ("word_embedding", "fast_at", 1, 0.0)
+    assert (sp.space, sp.method, sp.k, sp.weight_decay) == ("word_embedding", "fast_at", 3, 0.0)
     adapter = METHODS["advunlearn-fast"].erase(tinyworld_pipe, METHODS["advunlearn-fast"].make_config(
         "circle", **{k: v for k, v in config.__dict__.items() if k not in ("concepts", "attack_method")}))
     assert adapter.config["attack_method"] == "fast_at"
@@ -131,7 +131,8 @@ def test_attack_state_is_checkpointed_and_resume_matches(tinyworld_pipe, tmp_pat
 
     with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
         delta = f.get_tensor("param.attack.delta")
-    assert delta.shape == (1, tinyworld_pipe.text_encoder.config.hidden_size) and delta.abs().sum() > 0
+    assert delta.shape == (config.attack_tokens, tinyworld_pipe.text_encoder.config.hidden_size)
+    assert delta.abs().sum() > 0
     # continuing the finished run is a no-op that returns the same deltas
     again = advunlearn.erase(tinyworld_pipe, advunlearn.AdvUnlearnConfig(**{**config.__dict__, "resume": True}))
     for key, d in full.deltas.items():
@@ -212,3 +213,20 @@ def test_config_validation_and_registry():
     assert advunlearn.module_selection("ffn", (0,))("encoder.layers.0.mlp.fc1", 0, 3)
     assert not advunlearn.module_selection("ffn", (0,))("encoder.layers.1.mlp.fc1", 1, 3)
     assert not advunlearn.module_selection("attn", ())("encoder.layers.1.mlp.fc1", 1, 3)
+
+
+def test_replace_with_targets_the_anchors_original_prediction(tinyworld_pipe):
+    """With ``replace_with`` the defender's target is ε₀(x_t, anchor in the same template): an anchor that encodes
+    exactly as the concept ("Circle": CLIP lower-cases) leaves nothing to learn at zero deltas; another does."""
+    common = dict(iterations=1, warmup=1, retain_weight=0.0, num_inference_steps=4, batch_size=1, progress=False)
+    names = _te.select(tinyworld_pipe, advunlearn.module_selection("all", ()))
+
+    def loss(replace_with):
+        config = advunlearn.AdvUnlearnConfig(concepts=("circle",), replace_with=replace_with, **common)
+        with _te.attached(tinyworld_pipe, names, 0, 0) as deltas, torch.no_grad():
+            return float(advunlearn.objective(tinyworld_pipe, config)(deltas)(0, torch.Generator().manual_seed(0)))
+
+    assert loss("Circle") < 1e-10
+    assert loss("square") > 1e-4 and loss("") > 1e-4
+    with pytest.raises(ConfigError, match="replace_with"):
+        advunlearn.AdvUnlearnConfig(concepts=("circle",), replace_with="circle")

@@ -89,6 +89,24 @@ def test_trained_methods_scale_their_budget():
     full = METHODS["esd-x"].make_config(["circle"], tinyworld=True).iterations
     assert esd["iterations"] == round(full * 0.2) and esd["progress"] is False
     assert "epochs" in trained_options("fewshot", ["circle"], 0.5)
+    adv = trained_options("advunlearn", ["circle"], 0.25)  # its inner attack is training cost too
+    config = METHODS["advunlearn"].make_config(["circle"], tinyworld=True)
+    assert (adv["iterations"], adv["attack_steps"]) == (round(config.iterations / 4), round(config.attack_steps / 4))
+
+
+def test_budget_method_scale_and_records_from_before_a_field_existed():
+    import dataclasses
+
+    from erasekit.bench import BUDGETS
+
+    quick = BUDGETS["quick"]
+    assert quick.scale_for("advunlearn") == 0.25 and quick.scale_for("esd-x") == quick.train_scale
+    record = json.loads(json.dumps(dataclasses.asdict(BUDGETS["full"])))
+    assert BUDGETS["full"].same_as(record)
+    del record["method_scale"]  # a results file written before the field: still this budget (default value)
+    assert BUDGETS["full"].same_as(record)
+    assert not quick.same_as(record) and not quick.same_as({k: v for k, v in record.items() if k != "name"} | {
+        "name": "quick"})
 
 
 def test_cli_bench_errors(tmp_path, capsys):
