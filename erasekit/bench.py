@@ -18,8 +18,9 @@ clone (no cache) runs everything again rather than resuming the committed result
 (``results.md``) and plots (``results.png``) are rebuilt from ``results.json`` after every row.
 
 Budgets (:data:`BUDGETS`): ``quick`` audits fewer prompts, runs the trained methods on the shape entry only at
-half their tinyworld iterations, and attacks the shape entry only (12.5 minutes on a 2-core CPU, with its load); ``full``
-runs every method on every entry at its tinyworld defaults and attacks every entry.
+half their tinyworld iterations (AdvUnlearn at a quarter of its iterations and inner attack steps), and attacks the
+shape entry only (≤ 15 minutes on a 2-core CPU, with its load); ``full`` runs every method on every entry at its
+tinyworld defaults and attacks every entry.
 
 >>> from erasekit.bench import run_suite
 >>> results = run_suite("quick", out_dir="benchmarks", methods=["uce"])  # doctest: +SKIP
