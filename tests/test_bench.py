@@ -101,6 +101,7 @@ def test_budget_method_scale_and_records_from_before_a_field_existed():
 
     quick = BUDGETS["quick"]
     assert quick.scale_for("advunlearn") == 0.25 and quick.scale_for("esd-x") == quick.train_scale
+    assert "advunlearn-fast" in dict(quick.omitted) and not BUDGETS["full"].omitted
     record = json.loads(json.dumps(dataclasses.asdict(BUDGETS["full"])))
     assert BUDGETS["full"].same_as(record)
     del record["method_scale"]  # a results file written before the field: still this budget (default value)
