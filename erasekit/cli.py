@@ -41,7 +41,7 @@ EXAMPLES = {
   erasekit tinyworld train --out ./tinyworld --work ./tinyworld-work   # ~47 min on 2 CPU cores, resumable""",
     "env": "example:\n  erasekit env",
     "bench": """examples:
-  erasekit bench --quick                     # every method on the tinyworld suite, ~13 min on 2 CPU cores
+  erasekit bench --quick                     # every method (but advunlearn-fast) on the tinyworld suite, ~13 min on 2 CPU cores
   erasekit bench                             # the full suite (every entry, every attack)
   erasekit bench --quick --methods uce spm --attacks unlearndiffatk p4d
   erasekit bench perf                        # erase time, training memory, composition overhead (SD 1.5 shapes)""",
