@@ -101,10 +101,14 @@ class Budget:
     def scale_for(self, method: str) -> float:
         return dict(self.method_scale).get(method, self.train_scale)
 
+    def record(self) -> dict:
+        """This budget as results files record it (JSON types)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
     def same_as(self, record: dict) -> bool:
         """Whether a results file's budget record is this budget (fields added since count at their defaults)."""
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
-        ours = json.loads(json.dumps(dataclasses.asdict(self)))
+        ours = self.record()
         return set(record) <= set(ours) and all(
             record.get(k, json.loads(json.dumps(defaults.get(k)))) == v for k, v in ours.items())
 
@@ -335,7 +339,7 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
     work.mkdir(parents=True, exist_ok=True)
     state = work / path.name  # the resume state lives in the cache, so a committed results file is not resumed
     results = json.loads(state.read_text()) if state.exists() else {}
-    budget_record = json.loads(json.dumps(dataclasses.asdict(spec)))
+    budget_record = spec.record()
     if not spec.same_as(results.get("budget", {"name": None})):  # another budget's results: start over
         results = {"budget": budget_record}
         for method_dir in (work / m for m in METHODS):  # only what the bench wrote there

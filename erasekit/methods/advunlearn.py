@@ -84,7 +84,7 @@ class AdvUnlearnConfig:
     On tinyworld the robustness comes from the adversarial rounds: with 3 attack tokens (UnlearnDiffAtk's k for
     objects) attacked for 10 steps before every one of 400 outer steps, UnlearnDiffAtk succeeds on 0 of 8 circle
     prompts; with 200 or 300 outer steps on 6 or 4 of 8, with 100 steps and 1 token attacked every other step on
-    8 of 8 (``benchmarks/te_tinyworld.py``). Training takes ~15 minutes on a 2-core CPU.
+    8 of 8 (``benchmarks/te_tinyworld.py``). Training takes ~18 minutes on one CPU core.
 
     Args:
         concepts: prompts to erase, e.g. ("circle",); with several, each round draws one.
