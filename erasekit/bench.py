@@ -12,9 +12,10 @@ multi-erasure (circle, square, red, striped). For each (method, entry) the bench
 3. times generation with the adapter loaded against the bare model (overhead per image).
 
 Rows are appended to ``results.json`` as they finish, and to a copy in the ``--work`` cache: a rerun with the same
-cache skips finished rows (adapters and audits are cached there too) unless the method's resolved config changed
-since (a new preset or default: :func:`recipe`), so a killed bench loses at most the row it was in, while a fresh
-clone (no cache) runs everything again rather than resuming the committed results. A Markdown table
+cache skips finished rows (adapters and audits are cached there too) unless the method's resolved config or the
+budget changed since (a new preset or default: :func:`recipe`), so a killed bench loses at most the row it was in,
+while a fresh clone (no cache) runs everything again rather than resuming the committed results. Runs of different
+``--entries`` (which write ``results-full-<entries>.json``) can share one cache, side by side. A Markdown table
 (``results.md``) and plots (``results.png``) are rebuilt from ``results.json`` after every row.
 
 Budgets (:data:`BUDGETS`): ``quick`` audits fewer prompts, runs the trained methods on the shape entry only at
@@ -285,6 +286,16 @@ def _average(rows: list[dict]) -> dict:
     return out
 
 
+def _rows_of_other_runs(work: Path, state: Path, spec: Budget) -> dict:
+    """Rows that runs of other ``--entries`` finished into the cache ``work`` with this budget, by key."""
+    rows = {}
+    for other in sorted(work.glob("results*.json")):
+        results = json.loads(other.read_text()) if other != state else {}
+        if spec.same_as(results.get("budget", {"name": None})):
+            rows.update(results.get("rows", {}))
+    return rows
+
+
 def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks", *, methods: Sequence[str] | None = None,
               attacks: Sequence[str] | None = None, entries: Sequence[str] | None = None, work_dir: str | Path | None = None, model=None,
               device: str = "auto", progress: bool = True) -> dict:
@@ -340,15 +351,13 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
     state = work / path.name  # the resume state lives in the cache, so a committed results file is not resumed
     results = json.loads(state.read_text()) if state.exists() else {}
     budget_record = spec.record()
-    if not spec.same_as(results.get("budget", {"name": None})):  # another budget's results: start over
-        results = {"budget": budget_record}
-        for method_dir in (work / m for m in METHODS):  # only what the bench wrote there
-            if method_dir.is_dir():
-                shutil.rmtree(method_dir)
+    if not spec.same_as(results.get("budget", budget_record)):  # another budget's rows: start over
+        results = {}
     results.update(budget=budget_record, run=run_record(), suite=[dataclasses.asdict(e) for e in SUITE],
                    judge="tinyworld", missing={**{f"judge {j}": why for j, why in JUDGES.items() if why},
                             **{f"method {m}": why for m, why in spec.omitted if m not in methods}})
     rows = results.setdefault("rows", {})
+    siblings = _rows_of_other_runs(work, state, spec)
     started = time.time()
 
     def save() -> None:  # the resume state, then the outputs
@@ -361,7 +370,9 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
         key = f"{method}/{entry.name}"
         options = trained_options(method, entry.concepts, spec.scale_for(method))
         made_with = recipe(pipe, method, entry.concepts, options)
-        if key in rows and rows[key].get("config", made_with) == made_with:  # rows from before configs were kept pass
+        done = [r for r in (rows.get(key), siblings.get(key)) if r and r.get("config", made_with) == made_with]
+        if done:  # finished by this run or another one into the cache (rows from before configs were kept pass)
+            rows[key] = done[0]
             continue
         logger.info("[%d/%d] %s", i + 1, len(jobs), key)
         if progress:
@@ -373,8 +384,9 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
         erase_info_path = job_dir / "erase.json"
         erase_info = json.loads(erase_info_path.read_text()) if erase_info_path.exists() else None
         if not (adapter_path.exists() and erase_info and erase_info.get("options") == json.loads(json.dumps(options))
-                and erase_info.get("config", made_with) == made_with):
-            shutil.rmtree(job_dir)  # made with another config (or unfinished): its adapter and audits are stale
+                and erase_info.get("config", made_with) == made_with
+                and spec.same_as(erase_info.get("budget", budget_record))):
+            shutil.rmtree(job_dir)  # made with another config or budget (or unfinished): adapter and audits are stale
             job_dir.mkdir(parents=True)
             with peak_memory(pipe.device) as peak:
                 t0 = time.perf_counter()
@@ -384,7 +396,8 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
             adapter.save(tmp)
             os.replace(tmp, adapter_path)
             erase_info = {"erase_seconds": round(seconds, 2), "peak_memory_mb": peak["mb"],
-                          "peak_memory_kind": peak["kind"], "options": options, "config": made_with}
+                          "peak_memory_kind": peak["kind"], "options": options, "config": made_with,
+                          "budget": budget_record}
             _atomic_write(erase_info_path, json.dumps(erase_info).encode())
         row = {"method": method, "entry": entry.name, "concepts": list(entry.concepts), **erase_info,
                "adapter_mb": round(adapter_path.stat().st_size / 1e6, 3)}

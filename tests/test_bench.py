@@ -1,5 +1,6 @@
 """erasekit bench (the tinyworld suite: rows, resume, table, plots) and erasekit bench perf's building blocks."""
 
+import dataclasses
 import json
 
 import pytest
@@ -81,6 +82,31 @@ def test_rows_made_with_another_config_are_redone(bench, monkeypatch):
     assert erased == ["uce"]  # that row only, its stale adapter too
     assert again["rows"]["uce/shape"]["config"]["lam"] != 0.123
     assert again["rows"]["uce/shape"]["erasure_rate"] == results["rows"]["uce/shape"]["erasure_rate"]
+
+
+def test_entry_subsets_share_the_cache_and_another_budget_redoes_its_rows(bench, monkeypatch):
+    out, _ = bench
+    work = out / ".bench-test"
+    erased = []
+    import erasekit.api
+
+    real = erasekit.api.erase
+    monkeypatch.setattr(erasekit.api, "erase", lambda *a, **k: erased.append(a[1]) or real(*a, **k))
+    sub = run_suite(TINY, out, methods=["uce"], attacks=["paraphrase"], entries=["colour"], progress=False)
+    assert list(sub["rows"]) == ["uce/colour"] and (out / "results-test-colour.json").exists()
+    assert erased == []  # a run of some entries (its own results file) reuses the adapters cached by another run
+    assert (work / "uce" / "shape" / "adapter.safetensors").exists()  # and leaves the other entries' cache alone
+    main_state = work / "results-test.json"
+    saved = json.loads(main_state.read_text())
+    del saved["rows"]["uce/colour"]
+    main_state.write_text(json.dumps(saved))
+    whole = run_suite(TINY, out, methods=["uce"], attacks=["paraphrase"], progress=False)
+    same = json.loads(json.dumps(sub["rows"]["uce/colour"]))
+    assert json.loads(json.dumps(whole["rows"]["uce/colour"])) == same  # the whole run adopts the subset's row
+    run_suite(dataclasses.replace(TINY, preserve=3), out, methods=["uce"], attacks=["paraphrase"],
+              entries=["colour"], progress=False)
+    assert erased == ["uce"]  # another budget: the cached audits are stale, so that row is made again
+    assert json.loads((work / "uce" / "colour" / "erase.json").read_text())["budget"]["preserve"] == 3
 
 
 def test_trained_methods_scale_their_budget():
