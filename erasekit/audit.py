@@ -489,6 +489,7 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
     manifest = _manifest(concept, plans, judge, generation, pipe)
     manifest_path = out_dir / MANIFEST
     rank, world = int(proc.process_index), int(proc.num_processes)
+    prepared = [p for p in plans if hasattr(p.module, "prepare")] if prompts else []  # nothing to attack: no prep
 
     # 1. manifest and per-concept attack state (main process), then everyone loads them
     if proc.is_main_process:
@@ -499,8 +500,8 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
 
             record = dict(manifest, created=run_record())
             _atomic_write(manifest_path, json.dumps(record, indent=2, default=_json_default).encode())
-        for plan in plans:
-            if hasattr(plan.module, "prepare") and _load_state(out_dir, plan.label) is None:
+        for plan in prepared:
+            if _load_state(out_dir, plan.label) is None:
                 logger.info("preparing %s for %r", plan.label, concept)
                 t0 = time.perf_counter()
                 st = plan.module.prepare(pipe, judge_concept, plan.config,
@@ -511,12 +512,11 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
     if manifest_path.exists():
         _check_manifest(manifest_path, manifest)
     states = {}
-    for plan in plans:
-        if hasattr(plan.module, "prepare"):
-            states[plan.label] = _load_state(out_dir, plan.label)
-            if states[plan.label] is None:  # another process has not written it (in-process simulation)
-                states[plan.label] = plan.module.prepare(pipe, judge_concept, plan.config,
-                                                         _base.make_generator(None, 0, plan.label, concept))
+    for plan in prepared:
+        states[plan.label] = _load_state(out_dir, plan.label)
+        if states[plan.label] is None:  # another process has not written it (in-process simulation)
+            states[plan.label] = plan.module.prepare(pipe, judge_concept, plan.config,
+                                                     _base.make_generator(None, 0, plan.label, concept))
 
     # 2. this process's share of the work
     groups = ([("target", p, s) for p in prompts for s in seeds]

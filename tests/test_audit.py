@@ -281,3 +281,16 @@ def test_accelerate_launch_two_processes(pipe, reference, tmp_path):
                     "--mixed_precision", "no", "--dynamo_backend", "no", str(script)], check=True, timeout=900)
     assert lines(tmp_path / "out") == lines(reference[0])
     assert not list((tmp_path / "out").glob("results.rank*.jsonl"))
+
+
+def test_per_concept_preparation_is_skipped_when_there_is_nothing_to_attack(pipe, tmp_path, monkeypatch):
+    from erasekit.attacks import cce
+
+    def forbidden(*a, **k):
+        raise AssertionError("CCE prepared its token for an audit without target prompts")
+
+    monkeypatch.setattr(cce, "prepare", forbidden)
+    report = A.audit(pipe, "cat", ["cce"], [], SEEDS, judge(), tmp_path / "run", paraphrases=[],
+                     preserve_prompts=["a red car"], num_inference_steps=1, progress=False)
+    assert report.summary["preservation"] is not None
+    assert not list((tmp_path / "run").glob("*cce*"))
