@@ -28,7 +28,7 @@ from .. import _lora
 from ..adapter import Adapter
 from ..errors import ConfigError
 from .esd import (PRESETS, Cond, PromptTable, TrainMethod, _validate, ddim_scheduler, latent_shape, predict, rollout,
-                  train, training_templates)
+                  train, training_templates, validate_replace_with)
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,7 @@ class AboConfig:
             raise ConfigError(f"train_method must be one of {', '.join(PRESETS)}, got {self.train_method!r}")
         if self.preserve_weight < 0:
             raise ConfigError(f"preserve_weight must be ≥ 0, got {self.preserve_weight}")
-        if self.replace_with.strip() in {c.strip() for c in self.concepts}:
-            raise ConfigError(f"replace_with {self.replace_with!r} is one of the concepts being erased")
+        validate_replace_with(self)
 
 
 def objective(pipe, config: AboConfig) -> Callable:

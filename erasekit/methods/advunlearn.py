@@ -50,7 +50,7 @@ from ..attacks import _sd
 from ..attacks.unlearndiffatk import SoftPrompt, SoftPromptConfig, soft_prompt_attack
 from ..errors import ConfigError
 from . import _te
-from .esd import ddim_scheduler, is_tinyworld, training_templates
+from .esd import ddim_scheduler, is_tinyworld, training_templates, validate_replace_with
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +179,7 @@ class AdvUnlearnConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.replace_with.strip() in {c.strip() for c in self.concepts}:
-            raise ConfigError(f"replace_with {self.replace_with!r} is one of the concepts being erased")
+        validate_replace_with(self)
         if isinstance(self.retain, str) or isinstance(self.layers, (str, int)) or any(i < 0 for i in self.layers):
             raise ConfigError("retain must be a tuple of prompts and layers a tuple of layer indices ≥ 0")
 

@@ -133,6 +133,12 @@ def _validate(config) -> None:
     validate_training(config)
 
 
+def validate_replace_with(config) -> None:
+    """The anchor of a config with ``replace_with`` (All-but-One, AdvUnlearn) must not be a concept it erases."""
+    if config.replace_with.strip() in {c.strip() for c in config.concepts}:
+        raise ConfigError(f"replace_with {config.replace_with!r} is one of the concepts being erased")
+
+
 def validate_training(config) -> None:
     """Checks shared by every trained method's config (concepts, rank, lr, precision, resume, templates)."""
     if isinstance(config.concepts, str) or not config.concepts or not all(c.strip() for c in config.concepts):
