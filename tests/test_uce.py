@@ -191,6 +191,15 @@ def test_uce_key_modes_and_expansion(pipes):
         assert rel(adapter.deltas[key].dense().to(F64), dense_uce(W, keys, 1.0, 1.0, 0.5)) < 1e-5
 
 
+def test_preserve_related_adds_the_siblings_on_tinyworld_only(tinyworld_pipe, pipes):
+    config = uce.UceConfig(concepts=("disc", "red"), preserve=("a tree", "square"), preserve_related=True,
+                           expand_prompts="none")
+    preserve = uce.preserve_prompts(tinyworld_pipe, config)
+    assert preserve[:3] == ["a tree", "square", "triangle"]  # the user's first, then siblings, once each
+    assert "circle" not in preserve and "red" not in preserve and "blue" in preserve
+    assert uce.preserve_prompts(pipes["sd1"], config) == ["a tree", "square"]  # not a tinyworld model: as given
+
+
 # ------------------------------------------------------------------------------------------------ merge
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_merge_equals_joint_solve(pipes, family):

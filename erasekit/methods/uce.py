@@ -215,14 +215,7 @@ def preserve_prompts(pipe, config) -> list[str]:
         from .. import tinyworld
 
         if tinyworld.is_tinyworld(pipe):
-            erased = set()
-            for c in config.concepts:
-                try:
-                    erased.add(tinyworld.canonical(c))
-                    preserve += tinyworld.related(c)
-                except (KeyError, StopIteration):
-                    continue
-            preserve = [p for p in dict.fromkeys(preserve) if p not in erased]
+            preserve = list(dict.fromkeys(preserve + tinyworld.related_to(config.concepts)))
     out = []
     for p in preserve:
         out.append(p)
