@@ -715,19 +715,11 @@ def _tokencos(embedding: torch.Tensor, tokens: list[frozenset[int] | None],
     """``tokencos(p, q) = mean_{j ∈ q} max(0, max_{i ∈ p} cos(W_i, W_j))`` for rows ``p`` × gate prompts ``q``:
     ``(B, Q)`` fp32, NaN where ``p`` is unknown (``None``) or ``q`` is empty, 0 where ``p`` has no tokens."""
     out = torch.full((len(tokens), len(token_sets)), math.nan)
-    for q_index, q in enumerate(token_sets):
-        if not q:
-            continue
-        wq = F.normalize(embedding[sorted(q)].detach().float(), dim=-1)  # (|q|, D)
-        for b, p in enumerate(tokens):
-            if p is None:
-                continue
-            if not p:
-                out[b, q_index] = 0.0
-                continue
-            wp = F.normalize(embedding[sorted(p)].detach().float(), dim=-1)
-            best = (wq @ wp.T).max(dim=1).values.clamp(min=0.0)  # each token of q: its closest token of p
-            out[b, q_index] = best.mean().cpu()
+    unit = {t: F.normalize(embedding[sorted(t)].detach().float(), dim=-1) for t in {*token_sets, *tokens} if t}
+    for b, p in enumerate(tokens):
+        for q_index, q in enumerate(token_sets):
+            if p is not None and q:  # each token of q: its closest token of p
+                out[b, q_index] = (unit[q] @ unit[p].T).max(dim=1).values.clamp(min=0.0).mean().cpu() if p else 0.0
     return out
 
 
