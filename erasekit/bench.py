@@ -287,12 +287,13 @@ def _average(rows: list[dict]) -> dict:
 
 
 def _rows_of_other_runs(work: Path, state: Path, spec: Budget) -> dict:
-    """Rows that runs of other ``--entries`` finished into the cache ``work`` with this budget, by key."""
+    """Rows that runs of other ``--entries`` finished into the cache ``work`` with this budget: key → rows."""
     rows = {}
     for other in sorted(work.glob("results*.json")):
         results = json.loads(other.read_text()) if other != state else {}
         if spec.same_as(results.get("budget", {"name": None})):
-            rows.update(results.get("rows", {}))
+            for key, row in results.get("rows", {}).items():
+                rows.setdefault(key, []).append(row)
     return rows
 
 
@@ -370,7 +371,8 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
         key = f"{method}/{entry.name}"
         options = trained_options(method, entry.concepts, spec.scale_for(method))
         made_with = recipe(pipe, method, entry.concepts, options)
-        done = [r for r in (rows.get(key), siblings.get(key)) if r and r.get("config", made_with) == made_with]
+        found = [r for r in [rows.get(key), *siblings.get(key, [])] if r]
+        done = [r for r in found if r.get("config") == made_with] or [r for r in found if "config" not in r]
         if done:  # finished by this run or another one into the cache (rows from before configs were kept pass)
             rows[key] = done[0]
             continue
@@ -429,7 +431,9 @@ def table(results: dict) -> str:
     from .methods import METHODS
 
     run = results.get("run", {})
-    rows = results.get("rows", {})
+    order = {name: i for i, name in enumerate([*METHODS, *(e.name for e in SUITE)])}
+    rows = dict(sorted(results.get("rows", {}).items(),  # registry order, then suite order, whatever order they ran
+                       key=lambda kv: (order.get(kv[1].get("method"), len(order)), order.get(kv[1].get("entry"), 0))))
     budget = results.get("budget", {})
     lines = [f"erasekit bench ({budget.get('name')}) · {run.get('date')} · {run.get('machine')} · torch "
              f"{run.get('torch')} · diffusers {run.get('diffusers')} · commit {run.get('git_commit')} · "
