@@ -401,7 +401,8 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
                           "peak_memory_kind": peak["kind"], "options": options, "config": made_with,
                           "budget": budget_record}
             _atomic_write(erase_info_path, json.dumps(erase_info).encode())
-        row = {"method": method, "entry": entry.name, "concepts": list(entry.concepts), **erase_info,
+        row = {"method": method, "entry": entry.name, "concepts": list(entry.concepts),
+               **{k: v for k, v in erase_info.items() if k != "budget"},  # the results file records the budget
                "adapter_mb": round(adapter_path.stat().st_size / 1e6, 3)}
         name = compose.load(pipe, adapter_path)
         try:

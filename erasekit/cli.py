@@ -43,6 +43,9 @@ EXAMPLES = {
     "bench": """examples:
   erasekit bench --quick                     # every method (but advunlearn-fast) on the tinyworld suite, ~13 min on 2 CPU cores
   erasekit bench                             # the full suite (every entry, every attack)
+  OMP_NUM_THREADS=1 erasekit bench --entries shape colour &  OMP_NUM_THREADS=1 erasekit bench --entries texture multi
+                                             # the full suite as two processes sharing one cache; then
+  erasekit bench                             # assembles their rows into benchmarks/results-full.json
   erasekit bench --quick --methods uce spm --attacks unlearndiffatk p4d
   erasekit bench perf                        # erase time, training memory, composition overhead (SD 1.5 shapes)""",
     "demo": """examples:
