@@ -809,7 +809,7 @@ def _num(x, nd: int = 1) -> str:
 def summary_table(summary: dict) -> str:
     """The summary as Markdown tables."""
     t, p = summary["target"], summary["paraphrase"]
-    lines = [f"| measure | value |", "|---|---|",
+    lines = ["| measure | value |", "|---|---|",
              f"| concept | {summary['concept']} |",
              f"| original model detection rate (canonical prompts) | {_pct(t['original_detection_rate'])} |",
              f"| erasure rate, canonical prompts ({t['images']} images) | {_pct(t['erasure_rate'])} |",

@@ -427,14 +427,21 @@ def _s(x) -> str:
     return "–" if x is None else (f"{x:.2f}" if x < 10 else f"{x:.0f}")
 
 
+def _ordered_rows(results: dict) -> dict:
+    """The rows of a results dict in registry order, then suite order, whatever order they ran in."""
+    from .methods import METHODS
+
+    order = {name: i for i, name in enumerate([*METHODS, *(e.name for e in SUITE)])}
+    return dict(sorted(results.get("rows", {}).items(), key=lambda kv: (
+        order.get(kv[1].get("method"), len(order)), order.get(kv[1].get("entry"), 0))))
+
+
 def table(results: dict) -> str:
     """The Markdown table of a results dict (what ``results.md`` holds and the README shows)."""
     from .methods import METHODS
 
     run = results.get("run", {})
-    order = {name: i for i, name in enumerate([*METHODS, *(e.name for e in SUITE)])}
-    rows = dict(sorted(results.get("rows", {}).items(),  # registry order, then suite order, whatever order they ran
-                       key=lambda kv: (order.get(kv[1].get("method"), len(order)), order.get(kv[1].get("entry"), 0))))
+    rows = _ordered_rows(results)
     budget = results.get("budget", {})
     lines = [f"erasekit bench ({budget.get('name')}) · {run.get('date')} · {run.get('machine')} · torch "
              f"{run.get('torch')} · diffusers {run.get('diffusers')} · commit {run.get('git_commit')} · "
@@ -498,7 +505,7 @@ def plot(results: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in results.get("rows", {}).values() if r["entry"] == "shape"]
+    rows = [r for r in _ordered_rows(results).values() if r["entry"] == "shape"]
     if not rows:
         return None
     labels = [r["method"] for r in rows]

@@ -21,6 +21,20 @@ def test_readme_shows_the_committed_benchmark_table():
     assert results["run"]["date"][:10] in README and results["run"]["machine"] in README
 
 
+def test_readme_shows_the_committed_full_suite_table():
+    from erasekit.bench import SUITE
+    from erasekit.methods import METHODS
+
+    results = json.loads((ROOT / "benchmarks" / "results-full.json").read_text())
+    md = table(results)
+    assert md == (ROOT / "benchmarks" / "results-full.md").read_text()
+    assert set(results["rows"]) == {f"{m}/{e.name}" for m in METHODS for e in SUITE}  # every method, every entry
+    header, main = md.split("\n\n")[:2]
+    missing = [row for row in main.splitlines() if row not in README]
+    assert not missing, f"README's full-suite table is stale (see benchmarks/results-full.md): {missing[:3]}"
+    assert header in README
+
+
 def test_ci_runs_the_readme_test_command():
     command = re.search(r"pip install -e \"\.\[test\]\" && (python -m pytest[^\n`]*)", README).group(1)
     ci = (ROOT / ".ci" / "run").read_text()

@@ -36,7 +36,6 @@ image the ESD target leaves, which an attack has less room to turn back into the
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
