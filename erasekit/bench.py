@@ -411,6 +411,7 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
             compose.unload(pipe, name)
         row["generation"] = generation_overhead(pipe, adapter_path, spec.timing_repeats)
         row["row_seconds"] = round(time.time() - row_started, 1)
+        row["made"] = {k: results["run"].get(k) for k in ("date", "git_commit")}  # rows outlive runs (resume, adopt)
         rows[key] = row
         save()
     save()
@@ -443,8 +444,11 @@ def table(results: dict) -> str:
     run = results.get("run", {})
     rows = _ordered_rows(results)
     budget = results.get("budget", {})
+    commits = {r["made"]["git_commit"] for r in rows.values() if r.get("made")} - {run.get("git_commit")}
+    unrecorded = " and before" if any(not r.get("made") for r in rows.values()) else ""  # rows from before "made"
+    made = f" (rows made earlier at {', '.join(sorted(commits))}{unrecorded})" if commits else ""
     lines = [f"erasekit bench ({budget.get('name')}) · {run.get('date')} · {run.get('machine')} · torch "
-             f"{run.get('torch')} · diffusers {run.get('diffusers')} · commit {run.get('git_commit')} · "
+             f"{run.get('torch')} · diffusers {run.get('diffusers')} · commit {run.get('git_commit')}{made} · "
              f"{budget.get('prompts')} canonical prompts × seeds {budget.get('seeds')} per concept, judge: tinyworld",
              "",
              "| method | entry | erased % (canonical) | erased % (synonyms) | preservation drop (pts) | "

@@ -32,6 +32,7 @@ def test_suite_rows_have_every_measure(bench):
     assert "asr" not in results["rows"]["uce/colour"]  # attacks only on the budget's attack entries
     for key in ("date", "machine", "torch", "git_commit"):
         assert key in results["run"]
+    assert shape["made"] == {"date": results["run"]["date"], "git_commit": results["run"]["git_commit"]}
     saved = json.loads((out / "results-test.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(results["rows"]))
 
@@ -43,6 +44,10 @@ def test_outputs_table_plot_and_missing_items(bench):
     assert "judge clip" in md and "judge nudenet" in md  # judges not used are stated with the reason
     assert "method spm: not in this run" in md and "attack unlearndiffatk: not in this run" in md
     assert (out / "results-test.png").stat().st_size > 1000
+    assert "rows made earlier" not in md  # every row of this run
+    older = json.loads(json.dumps(results))
+    older["rows"]["uce/shape"]["made"]["git_commit"] = "0123abc"  # a row resumed or adopted from an earlier commit
+    assert f"commit {older['run']['git_commit']} (rows made earlier at 0123abc) ·" in table(older)
 
 
 def test_rerun_resumes_without_recomputing(bench, monkeypatch):
