@@ -6,7 +6,16 @@ standard prompt grid: the share of the concept's canonical prompts and of its sy
 still sees it, and the accuracy on prompts of the attribute's other values (against the base model's).
 Results are written after every row (rerunning skips rows already in the file).
 
-    python benchmarks/closed_form_tinyworld.py            # → benchmarks/closed_form_tinyworld.json
+RECE's adversarial epochs are meant to lower what UCE leaves of a concept, but tinyworld's UCE preset leaves
+nothing to lower (its targets are pushed past the guide, η = 1). ``--settings`` runs UCE and RECE under two other
+settings (``SETTINGS``), the same for both, so that RECE's epoch 0 is exactly that UCE; rows carry ``"settings"``:
+
+* ``replace``: the tinyworld presets with the papers' replace target (η = 0);
+* ``paper``: the papers' settings, no tinyworld preset (bare-word keys from the last subject token through the
+  padding, as the paper-era UCE code that RECE starts from; no related concepts preserved; no model selection).
+
+    python benchmarks/closed_form_tinyworld.py                    # → benchmarks/closed_form_tinyworld.json
+    python benchmarks/closed_form_tinyworld.py --settings replace --methods uce rece
 """
 
 from __future__ import annotations
@@ -21,6 +30,16 @@ import torch
 OUT = Path(__file__).with_name("closed_form_tinyworld.json")
 BARS = {"canonical_rate_max": 0.10, "synonym_rate_max": 0.30, "other_accuracy_drop_max": 0.05}
 CONCEPTS = ("circle", "red", "striped")
+#: options over the registry's tinyworld presets (MethodSpec.tinyworld), per setting and method
+SETTINGS = {
+    "tinyworld": {},
+    "replace": {"uce": {"negative_guidance": 0.0}, "rece": {"negative_guidance": 0.0}},
+    "paper": {
+        "uce": {"expand_prompts": "none", "key_mode": "tokens", "negative_guidance": 0.0, "preserve_related": False},
+        "rece": {"expand_prompts": "none", "uce_key_mode": "tokens", "negative_guidance": 0.0,
+                 "preserve_related": False, "validation_judge": ""},
+    },
+}
 
 
 def main() -> None:
@@ -28,6 +47,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["uce", "rece", "time"])
     parser.add_argument("--concepts", nargs="+", default=list(CONCEPTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    parser.add_argument("--settings", choices=tuple(SETTINGS), default="tinyworld",
+                        help="the registry's tinyworld presets, or other settings for uce and rece (SETTINGS)")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args()
     torch.set_num_threads(1)  # CPU threads beyond the free cores slow torch down badly
@@ -40,7 +61,10 @@ def main() -> None:
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.is_file() else {"bars": BARS, "rows": []}
     data["run"] = run_record()
-    done = {(r["method"], r["concept"]) for r in data["rows"]}
+    settings = SETTINGS[args.settings]
+    if settings and set(args.methods) - set(settings):
+        parser.error(f"--settings {args.settings} is defined for {', '.join(settings)} only")
+    done = {(r["method"], r["concept"], r.get("settings", "tinyworld")) for r in data["rows"]}
     pipe = erasekit.load_pipeline()
     judge = tinyworld.load_judge()
     seeds = tuple(args.seeds)
@@ -52,17 +76,18 @@ def main() -> None:
 
     base = {}
     for concept in args.concepts:
-        if ("base", concept) not in done:
+        if ("base", concept, "tinyworld") not in done:
             r = erasure(pipe, judge, concept, seeds=seeds).as_dict()
             data["rows"].append({"method": "base", **r})
             save()
         base[concept] = next(r for r in data["rows"] if r["method"] == "base" and r["concept"] == concept)
     for method in args.methods:
         for concept in args.concepts:
-            if (method, concept) in done:
+            if (method, concept, args.settings) in done:
                 continue
+            options = settings.get(method, {})
             started = time.perf_counter()
-            adapter = erasekit.erase(pipe, method, [concept])
+            adapter = erasekit.erase(pipe, method, [concept], **options)
             seconds = time.perf_counter() - started
             name = compose.load(pipe, adapter, name="bench")
             try:
@@ -70,6 +95,8 @@ def main() -> None:
             finally:
                 compose.unload(pipe, name)
             drop = base[concept]["other_accuracy"] - r["other_accuracy"]
+            if args.settings != "tinyworld":
+                r["settings"] = args.settings
             r.update(method=method, erase_seconds=round(seconds, 2), other_accuracy_drop=round(drop, 4),
                      config={k: v for k, v in adapter.config.items() if k != "concepts"},
                      **{k: adapter.info[k] for k in ("validation_rates", "kept_epoch") if k in adapter.info},
