@@ -226,6 +226,8 @@ def inspect_command(args) -> int:
     print(f"  components : {', '.join(d['components'])}   gating: {d['gating'].get('rule')}")
     print(f"  size       : {size / 1e6:.3f} MB, {d['parameters']:,} parameters in {len(d['modules'])} modules")
     print(f"  config     : {json.dumps(d['config'], sort_keys=True)}")
+    if d["info"]:  # what the erase recorded: rank, training losses and time, RECE's kept epoch, ...
+        print(f"  record     : {json.dumps(d['info'], sort_keys=True)}")
     if d["stats"]:
         print(f"  stats      : {', '.join(d['stats'])} (exact merging)")
     for m in d["modules"]:

@@ -52,7 +52,9 @@ def _example(method):
 
 def test_cli_inspect_export_merge(tmp_path, capsys):
     uce = _example("uce")
-    assert main(["inspect", str(uce)]) == 0 and "uce erasing circle" in capsys.readouterr().out
+    assert main(["inspect", str(uce)]) == 0
+    shown = capsys.readouterr().out
+    assert "uce erasing circle" in shown and '"rank": 1' in shown  # what the erase recorded, too
     out = tmp_path / "lora.safetensors"
     assert main(["export", str(uce), "--to", "diffusers", "--out", str(out)]) == 0 and out.is_file()
     assert main(["export", str(uce), "--to", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 0
