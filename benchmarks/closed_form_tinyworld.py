@@ -51,6 +51,9 @@ def main() -> None:
                         help="the registry's tinyworld presets, or other settings for uce and rece (SETTINGS)")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args()
+    settings = SETTINGS[args.settings]
+    if settings and set(args.methods) - set(settings):
+        parser.error(f"--settings {args.settings} is defined for {', '.join(settings)} only")
     torch.set_num_threads(1)  # CPU threads beyond the free cores slow torch down badly
 
     import erasekit
@@ -61,9 +64,6 @@ def main() -> None:
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.is_file() else {"bars": BARS, "rows": []}
     data["run"] = run_record()
-    settings = SETTINGS[args.settings]
-    if settings and set(args.methods) - set(settings):
-        parser.error(f"--settings {args.settings} is defined for {', '.join(settings)} only")
     done = {(r["method"], r["concept"], r.get("settings", "tinyworld")) for r in data["rows"]}
     pipe = erasekit.load_pipeline()
     judge = tinyworld.load_judge()

@@ -358,26 +358,31 @@ TW_OTHER = [("a solid red square on a black background", "square"), ("a striped 
             ("an outlined purple diamond on a black background", "diamond"), ("a solid orange square", "square")]
 
 
+def _judged_shapes(pipe, judge, adapter, prompts, seeds) -> list[str]:
+    """The shape the judge sees in each image (prompt-major, then seed) generated with ``adapter`` loaded."""
+    from erasekit import compose
+    from erasekit.generate import generate
+
+    name = compose.load(pipe, adapter)
+    try:
+        images = generate(pipe, [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds],
+                          output_type="np")
+    finally:
+        compose.unload(pipe, name)
+    return judge(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).labels("shape")
+
+
 @pytest.mark.parametrize("method", ["uce", "rece"])
 def test_tinyworld_circle_is_gone_and_other_shapes_stay(tinyworld_pipe, judge, method):
     """Judged on tinyworld (the full protocol is benchmarks/closed_form_tinyworld.py): the judge no longer sees a
     circle, synonyms included; the other shapes are still drawn; only cross-attention k/v change."""
-    from erasekit import compose, erase
-    from erasekit.generate import generate
+    from erasekit import erase
 
     adapter = erase(tinyworld_pipe, method, ["circle"])
     assert {k.rsplit(".", 1)[-1] for k in adapter.deltas} == {"to_k", "to_v"}
     assert all(".attn2." in k and k.startswith("unet.") for k in adapter.deltas)
-    prompts = TW_CONCEPT_PROMPTS + [p for p, _ in TW_OTHER]
     seeds = (0, 1)
-    all_prompts = [p for p in prompts for _ in seeds]
-    all_seeds = [s for _ in prompts for s in seeds]
-    name = compose.load(tinyworld_pipe, adapter)
-    try:
-        images = generate(tinyworld_pipe, all_prompts, all_seeds, output_type="np")
-    finally:
-        compose.unload(tinyworld_pipe, name)
-    shapes = judge(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).labels("shape")
+    shapes = _judged_shapes(tinyworld_pipe, judge, adapter, TW_CONCEPT_PROMPTS + [p for p, _ in TW_OTHER], seeds)
     n = len(TW_CONCEPT_PROMPTS) * len(seeds)
     assert sum(s == "circle" for s in shapes[:n]) <= 1, shapes[:n]
     expected = [want for _, want in TW_OTHER for _ in seeds]
@@ -399,19 +404,12 @@ def test_rece_lowers_what_uce_leaves_under_synonyms(tinyworld_pipe, judge):
     """RECE's claim (Gong et al., ECCV 2024): its adversarial epochs erase what the UCE solve it starts from leaves.
     Measured with the papers' replace target (η = 0), under which tinyworld's UCE leaves circle in about half of its
     synonym prompts (with the preset's η = 1 it leaves nothing, and RECE keeps that solve: epoch 0)."""
-    from erasekit import compose, erase
-    from erasekit.generate import generate
+    from erasekit import erase
     from erasekit.tinyworld.eval import standard_grid
 
     circles = [s for s in standard_grid() if s.shape == "circle"][::3]  # 8 of the grid's 24 circle scenes
     prompts = [s.prompt(names={"shape": word}) for s in circles for word in ("disc", "round shape")]
-    seen = {}
-    for method in ("uce", "rece"):
-        adapter = erase(tinyworld_pipe, method, ["circle"], negative_guidance=0.0)
-        name = compose.load(tinyworld_pipe, adapter)
-        try:
-            images = generate(tinyworld_pipe, prompts, [0] * len(prompts), output_type="np")
-        finally:
-            compose.unload(tinyworld_pipe, name)
-        seen[method] = judge(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).labels("shape").count("circle")
+    seen = {method: _judged_shapes(tinyworld_pipe, judge, erase(tinyworld_pipe, method, ["circle"],
+                                                                negative_guidance=0.0), prompts, (0,)).count("circle")
+            for method in ("uce", "rece")}
     assert seen["uce"] >= 4 and seen["rece"] <= seen["uce"] - 4, seen
