@@ -435,13 +435,15 @@ def demo_command(args) -> int:
     ok_before, _ = seen(before, all_scenes)
     ok_after, _ = seen(after, all_scenes)
     print(f"\nerased {concept!r} in {seconds:.2f} s → {adapter_path} ({adapter_path.stat().st_size / 1e3:.0f} kB)\n")
-    print(f"{'what the judge sees':<34} {'before':>8} {'after':>8}")
+    measures = [f"{label}: " + (f"{attribute} correct" if label == f"other {attribute}s" else f"{concept} seen")
+                for label, _, _ in rows]
+    width = max(len(m) for m in measures + ["what the judge sees"])  # one column, however long a synonym is
+    print(f"{'what the judge sees':<{width}} {'before':>8} {'after':>8}")
     start = 0
-    for label, scenes_, _ in rows:
+    for what, (_, scenes_, _) in zip(measures, rows):
         n = len(scenes_) * len(seeds)
         b, a = sum(ok_before[start:start + n]), sum(ok_after[start:start + n])
-        what = f"{concept} seen" if label != f"other {attribute}s" else f"{attribute} correct"
-        print(f"{label + ': ' + what:<34} {f'{b}/{n}':>8} {f'{a}/{n}':>8}")
+        print(f"{what:<{width}} {f'{b}/{n}':>8} {f'{a}/{n}':>8}")
         start += n
     contact_sheet(before, columns=len(seeds) * 6).save(folder / "before.png")
     contact_sheet(after, columns=len(seeds) * 6).save(folder / "after.png")
