@@ -275,6 +275,8 @@ def _tensors_to_save(adapter: Adapter, dtype: torch.dtype) -> dict[str, torch.Te
         if not isinstance(value, torch.Tensor):
             raise AdapterError(f"stats[{name!r}] is a {type(value).__name__}, expected a torch.Tensor")
         key = name if name.startswith("gate.") else f"stats.{name}"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise AdapterError(f"stats[{name!r}] contains NaN or infinite values; refusing to save broken statistics")
         stat_dtype = torch.float32 if value.is_floating_point() else value.dtype
         if stat_dtype not in _DTYPE_NAMES:
             raise AdapterError(f"stats[{name!r}] has dtype {value.dtype}, which format 1 cannot store")
@@ -422,15 +424,27 @@ def _modelspec(adapter: Adapter) -> dict[str, str]:
     return out
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def _atomic_save_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """safetensors ``save_file`` to a temporary file beside ``path``, fsync, then rename over ``path``.
+
+    The file gets the mode of the file it replaces, else ``0o666`` less the umask (like any new file; the
+    temporary file itself is created 0600).
+    """
     from safetensors.torch import save_file
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o644
+        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise AdapterFileError(f"cannot write adapter {path}: {err}") from err
+        raise AdapterFileError(f"cannot write {path}: {err}") from err
     try:
         os.close(fd)
         save_file(tensors, tmp, metadata=metadata)
@@ -442,7 +456,7 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(err, OSError):
-            raise AdapterFileError(f"cannot write adapter {path}: {err}") from err
+            raise AdapterFileError(f"cannot write {path}: {err}") from err
         raise
 
 
@@ -488,6 +502,11 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
             raise AdapterFileError(f"{path} is corrupt: its tensor data has sha256 {found[:16]}…, but the record "
                                    f"says {record['tensor_sha256'][:16]}… (the file changed after it was written)")
     tensors = _read_tensors(path, header)
+    for name in sorted(tensors):
+        finite = torch.isfinite(tensors[name]) if tensors[name].is_floating_point() else None
+        if finite is not None and not bool(finite.all()):
+            raise AdapterFileError(f"{path}: tensor {name!r} holds {int((~finite).sum())} NaN or infinite value(s) "
+                                   f"of {finite.numel()}; an adapter's tensors must be finite (the file is broken)")
     deltas = {}
     for key, parts in layout["deltas"].items():
         if "delta" in parts:
@@ -784,7 +803,9 @@ def _fingerprint_module(module: torch.nn.Module, sample: int = FINGERPRINT_SAMPL
         flat = p.detach().reshape(-1)
         if flat.numel() > sample:  # FINGERPRINT_BLOCKS contiguous blocks, evenly spread (cheap to read)
             block = sample // FINGERPRINT_BLOCKS
-            starts = torch.linspace(0, flat.numel() - block, FINGERPRINT_BLOCKS).long().tolist()
+            # integer arithmetic: a float32 linspace rounds differently with the CPU's vector width above ~1.2M
+            last = flat.numel() - block
+            starts = [i * last // (FINGERPRINT_BLOCKS - 1) for i in range(FINGERPRINT_BLOCKS)]
             flat = torch.cat([flat[s:s + block] for s in starts])
         values = flat.to(device="cpu", dtype=torch.float16).contiguous()
         weights.update(name.encode() + b"\n")
@@ -797,8 +818,9 @@ def fingerprint(pipe, components=None) -> dict[str, dict[str, str]]:
 
     For each component (by default every one of ``unet``, ``text_encoder``, ``text_encoder_2`` the pipeline
     has): ``"architecture"`` is the sha256 of the sorted (parameter name, shape) list, and ``"weights"`` the
-    sha256 of a sample of each parameter (``FINGERPRINT_BLOCKS`` contiguous blocks spread evenly, at most
-    ``FINGERPRINT_SAMPLE`` elements in all, cast to fp16), so
+    sha256 of a sample of each parameter, cast to fp16: all of it up to ``FINGERPRINT_SAMPLE`` elements, else
+    ``FINGERPRINT_BLOCKS`` contiguous blocks of ``FINGERPRINT_SAMPLE // FINGERPRINT_BLOCKS`` elements starting at
+    ``i * (numel - block) // (FINGERPRINT_BLOCKS - 1)`` (the exact recipe: ``adapters/README.md`` §4), so
     fp32 and fp16 loads of one checkpoint, on any device, give the same digests. Parameter names drop a leading
     ``text_model.`` so that transformers 4 and 5 agree. Cost: a read of ≤ ``FINGERPRINT_SAMPLE`` elements per parameter.
 

@@ -8,8 +8,11 @@
 - ``bake(pipe, adapters, out_dir)``: fuse static erasures and ``save_pretrained`` a stock pipeline folder with a
   model card.
 
-Only static low-rank deltas are LoRA: a full delta has no factors (pass ``svd_rank`` to approximate it; the relative
-error is reported), and a gated adapter (SPM) loses its prompt gate — it is exported with a warning.
+A full delta ``ΔW`` [out, in(·kh·kw)] is exported exactly at full rank ``r = min(out, in·kh·kw)``: ``lora_B = ΔW``,
+``lora_A = I`` when the input side is the smaller, else ``lora_B = I``, ``lora_A = ΔW``, so ``lora_B @ lora_A`` is
+``ΔW`` again (a warning says so; the file is larger than the adapter). ``svd_rank`` asks for a smaller rank-r
+approximation instead (the relative error is reported). A gated adapter (SPM) loses its prompt gate — it is
+exported with a warning.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from .adapter import COMPONENTS, Adapter, ModuleDelta
+from .adapter import COMPONENTS, Adapter, ModuleDelta, _atomic_save_file, _umask
 from .errors import AdapterError
 
 logger = logging.getLogger(__name__)
@@ -61,33 +64,49 @@ def _svd(key: str, delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return down.contiguous(), up.contiguous()
 
 
+def _exact_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact full-rank factors ``(down, up)`` of a full delta: ``up @ down == ΔW`` (a product with the identity).
+
+    ``r = min(out, in·kh·kw)``: ``up = ΔW, down = I`` when the input side is the smaller, else ``up = I, down = ΔW``.
+    """
+    out, fan_in = delta.shape[0], delta[0].numel()
+    ones = [1] * (delta.ndim - 2)  # a Conv2d's lora_B is a 1×1 convolution
+    if fan_in <= out:
+        eye = torch.eye(fan_in, dtype=delta.dtype)
+        return eye.reshape(fan_in, *delta.shape[1:]), delta.reshape(out, fan_in, *ones)
+    return delta, torch.eye(out, dtype=delta.dtype).reshape(out, out, *ones)
+
+
 def _factors(adapter: Adapter, svd_rank: int | None) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
-    """``(component, module path) -> (down, up)`` for every delta; refuses full deltas unless ``svd_rank``."""
+    """``(component, module path) -> (down, up)`` for every delta; full deltas exactly, or by SVD at ``svd_rank``."""
     if not adapter.is_static:
         warnings.warn(
             f"adapter {adapter.method!r} ({', '.join(adapter.concepts)}) is gated "
             f"({adapter.gating.get('rule')}); a LoRA file cannot carry the gate, so the export applies it to every "
             "prompt (γ = 1)", UserWarning, stacklevel=3)
     factors = {}
-    full = [k for k, d in adapter.deltas.items() if d.delta is not None]
-    if full and svd_rank is None:
-        raise AdapterError(
-            f"adapter {adapter.method!r} has full deltas ({len(full)} modules, e.g. {full[0]!r}), which cannot be "
-            "expressed as LoRA factors; pass svd_rank=<r> to export a rank-r approximation")
     if svd_rank is not None and svd_rank < 1:
         raise AdapterError(f"svd_rank must be a positive integer, got {svd_rank!r}")
-    errors = []
+    errors, exact_ranks = [], []
     for key, delta in adapter.deltas.items():
         component, _, path = key.partition(".")
         if component not in COMPONENTS:
             raise AdapterError(f"adapter key {key!r} names no component of {COMPONENTS}")
-        if delta.delta is not None:
+        if delta.delta is not None and svd_rank is None:
+            down, up = _exact_factors(delta.delta)
+            exact_ranks.append(int(down.shape[0]))
+        elif delta.delta is not None:
             down, up = _svd(key, delta.delta, svd_rank)
             approx = ModuleDelta(down=down, up=up).dense()
             errors.append(float((approx - delta.dense()).norm() / delta.dense().norm().clamp_min(1e-30)))
         else:
             down, up = delta.down, delta.up
         factors[(component, path)] = (down.contiguous(), up.contiguous())
+    if exact_ranks:
+        ranks = "–".join(map(str, sorted({min(exact_ranks), max(exact_ranks)})))
+        warnings.warn(f"{len(exact_ranks)} full delta(s) exported exactly at full rank {ranks} (lora_B = ΔW, lora_A = "
+                      "the identity, or the other way round): no approximation, but a larger file; svd_rank=<r> "
+                      "gives a smaller rank-r approximation", UserWarning, stacklevel=3)
     if errors:
         warnings.warn(f"full deltas exported as rank-{svd_rank} SVD approximations: max relative error "
                       f"{max(errors):.3g}", UserWarning, stacklevel=3)
@@ -100,19 +119,9 @@ def _source_record(adapter: Adapter) -> str:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    """``safetensors`` write to a temporary file beside ``path``, then ``os.replace`` (DESIGN §2)."""
-    from safetensors.torch import save_file
-
+    """``safetensors`` write to a temporary file beside ``path``, then renamed over it (the adapter writer's)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata, path)
     return path
 
 
@@ -129,12 +138,14 @@ def to_diffusers(adapter: Adapter, path: str | Path, *, svd_rank: int | None = N
     ``rank_pattern`` / ``alpha_pattern`` with ``alpha == rank`` everywhere (scale exactly 1).
 
     Args:
-        adapter: a static low-rank adapter (gated: exported with a warning; full deltas: see ``svd_rank``).
-        path: the ``.safetensors`` file to write (atomically).
-        svd_rank: approximate full deltas by their best rank-``svd_rank`` factors instead of refusing them.
+        adapter: a static adapter (gated: exported with a warning; full deltas: exact full-rank factors, with a
+            warning, or see ``svd_rank``).
+        path: the ``.safetensors`` file to write (atomically, with the user's umask).
+        svd_rank: approximate full deltas by their best rank-``svd_rank`` factors (smaller, not exact).
 
     Raises:
-        AdapterError: the adapter has full deltas and no ``svd_rank`` was given.
+        AdapterError: ``svd_rank`` is not a positive integer.
+        AdapterFileError: the file system refused the write.
     """
     factors = _factors(adapter, svd_rank)
     tensors, by_component = {}, {}
@@ -173,11 +184,12 @@ def to_kohya(adapter: Adapter, path: str | Path, *, sdxl: bool | None = None, sv
     text encoders ``lora_te_text_model_…`` (SDXL: ``lora_te1_…`` and ``lora_te2_…``).
 
     Args:
-        adapter: a static low-rank adapter (gated: exported with a warning; full deltas: see ``svd_rank``).
-        path: the ``.safetensors`` file to write (atomically).
+        adapter: a static adapter (gated: exported with a warning; full deltas: exact full-rank factors, with a
+            warning, or see ``svd_rank``).
+        path: the ``.safetensors`` file to write (atomically, with the user's umask).
         sdxl: use SDXL's text-encoder prefixes; default: the adapter touches or was fingerprinted on
             ``text_encoder_2``.
-        svd_rank: approximate full deltas by their best rank-``svd_rank`` factors instead of refusing them.
+        svd_rank: approximate full deltas by their best rank-``svd_rank`` factors (smaller, not exact).
     """
     factors = _factors(adapter, svd_rank)
     prefixes = KOHYA_PREFIXES_SDXL if (_is_sdxl(adapter) if sdxl is None else sdxl) else KOHYA_PREFIXES
@@ -277,6 +289,7 @@ def bake(pipe, adapters: Sequence, out_dir: str | Path, *, overwrite: bool = Fal
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
             try:
+                tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the folder gets the user's umask
                 stock.save_pretrained(tmp)
                 (tmp / "README.md").write_text(_model_card(pipe, rows), encoding="utf-8")
                 if out_dir.exists():

@@ -5,7 +5,9 @@ UCE's Eq. 7 over all their erase and preserve keys (:func:`erasekit.methods.uce.
 concepts at once. Any other set of static adapters merges as a **weighted stack**: ``ΔW = Σ_i w_i ΔW_i`` per
 module, low-rank factors concatenated (rank = the sum of ranks; ``up`` scaled by ``w_i``), full deltas summed.
 The result's metadata says which (``info["merge"]``: "exact re-solve" or "weighted stack") and lists the
-sources. Gated adapters (SPM) keep their meaning only as separate files; merging them is refused.
+sources; a stack also says why it is not a re-solve (``info["merge_note"]``: e.g. adapters saved without
+statistics, as the tinyworld UCE preset saves them; erase with ``save_stats=True`` to merge exactly). Gated
+adapters (SPM) keep their meaning only as separate files; merging them is refused.
 
 >>> from erasekit.merge import merge
 >>> merged = merge([uce_circle, uce_red], pipe=pipe)      # doctest: +SKIP
@@ -27,15 +29,33 @@ STACK = "weighted stack"
 EXACT = "exact re-solve"
 
 
-def can_merge_exactly(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) -> bool:
-    """All adapters are closed-form with statistics, one λ, the same modules and unit weights: an exact joint
-    re-solve exists."""
+def _name(adapter: Adapter) -> str:
+    return f"{adapter.method} adapter for {', '.join(adapter.concepts) or 'nothing'}"
+
+
+def exact_merge_obstacle(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) -> str | None:
+    """Why no exact joint re-solve of ``adapters`` exists, or None when one does: it needs closed-form adapters
+    (UCE, TIME) saved with their statistics, one λ, the same modules and unit weights."""
     from .methods import uce
 
-    return (all(a.method in EXACT_METHODS and all(n in a.stats for n in uce.STAT_NAMES) for a in adapters)
-            and len({a.config.get("lam") for a in adapters}) == 1
-            and len({tuple(sorted(a.deltas)) for a in adapters}) == 1
-            and all(float(w) == 1.0 for w in (weights or [])))
+    for a in adapters:
+        if a.method not in EXACT_METHODS:
+            return f"the {_name(a)} is not closed-form (only {', '.join(EXACT_METHODS)} adapters re-solve)"
+        if not all(n in a.stats for n in uce.STAT_NAMES):
+            return (f"the {_name(a)} was saved without the statistics of its solve (save_stats=False; the "
+                    "tinyworld UCE preset saves none); erase with --save-stats to merge exactly")
+    if len({a.config.get("lam") for a in adapters}) != 1:
+        return f"the adapters were solved with different λ ({sorted({str(a.config.get('lam')) for a in adapters})})"
+    if len({tuple(sorted(a.deltas)) for a in adapters}) != 1:
+        return "the adapters edit different modules"
+    if not all(float(w) == 1.0 for w in (weights or [])):
+        return "weights other than 1 were given"
+    return None
+
+
+def can_merge_exactly(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) -> bool:
+    """An exact joint re-solve exists (:func:`exact_merge_obstacle` finds nothing in the way)."""
+    return exact_merge_obstacle(adapters, weights) is None
 
 
 def merge(adapters: Sequence[Adapter], pipe=None, weights: Sequence[float] | None = None,
@@ -62,12 +82,15 @@ def merge(adapters: Sequence[Adapter], pipe=None, weights: Sequence[float] | Non
         raise ConfigError(f"{gated[0].method} adapter for {', '.join(gated[0].concepts)} is gated "
                           f"({gated[0].gating.get('rule')}): gated adapters compose at generation time; load them "
                           "side by side instead of merging")
-    possible = can_merge_exactly(adapters, weights)
-    if exact and not possible:
-        raise ConfigError("an exact merge needs closed-form adapters (uce, time) saved with statistics, with one λ, "
-                          "the same modules and unit weights")
+    obstacle = exact_merge_obstacle(adapters, weights)
+    if exact and obstacle:
+        raise ConfigError(f"no exact merge: {obstacle}")
     if exact is None:
-        exact = possible and pipe is not None
+        exact = obstacle is None and pipe is not None
+        if obstacle is None and pipe is None:
+            obstacle = "the exact re-solve needs the base pipeline (pipe), and none was given"
+    elif not exact and obstacle is None:
+        obstacle = "a weighted stack was asked for"
     if exact:
         if pipe is None:
             raise ConfigError("an exact merge re-solves on the base model: give the pipeline (--model)")
@@ -76,7 +99,9 @@ def merge(adapters: Sequence[Adapter], pipe=None, weights: Sequence[float] | Non
         merged = uce.merge(adapters, pipe)
         merged.info["merge"] = EXACT
         return merged
-    return stack(adapters, weights)
+    merged = stack(adapters, weights)
+    merged.info["merge_note"] = f"deltas summed, not re-solved: {obstacle}"
+    return merged
 
 
 def stack(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
@@ -113,4 +138,4 @@ def stack(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
                    info={"merge": STACK, "merged_from": sources})
 
 
-__all__ = ["merge", "stack", "can_merge_exactly"]
+__all__ = ["merge", "stack", "can_merge_exactly", "exact_merge_obstacle"]

@@ -329,6 +329,17 @@ BAD_FILES = {  # name -> (bytes maker, error class, message pattern)
                       AdapterFileError, "rank mismatch"),
     "integer delta": (lambda t: adapter_file_with(t, {"unet.x.delta": torch.ones(2, 2, dtype=torch.int32)}),
                       AdapterFileError, "floating point"),
+    "NaN delta": (lambda t: adapter_file_with(t, {"unet.x.delta": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])}),
+                  AdapterFileError, r"tensor 'unet\.x\.delta' holds 1 NaN or infinite"),
+    "inf lora_B": (lambda t: adapter_file_with(t, {"unet.x.lora_A.weight": torch.ones(1, 2),
+                                                   "unet.x.lora_B.weight": torch.tensor([[float("-inf")], [1.0]])}),
+                   AdapterFileError, r"'unet\.x\.lora_B\.weight' holds 1 NaN or infinite"),
+    "fp16 inf lora_A": (lambda t: adapter_file_with(t, {
+        "unet.x.lora_A.weight": torch.tensor([[float("inf"), 1.0]], dtype=torch.float16),
+        "unet.x.lora_B.weight": torch.ones(2, 1, dtype=torch.float16)}), AdapterFileError, "lora_A.weight' holds"),
+    "NaN gate embedding": (lambda t: adapter_file_with(t, {"unet.x.delta": torch.ones(2, 2),
+                                                           "gate.prompts": torch.full((1, 24), float("nan"))}),
+                           AdapterFileError, "'gate.prompts' holds 24 NaN"),
 }
 
 
@@ -571,6 +582,56 @@ def test_checksum_follows_the_written_spec(tmp_path):
     with safe_open(str(path), "pt") as f:
         assert f.get_tensor(TO_K + ".lora_A.weight").dtype == torch.float16
         assert f.get_tensor("gate.prompts").dtype == torch.float32
+
+
+def test_nan_delta_with_a_recomputed_checksum_is_refused(tmp_path):
+    """A broken delta whose checksum was recomputed (so the file is 'consistent') is still refused by name."""
+    import hashlib
+
+    path = small_adapter().save(tmp_path / "a.safetensors")
+    header, payload = split_file(path.read_bytes())
+    key = "unet.conv_in.delta"
+    begin, end = header[key]["data_offsets"]
+    payload = payload[:begin] + struct.pack("<f", float("nan")) + payload[begin + 4:]
+    digest = hashlib.sha256()
+    for name in sorted(k for k in header if k != "__metadata__"):
+        lo, hi = header[name]["data_offsets"]
+        digest.update(json.dumps([name, header[name]["dtype"], header[name]["shape"]]).encode() + b"\n")
+        digest.update(payload[lo:hi])
+    record = json.loads(header["__metadata__"][METADATA_KEY])
+    record["tensor_sha256"] = digest.hexdigest()
+    header["__metadata__"][METADATA_KEY] = json.dumps(record)
+    path.write_bytes(join_file(header, payload))
+    assert read_record(path)["tensor_sha256"] == digest.hexdigest()  # the header alone is fine
+    with pytest.raises(AdapterFileError, match=r"tensor 'unet\.conv_in\.delta' holds 1 NaN or infinite value"):
+        load_adapter(path)
+
+
+def test_saving_refuses_non_finite_statistics(tmp_path):
+    bad = small_adapter(stats={"gate.prompts": torch.tensor([[1.0, float("inf")]])})
+    with pytest.raises(AdapterError, match=r"stats\['gate.prompts'\] contains NaN or infinite"):
+        bad.save(tmp_path / "a.safetensors")
+    assert not list(tmp_path.iterdir())
+    small_adapter(stats={"counts": torch.tensor([3, 4])}).save(tmp_path / "ints.safetensors")  # integers are fine
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_saved_file_mode_follows_the_umask(tmp_path, mask, mode):
+    with umask(mask):
+        path = small_adapter().save(tmp_path / "a.safetensors")
+    assert path.stat().st_mode & 0o777 == mode
+    path.chmod(0o640)  # overwriting keeps the mode of the file it replaces
+    small_adapter().save(path)
+    assert path.stat().st_mode & 0o777 == 0o640
 
 
 def test_fingerprinted_but_unchanged_component_is_checked(pipes):

@@ -118,13 +118,40 @@ def test_kohya_export_key_names_and_unet_roundtrip(family, tmp_path):
         pipe.unload_lora_weights()
 
 
-def test_full_deltas_refused_or_svd_and_gated_warns(tmp_path):
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_full_deltas_export_exactly_and_load_in_stock_diffusers(family, tmp_path):
+    """Full deltas (UCE on tinyworld) need no --svd-rank: exact full-rank factors, stock diffusers reproduces them."""
+    pipe = tiny_pipeline(family)
+    conv = "down_blocks.0.resnets.0.conv1" if family == "sd1" else "mid_block.resnets.0.conv1"  # 3×3: in·9 > out
+    adapter = random_adapter(pipe, TARGETS[family] + (conv,), full=("attn2.to_k", "proj_in", "q_proj", conv))
+    full = {k: d.delta for k, d in adapter.deltas.items() if d.delta is not None}
+    assert any(k.endswith(conv) for k in full) and any(k.startswith("text_encoder.") for k in full)
+    expected = composed(pipe, adapter)
+
+    with pytest.warns(UserWarning, match=rf"{len(full)} full delta\(s\) exported exactly at full rank"):
+        path = export.to_diffusers(adapter, tmp_path / "full.safetensors")
+    with safe_open(str(path), "pt") as f:
+        for key, delta in full.items():
+            component, _, module = key.partition(".")
+            prefix = "" if component == "unet" or module.startswith("text_model.") else "text_model."
+            stem = f"{component}.{prefix}{module}"
+            up, down = f.get_tensor(f"{stem}.lora_B.weight"), f.get_tensor(f"{stem}.lora_A.weight")
+            assert down.shape[0] == min(delta.shape[0], delta[0].numel())
+            assert torch.equal((up.flatten(1) @ down.flatten(1)).reshape(delta.shape), delta)  # bit-exact
+    pipe.load_lora_weights(str(path), adapter_name="full")
+    try:
+        np.testing.assert_allclose(generate(pipe), expected, atol=1e-5)
+    finally:
+        pipe.unload_lora_weights()
+    with pytest.warns(UserWarning, match="exported exactly"):
+        export.to_kohya(adapter, tmp_path / "full-kohya.safetensors")
+
+
+def test_svd_rank_and_gated_warns(tmp_path):
     pipe = tiny_pipeline("sd1")
     full = random_adapter(pipe, ("attn2.to_k",), components=("unet",), full=("attn2.to_k",))
-    with pytest.raises(AdapterError, match="full deltas.*svd_rank"):
-        export.to_diffusers(full, tmp_path / "f.safetensors")
-    with pytest.raises(AdapterError, match="full deltas"):
-        export.to_kohya(full, tmp_path / "f.safetensors")
+    with pytest.raises(AdapterError, match="svd_rank must be a positive integer"):
+        export.to_diffusers(full, tmp_path / "f.safetensors", svd_rank=0)
     assert not list(tmp_path.iterdir())
 
     # a full delta that is exactly rank 3 comes back exactly through a rank-3 SVD
@@ -187,3 +214,21 @@ def test_bake_saves_a_stock_pipeline_with_the_fused_output(tmp_path):
         export.bake(pipe, [gated], tmp_path / "gated")
     with pytest.raises(FileExistsError):
         export.bake(pipe, [first], out)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_exported_files_and_baked_folder_follow_the_umask(tmp_path, mask, mode):
+    import os
+
+    pipe = tiny_pipeline("sd1")
+    adapter = random_adapter(pipe, ("attn2.to_k",), components=("unet",))
+    old = os.umask(mask)
+    try:
+        lora = export.to_diffusers(adapter, tmp_path / "a.lora.safetensors")
+        kohya = export.to_kohya(adapter, tmp_path / "a.kohya.safetensors")
+        baked = export.bake(pipe, [adapter], tmp_path / "baked")
+    finally:
+        os.umask(old)
+    assert lora.stat().st_mode & 0o777 == mode and kohya.stat().st_mode & 0o777 == mode
+    assert baked.stat().st_mode & 0o777 == mode | (mode & 0o444) >> 2  # rwx where the files have rw
+    assert (baked / "README.md").stat().st_mode & 0o777 == mode
