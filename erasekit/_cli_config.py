@@ -2,8 +2,9 @@
 
 A field ``foo_bar: float = 1.0`` becomes ``--foo-bar FLOAT``; ``tuple[str, ...]`` fields are repeatable
 (``concepts`` → ``--concept C --concept C2``); ``bool`` fields get ``--x/--no-x``; ``Literal`` fields get
-``choices``. Help text comes from the dataclass's Google-style ``Args:`` docstring. A TOML file given with
-``--config`` sets fields by name; flags on the command line override it.
+``choices``; ``X | None`` fields are parsed as ``X`` (left out, None: the method's preset decides). Help text comes
+from the dataclass's Google-style ``Args:`` docstring. A TOML file given with ``--config`` sets fields by name; flags
+on the command line override it; the config is then built as the Python API builds it (``MethodSpec.make_config``).
 """
 
 from __future__ import annotations

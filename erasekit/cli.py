@@ -111,7 +111,8 @@ def seed(value: str) -> int:
 
 
 def text(value: str) -> str:
-    """Text that is valid UTF-8 (argv bytes that are not arrive as lone surrogates)."""
+    """Text that is valid UTF-8: argv bytes that are not arrive as lone surrogates, which can be neither printed,
+    tokenised nor stored (paths are checked too: they are printed back)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -131,7 +132,7 @@ def _creatable(folder: Path) -> None:
 
 def out_dir(value: str) -> Path:
     """A folder to write into: an existing folder, or one that can be created (it is not created here)."""
-    path = Path(value)
+    path = Path(text(value))
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{value!r} is a file, not a folder")
     _creatable(path)
@@ -141,7 +142,7 @@ def out_dir(value: str) -> Path:
 def out_file(*suffixes: str):
     """A file to write, ending in one of ``suffixes``: not a folder, in a folder that exists or can be created."""
     def check(value: str) -> Path:
-        path = Path(value)
+        path = Path(text(value))
         if path.suffix.lower() not in suffixes:
             raise argparse.ArgumentTypeError(f"{value!r} must end in {' / '.join(suffixes)}")
         if path.is_dir():
@@ -153,7 +154,7 @@ def out_file(*suffixes: str):
 
 def in_file(value: str) -> Path:
     """An existing file."""
-    path = Path(value)
+    path = Path(text(value))
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{value!r} is a folder, not a file" if path.is_dir()
                                          else f"file not found: {value!r}")
@@ -503,7 +504,7 @@ def tinyworld_command(args) -> int:
 
         _make_dir(args.out.parent)
         args.out.write_text(json.dumps({"run": run_record(), "seeds": args.seeds, "results": results,
-                                              "rows": rows, "all_bars_met": ok}, indent=2) + "\n")
+                                        "rows": rows, "all_bars_met": ok}, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0 if ok else 1
 
@@ -539,9 +540,8 @@ def demo_command(args) -> int:
     from . import compose, tinyworld
     from .api import erase
     from .generate import contact_sheet, generate
-    from .tinyworld.world import COLOURS, SHAPES, Scene, concept_attribute, synonyms
-
     from .methods import METHODS
+    from .tinyworld.world import COLOURS, SHAPES, Scene, concept_attribute, synonyms
 
     if args.method not in METHODS:
         raise ConfigError(f"unknown method {args.method!r}; choose one of: {', '.join(sorted(METHODS))}")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from erasekit._cli_config import _kind, flag_name
 from erasekit.attacks import ATTACKS
 from erasekit.cli import _erase_parser, erase_config, main
 from erasekit.errors import ConfigError
 from erasekit.methods import METHODS
-from erasekit._cli_config import _kind, flag_name
 
 EXAMPLE = Path(__file__).parents[1] / "adapters" / "examples" / "uce-circle.safetensors"
 MODEL = ["--model", "missing-model"]  # reaching the model loader would name it in the error
@@ -142,6 +142,7 @@ BAD = [  # (argv, a fragment of the one error line); see `workdir` for the files
     ([*G, "--judge", "--out", "x.png"], "--judge needs a tinyworld model"),
     (["generate", "--prompt", "a red \udcff circle", *MODEL], "--prompt: not valid UTF-8"),
     ([*G, "--negative-prompt", "\udcff"], "--negative-prompt: not valid UTF-8"),
+    ([*G, "--out", "\udcff.png"], "--out: not valid UTF-8"),
     ([*G, "--device", "gpu0"], "unknown device 'gpu0'"),
     ([*G, "--dtype", "float8"], "unknown dtype 'float8'"),
     (["erase", "--out", "x.safetensors"], "required: --method"),
