@@ -2,8 +2,9 @@
 
 A field ``foo_bar: float = 1.0`` becomes ``--foo-bar FLOAT``; ``tuple[str, ...]`` fields are repeatable
 (``concepts`` → ``--concept C --concept C2``); ``bool`` fields get ``--x/--no-x``; ``Literal`` fields get
-``choices``. Help text comes from the dataclass's Google-style ``Args:`` docstring. A TOML file given with
-``--config`` sets fields by name; flags on the command line override it.
+``choices``; ``X | None`` fields are parsed as ``X`` (left out, None: the method's preset decides). Help text comes
+from the dataclass's Google-style ``Args:`` docstring. A TOML file given with ``--config`` sets fields by name; flags
+on the command line override it; the config is then built as the Python API builds it (``MethodSpec.make_config``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import types
 import typing
 
 from .errors import ConfigError
@@ -52,40 +54,52 @@ def _kind(tp):
         return "tuple", typing.get_args(tp)[0]
     if origin is typing.Literal:
         return "literal", typing.get_args(tp)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):  # Optional[X] and X | None
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _kind(args[0]) if len(args) == 1 else ("scalar", str)
     return "scalar", tp
+
+
+def _arg_type(name: str, tp):
+    """The argparse ``type=`` of a scalar of type ``tp`` (the CLI's shared validators: finite floats, UTF-8
+    text, seeds in range)."""
+    from .cli import finite_float, seed, text
+
+    if name == "seed" and tp is int:
+        return seed
+    return {int: int, float: finite_float}.get(tp, text)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
     """Add one option per field of ``cls`` to ``parser`` (all optional: defaults resolve later)."""
     defaults = defaults or {}
     docs = _docs(cls)
-    hints = typing.get_type_hints(cls, include_extras=False)
+    hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} options (defaults from the config dataclass)")
     for f in dataclasses.fields(cls):
         kind, arg = _kind(hints[f.name])
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else
                                (f.default_factory() if f.default_factory is not dataclasses.MISSING else None))
-        text = docs.get(f.name, "")
         shown = f" (default: {default!r})" if default not in (None, ()) else ""
         name = flag_name(f.name, kind)
-        kw = dict(dest=f.name, default=None, help=(text + shown).replace("%", "%%"))
+        kw = dict(dest=f.name, default=None, help=(docs.get(f.name, "") + shown).replace("%", "%%"))
         if kind == "tuple":
-            group.add_argument(name, action="append", type=arg if arg in (int, float) else str, metavar=flag_name(f.name, kind)[2:].replace("-", "_").upper(), **kw)
+            group.add_argument(name, action="append", type=_arg_type(f.name, arg),
+                               metavar=name[2:].replace("-", "_").upper(), **kw)
         elif kind == "literal":
             group.add_argument(name, choices=list(arg), **kw)
         elif arg is bool:
             group.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
         else:
-            group.add_argument(name, type=arg if arg in (int, float, str) else str, metavar=getattr(arg, "__name__", "X").upper(), **kw)
+            group.add_argument(name, type=_arg_type(f.name, arg), metavar=getattr(arg, "__name__", "X").upper(), **kw)
 
 
-def config_from_args(cls, args: argparse.Namespace, file_values: dict | None = None, defaults: dict | None = None):
-    """Build ``cls`` from preset defaults < TOML file values < command-line flags."""
-    values = dict(defaults or {})
+def config_from_args(spec, args: argparse.Namespace, file_values: dict | None = None, tinyworld: bool = False):
+    """The config of registry entry ``spec`` from TOML file values < command-line flags, built as the Python API
+    builds it (``MethodSpec.make_config``: the preset, on ``tinyworld`` its tinyworld values, then these)."""
+    cls = spec.config_cls
     names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
     for key, value in (file_values or {}).items():
         if key not in names:
             raise ConfigError(f"unknown option {key!r} in the config file; {cls.__name__} has: {', '.join(sorted(names))}")
@@ -99,8 +113,8 @@ def config_from_args(cls, args: argparse.Namespace, file_values: dict | None = N
         if _kind(hints[key])[0] == "tuple" and isinstance(value, (list, str)):
             values[key] = tuple([value] if isinstance(value, str) else value)
     try:
-        return cls(**values)
-    except TypeError as e:
+        return spec.make_config(values.pop("concepts", ()), tinyworld=tinyworld, **values)
+    except TypeError as e:  # a TOML value of the wrong type
         raise ConfigError(f"{cls.__name__}: {e}") from e
 
 

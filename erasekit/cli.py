@@ -1,15 +1,22 @@
 """The ``erasekit`` command line. One function per command; heavy imports happen inside commands so that
 ``erasekit --help`` is instant. User errors are ``ErasekitError``s, printed without a traceback (exit 2).
+
+Every option is checked before anything is loaded or created: argparse ``type=`` validators below (one per kind
+of value, shared by every command) and each command's own checks before its ``_load``; usage errors are
+``ConfigError``s too, so any bad command line ends in one ``erasekit: error: ...`` line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, ErasekitError
+from .errors import ConfigError, ErasekitError, UnknownConceptError
 
 EXAMPLES = {
     "export": """examples:
@@ -54,6 +61,121 @@ EXAMPLES = {
 }
 
 
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; int64 everywhere a seed is stored
+ADAPTER_WEIGHT_LIMIT = 100.0  # |w| of an adapter's PATH:WEIGHT; beyond it the image is noise, never an erasure
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+DEFAULT_OUT_DIR = "erasekit-out"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors raised as ``ConfigError``: one ``erasekit: error:`` line, exit 2."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
+# argparse types: each checks one kind of value and raises ArgumentTypeError, which argparse reports as
+# "argument --flag: <message>"; none creates anything.
+
+def positive_int(value: str) -> int:
+    """An integer ≥ 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def finite_float(value: str) -> float:
+    """A number that is neither nan nor ±inf."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value!r}")
+    return number
+
+
+def seed(value: str) -> int:
+    """An integer in [0, SEED_MAX]."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {value!r}") from None
+    if not 0 <= number <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to 2**63-1, got {number}")
+    return number
+
+
+def text(value: str) -> str:
+    """Text that is valid UTF-8: argv bytes that are not arrive as lone surrogates, which can be neither printed,
+    tokenised nor stored (paths are checked too: they are printed back)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8: {value!r}") from None
+    return value
+
+
+def _creatable(folder: Path) -> None:
+    """Raise unless ``folder`` exists or can be created, and files can be written in it."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # the root always exists
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write to output folder {str(folder)!r}: "
+                                         f"{str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to output folder {str(folder)!r}: permission denied")
+
+
+def out_dir(value: str) -> Path:
+    """A folder to write into: an existing folder, or one that can be created (it is not created here)."""
+    path = Path(text(value))
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is a file, not a folder")
+    _creatable(path)
+    return path
+
+
+def out_file(*suffixes: str):
+    """A file to write, ending in one of ``suffixes``: not a folder, in a folder that exists or can be created."""
+    def check(value: str) -> Path:
+        path = Path(text(value))
+        if path.suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(f"{value!r} must end in {' / '.join(suffixes)}")
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{value!r} is a folder; give a file name")
+        _creatable(path.parent)
+        return path
+    return check
+
+
+def in_file(value: str) -> Path:
+    """An existing file."""
+    path = Path(text(value))
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{value!r} is a folder, not a file" if path.is_dir()
+                                         else f"file not found: {value!r}")
+    return path
+
+
+def adapter_arg(value: str) -> tuple[Path, float]:
+    """``PATH`` or ``PATH:WEIGHT`` → (an existing file, a finite weight with |w| ≤ ADAPTER_WEIGHT_LIMIT)."""
+    path, weight = value, 1.0
+    head, colon, tail = value.rpartition(":")
+    if colon:
+        try:
+            path, weight = head, float(tail)
+        except ValueError:
+            pass  # the ':' belongs to the file name
+    if not (math.isfinite(weight) and abs(weight) <= ADAPTER_WEIGHT_LIMIT):
+        raise argparse.ArgumentTypeError(f"{value!r}: the weight must be a number from -{ADAPTER_WEIGHT_LIMIT:g} "
+                                         f"to {ADAPTER_WEIGHT_LIMIT:g}, got {tail!r}")
+    return in_file(path), weight
+
+
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="hub id, local diffusers folder, or single .safetensors/.ckpt "
                    "checkpoint (default: the packaged tinyworld)")
@@ -69,36 +191,24 @@ def _load(args):
     return load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.model_config)
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1 (a bad value is a usage error, before anything is loaded or created)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _writable_dir(path: str | Path) -> Path:
-    path = Path(path)
+def _make_dir(path: Path) -> Path:
+    """Create an output folder (after the work that fills it, so a failed command leaves none behind)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".erasekit-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as e:
         raise ConfigError(f"cannot write to output folder {str(path)!r}: {e.strerror}") from None
     return path
 
 
-def _parse_adapter(spec: str) -> tuple[str, float]:
-    """'path.safetensors[:weight]' → (path, weight)."""
-    path, _, weight = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() else (spec, "", "1")
-    try:
-        return path, float(weight)
-    except ValueError:
-        raise ConfigError(f"--adapter {spec!r}: expected PATH or PATH:WEIGHT") from None
+def _printable(value) -> str:
+    """``value`` as text with control characters escaped: a record's strings must not drive the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
+
+
+def _file_stem(prompt: str) -> str:
+    """A prompt as part of a file name: runs of anything but letters, digits, '-' and '.' (spaces, path
+    separators, control characters) become one '_'; at most 60 characters."""
+    return re.sub(r"[^\w.-]+", "_", prompt)[:60]
 
 
 # ------------------------------------------------------------------------------------------- erase
@@ -106,25 +216,27 @@ def _parse_adapter(spec: str) -> tuple[str, float]:
 def erase_command(args, method_spec) -> int:
     import time
 
-    from ._cli_config import config_from_args, read_toml
-
-    file_values = read_toml(args.config) if args.config else {}
-    from .tinyworld import is_tinyworld
-
-    on_tinyworld = args.model is None or is_tinyworld(args.model)
-    config = config_from_args(method_spec.config_cls, args, file_values, method_spec.preset(on_tinyworld))
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"--out must end in .safetensors, got {str(out)!r}")
-    _writable_dir(out.parent if str(out.parent) else ".")
+    out = args.out
+    config = erase_config(args, method_spec)  # a bad option fails here, before the model is loaded
     pipe = _load(args)
     started = time.perf_counter()
     adapter = method_spec.erase(pipe, config)
     seconds = time.perf_counter() - started
+    _make_dir(out.parent)
     adapter.save(out, dtype=_save_dtype(args.save_dtype))
     print(f"erased {', '.join(config.concepts)} with {method_spec.name} in {seconds:.2f} s "
           f"→ {out} ({out.stat().st_size / 1e6:.2f} MB, {len(adapter.deltas)} modules)")
     return 0
+
+
+def erase_config(args, method_spec):
+    """The method's config from ``--config`` and the flags, built as ``erasekit.erase`` builds it (with the
+    tinyworld preset when ``--model`` is a tinyworld model)."""
+    from ._cli_config import config_from_args, read_toml
+    from .tinyworld import is_tinyworld
+
+    on_tinyworld = is_tinyworld(_model_folder(args))
+    return config_from_args(method_spec, args, read_toml(args.config) if args.config else {}, on_tinyworld)
 
 
 def _save_dtype(name: str):
@@ -135,17 +247,17 @@ def _save_dtype(name: str):
 
 def _erase_parser(method: str | None) -> tuple[argparse.ArgumentParser, object]:
     from ._cli_config import add_config_arguments
-
-    p = argparse.ArgumentParser(prog="erasekit erase", description="Erase concepts; write one adapter file.",
-                                epilog=EXAMPLES["erase"], formatter_class=argparse.RawDescriptionHelpFormatter)
-    spec = None
     from .methods import METHODS
 
-    p.add_argument("--method", required=True, choices=sorted(METHODS), help="erasure strategy")
-    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
-    p.add_argument("--config", default=None, help="TOML file of method options (flags override it)")
+    methods = "\n".join(f"  {name:<17} {spec.summary}" for name, spec in METHODS.items())
+    p = _Parser(prog="erasekit erase", description="Erase concepts; write one adapter file.",
+                epilog=f"methods:\n{methods}\n\n{EXAMPLES['erase']}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True, choices=sorted(METHODS), help="erasure strategy (see methods below)")
+    p.add_argument("--out", required=True, type=out_file(".safetensors"), help="adapter file to write (.safetensors)")
+    p.add_argument("--config", default=None, type=in_file, help="TOML file of method options (flags override it)")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"], help="tensor dtype in the file")
     _add_runtime(p)
+    spec = None
     if method is not None:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
@@ -159,27 +271,37 @@ def _erase_parser(method: str | None) -> tuple[argparse.ArgumentParser, object]:
 def generate_command(args) -> int:
     from .generate import contact_sheet, generate
 
+    prompts = [p for p in args.prompt for _ in args.seed]
+    seeds = [s for _ in args.prompt for s in args.seed]
+    if args.out is not None and len(prompts) > 1:
+        raise ConfigError(f"--out names one image, but {len(args.prompt)} prompt(s) × {len(args.seed)} seed(s) "
+                          f"make {len(prompts)}: give --out-dir FOLDER for several")
+    folder = args.out_dir
+    if args.out is None and folder is None:
+        try:
+            folder = out_dir(DEFAULT_OUT_DIR)
+        except argparse.ArgumentTypeError as e:
+            raise ConfigError(str(e)) from None
+    if args.judge and not (Path(_model_folder(args)) / "judge").is_dir():
+        raise ConfigError("--judge needs a tinyworld model (its judge ships beside it); for real models use "
+                          "`erasekit audit --judge clip|nudenet`")
     pipe = _load(args)
     if args.adapter:
         from . import compose
 
-        for spec in args.adapter:
-            path, weight = _parse_adapter(spec)
+        for path, weight in args.adapter:
             compose.load(pipe, path, weight=weight)
-    prompts = [p for p in args.prompt for _ in args.seed]
-    seeds = [s for _ in args.prompt for s in args.seed]
     images = generate(pipe, prompts, seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       negative_prompt=args.negative_prompt, progress=len(prompts) > 8)
-    if args.out and len(images) == 1:
-        out = Path(args.out)
-        _writable_dir(out.parent if str(out.parent) else ".")
-        images[0].save(out)
-        written = [out]
+    if args.out is not None:
+        _make_dir(args.out.parent)
+        images[0].save(args.out)
+        written = [args.out]
     else:
-        folder = _writable_dir(args.out_dir or (Path(args.out).with_suffix("") if args.out else "erasekit-out"))
+        _make_dir(folder)
         written = []
         for k, (im, p, s) in enumerate(zip(images, prompts, seeds)):
-            path = folder / f"{k:03d}-seed{s}-{'_'.join(p.split())[:60]}.png"
+            path = folder / f"{k:03d}-seed{s}-{_file_stem(p)}.png"
             im.save(path)
             written.append(path)
         contact_sheet(images).save(folder / "contact_sheet.png")
@@ -193,13 +315,8 @@ def generate_command(args) -> int:
 
 def _judge_lines(args, pipe, images, prompts, seeds) -> list[str]:
     from . import tinyworld
-    from .loading import model_path
 
-    folder = Path(model_path(args.model))
-    if not (folder / "judge").is_dir():
-        raise ConfigError("--judge needs a tinyworld model (its judge ships beside it); for real models use "
-                          "`erasekit audit --judge clip|nudenet`")
-    judgement = tinyworld.load_judge(folder)(images)
+    judgement = tinyworld.load_judge(Path(_model_folder(args)))(images)
     lines = []
     for k, (p, s) in enumerate(zip(prompts, seeds)):
         parts = []
@@ -221,17 +338,19 @@ def inspect_command(args) -> int:
         print(json.dumps(adapter.describe() if hasattr(adapter, "describe") else _describe(adapter, size), indent=2))
         return 0
     d = _describe(adapter, size)
-    print(f"{args.adapter}: {d['method']} erasing {', '.join(d['concepts'])}")
-    print(f"  base model : {d['base_model'] or '(not recorded)'}")
-    print(f"  components : {', '.join(d['components'])}   gating: {d['gating'].get('rule')}")
-    print(f"  size       : {size / 1e6:.3f} MB, {d['parameters']:,} parameters in {len(d['modules'])} modules")
-    print(f"  config     : {json.dumps(d['config'], sort_keys=True)}")
+    lines = [f"{args.adapter}: {d['method']} erasing {', '.join(d['concepts'])}",
+             f"  base model : {d['base_model'] or '(not recorded)'}",
+             f"  components : {', '.join(d['components'])}   gating: {d['gating'].get('rule')}",
+             f"  size       : {size / 1e6:.3f} MB, {d['parameters']:,} parameters in {len(d['modules'])} modules",
+             f"  config     : {json.dumps(d['config'], sort_keys=True)}"]
     if d["info"]:  # what the erase recorded: rank, training losses and time, RECE's kept epoch, ...
-        print(f"  record     : {json.dumps(d['info'], sort_keys=True)}")
+        lines.append(f"  record     : {json.dumps(d['info'], sort_keys=True)}")
     if d["stats"]:
-        print(f"  stats      : {', '.join(d['stats'])} (exact merging)")
+        lines.append(f"  stats      : {', '.join(d['stats'])} (exact merging)")
     for m in d["modules"]:
-        print(f"    {m['module']:<80} {m['kind']:<8} rank {m['rank'] if m['rank'] is not None else '-':<4} {m['shape']}")
+        lines.append(f"    {m['module']:<80} {m['kind']:<8} rank {m['rank'] if m['rank'] is not None else '-':<4} "
+                     f"{m['shape']}")
+    print("\n".join(_printable(line) for line in lines))  # the file's strings are data, not terminal commands
     return 0
 
 
@@ -252,24 +371,20 @@ def export_command(args) -> int:
     from .adapter import load_adapter
 
     adapter = load_adapter(args.adapter)
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"--out must end in .safetensors, got {str(out)!r}")
-    _writable_dir(out.parent if str(out.parent) else ".")
     write = export.to_diffusers if args.to == "diffusers" else export.to_kohya
-    write(adapter, out, svd_rank=args.svd_rank)
-    print(f"wrote {out} ({args.to} LoRA layout, {out.stat().st_size / 1e6:.2f} MB)")
+    write(adapter, args.out, svd_rank=args.svd_rank)
+    print(f"wrote {args.out} ({args.to} LoRA layout, {args.out.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
 def fuse_command(args) -> int:
     from . import export
 
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"--out {str(args.out)!r} is a folder that is not empty; --overwrite replaces it")
     pipe = _load(args)
-    adapters = [_parse_adapter(spec) for spec in args.adapter]
-    _writable_dir(Path(args.out).parent)
-    out = export.bake(pipe, adapters, args.out, overwrite=args.overwrite)
-    print(f"wrote a {type(pipe).__name__} folder with {len(adapters)} erasure(s) fused: {out}")
+    out = export.bake(pipe, args.adapter, args.out, overwrite=args.overwrite)
+    print(f"wrote a {type(pipe).__name__} folder with {len(args.adapter)} erasure(s) fused: {out}")
     return 0
 
 
@@ -277,16 +392,15 @@ def merge_command(args) -> int:
     from .adapter import load_adapter
     from .merge import can_merge_exactly, merge
 
+    if args.weights is not None and len(args.weights) != len(args.adapters):
+        raise ConfigError(f"{len(args.weights)} --weights for {len(args.adapters)} adapters: give one per adapter")
     adapters = [load_adapter(path) for path in args.adapters]
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"--out must end in .safetensors, got {str(out)!r}")
-    _writable_dir(out.parent if str(out.parent) else ".")
     exact = can_merge_exactly(adapters, args.weights) and not args.stack
     pipe = _load(args) if exact else None
     merged = merge(adapters, pipe=pipe, weights=args.weights, exact=exact)
-    merged.save(out)
-    print(f"merged {len(adapters)} adapters ({merged.info['merge']}): {', '.join(merged.concepts)} → {out}")
+    _make_dir(args.out.parent)
+    merged.save(args.out)
+    print(f"merged {len(adapters)} adapters ({merged.info['merge']}): {', '.join(merged.concepts)} → {args.out}")
     return 0
 
 
@@ -296,18 +410,24 @@ def audit_command(args) -> int:
     from .audit import audit
 
     attacks = sorted(ATTACKS) if args.attack == ["all"] else args.attack
-    unknown = [a for a in attacks if a.split(":")[0] not in ATTACKS]
-    if unknown:
-        raise ConfigError(f"unknown attack {unknown[0]!r}; choose from: all, {', '.join(sorted(ATTACKS))}")
+    for label in attacks:
+        name, _, preset = label.partition(":")
+        if name not in ATTACKS:
+            raise ConfigError(f"unknown attack {name!r}; choose from: all, {', '.join(sorted(ATTACKS))}")
+        presets = ATTACKS[name].PRESETS
+        if preset and preset not in presets and f"tinyworld-{preset}" not in presets:
+            raise ConfigError(f"attack {name!r} has no preset {preset!r}; choose one of: {', '.join(presets)}")
+    if len(set(attacks)) != len(attacks):
+        raise ConfigError(f"an attack is listed twice: {' '.join(attacks)}")
     prompts = None
     if args.prompts:
         from .attacks._concepts import read_lines
 
         prompts = read_lines(args.prompts)
-    _writable_dir(args.out_dir)
+    else:
+        _tinyworld_concept(args.concept, "; for another concept give --prompts FILE")
     pipe = _load(args)
-    for spec in args.adapter:
-        path, weight = _parse_adapter(spec)
+    for path, weight in args.adapter:
         compose.load(pipe, path, weight=weight)
     report = audit(pipe, args.concept, attacks, prompts=prompts, seeds=args.seed, judge=args.judge,
                    out_dir=args.out_dir, budget=args.budget, batch_size=args.batch_size)
@@ -315,6 +435,27 @@ def audit_command(args) -> int:
         print(report)
         print(f"report: {report.report_md} · {report.report_html}")
     return 0
+
+
+def _attack_lines() -> str:
+    """One line per registered attack (``audit --help``): name, what it is, its presets."""
+    from .attacks import ATTACKS
+
+    lines = []
+    for name, module in ATTACKS.items():
+        first = (module.__doc__ or "").strip().splitlines()[0]
+        lines.append(f"  {name:<19} {first.split(' (')[0].rstrip('.')}; presets: {', '.join(module.PRESETS)}")
+    return "\n".join(lines)
+
+
+def _tinyworld_concept(concept: str, hint: str = "") -> str:
+    """The canonical name of a tinyworld concept or synonym; UnknownConceptError names the known ones."""
+    from .tinyworld.world import canonical
+
+    try:
+        return canonical(concept)
+    except KeyError as e:
+        raise UnknownConceptError(f"{e.args[0]}{hint}") from None
 
 
 # --------------------------------------------------------------------------------------- tinyworld
@@ -335,7 +476,9 @@ def tinyworld_command(args) -> int:
         scene = _scene_from_prompt(args.prompt)
         from PIL import Image
 
-        Image.fromarray(world.render(scene, random.Random(args.seed))).save(args.out)
+        image = Image.fromarray(world.render(scene, random.Random(args.seed)))
+        _make_dir(args.out.parent)
+        image.save(args.out)
         print(f"rendered {scene} → {args.out}")
         return 0
     # eval
@@ -359,9 +502,9 @@ def tinyworld_command(args) -> int:
     if args.out:
         from .bench_utils import run_record
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"run": run_record(), "seeds": args.seeds, "results": results,
-                                              "rows": rows, "all_bars_met": ok}, indent=2) + "\n")
+        _make_dir(args.out.parent)
+        args.out.write_text(json.dumps({"run": run_record(), "seeds": args.seeds, "results": results,
+                                        "rows": rows, "all_bars_met": ok}, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0 if ok else 1
 
@@ -397,11 +540,14 @@ def demo_command(args) -> int:
     from . import compose, tinyworld
     from .api import erase
     from .generate import contact_sheet, generate
-    from .tinyworld.world import COLOURS, SHAPES, Scene, canonical, concept_attribute, synonyms
+    from .methods import METHODS
+    from .tinyworld.world import COLOURS, SHAPES, Scene, concept_attribute, synonyms
 
-    concept = canonical(args.concept) if args.concept else "circle"
+    if args.method not in METHODS:
+        raise ConfigError(f"unknown method {args.method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    concept = _tinyworld_concept(args.concept)
     attribute = concept_attribute(concept)
-    folder = _writable_dir(args.out_dir)
+    folder = args.out_dir
     pipe = _load(args)
     judge = tinyworld.load_judge(Path(_model_folder(args)))
     base = [Scene(s, c, "solid", "black") for s in SHAPES for c in COLOURS]
@@ -422,7 +568,7 @@ def demo_command(args) -> int:
     started = time.perf_counter()
     adapter = erase(pipe, args.method, [concept])
     seconds = time.perf_counter() - started
-    adapter_path = folder / f"{concept}.{args.method}.safetensors"
+    adapter_path = _make_dir(folder) / f"{concept}.{args.method}.safetensors"
     adapter.save(adapter_path)
     name = compose.load(pipe, adapter)
     after = generate(pipe, all_prompts, all_seeds)
@@ -493,94 +639,108 @@ def bench_command(args) -> int:
 
 # -------------------------------------------------------------------------------------------- main
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; ``command`` = the one being run, whose help may list a registry (``audit``:
+    the attacks), imported only then so that ``erasekit --help`` stays instant."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="erasekit", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Erase concepts from text-to-image diffusion models as composable adapters; audit the result.",
         epilog="Every command defaults to the packaged tinyworld model. `erasekit COMMAND --help` for examples.")
     parser.add_argument("--version", action="version", version=f"erasekit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
+    weight = f"PATH:WEIGHT scales it by WEIGHT, from -{ADAPTER_WEIGHT_LIMIT:g} to {ADAPTER_WEIGHT_LIMIT:g} (default 1)"
 
     sub.add_parser("erase", help="erase concepts with a strategy; write an adapter", add_help=False)
 
     g = sub.add_parser("generate", help="generate images, optionally with adapters", epilog=EXAMPLES["generate"], formatter_class=fmt)
-    g.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
-    g.add_argument("--seed", type=int, nargs="+", default=[0], help="one image per seed per prompt (default 0)")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--adapter", action="append", default=[], help="adapter file, optionally PATH:WEIGHT (repeatable)")
-    g.add_argument("--out", default=None, help="PNG path for a single image")
-    g.add_argument("--out-dir", default=None, help="folder for several images and a contact sheet")
+    g.add_argument("--prompt", action="append", required=True, type=text, help="prompt (repeatable)")
+    g.add_argument("--seed", type=seed, nargs="+", default=[0], help="one image per seed per prompt (default 0)")
+    g.add_argument("--steps", type=positive_int, default=None, help="denoising steps, ≥ 1 (default: the model's)")
+    g.add_argument("--guidance", type=finite_float, default=None,
+                   help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--negative-prompt", type=text, default=None)
+    g.add_argument("--adapter", action="append", type=adapter_arg, default=[], metavar="PATH[:WEIGHT]",
+                   help=f"adapter file (repeatable); {weight}")
+    outs = g.add_mutually_exclusive_group()
+    outs.add_argument("--out", type=out_file(*IMAGE_SUFFIXES), default=None,
+                      help=f"image file for a single image ({', '.join(IMAGE_SUFFIXES)})")
+    outs.add_argument("--out-dir", type=out_dir, default=None,
+                      help=f"folder for the images and a contact sheet (default: {DEFAULT_OUT_DIR})")
     g.add_argument("--judge", action="store_true", help="print what tinyworld's judge sees in each image")
     _add_runtime(g)
 
     i = sub.add_parser("inspect", help="print an adapter's record, modules, ranks and size", epilog=EXAMPLES["inspect"], formatter_class=fmt)
-    i.add_argument("adapter")
+    i.add_argument("adapter", type=in_file)
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
     x = sub.add_parser("export", help="write a static adapter as a stock diffusers or kohya LoRA file",
                        epilog=EXAMPLES["export"], formatter_class=fmt)
-    x.add_argument("adapter")
+    x.add_argument("adapter", type=in_file)
     x.add_argument("--to", required=True, choices=["diffusers", "kohya"], help="LoRA layout")
-    x.add_argument("--out", required=True, help="file to write (.safetensors)")
-    x.add_argument("--svd-rank", type=int, default=None, help="approximate full deltas at this rank (else refused)")
+    x.add_argument("--out", required=True, type=out_file(".safetensors"), help="file to write (.safetensors)")
+    x.add_argument("--svd-rank", type=positive_int, default=None, help="approximate full deltas at this rank (else refused)")
 
     f = sub.add_parser("fuse", help="bake adapters into the weights: a complete pipeline folder for deployment",
                        epilog=EXAMPLES["fuse"], formatter_class=fmt)
-    f.add_argument("--adapter", action="append", required=True, metavar="PATH[:WEIGHT]", help="repeatable")
-    f.add_argument("--out", required=True, help="pipeline folder to create")
+    f.add_argument("--adapter", action="append", type=adapter_arg, required=True, metavar="PATH[:WEIGHT]",
+                   help=f"repeatable; {weight}")
+    f.add_argument("--out", required=True, type=out_dir, help="pipeline folder to create")
     f.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     _add_runtime(f)
 
     a = sub.add_parser("audit", help="attack an erased model with adversarial prompts; report what comes back",
-                       epilog=EXAMPLES["audit"], formatter_class=fmt)
-    a.add_argument("--adapter", action="append", default=[], metavar="PATH[:WEIGHT]", help="the erasure (repeatable)")
-    a.add_argument("--concept", required=True, help="the erased concept")
-    a.add_argument("--attack", nargs="+", default=["unlearndiffatk"], help="attack names (or 'all'), NAME:PRESET")
-    a.add_argument("--prompts", default=None, help="text file of the concept's prompts (default: tinyworld's grid)")
-    a.add_argument("--seed", type=int, nargs="+", default=[0])
+                       epilog=(f"attacks (--attack NAME or NAME:PRESET; 'all' = every one):\n{_attack_lines()}\n\n"
+                               if command == "audit" else "") + EXAMPLES["audit"], formatter_class=fmt)
+    a.add_argument("--adapter", action="append", type=adapter_arg, default=[], metavar="PATH[:WEIGHT]",
+                   help=f"the erasure (repeatable); {weight}")
+    a.add_argument("--concept", required=True, type=text, help="the erased concept")
+    a.add_argument("--attack", nargs="+", type=text, default=["unlearndiffatk"],
+                   help="attack names (listed below) or 'all'; NAME:PRESET picks a preset")
+    a.add_argument("--prompts", type=in_file, default=None,
+                   help="text file of the concept's prompts (default: tinyworld's grid)")
+    a.add_argument("--seed", type=seed, nargs="+", default=[0])
     a.add_argument("--judge", default="tinyworld", choices=["tinyworld", "clip", "nudenet"])
     a.add_argument("--budget", default="auto", choices=["auto", "tinyworld", "paper"], help="attack presets")
-    a.add_argument("--batch-size", type=_positive_int, default=1,
+    a.add_argument("--batch-size", type=positive_int, default=1,
                    help="original/erased images generated per pipeline call (faster; 1 = bitwise resumable)")
-    a.add_argument("--out-dir", required=True, help="results, images and report (rerun to resume)")
+    a.add_argument("--out-dir", required=True, type=out_dir, help="results, images and report (rerun to resume)")
     _add_runtime(a)
 
     m = sub.add_parser("merge", help="merge adapters: exact re-solve (UCE/TIME with statistics) or weighted stack",
                        epilog=EXAMPLES["merge"], formatter_class=fmt)
-    m.add_argument("adapters", nargs="+")
-    m.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
-    m.add_argument("--weights", type=float, nargs="+", default=None, help="one per adapter (weighted stack)")
+    m.add_argument("adapters", nargs="+", type=in_file)
+    m.add_argument("--out", required=True, type=out_file(".safetensors"), help="adapter file to write (.safetensors)")
+    m.add_argument("--weights", type=finite_float, nargs="+", default=None, help="one per adapter (weighted stack)")
     m.add_argument("--stack", action="store_true", help="weighted stack even where an exact re-solve exists")
     _add_runtime(m)
 
     t = sub.add_parser("tinyworld", help="train, evaluate or render the tiny world", epilog=EXAMPLES["tinyworld"], formatter_class=fmt)
     tsub = t.add_subparsers(dest="tinyworld_command", metavar="SUBCOMMAND", required=True)
     tt = tsub.add_parser("train", help="regenerate data, model and judge from a seed (resumable)")
-    tt.add_argument("--out", required=True, help="folder to write the pipeline + judge to")
-    tt.add_argument("--work", required=True, help="folder for data and resumable checkpoints")
-    tt.add_argument("--seed", type=int, default=0)
-    tt.add_argument("--unet-steps", type=int, default=3000)
-    tt.add_argument("--n-images", type=int, default=24000)
+    tt.add_argument("--out", required=True, type=out_dir, help="folder to write the pipeline + judge to")
+    tt.add_argument("--work", required=True, type=out_dir, help="folder for data and resumable checkpoints")
+    tt.add_argument("--seed", type=seed, default=0)
+    tt.add_argument("--unet-steps", type=positive_int, default=3000)
+    tt.add_argument("--n-images", type=positive_int, default=24000)
     te = tsub.add_parser("eval", help="the quality table: does the judge agree with the prompt?")
-    te.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    te.add_argument("--out", default=None, help="JSON file for the results")
+    te.add_argument("--seeds", type=seed, nargs="+", default=[0, 1, 2, 3])
+    te.add_argument("--out", type=out_file(".json"), default=None, help="JSON file for the results")
     _add_runtime(te)
     tr = tsub.add_parser("render", help="render the ground-truth image of a prompt")
-    tr.add_argument("--prompt", required=True)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--out", required=True)
+    tr.add_argument("--prompt", required=True, type=text)
+    tr.add_argument("--seed", type=seed, default=0)
+    tr.add_argument("--out", required=True, type=out_file(*IMAGE_SUFFIXES), help="image file to write")
 
     d = sub.add_parser("demo", help="erase a concept from tinyworld and show the judge's verdict before/after",
                        epilog=EXAMPLES["demo"], formatter_class=fmt)
     d.add_argument("--method", default="uce", help="erasure strategy (default: uce)")
-    d.add_argument("--concept", default="circle", help="a tinyworld concept (default: circle)")
-    d.add_argument("--seed", type=int, nargs="+", default=[0, 1], help="seeds per prompt (default: 0 1)")
-    d.add_argument("--out-dir", default="erasekit-demo", help="where the adapter and before/after sheets go")
+    d.add_argument("--concept", default="circle", type=text, help="a tinyworld concept (default: circle)")
+    d.add_argument("--seed", type=seed, nargs="+", default=[0, 1], help="seeds per prompt (default: 0 1)")
+    d.add_argument("--out-dir", default="erasekit-demo", type=out_dir,
+                   help="where the adapter and before/after sheets go")
     _add_runtime(d)
 
     b = sub.add_parser("bench", help="benchmark every method on the tinyworld suite (or `bench perf`: speed/memory)",
@@ -591,8 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", nargs="+", default=None, help="registry names (default: all)")
     b.add_argument("--attacks", nargs="+", default=None, help="attack names (default: all)")
     b.add_argument("--entries", nargs="+", default=None, help="suite entries: shape colour texture multi (default: all)")
-    b.add_argument("--out-dir", default="benchmarks", help="where results.json / .md / .png go")
-    b.add_argument("--work", default=None, help="cache of adapters and audits (default: OUT_DIR/.bench-BUDGET)")
+    b.add_argument("--out-dir", default="benchmarks", type=out_dir, help="where results.json / .md / .png go")
+    b.add_argument("--work", default=None, type=out_dir,
+                   help="cache of adapters and audits (default: OUT_DIR/.bench-BUDGET)")
     b.add_argument("--model", default=None, help="a tinyworld model folder (default: the packaged one)")
     b.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
 
@@ -601,26 +762,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     # transformers warns about optional image-processor backends on import; the CLI never uses them
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "erase":
-            pre = argparse.ArgumentParser(add_help=False)
+            pre = _Parser(add_help=False)
             pre.add_argument("--method", default=None)
             known, _ = pre.parse_known_args(argv[1:])
             parser, spec = _erase_parser(known.method)
             args = parser.parse_args(argv[1:])
             return erase_command(args, spec)
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        parser = build_parser(argv[0] if argv else None)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            command = f"erasekit {args.command}" if args.command else "erasekit"
+            raise ConfigError(f"unrecognized arguments: {_printable(' '.join(extra))} (see `{command} --help`)")
         if args.command is None:
             parser.print_help()
             return 0
-        if args.command == "generate" and args.out and args.out_dir:
-            raise ConfigError("give --out (one image) or --out-dir (several), not both")
         return {"generate": generate_command, "inspect": inspect_command, "export": export_command,
                 "fuse": fuse_command, "merge": merge_command, "audit": audit_command, "tinyworld": tinyworld_command,
                 "demo": demo_command, "env": env_command, "bench": bench_command}[args.command](args)

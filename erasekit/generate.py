@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ._device import generators
+from .errors import ConfigError
 
 # used when a model does not say otherwise (diffusers' StableDiffusionPipeline defaults)
 DEFAULT_STEPS = 50
@@ -32,12 +34,21 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps:
     """Generate one image per (prompt, seed) pair; ``prompts`` and ``seeds`` have equal length.
 
     Returns a list of PIL images (or an (N, H, W, 3) float array with ``output_type="np"``).
+
+    Raises:
+        ConfigError: unequal prompts and seeds, fewer than 1 step, a non-finite guidance scale, a batch size < 1.
     """
     if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+        raise ConfigError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
     defaults = model_defaults(pipe)
-    steps = num_inference_steps or defaults["num_inference_steps"]
+    steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
     guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    if steps < 1:
+        raise ConfigError(f"num_inference_steps must be at least 1, got {steps}")
+    if not math.isfinite(guidance):
+        raise ConfigError(f"guidance_scale must be a finite number, got {guidance}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     device = pipe._execution_device
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):

@@ -86,6 +86,9 @@ def load_pipeline(model: str | Path | None = None, *, device: str | torch.device
     >>> type(pipe).__name__, pipe.unet.config.cross_attention_dim
     ('StableDiffusionPipeline', 64)
     """
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+    from safetensors import SafetensorError
+
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     source = model_path(model)
@@ -96,8 +99,9 @@ def load_pipeline(model: str | Path | None = None, *, device: str | torch.device
             pipe = _from(path, source, dtype, config)
     except ModelNotFoundError:
         raise
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError, SafetensorError, SingleFileComponentError) as e:  # a corrupt or foreign file too
         hint = " (when offline, give a local folder, or `config=` a local config folder for a single file)"
-        raise ModelNotFoundError(f"could not load model {source!r}: {str(e).splitlines()[0]}{hint}") from e
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelNotFoundError(f"could not load model {source!r}: {first_line}{hint}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
