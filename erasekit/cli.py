@@ -14,6 +14,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import ConfigError, ErasekitError, UnknownConceptError
@@ -30,7 +31,7 @@ EXAMPLES = {
   erasekit audit --adapter circle.safetensors --concept circle --attack all --seed 0 1 --out-dir audit/
   accelerate launch -m erasekit.cli audit ...      # prompts split over processes; rerun to resume""",
     "merge": """examples:
-  erasekit merge circle.safetensors red.safetensors --out both.safetensors     # UCE/TIME: exact joint re-solve
+  erasekit merge circle.safetensors red.safetensors --out both.safetensors     # UCE/TIME with --save-stats: exact joint re-solve
   erasekit merge a.safetensors b.safetensors --weights 1 0.5 --out ab.safetensors   # others: weighted stack""",
     "erase": """examples:
   erasekit erase --method uce --concept circle --out circle.safetensors
@@ -372,7 +373,11 @@ def export_command(args) -> int:
 
     adapter = load_adapter(args.adapter)
     write = export.to_diffusers if args.to == "diffusers" else export.to_kohya
-    write(adapter, args.out, svd_rank=args.svd_rank)
+    with warnings.catch_warnings(record=True) as caught:  # what the export did (e.g. exact full-rank factors)
+        warnings.simplefilter("always")
+        write(adapter, args.out, svd_rank=args.svd_rank)
+    for w in caught:
+        print(f"erasekit: note: {w.message}", file=sys.stderr)
     print(f"wrote {args.out} ({args.to} LoRA layout, {args.out.stat().st_size / 1e6:.2f} MB)")
     return 0
 
@@ -401,6 +406,8 @@ def merge_command(args) -> int:
     _make_dir(args.out.parent)
     merged.save(args.out)
     print(f"merged {len(adapters)} adapters ({merged.info['merge']}): {', '.join(merged.concepts)} → {args.out}")
+    if "merge_note" in merged.info:
+        print(f"  {merged.info['merge_note']}")
     return 0
 
 
@@ -681,7 +688,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     x.add_argument("adapter", type=in_file)
     x.add_argument("--to", required=True, choices=["diffusers", "kohya"], help="LoRA layout")
     x.add_argument("--out", required=True, type=out_file(".safetensors"), help="file to write (.safetensors)")
-    x.add_argument("--svd-rank", type=positive_int, default=None, help="approximate full deltas at this rank (else refused)")
+    x.add_argument("--svd-rank", type=positive_int, default=None, help="factor full deltas at this rank, approximately (default: exact full-rank factors)")
 
     f = sub.add_parser("fuse", help="bake adapters into the weights: a complete pipeline folder for deployment",
                        epilog=EXAMPLES["fuse"], formatter_class=fmt)

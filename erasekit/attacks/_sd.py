@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -277,9 +278,11 @@ def generation_settings(pipe, num_inference_steps: int | None, guidance_scale: f
     from ..generate import model_defaults
 
     defaults = model_defaults(pipe)
-    steps = num_inference_steps or defaults["num_inference_steps"]
-    guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-    return int(steps), float(guidance)
+    steps = defaults["num_inference_steps"] if num_inference_steps is None else int(num_inference_steps)
+    guidance = defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
+    if steps < 1 or not math.isfinite(guidance):
+        raise ConfigError(f"num_inference_steps must be at least 1 and guidance_scale finite, got {steps}, {guidance}")
+    return steps, guidance
 
 
 def generate_prompt(pipe, prompt: str, seed: int, num_inference_steps: int | None = None,
