@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .errors import CheckpointError, ConfigError, ErasekitError
+from .adapter import _atomic_save_file
+from .errors import AdapterFileError, CheckpointError, ConfigError, ErasekitError
 from .locking import exclusive_lock
 
 logger = logging.getLogger(__name__)
@@ -64,9 +65,6 @@ def processes():
 def _save(path: Path, params: dict, opt: torch.optim.Optimizer, scaler, step: int, losses: list, run: dict,
           method: str) -> None:
     """Write the checkpoint as adapters are written: a uniquely named temporary file, fsync, atomic rename."""
-    from .adapter import _atomic_save_file
-    from .errors import AdapterFileError
-
     tensors = {f"param.{k}": v.detach().contiguous().cpu() for k, v in params.items()}
     opt_state = opt.state_dict()
     scalars = {}
@@ -79,9 +77,11 @@ def _save(path: Path, params: dict, opt: torch.optim.Optimizer, scaler, step: in
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
     record = {"step": step, "losses": losses, "method": method, "run": run, "param_groups": groups,
               "optim_scalars": scalars, "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
+    from safetensors import SafetensorError
+
     try:
         _atomic_save_file(tensors, {_META: json.dumps(record)}, path)  # a kill leaves the previous checkpoint
-    except AdapterFileError as err:
+    except (AdapterFileError, SafetensorError) as err:  # safetensors reports a full disk as its own error
         raise CheckpointError(f"cannot write the training checkpoint {path}: {err.__cause__ or err}") from err
 
 
