@@ -60,6 +60,7 @@ class Deltas:
         self.modules: dict[str, nn.Module] = {}
         self.params: dict[str, torch.nn.Parameter] = {}  # "<path>.lora_A" / ".lora_B" / ".delta"
         self._handles: list = []
+        self._weight_norms: dict[str, float] | None = None  # ‖W‖_F of each module, for ``ratios``
         for name in names:
             m = modules.get(name)
             if not isinstance(m, SUPPORTED):
@@ -120,6 +121,29 @@ class Deltas:
             self.enabled = previous
 
     # -- data -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def ratios(self) -> dict[str, float]:
+        """``‖ΔW‖_F / ‖W‖_F`` of each module (NaN/inf when ΔW is): how large its delta is next to its base weight.
+
+        A low-rank ``ΔW = up @ down`` is never formed: ``‖U D‖²_F = Σ (UᵀU) ∘ (D Dᵀ)``, two r×r products.
+        Modules whose base weight is zero have no scale to compare with and are left out.
+        """
+        if self._weight_norms is None:  # the base weights never change: measured once
+            self._weight_norms = {n: m.weight.detach().double().norm().item() for n, m in self.modules.items()}
+        names = [n for n, w in self._weight_norms.items() if w > 0]
+        if not names:
+            return {}
+        norms = []
+        for name in names:
+            if self.rank > 0:
+                down = self.params[f"{name}.lora_A"].double().flatten(1)
+                up = self.params[f"{name}.lora_B"].double().flatten(1)
+                norms.append(((up.T @ up) * (down @ down.T)).sum().clamp(min=0).sqrt())
+            else:
+                norms.append(self.params[f"{name}.delta"].double().norm())
+        values = torch.stack(norms).tolist()  # one device sync for all modules
+        return {n: v / self._weight_norms[n] for n, v in zip(names, values)}
+
     def export(self, prefix: str) -> dict[str, ModuleDelta]:
         """``{"<prefix>.<path>": ModuleDelta}``: detached fp32 CPU copies of the current deltas."""
         out = {}

@@ -41,3 +41,11 @@ class AdapterMismatchError(AdapterError):
 
 class BaseModelMismatchWarning(UserWarning):
     """The adapter was computed on another checkpoint of the same architecture (it may still transfer)."""
+
+
+class BusyError(ErasekitError):
+    """A folder is in use by another erasekit process (an advisory lock is held on it)."""
+
+
+class CheckpointError(ErasekitError, ValueError):
+    """A training checkpoint is damaged (truncated, not safetensors, missing tensors) or cannot be written."""

@@ -230,3 +230,15 @@ def test_replace_with_targets_the_anchors_original_prediction(tinyworld_pipe):
     assert loss("square") > 1e-4 and loss("") > 1e-4
     with pytest.raises(ConfigError, match="replace_with"):
         advunlearn.AdvUnlearnConfig(concepts=("circle",), replace_with="circle")
+
+
+def test_divergence_guard_covers_the_text_encoder(tinyworld_pipe):
+    """The shared loop's guard checks text-encoder deltas after every update (the last one too) and the pipeline
+    is left as it was."""
+    from erasekit._train import TrainingDivergedError
+
+    before = _state(tinyworld_pipe)
+    config = advunlearn.AdvUnlearnConfig(concepts=("circle",), **{**SHORT, "iterations": 1, "num_inference_steps": 2, "lr": 1e6})
+    with pytest.raises(TrainingDivergedError, match=r"step 1 of 1: the delta of module text_encoder\..* times its base"):
+        advunlearn.erase(tinyworld_pipe, config)
+    assert _untouched(tinyworld_pipe, before)

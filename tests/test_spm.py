@@ -207,3 +207,12 @@ def test_transfer_to_another_checkpoint_warns(membrane):
     assert compose.list_erasures(other) == []
     with pytest.raises(AdapterMismatchError, match="architecture"):
         compose.load(tiny_pipeline("sdxl"), membrane, name="cat")
+
+
+def test_divergence_guard_covers_spm(tinyworld_pipe):
+    from erasekit._train import TrainingDivergedError
+
+    config = spm.SpmConfig(concepts=("circle",), iterations=1, lr=1e6, num_inference_steps=2, batch_size=1,
+                           num_anchors=2, progress=False)
+    with pytest.raises(TrainingDivergedError, match=r"spm: training diverged in step 1 of 1: the delta of module"):
+        spm.erase(tinyworld_pipe, config)

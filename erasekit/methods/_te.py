@@ -84,6 +84,10 @@ class EncoderDeltas:
                 stack.enter_context(d.disabled())
             yield
 
+    def ratios(self) -> dict[str, float]:
+        """``‖ΔW‖/‖W‖`` of each module (see ``_lora.Deltas.ratios``), keyed ``<component>.<path>``."""
+        return {f"{c}.{k}": v for c, d in self.parts.items() for k, v in d.ratios().items()}
+
     def export(self) -> dict[str, ModuleDelta]:
         out = {}
         for c, d in self.parts.items():
@@ -174,7 +178,7 @@ def train(pipe, config, names: dict[str, list[str]], loss_for: Callable, method:
         losses = _train.fit(params, loss_fn, steps=steps, lr=config.lr, seed=config.seed,
                             checkpoint_dir=config.checkpoint_dir or None, checkpoint_every=config.checkpoint_every,
                             resume=config.resume, run=run, mixed_precision=config.mixed_precision,
-                            progress=config.progress, desc=method)
+                            progress=config.progress, desc=method, ratios=deltas.ratios)
         module_deltas = deltas.export()
     training = {"steps": len(losses), "seconds": round(time.perf_counter() - started, 2),
                 "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}

@@ -306,7 +306,8 @@ def train(pipe, config, names: list[str], loss_for: Callable, method: str) -> Ad
             losses = _train.fit(deltas.params, loss_for(deltas), steps=config.iterations, lr=config.lr,
                                 seed=config.seed, checkpoint_dir=config.checkpoint_dir or None,
                                 checkpoint_every=config.checkpoint_every, resume=config.resume, run=run,
-                                mixed_precision=config.mixed_precision, progress=config.progress, desc=method)
+                                mixed_precision=config.mixed_precision, progress=config.progress, desc=method,
+                                ratios=deltas.ratios)
         finally:
             if config.gradient_checkpointing and not was_checkpointing:
                 unet.disable_gradient_checkpointing()
