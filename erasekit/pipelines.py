@@ -4,7 +4,7 @@
 ``load_erasure`` / ``set_erasures`` / ``fuse_erasures`` / ``unfuse_erasures`` / ``unload_erasures`` /
 ``erasures`` / ``erasures_disabled``, all delegating to :mod:`erasekit.compose` (which works on any stock pipeline
 too). Generation itself is the parent's ``__call__``, unchanged: with no erasure loaded the output is the stock
-pipeline's, bit for bit.
+pipeline's, bit for bit. ``custom_pipeline_path()`` gives stock diffusers code the same pipeline as a custom pipeline.
 """
 
 from __future__ import annotations
@@ -17,9 +17,32 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from . import compose
 from .adapter import Adapter
-from .errors import AdapterError, AdapterMismatchError
+from .errors import AdapterError, AdapterMismatchError, ConfigError
 
-__all__ = ["ErasureLoaderMixin", "ErasureStableDiffusionPipeline", "ErasureStableDiffusionXLPipeline"]
+__all__ = ["ErasureLoaderMixin", "ErasureStableDiffusionPipeline", "ErasureStableDiffusionXLPipeline",
+           "custom_pipeline_path"]
+
+_CUSTOM_PIPELINES = Path(__file__).resolve().parent / "custom_pipelines"
+
+
+def custom_pipeline_path(name: str = "erasekit_sd") -> str:
+    """The absolute folder of a diffusers custom pipeline shipped with erasekit, for ``custom_pipeline=``.
+
+    diffusers resolves ``custom_pipeline`` as a local folder holding ``pipeline.py`` only when the path exists from
+    the current directory, so a relative ``"pipelines/erasekit_sd"`` works from a repository checkout's root alone;
+    this path works from anywhere, installed or not::
+
+        from diffusers import DiffusionPipeline
+        from erasekit.pipelines import custom_pipeline_path
+
+        pipe = DiffusionPipeline.from_pretrained(erasekit.tinyworld.path(), custom_pipeline=custom_pipeline_path(),
+                                                 trust_remote_code=True)
+        pipe.load_erasure("circle.uce.safetensors", name="circle")
+    """
+    shipped = sorted(p.parent.name for p in _CUSTOM_PIPELINES.glob("*/pipeline.py"))
+    if name not in shipped:
+        raise ConfigError(f"unknown custom pipeline {name!r}; erasekit ships: {', '.join(shipped)}")
+    return str(_CUSTOM_PIPELINES / name)
 
 
 class ErasureLoaderMixin:

@@ -1,9 +1,13 @@
-"""The erasure pipelines (DESIGN §3): parity with the stock pipelines, the diffusers-style verbs, and loading
-``pipelines/erasekit_sd`` through ``DiffusionPipeline.from_pretrained(custom_pipeline=...)``."""
+"""The erasure pipelines (DESIGN §3): parity with the stock pipelines, the diffusers-style verbs, and loading the
+packaged custom pipeline (and the checkout's ``pipelines/erasekit_sd``) through
+``DiffusionPipeline.from_pretrained(custom_pipeline=...)``."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +15,14 @@ import pytest
 import torch
 
 import erasekit.adapter
+import erasekit.pipelines
 from erasekit import compose
 from erasekit.adapter import Adapter, ModuleDelta
-from erasekit.errors import AdapterError
-from erasekit.pipelines import ErasureStableDiffusionPipeline, ErasureStableDiffusionXLPipeline
+from erasekit.errors import AdapterError, ConfigError
+from erasekit.pipelines import ErasureStableDiffusionPipeline, ErasureStableDiffusionXLPipeline, custom_pipeline_path
 from erasekit.testing import tiny_pipeline
 
-CUSTOM_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "erasekit_sd"
+REPO = Path(__file__).resolve().parents[1]
 ERASURE_CLASSES = {"sd1": ErasureStableDiffusionPipeline, "sdxl": ErasureStableDiffusionXLPipeline}
 
 
@@ -108,12 +113,21 @@ def modules_cache(tmp_path, monkeypatch):
             del sys.modules[name]
 
 
-def test_custom_pipeline_loads_from_folder(tmp_path, modules_cache):
+@pytest.mark.parametrize("where", ["package", "checkout"])
+def test_custom_pipeline_loads_from_folder(tmp_path, modules_cache, monkeypatch, where):
+    """The packaged folder from any working directory; the checkout's relative path from the repository root."""
     from diffusers import DiffusionPipeline
 
     stock = tiny_pipeline("sd1")
     stock.save_pretrained(tmp_path / "model")
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "model", custom_pipeline=str(CUSTOM_PIPELINE),
+    if where == "package":
+        (tmp_path / "elsewhere").mkdir()
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        custom_pipeline = custom_pipeline_path()
+    else:
+        monkeypatch.chdir(REPO)
+        custom_pipeline = "pipelines/erasekit_sd"
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "model", custom_pipeline=custom_pipeline,
                                              trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe).__name__ == "ErasureStableDiffusionPipeline"
@@ -125,3 +139,26 @@ def test_custom_pipeline_loads_from_folder(tmp_path, modules_cache):
     assert np.abs(generate(pipe) - base).max() > 1e-3
     pipe.unload_erasures()
     assert np.array_equal(generate(pipe), base)
+
+
+def test_custom_pipeline_path_is_absolute_and_names_unknown_pipelines():
+    path = Path(custom_pipeline_path())
+    assert path.is_absolute() and (path / "pipeline.py").is_file()
+    assert path.is_relative_to(Path(erasekit.pipelines.__file__).parent)  # inside the package, not the checkout
+    with pytest.raises(ConfigError, match="unknown custom pipeline 'erasekit_sdxl'; erasekit ships: erasekit_sd"):
+        custom_pipeline_path("erasekit_sdxl")
+
+
+def test_wheel_ships_the_custom_pipeline(tmp_path):
+    """A non-editable install has no checkout: the wheel itself must carry pipeline.py (package data)."""
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "erasekit", src / "erasekit", ignore=shutil.ignore_patterns("weights", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("erasekit-*.whl")
+    packaged = Path(custom_pipeline_path()).relative_to(Path(erasekit.__file__).parents[1]) / "pipeline.py"
+    assert packaged.as_posix() in zipfile.ZipFile(wheel).namelist()

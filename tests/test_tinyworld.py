@@ -83,3 +83,42 @@ def test_generation_is_seeded_and_draws_what_is_asked(tinyworld_pipe, judge):
     expected = [("circle", "red"), ("square", "blue"), ("triangle", "yellow"), ("star", "green")] * 2
     hits = sum((s, c) == e for s, c, e in zip(shapes, colours, expected))
     assert hits >= 7, list(zip(shapes, colours))
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--n-images", "0", "--unet-steps", "-1"], "n_images"),  # the first bad option is named
+    (["--n-images", "1"], "n_images"),  # the judge holds out 10 %: one image leaves it nothing to train on
+    (["--unet-steps", "-1"], "unet_steps"),
+    (["--unet-steps", "0"], "unet_steps"),
+])
+def test_train_rejects_bad_options_before_creating_anything(tmp_path, capsys, argv, option):
+    from erasekit.cli import main
+
+    code = main(["tinyworld", "train", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and option in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # no config.json, no empty folders
+
+
+@pytest.mark.parametrize("field, value", [("vae_steps", 0), ("judge_steps", -3), ("batch_size", 0),
+                                          ("checkpoint_every", 0), ("lr", 0.0), ("lr", float("nan")),
+                                          ("cond_dropout", 1.5), ("seed", 0.5), ("n_images", "24")])
+def test_train_config_names_the_bad_option(field, value):
+    from erasekit.errors import ConfigError
+    from erasekit.tinyworld.train import TrainConfig
+
+    with pytest.raises(ConfigError, match=f"^{field} must"):
+        TrainConfig(**{field: value})
+
+
+def test_train_refuses_bad_folders_before_creating_anything(tmp_path):
+    from erasekit.errors import ConfigError
+    from erasekit.tinyworld.train import TrainConfig, train
+
+    (tmp_path / "file").write_text("")
+    config = TrainConfig(n_images=2, vae_steps=1, judge_steps=1, unet_steps=1)
+    with pytest.raises(ConfigError, match="work folder .* is an existing file"):
+        train(tmp_path / "out", tmp_path / "file", config)
+    with pytest.raises(ConfigError, match="must not be the out folder or inside it"):
+        train(tmp_path / "out", tmp_path / "out" / "work", config)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]

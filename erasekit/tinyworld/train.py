@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from . import model as M
 from .judge import JudgeNet, TinyworldJudge
 from .world import ATTRIBUTES, caption, random_scene, render
@@ -44,6 +45,20 @@ class TrainConfig:
     lr: float = 5e-4
     cond_dropout: float = 0.1
     checkpoint_every: int = 250
+
+    def __post_init__(self):
+        counts = {"n_images": 2, "vae_steps": 1, "judge_steps": 1, "unet_steps": 1, "batch_size": 1,
+                  "checkpoint_every": 1}  # n_images ≥ 2: the judge trains on 90 % and holds out the rest
+        for name, least in {"seed": None, **counts}.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            if least is not None and value < least:
+                raise ConfigError(f"{name} must be ≥ {least}, got {value}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.cond_dropout, (int, float)) and 0 <= self.cond_dropout <= 1):
+            raise ConfigError(f"cond_dropout must be in [0, 1], got {self.cond_dropout!r}")
 
 
 def _gen(seed: int, stage: int, step: int) -> torch.Generator:
@@ -273,11 +288,24 @@ def train_diffusion(config, work, images, labels, vae, tokenizer):
 GENERATION = {"num_inference_steps": 10, "guidance_scale": 3.0}
 
 
+def _check_folders(out_dir: Path, work: Path) -> None:
+    """``out_dir`` is replaced at the end, so the work folder (the resumable state) must not be it or inside it."""
+    for flag, path in (("out", out_dir), ("work", work)):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{flag} folder {str(path)!r} is an existing file")
+    if work.resolve().is_relative_to(out_dir.resolve()):
+        raise ConfigError(f"work folder {str(work)!r} must not be the out folder or inside it (the out folder is "
+                          "replaced at the end, which would delete the resumable checkpoints)")
+
+
 def train(out_dir: str | Path, work_dir: str | Path, config: TrainConfig = TrainConfig()) -> dict:
-    """Run every stage (resuming from ``work_dir``) and write the pipeline + judge to ``out_dir``."""
+    """Run every stage (resuming from ``work_dir``) and write the pipeline + judge to ``out_dir``.
+
+    ``config`` validated itself on construction; the folders are checked here, before anything is created."""
     from diffusers import StableDiffusionPipeline
 
     out_dir, work = Path(out_dir), Path(work_dir)
+    _check_folders(out_dir, work)
     work.mkdir(parents=True, exist_ok=True)
     M.write_json(work / "config.json", asdict(config))
     started = time.time()
