@@ -41,3 +41,7 @@ class AdapterMismatchError(AdapterError):
 
 class BaseModelMismatchWarning(UserWarning):
     """The adapter was computed on another checkpoint of the same architecture (it may still transfer)."""
+
+
+class BusyError(ErasekitError):
+    """A results or work folder is in use by another erasekit process (its advisory lock is held)."""
