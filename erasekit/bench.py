@@ -220,36 +220,29 @@ def _entries_for(method: str, budget: Budget) -> list[Entry]:
     return [e for e in SUITE if e.name in budget.trained_entries]
 
 
-def _subsample(items: Sequence, n: int) -> list:
-    items = list(items)
-    if len(items) <= n:
-        return items
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
-
-
 def _safe_prompts(concepts: Sequence[str], n: int) -> list[str]:
     """Canonical grid prompts that show none of ``concepts`` (the multi-erasure's preservation set)."""
+    from .audit import subsample
     from .tinyworld import concept_attribute
     from .tinyworld.eval import standard_grid
 
     erased = {(concept_attribute(c), c) for c in concepts}
     scenes = [s for s in standard_grid() if not any(getattr(s, a) == c for a, c in erased)]
-    return _subsample([s.prompt() for s in scenes], n)
+    return subsample([s.prompt() for s in scenes], n)
 
 
 def audit_entry(pipe, entry: Entry, budget: Budget, work: Path, attacks: Sequence[str], progress: bool) -> dict:
     """Audit every concept of ``entry`` on ``pipe`` (its adapter loaded); metrics averaged over the concepts."""
-    from .audit import audit, tinyworld_paraphrases, tinyworld_preserve_prompts, tinyworld_prompts
+    from .audit import audit, subsample, tinyworld_paraphrases, tinyworld_preserve_prompts, tinyworld_prompts
 
     per_concept = {}
     attack = entry.name in budget.attack_entries
     for concept in entry.concepts:
-        canonical = _subsample(tinyworld_prompts(concept), budget.prompts)
+        canonical = subsample(tinyworld_prompts(concept), budget.prompts)
         paraphrases = [p for p, group in tinyworld_paraphrases(concept, canonical) if group == "synonym"]
         preserve = (_safe_prompts(entry.concepts, budget.preserve) if len(entry.concepts) > 1
                     else tinyworld_preserve_prompts(concept, budget.preserve))
-        attacked = _subsample(canonical, budget.attack_prompts)
+        attacked = subsample(canonical, budget.attack_prompts)
         kwargs = dict(seeds=budget.seeds, judge="tinyworld", grids=False, progress=progress,
                       batch_size=budget.batch_size)
         erasure = audit(pipe, concept, attacks=(), prompts=canonical, paraphrases=paraphrases,
