@@ -18,7 +18,7 @@ resumes without recomputing and loses at most the line being written. Every rand
 that line's own key, so the file does not depend on interruptions or on sharding. Under ``accelerate launch`` each
 process takes every ``world_size``-th (prompt, seed) pair and writes ``results.rank{k}.jsonl``; the main process
 merges them after ``wait_for_everyone``. Each process holds a lock on the folder for its rank
-(``.audit.rank{k}.lock``), so a second identical audit on the same folder is refused (:class:`BusyError`) instead
+(``.audit.rank{k}.lock``), so a second identical audit on the same folder is refused (``erasekit.errors.BusyError``) instead
 of computing the same lines; files are written through temporaries of their own names, and those a kill left
 behind are removed when the folder is opened again. ``report.md`` / ``report.html`` (+ ``summary.json``) are rebuilt from the
 results alone: summary table, plots (matplotlib, optional) and image grids (original | erased | attacked).
@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from .errors import BusyError, ConfigError  # noqa: F401  (BusyError: raised by the folder's lock)
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
