@@ -18,10 +18,10 @@ resumes without recomputing and loses at most the line being written. Every rand
 that line's own key, so the file does not depend on interruptions or on sharding. Under ``accelerate launch`` each
 process takes every ``world_size``-th (prompt, seed) pair and writes ``results.rank{k}.jsonl``; the main process
 merges them after ``wait_for_everyone``. Each process holds a lock on the folder for its rank
-(``.audit.rank{k}.lock``), so a second identical audit on the same folder is refused (``erasekit.errors.BusyError``) instead
-of computing the same lines; files are written through temporaries of their own names, and those a kill left
-behind are removed when the folder is opened again. ``report.md`` / ``report.html`` (+ ``summary.json``) are rebuilt from the
-results alone: summary table, plots (matplotlib, optional) and image grids (original | erased | attacked).
+(``.audit.rank{k}.lock``), so a second identical audit on the same folder is refused
+(``erasekit.errors.BusyError``) instead of computing the same lines; files are written through temporaries of
+their own names, and those a kill left behind are removed when the folder is opened again. ``report.md`` /
+``report.html`` (+ ``summary.json``) are rebuilt from the results alone: summary table, plots (matplotlib, optional) and image grids (original | erased | attacked).
 """
 
 from __future__ import annotations
@@ -663,7 +663,9 @@ def _seconds_per_image(pipe, prompt: str, seed: int, generation: dict) -> float:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _plan_text(pipe, concept, prompts, seeds, paraphrases, preserve_prompts, plans, budget, generation, pending,
