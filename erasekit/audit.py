@@ -21,7 +21,8 @@ merges them after ``wait_for_everyone``. Each process holds a lock on the folder
 (``.audit.rank{k}.lock``), so a second identical audit on the same folder is refused
 (``erasekit.errors.BusyError``) instead of computing the same lines; files are written through temporaries of
 their own names, and those a kill left behind are removed when the folder is opened again. ``report.md`` /
-``report.html`` (+ ``summary.json``) are rebuilt from the results alone: summary table, plots (matplotlib, optional) and image grids (original | erased | attacked).
+``report.html`` (+ ``summary.json``) are rebuilt from the results alone: summary table, plots (matplotlib,
+optional) and image grids (original | erased | attacked).
 """
 
 from __future__ import annotations
