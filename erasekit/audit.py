@@ -581,6 +581,8 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
         if proc.is_main_process:
             for plan in to_prepare:
                 logger.info("preparing %s for %r", plan.label, concept)
+                if progress:
+                    print(f"preparing {plan.label} for {concept!r} (once per concept)", file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
                 st = plan.module.prepare(pipe, judge_concept, plan.config,
                                          _base.make_generator(None, 0, plan.label, concept))
