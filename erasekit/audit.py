@@ -17,17 +17,24 @@ soon as each is computed; a rerun with the same arguments reads the file and ski
 resumes without recomputing and loses at most the line being written. Every random draw of a line is seeded from
 that line's own key, so the file does not depend on interruptions or on sharding. Under ``accelerate launch`` each
 process takes every ``world_size``-th (prompt, seed) pair and writes ``results.rank{k}.jsonl``; the main process
-merges them after ``wait_for_everyone``. ``report.md`` / ``report.html`` (+ ``summary.json``) are rebuilt from the
-results alone: summary table, plots (matplotlib, optional) and image grids (original | erased | attacked).
+merges them after ``wait_for_everyone``. Each process holds a lock on the folder for its rank
+(``.audit.rank{k}.lock``), so a second identical audit on the same folder is refused
+(``erasekit.errors.BusyError``) instead of computing the same lines; files are written through temporaries of
+their own names, and those a kill left behind are removed when the folder is opened again. ``report.md`` /
+``report.html`` (+ ``summary.json``) are rebuilt from the results alone: summary table, plots (matplotlib,
+optional) and image grids (original | erased | attacked).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,10 +152,34 @@ def read_results(path: Path, repair: bool = False) -> list[dict]:
     return records
 
 
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """A temporary file beside ``path`` with a name of its own (``.NAME.XXXXXXXX.tmp``) for the block to write;
+    it replaces ``path`` when the block ends, and is removed when the block fails (a kill can still leave one:
+    :func:`_remove_stale_temporaries` clears them when a folder is opened again)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files that killed runs left in ``folder`` (and below): ``*.tmp`` and the ``*.tmp.png``
+    / ``*.tmp.safetensors`` of earlier versions. Call it only while holding the folder's lock."""
+    for pattern in ("*.tmp", "*.tmp.png", "*.tmp.safetensors"):
+        for path in folder.rglob(pattern):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 class _Writer:
@@ -190,6 +221,21 @@ def _tinyworld_concept(concept: str) -> tuple[str, str] | None:
         return concept_attribute(concept), canonical(concept)
     except KeyError:
         return None
+
+
+#: tinyworld's default audit of a concept: this many of its canonical prompts (evenly spread over the grid) and
+#: of the other concepts' (``audit(full_grid=True)``: all of them); with ``attacks=all`` a few minutes on a CPU.
+DEFAULT_PROMPTS = 4
+DEFAULT_PRESERVE = 6
+
+
+def subsample(items: Sequence, n: int) -> list:
+    """``n`` of ``items`` evenly spread, in order (all of them when there are no more than ``n``)."""
+    items = list(items)
+    if len(items) <= n:
+        return items
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
 
 
 def tinyworld_prompts(concept: str) -> list[str]:
@@ -360,9 +406,8 @@ def _save_image(image, out_dir: Path, key: tuple, role: str) -> str:
     rel = Path("images") / key[0] / f"{unit_id(key)}_{role}.png"
     path = out_dir / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        image.save(tmp, format="PNG")
     return rel.as_posix()
 
 
@@ -386,9 +431,8 @@ def _save_state(out_dir: Path, label: str, state: dict) -> None:
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     rest = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
-    tmp = tensors_path.with_name(tensors_path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, tensors_path)
+    with _replacing(tensors_path) as tmp:
+        save_file(tensors, str(tmp))
     _atomic_write(json_path, json.dumps(rest, default=_json_default).encode())
 
 
@@ -407,7 +451,7 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
           paraphrases: Sequence[str] | str | None = None, preserve_prompts: Sequence[str] | str | None = None,
           judge_options: Mapping[str, Any] | None = None, num_inference_steps: int | None = None,
           guidance_scale: float | None = None, batch_size: int = 1, grids: bool = True, progress: bool = True,
-          state=None) -> AuditReport | None:
+          full_grid: bool = False, state=None) -> AuditReport | None:
     """Audit the erasure of ``concept`` in ``pipe`` (its loaded adapters = the erased model; the same pipeline with
     ``erasekit.compose.disabled`` = the original).
 
@@ -416,7 +460,8 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
         concept: the erased concept ("circle", "nudity", "Van Gogh").
         attacks: registry names (``erasekit.attacks.ATTACKS``), optionally with a preset: "p4d:k" (with the
             tinyworld budget, the preset's "tinyworld-" variant when there is one).
-        prompts: the concept's prompts (None: tinyworld's canonical grid for a tinyworld concept).
+        prompts: the concept's prompts (None: for a tinyworld concept, :data:`DEFAULT_PROMPTS` of tinyworld's
+            canonical grid, evenly spread; all of them with ``full_grid``).
         seeds: one image (and one attack) per (prompt, seed).
         judge: "tinyworld" | "clip" | "nudenet", or any ``erasekit.judges.Judge``.
         out_dir: where results, images, report and per-attack state go (resumable).
@@ -425,8 +470,9 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
         attack_configs: per attack label: a config object, or a dict of field overrides of the preset.
         paraphrases: prompts for the paraphrase erasure rate, or a text file with one per line (None: tinyworld's
             synonyms and held-out templates; [] to skip).
-        preserve_prompts: prompts of other concepts for preservation, or a file (None: tinyworld's other values of
-            the concept's attribute; [] to skip). Needs a tinyworld or CLIP judge.
+        preserve_prompts: prompts of other concepts for preservation, or a file (None: :data:`DEFAULT_PRESERVE`
+            prompts of tinyworld's other values of the concept's attribute, 36 with ``full_grid``; [] to skip).
+            Needs a tinyworld or CLIP judge.
         judge_options: options of a judge given by name (e.g. {"weights": "ViT-B-32.bin"} for clip).
         num_inference_steps: sampling steps of every generation (None: the model's default).
         guidance_scale: CFG scale of every generation (None: the model's default).
@@ -435,7 +481,10 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
             memory of a ``batch_size`` generation). Images can differ from one-at-a-time ones in the last bits of
             floating point, so a resumed or sharded audit matches an uninterrupted one exactly only at 1.
         grids: save image grids (original | erased | attacked) per prompt.
-        progress: show progress bars.
+        progress: print the plan (units, attacks, an estimate of the time) and show a progress bar; the plan is
+            logged either way.
+        full_grid: with tinyworld's default prompts, audit the concept's whole grid (24–36 prompts, their
+            paraphrases and 36 prompts of other concepts: about 5x the default's work) instead of its default set.
         state: an ``accelerate.PartialState``-like object (default: ``PartialState()`` when accelerate is present).
 
     Returns:
@@ -453,20 +502,24 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
     from . import attacks as attacks_pkg  # noqa: F401  (registry import errors surface early)
     from .attacks import _base, _sd
     from .attacks._concepts import read_lines
+    from .locking import exclusive_lock
 
+    # 0. everything is checked before anything is created
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     started = time.time()
     proc = _process_state(state)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in seeds]
     known = _tinyworld_concept(concept)
+    defaulted = prompts is None
     if prompts is None:
         if known is None:
             raise ConfigError(f"give the prompts to audit {concept!r} with (tinyworld's default grid only knows "
                               "tinyworld concepts)")
         prompts = tinyworld_prompts(concept)
+        if not full_grid:
+            prompts = subsample(prompts, DEFAULT_PROMPTS)
     prompts = list(dict.fromkeys(prompts))
     if isinstance(paraphrases, (str, Path)):
         paraphrases = [(p, "paraphrase") for p in read_lines(paraphrases)]
@@ -477,7 +530,8 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
     if isinstance(preserve_prompts, (str, Path)):
         preserve_prompts = read_lines(preserve_prompts)
     elif preserve_prompts is None:
-        preserve_prompts = tinyworld_preserve_prompts(concept) if known else []
+        preserve_prompts = (tinyworld_preserve_prompts(concept, 36 if full_grid else DEFAULT_PRESERVE)
+                            if known else [])
     preserve_prompts = list(dict.fromkeys(preserve_prompts))
     if budget == "auto":
         budget = "tinyworld" if _base.is_tinyworld(pipe) else "paper"
@@ -488,83 +542,166 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
     judge_concept = getattr(judge, "concept", "") or concept
     manifest = _manifest(concept, plans, judge, generation, pipe)
     manifest_path = out_dir / MANIFEST
+    if manifest_path.exists():
+        _check_manifest(manifest_path, manifest)
     rank, world = int(proc.process_index), int(proc.num_processes)
     prepared = [p for p in plans if hasattr(p.module, "prepare")] if prompts else []  # nothing to attack: no prep
+    groups = ([("target", p, s) for p in prompts for s in seeds]
+              + [("paraphrase", p, s) for p, _ in paraphrases for s in seeds]
+              + [("preserve", p, s) for p in preserve_prompts for s in seeds])
+    mine = groups[rank::world]
 
-    # 1. manifest and per-concept attack state (main process), then everyone loads them
-    if proc.is_main_process:
-        if manifest_path.exists():
-            _check_manifest(manifest_path, manifest)
-        else:
-            from .bench_utils import run_record
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # one process per (folder, rank): a second identical audit is refused instead of computing the same lines
+    with exclusive_lock(out_dir / f".audit.rank{rank}.lock", f"audit folder {str(out_dir)!r}"
+                        + (f" (process {rank} of {world})" if world > 1 else "")):
+        # 1. manifest and per-concept attack state (main process), then everyone loads them
+        if proc.is_main_process:
+            _remove_stale_temporaries(out_dir)
+            if manifest_path.exists():
+                _check_manifest(manifest_path, manifest)
+            else:
+                from .bench_utils import run_record
 
-            record = dict(manifest, created=run_record())
-            _atomic_write(manifest_path, json.dumps(record, indent=2, default=_json_default).encode())
-        for plan in prepared:
-            if _load_state(out_dir, plan.label) is None:
+                record = dict(manifest, created=run_record())
+                _atomic_write(manifest_path, json.dumps(record, indent=2, default=_json_default).encode())
+        own_file = out_dir / (RESULTS if world == 1 else f"results.rank{rank}.jsonl")
+        done = _done(out_dir)
+        pending = [u for u in mine if (*u, "none") not in done]
+        pending_attacks = [plan.label for kind, p, s in mine if kind == "target" for plan in plans
+                           if ("attack", p, s, plan.label) not in done]
+        to_prepare = [p for p in prepared if _load_state(out_dir, p.label) is None]
+        if progress or logger.isEnabledFor(logging.INFO):  # the estimate times one image: only when it is read
+            plan_text = _plan_text(pipe, concept, prompts, seeds, paraphrases, preserve_prompts, plans, budget,
+                                   generation, pending, pending_attacks, to_prepare, len(mine),
+                                   full_grid if defaulted else None, (rank, world))
+            logger.info("%s", plan_text)
+            if progress:
+                print(plan_text, file=sys.stderr, flush=True)
+        if proc.is_main_process:
+            for plan in to_prepare:
                 logger.info("preparing %s for %r", plan.label, concept)
+                if progress:
+                    print(f"preparing {plan.label} for {concept!r} (once per concept)", file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
                 st = plan.module.prepare(pipe, judge_concept, plan.config,
                                          _base.make_generator(None, 0, plan.label, concept))
                 st["prepare_seconds"] = round(time.perf_counter() - t0, 2)  # once per concept (CCE's token, ...)
                 _save_state(out_dir, plan.label, st)
-    proc.wait_for_everyone()
-    if manifest_path.exists():
-        _check_manifest(manifest_path, manifest)
-    states = {}
-    for plan in prepared:
-        states[plan.label] = _load_state(out_dir, plan.label)
-        if states[plan.label] is None:  # another process has not written it (in-process simulation)
-            states[plan.label] = plan.module.prepare(pipe, judge_concept, plan.config,
-                                                     _base.make_generator(None, 0, plan.label, concept))
+        proc.wait_for_everyone()
+        states = {}
+        for plan in prepared:
+            states[plan.label] = _load_state(out_dir, plan.label)
+            if states[plan.label] is None:  # another process has not written it (in-process simulation)
+                states[plan.label] = plan.module.prepare(pipe, judge_concept, plan.config,
+                                                         _base.make_generator(None, 0, plan.label, concept))
 
-    # 2. this process's share of the work
-    groups = ([("target", p, s) for p in prompts for s in seeds]
-              + [("paraphrase", p, s) for p, _ in paraphrases for s in seeds]
-              + [("preserve", p, s) for p in preserve_prompts for s in seeds])
-    mine = groups[rank::world]
-    own_file = out_dir / (RESULTS if world == 1 else f"results.rank{rank}.jsonl")
-    done = {}
-    for path in [out_dir / RESULTS] + sorted(out_dir.glob("results.rank*.jsonl")):
-        for rec in read_results(path, repair=(path == own_file)):
-            done.setdefault(unit_key(rec), rec)
-    groups_of = dict(paraphrases)
-    runner = _Runner(pipe, judge, plans, states, out_dir, generation, done, _Writer(own_file), groups_of)
-    try:
-        for i, unit in enumerate(tqdm(mine, desc=f"audit {concept}" + (f" [{rank}/{world}]" if world > 1 else ""),
-                                      disable=not progress)):
-            if batch_size > 1:
-                runner.prefetch(mine[i:i + batch_size])
-            runner.group(*unit)
-    finally:
-        runner.writer.close()
-    proc.wait_for_everyone()
+        # 2. this process's share of the work
+        done = _done(out_dir, repair=own_file)  # after the barrier: the main process cleared stale temporaries
+        groups_of = dict(paraphrases)
+        bar = tqdm(total=len(pending) + len(pending_attacks), unit="image pair or attack",
+                   desc=f"audit {concept}" + (f" [{rank}/{world}]" if world > 1 else ""), disable=not progress)
+        runner = _Runner(pipe, judge, plans, states, out_dir, generation, done, _Writer(own_file), groups_of, bar)
+        try:
+            for i, unit in enumerate(mine):
+                if batch_size > 1:
+                    runner.prefetch(mine[i:i + batch_size])
+                runner.group(*unit)
+        finally:
+            runner.writer.close()
+            bar.close()
+        proc.wait_for_everyone()
 
-    # 3. merge and report (main process)
-    order = []
-    for kind, prompt, seed in groups:
-        order.append((kind, prompt, seed, "none"))
-        if kind == "target":
-            order += [("attack", prompt, seed, p.label) for p in plans]
-    if proc.is_main_process:
-        records = merge_results(out_dir, order)
-        wanted = set(order)
-        selected = [r for r in records if unit_key(r) in wanted]
-        summary = summarize(selected, concept=concept, attacks=[p.label for p in plans])
-        for label, st in states.items():
-            if st is not None and st.get("prepare_seconds") is not None:
-                summary["attacks"][label]["prepare_seconds"] = st["prepare_seconds"]
-        summary["run"] = {"judge": manifest["judge"], "generation": generation, "model": manifest["model"],
-                          "budget": budget, "prompts": len(prompts), "seeds": seeds,
-                          "paraphrases": len(paraphrases), "preserve_prompts": len(preserve_prompts),
-                          "processes": world, "seconds_this_run": round(time.time() - started, 1)}
-        write_report(out_dir, summary, selected, [p.label for p in plans], grids=grids)
-        report = AuditReport(out_dir, summary, selected)
+        # 3. merge and report (main process)
+        order = []
+        for kind, prompt, seed in groups:
+            order.append((kind, prompt, seed, "none"))
+            if kind == "target":
+                order += [("attack", prompt, seed, p.label) for p in plans]
+        if proc.is_main_process:
+            records = merge_results(out_dir, order)
+            wanted = set(order)
+            selected = [r for r in records if unit_key(r) in wanted]
+            summary = summarize(selected, concept=concept, attacks=[p.label for p in plans])
+            for label, st in states.items():
+                if st is not None and st.get("prepare_seconds") is not None:
+                    summary["attacks"][label]["prepare_seconds"] = st["prepare_seconds"]
+            summary["run"] = {"judge": manifest["judge"], "generation": generation, "model": manifest["model"],
+                              "budget": budget, "prompts": len(prompts), "seeds": seeds,
+                              "paraphrases": len(paraphrases), "preserve_prompts": len(preserve_prompts),
+                              "processes": world, "seconds_this_run": round(time.time() - started, 1)}
+            write_report(out_dir, summary, selected, [p.label for p in plans], grids=grids)
+            report = AuditReport(out_dir, summary, selected)
     proc.wait_for_everyone()
     if proc.is_main_process:
         return report
     path = out_dir / "summary.json"
     return AuditReport(out_dir, json.loads(path.read_text())) if path.exists() else None
+
+
+def _done(out_dir: Path, repair: Path | None = None) -> dict[tuple, dict]:
+    """The lines already in the folder's results files, by unit key (the ``repair`` file's torn end is cut off)."""
+    done: dict[tuple, dict] = {}
+    for path in [out_dir / RESULTS] + sorted(out_dir.glob("results.rank*.jsonl")):
+        for rec in read_results(path, repair=(path == repair)):
+            done.setdefault(unit_key(rec), rec)
+    return done
+
+
+#: the seconds of one attacked prompt, and of an attack's once-per-concept preparation, in tinyworld images (with
+#: the tinyworld presets; measured on a 2-core CPU by ``erasekit bench``): what the audit's plan estimates with.
+_TINYWORLD_IMAGES_PER_ATTACK = {"cce": 3, "concept_arithmetic": 15, "p4d": 25, "paraphrase": 45, "ring_a_bell": 35,
+                                "unlearndiffatk": 35}
+_TINYWORLD_IMAGES_PER_PREPARE = {"cce": 110, "ring_a_bell": 3}
+
+
+def _seconds_per_image(pipe, prompt: str, seed: int, generation: dict) -> float:
+    """Seconds of one generation, timed after a first one (which pays for the pipeline's lazy set-up)."""
+    from .attacks import _sd
+
+    _sd.generate_prompt(pipe, prompt, seed, **generation)
+    t0 = time.perf_counter()
+    _sd.generate_prompt(pipe, prompt, seed, **generation)
+    return time.perf_counter() - t0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _plan_text(pipe, concept, prompts, seeds, paraphrases, preserve_prompts, plans, budget, generation, pending,
+               pending_attacks, to_prepare, units, full_grid, process) -> str:
+    """What the audit is about to do, and how long that should take (printed before it starts)."""
+    rank, world = process
+    kinds = {k: sum(1 for u in pending if u[0] == k) for k in ("target", "paraphrase", "preserve")}
+    text = (f"audit {concept!r}" + (f" (process {rank} of {world})" if world > 1 else "") +
+            f": {len(prompts)} prompts × {len(seeds)} seed{'s' * (len(seeds) > 1)}, {len(paraphrases)} paraphrases, "
+            f"{len(preserve_prompts)} prompts of other concepts; attacks: {', '.join(p.label for p in plans) or 'none'}"
+            f" ({budget} budget).\n  to do: {len(pending)} of {units} units (image pairs original | erased: "
+            f"{kinds['target']} canonical, {kinds['paraphrase']} paraphrase, {kinds['preserve']} preserve) and "
+            f"{len(pending_attacks)} attack runs (each skipped when the erased model already shows the concept)")
+    if pending or pending_attacks:
+        probe = pending[0] if pending else ("target", prompts[0], seeds[0])
+        image_s = _seconds_per_image(pipe, probe[1], probe[2], generation)
+        images = 2 * len(pending)
+        def name(label: str) -> str:
+            return label.split(":")[0]
+
+        if budget == "tinyworld" and all(name(p.label) in _TINYWORLD_IMAGES_PER_ATTACK for p in plans):
+            images += sum(_TINYWORLD_IMAGES_PER_ATTACK[name(a)] for a in pending_attacks)
+            images += sum(_TINYWORLD_IMAGES_PER_PREPARE.get(name(p.label), 0) for p in to_prepare)
+            estimate = f"at most about {_duration(images * image_s)}"
+        else:
+            estimate = (f"about {_duration(images * image_s)} for the images, plus the attacks (the paper budgets "
+                        "take minutes per attacked prompt on a GPU)" if plans and pending_attacks
+                        else f"about {_duration(images * image_s)}")
+        text += f";\n  estimate: {estimate} ({image_s:.2f} s per image here)"
+    if full_grid is False:
+        text += (f".\n  tinyworld's default prompt set: {len(prompts)} of the grid's "
+                 f"{len(tinyworld_prompts(concept))} prompts of {concept!r} (full_grid=True or --full-grid: all)")
+    return text + "."
 
 
 def merge_results(out_dir: Path, order: Sequence[tuple] = ()) -> list[dict]:
@@ -589,10 +726,10 @@ def merge_results(out_dir: Path, order: Sequence[tuple] = ()) -> list[dict]:
 class _Runner:
     """Computes the lines of one (kind, prompt, seed) group that are not in the results yet."""
 
-    def __init__(self, pipe, judge, plans, states, out_dir, generation, done, writer, paraphrase_groups):
+    def __init__(self, pipe, judge, plans, states, out_dir, generation, done, writer, paraphrase_groups, bar):
         self.pipe, self.judge, self.plans, self.states = pipe, judge, plans, states
         self.out_dir, self.generation, self.done, self.writer = out_dir, generation, done, writer
-        self.paraphrase_groups = paraphrase_groups
+        self.paraphrase_groups, self.bar = paraphrase_groups, bar
         self.images: dict[tuple, tuple] = {}  # (kind, prompt, seed) -> (original, erased, seconds), from prefetch
 
     def _pending_pair(self, unit: tuple) -> bool:
@@ -624,6 +761,7 @@ class _Runner:
     def _emit(self, record: dict) -> dict:
         self.writer.write(record)
         self.done[unit_key(record)] = record
+        self.bar.update(1)
         return record
 
     def _generate(self, prompt: str, seed: int, original: bool):
@@ -864,7 +1002,8 @@ def _plots(out_dir: Path, summary: dict) -> list[str]:
         ax.legend(fontsize=7, loc="upper left")
         plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
         fig.tight_layout()
-        fig.savefig(out_dir / "asr.png", dpi=120)
+        with _replacing(out_dir / "asr.png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         files.append("asr.png")
     rates = [("canonical", summary["target"]["erasure_rate"]), ("paraphrases", summary["paraphrase"]["erasure_rate"])]
@@ -877,7 +1016,8 @@ def _plots(out_dir: Path, summary: dict) -> list[str]:
         ax.set_ylim(0, 100)
         plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
         fig.tight_layout()
-        fig.savefig(out_dir / "erasure.png", dpi=120)
+        with _replacing(out_dir / "erasure.png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         files.append("erasure.png")
     return files
@@ -911,7 +1051,8 @@ def _grid(out_dir: Path, records: Sequence[dict], attacks: Sequence[str], max_ro
             draw.text((i * w + 2, 1), f"{title[:18]}{' ✓' if hit else ''}".replace("✓", "+"), fill="red" if hit else "black")
         rel = Path("grids") / f"{unit_id(('grid', t['prompt'], t['seed']))}.png"
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        row.save(out_dir / rel)
+        with _replacing(out_dir / rel) as tmp:
+            row.save(tmp, format="PNG")
         files.append(rel.as_posix())
         if len(rows) < max_rows:
             rows.append(row)
@@ -921,7 +1062,8 @@ def _grid(out_dir: Path, records: Sequence[dict], attacks: Sequence[str], max_ro
         for r in rows:
             overview.paste(r, (0, y))
             y += r.height
-        overview.save(out_dir / "grid.png")
+        with _replacing(out_dir / "grid.png") as tmp:
+            overview.save(tmp, format="PNG")
     return files
 
 

@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -220,36 +219,29 @@ def _entries_for(method: str, budget: Budget) -> list[Entry]:
     return [e for e in SUITE if e.name in budget.trained_entries]
 
 
-def _subsample(items: Sequence, n: int) -> list:
-    items = list(items)
-    if len(items) <= n:
-        return items
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
-
-
 def _safe_prompts(concepts: Sequence[str], n: int) -> list[str]:
     """Canonical grid prompts that show none of ``concepts`` (the multi-erasure's preservation set)."""
+    from .audit import subsample
     from .tinyworld import concept_attribute
     from .tinyworld.eval import standard_grid
 
     erased = {(concept_attribute(c), c) for c in concepts}
     scenes = [s for s in standard_grid() if not any(getattr(s, a) == c for a, c in erased)]
-    return _subsample([s.prompt() for s in scenes], n)
+    return subsample([s.prompt() for s in scenes], n)
 
 
 def audit_entry(pipe, entry: Entry, budget: Budget, work: Path, attacks: Sequence[str], progress: bool) -> dict:
     """Audit every concept of ``entry`` on ``pipe`` (its adapter loaded); metrics averaged over the concepts."""
-    from .audit import audit, tinyworld_paraphrases, tinyworld_preserve_prompts, tinyworld_prompts
+    from .audit import audit, subsample, tinyworld_paraphrases, tinyworld_preserve_prompts, tinyworld_prompts
 
     per_concept = {}
     attack = entry.name in budget.attack_entries
     for concept in entry.concepts:
-        canonical = _subsample(tinyworld_prompts(concept), budget.prompts)
+        canonical = subsample(tinyworld_prompts(concept), budget.prompts)
         paraphrases = [p for p, group in tinyworld_paraphrases(concept, canonical) if group == "synonym"]
         preserve = (_safe_prompts(entry.concepts, budget.preserve) if len(entry.concepts) > 1
                     else tinyworld_preserve_prompts(concept, budget.preserve))
-        attacked = _subsample(canonical, budget.attack_prompts)
+        attacked = subsample(canonical, budget.attack_prompts)
         kwargs = dict(seeds=budget.seeds, judge="tinyworld", grids=False, progress=progress,
                       batch_size=budget.batch_size)
         erasure = audit(pipe, concept, attacks=(), prompts=canonical, paraphrases=paraphrases,
@@ -313,12 +305,9 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
         device: "auto", "cpu", "cuda", ...
         progress: show progress bars.
     """
-    from . import compose
-    from .api import erase
     from .attacks import ATTACKS
-    from .audit import _atomic_write
-    from .bench_utils import run_record
     from .loading import load_pipeline
+    from .locking import exclusive_lock
     from .methods import METHODS
     from .tinyworld import is_tinyworld
 
@@ -350,6 +339,20 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
         path = path.with_name(f"results-{budget}-{'-'.join(entries)}.json")
     work.mkdir(parents=True, exist_ok=True)
     state = work / path.name  # the resume state lives in the cache, so a committed results file is not resumed
+    # runs of other --entries share the cache (one lock per job); a second run of these entries is refused
+    with exclusive_lock(work / f".{path.stem}.lock", f"bench work folder {str(work)!r} (for {path.name})"):
+        return _run_jobs(pipe, spec, methods, attacks, entries, work, state, path, progress)
+
+
+def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: Path, path: Path,
+              progress: bool) -> dict:
+    """The rows of :func:`run_suite`, holding its lock on ``state``."""
+    from .audit import _atomic_write
+    from .bench_utils import run_record
+    from .errors import BusyError
+    from .locking import exclusive_lock
+
+    methods = list(methods)
     results = json.loads(state.read_text()) if state.exists() else {}
     budget_record = spec.record()
     if not spec.same_as(results.get("budget", budget_record)):  # another budget's rows: start over
@@ -367,55 +370,93 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
         write_results(path, results)
 
     jobs = [(m, e) for m in methods for e in _entries_for(m, spec) if not entries or e.name in entries]
+    busy = []
     for i, (method, entry) in enumerate(jobs):
         key = f"{method}/{entry.name}"
         options = trained_options(method, entry.concepts, spec.scale_for(method))
         made_with = recipe(pipe, method, entry.concepts, options)
-        found = [r for r in [rows.get(key), *siblings.get(key, [])] if r]
-        done = [r for r in found if r.get("config") == made_with] or [r for r in found if "config" not in r]
-        if done:  # finished by this run or another one into the cache (rows from before configs were kept pass)
-            rows[key] = done[0]
+
+        def adopt() -> bool:  # finished by this run or another one into the cache (rows from before configs pass)
+            found = [r for r in [rows.get(key), *siblings.get(key, [])] if r]
+            done = [r for r in found if r.get("config") == made_with] or [r for r in found if "config" not in r]
+            if done:
+                rows[key] = done[0]
+            return bool(done)
+
+        if adopt():
             continue
-        logger.info("[%d/%d] %s", i + 1, len(jobs), key)
-        if progress:
-            print(f"[{i + 1}/{len(jobs)}] {key}", flush=True)
-        row_started = time.time()
         job_dir = work / method / entry.name
-        job_dir.mkdir(parents=True, exist_ok=True)
-        adapter_path = job_dir / "adapter.safetensors"
-        erase_info_path = job_dir / "erase.json"
-        erase_info = json.loads(erase_info_path.read_text()) if erase_info_path.exists() else None
-        if not (adapter_path.exists() and erase_info and erase_info.get("options") == json.loads(json.dumps(options))
-                and erase_info.get("config", made_with) == made_with
-                and spec.same_as(erase_info.get("budget", budget_record))):
-            shutil.rmtree(job_dir)  # made with another config or budget (or unfinished): adapter and audits are stale
-            job_dir.mkdir(parents=True)
+        job_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with exclusive_lock(job_dir.with_name(f".{entry.name}.lock"), f"bench job {key}"):
+                siblings = _rows_of_other_runs(work, state, spec)  # it may have finished while we waited
+                if adopt():
+                    continue
+                logger.info("[%d/%d] %s", i + 1, len(jobs), key)
+                if progress:
+                    print(f"[{i + 1}/{len(jobs)}] {key}", flush=True)
+                _run_job(pipe, method, entry, options, made_with, spec, job_dir, attacks, results, progress)
+        except BusyError:  # a run of other --entries is making this row: adopt it at the end
+            busy.append((key, method, entry))
+            continue
+        save()
+    siblings = _rows_of_other_runs(work, state, spec)
+    for key, method, entry in busy:
+        rows.update({key: r[0]} if (r := siblings.get(key)) else {})
+    save()
+    unfinished = [key for key, _, _ in busy if key not in rows]
+    if unfinished:
+        raise BusyError(f"bench rows {', '.join(unfinished)} are being made by another erasekit bench on "
+                        f"{str(work)!r}; rerun when it is done to add them")
+    return results
+
+
+def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, spec: Budget, job_dir: Path,
+             attacks, results: dict, progress: bool) -> None:
+    """Erase, audit and time one row into ``results["rows"]``, holding the job's lock."""
+    from . import compose
+    from .api import erase
+    from .audit import _atomic_write, _remove_stale_temporaries
+
+    budget_record = spec.record()
+    rows = results["rows"]
+    key = f"{method}/{entry.name}"
+    row_started = time.time()
+    job_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(job_dir)
+    adapter_path = job_dir / "adapter.safetensors"
+    erase_info_path = job_dir / "erase.json"
+    erase_info = json.loads(erase_info_path.read_text()) if erase_info_path.exists() else None
+    if not (adapter_path.exists() and erase_info and erase_info.get("options") == json.loads(json.dumps(options))
+            and erase_info.get("config", made_with) == made_with
+            and spec.same_as(erase_info.get("budget", budget_record))):
+        shutil.rmtree(job_dir)  # made with another config or budget (or unfinished): adapter and audits are stale
+        job_dir.mkdir(parents=True)
+        try:
             with peak_memory(pipe.device) as peak:
                 t0 = time.perf_counter()
                 adapter = erase(pipe, method, list(entry.concepts), **options)
                 seconds = time.perf_counter() - t0
-            tmp = adapter_path.with_name("adapter.tmp.safetensors")
-            adapter.save(tmp)
-            os.replace(tmp, adapter_path)
-            erase_info = {"erase_seconds": round(seconds, 2), "peak_memory_mb": peak["mb"],
-                          "peak_memory_kind": peak["kind"], "options": options, "config": made_with,
-                          "budget": budget_record}
-            _atomic_write(erase_info_path, json.dumps(erase_info).encode())
-        row = {"method": method, "entry": entry.name, "concepts": list(entry.concepts),
-               **{k: v for k, v in erase_info.items() if k != "budget"},  # the results file records the budget
-               "adapter_mb": round(adapter_path.stat().st_size / 1e6, 3)}
-        name = compose.load(pipe, adapter_path)
-        try:
-            row.update(audit_entry(pipe, entry, spec, job_dir, attacks, progress))
-        finally:
-            compose.unload(pipe, name)
-        row["generation"] = generation_overhead(pipe, adapter_path, spec.timing_repeats)
-        row["row_seconds"] = round(time.time() - row_started, 1)
-        row["made"] = {k: results["run"].get(k) for k in ("date", "git_commit")}  # rows outlive runs (resume, adopt)
-        rows[key] = row
-        save()
-    save()
-    return results
+        except BaseException:
+            job_dir.rmdir()  # nothing made: no empty folder left behind
+            raise
+        adapter.save(adapter_path)  # atomic
+        erase_info = {"erase_seconds": round(seconds, 2), "peak_memory_mb": peak["mb"],
+                      "peak_memory_kind": peak["kind"], "options": options, "config": made_with,
+                      "budget": budget_record}
+        _atomic_write(erase_info_path, json.dumps(erase_info).encode())
+    row = {"method": method, "entry": entry.name, "concepts": list(entry.concepts),
+           **{k: v for k, v in erase_info.items() if k != "budget"},  # the results file records the budget
+           "adapter_mb": round(adapter_path.stat().st_size / 1e6, 3)}
+    name = compose.load(pipe, adapter_path)
+    try:
+        row.update(audit_entry(pipe, entry, spec, job_dir, attacks, progress))
+    finally:
+        compose.unload(pipe, name)
+    row["generation"] = generation_overhead(pipe, adapter_path, spec.timing_repeats)
+    row["row_seconds"] = round(time.time() - row_started, 1)
+    row["made"] = {k: results["run"].get(k) for k in ("date", "git_commit")}  # rows outlive runs (resume, adopt)
+    rows[key] = row
 
 
 # ============================================================================================== outputs
@@ -540,20 +581,21 @@ def plot(results: dict, path: Path) -> Path | None:
         ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
     fig.suptitle(f"erasekit bench ({results['budget']['name']}), {results['run']['date']}, {results['run']['machine']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, format="png")
     plt.close(fig)
     return path
 
 
 def write_results(path: Path, results: dict) -> None:
     """``path`` (JSON), and beside it the Markdown table and the plots; each written atomically."""
-    from .audit import _atomic_write
+    from .audit import _atomic_write, _replacing
 
     _atomic_write(path, json.dumps(results, indent=1, default=str).encode())
     _atomic_write(path.with_suffix(".md"), table(results).encode())
-    tmp = path.with_name(path.stem + ".tmp.png")
-    if plot(results, tmp):
-        os.replace(tmp, path.with_suffix(".png"))
+    with _replacing(path.with_suffix(".png")) as tmp:
+        made = plot(results, tmp)
+    if not made:  # no plottable row: nothing replaced it but an empty file
+        path.with_suffix(".png").unlink()
 
 
 __all__ = ["BUDGETS", "Budget", "CLOSED_FORM", "Entry", "JUDGES", "SUITE", "run_suite", "table", "write_results"]

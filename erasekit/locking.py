@@ -18,6 +18,7 @@ def exclusive_lock(path: Path, what: str) -> Iterator[None]:
     Does not wait: if another process holds it, ``BusyError`` names ``what`` and the lock file. The lock goes
     with the process (a killed run leaves no stale lock); the file itself is left in place.
     """
+    path = Path(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

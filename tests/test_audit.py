@@ -115,8 +115,9 @@ def judge():
 
 def run_audit(pipe, out_dir, **kw):
     kw.setdefault("attack_configs", {"paraphrase": {"synonyms": ("dog",)}})
+    kw.setdefault("progress", False)
     return A.audit(pipe, "cat", ["paraphrase"], PROMPTS, SEEDS, judge(), out_dir, paraphrases=["a red dog"],
-                   num_inference_steps=1, progress=False, **kw)
+                   num_inference_steps=1, **kw)
 
 
 def lines(out_dir):
@@ -294,3 +295,77 @@ def test_per_concept_preparation_is_skipped_when_there_is_nothing_to_attack(pipe
                      preserve_prompts=["a red car"], num_inference_steps=1, progress=False)
     assert report.summary["preservation"] is not None
     assert not list((tmp_path / "run").glob("*cce*"))
+
+
+# ------------------------------------------------------------------------------------------ folders: left-overs, locks
+
+
+def test_a_rejected_config_creates_nothing(pipe, tmp_path):
+    with pytest.raises(ConfigError, match="unknown attack"):
+        A.audit(pipe, "cat", ["no_such_attack"], PROMPTS, SEEDS, judge(), tmp_path / "new", progress=False)
+    with pytest.raises(ConfigError, match="give the prompts"):
+        A.audit(pipe, "cat", ["paraphrase"], None, SEEDS, judge(), tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_locked_folder_refuses_a_second_audit_and_writes_nothing(pipe, tmp_path):
+    from erasekit.errors import BusyError
+    from erasekit.locking import exclusive_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".audit.rank0.lock"
+    with exclusive_lock(lock, "an audit in another process"):
+        with pytest.raises(BusyError, match="in use by another erasekit process"):
+            run_audit(pipe, out)
+    assert [p.name for p in out.iterdir()] == [lock.name]
+    with exclusive_lock(out / ".audit.rank1.lock", "process 1 of a sharded audit"):  # other ranks: not in the way
+        run_audit(pipe, out)
+    assert lines(out)
+
+
+def test_temporaries_have_their_own_names_and_none_is_left(reference, tmp_path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    with pytest.raises(RuntimeError):
+        with A._replacing(folder / "summary.json") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed mid-write")
+    assert not list(folder.iterdir())
+    with A._replacing(folder / "a.json") as one, A._replacing(folder / "a.json") as two:
+        assert one != two and one.parent == folder  # two writers of one file never share a temporary
+        one.write_bytes(b"1")
+        two.write_bytes(b"2")
+    assert [p.name for p in folder.iterdir()] == ["a.json"]
+
+
+def test_stale_temporaries_of_killed_runs_are_cleared(pipe, reference, tmp_path):
+    out, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    stale = [run / "results.jsonl.tmp", run / ".summary.json.x1y2.tmp", run / "images" / "target" / "ab_erased.tmp.png"]
+    for path in stale:
+        path.write_bytes(b"")
+    run_audit(pipe, run)
+    assert not [p for p in stale if p.exists()]
+    assert not list(run.rglob("*.tmp*"))
+    assert lines(run) == lines(out)
+
+
+def test_the_plan_is_printed_before_the_work(pipe, tmp_path, capsys):
+    run_audit(pipe, tmp_path / "run", progress=True)
+    err = capsys.readouterr().err
+    plan = err[err.index("audit 'cat'"):]
+    assert "2 prompts × 2 seeds, 1 paraphrases" in plan
+    assert "to do: 6 of 6 units" in plan and "4 attack runs" in plan and "estimate:" in plan
+    run_audit(pipe, tmp_path / "run", progress=True)
+    assert "to do: 0 of 6 units (image pairs original | erased: 0 canonical, 0 paraphrase, 0 preserve) and 0 attack " \
+           "runs" in capsys.readouterr().err
+
+
+def test_tinyworld_default_is_the_small_prompt_set(tinyworld_pipe, tmp_path, capsys):
+    report = A.audit(tinyworld_pipe, "circle", [], None, [0], "tinyworld", tmp_path / "run", preserve_prompts=[],
+                     paraphrases=[], num_inference_steps=2, grids=False)
+    assert [r["prompt"] for r in report.records] == A.subsample(A.tinyworld_prompts("circle"), A.DEFAULT_PROMPTS)
+    assert A.DEFAULT_PROMPTS == 4 < len(A.tinyworld_prompts("circle")) == 24
+    assert "4 of the grid's 24 prompts of 'circle' (full_grid=True or --full-grid: all)" in capsys.readouterr().err

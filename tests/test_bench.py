@@ -184,3 +184,34 @@ def test_results_without_their_cache_are_not_resumed(bench, tmp_path):
     (tmp_path / "results-test-shape.json").write_text(json.dumps(saved))
     again = run_suite(TINY, tmp_path, methods=["uce"], attacks=["paraphrase"], entries=["shape"], progress=False)
     assert again["rows"]["uce/shape"]["erasure_rate"] == 1.0
+
+
+def test_a_second_bench_on_the_same_results_is_refused_and_writes_nothing(tmp_path):
+    from erasekit.errors import BusyError
+    from erasekit.locking import exclusive_lock
+
+    work = tmp_path / "work"
+    work.mkdir()
+    with exclusive_lock(work / ".results-test.lock", "a bench in another process"):
+        with pytest.raises(BusyError, match="in use by another erasekit process"):
+            run_suite(TINY, tmp_path, methods=["uce"], attacks=["paraphrase"], work_dir=work, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert [p.name for p in work.iterdir()] == [".results-test.lock"]
+
+
+def test_a_row_another_bench_is_making_is_left_to_it(tmp_path, monkeypatch):
+    """Runs of other --entries share the cache; a row that one of them is making (its job lock held) is not made
+    twice: the run leaves it out, saves the rest and says so."""
+    from erasekit.errors import BusyError
+    from erasekit.locking import exclusive_lock
+    import erasekit.api
+
+    erased = []
+    monkeypatch.setattr(erasekit.api, "erase", lambda *a, **k: erased.append(a[1]))
+    (tmp_path / "work" / "uce").mkdir(parents=True)
+    with exclusive_lock(tmp_path / "work" / "uce" / ".shape.lock", "a bench of other entries"):
+        with pytest.raises(BusyError, match="uce/shape are being made by another erasekit bench"):
+            run_suite(TINY, tmp_path, methods=["uce"], attacks=["paraphrase"], entries=["shape"],
+                      work_dir=tmp_path / "work", progress=False)
+    assert erased == [] and not (tmp_path / "work" / "uce" / "shape").exists()
+    assert json.loads((tmp_path / "results-test-shape.json").read_text())["rows"] == {}
