@@ -28,7 +28,8 @@ EXAMPLES = {
   erasekit fuse --model ./my-sd15 --adapter nudity.safetensors --adapter logo.safetensors:0.8 --out ./sd15-safe""",
     "audit": """examples:
   erasekit audit --adapter circle.safetensors --concept circle --attack unlearndiffatk --out-dir audit/
-  erasekit audit --adapter circle.safetensors --concept circle --attack all --seed 0 1 --out-dir audit/
+  erasekit audit --adapter circle.safetensors --concept circle --attack all --out-dir audit/   # ~2 min, 2 CPU cores
+  erasekit audit --adapter circle.safetensors --concept circle --attack all --full-grid --seed 0 1 --out-dir audit/
   accelerate launch -m erasekit.cli audit ...      # prompts split over processes; rerun to resume""",
     "merge": """examples:
   erasekit merge circle.safetensors red.safetensors --out both.safetensors     # UCE/TIME with --save-stats: exact joint re-solve
@@ -437,7 +438,7 @@ def audit_command(args) -> int:
     for path, weight in args.adapter:
         compose.load(pipe, path, weight=weight)
     report = audit(pipe, args.concept, attacks, prompts=prompts, seeds=args.seed, judge=args.judge,
-                   out_dir=args.out_dir, budget=args.budget, batch_size=args.batch_size)
+                   out_dir=args.out_dir, budget=args.budget, batch_size=args.batch_size, full_grid=args.full_grid)
     if report is not None:
         print(report)
         print(f"report: {report.report_md} · {report.report_html}")
@@ -707,7 +708,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     a.add_argument("--attack", nargs="+", type=text, default=["unlearndiffatk"],
                    help="attack names (listed below) or 'all'; NAME:PRESET picks a preset")
     a.add_argument("--prompts", type=in_file, default=None,
-                   help="text file of the concept's prompts (default: tinyworld's grid)")
+                   help="text file of the concept's prompts (default on tinyworld: 4 prompts spread over its grid)")
+    a.add_argument("--full-grid", action="store_true",
+                   help="tinyworld: audit all of the concept's grid prompts (24-36, about 5x the work) instead of 4")
     a.add_argument("--seed", type=seed, nargs="+", default=[0])
     a.add_argument("--judge", default="tinyworld", choices=["tinyworld", "clip", "nudenet"])
     a.add_argument("--budget", default="auto", choices=["auto", "tinyworld", "paper"], help="attack presets")
