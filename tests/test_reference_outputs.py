@@ -1,0 +1,58 @@
+"""Behaviour is pinned: the commands of ``tests/reference/make.py`` make the same adapters (tensors bit for bit,
+records equal but for their write time), the same audit records and the same ``erasekit demo`` table as the files
+committed beside it. A refactor that changes any of them changes behaviour."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+REF = Path(__file__).parent / "reference"
+spec = importlib.util.spec_from_file_location("reference_make", REF / "make.py")
+make = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(make)
+
+
+def _read(path: Path):
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    record = json.loads(meta.pop("erasekit.adapter"))
+    return tensors, record, meta
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    import erasekit
+
+    folder = tmp_path_factory.mktemp("reference")
+    pipe = erasekit.load_pipeline(device="cpu")
+    paths = make.make_adapters(pipe, folder)
+    return pipe, folder, paths
+
+
+@pytest.mark.parametrize("stem", [stem for stem, _, _ in make.ADAPTERS])
+def test_adapter_is_reproduced_bit_for_bit(made, stem):
+    _, folder, _ = made
+    new_tensors, new_record, new_meta = _read(folder / f"{stem}.safetensors")
+    old_tensors, old_record, old_meta = _read(REF / f"{stem}.safetensors")
+    assert sorted(new_tensors) == sorted(old_tensors)
+    for key, old in old_tensors.items():
+        new = new_tensors[key]
+        assert new.dtype == old.dtype and new.shape == old.shape, key
+        assert torch.equal(new, old), f"{stem}: {key} differs (max |Δ| {(new - old).abs().max().item():.3g})"
+    assert make.stable_record(new_record) == make.stable_record(old_record)
+    assert new_meta == old_meta
+
+
+def test_audit_records_are_reproduced(made):
+    pipe, folder, _ = made
+    results = make.make_audit(pipe, folder)
+    assert make.stable_audit(results) == json.loads((REF / "audit.json").read_text())
+
+
+def test_demo_table_is_reproduced(tmp_path):
+    assert make.demo_table(tmp_path) == (REF / "demo.txt").read_text().splitlines()
