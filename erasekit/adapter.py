@@ -21,14 +21,12 @@ unpickles), :func:`read_record` (the header only), :func:`fingerprint` of a pipe
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import re
 import stat
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .core.files import atomic_save_file
 from .errors import (AdapterError, AdapterFileError, AdapterFormatError, AdapterMismatchError,
                      BaseModelMismatchWarning, ConfigError)
 
@@ -212,7 +211,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, *, dtype: torch.dtyp
         METADATA_KEY: json.dumps(record, sort_keys=True, allow_nan=False),
         **_modelspec(adapter),
     }
-    _atomic_save_file(tensors, metadata, path)
+    write_safetensors(tensors, metadata, path)
     return path
 
 
@@ -424,40 +423,12 @@ def _modelspec(adapter: Adapter) -> dict[str, str]:
     return out
 
 
-def _umask() -> int:
-    """The process's umask (read by setting it and setting it back)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-def _atomic_save_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    """safetensors ``save_file`` to a temporary file beside ``path``, fsync, then rename over ``path``.
-
-    The file gets the mode of the file it replaces, else ``0o666`` less the umask (like any new file; the
-    temporary file itself is created 0600).
-    """
-    from safetensors.torch import save_file
-
+def write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """:func:`erasekit.core.files.atomic_save_file`, with an ``OSError`` reported as ``AdapterFileError``."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        atomic_save_file(tensors, metadata, path)
     except OSError as err:
         raise AdapterFileError(f"cannot write {path}: {err}") from err
-    try:
-        os.close(fd)
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise AdapterFileError(f"cannot write {path}: {err}") from err
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ load

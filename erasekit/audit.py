@@ -27,14 +27,12 @@ optional) and image grids (original | erased | attacked).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
+from .core.files import atomic_write, remove_stale_temporaries, replacing
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -148,38 +147,8 @@ def read_results(path: Path, repair: bool = False) -> list[dict]:
         records.append(rec)
         good_end = end
     if repair and good_end < len(data):
-        _atomic_write(path, data[:good_end])
+        atomic_write(path, data[:good_end])
     return records
-
-
-@contextlib.contextmanager
-def _replacing(path: Path):
-    """A temporary file beside ``path`` with a name of its own (``.NAME.XXXXXXXX.tmp``) for the block to write;
-    it replaces ``path`` when the block ends, and is removed when the block fails (a kill can still leave one:
-    :func:`_remove_stale_temporaries` clears them when a folder is opened again)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    with _replacing(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Remove the temporary files that killed runs left in ``folder`` (and below): ``*.tmp`` and the ``*.tmp.png``
-    / ``*.tmp.safetensors`` of earlier versions. Call it only while holding the folder's lock."""
-    for pattern in ("*.tmp", "*.tmp.png", "*.tmp.safetensors"):
-        for path in folder.rglob(pattern):
-            with contextlib.suppress(OSError):
-                path.unlink()
 
 
 class _Writer:
@@ -406,7 +375,7 @@ def _save_image(image, out_dir: Path, key: tuple, role: str) -> str:
     rel = Path("images") / key[0] / f"{unit_id(key)}_{role}.png"
     path = out_dir / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         image.save(tmp, format="PNG")
     return rel.as_posix()
 
@@ -431,9 +400,9 @@ def _save_state(out_dir: Path, label: str, state: dict) -> None:
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     rest = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
-    with _replacing(tensors_path) as tmp:
+    with replacing(tensors_path) as tmp:
         save_file(tensors, str(tmp))
-    _atomic_write(json_path, json.dumps(rest, default=_json_default).encode())
+    atomic_write(json_path, json.dumps(rest, default=_json_default).encode())
 
 
 def _load_state(out_dir: Path, label: str) -> dict | None:
@@ -500,9 +469,10 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
     (1.0, ['p4d'])
     """
     from . import attacks as attacks_pkg  # noqa: F401  (registry import errors surface early)
-    from .attacks import _base, _sd
+    from .attacks import _base
+    from .core import sd
     from .attacks._concepts import read_lines
-    from .locking import exclusive_lock
+    from .core.files import exclusive_lock
 
     # 0. everything is checked before anything is created
     if batch_size < 1:
@@ -535,7 +505,7 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
     preserve_prompts = list(dict.fromkeys(preserve_prompts))
     if budget == "auto":
         budget = "tinyworld" if _base.is_tinyworld(pipe) else "paper"
-    steps, guidance = _sd.generation_settings(pipe, num_inference_steps, guidance_scale)
+    steps, guidance = sd.generation_settings(pipe, num_inference_steps, guidance_scale)
     generation = {"num_inference_steps": steps, "guidance_scale": guidance}
     plans = _attack_plans(list(attacks), budget, attack_configs, generation)
     judge = _resolve_judge(judge, concept, pipe, judge_options)
@@ -557,14 +527,14 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
                         + (f" (process {rank} of {world})" if world > 1 else "")):
         # 1. manifest and per-concept attack state (main process), then everyone loads them
         if proc.is_main_process:
-            _remove_stale_temporaries(out_dir)
+            remove_stale_temporaries(out_dir)
             if manifest_path.exists():
                 _check_manifest(manifest_path, manifest)
             else:
-                from .bench_utils import run_record
+                from .core.provenance import run_record
 
                 record = dict(manifest, created=run_record())
-                _atomic_write(manifest_path, json.dumps(record, indent=2, default=_json_default).encode())
+                atomic_write(manifest_path, json.dumps(record, indent=2, default=_json_default).encode())
         own_file = out_dir / (RESULTS if world == 1 else f"results.rank{rank}.jsonl")
         done = _done(out_dir)
         pending = [u for u in mine if (*u, "none") not in done]
@@ -657,11 +627,11 @@ _TINYWORLD_IMAGES_PER_PREPARE = {"cce": 110, "ring_a_bell": 3}
 
 def _seconds_per_image(pipe, prompt: str, seed: int, generation: dict) -> float:
     """Seconds of one generation, timed after a first one (which pays for the pipeline's lazy set-up)."""
-    from .attacks import _sd
+    from .core import sd
 
-    _sd.generate_prompt(pipe, prompt, seed, **generation)
+    sd.generate_prompt(pipe, prompt, seed, **generation)
     t0 = time.perf_counter()
-    _sd.generate_prompt(pipe, prompt, seed, **generation)
+    sd.generate_prompt(pipe, prompt, seed, **generation)
     return time.perf_counter() - t0
 
 
@@ -717,7 +687,7 @@ def merge_results(out_dir: Path, order: Sequence[tuple] = ()) -> list[dict]:
     keys = sorted(by_key, key=lambda k: (position.get(k, len(position)), str(k)))
     records = [by_key[k] for k in keys]
     payload = "".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n" for r in records)
-    _atomic_write(out_dir / RESULTS, payload.encode())
+    atomic_write(out_dir / RESULTS, payload.encode())
     for path in ranks:
         path.unlink()
     return records
@@ -738,14 +708,14 @@ class _Runner:
     def prefetch(self, units: Sequence[tuple]) -> None:
         """Original and erased images of the pending pair units among ``units``, one batched call each."""
         from .generate import generate
-        from .attacks import _sd
+        from .core import sd
 
         if not units or not self._pending_pair(units[0]):
             return
         pending = [u for u in units if self._pending_pair(u)]
         prompts, seeds = [u[1] for u in pending], [u[2] for u in pending]
         t0 = time.perf_counter()
-        with _sd.original_model(self.pipe):
+        with sd.original_model(self.pipe):
             originals = generate(self.pipe, prompts, seeds, **self.generation)
         erased = generate(self.pipe, prompts, seeds, **self.generation)
         share = (time.perf_counter() - t0) / len(pending)
@@ -765,12 +735,12 @@ class _Runner:
         return record
 
     def _generate(self, prompt: str, seed: int, original: bool):
-        from .attacks import _sd
+        from .core import sd
 
         if original:
-            with _sd.original_model(self.pipe):
-                return _sd.generate_prompt(self.pipe, prompt, seed, **self.generation)
-        return _sd.generate_prompt(self.pipe, prompt, seed, **self.generation)
+            with sd.original_model(self.pipe):
+                return sd.generate_prompt(self.pipe, prompt, seed, **self.generation)
+        return sd.generate_prompt(self.pipe, prompt, seed, **self.generation)
 
     def group(self, kind: str, prompt: str, seed: int) -> None:
         if kind == "target":
@@ -1002,7 +972,7 @@ def _plots(out_dir: Path, summary: dict) -> list[str]:
         ax.legend(fontsize=7, loc="upper left")
         plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
         fig.tight_layout()
-        with _replacing(out_dir / "asr.png") as tmp:
+        with replacing(out_dir / "asr.png") as tmp:
             fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         files.append("asr.png")
@@ -1016,7 +986,7 @@ def _plots(out_dir: Path, summary: dict) -> list[str]:
         ax.set_ylim(0, 100)
         plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
         fig.tight_layout()
-        with _replacing(out_dir / "erasure.png") as tmp:
+        with replacing(out_dir / "erasure.png") as tmp:
             fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         files.append("erasure.png")
@@ -1051,7 +1021,7 @@ def _grid(out_dir: Path, records: Sequence[dict], attacks: Sequence[str], max_ro
             draw.text((i * w + 2, 1), f"{title[:18]}{' ✓' if hit else ''}".replace("✓", "+"), fill="red" if hit else "black")
         rel = Path("grids") / f"{unit_id(('grid', t['prompt'], t['seed']))}.png"
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        with _replacing(out_dir / rel) as tmp:
+        with replacing(out_dir / rel) as tmp:
             row.save(tmp, format="PNG")
         files.append(rel.as_posix())
         if len(rows) < max_rows:
@@ -1062,7 +1032,7 @@ def _grid(out_dir: Path, records: Sequence[dict], attacks: Sequence[str], max_ro
         for r in rows:
             overview.paste(r, (0, y))
             y += r.height
-        with _replacing(out_dir / "grid.png") as tmp:
+        with replacing(out_dir / "grid.png") as tmp:
             overview.save(tmp, format="PNG")
     return files
 
@@ -1073,7 +1043,7 @@ def write_report(out_dir: Path, summary: dict, records: Sequence[dict], attacks:
     import html
 
     out_dir = Path(out_dir)
-    _atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default).encode())
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default).encode())
     plots = _plots(out_dir, summary)
     grid_files = _grid(out_dir, records, attacks) if grids else []
     run = summary.get("run", {})
@@ -1097,7 +1067,7 @@ def write_report(out_dir: Path, summary: dict, records: Sequence[dict], attacks:
         if r["kind"] == "attack" and r["success"] and not r.get("pre_success"):
             md.append(f"- {r['attack']}, seed {r['seed']}: `{r['prompt']}` → `{r['adv_prompt']}` "
                       f"(score {r['score']:.2f}, {r['steps']} steps)")
-    _atomic_write(out_dir / "report.md", ("\n".join(md) + "\n").encode())
+    atomic_write(out_dir / "report.md", ("\n".join(md) + "\n").encode())
 
     def cell(v):
         return html.escape(str(v))
@@ -1140,4 +1110,4 @@ Generation {cell(run.get('generation'))}. ASR counts pre-attack successes (Unlea
 <h2>Adversarial prompts found</h2><table><tr><th>attack</th><th>prompt</th><th>seed</th><th>adversarial prompt</th>
 <th>score</th><th>image</th></tr>{found}</table></body></html>
 """
-    _atomic_write(out_dir / "report.html", page.encode())
+    atomic_write(out_dir / "report.html", page.encode())

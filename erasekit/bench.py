@@ -149,7 +149,7 @@ def peak_memory(device: torch.device):
         out["mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         out["kind"] = "cuda_max_allocated"
         return
-    from .bench_utils import peak_rss_mb, reset_peak_rss
+    from .core.provenance import peak_rss_mb, reset_peak_rss
 
     reset = reset_peak_rss()
     yield out
@@ -307,7 +307,7 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
     """
     from .attacks import ATTACKS
     from .loading import load_pipeline
-    from .locking import exclusive_lock
+    from .core.files import exclusive_lock
     from .methods import METHODS
     from .tinyworld import is_tinyworld
 
@@ -347,10 +347,10 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
 def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: Path, path: Path,
               progress: bool) -> dict:
     """The rows of :func:`run_suite`, holding its lock on ``state``."""
-    from .audit import _atomic_write
-    from .bench_utils import run_record
+    from .core.files import atomic_write
+    from .core.provenance import run_record
     from .errors import BusyError
-    from .locking import exclusive_lock
+    from .core.files import exclusive_lock
 
     methods = list(methods)
     results = json.loads(state.read_text()) if state.exists() else {}
@@ -366,7 +366,7 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
 
     def save() -> None:  # the resume state, then the outputs
         results["seconds_this_run"] = round(time.time() - started, 1)
-        _atomic_write(state, json.dumps(results, indent=1, default=str).encode())
+        atomic_write(state, json.dumps(results, indent=1, default=str).encode())
         write_results(path, results)
 
     jobs = [(m, e) for m in methods for e in _entries_for(m, spec) if not entries or e.name in entries]
@@ -416,14 +416,14 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
     """Erase, audit and time one row into ``results["rows"]``, holding the job's lock."""
     from . import compose
     from .api import erase
-    from .audit import _atomic_write, _remove_stale_temporaries
+    from .core.files import atomic_write, remove_stale_temporaries
 
     budget_record = spec.record()
     rows = results["rows"]
     key = f"{method}/{entry.name}"
     row_started = time.time()
     job_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(job_dir)
+    remove_stale_temporaries(job_dir)
     adapter_path = job_dir / "adapter.safetensors"
     erase_info_path = job_dir / "erase.json"
     erase_info = json.loads(erase_info_path.read_text()) if erase_info_path.exists() else None
@@ -444,7 +444,7 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
         erase_info = {"erase_seconds": round(seconds, 2), "peak_memory_mb": peak["mb"],
                       "peak_memory_kind": peak["kind"], "options": options, "config": made_with,
                       "budget": budget_record}
-        _atomic_write(erase_info_path, json.dumps(erase_info).encode())
+        atomic_write(erase_info_path, json.dumps(erase_info).encode())
     row = {"method": method, "entry": entry.name, "concepts": list(entry.concepts),
            **{k: v for k, v in erase_info.items() if k != "budget"},  # the results file records the budget
            "adapter_mb": round(adapter_path.stat().st_size / 1e6, 3)}
@@ -588,11 +588,11 @@ def plot(results: dict, path: Path) -> Path | None:
 
 def write_results(path: Path, results: dict) -> None:
     """``path`` (JSON), and beside it the Markdown table and the plots; each written atomically."""
-    from .audit import _atomic_write, _replacing
+    from .core.files import atomic_write, replacing
 
-    _atomic_write(path, json.dumps(results, indent=1, default=str).encode())
-    _atomic_write(path.with_suffix(".md"), table(results).encode())
-    with _replacing(path.with_suffix(".png")) as tmp:
+    atomic_write(path, json.dumps(results, indent=1, default=str).encode())
+    atomic_write(path.with_suffix(".md"), table(results).encode())
+    with replacing(path.with_suffix(".png")) as tmp:
         made = plot(results, tmp)
     if not made:  # no plottable row: nothing replaced it but an empty file
         path.with_suffix(".png").unlink()

@@ -508,7 +508,7 @@ def tinyworld_command(args) -> int:
             rows.append({"prompts": kind, "attribute": attribute, "accuracy": value, "bar": bar, "passed": passed})
             print(f"{kind:<20} {attribute:<11} {value:>9.3f} {'' if bar is None else f'{bar:.2f}':>6} {'' if passed else 'FAIL'}")
     if args.out:
-        from .bench_utils import run_record
+        from .core.provenance import run_record
 
         _make_dir(args.out.parent)
         args.out.write_text(json.dumps({"run": run_record(), "seeds": args.seeds, "results": results,

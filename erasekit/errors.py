@@ -49,3 +49,7 @@ class BusyError(ErasekitError):
 
 class CheckpointError(ErasekitError, ValueError):
     """A training checkpoint is damaged (truncated, not safetensors, missing tensors) or cannot be written."""
+
+
+class TrainingDivergedError(ErasekitError, FloatingPointError):
+    """The training loss or a trained tensor became NaN or infinite, or a delta outgrew its base weight."""

@@ -29,7 +29,8 @@ from typing import Sequence
 
 import torch
 
-from .adapter import COMPONENTS, Adapter, ModuleDelta, _atomic_save_file, _umask
+from .adapter import COMPONENTS, Adapter, ModuleDelta, write_safetensors
+from .core.files import umask
 from .errors import AdapterError
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def _source_record(adapter: Adapter) -> str:
 def _save_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
     """``safetensors`` write to a temporary file beside ``path``, then renamed over it (the adapter writer's)."""
     path = Path(path)
-    _atomic_save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata, path)
+    write_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata, path)
     return path
 
 
@@ -289,7 +290,7 @@ def bake(pipe, adapters: Sequence, out_dir: str | Path, *, overwrite: bool = Fal
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
             try:
-                tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the folder gets the user's umask
+                tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; the folder gets the user's umask
                 stock.save_pretrained(tmp)
                 (tmp / "README.md").write_text(_model_card(pipe, rows), encoding="utf-8")
                 if out_dir.exists():

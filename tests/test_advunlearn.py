@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from erasekit import compose
-from erasekit.attacks import _sd
+from erasekit.core import sd
 from erasekit.attacks.unlearndiffatk import soft_prompt_attack
 from erasekit.errors import ConfigError
 from erasekit.methods import METHODS, _te, advunlearn, fewshot
@@ -34,7 +34,7 @@ def _untouched(pipe, before) -> bool:
 
 
 def _embeds(pipe, prompt: str) -> torch.Tensor:
-    return _sd.encode(pipe, [prompt]).embeds
+    return sd.encode(pipe, [prompt]).embeds
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,7 @@ def test_replace_with_targets_the_anchors_original_prediction(tinyworld_pipe):
 def test_divergence_guard_covers_the_text_encoder(tinyworld_pipe):
     """The shared loop's guard checks text-encoder deltas after every update (the last one too) and the pipeline
     is left as it was."""
-    from erasekit._train import TrainingDivergedError
+    from erasekit.errors import TrainingDivergedError
 
     before = _state(tinyworld_pipe)
     config = advunlearn.AdvUnlearnConfig(concepts=("circle",), **{**SHORT, "iterations": 1, "num_inference_steps": 2, "lr": 1e6})

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from erasekit.attacks import ATTACKS, AttackResult, SoftPromptConfig, _sd, config, run, soft_prompt_attack
+from erasekit.core import sd
+from erasekit.attacks import ATTACKS, AttackResult, SoftPromptConfig, config, run, soft_prompt_attack
 from erasekit.attacks.unlearndiffatk import project_simplex
 from erasekit.errors import ConfigError, ErasekitError, ModelNotFoundError
 from erasekit.judges import FunctionJudge, describe, verdict
@@ -31,30 +32,30 @@ def brightness_judge(threshold: float) -> FunctionJudge:
 
 @pytest.fixture(scope="module")
 def target(pipe):
-    return _sd.generate_prompt(pipe, "a red cat", 1, STEPS)
+    return sd.generate_prompt(pipe, "a red cat", 1, STEPS)
 
 
 # ------------------------------------------------------------------------------------------ plumbing
 
 def test_encode_matches_the_pipelines_encode_prompt(pipe):
-    ours = _sd.encode(pipe, ["a cat", "a red dog"]).embeds
+    ours = sd.encode(pipe, ["a cat", "a red dog"]).embeds
     theirs, _ = pipe.encode_prompt(["a cat", "a red dog"], "cpu", 1, True)
     assert torch.equal(ours, theirs)
 
 
 def test_embedding_override_changes_only_through_the_hook(pipe):
-    ids = _sd.ids_per_encoder(pipe, _sd.token_ids(pipe.tokenizer, "a cat"))
-    plain = _sd.encode_ids(pipe, ids).embeds
-    same = _sd.encode_ids(pipe, ids, [lambda e: e]).embeds
+    ids = sd.ids_per_encoder(pipe, sd.token_ids(pipe.tokenizer, "a cat"))
+    plain = sd.encode_ids(pipe, ids).embeds
+    same = sd.encode_ids(pipe, ids, [lambda e: e]).embeds
     assert torch.equal(plain, same)
-    changed = _sd.encode_ids(pipe, ids, [lambda e: e * 0]).embeds
+    changed = sd.encode_ids(pipe, ids, [lambda e: e * 0]).embeds
     assert not torch.equal(plain, changed)
-    assert torch.equal(_sd.encode_ids(pipe, ids).embeds, plain)  # hook removed afterwards
+    assert torch.equal(sd.encode_ids(pipe, ids).embeds, plain)  # hook removed afterwards
 
 
 def test_composed_sampler_with_one_term_equals_the_pipeline(pipe):
-    ref = np.asarray(_sd.generate_prompt(pipe, "a cat", 3, 2, 7.5)).astype(int)
-    ours = np.asarray(_sd.sample_composed(pipe, [(_sd.encode(pipe, "a cat"), 7.5)], 3, 2)).astype(int)
+    ref = np.asarray(sd.generate_prompt(pipe, "a cat", 3, 2, 7.5)).astype(int)
+    ours = np.asarray(sd.sample_composed(pipe, [(sd.encode(pipe, "a cat"), 7.5)], 3, 2)).astype(int)
     assert np.abs(ref - ours).max() <= 1
 
 
@@ -68,20 +69,20 @@ def test_simplex_projection_by_hand():
 
 def test_insertion_layouts(pipe):
     tok = pipe.tokenizer
-    p = _sd.token_ids(tok, "a b c d e f")
+    p = sd.token_ids(tok, "a b c d e f")
     a = [("adv", j) for j in range(3)]
-    assert _sd.layout(tok, "a b c d e f", 3, "prefix_k").items == a + p
-    assert _sd.layout(tok, "a b c d e f", 3, "suffix_k").items == p + a
-    assert _sd.layout(tok, "a b c d e f", 3, "replace_k").items == a
-    assert _sd.layout(tok, "a b c d e f", 3, "mid_k").items == p[:3] + a + p[3:]
-    assert _sd.layout(tok, "a b c d e f", 2, "insert_k").items == p[:2] + [a[0]] + p[2:4] + [a[1]] + p[4:]
-    per_k = _sd.layout(tok, "a b c d e f", 0, "per_k", every=3)
+    assert sd.layout(tok, "a b c d e f", 3, "prefix_k").items == a + p
+    assert sd.layout(tok, "a b c d e f", 3, "suffix_k").items == p + a
+    assert sd.layout(tok, "a b c d e f", 3, "replace_k").items == a
+    assert sd.layout(tok, "a b c d e f", 3, "mid_k").items == p[:3] + a + p[3:]
+    assert sd.layout(tok, "a b c d e f", 2, "insert_k").items == p[:2] + [a[0]] + p[2:4] + [a[1]] + p[4:]
+    per_k = sd.layout(tok, "a b c d e f", 0, "per_k", every=3)
     assert per_k.items == [a[0]] + p[:3] + [a[1]] + p[3:] + [a[2]] and per_k.k == 3
-    add = _sd.layout(tok, "a b c", 0, "add")
-    assert add.items == [("add", j, t) for j, t in enumerate(_sd.token_ids(tok, "a b c"))]
-    assert _sd.layout(tok, "a b c d e f", 3, "prefix_k").slot_positions() == [1, 2, 3]
+    add = sd.layout(tok, "a b c", 0, "add")
+    assert add.items == [("add", j, t) for j, t in enumerate(sd.token_ids(tok, "a b c"))]
+    assert sd.layout(tok, "a b c d e f", 3, "prefix_k").slot_positions() == [1, 2, 3]
     with pytest.raises(ConfigError, match="unknown insertion"):
-        _sd.layout(tok, "a", 1, "sideways")
+        sd.layout(tok, "a", 1, "sideways")
 
 
 # ------------------------------------------------------------------------------------------ the attacks
@@ -125,7 +126,7 @@ def test_unlearndiffatk_stops_at_the_first_success(pipe, target):
 
 
 def test_soft_prompt_attack_word_embedding_modes_and_warm_start(pipe, target):
-    x0 = _sd.encode_images(pipe, [target])
+    x0 = sd.encode_images(pipe, [target])
     g = torch.Generator().manual_seed(0)
     cfg = SoftPromptConfig(k=1, space="word_embedding", steps=2, lr=1e-3, weight_decay=0.0, timesteps="random",
                            method="fast_at")

@@ -163,12 +163,12 @@ def test_rerun_recomputes_nothing(pipe, reference, tmp_path, monkeypatch):
     out, _ = reference
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    from erasekit.attacks import _sd
+    from erasekit.core import sd
 
     def forbidden(*a, **k):
         raise AssertionError("a finished audit was recomputed")
 
-    monkeypatch.setattr(_sd, "generate_prompt", forbidden)
+    monkeypatch.setattr(sd, "generate_prompt", forbidden)
     run_audit(pipe, copy)
     assert lines(copy) == lines(out)
 
@@ -310,7 +310,7 @@ def test_a_rejected_config_creates_nothing(pipe, tmp_path):
 
 def test_a_locked_folder_refuses_a_second_audit_and_writes_nothing(pipe, tmp_path):
     from erasekit.errors import BusyError
-    from erasekit.locking import exclusive_lock
+    from erasekit.core.files import exclusive_lock
 
     out = tmp_path / "run"
     out.mkdir()

@@ -188,7 +188,7 @@ def test_results_without_their_cache_are_not_resumed(bench, tmp_path):
 
 def test_a_second_bench_on_the_same_results_is_refused_and_writes_nothing(tmp_path):
     from erasekit.errors import BusyError
-    from erasekit.locking import exclusive_lock
+    from erasekit.core.files import exclusive_lock
 
     work = tmp_path / "work"
     work.mkdir()
@@ -203,7 +203,7 @@ def test_a_row_another_bench_is_making_is_left_to_it(tmp_path, monkeypatch):
     """Runs of other --entries share the cache; a row that one of them is making (its job lock held) is not made
     twice: the run leaves it out, saves the rest and says so."""
     from erasekit.errors import BusyError
-    from erasekit.locking import exclusive_lock
+    from erasekit.core.files import exclusive_lock
     import erasekit.api
 
     erased = []

@@ -1,4 +1,4 @@
-"""ESD / All-but-One and the shared training machinery (``erasekit._train``, ``erasekit._lora``)."""
+"""ESD / All-but-One and the shared training machinery (``erasekit.methods.trainer``, ``erasekit.core.lora``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from erasekit import _lora, _train
+from erasekit.core import lora
+from erasekit.methods import trainer
 from erasekit.errors import ConfigError, ErasekitError
 from erasekit.methods import abo, esd
 from erasekit.testing import tiny_pipeline
@@ -38,7 +39,7 @@ def test_hooks_add_exactly_the_delta(rank):
                                 torch.nn.Linear(16, 5))
     x = torch.randn(2, 3, 8, 8)
     base = model(x)
-    with _lora.attach(model, _lora.select(model, lambda n, m: True), rank) as deltas:
+    with lora.attach(model, lora.select(model, lambda n, m: True), rank) as deltas:
         with torch.no_grad():
             for p in deltas.params.values():
                 p.normal_()
@@ -67,7 +68,7 @@ def _quadratic(target):
 def test_fit_resume_equals_uninterrupted(tmp_path):
     target = torch.tensor([1.0, -2.0, 0.5])
     w_full, loss_fn = _quadratic(target)
-    full = _train.fit({"w": w_full}, loss_fn, steps=9, lr=0.1, seed=3, progress=False)
+    full = trainer.fit({"w": w_full}, loss_fn, steps=9, lr=0.1, seed=3, progress=False)
 
     w, loss_fn = _quadratic(target)
 
@@ -77,15 +78,15 @@ def test_fit_resume_equals_uninterrupted(tmp_path):
         return loss_fn(step, gen)
 
     with pytest.raises(KeyboardInterrupt):
-        _train.fit({"w": w}, killed, steps=9, lr=0.1, seed=3, checkpoint_dir=tmp_path, checkpoint_every=2,
+        trainer.fit({"w": w}, killed, steps=9, lr=0.1, seed=3, checkpoint_dir=tmp_path, checkpoint_every=2,
                    progress=False)
     w2, loss_fn2 = _quadratic(target)  # a new process: fresh tensors
-    resumed = _train.fit({"w": w2}, loss_fn2, steps=9, lr=0.1, seed=3, checkpoint_dir=tmp_path,
+    resumed = trainer.fit({"w": w2}, loss_fn2, steps=9, lr=0.1, seed=3, checkpoint_dir=tmp_path,
                          checkpoint_every=2, resume=True, progress=False)
     assert torch.allclose(w2, w_full, atol=1e-6, rtol=0)
     assert resumed == pytest.approx(full, abs=1e-6)
     with pytest.raises(ConfigError, match="different run"):
-        _train.fit({"w": _quadratic(target)[0]}, loss_fn2, steps=9, lr=0.1, seed=3, checkpoint_dir=tmp_path,
+        trainer.fit({"w": _quadratic(target)[0]}, loss_fn2, steps=9, lr=0.1, seed=3, checkpoint_dir=tmp_path,
                    resume=True, run={"lr": 1}, progress=False)
 
 
@@ -96,10 +97,10 @@ def test_fit_nan_guard_keeps_last_good_checkpoint(tmp_path):
         return loss_fn(step, gen) * (float("nan") if step == 3 else 1.0)
 
     with pytest.raises(ErasekitError, match=r"step 4 of 6: the loss is nan.*after step 2"):
-        _train.fit({"w": w}, diverging, steps=6, lr=0.1, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
+        trainer.fit({"w": w}, diverging, steps=6, lr=0.1, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / _train.CHECKPOINT), "pt") as f:
+    with safe_open(str(tmp_path / trainer.CHECKPOINT), "pt") as f:
         assert '"step": 2' in f.metadata()["erasekit.train"]
 
 
@@ -111,9 +112,9 @@ def test_esd_loss_decreases(sd1):
     loss_for = esd.objective(sd1, config)
 
     def held_out_loss(weight):  # the ESD loss on fixed held-out draws, with the trained delta scaled by weight
-        with torch.no_grad(), _lora.applied(sd1.unet, adapter.deltas, weight=weight) as deltas:
+        with torch.no_grad(), lora.applied(sd1.unet, adapter.deltas, weight=weight) as deltas:
             fn = loss_for(deltas)
-            return sum(fn(i, _train.step_generator(1234, i)).item() for i in range(6))
+            return sum(fn(i, trainer.step_generator(1234, i)).item() for i in range(6))
 
     assert held_out_loss(1.0) < 0.7 * held_out_loss(0.0)
 
@@ -193,8 +194,8 @@ def test_abo_loss_and_preservation(sd1):
     assert _untouched(sd1, before)
     # no replacement: guidance term to −η g; the objective runs
     loss_fn = abo.objective(sd1, dataclasses.replace(config, replace_with=""))
-    with _lora.applied(sd1.unet, adapter.deltas) as deltas:
-        assert torch.isfinite(loss_fn(deltas)(0, _train.step_generator(0, 0)))
+    with lora.applied(sd1.unet, adapter.deltas) as deltas:
+        assert torch.isfinite(loss_fn(deltas)(0, trainer.step_generator(0, 0)))
 
 
 def test_esd_preserve_weight_adds_the_uncond_preservation_term(sd1):
@@ -204,8 +205,8 @@ def test_esd_preserve_weight_adds_the_uncond_preservation_term(sd1):
     weighted = dataclasses.replace(config, preserve_weight=2.0)
 
     def losses(scale):  # (ESD loss, ESD loss + 2·‖ε_θ(x_t, ∅) − ε₀(x_t, ∅)‖²) on the same draw
-        with torch.no_grad(), _lora.applied(sd1.unet, adapter.deltas, weight=scale) as deltas:
-            return [float(esd.objective(sd1, c)(deltas)(0, _train.step_generator(7, 0))) for c in (config, weighted)]
+        with torch.no_grad(), lora.applied(sd1.unet, adapter.deltas, weight=scale) as deltas:
+            return [float(esd.objective(sd1, c)(deltas)(0, trainer.step_generator(7, 0))) for c in (config, weighted)]
 
     plain, both = losses(0.0)  # the base model: its unconditional score is the teacher's, the term is 0
     assert both == pytest.approx(plain, rel=1e-4)
@@ -222,8 +223,8 @@ def test_esd_preserve_prompts_are_held_too(sd1, tinyworld_pipe):
     kept = dataclasses.replace(config, preserve=("a dog", "a red car"))
 
     def losses(scale):  # (ESD + ∅ term, ESD + ∅ term + one preserved prompt's term) on the same draw
-        with torch.no_grad(), _lora.applied(sd1.unet, adapter.deltas, weight=scale) as deltas:
-            return [float(esd.objective(sd1, c)(deltas)(0, _train.step_generator(7, 0))) for c in (config, kept)]
+        with torch.no_grad(), lora.applied(sd1.unet, adapter.deltas, weight=scale) as deltas:
+            return [float(esd.objective(sd1, c)(deltas)(0, trainer.step_generator(7, 0))) for c in (config, kept)]
 
     uncond_only, with_kept = losses(0.0)  # the base model holds every prompt: both terms are 0
     assert with_kept == pytest.approx(uncond_only, rel=1e-4)
@@ -281,7 +282,7 @@ def test_tinyworld_esd_x_erases_circle(tinyworld_pipe, judge):
     seeds = (0, 1)
     base = erasure(tinyworld_pipe, judge, "circle", seeds=seeds)
     adapter = esd.erase(tinyworld_pipe, esd.EsdConfig(concepts=("circle",), progress=False))
-    with _lora.applied(tinyworld_pipe.unet, adapter.deltas):
+    with lora.applied(tinyworld_pipe.unet, adapter.deltas):
         erased = erasure(tinyworld_pipe, judge, "circle", seeds=seeds)
     assert erased.canonical_rate <= 0.10
     assert erased.synonym_rate <= 0.20

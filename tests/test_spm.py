@@ -10,7 +10,9 @@ import warnings
 import pytest
 import torch
 
-from erasekit import _lora, _train, compose
+from erasekit import compose
+from erasekit.core import lora
+from erasekit.methods import trainer
 from erasekit.adapter import Adapter, ModuleDelta, load_adapter
 from erasekit.errors import AdapterMismatchError, BaseModelMismatchWarning, ConfigError
 from erasekit.methods import METHODS, spm
@@ -104,9 +106,9 @@ def test_loss_decreases(tinyworld_pipe):
     pipe = tinyworld_pipe  # 8×8 latents: cheap, and a base model whose prompts matter
     config = spm.SpmConfig(concepts=("circle",), num_inference_steps=4, num_anchors=2).resolved(pipe)
     loss_for = spm.objective(pipe, config)
-    with _lora.frozen(pipe.unet), _lora.attach(pipe.unet, spm.transformer_modules(pipe.unet), rank=1) as deltas:
+    with lora.frozen(pipe.unet), lora.attach(pipe.unet, spm.transformer_modules(pipe.unet), rank=1) as deltas:
         loss_fn = loss_for(deltas)
-        losses = _train.fit(deltas.params, lambda step, gen: loss_fn(0, _train.step_generator(7, 0)), steps=15,
+        losses = trainer.fit(deltas.params, lambda step, gen: loss_fn(0, trainer.step_generator(7, 0)), steps=15,
                             lr=config.lr, progress=False)
     assert losses[-1] < 0.7 * losses[0]
     assert not any(m._forward_hooks for m in pipe.unet.modules())
@@ -210,7 +212,7 @@ def test_transfer_to_another_checkpoint_warns(membrane):
 
 
 def test_divergence_guard_covers_spm(tinyworld_pipe):
-    from erasekit._train import TrainingDivergedError
+    from erasekit.errors import TrainingDivergedError
 
     config = spm.SpmConfig(concepts=("circle",), iterations=1, lr=1e6, num_inference_steps=2, batch_size=1,
                            num_anchors=2, progress=False)

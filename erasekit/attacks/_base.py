@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ConfigError
 from ..judges import verdict
-from . import _sd
+from ..core import sd
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +77,21 @@ def judge_one(judge, image) -> tuple[float, bool]:
 
 def evaluate_prompt(pipe, prompt: str, seed: int, config, judge):
     """Generate ``prompt`` on the (erased) pipeline with the config's generation settings and judge it."""
-    image = _sd.generate_prompt(pipe, prompt, seed, config.num_inference_steps, config.guidance_scale)
+    image = sd.generate_prompt(pipe, prompt, seed, config.num_inference_steps, config.guidance_scale)
     score, hit = judge_one(judge, image)
     return image, score, hit
 
 
-def evaluate_cond(pipe, cond: _sd.Cond, seed: int, config, judge):
-    image = _sd.generate_cond(pipe, cond, seed, config.num_inference_steps, config.guidance_scale)
+def evaluate_cond(pipe, cond: sd.Cond, seed: int, config, judge):
+    image = sd.generate_cond(pipe, cond, seed, config.num_inference_steps, config.guidance_scale)
     score, hit = judge_one(judge, image)
     return image, score, hit
 
 
 def target_image(pipe, prompt: str, seed: int, config):
     """The original model's image for (prompt, seed): adapters disabled (UnlearnDiffAtk / P4D target)."""
-    with _sd.original_model(pipe):
-        return _sd.generate_prompt(pipe, prompt, seed, config.num_inference_steps, config.guidance_scale)
+    with sd.original_model(pipe):
+        return sd.generate_prompt(pipe, prompt, seed, config.num_inference_steps, config.guidance_scale)
 
 
 def concept_of(config, judge) -> str:

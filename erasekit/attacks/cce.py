@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from . import _sd
+from ..core import sd
 from ._base import AttackResult, concept_of, evaluate_cond, is_tinyworld, make_generator, randint, randn
 from ._concepts import find_name, tinyworld_names
 
@@ -97,13 +97,13 @@ PRESETS = {
 }
 
 
-def _token_layout(tokenizer, caption: str) -> _sd.Layout:
+def _token_layout(tokenizer, caption: str) -> sd.Layout:
     """Caption with one placeholder slot (split at the placeholder; BPE works word by word, so exact)."""
     if caption.count(PLACEHOLDER) != 1:
         raise ConfigError(f"caption {caption!r} must contain the placeholder {PLACEHOLDER} exactly once")
     before, after = caption.split(PLACEHOLDER)
-    items = _sd.token_ids(tokenizer, before) + [("adv", 0)] + _sd.token_ids(tokenizer, after)
-    return _sd.Layout(items[:75], 1, "prefix_k")
+    items = sd.token_ids(tokenizer, before) + [("adv", 0)] + sd.token_ids(tokenizer, after)
+    return sd.Layout(items[:75], 1, "prefix_k")
 
 
 def _training_set(pipe, concept: str, config: CCEConfig, g: torch.Generator) -> tuple[list[str], list[list[str]]]:
@@ -159,7 +159,7 @@ def _initializer(pipe, concept: str, config: CCEConfig) -> int:
             word = concept_attribute(concept).replace("colour", "color")
         else:
             word = concept
-    ids = _sd.token_ids(pipe.tokenizer, word)
+    ids = sd.token_ids(pipe.tokenizer, word)
     if not ids:
         raise ConfigError(f"initializer token {word!r} is empty after tokenisation")
     if len(ids) > 1:
@@ -174,19 +174,19 @@ def prepare(pipe, concept: str, config: CCEConfig, generator: torch.Generator | 
 
     started = time.perf_counter()
     g = generator if generator is not None else make_generator(None, 0, "cce", concept)
-    device = _sd.device_of(pipe)
+    device = sd.device_of(pipe)
     prompts, captions = _training_set(pipe, concept, config, g)
     seeds = [int(torch.randint(0, 2**31, (1,), generator=g)) for _ in prompts]
-    with _sd.original_model(pipe):
+    with sd.original_model(pipe):
         images = generate(pipe, prompts, seeds, num_inference_steps=config.num_inference_steps,
                           guidance_scale=config.guidance_scale, batch_size=16)
-    x0 = torch.cat([_sd.encode_images(pipe, images[i:i + 16]) for i in range(0, len(images), 16)])
+    x0 = torch.cat([sd.encode_images(pipe, images[i:i + 16]) for i in range(0, len(images), 16)])
     init = _initializer(pipe, concept, config)
-    embs = [e[init].float().clone().to(device).requires_grad_(True) for e in _sd.token_embeddings(pipe)]
+    embs = [e[init].float().clone().to(device).requires_grad_(True) for e in sd.token_embeddings(pipe)]
     lr = config.learning_rate * (config.batch_size * config.gradient_accumulation if config.scale_lr else 1)
     opt = torch.optim.AdamW(embs, lr=lr, weight_decay=config.weight_decay)
     layouts = [[_token_layout(pipe.tokenizer, c) for c in caps] for caps in captions]
-    T = _sd.num_train_timesteps(pipe)
+    T = sd.num_train_timesteps(pipe)
     losses = []
     for _ in tqdm(range(config.steps), desc="concept inversion", disable=not progress, leave=False):
         grads = [torch.zeros_like(e) for e in embs]
@@ -196,8 +196,8 @@ def prepare(pipe, concept: str, config: CCEConfig, generator: torch.Generator | 
             lays = [layouts[i][int(randint(len(layouts[i]), g))] for i in idx.tolist()]
             t = randint(T, g, (config.batch_size,))
             noise = randn((config.batch_size,) + tuple(x0.shape[1:]), g, device)
-            x_t = _sd.add_noise(pipe, x0[idx.to(x0.device)], noise, t.to(device))
-            ids = [torch.cat(x) for x in zip(*[_sd.ids_per_encoder(pipe, lay.ids([0])) for lay in lays])]
+            x_t = sd.add_noise(pipe, x0[idx.to(x0.device)], noise, t.to(device))
+            ids = [torch.cat(x) for x in zip(*[sd.ids_per_encoder(pipe, lay.ids([0])) for lay in lays])]
             pos = torch.tensor([lay.slot_positions()[0] for lay in lays], device=device)
             rows = torch.arange(len(lays), device=device)
 
@@ -208,8 +208,8 @@ def prepare(pipe, concept: str, config: CCEConfig, generator: torch.Generator | 
                     return tok
                 return fn
 
-            cond = _sd.encode_ids(pipe, ids, [override(e) for e in embs])
-            loss = F.mse_loss(_sd.unet_eps(pipe, x_t, t, cond), noise) / config.gradient_accumulation
+            cond = sd.encode_ids(pipe, ids, [override(e) for e in embs])
+            loss = F.mse_loss(sd.unet_eps(pipe, x_t, t, cond), noise) / config.gradient_accumulation
             for acc, gr in zip(grads, torch.autograd.grad(loss, embs)):
                 acc += gr
             step_loss += float(loss.detach())
@@ -241,13 +241,13 @@ def attack(pipe, prompt: str, config: CCEConfig, judge, generator: torch.Generat
     concept = concept_of(config, judge)
     if state is None:
         state = prepare(pipe, concept, config, make_generator(generator, 0, "cce", concept), progress=progress)
-    device = _sd.device_of(pipe)
-    embs = [state[f"embedding_{i}"].to(device) for i in range(len(_sd.encoders(pipe)))]
+    device = sd.device_of(pipe)
+    embs = [state[f"embedding_{i}"].to(device) for i in range(len(sd.encoders(pipe)))]
     adv = attacked_prompt(prompt, concept)
     lay = _token_layout(pipe.tokenizer, adv)
     with torch.no_grad():
-        cond = _sd.encode_ids(pipe, _sd.ids_per_encoder(pipe, lay.ids([0])),
-                              [_sd.slot_override(lay, e[None, None]) for e in embs])
+        cond = sd.encode_ids(pipe, sd.ids_per_encoder(pipe, lay.ids([0])),
+                              [sd.slot_override(lay, e[None, None]) for e in embs])
     image, score, hit = evaluate_cond(pipe, cond, seed, config, judge)
     info = {"per_concept_steps": int(state.get("steps", config.steps)), "inversion_loss": state.get("final_loss"),
             "inversion_seconds": state.get("seconds"), "queries": 1,

@@ -8,7 +8,7 @@ No optimisation: several prompts are composed in one generation with composition
 
 so that concepts the erasure did not inhibit add up to the one it did — e.g. "a red disc" + "a red round shape"
 − "a red square" for an erased "circle". A negative weight subtracts a concept. The sampler is a small explicit
-denoising loop over the pipeline's own scheduler, UNet and VAE (``_sd.sample_composed``; with one term it equals
+denoising loop over the pipeline's own scheduler, UNet and VAE (``sd.sample_composed``; with one term it equals
 the pipeline's own output, tested).
 
 Default recipe (when ``terms`` is not given), for a prompt that names the concept: the prompt with each
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from . import _sd
+from ..core import sd
 from ._base import AttackResult, Best, concept_of, judge_one
 from ._concepts import concept_names, find_name, replace_name, tinyworld_names
 
@@ -112,12 +112,12 @@ def attack(pipe, prompt: str, config: ConceptArithmeticConfig, judge, generator:
     started = time.perf_counter()
     concept = concept_of(config, judge)
     terms = recipe(prompt, concept, config)
-    _, guidance = _sd.generation_settings(pipe, config.num_inference_steps, config.guidance_scale)
-    conds = _sd.encode(pipe, [p for p, _ in terms])
+    _, guidance = sd.generation_settings(pipe, config.num_inference_steps, config.guidance_scale)
+    conds = sd.encode(pipe, [p for p, _ in terms])
     best, tried = Best(), 0
     for scale in config.scales:
         weighted = [(conds[i:i + 1], w * guidance * scale) for i, (_, w) in enumerate(terms)]
-        image = _sd.sample_composed(pipe, weighted, seed, config.num_inference_steps)
+        image = sd.sample_composed(pipe, weighted, seed, config.num_inference_steps)
         score, hit = judge_one(judge, image)
         tried += 1
         best.offer(hit, score, image=image, scale=scale)

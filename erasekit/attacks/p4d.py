@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from . import _sd
+from ..core import sd
 from ._base import AttackResult, Best, evaluate_prompt, make_generator, randint, randn, target_image
 
 logger = logging.getLogger(__name__)
@@ -82,28 +82,28 @@ PRESETS = {
 def attack(pipe, prompt: str, config: P4DConfig, judge, generator: torch.Generator | None = None, *,
            seed: int = 0, target=None, state=None, progress: bool = False) -> AttackResult:
     """Run P4D-N or P4D-K on ``prompt`` against the erased ``pipe`` (teacher: the same pipe, adapters off)."""
-    if len(_sd.encoders(pipe)) > 1:
+    if len(sd.encoders(pipe)) > 1:
         raise ConfigError("P4D optimises one text encoder's token embeddings: SD 1.x/2.x only (use unlearndiffatk "
                           "for SDXL)")
     started = time.perf_counter()
     g = make_generator(generator, seed, "p4d", config.mode, prompt)
-    device = _sd.device_of(pipe)
+    device = sd.device_of(pipe)
     target = target if target is not None else target_image(pipe, prompt, seed, config)
-    x0 = _sd.encode_images(pipe, [target])
-    with _sd.original_model(pipe):
-        c_orig = _sd.encode(pipe, prompt)
+    x0 = sd.encode_images(pipe, [target])
+    with sd.original_model(pipe):
+        c_orig = sd.encode(pipe, prompt)
 
-    E = _sd.token_embeddings(pipe)[0].float()
-    allowed = _sd.allowed_token_ids(pipe, config.exclude_words).to(E.device)
+    E = sd.token_embeddings(pipe)[0].float()
+    allowed = sd.allowed_token_ids(pipe, config.exclude_words).to(E.device)
     E_allowed_n = F.normalize(E[allowed], dim=-1)
     if config.mode == "n":
-        lay = _sd.layout(pipe.tokenizer, prompt, config.prompt_len, "replace_k")
+        lay = sd.layout(pipe.tokenizer, prompt, config.prompt_len, "replace_k")
     else:
-        lay = _sd.layout(pipe.tokenizer, prompt, 0, "per_k", every=config.every_k)
+        lay = sd.layout(pipe.tokenizer, prompt, 0, "per_k", every=config.every_k)
     init_ids = allowed[randint(len(allowed), g, (lay.k,)).to(allowed.device)]
     cont = E[init_ids].clone().to(device).requires_grad_(True)  # (k, D) continuous embeddings
     opt = torch.optim.AdamW([cont], lr=config.lr, weight_decay=config.weight_decay)
-    T = _sd.num_train_timesteps(pipe)
+    T = sd.num_train_timesteps(pipe)
 
     def project() -> torch.Tensor:
         with torch.no_grad():
@@ -113,22 +113,22 @@ def attack(pipe, prompt: str, config: P4DConfig, judge, generator: torch.Generat
     for step in tqdm(range(1, config.iterations + 1), desc="p4d", disable=not progress, leave=False):
         t = randint(T, g)
         noise = randn(x0.shape, g, device)
-        z_t = _sd.add_noise(pipe, x0, noise, t.to(device))
-        with torch.no_grad(), _sd.original_model(pipe):
-            eps_orig = _sd.unet_eps(pipe, z_t, t, c_orig)
+        z_t = sd.add_noise(pipe, x0, noise, t.to(device))
+        with torch.no_grad(), sd.original_model(pipe):
+            eps_orig = sd.unet_eps(pipe, z_t, t, c_orig)
         ids = project()
         projected = E[ids].to(device)
         straight_through = cont + (projected - cont).detach()  # PEZ: loss at the projection, gradient to cont
-        cond = _sd.encode_ids(pipe, _sd.ids_per_encoder(pipe, lay.ids(ids.tolist())),
-                              [_sd.slot_override(lay, straight_through[None])])
-        loss = F.mse_loss(_sd.unet_eps(pipe, z_t, t, cond), eps_orig)
+        cond = sd.encode_ids(pipe, sd.ids_per_encoder(pipe, lay.ids(ids.tolist())),
+                              [sd.slot_override(lay, straight_through[None])])
+        loss = F.mse_loss(sd.unet_eps(pipe, z_t, t, cond), eps_orig)
         (cont.grad,) = torch.autograd.grad(loss, cont)
         opt.step()
         cont.grad = None
         losses.append(float(loss.detach()))
         if step % config.eval_every == 0 or step == config.iterations:
             ids = project().tolist()
-            adv = _sd.decode(pipe.tokenizer, lay.ids(ids))
+            adv = sd.decode(pipe.tokenizer, lay.ids(ids))
             image, score, hit = evaluate_prompt(pipe, adv, seed, config, judge)
             queries += 1
             best.offer(hit, score, adv_prompt=adv, image=image, step=step, ids=ids)

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from . import _sd
+from ..core import sd
 from ._base import AttackResult, concept_of, evaluate_cond, evaluate_prompt, make_generator
 from ._concepts import read_pairs, tinyworld_names, tinyworld_pairs
 
@@ -99,12 +99,12 @@ def _pairs(concept: str, config: RingABellConfig) -> tuple[list[str], list[str]]
                       "with_prompts/without_prompts or pairs_file")
 
 
-def concept_vector(pipe, with_prompts: list[str], without_prompts: list[str], batch_size: int = 64) -> _sd.Cond:
+def concept_vector(pipe, with_prompts: list[str], without_prompts: list[str], batch_size: int = 64) -> sd.Cond:
     """v = mean_i [E(with_i) − E(without_i)] over the full conditioning (77 × D, and SDXL's pooled vector)."""
     total = None
     for i in range(0, len(with_prompts), batch_size):
-        d = _sd.encode(pipe, with_prompts[i:i + batch_size]) - _sd.encode(pipe, without_prompts[i:i + batch_size])
-        s = _sd.Cond(d.embeds.sum(0, keepdim=True), None if d.pooled is None else d.pooled.sum(0, keepdim=True))
+        d = sd.encode(pipe, with_prompts[i:i + batch_size]) - sd.encode(pipe, without_prompts[i:i + batch_size])
+        s = sd.Cond(d.embeds.sum(0, keepdim=True), None if d.pooled is None else d.pooled.sum(0, keepdim=True))
         total = s if total is None else total + s
     return total * (1.0 / len(with_prompts))
 
@@ -112,7 +112,7 @@ def concept_vector(pipe, with_prompts: list[str], without_prompts: list[str], ba
 def prepare(pipe, concept: str, config: RingABellConfig, generator: torch.Generator | None = None) -> dict:
     """The per-concept state: the concept vector, computed with the original text encoder(s)."""
     with_, without = _pairs(concept, config)
-    with _sd.original_model(pipe):
+    with sd.original_model(pipe):
         v = concept_vector(pipe, with_, without)
     state = {"vector": v.embeds.cpu(), "pairs": len(with_)}
     if v.pooled is not None:
@@ -120,17 +120,17 @@ def prepare(pipe, concept: str, config: RingABellConfig, generator: torch.Genera
     return state
 
 
-def _vector(pipe, state: dict) -> _sd.Cond:
-    device = _sd.device_of(pipe)
+def _vector(pipe, state: dict) -> sd.Cond:
+    device = sd.device_of(pipe)
     pooled = state.get("vector_pooled")
-    return _sd.Cond(state["vector"].to(device), None if pooled is None else pooled.to(device))
+    return sd.Cond(state["vector"].to(device), None if pooled is None else pooled.to(device))
 
 
 @torch.no_grad()
-def genetic_search(pipe, target: _sd.Cond, config: RingABellConfig, generator: torch.Generator,
+def genetic_search(pipe, target: sd.Cond, config: RingABellConfig, generator: torch.Generator,
                    progress: bool = False) -> tuple[list[int], float]:
     """Genetic search for ``config.length`` tokens whose conditioning is closest to ``target`` (L2 over 77 × D)."""
-    allowed = _sd.allowed_token_ids(pipe, config.exclude_words)
+    allowed = sd.allowed_token_ids(pipe, config.exclude_words)
     P, K = config.population, config.length
     pop = allowed[torch.randint(len(allowed), (P, K), generator=generator)]
     goal = target.embeds.float()
@@ -138,7 +138,7 @@ def genetic_search(pipe, target: _sd.Cond, config: RingABellConfig, generator: t
     def fitness(population: torch.Tensor) -> torch.Tensor:
         out = []
         for i in range(0, len(population), 128):
-            c = _sd.encode_ids(pipe, _sd.ids_per_encoder(pipe, population[i:i + 128].tolist()))
+            c = sd.encode_ids(pipe, sd.ids_per_encoder(pipe, population[i:i + 128].tolist()))
             out.append(((c.embeds.float() - goal) ** 2).sum(dim=(1, 2)).cpu())
         return torch.cat(out)
 
@@ -173,17 +173,17 @@ def attack(pipe, prompt: str, config: RingABellConfig, judge, generator: torch.G
     g = make_generator(generator, seed, "ring_a_bell", prompt)
     state = state if state is not None else prepare(pipe, concept, config)
     v = _vector(pipe, state)
-    with _sd.original_model(pipe):
-        base = _sd.encode(pipe, prompt)
+    with sd.original_model(pipe):
+        base = sd.encode(pipe, prompt)
     goal = base + v * config.eta
     info = {"variant": config.variant, "eta": config.eta, "pairs": int(state.get("pairs", 0))}
     if config.variant == "continuous":
         image, score, hit = evaluate_cond(pipe, goal, seed, config, judge)
         info["seconds"] = round(time.perf_counter() - started, 3)
         return AttackResult(prompt, f"{prompt} (+{config.eta:g}·v[{concept}])", hit, score, 0, image, info)
-    with _sd.original_model(pipe):
+    with sd.original_model(pipe):
         ids, distance = genetic_search(pipe, goal, config, g, progress)
-    adv = _sd.decode(pipe.tokenizer, ids)
+    adv = sd.decode(pipe.tokenizer, ids)
     image, score, hit = evaluate_prompt(pipe, adv, seed, config, judge)
     info.update(adv_token_ids=ids, distance=distance, queries=1, seconds=round(time.perf_counter() - started, 3))
     return AttackResult(prompt, adv, hit, score, config.generations, image, info)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from . import _sd
+from ..core import sd
 from ._base import AttackResult, Best, evaluate_prompt, make_generator, randint, randn, target_image
 
 logger = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ class SoftPromptConfig:
             raise ConfigError(f"method must be 'pgd' or 'fast_at', got {self.method!r}")
         if self.timesteps not in ("sequential", "random"):
             raise ConfigError(f"timesteps must be 'sequential' or 'random', got {self.timesteps!r}")
-        if self.insertion not in _sd.INSERTIONS:
-            raise ConfigError(f"unknown insertion {self.insertion!r}; choose one of {', '.join(_sd.INSERTIONS)}")
+        if self.insertion not in sd.INSERTIONS:
+            raise ConfigError(f"unknown insertion {self.insertion!r}; choose one of {', '.join(sd.INSERTIONS)}")
         if self.space == "one_hot" and self.insertion == "add":
             raise ConfigError("insertion 'add' perturbs the prompt's embeddings: use space='word_embedding'")
 
@@ -127,7 +127,7 @@ class SoftPrompt:
     """
 
     delta: torch.Tensor
-    layout: _sd.Layout
+    layout: sd.Layout
     space: str
     allowed: torch.Tensor | None = None
     losses: list[float] = field(default_factory=list)
@@ -139,22 +139,22 @@ class SoftPrompt:
             return self.allowed[self.delta.argmax(-1).cpu()].tolist()
         if self.layout.insertion == "add":
             return [it[2] for it in self.layout.items]
-        E = _sd.token_embeddings(pipe)[0].float()
-        allowed = _sd.allowed_token_ids(pipe).to(E.device)
+        E = sd.token_embeddings(pipe)[0].float()
+        allowed = sd.allowed_token_ids(pipe).to(E.device)
         sims = F.normalize(self.delta.detach().to(E.device), dim=-1) @ F.normalize(E[allowed], dim=-1).T
         return allowed[sims.argmax(-1)].tolist()
 
     def prompt(self, pipe) -> str:
         """The rounded adversarial prompt as text (what a user would type)."""
-        return _sd.decode(pipe.tokenizer, self.layout.ids(self.token_ids(pipe)))
+        return sd.decode(pipe.tokenizer, self.layout.ids(self.token_ids(pipe)))
 
     def input_ids(self, pipe) -> list[torch.Tensor]:
         """Per text encoder (1, 77) ids with the rounded tokens in the slots."""
-        return _sd.ids_per_encoder(pipe, self.layout.ids(self.token_ids(pipe)))
+        return sd.ids_per_encoder(pipe, self.layout.ids(self.token_ids(pipe)))
 
     def slot_embeddings(self, pipe, relaxed: bool = True) -> list[torch.Tensor]:
         """Per text encoder (1, k, D_i) embeddings of the slots (the relaxed mixture, or the rounded tokens)."""
-        E = [e.float() for e in _sd.token_embeddings(pipe)]
+        E = [e.float() for e in sd.token_embeddings(pipe)]
         if self.space == "word_embedding":
             return [self.delta.detach()[None]]
         probs = self.delta.detach()
@@ -166,15 +166,15 @@ class SoftPrompt:
         """Per text encoder (1, 77, D_i) input word embeddings with the soft slots in place (AdvUnlearn's
         ``input_adv_word_embedding``); pair with :meth:`input_ids`."""
         out = []
-        for (_, enc), ids, slots in zip(_sd.encoders(pipe), self.input_ids(pipe), self.slot_embeddings(pipe)):
+        for (_, enc), ids, slots in zip(sd.encoders(pipe), self.input_ids(pipe), self.slot_embeddings(pipe)):
             base = enc.get_input_embeddings()(ids).detach().float()
-            out.append(_sd.slot_override(self.layout, slots)(base))
+            out.append(sd.slot_override(self.layout, slots)(base))
         return out
 
-    def cond(self, pipe) -> _sd.Cond:
+    def cond(self, pipe) -> sd.Cond:
         """Text conditioning with the soft slots, computed through the pipeline's (possibly trainable) encoders."""
-        overrides = [_sd.slot_override(self.layout, s) for s in self.slot_embeddings(pipe)]
-        return _sd.encode_ids(pipe, self.input_ids(pipe), overrides)
+        overrides = [sd.slot_override(self.layout, s) for s in self.slot_embeddings(pipe)]
+        return sd.encode_ids(pipe, self.input_ids(pipe), overrides)
 
 
 def timestep_schedule(num_train_timesteps: int, n: int) -> list[int]:
@@ -211,13 +211,13 @@ def soft_prompt_attack(pipe, prompt: str, target_latents: torch.Tensor | None = 
     if (target_latents is None) == (target_fn is None):
         raise ConfigError("give exactly one of target_latents and target_fn")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
-    device = _sd.device_of(pipe)
-    lay = _sd.layout(pipe.tokenizer, prompt, config.k, config.insertion)
+    device = sd.device_of(pipe)
+    lay = sd.layout(pipe.tokenizer, prompt, config.k, config.insertion)
     k = lay.k
-    E = [e.float() for e in _sd.token_embeddings(pipe)]
+    E = [e.float() for e in sd.token_embeddings(pipe)]
     allowed = None
     if config.space == "one_hot":
-        allowed = _sd.allowed_token_ids(pipe, config.exclude_words)
+        allowed = sd.allowed_token_ids(pipe, config.exclude_words)
         E_allowed = [e[allowed.to(e.device)] for e in E]
         delta = torch.full((k, len(allowed)), 1.0 / len(allowed)) if init is None else init.detach().clone()
     else:
@@ -228,20 +228,20 @@ def soft_prompt_attack(pipe, prompt: str, target_latents: torch.Tensor | None = 
         elif lay.insertion == "add":
             delta = torch.zeros(k, E[0].shape[1])
         else:  # AdvUnlearn's init_adv: embeddings of k random vocabulary tokens
-            ids = _sd.allowed_token_ids(pipe)
+            ids = sd.allowed_token_ids(pipe)
             delta = E[0][ids[randint(len(ids), g, (k,))].to(E[0].device)].detach().cpu().clone()
     delta = delta.float().to(device).requires_grad_(True)
     if tuple(delta.shape[:1]) != (k,):
         raise ConfigError(f"init has {delta.shape[0]} slots, the layout has {k}")
     opt = torch.optim.Adam([delta], lr=config.lr, weight_decay=config.weight_decay)
     soft = SoftPrompt(delta=delta, layout=lay, space=config.space, allowed=allowed)
-    base_ids = _sd.ids_per_encoder(pipe, lay.ids(soft.token_ids(pipe)))  # slot ids only matter for EOS pooling
+    base_ids = sd.ids_per_encoder(pipe, lay.ids(soft.token_ids(pipe)))  # slot ids only matter for EOS pooling
 
     steps = config.steps
     schedule = None
     if target_fn is None:
         x0 = target_latents.to(device).float()
-        T = _sd.num_train_timesteps(pipe)
+        T = sd.num_train_timesteps(pipe)
         if config.timesteps == "sequential":
             schedule = timestep_schedule(T, config.n_timesteps)
             steps = min(steps, config.n_timesteps * config.iterations_per_timestep)
@@ -258,15 +258,15 @@ def soft_prompt_attack(pipe, prompt: str, target_latents: torch.Tensor | None = 
             else:
                 t = randint(T, g)
             noise = randn(x0.shape, g, device)
-            x_t = _sd.add_noise(pipe, x0, noise, t.to(device))
+            x_t = sd.add_noise(pipe, x0, noise, t.to(device))
             eps_target = noise
         if config.space == "one_hot":
             probs = _SampleOneHot.apply(delta, g) if config.ste else delta
             slots = [(probs @ e)[None] for e in E_allowed]
         else:
             slots = [delta[None]]
-        cond = _sd.encode_ids(pipe, base_ids, [_sd.slot_override(lay, s) for s in slots])
-        eps = _sd.unet_eps(pipe, x_t, t, cond.expand(x_t.shape[0]) if x_t.shape[0] > 1 else cond)
+        cond = sd.encode_ids(pipe, base_ids, [sd.slot_override(lay, s) for s in slots])
+        eps = sd.unet_eps(pipe, x_t, t, cond.expand(x_t.shape[0]) if x_t.shape[0] > 1 else cond)
         loss = F.mse_loss(eps, eps_target.float().to(eps.device))
         (grad,) = torch.autograd.grad(loss, delta)
         delta.grad = grad.sign() if config.method == "fast_at" else grad
@@ -343,7 +343,7 @@ def attack(pipe, prompt: str, config: UnlearnDiffAtkConfig, judge, generator: to
     started = time.perf_counter()
     g = make_generator(generator, seed, "unlearndiffatk", prompt)
     target = target if target is not None else target_image(pipe, prompt, seed, config)
-    x0 = _sd.encode_images(pipe, [target])
+    x0 = sd.encode_images(pipe, [target])
     best, queries = Best(), 0
 
     def on_round(step: int, soft: SoftPrompt) -> bool:

@@ -1,7 +1,7 @@
 """What the text-encoder methods (AdvUnlearn, few-shot erasing) share: trainable deltas on the pipeline's text
 encoder(s), differentiable prompt encoding, a partial DDIM rollout with the frozen model, packaging.
 
-The UNet and VAE stay frozen; deltas are attached with ``erasekit._lora`` hooks to the ``nn.Linear`` modules of
+The UNet and VAE stay frozen; deltas are attached with ``erasekit.core.lora`` hooks to the ``nn.Linear`` modules of
 ``pipe.text_encoder`` (and ``pipe.text_encoder_2`` on SDXL), so that ``deltas.disabled()`` is the original model,
 bit for bit, and the adapter holds ``text_encoder.<module path>`` deltas only. Module paths are stored without
 the ``text_model.`` prefix (transformers ≥ 5 spelling; ``erasekit.compose`` resolves both). Only ``nn.Linear``
@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .. import _lora
+from ..core import lora
 from ..adapter import Adapter, ModuleDelta
-from ..attacks import _sd
+from ..core import sd
 from ..errors import ConfigError
 
 ENCODERS = ("text_encoder", "text_encoder_2")
@@ -67,10 +67,10 @@ def canonical(path: str) -> str:
 
 
 class EncoderDeltas:
-    """``_lora.Deltas`` on each selected text encoder, seen as one set (params, ``disabled``, ``export``)."""
+    """``lora.Deltas`` on each selected text encoder, seen as one set (params, ``disabled``, ``export``)."""
 
     def __init__(self, pipe, names: dict[str, list[str]], rank: int, generator: torch.Generator):
-        self.parts = {c: _lora.Deltas(getattr(pipe, c), n, rank, generator) for c, n in names.items()}
+        self.parts = {c: lora.Deltas(getattr(pipe, c), n, rank, generator) for c, n in names.items()}
 
     @property
     def params(self) -> dict[str, torch.nn.Parameter]:
@@ -85,7 +85,7 @@ class EncoderDeltas:
             yield
 
     def ratios(self) -> dict[str, float]:
-        """``‖ΔW‖/‖W‖`` of each module (see ``_lora.Deltas.ratios``), keyed ``<component>.<path>``."""
+        """``‖ΔW‖/‖W‖`` of each module (see ``lora.Deltas.ratios``), keyed ``<component>.<path>``."""
         return {f"{c}.{k}": v for c, d in self.parts.items() for k, v in d.ratios().items()}
 
     def export(self) -> dict[str, ModuleDelta]:
@@ -106,7 +106,7 @@ def attached(pipe, names: dict[str, list[str]], rank: int, seed: int) -> Iterato
     deltas = EncoderDeltas(pipe, names, rank, torch.Generator().manual_seed(seed))
     with contextlib.ExitStack() as stack:
         for m in components:
-            stack.enter_context(_lora.frozen(m))
+            stack.enter_context(lora.frozen(m))
             m.eval()
         try:
             for d in deltas.parts.values():
@@ -122,29 +122,29 @@ def attached(pipe, names: dict[str, list[str]], rank: int, seed: int) -> Iterato
 # ------------------------------------------------------------------------------------------ conditioning
 def token_ids(pipe, prompts: list[str]) -> list[torch.Tensor]:
     return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                return_tensors="pt").input_ids for tok, _ in _sd.encoders(pipe)]
+                return_tensors="pt").input_ids for tok, _ in sd.encoders(pipe)]
 
 
-def encode(pipe, prompts: list[str]) -> _sd.Cond:
+def encode(pipe, prompts: list[str]) -> sd.Cond:
     """The UNet conditioning of ``prompts`` through the pipeline's current (hooked, trainable) encoders, with grad;
     the same tensors as ``pipe.encode_prompt`` (SD: last hidden state; SDXL: both penultimate states + pooled)."""
-    return _sd.encode_ids(pipe, token_ids(pipe, prompts))
+    return sd.encode_ids(pipe, token_ids(pipe, prompts))
 
 
 @torch.no_grad()
-def rollout(pipe, scheduler, cond: _sd.Cond, uncond: _sd.Cond, guidance: float, steps: int, shape: tuple,
+def rollout(pipe, scheduler, cond: sd.Cond, uncond: sd.Cond, guidance: float, steps: int, shape: tuple,
             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t after ``steps`` DDIM steps with CFG from pure noise, and t = the next timestep (ESD's partial rollout).
 
     ``cond`` has one row per sample (``shape[0]``) or one row for all; ``uncond`` one row.
     """
     n = shape[0]
-    device = _sd.device_of(pipe)
+    device = sd.device_of(pipe)
     x = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(device)
     cond = cond if cond.embeds.shape[0] == n else cond.expand(n)
-    both = _sd.Cond.cat([uncond.expand(n), cond])
+    both = sd.Cond.cat([uncond.expand(n), cond])
     for t in scheduler.timesteps[:steps]:
-        e_uncond, e_cond = _sd.unet_eps(pipe, scheduler.scale_model_input(torch.cat([x, x]), t), t, both).chunk(2)
+        e_uncond, e_cond = sd.unet_eps(pipe, scheduler.scale_model_input(torch.cat([x, x]), t), t, both).chunk(2)
         x = scheduler.step(e_uncond + guidance * (e_cond - e_uncond), t, x).prev_sample
     return x, scheduler.timesteps[steps]
 
@@ -165,7 +165,7 @@ def train(pipe, config, names: dict[str, list[str]], loss_for: Callable, method:
     ``extra_params``: further tensors to checkpoint with the run (e.g. AdvUnlearn's attack state); they get no
     gradient from the loss, so Adam leaves them alone.
     """
-    from .. import _train
+    from . import trainer
 
     run = {k: v for k, v in dataclasses.asdict(config).items()
            if k not in ("iterations", "epochs", "resume", "checkpoint_dir", "checkpoint_every", "progress")}
@@ -175,7 +175,7 @@ def train(pipe, config, names: dict[str, list[str]], loss_for: Callable, method:
     with attached(pipe, names, config.rank, config.seed) as deltas:
         loss_fn = loss_for(deltas)
         params = {**deltas.params, **(extra_params or {})}
-        losses = _train.fit(params, loss_fn, steps=steps, lr=config.lr, seed=config.seed,
+        losses = trainer.fit(params, loss_fn, steps=steps, lr=config.lr, seed=config.seed,
                             checkpoint_dir=config.checkpoint_dir or None, checkpoint_every=config.checkpoint_every,
                             resume=config.resume, run=run, mixed_precision=config.mixed_precision,
                             progress=config.progress, desc=method, ratios=deltas.ratios)

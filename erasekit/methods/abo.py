@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .. import _lora
+from ..core import lora
 from ..adapter import Adapter
 from ..errors import ConfigError
 from .esd import (PRESETS, Cond, PromptTable, TrainMethod, _validate, ddim_scheduler, latent_shape, predict, rollout,
@@ -101,7 +101,7 @@ def objective(pipe, config: AboConfig) -> Callable:
     shape = latent_shape(pipe, config)
     n = shape[0]
 
-    def loss_for(deltas: _lora.Deltas):
+    def loss_for(deltas: lora.Deltas):
         def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
             k = int(torch.randint(n_concepts, (), generator=gen))
             rows = torch.randint(len(table.templates), (n,), generator=gen).tolist()
@@ -124,7 +124,7 @@ def objective(pipe, config: AboConfig) -> Callable:
 
 def erase(pipe, config: AboConfig) -> Adapter:
     """Train an All-but-One adapter; ``pipe`` is left as it was (no hooks, same weights)."""
-    names = _lora.select(pipe.unet, PRESETS[config.train_method])
+    names = lora.select(pipe.unet, PRESETS[config.train_method])
     return train(pipe, config, names, objective(pipe, config), "abo")
 
 

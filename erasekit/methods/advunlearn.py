@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapter import Adapter
-from ..attacks import _sd
+from ..core import sd
 from ..attacks.unlearndiffatk import SoftPrompt, SoftPromptConfig, soft_prompt_attack
 from ..errors import ConfigError
 from . import _te
@@ -172,7 +172,7 @@ class AdvUnlearnConfig:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.retain_weight < 0 or self.attack_lr <= 0:
             raise ConfigError("warmup and retain_weight must be ≥ 0 and attack_lr > 0")
-        choices = {"component": ("all", "ffn", "attn"), "attack_insertion": _sd.INSERTIONS,
+        choices = {"component": ("all", "ffn", "attn"), "attack_insertion": sd.INSERTIONS,
                    "attack_space": ("auto", "word_embedding", "one_hot"), "attack_method": ("pgd", "fast_at"),
                    "attack_init": ("latest", "random")}
         for name, allowed in choices.items():
@@ -186,7 +186,7 @@ class AdvUnlearnConfig:
         """The inner attack's settings (no weight decay: the authors' attack Adam has none)."""
         space = self.attack_space
         if space == "auto":
-            space = "word_embedding" if len(_sd.encoders(pipe)) == 1 else "one_hot"
+            space = "word_embedding" if len(sd.encoders(pipe)) == 1 else "one_hot"
         return SoftPromptConfig(k=self.attack_tokens, insertion=self.attack_insertion, space=space,
                                 steps=self.attack_steps, lr=self.attack_lr, weight_decay=0.0,
                                 method=self.attack_method, timesteps="random")
@@ -223,12 +223,12 @@ def attack_state(pipe, config) -> torch.Tensor | None:
     if config.attack_insertion not in _FIXED_K:
         return None
     sp = config.soft_prompt_config(pipe)
-    width = (len(_sd.allowed_token_ids(pipe, sp.exclude_words)) if sp.space == "one_hot"
-             else _sd.token_embeddings(pipe)[0].shape[1])
-    return torch.zeros(config.attack_tokens, width, device=_sd.device_of(pipe))
+    width = (len(sd.allowed_token_ids(pipe, sp.exclude_words)) if sp.space == "one_hot"
+             else sd.token_embeddings(pipe)[0].shape[1])
+    return torch.zeros(config.attack_tokens, width, device=sd.device_of(pipe))
 
 
-def inner_attack(pipe, prompt: str, c0: _sd.Cond, uncond: _sd.Cond, config: AdvUnlearnConfig, scheduler,
+def inner_attack(pipe, prompt: str, c0: sd.Cond, uncond: sd.Cond, config: AdvUnlearnConfig, scheduler,
                  generator: torch.Generator, init: torch.Tensor | None) -> SoftPrompt:
     """δ* for ``prompt`` against the current (hooked) encoder: the audit's soft-prompt loop with the teacher target
     ε₀(x_t, c) at x_t from a fresh partial rollout of the frozen model for every step (authors' ``attack_util``)."""
@@ -238,7 +238,7 @@ def inner_attack(pipe, prompt: str, c0: _sd.Cond, uncond: _sd.Cond, config: AdvU
         steps = int(torch.randint(config.num_inference_steps, (), generator=g))
         x, t = _te.rollout(pipe, scheduler, c0, uncond, config.start_guidance, steps, shape, g)
         with torch.no_grad():
-            e_p = _sd.unet_eps(pipe, x, t, c0.expand(shape[0]))
+            e_p = sd.unet_eps(pipe, x, t, c0.expand(shape[0]))
         return x, t, e_p
 
     return soft_prompt_attack(pipe, prompt, config=config.soft_prompt_config(pipe), target_fn=target_fn, init=init,
@@ -259,11 +259,11 @@ def objective(pipe, config: AdvUnlearnConfig, delta_state: torch.Tensor | None =
 
     def loss_for(deltas: _te.EncoderDeltas):
         with deltas.disabled(), torch.no_grad():  # the original encoder's conditioning: the teacher's, fixed
-            originals = _sd.encode(pipe, prompts)
-            originals_retain = _sd.encode(pipe, retain) if retain else None
-            anchors = (_sd.encode(pipe, [t.replace("{}", config.replace_with) for _ in config.concepts
+            originals = sd.encode(pipe, prompts)
+            originals_retain = sd.encode(pipe, retain) if retain else None
+            anchors = (sd.encode(pipe, [t.replace("{}", config.replace_with) for _ in config.concepts
                                          for t in templates]) if config.replace_with.strip() else None)
-            uncond = _sd.uncond(pipe)
+            uncond = sd.uncond(pipe)
         state: dict = {"row": None, "soft": None, "delta": None}
 
         def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
@@ -286,21 +286,21 @@ def objective(pipe, config: AdvUnlearnConfig, delta_state: torch.Tensor | None =
             x, t = _te.rollout(pipe, scheduler, c0, uncond, config.start_guidance, steps, shape, gen)
             with torch.no_grad():  # ε₀(x_t, ∅) and ε₀(x_t, c) — or ε₀(x_t, r), the anchor's, as the target itself
                 other = c0 if anchors is None else anchors[row:row + 1]
-                teacher = _sd.Cond.cat([uncond.expand(n), other.expand(n)])
-                e_null, e_other = _sd.unet_eps(pipe, torch.cat([x, x]), t, teacher).chunk(2)
+                teacher = sd.Cond.cat([uncond.expand(n), other.expand(n)])
+                e_null, e_other = sd.unet_eps(pipe, torch.cat([x, x]), t, teacher).chunk(2)
             target = e_null - eta * (e_other - e_null) if anchors is None else e_other
             cond = state["soft"].cond(pipe) if adversarial else _te.encode(pipe, [prompts[row]])
-            loss = F.mse_loss(_sd.unet_eps(pipe, x, t, cond.expand(n)), target)
+            loss = F.mse_loss(sd.unet_eps(pipe, x, t, cond.expand(n)), target)
             if config.retain_uncond and config.retain_weight > 0:  # the CFG branch of every prompt: keep ε(x_t, ∅)
-                e_null_student = _sd.unet_eps(pipe, x, t, _te.encode(pipe, [""]).expand(n))
+                e_null_student = sd.unet_eps(pipe, x, t, _te.encode(pipe, [""]).expand(n))
                 loss = loss + config.retain_weight * F.mse_loss(e_null_student, e_null)
             if retain:  # utility retaining ("reg"): the original model's prediction on retain prompts
                 rows = torch.randint(len(retain), (config.retain_batch,), generator=gen)
                 c_r = originals_retain[rows]
                 x_r, t_r = _te.rollout(pipe, scheduler, c_r, uncond, config.start_guidance, steps, retain_shape, gen)
                 with torch.no_grad():
-                    e_r0 = _sd.unet_eps(pipe, x_r, t_r, c_r)
-                e_r = _sd.unet_eps(pipe, x_r, t_r, _te.encode(pipe, [retain[i] for i in rows.tolist()]))
+                    e_r0 = sd.unet_eps(pipe, x_r, t_r, c_r)
+                e_r = sd.unet_eps(pipe, x_r, t_r, _te.encode(pipe, [retain[i] for i in rows.tolist()]))
                 loss = loss + config.retain_weight * F.mse_loss(e_r, e_r0)
             return loss
 

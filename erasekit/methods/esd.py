@@ -15,7 +15,7 @@ step also adds ``λ‖ε_θ(x_t, p) − ε_θ₀(x_t, p)‖²`` for one p drawn 
 loss like AdvUnlearn's utility term, for modules such as ``to_q``/``to_out`` whose deltas act on every prompt.
 
 The trainable ``ΔW`` are low-rank (``rank``) or full (``rank=0``) deltas on the preset's modules, attached with
-hooks (``erasekit._lora``): the frozen teacher is the same UNet with the hooks disabled, so one UNet is in
+hooks (``erasekit.core.lora``): the frozen teacher is the same UNet with the hooks disabled, so one UNet is in
 memory. Presets: ``esd-x`` (every Linear of the cross-attention ``attn2``), ``esd-x-strict`` (``attn2.to_k``/
 ``to_v``), ``esd-u`` (every Linear/Conv2d *not* in ``attn2``), ``esd-all``.
 """
@@ -32,7 +32,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .. import _lora, _train
+from ..core import lora
+from . import trainer
 from ..adapter import Adapter
 from ..errors import ConfigError
 from ..tinyworld import is_tinyworld
@@ -291,19 +292,19 @@ def rollout(unet, scheduler, cond: Cond, uncond: Cond, guidance: float, steps: i
 def train(pipe, config, names: list[str], loss_for: Callable, method: str) -> Adapter:
     """Shared body of the trained UNet methods: attach deltas on ``names``, fit ``loss_for``, package an Adapter.
 
-    ``loss_for(deltas)`` returns the ``loss_fn(step, generator)`` handed to ``_train.fit``.
+    ``loss_for(deltas)`` returns the ``loss_fn(step, generator)`` handed to ``trainer.fit``.
     """
     unet = pipe.unet
     run = {k: v for k, v in dataclasses.asdict(config).items()
            if k not in ("iterations", "resume", "checkpoint_dir", "checkpoint_every", "progress")}
     was_training, was_checkpointing = unet.training, getattr(unet, "is_gradient_checkpointing", False)
     started = time.perf_counter()
-    with _lora.frozen(unet), _lora.attach(unet, names, config.rank, torch.Generator().manual_seed(config.seed)) as deltas:
+    with lora.frozen(unet), lora.attach(unet, names, config.rank, torch.Generator().manual_seed(config.seed)) as deltas:
         try:
             unet.eval()  # no dropout: student and teacher see the same network
             if config.gradient_checkpointing:
                 unet.enable_gradient_checkpointing()
-            losses = _train.fit(deltas.params, loss_for(deltas), steps=config.iterations, lr=config.lr,
+            losses = trainer.fit(deltas.params, loss_for(deltas), steps=config.iterations, lr=config.lr,
                                 seed=config.seed, checkpoint_dir=config.checkpoint_dir or None,
                                 checkpoint_every=config.checkpoint_every, resume=config.resume, run=run,
                                 mixed_precision=config.mixed_precision, progress=config.progress, desc=method,
@@ -354,7 +355,7 @@ def objective(pipe, config: EsdConfig) -> Callable:
     shape = latent_shape(pipe, config)
     n, eta = shape[0], config.negative_guidance
 
-    def loss_for(deltas: _lora.Deltas):
+    def loss_for(deltas: lora.Deltas):
         def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
             k = int(torch.randint(n_concepts, (), generator=gen))
             rows = torch.randint(len(table.templates), (n,), generator=gen).tolist()
@@ -386,5 +387,5 @@ def erase(pipe, config: EsdConfig) -> Adapter:
     if is_sdxl(pipe) and config.train_method in ("esd-u", "esd-all"):
         logger.warning("%s on SDXL is experimental (the authors report artifacts); esd-x is recommended",
                        config.train_method)
-    names = _lora.select(pipe.unet, PRESETS[config.train_method])
+    names = lora.select(pipe.unet, PRESETS[config.train_method])
     return train(pipe, config, names, objective(pipe, config), config.train_method)

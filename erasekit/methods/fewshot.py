@@ -32,9 +32,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .._train import step_generator
+from .trainer import step_generator
 from ..adapter import Adapter
-from ..attacks import _sd
+from ..core import sd
 from ..errors import ConfigError
 from . import _te
 from .esd import is_tinyworld
@@ -188,13 +188,13 @@ def examples(pipe, config) -> tuple[torch.Tensor, list[str]]:
         raise ConfigError("few-shot erasing needs images of the concept: set images= to a folder (or zero_shot=True)")
     shape = _te.latent_shape(pipe, len(captions), config.resolution)
     if config.zero_shot:  # the authors' zero-shot variant: torch.rand latents
-        return torch.rand(shape, generator=torch.Generator().manual_seed(config.seed)).to(_sd.device_of(pipe)), captions
+        return torch.rand(shape, generator=torch.Generator().manual_seed(config.seed)).to(sd.device_of(pipe)), captions
     if config.resolution:
         side = shape[-1] * int(pipe.vae_scale_factor)
-        x = _sd.image_tensor(pipe, images, side, side).to(_sd.device_of(pipe), pipe.vae.dtype)
+        x = sd.image_tensor(pipe, images, side, side).to(sd.device_of(pipe), pipe.vae.dtype)
         with torch.no_grad():
             return (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor).float(), captions
-    return _sd.encode_images(pipe, images), captions
+    return sd.encode_images(pipe, images), captions
 
 
 # ------------------------------------------------------------------------------------------------- loss
@@ -206,7 +206,7 @@ def objective(pipe, config: FewShotConfig, latents: torch.Tensor, captions: list
     """``loss_for(deltas) -> loss_fn(step, generator)``: −MSE of the denoising loss on one batch (module docstring)."""
     n = len(captions)
     per_epoch = steps_per_epoch(n, config.batch_size)
-    T = _sd.num_train_timesteps(pipe)
+    T = sd.num_train_timesteps(pipe)
 
     def loss_for(deltas):
         def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
@@ -216,8 +216,8 @@ def objective(pipe, config: FewShotConfig, latents: torch.Tensor, captions: list
             z0 = latents[rows]
             noise = torch.randn(z0.shape, generator=gen).to(z0.device)
             t = torch.randint(T, (len(rows),), generator=gen).to(z0.device)
-            x_t = _sd.add_noise(pipe, z0, noise, t)
-            eps = _sd.unet_eps(pipe, x_t, t, _te.encode(pipe, [captions[r] for r in rows]))
+            x_t = sd.add_noise(pipe, z0, noise, t)
+            eps = sd.unet_eps(pipe, x_t, t, _te.encode(pipe, [captions[r] for r in rows]))
             return -F.mse_loss(eps, noise)
 
         return loss_fn

@@ -37,7 +37,7 @@ paper's intent, ``gate_combine="sum"``); ``gate_combine="factors"`` reproduces t
 and sums the *factors* (``(Σ_i γ_i U_i)(Σ_j γ_j D_j)``: ``γ²`` for one membrane, cross terms for several).
 
 Training machinery (hooks on one UNet serving as student and, disabled, as frozen teacher; the shared loop
-``erasekit._train.fit``) is ESD's. Deviations from the reference: Adam with a constant learning rate instead of
+``erasekit.trainer.fit``) is ESD's. Deviations from the reference: Adam with a constant learning rate instead of
 AdamW8bit with cosine restarts and 500 warm-up steps; a fixed resolution (no ``dynamic_resolution``).
 """
 
@@ -52,7 +52,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .. import _lora
+from ..core import lora
 from ..adapter import Adapter
 from ..errors import ConfigError
 from .esd import (Cond, PromptTable, _validate, ddim_scheduler, encode, is_tinyworld, latent_shape, predict, rollout,
@@ -168,7 +168,7 @@ def transformer_modules(unet) -> list[str]:
     blocks = [name for name, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
     if not blocks:
         raise ConfigError(f"{type(unet).__name__} has no Transformer2DModel blocks for a membrane")
-    return _lora.select(unet, lambda name, m: any(name.startswith(b + ".") for b in blocks))
+    return lora.select(unet, lambda name, m: any(name.startswith(b + ".") for b in blocks))
 
 
 # -------------------------------------------------------------------------------------------- anchors
@@ -220,7 +220,7 @@ def objective(pipe, config: SpmConfig) -> Callable:
     shape = latent_shape(pipe, config)
     n, eta, m = shape[0], config.negative_guidance, config.num_anchors
 
-    def loss_for(deltas: _lora.Deltas):
+    def loss_for(deltas: lora.Deltas):
         def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
             k = int(torch.randint(n_concepts, (), generator=gen))
             rows = torch.randint(len(table.templates), (n,), generator=gen).tolist()

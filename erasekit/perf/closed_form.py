@@ -82,7 +82,7 @@ def timed(fn, repeats: int) -> dict:
 
 def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json") -> dict:
     from erasekit._device import resolve_dtype
-    from erasekit.bench_utils import run_record
+    from erasekit.core.provenance import run_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)

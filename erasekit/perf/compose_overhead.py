@@ -134,7 +134,7 @@ def run(model: str, repeats: int, device: str = "cpu", dtype: torch.dtype = torc
 
 def main(argv=None, out: str | Path = "benchmarks/compose_overhead.json") -> dict:
     from erasekit._device import resolve_dtype
-    from erasekit.bench_utils import run_record
+    from erasekit.core.provenance import run_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None, choices=["tinyworld", "sd15", "sdxl"],

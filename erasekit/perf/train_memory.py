@@ -3,7 +3,7 @@
 Two variants, each measured in a fresh subprocess (peak RSS = ``ru_maxrss`` of that process):
 
 * ``ours``: one UNet, trainable low-rank deltas on the esd-x modules attached with forward hooks
-  (``erasekit._lora``); the frozen teacher is the same UNet with the hooks disabled.
+  (``erasekit.core.lora``); the frozen teacher is the same UNet with the hooks disabled.
 * ``two_unet``: the original ESD code's setup: a frozen ``deepcopy`` of the UNet as teacher, and the UNet
   itself trained in place on the esd-x parameters (full tensors, Adam state on them).
 
@@ -37,7 +37,7 @@ def _peak_gb(device: str = "cpu") -> float:
         import torch
 
         return torch.cuda.max_memory_allocated(device) / 2**30
-    from erasekit.bench_utils import peak_rss_mb
+    from erasekit.core.provenance import peak_rss_mb
 
     return peak_rss_mb() / 1024
 
@@ -49,9 +49,9 @@ def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", dev
     import torch
     import torch.nn.functional as F
 
-    from erasekit import _lora
+    from erasekit.core import lora
     from erasekit._device import resolve_dtype
-    from erasekit.bench_utils import reset_peak_rss
+    from erasekit.core.provenance import reset_peak_rss
     from erasekit.methods.esd import PRESETS
     from erasekit.testing import sd15_unet, sdxl_unet, unet_inputs
 
@@ -60,7 +60,7 @@ def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", dev
     reset_peak_rss()  # Linux keeps the parent's ru_maxrss across exec
     baseline = _peak_gb(device)
     unet = (sd15_unet if model == "sd15" else sdxl_unet)(dtype).to(device).eval()
-    names = _lora.select(unet, PRESETS["esd-x"])
+    names = lora.select(unet, PRESETS["esd-x"])
     inputs = unet_inputs(unet, 1, device, dtype)
     x, t, cond = inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]
     extra = {"added_cond_kwargs": inputs["added_cond_kwargs"]} if "added_cond_kwargs" in inputs else {}
@@ -69,7 +69,7 @@ def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", dev
     uncond = torch.randn_like(cond)
     unet.requires_grad_(False)
     if variant == "ours":
-        deltas = _lora.Deltas(unet, names, rank).attach()
+        deltas = lora.Deltas(unet, names, rank).attach()
         params = list(deltas.params.values())
         teacher, teacher_context = unet, deltas.disabled
     else:
@@ -119,7 +119,7 @@ def main(argv=None, out: str | Path = "benchmarks/train_memory.json") -> int:
         print(json.dumps(child(args.child, args.rank, args.gradient_checkpointing, args.model, args.device,
                                args.dtype)))
         return 0
-    from erasekit.bench_utils import run_record
+    from erasekit.core.provenance import run_record
 
     results = {}
     for variant in ("ours", "two_unet"):

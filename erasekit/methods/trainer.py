@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import _atomic_save_file
-from .errors import AdapterFileError, CheckpointError, ConfigError, ErasekitError
-from .locking import exclusive_lock
+from ..adapter import write_safetensors
+from ..errors import AdapterFileError, CheckpointError, ConfigError, TrainingDivergedError
+from ..core.files import exclusive_lock
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +44,6 @@ LOCK = "checkpoint.lock"  # held (flock) by the run that writes the folder's che
 #: ‖ΔW‖/‖W‖ above which training has diverged: normal erasure moves a weight by a small fraction of itself.
 MAX_RATIO = 10.0
 _META = "erasekit.train"
-
-
-class TrainingDivergedError(ErasekitError, FloatingPointError):
-    """The training loss or a trained tensor became NaN or infinite, or a delta outgrew its base weight."""
 
 
 def step_generator(seed: int, step: int, process: int = 0) -> torch.Generator:
@@ -80,7 +76,7 @@ def _save(path: Path, params: dict, opt: torch.optim.Optimizer, scaler, step: in
     from safetensors import SafetensorError
 
     try:
-        _atomic_save_file(tensors, {_META: json.dumps(record)}, path)  # a kill leaves the previous checkpoint
+        write_safetensors(tensors, {_META: json.dumps(record)}, path)  # a kill leaves the previous checkpoint
     except (AdapterFileError, SafetensorError) as err:  # safetensors reports a full disk as its own error
         raise CheckpointError(f"cannot write the training checkpoint {path}: {err.__cause__ or err}") from err
 
@@ -184,7 +180,7 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[[int, torch.Generator
         run: JSON-able settings that must match to resume (a method's config without its step count).
         mixed_precision: "no", "bf16" or "fp16" (fp16 uses a gradient scaler; CUDA only).
         progress, desc: tqdm bar on/off and its label (the method's name: a checkpoint resumes only under it).
-        ratios: ``() -> {module: ‖ΔW‖/‖W‖}`` (``_lora.Deltas.ratios``); checked after every update, with the
+        ratios: ``() -> {module: ‖ΔW‖/‖W‖}`` (``lora.Deltas.ratios``); checked after every update, with the
             parameters' finiteness: above ``max_ratio``, training has diverged.
 
     Returns:

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import ModuleDelta
-from .errors import ConfigError
+from ..adapter import ModuleDelta
+from ..errors import ConfigError
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 
