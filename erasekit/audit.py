@@ -40,6 +40,8 @@ from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
+from . import compose
+from .core import sd
 from .core.files import atomic_write, remove_stale_temporaries, replacing
 from .errors import ConfigError
 
@@ -337,13 +339,8 @@ def _resolve_judge(judge, concept: str, pipe, judge_options: Mapping | None):
     return judge
 
 
-def _model_id(pipe) -> str:
-    return str(getattr(pipe, "name_or_path", "") or getattr(pipe.config, "_name_or_path", "") or type(pipe).__name__)
-
-
 def _erasures(pipe) -> list:
     try:
-        from . import compose
 
         return json.loads(json.dumps(compose.list_erasures(pipe), default=str))
     except Exception:  # compose absent or no erasures: the audit runs on the pipeline as it is
@@ -358,7 +355,7 @@ def _manifest(concept, plans, judge, generation, pipe) -> dict:
         "attacks": {p.label: dataclasses.asdict(p.config) for p in plans},
         "judge": describe(judge),
         "generation": generation,
-        "model": {"id": _model_id(pipe), "erasures": _erasures(pipe)},
+        "model": {"id": sd.model_id(pipe, type(pipe).__name__), "erasures": _erasures(pipe)},
     }
 
 
@@ -468,9 +465,8 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
     >>> report.summary["target"]["erasure_rate"], sorted(report.summary["attacks"])
     (1.0, ['p4d'])
     """
-    from . import attacks as attacks_pkg  # noqa: F401  (registry import errors surface early)
     from .attacks import _base
-    from .core import sd
+    from .tinyworld import is_tinyworld
     from .attacks._concepts import read_lines
     from .core.files import exclusive_lock
 
@@ -504,7 +500,7 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
                             if known else [])
     preserve_prompts = list(dict.fromkeys(preserve_prompts))
     if budget == "auto":
-        budget = "tinyworld" if _base.is_tinyworld(pipe) else "paper"
+        budget = "tinyworld" if is_tinyworld(pipe) else "paper"
     steps, guidance = sd.generation_settings(pipe, num_inference_steps, guidance_scale)
     generation = {"num_inference_steps": steps, "guidance_scale": guidance}
     plans = _attack_plans(list(attacks), budget, attack_configs, generation)
@@ -627,7 +623,6 @@ _TINYWORLD_IMAGES_PER_PREPARE = {"cce": 110, "ring_a_bell": 3}
 
 def _seconds_per_image(pipe, prompt: str, seed: int, generation: dict) -> float:
     """Seconds of one generation, timed after a first one (which pays for the pipeline's lazy set-up)."""
-    from .core import sd
 
     sd.generate_prompt(pipe, prompt, seed, **generation)
     t0 = time.perf_counter()
@@ -708,14 +703,13 @@ class _Runner:
     def prefetch(self, units: Sequence[tuple]) -> None:
         """Original and erased images of the pending pair units among ``units``, one batched call each."""
         from .generate import generate
-        from .core import sd
 
         if not units or not self._pending_pair(units[0]):
             return
         pending = [u for u in units if self._pending_pair(u)]
         prompts, seeds = [u[1] for u in pending], [u[2] for u in pending]
         t0 = time.perf_counter()
-        with sd.original_model(self.pipe):
+        with compose.disabled(self.pipe):
             originals = generate(self.pipe, prompts, seeds, **self.generation)
         erased = generate(self.pipe, prompts, seeds, **self.generation)
         share = (time.perf_counter() - t0) / len(pending)
@@ -735,10 +729,9 @@ class _Runner:
         return record
 
     def _generate(self, prompt: str, seed: int, original: bool):
-        from .core import sd
 
         if original:
-            with sd.original_model(self.pipe):
+            with compose.disabled(self.pipe):
                 return sd.generate_prompt(self.pipe, prompt, seed, **self.generation)
         return sd.generate_prompt(self.pipe, prompt, seed, **self.generation)
 

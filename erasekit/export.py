@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from .adapter import COMPONENTS, Adapter, ModuleDelta, write_safetensors
+from .core import sd
 from .core.files import umask
 from .errors import AdapterError
 
@@ -231,7 +232,7 @@ def _adapter_sha256(adapter: Adapter, path: Path | None) -> str:
 
 
 def _model_card(pipe, rows: list[dict]) -> str:
-    base = getattr(getattr(pipe, "config", None), "_name_or_path", "") or "(in-memory pipeline)"
+    base = sd.model_id(pipe, "(in-memory pipeline)")
     lines = [
         "---", "library_name: diffusers", "tags:", "- erasekit", "- concept-erasure", "---", "",
         "# Concept-erased pipeline", "",

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._device import generators
+from .core import sd
 from .errors import ConfigError
 
 # used when a model does not say otherwise (diffusers' StableDiffusionPipeline defaults)
@@ -19,7 +20,7 @@ DEFAULT_GUIDANCE = 7.5
 
 def model_defaults(pipe) -> dict:
     """Generation defaults a model folder declares (tinyworld's ``tinyworld.json``), else diffusers'."""
-    folder = Path(getattr(pipe, "name_or_path", "") or getattr(pipe.config, "_name_or_path", "") or ".")
+    folder = Path(sd.model_id(pipe, "."))
     manifest = folder / "tinyworld.json"
     if manifest.is_file():
         gen = json.loads(manifest.read_text()).get("generation", {})

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from erasekit import audit as A
+from erasekit.core import files
 from erasekit.errors import ConfigError
 from erasekit.judges import FunctionJudge
 
@@ -328,11 +329,11 @@ def test_temporaries_have_their_own_names_and_none_is_left(reference, tmp_path):
     folder = tmp_path / "f"
     folder.mkdir()
     with pytest.raises(RuntimeError):
-        with A._replacing(folder / "summary.json") as tmp:
+        with files.replacing(folder / "summary.json") as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError("killed mid-write")
     assert not list(folder.iterdir())
-    with A._replacing(folder / "a.json") as one, A._replacing(folder / "a.json") as two:
+    with files.replacing(folder / "a.json") as one, files.replacing(folder / "a.json") as two:
         assert one != two and one.parent == folder  # two writers of one file never share a temporary
         one.write_bytes(b"1")
         two.write_bytes(b"2")

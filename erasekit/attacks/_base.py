@@ -12,6 +12,7 @@ import torch
 
 from ..errors import ConfigError
 from ..judges import verdict
+from .. import compose
 from ..core import sd
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def evaluate_cond(pipe, cond: sd.Cond, seed: int, config, judge):
 
 def target_image(pipe, prompt: str, seed: int, config):
     """The original model's image for (prompt, seed): adapters disabled (UnlearnDiffAtk / P4D target)."""
-    with sd.original_model(pipe):
+    with compose.disabled(pipe):
         return sd.generate_prompt(pipe, prompt, seed, config.num_inference_steps, config.guidance_scale)
 
 
@@ -118,13 +119,6 @@ class Best:
     @property
     def success(self) -> bool:
         return bool(self.key and self.key[0])
-
-
-def is_tinyworld(pipe) -> bool:
-    """True for the packaged tinyworld model or a folder carrying tinyworld's manifest."""
-    from ..tinyworld import is_tinyworld as check
-
-    return check(pipe)
 
 
 def preset(module, name: str = "paper"):

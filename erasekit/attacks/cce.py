@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from .. import compose
 from ..core import sd
-from ._base import AttackResult, concept_of, evaluate_cond, is_tinyworld, make_generator, randint, randn
+from ..tinyworld import is_tinyworld
+from ._base import AttackResult, concept_of, evaluate_cond, make_generator, randint, randn
 from ._concepts import find_name, tinyworld_names
 
 logger = logging.getLogger(__name__)
@@ -177,7 +179,7 @@ def prepare(pipe, concept: str, config: CCEConfig, generator: torch.Generator | 
     device = sd.device_of(pipe)
     prompts, captions = _training_set(pipe, concept, config, g)
     seeds = [int(torch.randint(0, 2**31, (1,), generator=g)) for _ in prompts]
-    with sd.original_model(pipe):
+    with compose.disabled(pipe):
         images = generate(pipe, prompts, seeds, num_inference_steps=config.num_inference_steps,
                           guidance_scale=config.guidance_scale, batch_size=16)
     x0 = torch.cat([sd.encode_images(pipe, images[i:i + 16]) for i in range(0, len(images), 16)])

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from .. import compose
 from ..core import sd
 from ._base import AttackResult, Best, evaluate_prompt, make_generator, randint, randn, target_image
 
@@ -90,7 +91,7 @@ def attack(pipe, prompt: str, config: P4DConfig, judge, generator: torch.Generat
     device = sd.device_of(pipe)
     target = target if target is not None else target_image(pipe, prompt, seed, config)
     x0 = sd.encode_images(pipe, [target])
-    with sd.original_model(pipe):
+    with compose.disabled(pipe):
         c_orig = sd.encode(pipe, prompt)
 
     E = sd.token_embeddings(pipe)[0].float()
@@ -114,7 +115,7 @@ def attack(pipe, prompt: str, config: P4DConfig, judge, generator: torch.Generat
         t = randint(T, g)
         noise = randn(x0.shape, g, device)
         z_t = sd.add_noise(pipe, x0, noise, t.to(device))
-        with torch.no_grad(), sd.original_model(pipe):
+        with torch.no_grad(), compose.disabled(pipe):
             eps_orig = sd.unet_eps(pipe, z_t, t, c_orig)
         ids = project()
         projected = E[ids].to(device)

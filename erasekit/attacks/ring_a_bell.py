@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from .. import compose
 from ..core import sd
 from ._base import AttackResult, concept_of, evaluate_cond, evaluate_prompt, make_generator
 from ._concepts import read_pairs, tinyworld_names, tinyworld_pairs
@@ -112,7 +113,7 @@ def concept_vector(pipe, with_prompts: list[str], without_prompts: list[str], ba
 def prepare(pipe, concept: str, config: RingABellConfig, generator: torch.Generator | None = None) -> dict:
     """The per-concept state: the concept vector, computed with the original text encoder(s)."""
     with_, without = _pairs(concept, config)
-    with sd.original_model(pipe):
+    with compose.disabled(pipe):
         v = concept_vector(pipe, with_, without)
     state = {"vector": v.embeds.cpu(), "pairs": len(with_)}
     if v.pooled is not None:
@@ -173,7 +174,7 @@ def attack(pipe, prompt: str, config: RingABellConfig, judge, generator: torch.G
     g = make_generator(generator, seed, "ring_a_bell", prompt)
     state = state if state is not None else prepare(pipe, concept, config)
     v = _vector(pipe, state)
-    with sd.original_model(pipe):
+    with compose.disabled(pipe):
         base = sd.encode(pipe, prompt)
     goal = base + v * config.eta
     info = {"variant": config.variant, "eta": config.eta, "pairs": int(state.get("pairs", 0))}
@@ -181,7 +182,7 @@ def attack(pipe, prompt: str, config: RingABellConfig, judge, generator: torch.G
         image, score, hit = evaluate_cond(pipe, goal, seed, config, judge)
         info["seconds"] = round(time.perf_counter() - started, 3)
         return AttackResult(prompt, f"{prompt} (+{config.eta:g}·v[{concept}])", hit, score, 0, image, info)
-    with sd.original_model(pipe):
+    with compose.disabled(pipe):
         ids, distance = genetic_search(pipe, goal, config, g, progress)
     adv = sd.decode(pipe.tokenizer, ids)
     image, score, hit = evaluate_prompt(pipe, adv, seed, config, judge)

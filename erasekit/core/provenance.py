@@ -11,7 +11,7 @@ import subprocess
 def run_record() -> dict:
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     def version(mod):
         try:

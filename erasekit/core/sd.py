@@ -1,4 +1,4 @@
-"""Shared Stable Diffusion plumbing for the attacks: text conditioning from token ids or from optimised
+"""Stable Diffusion plumbing shared by methods, attacks, compose and audit: text conditioning from token ids or from optimised
 token embeddings, noise predictions, target latents, and a small explicit sampler.
 
 Everything works on a stock diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x) or
@@ -7,12 +7,11 @@ a forward hook on its token-embedding layer, installed for one call and removed 
 API, not a patch of transformers), so the same code runs with transformers 4.x and 5.x.
 
 The "original model" of an erased pipeline is the same pipeline inside ``erasekit.compose.disabled(pipe)``
-(adapters off); :func:`original_model` wraps that and is a no-op when ``erasekit.compose`` is absent.
+(adapters off).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import math
@@ -27,6 +26,12 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------- model access
+
+def model_id(pipe, default: str = "") -> str:
+    """The hub id or folder a pipeline was loaded from (``pipe.name_or_path``, else its config's), or ``default``."""
+    config = getattr(pipe, "config", None)
+    return str(getattr(pipe, "name_or_path", "") or getattr(config, "_name_or_path", "") or default)
+
 
 def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
@@ -68,19 +73,6 @@ def allowed_token_ids(pipe, exclude_words: Sequence[str] = ()) -> torch.Tensor:
     for word in exclude_words:
         banned |= set(tok(word, add_special_tokens=False).input_ids)
     return torch.tensor([i for i in range(vocab) if i not in banned], dtype=torch.long)
-
-
-@contextlib.contextmanager
-def original_model(pipe):
-    """The original (pre-erasure) model: ``erasekit.compose.disabled(pipe)``; a no-op without compose."""
-    try:
-        from .. import compose
-    except ImportError:
-        logger.debug("erasekit.compose is not available: the pipeline is used as its own original model")
-        yield pipe
-        return
-    with compose.disabled(pipe):
-        yield pipe
 
 
 # ----------------------------------------------------------------------------------------------- conditioning

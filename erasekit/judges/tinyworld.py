@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from ..core import sd
 from ..errors import ModelNotFoundError, UnknownConceptError
 
 
@@ -22,7 +23,7 @@ def judge_for_pipeline(pipe=None, model_path: str | Path | None = None, device: 
 
     folder = model_path
     if folder is None and pipe is not None:
-        name = getattr(pipe, "name_or_path", "") or getattr(pipe.config, "_name_or_path", "")
+        name = sd.model_id(pipe)
         if name and (Path(name) / "judge").is_dir():
             folder = name
     judge_dir = Path(folder or tinyworld.path()) / "judge"

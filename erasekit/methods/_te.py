@@ -195,7 +195,7 @@ def package(pipe, config, module_deltas: dict[str, ModuleDelta], method: str, tr
     components = sorted({k.partition(".")[0] for k in module_deltas}, key=ENCODERS.index)
     return Adapter(
         method=method, concepts=tuple(config.concepts), config=dataclasses.asdict(config), deltas=module_deltas,
-        base_model=str(getattr(pipe, "name_or_path", "") or getattr(pipe.config, "_name_or_path", "") or ""),
+        base_model=sd.model_id(pipe),
         fingerprint=fingerprint(pipe, components),
         info={"training": training, "torch": torch.__version__, "diffusers": diffusers.__version__,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},

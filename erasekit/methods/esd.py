@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..core import lora
+from ..core import lora, sd
 from . import trainer
 from ..adapter import Adapter
 from ..errors import ConfigError
@@ -327,7 +327,7 @@ def package(pipe, config, module_deltas: dict, method: str, training: dict) -> A
 
     return Adapter(
         method=method, concepts=tuple(config.concepts), config=dataclasses.asdict(config), deltas=module_deltas,
-        base_model=str(getattr(pipe, "name_or_path", "") or getattr(pipe.config, "_name_or_path", "") or ""),
+        base_model=sd.model_id(pipe),
         fingerprint=fingerprint(pipe, ["unet"]) if fingerprint else {},
         info={"training": training, "torch": torch.__version__, "diffusers": diffusers.__version__,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},

@@ -55,6 +55,7 @@ import torch
 
 from ..adapter import Adapter, ModuleDelta
 from ..errors import ConfigError
+from ..core import sd
 from . import _text
 
 logger = logging.getLogger(__name__)
@@ -371,8 +372,7 @@ def module_deltas(modules: dict[str, torch.nn.Module], P: torch.Tensor, Q: torch
 
 # ------------------------------------------------------------------------------------------------ adapter
 def base_model_id(pipe) -> str:
-    config = getattr(pipe, "config", None)
-    return str(getattr(pipe, "name_or_path", None) or getattr(config, "_name_or_path", None) or "")
+    return sd.model_id(pipe)
 
 
 def text_components(pipe) -> tuple[str, ...]:

@@ -28,8 +28,9 @@ def is_tinyworld(pipe_or_path) -> bool:
     if isinstance(pipe_or_path, (str, Path)):
         folder = str(pipe_or_path)
     else:
-        config = getattr(pipe_or_path, "config", None)
-        folder = getattr(pipe_or_path, "name_or_path", "") or getattr(config, "_name_or_path", "") or ""
+        from ..core.sd import model_id
+
+        folder = model_id(pipe_or_path)
     return bool(folder) and (Path(folder) / "tinyworld.json").is_file()
 
 
