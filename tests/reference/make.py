@@ -97,7 +97,13 @@ def _strip(value):
 
 
 def stable_record(record: dict) -> dict:
-    return _strip(record)
+    """The record without what differs between runs; the base model's folder (where the checkout is) as a name."""
+    import erasekit.tinyworld
+
+    record = _strip(record)
+    if record.get("base_model") == str(erasekit.tinyworld.path()):
+        record["base_model"] = "tinyworld"
+    return record
 
 
 def stable_audit(path: Path) -> list[dict]:
