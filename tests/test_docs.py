@@ -25,3 +25,24 @@ def test_every_command_has_examples_in_its_help(capsys):
         if name == "erase":
             continue  # erase builds its own parser per method; its examples are tested in test_cli
         assert "example" in (sub.epilog or ""), name
+
+
+def test_code_cites_documents_that_are_in_the_repository():
+    """Docstrings and comments point at files a user of the repository has (docs/, adapters/README.md, ...),
+    never at the founding design or research notes that live outside it."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    outside = re.compile(r"DESIGN(\.md)?\s*§|DESIGN\.md|\breference/[\w-]+\.md|\b(audit-eval|erasure-methods|aesthetics)\.md")
+    cited = re.compile(r"\b((?:docs|adapters|benchmarks)/[\w./-]+\.(?:md|json|py))")
+    offenders, missing = [], []
+    for path in [*root.glob("erasekit/**/*.py"), *root.glob("tests/**/*.py"), *root.glob("pipelines/**/*.py"),
+                 *root.glob("benchmarks/*.py"), *root.glob("adapters/**/*.py"), *root.glob("docs/*.md")]:
+        text = path.read_text()
+        if path.name != "test_docs.py":
+            offenders += [f"{path.relative_to(root)}: {m.group(0)}" for m in outside.finditer(text)]
+        missing += [f"{path.relative_to(root)}: {m.group(1)}" for m in cited.finditer(text)
+                    if not (root / m.group(1)).exists() and "*" not in m.group(1)]
+    assert not offenders, offenders
+    assert not missing, missing
