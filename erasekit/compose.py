@@ -79,7 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import COMPONENTS, Adapter, ModuleDelta, _find_module
+from .adapter import COMPONENTS, Adapter, ModuleDelta, find_module
 from .errors import AdapterError, AdapterMismatchError
 
 logger = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class Composer:
                 raise AdapterError(
                     f"erasure {name!r} is gated by prompt similarity but changes {key!r}: gates are computed from "
                     "the UNet's encoder_hidden_states, so gated deltas must be on the unet only")
-            module = _find_module(root, path)
+            module = find_module(root, path)
             if module is None:
                 raise AdapterMismatchError(f"erasure {name!r}: module {path!r} not found in pipe.{component}")
             if not isinstance(module, (nn.Linear, nn.Conv2d)):

@@ -18,15 +18,47 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import ModuleDelta
 from ..errors import ConfigError
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class ModuleDelta:
+    """The change to one ``nn.Linear``/``nn.Conv2d`` weight: low-rank ``up @ down`` or a full ``delta``."""
+
+    down: torch.Tensor | None = None  # lora_A: [r, in] or [r, in, kh, kw]
+    up: torch.Tensor | None = None  # lora_B: [out, r] or [out, r, 1, 1]
+    delta: torch.Tensor | None = None  # [out, in] or [out, in, kh, kw]
+
+    def __post_init__(self):
+        low_rank = self.down is not None and self.up is not None
+        if low_rank == (self.delta is not None) or (self.down is None) != (self.up is None):
+            raise ValueError("a ModuleDelta is either (down, up) or delta")
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.down is None else int(self.down.shape[0])
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the module weight this delta applies to."""
+        if self.delta is not None:
+            return tuple(self.delta.shape)
+        return (self.up.shape[0],) + tuple(self.down.shape[1:])
+
+    def dense(self) -> torch.Tensor:
+        """The full ΔW (fp32)."""
+        if self.delta is not None:
+            return self.delta.float()
+        up, down = self.up.float().flatten(1), self.down.float().flatten(1)
+        return (up @ down).reshape(self.weight_shape)
 
 
 def select(model: nn.Module, include: Callable[[str, nn.Module], bool]) -> list[str]:
