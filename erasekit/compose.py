@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import COMPONENTS, Adapter, ModuleDelta, find_module
+from .core.lora import add_low_rank, project_down, project_up
 from .errors import AdapterError, AdapterMismatchError
 
 logger = logging.getLogger(__name__)
@@ -132,15 +133,10 @@ class _Slot:
     _stack: tuple = ()
 
     def down(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``A x``: Linear ``x @ Aᵀ``; Conv2d: conv with A as kernel and the module's stride/padding/dilation."""
-        m = self.module
-        if isinstance(m, nn.Conv2d):
-            return F.conv2d(x, w, None, m.stride, m.padding, m.dilation)
-        return F.linear(x, w)
+        return project_down(self.module, x, w)
 
     def up(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``B h``: Linear ``h @ Bᵀ``; Conv2d: 1×1 conv with B."""
-        return F.conv2d(h, w) if isinstance(self.module, nn.Conv2d) else F.linear(h, w)
+        return project_up(self.module, h, w)
 
     def term(self, x: torch.Tensor, term: _Term) -> torch.Tensor:
         tensors = term.cast(self.module.weight)
@@ -161,32 +157,9 @@ class _Slot:
         return self._stack
 
     def add_low_rank(self, x: torch.Tensor, output: torch.Tensor, terms: list[_Term], coefs: list) -> torch.Tensor:
-        """``output + Σ_i B_i (c_i A_i x)``: one stacked down-projection, per-column coefficients, and the
-        up-projection accumulated into ``output`` in place when no gradient is recorded (one pass over it)."""
+        """``output + Σ_i B_i (c_i A_i x)`` with the stacked factors (see ``erasekit.core.lora.add_low_rank``)."""
         down, up, ranks = self.stacked(terms)
-        h = self.down(x, down)
-        if not all(isinstance(c, float) and c == 1.0 for c in coefs):
-            h = h * _column_scale(coefs, ranks, h, 1 if isinstance(self.module, nn.Conv2d) else h.ndim - 1)
-        recording = torch.is_grad_enabled() and (output.requires_grad or h.requires_grad)
-        if recording or not output.is_contiguous() or up.shape[2:] not in ((), (1, 1)):
-            return output + self.up(h, up)
-        if isinstance(self.module, nn.Conv2d):
-            b, c, r = output.shape[0], output.shape[1], up.shape[1]
-            output.view(b, c, -1).baddbmm_(up.view(c, r).expand(b, c, r), h.reshape(b, r, -1))
-        else:
-            output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
-        return output
-
-
-def _column_scale(coefs: list, ranks: list[int], h: torch.Tensor, channel: int) -> torch.Tensor:
-    """Per-sample, per-rank-column factors ``c_i`` (floats, or ``(B, 1, …)`` gate tensors), shaped to multiply ``h``."""
-    batch = h.shape[0]
-    columns = [h.new_full((batch, r), c) if isinstance(c, float) else c.reshape(-1, 1).expand(batch, r)
-               for c, r in zip(coefs, ranks)]
-    scale = torch.cat(columns, 1)
-    shape = [batch] + [1] * (h.ndim - 1)
-    shape[channel] = scale.shape[1]
-    return scale.view(shape) if channel == h.ndim - 1 else scale.view(batch, -1, *([1] * (h.ndim - 2)))
+        return add_low_rank(self.module, x, output, down, up, coefs, ranks)
 
 
 @dataclass
