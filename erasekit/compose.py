@@ -1,15 +1,16 @@
 """Compose erasure adapters on a diffusers pipeline at generation time, without touching base weights.
 
-DESIGN §3: for every adapted ``nn.Linear``/``nn.Conv2d`` of ``unet``, ``text_encoder`` and ``text_encoder_2``::
+For every adapted ``nn.Linear``/``nn.Conv2d`` of ``unet``, ``text_encoder`` and ``text_encoder_2``::
 
     W_eff = W + Σ_i w_i · γ_i(prompt) · B_i A_i          (or  + w_i · γ_i · Δ_i  for a full delta)
 
 ``w_i`` is the user's weight and ``γ_i`` the adapter's gate: 1 for static adapters, SPM's Facilitated Transport
-similarity for membranes (``gating["rule"] == "prompt_similarity"``, see ``reference/erasure-methods.md`` §3).
+similarity for membranes (``gating["rule"] == "prompt_similarity"``; Lyu et al. 2024, SPM, https://arxiv.org/abs/2312.16145).
 The term is added to the module's *output* by one ``register_forward_hook`` per module (all adapters on that module
 share it; their low-rank terms are stacked into one up-projection ``[B_1 … B_n] [c_1 A_1 x; …; c_n A_n x]``, so the
-full-size output is touched once however many adapters compose), so base weights stay untouched: ``unload`` removes the hooks and outputs are bit-identical to the base
-again. Weight 0 or a disabled adapter skips its term (bit-identical base output). ``fuse`` writes static adapters
+full-size output is touched once however many adapters compose; the arithmetic is ``erasekit.core.lora``'s ΔW
+applier, shared with training), so base weights stay untouched: ``unload`` removes the hooks and outputs are
+bit-identical to the base again. Weight 0 or a disabled adapter skips its term (bit-identical base output). ``fuse`` writes static adapters
 into the weights (keeping a CPU copy of the originals, restored bit-exactly by ``unfuse``).
 
 Gates are per sample. A forward pre-hook on the UNet reads ``encoder_hidden_states`` ``(B, L, D)`` and computes, for
@@ -22,7 +23,7 @@ each row b and each gated adapter with erased prompts ``P``::
 
 so a classifier-free-guidance batch ``[uncond…, cond…]`` gets each row's own gate (the unconditional row too —
 unlike the reference, which applies the positive prompt's γ to both branches). ``E(q)`` is computed once at load with
-``pipe.encode_prompt`` (hooks off). The token ids of a row are recovered by a forward hook on ``text_encoder`` that
+``erasekit.core.sd.encode`` (what ``pipe.encode_prompt`` gives; hooks off). The token ids of a row are recovered by a forward hook on ``text_encoder`` that
 remembers the ids behind each hidden-state row it produced (rows are matched by a hash of their content; for SDXL
 the first encoder's slice of the context); where they are unknown (``prompt_embeds`` passed directly, ``clip_skip``)
 the gate falls back to clipcos alone. Gates are computed once per prompt batch: the denoising loop passes the same
@@ -65,7 +66,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import math
 import weakref
@@ -79,7 +79,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import COMPONENTS, Adapter, ModuleDelta, find_module
+from .adapter import COMPONENTS, GATING_RULES, Adapter, ModuleDelta, check_compatible, find_module, load_adapter
+from .core import sd
 from .core.lora import add_low_rank, project_down, project_up
 from .errors import AdapterError, AdapterMismatchError
 
@@ -90,7 +91,6 @@ __all__ = [
     "list_erasures", "gates",
 ]
 
-GATING_RULES = ("static", "prompt_similarity")
 GATE_METRICS = ("clipcos_tokenuni", "clipcos", "tokenuni", "tokencos")
 GATE_COMBINES = ("sum", "factors")
 _CACHE_SIZE = 1024  # hidden-state rows whose token ids are remembered
@@ -164,7 +164,7 @@ class _Slot:
 
 @dataclass
 class _Gate:
-    """What a prompt-similarity adapter needs at generation (DESIGN §3; SPM Facilitated Transport)."""
+    """What a prompt-similarity adapter needs at generation (SPM's Facilitated Transport)."""
 
     prompts: tuple[str, ...]
     embeds: torch.Tensor  # (Q, L, D) fp32, the pipeline's own encoding of the erased prompts
@@ -262,7 +262,7 @@ class Composer:
         if name in self.adapters:
             raise AdapterError(f"an erasure named {name!r} is already loaded; pass another name= or unload it first")
         weight = _check_weight(weight, name)
-        _check_compatible(adapter, pipe, strict)
+        check_compatible(adapter, pipe, strict=strict)
         gate_spec = _gate_spec(adapter, name)
 
         # 1. Resolve and check every module before changing anything.
@@ -323,7 +323,7 @@ class Composer:
     def _build_gate(self, pipe, spec: dict) -> _Gate:
         prompts = tuple(spec["prompts"])
         with self._hooks_suspended(), torch.no_grad():
-            embeds = _encode_prompts(pipe, list(prompts))  # (Q, L, D)
+            embeds = sd.encode(pipe, list(prompts)).embeds  # (Q, L, D), as pipe.encode_prompt
         token_sets: tuple[frozenset[int], ...] = ()
         if self.tokenizer is not None:
             special = set(self.tokenizer.all_special_ids)
@@ -534,15 +534,15 @@ class Composer:
                     raise AdapterError(f"erasure {name!r} is disabled; enable it before fusing")
         for name in chosen:
             self.adapters[name].fused = True
-        self._refuse([s for s in self.slots.values() if any(n in s.terms for n in chosen)])
+        self._sync_fused_weights([s for s in self.slots.values() if any(n in s.terms for n in chosen)])
         return chosen
 
     def unfuse(self) -> None:
         for loaded in self.adapters.values():
             loaded.fused = False
-        self._refuse([s for s in self.slots.values() if s.original is not None])
+        self._sync_fused_weights([s for s in self.slots.values() if s.original is not None])
 
-    def _refuse(self, slots: Sequence[_Slot]) -> None:
+    def _sync_fused_weights(self, slots: Sequence[_Slot]) -> None:
         """Set each slot's weight to ``W + Σ_fused w_i ΔW_i`` computed in fp32 from the original (or restore it)."""
         for slot in slots:
             weight = slot.module.weight
@@ -573,7 +573,7 @@ class Composer:
             for name in names:
                 slot.terms.pop(name, None)
             touched.append(slot)
-        self._refuse(touched)  # restores the original where nothing fused is left
+        self._sync_fused_weights(touched)  # restores the original where nothing fused is left
         for slot in touched:
             if not slot.terms:
                 slot.handle.remove()
@@ -608,24 +608,11 @@ def _check_weight(weight, name: str) -> float:
     return value
 
 
-def _check_compatible(adapter: Adapter, pipe, strict: bool) -> None:
-    """Run ``erasekit.adapter.check_compatible`` when that function exists (fingerprints, format)."""
-    from . import adapter as adapter_module
-
-    check = getattr(adapter_module, "check_compatible", None)
-    if check is None:
-        return
-    if "strict" in inspect.signature(check).parameters:
-        check(adapter, pipe, strict=strict)
-    else:
-        check(adapter, pipe)
-
-
 def _gate_spec(adapter: Adapter, name: str) -> dict | None:
     gating = dict(adapter.gating or {"rule": "static"})
     rule = gating.get("rule", "static")
     if rule not in GATING_RULES:
-        raise AdapterError(f"erasure {name!r}: unknown gating rule {rule!r}; expected one of {GATING_RULES}")
+        raise AdapterError(f"erasure {name!r}: unknown gating rule {rule!r}; expected one of {tuple(GATING_RULES)}")
     if rule == "static":
         return None
     prompts = gating.get("prompts")
@@ -641,19 +628,6 @@ def _gate_spec(adapter: Adapter, name: str) -> dict | None:
         raise AdapterError(f"erasure {name!r}: unknown gate combine {combine!r}; expected one of {GATE_COMBINES}")
     factor = _check_weight(gating.get("facilitate_factor", gating.get("factor", 1.0)), name)
     return dict(prompts=list(prompts), metric=metric, combine=combine, factor=factor)
-
-
-def _encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """The context the pipeline would give its UNet for ``prompts`` (no guidance): ``(Q, L, D)``."""
-    device = getattr(pipe, "_execution_device", None) or pipe.device
-    if hasattr(pipe, "encode_prompt"):
-        out = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=False)
-        return out[0]
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return encoder(ids.to(encoder.device))[0]
 
 
 def _similarity(gate: _Gate, context: torch.Tensor, tokens: list[frozenset[int] | None]) -> torch.Tensor:
@@ -696,17 +670,12 @@ def _tokencos(embedding: torch.Tensor, tokens: list[frozenset[int] | None],
     return out
 
 
-def _as_adapter(adapter_or_path) -> tuple[Adapter, str]:
+def as_adapter(adapter_or_path) -> tuple[Adapter, str]:
     """``(adapter, default name)``; a path is read with ``erasekit.adapter.load_adapter``."""
     if isinstance(adapter_or_path, Adapter):
         adapter = adapter_or_path
         return adapter, "-".join([adapter.method, "+".join(adapter.concepts)]) if adapter.concepts else adapter.method
     if isinstance(adapter_or_path, (str, Path)):
-        from . import adapter as adapter_module
-
-        load_adapter = getattr(adapter_module, "load_adapter", None)
-        if load_adapter is None:
-            raise AdapterError("reading adapter files needs erasekit.adapter.load_adapter, which is not available")
         path = Path(adapter_or_path)
         name = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.stem
         return load_adapter(path), name
@@ -727,7 +696,7 @@ def _composer(pipe) -> Composer:
 
 def load(pipe, adapter_or_path: Adapter | str | Path, name: str | None = None, weight: float = 1.0,
          strict: bool = False) -> str:
-    """Apply an erasure to ``pipe`` through forward hooks (DESIGN §3) and return its name.
+    """Apply an erasure to ``pipe`` through forward hooks and return its name.
 
     >>> import erasekit
     >>> from erasekit import compose
@@ -748,7 +717,7 @@ def load(pipe, adapter_or_path: Adapter | str | Path, name: str | None = None, w
     Raises:
         AdapterError: duplicate name, bad gating record; ``AdapterMismatchError`` for a missing module or shape.
     """
-    adapter, default = _as_adapter(adapter_or_path)
+    adapter, default = as_adapter(adapter_or_path)
     return Composer.of(pipe).load(pipe, adapter, name or default, weight, strict)
 
 
@@ -838,6 +807,6 @@ def gates(pipe, prompts: str | Sequence[str]) -> list[dict[str, float]]:
     composer = _composer(pipe)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     with torch.no_grad():
-        context = _encode_prompts(pipe, prompts)
+        context = sd.encode(pipe, prompts).embeds
         values = composer.compute_gates(context)
     return [{name: float(v[i]) for name, v in values.items()} for i in range(len(prompts))]
