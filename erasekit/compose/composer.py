@@ -1,104 +1,26 @@
-"""Compose erasure adapters on a diffusers pipeline at generation time, without touching base weights.
-
-For every adapted ``nn.Linear``/``nn.Conv2d`` of ``unet``, ``text_encoder`` and ``text_encoder_2``::
-
-    W_eff = W + Σ_i w_i · γ_i(prompt) · B_i A_i          (or  + w_i · γ_i · Δ_i  for a full delta)
-
-``w_i`` is the user's weight and ``γ_i`` the adapter's gate: 1 for static adapters, SPM's Facilitated Transport
-similarity for membranes (``gating["rule"] == "prompt_similarity"``; Lyu et al. 2024, SPM, https://arxiv.org/abs/2312.16145).
-The term is added to the module's *output* by one ``register_forward_hook`` per module (all adapters on that module
-share it; their low-rank terms are stacked into one up-projection ``[B_1 … B_n] [c_1 A_1 x; …; c_n A_n x]``, so the
-full-size output is touched once however many adapters compose; the arithmetic is ``erasekit.core.lora``'s ΔW
-applier, shared with training), so base weights stay untouched: ``unload`` removes the hooks and outputs are
-bit-identical to the base again. Weight 0 or a disabled adapter skips its term (bit-identical base output). ``fuse`` writes static adapters
-into the weights (keeping a CPU copy of the originals, restored bit-exactly by ``unfuse``).
-
-Gates are per sample. A forward pre-hook on the UNet reads ``encoder_hidden_states`` ``(B, L, D)`` and computes, for
-each row b and each gated adapter with erased prompts ``P``::
-
-    γ_b = factor · max_{q ∈ P} max(clipcos(row_b, q), tokenuni(row_b, q))
-    clipcos(p, q)  = cos(flatten(E(p)), flatten(E(q)))        E = the pipeline's own prompt encoding (77 × D)
-    tokenuni(p, q) = |tok(p) ∩ tok(q)| / |tok(q)|             special tokens removed
-    tokencos(p, q) = mean_{j ∈ tok(q)} max(0, max_{i ∈ tok(p)} cos(W_i, W_j))   W: the encoder's token embeddings
-
-so a classifier-free-guidance batch ``[uncond…, cond…]`` gets each row's own gate (the unconditional row too —
-unlike the reference, which applies the positive prompt's γ to both branches). ``E(q)`` is computed once at load with
-``erasekit.core.sd.encode`` (what ``pipe.encode_prompt`` gives; hooks off). The token ids of a row are recovered by a forward hook on ``text_encoder`` that
-remembers the ids behind each hidden-state row it produced (rows are matched by a hash of their content; for SDXL
-the first encoder's slice of the context); where they are unknown (``prompt_embeds`` passed directly, ``clip_skip``)
-the gate falls back to clipcos alone. Gates are computed once per prompt batch: the denoising loop passes the same
-``encoder_hidden_states`` tensor at every step, and the last one's gates are reused. They are constants for autograd
-(no gradient flows through γ).
-
-``tokencos`` (metric ``"tokencos"``, alone) is erasekit's soft ``tokenuni``: token identity is replaced by the
-cosine of the encoder's input token embeddings, so it is 1 where ``tokenuni`` is 1 and ≥ ``tokenuni`` everywhere,
-and a synonym scores by how close its token embedding is. Use it where the flattened ``clipcos`` does not separate
-prompts (tinyworld's 64-wide encoder: 0.83 on prompts of the erased concept, 0.84 on all others; ``tokencos``:
-1.0, 0.58–0.78 on synonyms, ≤ 0.17 on others).
-
-The gating record (``Adapter.gating``) read here::
-
-    {"rule": "prompt_similarity",
-     "prompts": ["nudity", ...],            # the erased prompts P
-     "metric": "clipcos_tokenuni",          # or "clipcos", "tokenuni", "tokencos"
-     "facilitate_factor": 1.0,              # multiplies γ
-     "combine": "sum"}                      # optional; "factors": the reference code's factor summing (below)
-
-``combine == "factors"`` reproduces the SPM reference's weight merge: each factor is scaled before summing, so the
-adapters ``i`` combined this way on one module contribute ``(Σ_i w_i γ_i B_i)(Σ_j γ_j A_j)`` — ``γ²`` for one adapter
-and cross terms ``B_i A_j`` for several (their ranks must match) — instead of the linear ``Σ_i w_i γ_i B_i A_i``.
-
-State lives in one ``Composer`` per UNet, kept in a ``weakref.WeakKeyDictionary`` keyed by ``pipe.unet`` (the
-pipeline object is not modified; the composer holds its components weakly, so it goes away with them). The hooks live
-on the modules, so keying by the UNet means that pipelines sharing it (``Pipeline.from_pipe(pipe)``) share the erasures
-too, and any of them can list, disable or unload them.
-
-Example::
-
-    from erasekit import compose
-    name = compose.load(pipe, "adapters/vangogh.uce.safetensors", weight=1.0)
-    image = pipe("a starry night").images[0]
-    with compose.disabled(pipe):
-        base = pipe("a starry night").images[0]
-    compose.unload(pipe)                        # bitwise back to the base model
-"""
+"""The :class:`Composer`: the erasures loaded on one UNet, their per-module hooks, gates and fused weights."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .adapter import COMPONENTS, GATING_RULES, Adapter, ModuleDelta, check_compatible, find_module, load_adapter
-from .core import sd
-from .core.lora import add_low_rank, project_down, project_up
-from .errors import AdapterError, AdapterMismatchError
+from ..adapter import COMPONENTS, Adapter, ModuleDelta, check_compatible, find_module
+from ..core import sd
+from ..core.lora import add_low_rank, project_down, project_up
+from ..errors import AdapterError, AdapterMismatchError
+from .gates import Gate, check_weight, parse_gating, row_key, similarity
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("erasekit.compose")
 
-__all__ = [
-    "Composer", "load", "set_weights", "enable", "disable", "disabled", "fuse", "unfuse", "unload",
-    "list_erasures", "gates",
-]
-
-GATE_METRICS = ("clipcos_tokenuni", "clipcos", "tokenuni", "tokencos")
-GATE_COMBINES = ("sum", "factors")
 _CACHE_SIZE = 1024  # hidden-state rows whose token ids are remembered
-
-
-# --------------------------------------------------------------------------------------------------------------
-# One adapter on one module, and one adapted module
-# --------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -163,31 +85,14 @@ class _Slot:
 
 
 @dataclass
-class _Gate:
-    """What a prompt-similarity adapter needs at generation (SPM's Facilitated Transport)."""
-
-    prompts: tuple[str, ...]
-    embeds: torch.Tensor  # (Q, L, D) fp32, the pipeline's own encoding of the erased prompts
-    token_sets: tuple[frozenset[int], ...]  # tok(q) without special tokens; empty when no tokenizer
-    metric: str = "clipcos_tokenuni"
-    factor: float = 1.0
-    combine: str = "sum"
-    token_embedding: torch.Tensor | None = None  # (V, D) the text encoder's input embeddings (tokencos; shared)
-
-
-@dataclass
 class _Loaded:
     name: str
     adapter: Adapter
     weight: float
     enabled: bool = True
     fused: bool = False
-    gate: _Gate | None = None
+    gate: Gate | None = None
 
-
-# --------------------------------------------------------------------------------------------------------------
-# The composer
-# --------------------------------------------------------------------------------------------------------------
 
 _COMPOSERS: "weakref.WeakKeyDictionary[nn.Module, Composer]" = weakref.WeakKeyDictionary()
 
@@ -196,14 +101,6 @@ def _key(pipe):
     """The registry key of a pipeline: its UNet, where the hooks live (the pipeline itself if it has none)."""
     unet = getattr(pipe, "unet", None)
     return unet if isinstance(unet, nn.Module) else pipe
-
-
-def _row_key(row: torch.Tensor) -> bytes:
-    """A content key for one hidden-state row (used to match UNet context rows to text-encoder calls)."""
-    data = row.detach().to("cpu").contiguous()
-    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
-    digest.update(repr((tuple(data.shape), str(data.dtype))).encode())
-    return digest.digest()
 
 
 class Composer:
@@ -236,6 +133,11 @@ class Composer:
             composer = _COMPOSERS[_key(pipe)] = cls(pipe)
         return composer
 
+    @staticmethod
+    def drop(pipe) -> None:
+        """Forget the composer of ``pipe`` (after its last erasure is unloaded)."""
+        _COMPOSERS.pop(_key(pipe), None)
+
     def component(self, name: str) -> nn.Module | None:
         ref = self._components.get(name)
         return ref() if ref is not None else None
@@ -248,7 +150,7 @@ class Composer:
             raise AdapterError(f"unknown erasure {name!r}; loaded erasures: {loaded}")
         return self.adapters[name]
 
-    def _names(self, names: str | Iterable[str] | None) -> list[str]:
+    def resolve_names(self, names: str | Iterable[str] | None) -> list[str]:
         if names is None:
             return list(self.adapters)
         names = [names] if isinstance(names, str) else list(names)
@@ -261,9 +163,9 @@ class Composer:
     def load(self, pipe, adapter: Adapter, name: str, weight: float, strict: bool) -> str:
         if name in self.adapters:
             raise AdapterError(f"an erasure named {name!r} is already loaded; pass another name= or unload it first")
-        weight = _check_weight(weight, name)
+        weight = check_weight(weight, name)
         check_compatible(adapter, pipe, strict=strict)
-        gate_spec = _gate_spec(adapter, name)
+        gate_spec = parse_gating(adapter, name)
 
         # 1. Resolve and check every module before changing anything.
         targets: list[tuple[str, nn.Module, ModuleDelta]] = []
@@ -320,7 +222,7 @@ class Composer:
                     f"erasure {name!r}: combine='factors' sums factors, but {key!r} has rank {delta.rank} here and "
                     f"rank {term.delta.rank} in erasure {other!r}")
 
-    def _build_gate(self, pipe, spec: dict) -> _Gate:
+    def _build_gate(self, pipe, spec: dict) -> Gate:
         prompts = tuple(spec["prompts"])
         with self._hooks_suspended(), torch.no_grad():
             embeds = sd.encode(pipe, list(prompts)).embeds  # (Q, L, D), as pipe.encode_prompt
@@ -335,7 +237,7 @@ class Composer:
             token_embedding = encoder.get_input_embeddings().weight.detach()  # a view: no copy
         unet = self.component("unet")
         device = next(unet.parameters()).device
-        return _Gate(prompts, embeds.detach().to(device=device, dtype=torch.float32), token_sets,
+        return Gate(prompts, embeds.detach().to(device=device, dtype=torch.float32), token_sets,
                      spec["metric"], spec["factor"], spec["combine"], token_embedding)
 
     # ---- hooks -----------------------------------------------------------------------------------------------
@@ -430,7 +332,7 @@ class Composer:
         if encoder is not None and self.tokenizer is not None:
             self._gate_handles.append(encoder.register_forward_hook(self._text_encoder_hook, with_kwargs=True))
 
-    def _remove_gate_hooks(self) -> None:
+    def remove_gate_hooks(self) -> None:
         for handle in self._gate_handles:
             handle.remove()
         self._gate_handles = []
@@ -450,7 +352,7 @@ class Composer:
             rows.append(hidden_states[-2])  # SDXL's penultimate-layer context
         for states in rows:
             for ids, row in zip(input_ids.tolist(), states):
-                self._remember(self._token_ids, _row_key(row), frozenset(i for i in ids if i not in special))
+                self._remember(self._token_ids, row_key(row), frozenset(i for i in ids if i not in special))
         return None
 
     def _unet_pre_hook(self, module, args, kwargs):
@@ -489,21 +391,21 @@ class Composer:
         if not gated:
             return {}
         tokens = [self._tokens_for(row) for row in context] if self._token_ids else [None] * context.shape[0]
-        return {name: _similarity(loaded.gate, context, tokens) for name, loaded in gated.items()}
+        return {name: similarity(loaded.gate, context, tokens) for name, loaded in gated.items()}
 
     def _tokens_for(self, row: torch.Tensor) -> frozenset[int] | None:
-        tokens = self._token_ids.get(_row_key(row))
+        tokens = self._token_ids.get(row_key(row))
         encoder = self.component("text_encoder")
         width = getattr(getattr(encoder, "config", None), "hidden_size", None)
         if tokens is None and width is not None and row.shape[-1] > width:
-            tokens = self._token_ids.get(_row_key(row[..., :width]))  # SDXL: [encoder 1 | encoder 2] context
+            tokens = self._token_ids.get(row_key(row[..., :width]))  # SDXL: [encoder 1 | encoder 2] context
         return tokens
 
     # ---- weights, switches -------------------------------------------------------------------------------------
 
     def set_weight(self, name: str, weight: float) -> None:
         loaded = self._get(name)
-        weight = _check_weight(weight, name)
+        weight = check_weight(weight, name)
         if loaded.fused and weight != loaded.weight:
             raise AdapterError(f"erasure {name!r} is fused into the weights; call unfuse() before changing its weight")
         loaded.weight = weight
@@ -523,7 +425,7 @@ class Composer:
             if skipped:
                 logger.info("not fusing gated erasures %s: they stay applied through hooks", skipped)
         else:
-            chosen = self._names(names)
+            chosen = self.resolve_names(names)
             for name in chosen:
                 loaded = self.adapters[name]
                 if loaded.gate is not None:
@@ -563,7 +465,7 @@ class Composer:
     # ---- unload ------------------------------------------------------------------------------------------------
 
     def unload(self, names: str | Iterable[str] | None) -> None:
-        names = self._names(names)
+        names = self.resolve_names(names)
         for name in names:
             del self.adapters[name]
         touched = []
@@ -579,7 +481,7 @@ class Composer:
                 slot.handle.remove()
                 del self.slots[slot.key]
         if not any(a.gate is not None for a in self.adapters.values()):
-            self._remove_gate_hooks()
+            self.remove_gate_hooks()
         else:
             self._last_context = None
 
@@ -591,222 +493,3 @@ class Composer:
                  enabled=a.enabled, fused=a.fused, gated=a.gate is not None)
             for a in self.adapters.values()
         ]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _check_weight(weight, name: str) -> float:
-    try:
-        value = float(weight)
-    except (TypeError, ValueError):
-        raise AdapterError(f"weight of erasure {name!r} must be a number, got {weight!r}") from None
-    if not math.isfinite(value):
-        raise AdapterError(f"weight of erasure {name!r} must be finite, got {weight!r}")
-    return value
-
-
-def _gate_spec(adapter: Adapter, name: str) -> dict | None:
-    gating = dict(adapter.gating or {"rule": "static"})
-    rule = gating.get("rule", "static")
-    if rule not in GATING_RULES:
-        raise AdapterError(f"erasure {name!r}: unknown gating rule {rule!r}; expected one of {tuple(GATING_RULES)}")
-    if rule == "static":
-        return None
-    prompts = gating.get("prompts")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise AdapterError(f"erasure {name!r}: a prompt_similarity gate needs gating['prompts'], got {prompts!r}")
-    metric = gating.get("metric", "clipcos_tokenuni")
-    if metric not in GATE_METRICS:
-        raise AdapterError(f"erasure {name!r}: unknown gate metric {metric!r}; expected one of {GATE_METRICS}")
-    combine = gating.get("combine", "sum")
-    if combine not in GATE_COMBINES:
-        raise AdapterError(f"erasure {name!r}: unknown gate combine {combine!r}; expected one of {GATE_COMBINES}")
-    factor = _check_weight(gating.get("facilitate_factor", gating.get("factor", 1.0)), name)
-    return dict(prompts=list(prompts), metric=metric, combine=combine, factor=factor)
-
-
-def _similarity(gate: _Gate, context: torch.Tensor, tokens: list[frozenset[int] | None]) -> torch.Tensor:
-    """SPM Facilitated Transport: ``factor · max_q max(clipcos, tokenuni)`` for each row of ``context`` → ``(B,)``."""
-    rows = context.detach().float()  # (B, L, D)
-    if gate.embeds.device != rows.device:
-        gate.embeds = gate.embeds.to(rows.device)  # the pipeline moved since load
-    embeds = gate.embeds  # (Q, L', D)
-    if rows.shape[-1] != embeds.shape[-1]:
-        raise AdapterMismatchError(
-            f"gate prompts encode to width {embeds.shape[-1]}, but the UNet context has width {rows.shape[-1]}")
-    length = min(rows.shape[1], embeds.shape[1])
-    a = F.normalize(rows[:, :length].flatten(1), dim=1)
-    b = F.normalize(embeds[:, :length].flatten(1), dim=1)
-    score = a @ b.T  # clipcos, (B, Q)
-    if gate.metric != "clipcos" and gate.token_sets and any(t is not None for t in tokens):
-        # NaN where tok(p) is unknown or tok(q) is empty: clipcos alone there
-        if gate.metric == "tokencos" and gate.token_embedding is not None:
-            overlap = _tokencos(gate.token_embedding, tokens, gate.token_sets)
-        else:  # tokenuni(p, q) = |tok(p) ∩ tok(q)| / |tok(q)|
-            overlap = torch.tensor(
-                [[len(t & q) / len(q) if t is not None and q else math.nan for q in gate.token_sets] for t in tokens],
-                dtype=torch.float32)
-        overlap = overlap.to(device=score.device, dtype=score.dtype)
-        matched = overlap if gate.metric in ("tokenuni", "tokencos") else torch.maximum(score, overlap)
-        score = torch.where(torch.isnan(overlap), score, matched)
-    return gate.factor * score.max(dim=1).values
-
-
-def _tokencos(embedding: torch.Tensor, tokens: list[frozenset[int] | None],
-              token_sets: tuple[frozenset[int], ...]) -> torch.Tensor:
-    """``tokencos(p, q) = mean_{j ∈ q} max(0, max_{i ∈ p} cos(W_i, W_j))`` for rows ``p`` × gate prompts ``q``:
-    ``(B, Q)`` fp32, NaN where ``p`` is unknown (``None``) or ``q`` is empty, 0 where ``p`` has no tokens."""
-    out = torch.full((len(tokens), len(token_sets)), math.nan)
-    unit = {t: F.normalize(embedding[sorted(t)].detach().float(), dim=-1) for t in {*token_sets, *tokens} if t}
-    for b, p in enumerate(tokens):
-        for q_index, q in enumerate(token_sets):
-            if p is not None and q:  # each token of q: its closest token of p
-                out[b, q_index] = (unit[q] @ unit[p].T).max(dim=1).values.clamp(min=0.0).mean().cpu() if p else 0.0
-    return out
-
-
-def as_adapter(adapter_or_path) -> tuple[Adapter, str]:
-    """``(adapter, default name)``; a path is read with ``erasekit.adapter.load_adapter``."""
-    if isinstance(adapter_or_path, Adapter):
-        adapter = adapter_or_path
-        return adapter, "-".join([adapter.method, "+".join(adapter.concepts)]) if adapter.concepts else adapter.method
-    if isinstance(adapter_or_path, (str, Path)):
-        path = Path(adapter_or_path)
-        name = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.stem
-        return load_adapter(path), name
-    raise AdapterError(f"expected an Adapter or a path to an adapter file, got {type(adapter_or_path).__name__}")
-
-
-def _composer(pipe) -> Composer:
-    composer = Composer.of(pipe, create=False)
-    if composer is None:
-        raise AdapterError("unknown erasure: no erasures are loaded on this pipeline")
-    return composer
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Public API: functions on any stock pipeline
-# --------------------------------------------------------------------------------------------------------------
-
-
-def load(pipe, adapter_or_path: Adapter | str | Path, name: str | None = None, weight: float = 1.0,
-         strict: bool = False) -> str:
-    """Apply an erasure to ``pipe`` through forward hooks and return its name.
-
-    >>> import erasekit
-    >>> from erasekit import compose
-    >>> pipe = erasekit.load_pipeline(device="cpu")
-    >>> compose.load(pipe, erasekit.erase(pipe, "uce", ["circle"]), name="circle")
-    'circle'
-    >>> [(e["name"], e["method"], e["weight"]) for e in compose.list_erasures(pipe)]
-    [('circle', 'uce', 1.0)]
-    >>> compose.unload(pipe)                                   # the base model again, bit for bit
-
-    Args:
-        pipe: a diffusers pipeline with ``unet`` (and ``text_encoder``/``text_encoder_2`` if the adapter changes them).
-        adapter_or_path: an ``Adapter`` or the path of an adapter ``.safetensors`` file.
-        name: the erasure's name; defaults to the file name without ``.safetensors``, or ``"<method>-<concepts>"``.
-        weight: ``w`` in ``W + w·γ·B A``; 0 leaves the output bit-identical to the base.
-        strict: passed to ``erasekit.adapter.check_compatible`` (refuse an adapter made on another checkpoint).
-
-    Raises:
-        AdapterError: duplicate name, bad gating record; ``AdapterMismatchError`` for a missing module or shape.
-    """
-    adapter, default = as_adapter(adapter_or_path)
-    return Composer.of(pipe).load(pipe, adapter, name or default, weight, strict)
-
-
-def set_weights(pipe, names: str | Sequence[str], weights: float | Sequence[float]) -> None:
-    """Set ``w_i`` of each named erasure (one weight for all, or one per name)."""
-    composer = _composer(pipe)
-    names = composer._names(names)
-    if isinstance(weights, str) or not isinstance(weights, Iterable):
-        weights = [weights] * len(names)  # one weight for all (a bad value is reported by name below)
-    weights = list(weights)
-    if len(weights) != len(names):
-        raise AdapterError(f"got {len(weights)} weights for {len(names)} erasures {names}")
-    for name, weight in zip(names, weights):
-        composer.set_weight(name, weight)
-
-
-def enable(pipe, name: str) -> None:
-    """Turn an erasure back on."""
-    _composer(pipe).set_enabled(name, True)
-
-
-def disable(pipe, name: str) -> None:
-    """Turn an erasure off (its term is skipped: bit-identical to not having it)."""
-    _composer(pipe).set_enabled(name, False)
-
-
-@contextmanager
-def disabled(pipe):
-    """Context manager: every erasure off (fused ones unfused) inside, the previous state restored in ``finally``."""
-    composer = Composer.of(pipe, create=False)
-    if composer is None or not composer.adapters:
-        yield
-        return
-    fused = [n for n, a in composer.adapters.items() if a.fused]
-    enabled = {n: a.enabled for n, a in composer.adapters.items()}
-    composer.unfuse()
-    for loaded in composer.adapters.values():
-        loaded.enabled = False
-    try:
-        yield
-    finally:
-        for name, was_enabled in enabled.items():
-            if name in composer.adapters:
-                composer.adapters[name].enabled = was_enabled
-        still = [n for n in fused if n in composer.adapters]
-        if still:
-            composer.fuse(still)
-
-
-def fuse(pipe, names: str | Sequence[str] | None = None) -> list[str]:
-    """Write static erasures into the base weights (``W ← W + w ΔW`` in fp32); returns the names fused.
-
-    ``names=None`` fuses every enabled static erasure and leaves gated ones on their hooks; naming a gated erasure
-    raises ``AdapterError`` (its gating would be lost). A CPU copy of each fused module's original weight is kept.
-    """
-    return _composer(pipe).fuse(names)
-
-
-def unfuse(pipe) -> None:
-    """Restore the original weights of every fused module bit-exactly; the erasures stay loaded (hooks)."""
-    composer = Composer.of(pipe, create=False)
-    if composer is not None:
-        composer.unfuse()
-
-
-def unload(pipe, names: str | Sequence[str] | None = None) -> None:
-    """Remove erasures (all by default): hooks removed, fused weights restored; the base is back bit for bit."""
-    composer = Composer.of(pipe, create=False)
-    if composer is None:
-        if names is not None:
-            raise AdapterError("unknown erasure: no erasures are loaded on this pipeline")
-        return
-    composer.unload(names)
-    if not composer.adapters:
-        composer._remove_gate_hooks()
-        _COMPOSERS.pop(_key(pipe), None)
-
-
-def list_erasures(pipe) -> list[dict]:
-    """One dict per loaded erasure: ``name, method, concepts, weight, enabled, fused, gated``."""
-    composer = Composer.of(pipe, create=False)
-    return composer.listing() if composer is not None else []
-
-
-def gates(pipe, prompts: str | Sequence[str]) -> list[dict[str, float]]:
-    """γ of every gated erasure for each prompt (as the UNet would see it, clipcos and tokenuni), for inspection."""
-    composer = _composer(pipe)
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    with torch.no_grad():
-        context = sd.encode(pipe, prompts).embeds
-        values = composer.compute_gates(context)
-    return [{name: float(v[i]) for name, v in values.items()} for i in range(len(prompts))]
