@@ -271,7 +271,7 @@ def bake(pipe, adapters: Sequence, out_dir: str | Path, *, overwrite: bool = Fal
     entries = []
     for item in adapters:
         source, weight = item if isinstance(item, tuple) else (item, 1.0)
-        adapter, default_name = compose._as_adapter(source)
+        adapter, default_name = compose.as_adapter(source)
         if not adapter.is_static:
             raise AdapterError(f"cannot bake gated adapter {default_name!r} ({adapter.gating.get('rule')}): fusing "
                                "it into the weights would lose the gating")

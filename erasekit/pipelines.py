@@ -64,7 +64,7 @@ class ErasureLoaderMixin:
             weight: ``w`` in ``W + w·γ·B A``.
             strict: refuse an adapter computed on another checkpoint of the same architecture.
         """
-        adapter, default_name = compose._as_adapter(path_or_adapter)
+        adapter, default_name = compose.as_adapter(path_or_adapter)
         outside = [c for c in adapter.components if c not in self._erasure_loadable_modules]
         if outside:
             raise AdapterMismatchError(

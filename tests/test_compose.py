@@ -10,6 +10,7 @@ import torch
 
 from erasekit import compose
 from erasekit.adapter import Adapter, ModuleDelta
+from erasekit.core import sd
 from erasekit.errors import AdapterError, AdapterMismatchError
 from erasekit.testing import tiny_pipeline
 
@@ -184,7 +185,7 @@ def test_gated_and_static_on_the_same_modules_stack_exactly(family, pipe, base):
     np.testing.assert_allclose(batch[1], generate(pipe, "red car", seeds=(1,))[0], atol=1e-5)
     cat = generate(pipe, "a cat", guidance_scale=1.0)  # no CFG: the one row has gate 1
     unet = pipe.unet
-    context = compose._encode_prompts(pipe, ["a cat", "red car"])
+    context = sd.encode(pipe, ["a cat", "red car"]).embeds
     sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     kwargs = {}
     if family == "sdxl":

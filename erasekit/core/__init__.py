@@ -2,8 +2,9 @@
 
 - :mod:`erasekit.core.sd` — Stable Diffusion plumbing: encoders, prompt encoding (SD 1/2/XL), ε prediction,
   generation, the model's id.
-- :mod:`erasekit.core.lora` — ΔW on ``nn.Linear`` / ``nn.Conv2d`` modules through forward hooks: trainable low-rank
-  deltas for the trained methods, saved deltas applied for evaluation.
+- :mod:`erasekit.core.lora` — ΔW on ``nn.Linear`` / ``nn.Conv2d`` modules: ``ModuleDelta`` (a stored delta), the one
+  forward-hook applier (used by training's hooks and by ``erasekit.compose``), trainable low-rank deltas, saved deltas
+  applied for evaluation.
 - :mod:`erasekit.core.files` — atomic writes with the user's umask, advisory folder locks.
 - :mod:`erasekit.core.provenance` — the run record (date, commit, machine, versions) stamped on results; peak memory.
 

@@ -1,4 +1,6 @@
-"""Trainable weight deltas on ``nn.Linear``/``nn.Conv2d`` modules, attached with forward hooks.
+"""ΔW on ``nn.Linear``/``nn.Conv2d`` modules: :class:`ModuleDelta` (a stored delta), the one forward-hook applier
+(:func:`project_down`, :func:`project_up`, :func:`add_low_rank`, shared with ``erasekit.compose``), and trainable
+deltas attached with forward hooks.
 
 Each adapted module computes ``m(x) + ΔW x`` where ``ΔW = up @ down`` is low rank (LoRA, Hu et al. 2021,
 https://arxiv.org/abs/2106.09685, Eq. 3: ``h = W₀x + BAx``, ``B`` = up initialised to zero) or a full matrix
@@ -18,15 +20,47 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import ModuleDelta
 from ..errors import ConfigError
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class ModuleDelta:
+    """The change to one ``nn.Linear``/``nn.Conv2d`` weight: low-rank ``up @ down`` or a full ``delta``."""
+
+    down: torch.Tensor | None = None  # lora_A: [r, in] or [r, in, kh, kw]
+    up: torch.Tensor | None = None  # lora_B: [out, r] or [out, r, 1, 1]
+    delta: torch.Tensor | None = None  # [out, in] or [out, in, kh, kw]
+
+    def __post_init__(self):
+        low_rank = self.down is not None and self.up is not None
+        if low_rank == (self.delta is not None) or (self.down is None) != (self.up is None):
+            raise ValueError("a ModuleDelta is either (down, up) or delta")
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.down is None else int(self.down.shape[0])
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the module weight this delta applies to."""
+        if self.delta is not None:
+            return tuple(self.delta.shape)
+        return (self.up.shape[0],) + tuple(self.down.shape[1:])
+
+    def dense(self) -> torch.Tensor:
+        """The full ΔW (fp32)."""
+        if self.delta is not None:
+            return self.delta.float()
+        up, down = self.up.float().flatten(1), self.down.float().flatten(1)
+        return (up @ down).reshape(self.weight_shape)
 
 
 def select(model: nn.Module, include: Callable[[str, nn.Module], bool]) -> list[str]:
@@ -39,6 +73,55 @@ def _kaiming_(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     bound = 1 / math.sqrt(tensor[0].numel())
     with torch.no_grad():
         return tensor.uniform_(-bound, bound, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------- the ΔW applier
+# One implementation of ``ΔW x`` for the hooks of training (``Deltas``) and of generation (``erasekit.compose``).
+
+def project_down(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``A x``: Linear ``x @ Aᵀ``; Conv2d: a convolution with ``A`` as kernel and the module's stride, padding and
+    dilation. A full ``ΔW`` is applied the same way (the module itself, without bias)."""
+    if isinstance(module, nn.Conv2d):
+        return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation)
+    return F.linear(x, weight)
+
+
+def project_up(module: nn.Module, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``B h``: Linear ``h @ Bᵀ``; Conv2d: a 1×1 convolution with ``B``."""
+    return F.conv2d(h, weight) if isinstance(module, nn.Conv2d) else F.linear(h, weight)
+
+
+def add_low_rank(module: nn.Module, x: torch.Tensor, output: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                 coefs: list | None = None, ranks: list[int] | None = None) -> torch.Tensor:
+    """``output + Σ_i B_i (c_i A_i x)`` for stacked factors ``down = [A_1; …; A_n]``, ``up = [B_1 … B_n]``.
+
+    One down-projection, per-column coefficients ``c_i`` (floats, or per-sample ``(B, 1, …)`` tensors; ``ranks``
+    gives each term's columns), and the up-projection accumulated into ``output`` in place when no gradient is
+    recorded (one pass over the full-size output, however many terms).
+    """
+    h = project_down(module, x, down)
+    if coefs is not None and not all(isinstance(c, float) and c == 1.0 for c in coefs):
+        h = h * _column_scale(coefs, ranks, h, 1 if isinstance(module, nn.Conv2d) else h.ndim - 1)
+    recording = torch.is_grad_enabled() and (output.requires_grad or h.requires_grad)
+    if recording or not output.is_contiguous() or up.shape[2:] not in ((), (1, 1)):
+        return output + project_up(module, h, up)
+    if isinstance(module, nn.Conv2d):
+        b, c, r = output.shape[0], output.shape[1], up.shape[1]
+        output.view(b, c, -1).baddbmm_(up.view(c, r).expand(b, c, r), h.reshape(b, r, -1))
+    else:
+        output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+    return output
+
+
+def _column_scale(coefs: list, ranks: list[int], h: torch.Tensor, channel: int) -> torch.Tensor:
+    """Per-sample, per-rank-column factors ``c_i`` (floats, or ``(B, 1, …)`` gate tensors), shaped to multiply ``h``."""
+    batch = h.shape[0]
+    columns = [h.new_full((batch, r), c) if isinstance(c, float) else c.reshape(-1, 1).expand(batch, r)
+               for c, r in zip(coefs, ranks)]
+    scale = torch.cat(columns, 1)
+    shape = [batch] + [1] * (h.ndim - 1)
+    shape[channel] = scale.shape[1]
+    return scale.view(shape) if channel == h.ndim - 1 else scale.view(batch, -1, *([1] * (h.ndim - 2)))
 
 
 class Deltas:
@@ -82,15 +165,10 @@ class Deltas:
     # -- hooks ----------------------------------------------------------------------------------------
     def _delta_output(self, name: str, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         p = self.params
-        conv = isinstance(m, nn.Conv2d)
         if self.rank > 0:
             down, up = p[f"{name}.lora_A"], p[f"{name}.lora_B"]
-            if conv:
-                h = F.conv2d(x, down.to(x.dtype), None, m.stride, m.padding, m.dilation)
-                return F.conv2d(h, up.to(x.dtype))
-            return F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
-        delta = p[f"{name}.delta"].to(x.dtype)
-        return F.conv2d(x, delta, None, m.stride, m.padding, m.dilation) if conv else F.linear(x, delta)
+            return project_up(m, project_down(m, x, down.to(x.dtype)), up.to(x.dtype))
+        return project_down(m, x, p[f"{name}.delta"].to(x.dtype))
 
     def _hook(self, name: str):
         def hook(module, args, kwargs, output):

@@ -1,0 +1,35 @@
+"""The erasekit adapter: one ``.safetensors`` file holding an erasure as deltas, plus its record.
+
+Format 1 (spec with a header example: ``adapters/README.md``). Tensors are deltas, never full weights,
+keyed by component and diffusers module path::
+
+    unet.<module path>.lora_A.weight          [r, in] (Conv2d: [r, in, kh, kw])   "down"
+    unet.<module path>.lora_B.weight          [out, r] (Conv2d: [out, r, 1, 1])   "up"
+    text_encoder.<module path>.delta          [out, in] (Conv2d: [out, in, kh, kw]), only where no low rank exists
+    stats.<name>                              optional closed-form statistics for exact merging
+    gate.<name>                               optional gating data (e.g. SPM's erased-prompt embeddings)
+
+so that ``W_eff = W + weight · gate(prompt) · (lora_B @ lora_A)`` (or ``+ delta``). The record is one JSON
+object under the ``erasekit.adapter`` metadata key (safetensors metadata values are strings).
+
+In memory, ``stats.<name>`` is ``Adapter.stats["<name>"]`` and ``gate.<name>`` is ``Adapter.stats["gate.<name>"]``.
+
+The package: :mod:`.model` (:class:`Adapter`, :func:`describe`, the format's names), :mod:`.writer`
+(:func:`save_adapter`: atomic write), :mod:`.reader` (:func:`load_adapter`: validates everything, never
+unpickles; :func:`read_record`: the header only), :mod:`.fingerprint` (:func:`fingerprint` of a pipeline's
+weights, :func:`check_compatible`: does an adapter fit a pipeline?, :func:`resolve_module`, :func:`find_module`)
+and :mod:`.spec` (the tensor rules writer and reader share). ``ModuleDelta`` lives in :mod:`erasekit.core.lora`.
+"""
+
+from ..core.lora import ModuleDelta
+from .fingerprint import (FINGERPRINT_BLOCKS, FINGERPRINT_SAMPLE, check_compatible, find_module, fingerprint,
+                          resolve_module)
+from .model import COMPONENTS, FORMAT_KEY, FORMAT_VERSION, GATING_RULES, METADATA_KEY, Adapter, describe
+from .reader import load_adapter, read_record
+from .writer import save_adapter, write_safetensors
+
+__all__ = [
+    "Adapter", "ModuleDelta", "describe", "save_adapter", "write_safetensors", "load_adapter", "read_record",
+    "fingerprint", "check_compatible", "resolve_module", "find_module", "COMPONENTS", "GATING_RULES",
+    "FORMAT_VERSION", "FORMAT_KEY", "METADATA_KEY", "FINGERPRINT_SAMPLE", "FINGERPRINT_BLOCKS",
+]

@@ -1,0 +1,110 @@
+"""The adapter in memory: :class:`Adapter` (one erasure as ``ModuleDelta`` s plus its record) and :func:`describe`.
+
+The file format's names (``FORMAT_VERSION``, the metadata keys, ``COMPONENTS``, ``GATING_RULES``) are defined here;
+writing and reading files is :mod:`erasekit.adapter.writer` / :mod:`erasekit.adapter.reader`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..core.lora import ModuleDelta
+
+FORMAT_VERSION = "1.0"  # major.minor; a reader refuses an unknown major
+METADATA_KEY = "erasekit.adapter"
+FORMAT_KEY = "erasekit.format"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+#: gating rule -> the fields it needs in ``Adapter.gating`` (besides "rule") and their JSON types
+GATING_RULES = {
+    "static": {},
+    "prompt_similarity": {"prompts": list, "metric": str, "facilitate_factor": (int, float)},
+}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An erasure, as returned by every strategy's ``erase(pipe, config)`` and stored in one file.
+
+    Attributes:
+        method: registry name of the strategy ("uce", "esd", ...).
+        concepts: what was erased, as the user named it.
+        config: the strategy's full config (``dataclasses.asdict`` of its frozen config). Must be JSON-able:
+            tuples are stored as lists (and come back as lists).
+        deltas: "<component>.<module path>" -> ModuleDelta, component in ``COMPONENTS``.
+        base_model: id or path of the model the deltas were computed on.
+        fingerprint: component -> {"architecture": hex digest, "weights": hex digest} of that base
+            (see :func:`fingerprint`).
+        gating: {"rule": "static"}, or a prompt-similarity rule with what it needs (SPM); see ``GATING_RULES``.
+        stats: optional named tensors (closed-form statistics for exact merging, gate embeddings as "gate.<name>").
+        info: free-form extra record (merge provenance ...). The file's own stamps (created time, library
+            versions, dtype) are in the file's record, see :func:`read_record`.
+    """
+
+    method: str
+    concepts: tuple[str, ...]
+    config: dict
+    deltas: dict[str, ModuleDelta]
+    base_model: str = ""
+    fingerprint: dict = field(default_factory=dict)
+    gating: dict = field(default_factory=lambda: {"rule": "static"})
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(c for c in COMPONENTS if any(k.startswith(c + ".") for k in self.deltas))
+
+    @property
+    def is_static(self) -> bool:
+        return self.gating.get("rule", "static") == "static"
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for d in self.deltas.values() for t in (d.down, d.up, d.delta) if t is not None)
+
+    @property
+    def is_low_rank(self) -> bool:
+        """True when every delta is a (lora_A, lora_B) pair: the layout stock diffusers LoRA loading accepts."""
+        return bool(self.deltas) and all(d.delta is None for d in self.deltas.values())
+
+    def save(self, path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32) -> Path:
+        """Write this adapter to one ``.safetensors`` file, atomically. See :func:`save_adapter`."""
+        from .writer import save_adapter
+
+        return save_adapter(self, path, dtype=dtype)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Adapter:
+        """Read and validate an adapter file. See :func:`load_adapter`."""
+        from .reader import load_adapter
+
+        return load_adapter(path)
+
+    def describe(self) -> dict:
+        """A JSON-able summary: the record plus one entry per module (kind, rank, weight shape). See :func:`describe`."""
+        return describe(self)
+
+
+def describe(adapter: Adapter, size: int | None = None) -> dict:
+    """A JSON-able summary of ``adapter``: its record plus one entry per module (kind, rank, weight shape).
+
+    ``size`` (the file's size in bytes), when given, is reported as ``"bytes"``.
+    """
+    out = {
+        "method": adapter.method, "concepts": list(adapter.concepts), "base_model": adapter.base_model,
+        "components": list(adapter.components), "gating": adapter.gating, "config": adapter.config,
+        "fingerprint": adapter.fingerprint, "parameters": adapter.num_parameters,
+    }
+    if size is not None:
+        out["bytes"] = size
+    out.update({
+        "stats": sorted(adapter.stats), "info": adapter.info,
+        "modules": [{"module": k, "kind": "lowrank" if d.delta is None else "full", "rank": d.rank,
+                     "shape": list(d.weight_shape)} for k, d in sorted(adapter.deltas.items())],
+    })
+    return out

@@ -1,0 +1,71 @@
+"""The file format's tensor rules, shared by the writer and the reader: dtypes, key scheme, shape and record checks."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+
+from ..errors import AdapterError
+from .model import COMPONENTS, GATING_RULES
+
+# safetensors dtype name -> (torch dtype, bytes per element); the dtypes this reader accepts
+DTYPES = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+}
+DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+MODULE_PATH = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+STATS_NAME = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*")
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """'unet.down_blocks.0.proj_in' -> ('unet', 'down_blocks.0.proj_in'); None if the key is malformed."""
+    component, _, module_path = key.partition(".")
+    if component not in COMPONENTS or not MODULE_PATH.fullmatch(module_path):
+        return None
+    return component, module_path
+
+
+def check_low_rank_shapes(down_shape, up_shape) -> str | None:
+    """Why (lora_A, lora_B) with these shapes is not a format-1 pair, or None if it is."""
+    if len(down_shape) not in (2, 4):
+        return f"lora_A has shape {list(down_shape)}; expected [r, in] (Linear) or [r, in, kh, kw] (Conv2d)"
+    if len(up_shape) != len(down_shape):
+        return f"lora_A has shape {list(down_shape)} but lora_B has shape {list(up_shape)}; they must both be 2-D or 4-D"
+    if up_shape[1] != down_shape[0]:
+        return (f"rank mismatch: lora_A {list(down_shape)} has rank {down_shape[0]} but lora_B {list(up_shape)} "
+                f"has rank {up_shape[1]}")
+    if len(up_shape) == 4 and tuple(up_shape[2:]) != (1, 1):
+        return f"a Conv2d lora_B must be [out, r, 1, 1], got {list(up_shape)}"
+    return None
+
+
+def check_gating(gating: dict, where: str, error=AdapterError) -> None:
+    rule = gating.get("rule")
+    if not isinstance(rule, str):
+        raise error(f"{where}: gating needs a 'rule' string (one of {', '.join(GATING_RULES)}), got {gating!r}")
+    for name, kind in GATING_RULES.get(rule, {}).items():
+        value = gating.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise error(f"{where}: gating rule {rule!r} needs {name!r} "
+                        f"({'number' if isinstance(kind, tuple) else kind.__name__}), got {value!r}")
+    if rule == "prompt_similarity" and not all(isinstance(p, str) for p in gating["prompts"]):
+        raise error(f"{where}: gating 'prompts' must be a list of strings, got {gating['prompts']!r}")
+
+
+def check_fingerprint(fp, where: str, error) -> None:
+    if not isinstance(fp, dict):
+        raise error(f"{where} must be a dict component -> {{'architecture': hex, 'weights': hex}}, got {fp!r}")
+    for component, digests in fp.items():
+        if component not in COMPONENTS or not isinstance(digests, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in digests.items()):
+            raise error(f"{where}[{component!r}] must map a component ({', '.join(COMPONENTS)}) to "
+                        f"{{'architecture': hex, 'weights': hex}}, got {digests!r}")
+
+
+def hash_entry(name: str, dtype_name: str, shape) -> bytes:
+    return json.dumps([name, dtype_name, list(shape)]).encode() + b"\n"

@@ -1,0 +1,495 @@
+"""The :class:`Composer`: the erasures loaded on one UNet, their per-module hooks, gates and fused weights."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..adapter import COMPONENTS, Adapter, ModuleDelta, check_compatible, find_module
+from ..core import sd
+from ..core.lora import add_low_rank, project_down, project_up
+from ..errors import AdapterError, AdapterMismatchError
+from .gates import Gate, check_weight, parse_gating, row_key, similarity
+
+logger = logging.getLogger("erasekit.compose")
+
+_CACHE_SIZE = 1024  # hidden-state rows whose token ids are remembered
+
+
+@dataclass
+class _Term:
+    """One adapter's delta on one module, cast to the module's device/dtype (re-cast if the module moves)."""
+
+    name: str
+    delta: ModuleDelta
+    tensors: tuple[torch.Tensor, ...] = ()  # (down, up) or (delta,), on the module's device/dtype
+
+    def cast(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.tensors or self.tensors[0].device != weight.device or self.tensors[0].dtype != weight.dtype:
+            source = (self.delta.delta,) if self.delta.delta is not None else (self.delta.down, self.delta.up)
+            self.tensors = tuple(t.to(device=weight.device, dtype=weight.dtype).contiguous() for t in source)
+        return self.tensors
+
+    @property
+    def low_rank(self) -> bool:
+        return self.delta.delta is None
+
+
+@dataclass
+class _Slot:
+    """An adapted module: its hook, the adapters' terms on it, and the original weight while fused."""
+
+    key: str  # "<component>.<module path>" as in the adapter
+    module: nn.Module
+    terms: dict[str, _Term] = field(default_factory=dict)
+    handle: object = None
+    original: torch.Tensor | None = None  # CPU copy of the base weight while any adapter is fused
+    _stack_of: list = field(default_factory=list)  # the term tensors behind _stack
+    _stack: tuple = ()
+
+    def down(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return project_down(self.module, x, w)
+
+    def up(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return project_up(self.module, h, w)
+
+    def term(self, x: torch.Tensor, term: _Term) -> torch.Tensor:
+        tensors = term.cast(self.module.weight)
+        if term.low_rank:
+            return self.up(self.down(x, tensors[0]), tensors[1])
+        return self.down(x, tensors[0])  # a full delta is applied like the module itself, without bias
+
+    def stacked(self, terms: list[_Term]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """``[A_1; …; A_n]``, ``[B_1 … B_n]`` and the ranks of low-rank terms, cached while the terms' tensors stay."""
+        tensors = [term.cast(self.module.weight) for term in terms]
+        if len(tensors) == 1:
+            return tensors[0][0], tensors[0][1], [tensors[0][0].shape[0]]
+        flat = [t for pair in tensors for t in pair]
+        if len(flat) != len(self._stack_of) or any(a is not b for a, b in zip(flat, self._stack_of)):
+            self._stack_of = flat
+            self._stack = (torch.cat([d for d, _ in tensors], 0), torch.cat([u for _, u in tensors], 1),
+                           [d.shape[0] for d, _ in tensors])
+        return self._stack
+
+    def add_low_rank(self, x: torch.Tensor, output: torch.Tensor, terms: list[_Term], coefs: list) -> torch.Tensor:
+        """``output + Σ_i B_i (c_i A_i x)`` with the stacked factors (see ``erasekit.core.lora.add_low_rank``)."""
+        down, up, ranks = self.stacked(terms)
+        return add_low_rank(self.module, x, output, down, up, coefs, ranks)
+
+
+@dataclass
+class _Loaded:
+    name: str
+    adapter: Adapter
+    weight: float
+    enabled: bool = True
+    fused: bool = False
+    gate: Gate | None = None
+
+
+_COMPOSERS: "weakref.WeakKeyDictionary[nn.Module, Composer]" = weakref.WeakKeyDictionary()
+
+
+def _key(pipe):
+    """The registry key of a pipeline: its UNet, where the hooks live (the pipeline itself if it has none)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if isinstance(unet, nn.Module) else pipe
+
+
+class Composer:
+    """The erasures loaded on one UNet (and the pipelines sharing it): adapters, per-module hooks, gates, fused state.
+
+    Obtain it with ``Composer.of(pipe)``; the module-level functions (``load``, ``fuse``, ...) are thin wrappers.
+    """
+
+    def __init__(self, pipe):
+        self._components: dict[str, weakref.ref] = {
+            c: weakref.ref(getattr(pipe, c)) for c in COMPONENTS if isinstance(getattr(pipe, c, None), nn.Module)
+        }
+        self.tokenizer = getattr(pipe, "tokenizer", None)
+        self.adapters: dict[str, _Loaded] = {}
+        self.slots: dict[str, _Slot] = {}
+        self._suspended = 0  # > 0: every hook is a no-op (used while encoding the erased prompts)
+        self._gate_handles: list = []
+        self._current_gates: dict[str, torch.Tensor] | None = None
+        self._coefficients: dict[tuple, torch.Tensor] = {}  # w·γ shaped for one output layout, per UNet call
+        self._last_context: tuple | None = None  # (weakref to encoder_hidden_states, version, gates)
+        self._token_ids: OrderedDict[bytes, frozenset[int]] = OrderedDict()
+
+    # ---- registry --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def of(cls, pipe, create: bool = True) -> "Composer | None":
+        """The composer of ``pipe`` (created on first use when ``create``)."""
+        composer = _COMPOSERS.get(_key(pipe))
+        if composer is None and create:
+            composer = _COMPOSERS[_key(pipe)] = cls(pipe)
+        return composer
+
+    @staticmethod
+    def drop(pipe) -> None:
+        """Forget the composer of ``pipe`` (after its last erasure is unloaded)."""
+        _COMPOSERS.pop(_key(pipe), None)
+
+    def component(self, name: str) -> nn.Module | None:
+        ref = self._components.get(name)
+        return ref() if ref is not None else None
+
+    # ---- names -----------------------------------------------------------------------------------------------
+
+    def _get(self, name: str) -> _Loaded:
+        if name not in self.adapters:
+            loaded = sorted(self.adapters) or "none"
+            raise AdapterError(f"unknown erasure {name!r}; loaded erasures: {loaded}")
+        return self.adapters[name]
+
+    def resolve_names(self, names: str | Iterable[str] | None) -> list[str]:
+        if names is None:
+            return list(self.adapters)
+        names = [names] if isinstance(names, str) else list(names)
+        for name in names:
+            self._get(name)
+        return names
+
+    # ---- load --------------------------------------------------------------------------------------------------
+
+    def load(self, pipe, adapter: Adapter, name: str, weight: float, strict: bool) -> str:
+        if name in self.adapters:
+            raise AdapterError(f"an erasure named {name!r} is already loaded; pass another name= or unload it first")
+        weight = check_weight(weight, name)
+        check_compatible(adapter, pipe, strict=strict)
+        gate_spec = parse_gating(adapter, name)
+
+        # 1. Resolve and check every module before changing anything.
+        targets: list[tuple[str, nn.Module, ModuleDelta]] = []
+        for key, delta in adapter.deltas.items():
+            component, _, path = key.partition(".")
+            if component not in COMPONENTS:
+                raise AdapterMismatchError(f"erasure {name!r}: key {key!r} names no component of {COMPONENTS}")
+            root = self.component(component)
+            if root is None:
+                raise AdapterMismatchError(f"erasure {name!r} changes {component!r}, which this pipeline does not have")
+            if gate_spec is not None and component != "unet":
+                raise AdapterError(
+                    f"erasure {name!r} is gated by prompt similarity but changes {key!r}: gates are computed from "
+                    "the UNet's encoder_hidden_states, so gated deltas must be on the unet only")
+            module = find_module(root, path)
+            if module is None:
+                raise AdapterMismatchError(f"erasure {name!r}: module {path!r} not found in pipe.{component}")
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                raise AdapterMismatchError(
+                    f"erasure {name!r}: {key!r} is a {type(module).__name__}, expected nn.Linear or nn.Conv2d")
+            if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+                raise AdapterMismatchError(f"erasure {name!r}: {key!r} is a grouped or non-zero-padded Conv2d")
+            if tuple(delta.weight_shape) != tuple(module.weight.shape):
+                raise AdapterMismatchError(
+                    f"erasure {name!r}: {key!r} has delta shape {tuple(delta.weight_shape)}, "
+                    f"the module's weight is {tuple(module.weight.shape)}")
+            if gate_spec is not None and gate_spec["combine"] == "factors":
+                self._check_factor_ranks(key, delta, name)
+            targets.append((key, module, delta))
+
+        gate = self._build_gate(pipe, gate_spec) if gate_spec is not None else None
+
+        # 2. Register.
+        self.adapters[name] = _Loaded(name, adapter, weight, gate=gate)
+        for key, module, delta in targets:
+            slot = self.slots.get(key)
+            if slot is None:
+                slot = self.slots[key] = _Slot(key, module)
+                slot.handle = module.register_forward_hook(self._make_hook(slot))
+            slot.terms[name] = _Term(name, delta)
+            slot.terms[name].cast(module.weight)  # cast once at load
+        if gate is not None:
+            self._ensure_gate_hooks()
+        return name
+
+    def _check_factor_ranks(self, key: str, delta: ModuleDelta, name: str) -> None:
+        if delta.delta is not None:
+            raise AdapterError(f"erasure {name!r}: combine='factors' needs low-rank deltas, {key!r} is a full delta")
+        slot = self.slots.get(key)
+        for other, term in (slot.terms.items() if slot else ()):
+            loaded = self.adapters[other]
+            if loaded.gate is not None and loaded.gate.combine == "factors" and term.delta.rank != delta.rank:
+                raise AdapterError(
+                    f"erasure {name!r}: combine='factors' sums factors, but {key!r} has rank {delta.rank} here and "
+                    f"rank {term.delta.rank} in erasure {other!r}")
+
+    def _build_gate(self, pipe, spec: dict) -> Gate:
+        prompts = tuple(spec["prompts"])
+        with self._hooks_suspended(), torch.no_grad():
+            embeds = sd.encode(pipe, list(prompts)).embeds  # (Q, L, D), as pipe.encode_prompt
+        token_sets: tuple[frozenset[int], ...] = ()
+        if self.tokenizer is not None:
+            special = set(self.tokenizer.all_special_ids)
+            ids = self.tokenizer(list(prompts), truncation=True, max_length=self.tokenizer.model_max_length).input_ids
+            token_sets = tuple(frozenset(i for i in row if i not in special) for row in ids)
+        token_embedding = None
+        encoder = self.component("text_encoder")
+        if spec["metric"] == "tokencos" and encoder is not None and token_sets:
+            token_embedding = encoder.get_input_embeddings().weight.detach()  # a view: no copy
+        unet = self.component("unet")
+        device = next(unet.parameters()).device
+        return Gate(prompts, embeds.detach().to(device=device, dtype=torch.float32), token_sets,
+                     spec["metric"], spec["factor"], spec["combine"], token_embedding)
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _hooks_suspended(self):
+        self._suspended += 1
+        try:
+            yield
+        finally:
+            self._suspended -= 1
+
+    def _active(self, name: str) -> _Loaded | None:
+        loaded = self.adapters.get(name)
+        if loaded is None or not loaded.enabled or loaded.fused or loaded.weight == 0.0:
+            return None
+        return loaded
+
+    def _make_hook(self, slot: _Slot):
+        def hook(module, args, output):
+            if self._suspended:
+                return None
+            active = [(t, loaded) for t in slot.terms.values() if (loaded := self._active(t.name)) is not None]
+            if not active:
+                return None  # bit-identical base output
+            x = args[0]
+            factored, low_rank, coefs = [], [], []
+            for term, loaded in active:
+                if loaded.gate is not None and loaded.gate.combine == "factors":
+                    factored.append((term, loaded))
+                    continue
+                coef = self._coefficient(loaded, output, slot)
+                if term.low_rank:  # stacked below: Σ_i B_i (c_i A_i x) as one down- and one up-projection
+                    low_rank.append(term)
+                    coefs.append(coef)
+                    continue
+                delta = slot.term(x, term)
+                output = output + (delta if isinstance(coef, float) and coef == 1.0 else delta * coef)
+            if low_rank:  # the full-size output is touched once, however many low-rank adapters
+                output = slot.add_low_rank(x, output, low_rank, coefs)
+            if factored:
+                output = output + self._factored_term(x, output, slot, factored)
+            return output
+
+        return hook
+
+    def _coefficient(self, loaded: _Loaded, output: torch.Tensor, slot: _Slot, with_weight: bool = True):
+        """``w_i`` (a float) for a static adapter; ``w_i γ_i`` per sample, shaped to broadcast, for a gated one."""
+        weight = loaded.weight if with_weight else 1.0
+        if loaded.gate is None:
+            return weight
+        if self._current_gates is None or loaded.name not in self._current_gates:
+            raise AdapterError(
+                f"gated erasure {loaded.name!r}: module {slot.key!r} ran outside a UNet forward with "
+                "encoder_hidden_states, so its prompt gate is unknown")
+        memo = (loaded.name, weight, tuple(output.shape[:1]), output.ndim, output.dtype, output.device)
+        if memo in self._coefficients:
+            return self._coefficients[memo]
+        gate = self._current_gates[loaded.name]
+        batch = output.shape[0]
+        if gate.shape[0] != batch:
+            if bool((gate == gate[0]).all()):
+                gate = gate[:1].expand(batch)
+            else:
+                raise AdapterError(
+                    f"gated erasure {loaded.name!r}: per-sample gates for a batch of {gate.shape[0]}, but module "
+                    f"{slot.key!r} produced a batch of {batch}")
+        coef = (gate * weight).to(device=output.device, dtype=output.dtype).view(batch, *([1] * (output.ndim - 1)))
+        self._coefficients[memo] = coef
+        return coef
+
+    def _factored_term(self, x, output, slot: _Slot, factored) -> torch.Tensor:
+        """``(Σ_i w_i γ_i B_i)(Σ_j γ_j A_j) x``, computed as ``Σ_i w_i γ_i B_i (Σ_j γ_j A_j x)`` (SPM reference)."""
+        hidden = None
+        for term, loaded in factored:
+            down = slot.down(x, term.cast(slot.module.weight)[0])
+            h = down * self._coefficient(loaded, down, slot, with_weight=False)
+            hidden = h if hidden is None else hidden + h
+        total = None
+        for term, loaded in factored:
+            up = slot.up(hidden, term.cast(slot.module.weight)[1]) * self._coefficient(loaded, output, slot)
+            total = up if total is None else total + up
+        return total
+
+    def _ensure_gate_hooks(self) -> None:
+        if self._gate_handles:
+            return
+        unet = self.component("unet")
+        self._gate_handles.append(unet.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True))
+        self._gate_handles.append(unet.register_forward_hook(self._unet_post_hook, always_call=True))
+        encoder = self.component("text_encoder")
+        if encoder is not None and self.tokenizer is not None:
+            self._gate_handles.append(encoder.register_forward_hook(self._text_encoder_hook, with_kwargs=True))
+
+    def remove_gate_hooks(self) -> None:
+        for handle in self._gate_handles:
+            handle.remove()
+        self._gate_handles = []
+        self._current_gates = None
+        self._last_context = None
+        self._token_ids.clear()
+
+    def _text_encoder_hook(self, module, args, kwargs, output):
+        """Remember the token ids behind each hidden-state row the text encoder produced (for tokenuni)."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None or self._suspended:
+            return None
+        special = set(self.tokenizer.all_special_ids)
+        rows = [output[0]]
+        hidden_states = getattr(output, "hidden_states", None)
+        if hidden_states is not None and len(hidden_states) > 1:
+            rows.append(hidden_states[-2])  # SDXL's penultimate-layer context
+        for states in rows:
+            for ids, row in zip(input_ids.tolist(), states):
+                self._remember(self._token_ids, row_key(row), frozenset(i for i in ids if i not in special))
+        return None
+
+    def _unet_pre_hook(self, module, args, kwargs):
+        if self._suspended:
+            return None
+        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        if context is None:
+            self._current_gates = None
+            return None
+        self._coefficients.clear()
+        last = self._last_context
+        if last is not None and last[0]() is context and last[1] == context._version:
+            self._current_gates = last[2]  # same prompt batch as the previous denoising step
+        else:
+            self._current_gates = self.compute_gates(context)
+            self._last_context = (weakref.ref(context), context._version, self._current_gates)
+        return None
+
+    def _unet_post_hook(self, module, args, output):
+        self._current_gates = None
+        self._coefficients.clear()
+        return None
+
+    @staticmethod
+    def _remember(cache: OrderedDict, key, value) -> None:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+
+    # ---- gates -------------------------------------------------------------------------------------------------
+
+    def compute_gates(self, context: torch.Tensor) -> dict[str, torch.Tensor]:
+        """γ for every gated adapter and every row of ``context`` ``(B, L, D)``: name -> ``(B,)`` fp32 tensor."""
+        gated = {n: a for n, a in self.adapters.items() if a.gate is not None}
+        if not gated:
+            return {}
+        tokens = [self._tokens_for(row) for row in context] if self._token_ids else [None] * context.shape[0]
+        return {name: similarity(loaded.gate, context, tokens) for name, loaded in gated.items()}
+
+    def _tokens_for(self, row: torch.Tensor) -> frozenset[int] | None:
+        tokens = self._token_ids.get(row_key(row))
+        encoder = self.component("text_encoder")
+        width = getattr(getattr(encoder, "config", None), "hidden_size", None)
+        if tokens is None and width is not None and row.shape[-1] > width:
+            tokens = self._token_ids.get(row_key(row[..., :width]))  # SDXL: [encoder 1 | encoder 2] context
+        return tokens
+
+    # ---- weights, switches -------------------------------------------------------------------------------------
+
+    def set_weight(self, name: str, weight: float) -> None:
+        loaded = self._get(name)
+        weight = check_weight(weight, name)
+        if loaded.fused and weight != loaded.weight:
+            raise AdapterError(f"erasure {name!r} is fused into the weights; call unfuse() before changing its weight")
+        loaded.weight = weight
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        loaded = self._get(name)
+        if loaded.fused and not enabled:
+            raise AdapterError(f"erasure {name!r} is fused into the weights; call unfuse() before disabling it")
+        loaded.enabled = enabled
+
+    # ---- fuse --------------------------------------------------------------------------------------------------
+
+    def fuse(self, names: str | Iterable[str] | None) -> list[str]:
+        if names is None:
+            chosen = [n for n, a in self.adapters.items() if a.gate is None and a.enabled and not a.fused]
+            skipped = [n for n, a in self.adapters.items() if a.gate is not None]
+            if skipped:
+                logger.info("not fusing gated erasures %s: they stay applied through hooks", skipped)
+        else:
+            chosen = self.resolve_names(names)
+            for name in chosen:
+                loaded = self.adapters[name]
+                if loaded.gate is not None:
+                    raise AdapterError(
+                        f"erasure {name!r} is gated by prompt similarity ({loaded.gate.metric}); fusing it into the "
+                        "weights would lose the gating, so it stays applied through hooks")
+                if not loaded.enabled:
+                    raise AdapterError(f"erasure {name!r} is disabled; enable it before fusing")
+        for name in chosen:
+            self.adapters[name].fused = True
+        self._sync_fused_weights([s for s in self.slots.values() if any(n in s.terms for n in chosen)])
+        return chosen
+
+    def unfuse(self) -> None:
+        for loaded in self.adapters.values():
+            loaded.fused = False
+        self._sync_fused_weights([s for s in self.slots.values() if s.original is not None])
+
+    def _sync_fused_weights(self, slots: Sequence[_Slot]) -> None:
+        """Set each slot's weight to ``W + Σ_fused w_i ΔW_i`` computed in fp32 from the original (or restore it)."""
+        for slot in slots:
+            weight = slot.module.weight
+            fused = [(t, self.adapters[n]) for n, t in slot.terms.items() if self.adapters[n].fused]
+            with torch.no_grad():
+                if not fused:
+                    if slot.original is not None:
+                        weight.copy_(slot.original)  # bit-exact restore
+                        slot.original = None
+                    continue
+                if slot.original is None:
+                    slot.original = weight.detach().to("cpu", copy=True)
+                total = slot.original.to(device=weight.device, dtype=torch.float32)
+                for term, loaded in fused:
+                    total = total + loaded.weight * term.delta.dense().to(weight.device)
+                weight.copy_(total.to(weight.dtype))
+
+    # ---- unload ------------------------------------------------------------------------------------------------
+
+    def unload(self, names: str | Iterable[str] | None) -> None:
+        names = self.resolve_names(names)
+        for name in names:
+            del self.adapters[name]
+        touched = []
+        for key, slot in list(self.slots.items()):
+            if not any(n in slot.terms for n in names):
+                continue
+            for name in names:
+                slot.terms.pop(name, None)
+            touched.append(slot)
+        self._sync_fused_weights(touched)  # restores the original where nothing fused is left
+        for slot in touched:
+            if not slot.terms:
+                slot.handle.remove()
+                del self.slots[slot.key]
+        if not any(a.gate is not None for a in self.adapters.values()):
+            self.remove_gate_hooks()
+        else:
+            self._last_context = None
+
+    # ---- listing -----------------------------------------------------------------------------------------------
+
+    def listing(self) -> list[dict]:
+        return [
+            dict(name=a.name, method=a.adapter.method, concepts=list(a.adapter.concepts), weight=a.weight,
+                 enabled=a.enabled, fused=a.fused, gated=a.gate is not None)
+            for a in self.adapters.values()
+        ]

@@ -1,0 +1,110 @@
+"""Prompt-similarity gates (SPM's Facilitated Transport, Lyu et al. 2024, https://arxiv.org/abs/2312.16145):
+the gating record's checks and ``γ`` of each UNet context row. See :mod:`erasekit.compose` for the formulas."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..adapter import GATING_RULES, Adapter
+from ..errors import AdapterError, AdapterMismatchError
+
+GATE_METRICS = ("clipcos_tokenuni", "clipcos", "tokenuni", "tokencos")
+GATE_COMBINES = ("sum", "factors")
+
+
+@dataclass
+class Gate:
+    """What a prompt-similarity adapter needs at generation (SPM's Facilitated Transport)."""
+
+    prompts: tuple[str, ...]
+    embeds: torch.Tensor  # (Q, L, D) fp32, the pipeline's own encoding of the erased prompts
+    token_sets: tuple[frozenset[int], ...]  # tok(q) without special tokens; empty when no tokenizer
+    metric: str = "clipcos_tokenuni"
+    factor: float = 1.0
+    combine: str = "sum"
+    token_embedding: torch.Tensor | None = None  # (V, D) the text encoder's input embeddings (tokencos; shared)
+
+
+def check_weight(weight, name: str) -> float:
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        raise AdapterError(f"weight of erasure {name!r} must be a number, got {weight!r}") from None
+    if not math.isfinite(value):
+        raise AdapterError(f"weight of erasure {name!r} must be finite, got {weight!r}")
+    return value
+
+
+def parse_gating(adapter: Adapter, name: str) -> dict | None:
+    gating = dict(adapter.gating or {"rule": "static"})
+    rule = gating.get("rule", "static")
+    if rule not in GATING_RULES:
+        raise AdapterError(f"erasure {name!r}: unknown gating rule {rule!r}; expected one of {tuple(GATING_RULES)}")
+    if rule == "static":
+        return None
+    prompts = gating.get("prompts")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise AdapterError(f"erasure {name!r}: a prompt_similarity gate needs gating['prompts'], got {prompts!r}")
+    metric = gating.get("metric", "clipcos_tokenuni")
+    if metric not in GATE_METRICS:
+        raise AdapterError(f"erasure {name!r}: unknown gate metric {metric!r}; expected one of {GATE_METRICS}")
+    combine = gating.get("combine", "sum")
+    if combine not in GATE_COMBINES:
+        raise AdapterError(f"erasure {name!r}: unknown gate combine {combine!r}; expected one of {GATE_COMBINES}")
+    factor = check_weight(gating.get("facilitate_factor", gating.get("factor", 1.0)), name)
+    return dict(prompts=list(prompts), metric=metric, combine=combine, factor=factor)
+
+
+def similarity(gate: Gate, context: torch.Tensor, tokens: list[frozenset[int] | None]) -> torch.Tensor:
+    """SPM Facilitated Transport: ``factor · max_q max(clipcos, tokenuni)`` for each row of ``context`` → ``(B,)``."""
+    rows = context.detach().float()  # (B, L, D)
+    if gate.embeds.device != rows.device:
+        gate.embeds = gate.embeds.to(rows.device)  # the pipeline moved since load
+    embeds = gate.embeds  # (Q, L', D)
+    if rows.shape[-1] != embeds.shape[-1]:
+        raise AdapterMismatchError(
+            f"gate prompts encode to width {embeds.shape[-1]}, but the UNet context has width {rows.shape[-1]}")
+    length = min(rows.shape[1], embeds.shape[1])
+    a = F.normalize(rows[:, :length].flatten(1), dim=1)
+    b = F.normalize(embeds[:, :length].flatten(1), dim=1)
+    score = a @ b.T  # clipcos, (B, Q)
+    if gate.metric != "clipcos" and gate.token_sets and any(t is not None for t in tokens):
+        # NaN where tok(p) is unknown or tok(q) is empty: clipcos alone there
+        if gate.metric == "tokencos" and gate.token_embedding is not None:
+            overlap = _tokencos(gate.token_embedding, tokens, gate.token_sets)
+        else:  # tokenuni(p, q) = |tok(p) ∩ tok(q)| / |tok(q)|
+            overlap = torch.tensor(
+                [[len(t & q) / len(q) if t is not None and q else math.nan for q in gate.token_sets] for t in tokens],
+                dtype=torch.float32)
+        overlap = overlap.to(device=score.device, dtype=score.dtype)
+        matched = overlap if gate.metric in ("tokenuni", "tokencos") else torch.maximum(score, overlap)
+        score = torch.where(torch.isnan(overlap), score, matched)
+    return gate.factor * score.max(dim=1).values
+
+
+def _tokencos(embedding: torch.Tensor, tokens: list[frozenset[int] | None],
+              token_sets: tuple[frozenset[int], ...]) -> torch.Tensor:
+    """``tokencos(p, q) = mean_{j ∈ q} max(0, max_{i ∈ p} cos(W_i, W_j))`` for rows ``p`` × gate prompts ``q``:
+    ``(B, Q)`` fp32, NaN where ``p`` is unknown (``None``) or ``q`` is empty, 0 where ``p`` has no tokens."""
+    out = torch.full((len(tokens), len(token_sets)), math.nan)
+    unit = {t: F.normalize(embedding[sorted(t)].detach().float(), dim=-1) for t in {*token_sets, *tokens} if t}
+    for b, p in enumerate(tokens):
+        for q_index, q in enumerate(token_sets):
+            if p is not None and q:  # each token of q: its closest token of p
+                out[b, q_index] = (unit[q] @ unit[p].T).max(dim=1).values.clamp(min=0.0).mean().cpu() if p else 0.0
+    return out
+
+
+def row_key(row: torch.Tensor) -> bytes:
+    """A content key for one hidden-state row (used to match UNet context rows to text-encoder calls)."""
+    data = row.detach().to("cpu").contiguous()
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
+    digest.update(repr((tuple(data.shape), str(data.dtype))).encode())
+    return digest.digest()
