@@ -146,11 +146,11 @@ def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, capsys):
 
 def test_checkpoints_are_written_like_adapters(tmp_path, monkeypatch):
     """Unique temporary name (a fixed one left over, or another run's, is not in the way), fsync, atomic rename."""
-    import erasekit.adapter
+    import erasekit.core.files
 
     synced = []
-    real_fsync = erasekit.adapter.os.fsync
-    monkeypatch.setattr(erasekit.adapter.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    real_fsync = erasekit.core.files.os.fsync
+    monkeypatch.setattr(erasekit.core.files.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
     (tmp_path / (trainer.CHECKPOINT + ".tmp")).mkdir()  # the old fixed temporary name, blocked
     w, loss_fn = _quadratic(torch.ones(3))
     trainer.fit({"w": w}, loss_fn, steps=4, lr=0.1, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
