@@ -58,7 +58,7 @@ def main() -> None:
 
     import erasekit
     from erasekit import compose, tinyworld
-    from erasekit.bench_utils import run_record
+    from erasekit.core.provenance import run_record
     from erasekit.tinyworld.eval import erasure
 
     out = Path(args.out)

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # CPU threads beyond the free cores slow torch down badly
 
     from erasekit import tinyworld
-    from erasekit.bench_utils import run_record
+    from erasekit.core.provenance import run_record
     from erasekit.loading import load_pipeline
     from erasekit.methods import METHODS
     from erasekit.tinyworld.eval import erasure

@@ -25,7 +25,7 @@ CONCEPTS = ("circle", "square", "red", "striped")
 
 def main() -> None:
     from erasekit import compose, erase
-    from erasekit.bench_utils import run_record
+    from erasekit.core.provenance import run_record
     from erasekit.loading import load_pipeline
     from erasekit.tinyworld import load_judge
     from erasekit.tinyworld.eval import erasure

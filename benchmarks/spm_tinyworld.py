@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 
     from erasekit import compose, tinyworld
     from erasekit.adapter import load_adapter
-    from erasekit.bench_utils import run_record
+    from erasekit.core.provenance import run_record
     from erasekit.generate import generate
     from erasekit.loading import load_pipeline
     from erasekit.methods import METHODS, spm

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     from erasekit import compose, tinyworld
     from erasekit.audit import tinyworld_prompts
-    from erasekit.bench_utils import run_record
+    from erasekit.core.provenance import run_record
     from erasekit.loading import load_pipeline
     from erasekit.methods import METHODS
     from erasekit.tinyworld.eval import erasure

@@ -63,7 +63,7 @@ def main() -> None:
     args = p.parse_args()
 
     from erasekit import tinyworld
-    from erasekit.bench_utils import run_record
+    from erasekit.core.provenance import run_record
     from erasekit.tinyworld.train import TrainConfig, train
 
     trained = Path(args.out)

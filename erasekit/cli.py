@@ -633,7 +633,7 @@ def env_command(args) -> int:
 
 def bench_command(args) -> int:
     if args.target == "perf":
-        from .perf import run_perf
+        from .bench import run_perf
 
         run_perf(args.out_dir, device=args.device, quick=args.quick)
         return 0
