@@ -121,3 +121,14 @@ def concept_pairs(concept: str) -> tuple[list[str], list[str]]:
                         with_.append(fill_template(template, w))
                         without.append(fill_template(template, dict(w, **{attribute: ""})))
     return with_, without
+
+
+def known_concept(concept: str, hint: str = "") -> str:
+    """The canonical name of a tinyworld concept or synonym; ``UnknownConceptError`` names the known ones (then
+    ``hint``)."""
+    from ..errors import UnknownConceptError
+
+    try:
+        return canonical(concept)
+    except KeyError as e:
+        raise UnknownConceptError(f"{e.args[0]}{hint}") from None
