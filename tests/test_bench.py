@@ -169,7 +169,7 @@ def test_real_shape_pipelines_have_the_real_widths():
 
 
 def test_compose_overhead_runs_on_tinyworld():
-    from erasekit.perf import compose_overhead
+    from erasekit.bench.perf import compose_overhead
 
     rows = compose_overhead.run("tinyworld", repeats=1, counts=(1,))
     assert {"plain", "static_1", "gated_1"} <= set(rows) and rows["steps_per_image"] == 10

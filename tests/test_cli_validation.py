@@ -10,7 +10,7 @@ import pytest
 
 from erasekit._cli_config import _kind, flag_name
 from erasekit.attacks import ATTACKS
-from erasekit.cli import _erase_parser, erase_config, main
+from erasekit.cli import erase_config, erase_parser, main
 from erasekit.errors import ConfigError
 from erasekit.methods import METHODS
 
@@ -62,7 +62,7 @@ def test_every_method_option_on_the_cli_builds_the_api_config(method, name, tmp_
             expected = spec.make_config(["circle"], tinyworld=True, **{name: value})
         except ConfigError:
             continue  # not a valid value of this option
-        parser, _ = _erase_parser(method)
+        parser, _ = erase_parser(method)
         args = parser.parse_args(["--method", method, "--concept", "circle", "--out", str(tmp_path / "x.safetensors"),
                                   *_flags(name, kind, arg, value)])
         assert erase_config(args, spec) == expected, (name, value)
@@ -72,7 +72,7 @@ def test_every_method_option_on_the_cli_builds_the_api_config(method, name, tmp_
 
 def test_config_file_values_build_the_api_config(tmp_path):
     (tmp_path / "spm.toml").write_text('iterations = 12\nlr = 0.001\ntemplates = ["a {}"]\n')
-    parser, spec = _erase_parser("spm")
+    parser, spec = erase_parser("spm")
     args = parser.parse_args(["--method", "spm", "--concept", "circle", "--config", str(tmp_path / "spm.toml"),
                               "--batch-size", "3", "--out", str(tmp_path / "x.safetensors")])
     expected = spec.make_config("circle", tinyworld=True, iterations=12, lr=0.001, templates=("a {}",), batch_size=3)

@@ -1,5 +1,6 @@
 """Concept vocabulary shared by the prompt-level attacks: names of a concept, where it sits in a prompt,
-prompt pairs with and without it. tinyworld knows its concepts; real models take user lists/files."""
+prompt pairs with and without it. tinyworld knows its concepts (``erasekit.tinyworld.prompts``, re-exported here
+under the names the attacks use); real models take user lists/files."""
 
 from __future__ import annotations
 
@@ -7,16 +8,12 @@ import re
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..tinyworld.prompts import concept_names as tinyworld_names
+from ..tinyworld.prompts import concept_pairs as tinyworld_pairs
+from ..tinyworld.prompts import scene_of as tinyworld_scene
 
-
-def tinyworld_names(concept: str) -> tuple[str, ...] | None:
-    """All names of a tinyworld concept (canonical first), or None when tinyworld does not know it."""
-    from ..tinyworld import synonyms
-
-    try:
-        return tuple(synonyms(concept))
-    except KeyError:
-        return None
+__all__ = ["concept_names", "find_name", "read_lines", "read_pairs", "replace_name", "tinyworld_names",
+           "tinyworld_pairs", "tinyworld_scene"]
 
 
 def read_lines(path: str | Path) -> list[str]:
@@ -48,53 +45,6 @@ def find_name(prompt: str, names: tuple[str, ...]) -> str | None:
 
 def replace_name(prompt: str, name: str, replacement: str) -> str:
     return re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", lambda _: replacement, prompt, flags=re.IGNORECASE)
-
-
-def tinyworld_scene(prompt: str):
-    """The tinyworld ``Scene`` whose canonical prompt is ``prompt`` (None if it is not one)."""
-    from ..tinyworld import ATTRIBUTES, Scene
-
-    for s in ATTRIBUTES["shape"]:
-        for c in ATTRIBUTES["colour"]:
-            for t in ATTRIBUTES["texture"]:
-                for b in ATTRIBUTES["background"]:
-                    scene = Scene(s, c, t, b)
-                    if scene.prompt() == prompt.strip():
-                        return scene
-    return None
-
-
-def tinyworld_pairs(concept: str) -> tuple[list[str], list[str]]:
-    """Prompt pairs (with, without) the concept for a concept vector (Ring-A-Bell) on tinyworld.
-
-    Shapes cannot be left out of a caption, so "without" swaps in each other shape; colours, textures and
-    backgrounds are dropped from the caption. Every name of the concept is used on the "with" side.
-    """
-    from ..tinyworld import ATTRIBUTES, TRAIN_TEMPLATES, canonical, concept_attribute
-    from ..tinyworld.world import fill_template
-
-    attribute = concept_attribute(concept)
-    name = canonical(concept)
-    template = TRAIN_TEMPLATES[0]
-    with_, without = [], []
-    base = {"shape": list(ATTRIBUTES["shape"]), "colour": list(ATTRIBUTES["colour"]),
-            "texture": ["solid", "striped"], "background": ["black"]}
-    base[attribute] = [name]
-    for s in base["shape"]:
-        for c in base["colour"]:
-            for t in base["texture"]:
-                words = {"shape": s, "colour": c, "texture": t, "background": base["background"][0]}
-                for alias in ATTRIBUTES[attribute][name]:
-                    w = dict(words, **{attribute: alias})
-                    if attribute == "shape":
-                        for other in ATTRIBUTES["shape"]:
-                            if other != name:
-                                with_.append(fill_template(template, w))
-                                without.append(fill_template(template, dict(w, shape=other)))
-                    else:
-                        with_.append(fill_template(template, w))
-                        without.append(fill_template(template, dict(w, **{attribute: ""})))
-    return with_, without
 
 
 def read_pairs(path: str | Path) -> tuple[list[str], list[str]]:

@@ -87,6 +87,30 @@ QUALITY_BARS = {  # issue #2's bars
 }
 
 
+def quality_rows(results: dict) -> tuple[list[dict], bool]:
+    """The quality table's rows (prompts, attribute, accuracy, bar, passed) and whether every bar is met."""
+    rows, ok = [], True
+    for kind, values in results.items():
+        for attribute, value in values.items():
+            if attribute == "images":
+                continue
+            bar = QUALITY_BARS.get((kind, attribute))
+            passed = bar is None or value >= bar
+            ok &= passed
+            rows.append({"prompts": kind, "attribute": attribute, "accuracy": value, "bar": bar, "passed": passed})
+    return rows, ok
+
+
+def quality_lines(rows: list[dict]) -> list[str]:
+    """The quality table as text (``erasekit tinyworld eval``), a FAIL beside each bar that is not met."""
+    lines = [f"{'prompts':<20} {'attribute':<11} {'accuracy':>9} {'bar':>6}"]
+    for r in rows:
+        bar = "" if r["bar"] is None else f"{r['bar']:.2f}"
+        lines.append(f"{r['prompts']:<20} {r['attribute']:<11} {r['accuracy']:>9.3f} {bar:>6} "
+                     f"{'' if r['passed'] else 'FAIL'}")
+    return lines
+
+
 @dataclass
 class ErasureResult:
     """How much of ``concept`` is left, and what happened to the rest of the grid."""

@@ -16,7 +16,7 @@ configuration (inside ``compose.disabled``: hooks skip, bit-identical base) so t
 ≤ 1 % fused.
 
     erasekit bench perf                                   # → benchmarks/compose_overhead.json (this and the rest)
-    python -m erasekit.perf.compose_overhead --models tinyworld --repeats 20 --out o.json
+    python -m erasekit.bench.perf.compose_overhead --models tinyworld --repeats 20 --out o.json
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``erasekit bench perf``: speed and memory on real models' shapes (random weights: timing does not depend on them).
 
-Three benchmarks, one module each (each also runs alone: ``python -m erasekit.perf.<name> --help``):
+Three benchmarks, one module each (each also runs alone: ``python -m erasekit.bench.perf.<name> --help``):
 
 * :mod:`.closed_form` — UCE erase time with 1 concept, and with 100 concepts + 500 preserve prompts;
 * :mod:`.train_memory` — one ESD-x training step: time and peak memory, erasekit (one UNet + low-rank deltas)
@@ -21,7 +21,7 @@ from pathlib import Path
 def run_perf(out_dir: str | Path = "benchmarks", device: str = "cpu", quick: bool = False) -> dict[str, Path]:
     """Run the three benchmarks; returns {benchmark: output file}. ``quick`` = fewer repeats, tinyworld only for
     the composition overhead, no gradient-checkpointing variant."""
-    from .._device import resolve_device
+    from ..._device import resolve_device
     from . import closed_form, compose_overhead, train_memory
 
     device = str(resolve_device(device))  # ConfigError when CUDA is asked for and absent

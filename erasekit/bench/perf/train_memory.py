@@ -18,7 +18,7 @@ measures); with the threshold fixed, every large tensor is returned to the syste
 measured the same way.
 
     erasekit bench perf                                    # → benchmarks/train_memory.json (and the others)
-    python -m erasekit.perf.train_memory --gradient-checkpointing [--model sdxl --device cuda --dtype float16]
+    python -m erasekit.bench.perf.train_memory --gradient-checkpointing [--model sdxl --device cuda --dtype float16]
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def main(argv=None, out: str | Path = "benchmarks/train_memory.json") -> int:
 
     results = {}
     for variant in ("ours", "two_unet"):
-        cmd = [sys.executable, "-m", "erasekit.perf.train_memory", "--child", variant, "--rank", str(args.rank),
+        cmd = [sys.executable, "-m", "erasekit.bench.perf.train_memory", "--child", variant, "--rank", str(args.rank),
                "--model", args.model, "--device", args.device, "--dtype", args.dtype]
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # see the module docstring

@@ -1,7 +1,7 @@
 """Closed-form erase time and memory on a model with SD 1.5's (or SDXL's) full shapes (random weights).
 
     erasekit bench perf                                    # → benchmarks/closed_form_perf.json (and the others)
-    python -m erasekit.perf.closed_form [--repeats 3] [--zero-init] [--model sdxl] [--device cuda] [--out F]
+    python -m erasekit.bench.perf.closed_form [--repeats 3] [--zero-init] [--model sdxl] [--device cuda] [--out F]
 
 Cases: UCE with 1 concept; UCE with 100 concepts and 500 preserve prompts (one joint solve). Times exclude
 model building; they include everything ``erasekit.erase`` does (prompt encoding, the D×D solve, the per-layer

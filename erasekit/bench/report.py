@@ -1,0 +1,149 @@
+"""The bench's outputs, rebuilt from ``results.json`` after every row: the Markdown tables (``results.md``) and
+the plots (``results.png``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .suite import SUITE
+
+# ============================================================================================== outputs
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f}"
+
+
+def _s(x) -> str:
+    return "–" if x is None else (f"{x:.2f}" if x < 10 else f"{x:.0f}")
+
+
+def _ordered_rows(results: dict) -> dict:
+    """The rows of a results dict in registry order, then suite order, whatever order they ran in."""
+    from ..methods import METHODS
+
+    order = {name: i for i, name in enumerate([*METHODS, *(e.name for e in SUITE)])}
+    return dict(sorted(results.get("rows", {}).items(), key=lambda kv: (
+        order.get(kv[1].get("method"), len(order)), order.get(kv[1].get("entry"), 0))))
+
+
+def table(results: dict) -> str:
+    """The Markdown table of a results dict (what ``results.md`` holds and the README shows)."""
+    from ..methods import METHODS
+
+    run = results.get("run", {})
+    rows = _ordered_rows(results)
+    budget = results.get("budget", {})
+    commits = {r["made"]["git_commit"] for r in rows.values() if r.get("made")} - {run.get("git_commit")}
+    unrecorded = " and before" if any(not r.get("made") for r in rows.values()) else ""  # rows from before "made"
+    made = f" (rows made earlier at {', '.join(sorted(commits))}{unrecorded})" if commits else ""
+    lines = [f"erasekit bench ({budget.get('name')}) · {run.get('date')} · {run.get('machine')} · torch "
+             f"{run.get('torch')} · diffusers {run.get('diffusers')} · commit {run.get('git_commit')}{made} · "
+             f"{budget.get('prompts')} canonical prompts × seeds {budget.get('seeds')} per concept, judge: tinyworld",
+             "",
+             "| method | entry | erased % (canonical) | erased % (synonyms) | preservation drop (pts) | "
+             "ASR % (all attacks) | erase s | peak MB | adapter MB | generation overhead |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows.values():
+        gen = row.get("generation", {})
+        drop = row.get("preservation_drop")
+        drop = "–" if drop is None else f"{100 * drop:.1f}"
+        overhead = "–" if not gen else f"{100 * gen['overhead']:+.0f} %"
+        asr = _pct(row.get("union_asr")) if row.get("asr") else "not attacked"
+        lines.append(
+            f"| {row['method']} | {row['entry']} | {_pct(row.get('erasure_rate'))} | "
+            f"{_pct(row.get('paraphrase_erasure_rate'))} | {drop} | "
+            f"{asr} | {_s(row.get('erase_seconds'))} | "
+            f"{_s(row.get('peak_memory_mb'))} | {row.get('adapter_mb')} | "
+            f"{overhead} |")
+    attacked = [r for r in rows.values() if r.get("asr")]
+    if attacked:
+        names = sorted({a for r in attacked for a in r["asr"]})
+        lines += ["", "Attack success rate % per attack (pre-attack successes counted) · in brackets, mean seconds "
+                      "per attacked prompt, + seconds once per concept (CCE's learned token, Ring-A-Bell's concept "
+                      "vector)", "",
+                  "| method | entry | pre-attack | " + " | ".join(names) + " |",
+                  "|---|---|---|" + "---|" * len(names)]
+        for r in attacked:
+            cells = []
+            for a in names:
+                sec = (r.get("seconds_per_attacked_prompt") or {}).get(a)
+                once = (r.get("seconds_per_concept") or {}).get(a)
+                cost = "" if sec is None else f" ({sec:.1f} s" + (f" + {once:.0f} s" if once is not None else "") + ")"
+                cells.append(f"{_pct(r['asr'].get(a))}{cost}")
+            lines.append(f"| {r['method']} | {r['entry']} | {_pct(r.get('pre_asr'))} | " + " | ".join(cells) + " |")
+    from ..attacks import ATTACKS
+
+    missing = dict(results.get("missing", {}))
+    for a in ATTACKS:
+        if attacked and not any(a in r["asr"] for r in attacked):
+            missing.setdefault(f"attack {a}", "not in this run (`erasekit bench --attacks` selected others)")
+    for m in METHODS:
+        if not any(r["method"] == m for r in rows.values()):
+            missing.setdefault(f"method {m}", "not in this run (`erasekit bench --methods` selected others)")
+    if missing:
+        lines += ["", "Not in the table:", ""] + [f"- {k}: {v}" for k, v in missing.items()]
+    total = sum(r.get("row_seconds", 0) for r in rows.values())
+    if total:
+        lines += ["", f"Wall time: {total / 60:.1f} min for the rows above (erase + audit + generation timing; "
+                      "model loading excluded)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> Path | None:
+    """Four panels: erasure rates, preservation drop, attack success rates, erase time (matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in _ordered_rows(results).values() if r["entry"] == "shape"]
+    if not rows:
+        return None
+    labels = [r["method"] for r in rows]
+    x = range(len(rows))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    ax = axes[0][0]
+    ax.bar([i - 0.2 for i in x], [100 * (r["erasure_rate"] or 0) for r in rows], 0.4, label="canonical")
+    ax.bar([i + 0.2 for i in x], [100 * (r["paraphrase_erasure_rate"] or 0) for r in rows], 0.4, label="synonyms")
+    ax.set_title("erasure rate % (circle)")
+    ax.legend()
+    ax = axes[0][1]
+    ax.bar(list(x), [100 * (r["preservation_drop"] or 0) for r in rows], color="tab:red")
+    ax.set_title("preservation drop, points (other shapes)")
+    ax = axes[1][0]
+    names = sorted({a for r in rows for a in r.get("asr", {})})
+    width = 0.8 / max(1, len(names))
+    for j, a in enumerate(names):
+        ax.bar([i - 0.4 + width * (j + 0.5) for i in x], [100 * (r.get("asr", {}).get(a) or 0) for r in rows],
+               width, label=a)
+    ax.set_title("attack success rate % (circle)")
+    ax.legend(fontsize=7)
+    ax = axes[1][1]
+    ax.bar(list(x), [r["erase_seconds"] for r in rows], color="tab:green")
+    ax.set_yscale("log")
+    ax.set_title("erase time, s (log)")
+    for ax in axes.flat:
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+    fig.suptitle(f"erasekit bench ({results['budget']['name']}), {results['run']['date']}, {results['run']['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_results(path: Path, results: dict) -> None:
+    """``path`` (JSON), and beside it the Markdown table and the plots; each written atomically."""
+    from ..core.files import atomic_write, replacing
+
+    atomic_write(path, json.dumps(results, indent=1, default=str).encode())
+    atomic_write(path.with_suffix(".md"), table(results).encode())
+    with replacing(path.with_suffix(".png")) as tmp:
+        made = plot(results, tmp)
+    if not made:  # no plottable row: nothing replaced it but an empty file
+        path.with_suffix(".png").unlink()
+
+
