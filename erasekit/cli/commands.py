@@ -134,14 +134,14 @@ def _judge_lines(args, pipe, images, prompts, seeds) -> list[str]:
 # ----------------------------------------------------------------------------------------- inspect
 
 def inspect_command(args) -> int:
-    from ..adapter import load_adapter
+    from ..adapter import describe, load_adapter
 
     adapter = load_adapter(args.adapter)
     size = Path(args.adapter).stat().st_size
     if args.json:
-        print(json.dumps(adapter.describe() if hasattr(adapter, "describe") else _describe(adapter, size), indent=2))
+        print(json.dumps(describe(adapter), indent=2))
         return 0
-    d = _describe(adapter, size)
+    d = describe(adapter, size)
     lines = [f"{args.adapter}: {d['method']} erasing {', '.join(d['concepts'])}",
              f"  base model : {d['base_model'] or '(not recorded)'}",
              f"  components : {', '.join(d['components'])}   gating: {d['gating'].get('rule')}",
@@ -156,16 +156,6 @@ def inspect_command(args) -> int:
                      f"{m['shape']}")
     print("\n".join(printable(line) for line in lines))  # the file's strings are data, not terminal commands
     return 0
-
-
-def _describe(adapter, size: int) -> dict:
-    return {
-        "method": adapter.method, "concepts": list(adapter.concepts), "base_model": adapter.base_model,
-        "components": list(adapter.components), "gating": adapter.gating, "config": adapter.config,
-        "parameters": adapter.num_parameters, "bytes": size, "stats": sorted(adapter.stats), "info": adapter.info,
-        "modules": [{"module": k, "kind": "lowrank" if d.delta is None else "full", "rank": d.rank,
-                     "shape": list(d.weight_shape)} for k, d in sorted(adapter.deltas.items())],
-    }
 
 
 # ------------------------------------------------------------------------------ export / fuse / merge

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from erasekit.core import sd
+
 TARGETS = {"gated_4_sd15_max": 0.05, "fused_max": 0.01}
 STEPS = {"tinyworld": 10, "sd15": 50, "sdxl": 50}  # denoising steps of one image (the models' usual settings)
 
@@ -109,7 +111,7 @@ def run(model: str, repeats: int, device: str = "cpu", dtype: torch.dtype = torc
     pipe = load_model(model, device, dtype)
     inputs = unet_inputs(pipe.unet, 2, pipe.unet.device, pipe.unet.dtype)
     with torch.no_grad():  # the real CFG context of a prompt, so that gates see what generation gives them
-        cond = compose._encode_prompts(pipe, ["a photo of concept 1", ""]).to(pipe.unet.dtype)
+        cond = sd.encode(pipe, ["a photo of concept 1", ""]).embeds.to(pipe.unet.dtype)
     inputs["encoder_hidden_states"] = cond.flip(0)
     adapters = {kind: [make_adapter(pipe, kind, seed) for seed in range(max(counts))] for kind in ("static", "gated")}
     steps = STEPS[model]
