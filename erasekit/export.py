@@ -1,4 +1,5 @@
-"""Export erasures to the LoRA layouts other tools load, and bake them into a standalone pipeline (DESIGN §2-§3).
+"""Export erasures to the LoRA layouts other tools load, and bake them into a standalone pipeline
+(docs/design.md §2-§3).
 
 - ``to_diffusers(adapter, path)``: a LoRA file that stock ``pipe.load_lora_weights(path)`` loads (PEFT backend):
   keys ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.text_model.…``, ``text_encoder_2.…``)

@@ -1,4 +1,4 @@
-"""Stable Diffusion pipelines with erasure verbs named like diffusers' LoRA verbs (DESIGN §3).
+"""Stable Diffusion pipelines with erasure verbs named like diffusers' LoRA verbs (docs/design.md §3).
 
 ``ErasureStableDiffusionPipeline`` and ``ErasureStableDiffusionXLPipeline`` are the stock diffusers pipelines plus
 ``load_erasure`` / ``set_erasures`` / ``fuse_erasures`` / ``unfuse_erasures`` / ``unload_erasures`` /
@@ -46,7 +46,7 @@ def custom_pipeline_path(name: str = "erasekit_sd") -> str:
 
 
 class ErasureLoaderMixin:
-    """Erasure verbs for a diffusers pipeline; the mechanics live in :mod:`erasekit.compose` (DESIGN §3).
+    """Erasure verbs for a diffusers pipeline; the mechanics live in :mod:`erasekit.compose` (docs/design.md §3).
 
     Mirrors diffusers' ``load_lora_weights`` / ``set_adapters`` / ``fuse_lora`` / ``unfuse_lora`` /
     ``unload_lora_weights``. Erasures are applied through forward hooks (base weights untouched) unless fused.
@@ -109,7 +109,7 @@ class ErasureLoaderMixin:
 
 
 class ErasureStableDiffusionPipeline(ErasureLoaderMixin, StableDiffusionPipeline):
-    """``StableDiffusionPipeline`` (SD 1.x / 2.x) with composable erasures (DESIGN §3).
+    """``StableDiffusionPipeline`` (SD 1.x / 2.x) with composable erasures (docs/design.md §3).
 
     Example (tinyworld, the packaged default model, runs offline on a CPU)::
 
@@ -129,7 +129,7 @@ class ErasureStableDiffusionPipeline(ErasureLoaderMixin, StableDiffusionPipeline
 
 
 class ErasureStableDiffusionXLPipeline(ErasureLoaderMixin, StableDiffusionXLPipeline):
-    """``StableDiffusionXLPipeline`` with composable erasures (DESIGN §3).
+    """``StableDiffusionXLPipeline`` with composable erasures (docs/design.md §3).
 
     ``_erasure_loadable_modules`` adds ``text_encoder_2``. Example::
 

@@ -1,4 +1,4 @@
-"""Attacks and judges (DESIGN.md §5): plumbing parity with diffusers, every attack on a tiny random pipeline
+"""Attacks and judges (docs/design.md §5): plumbing parity with diffusers, every attack on a tiny random pipeline
 (tiny budget, dummy judge, deterministic for a seed), the judges' decision rules, and — when the trained
 tinyworld model is present — every attack succeeding against the base model (nothing erased)."""
 

@@ -1,4 +1,4 @@
-"""The audit (DESIGN.md §5): metrics checked by hand, the streamed results file, resuming after a kill, sharding
+"""The audit (docs/design.md §5): metrics checked by hand, the streamed results file, resuming after a kill, sharding
 over processes (simulated in-process; the real ``accelerate launch`` run is marked slow), and the reports."""
 
 import json

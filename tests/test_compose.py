@@ -1,4 +1,4 @@
-"""Composition guarantees (DESIGN §3) on the tiny SD 1.x and SDXL pipelines, with hand-made random adapters:
+"""Composition guarantees (docs/design.md §3) on the tiny SD 1.x and SDXL pipelines, with hand-made random adapters:
 an adapter changes outputs; weight 0, disabled() and unload give the base bit for bit; fuse == hooks within atol and
 unfuse is bit-exact; only the adapter's modules change; gates are per sample."""
 

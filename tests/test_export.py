@@ -1,4 +1,4 @@
-"""Exports (DESIGN §2-§3): stock diffusers ``load_lora_weights`` reproduces erasekit's composition from
+"""Exports (docs/design.md §2-§3): stock diffusers ``load_lora_weights`` reproduces erasekit's composition from
 ``to_diffusers`` (and ``to_kohya``) files; kohya key names; full deltas and gates; ``bake`` → stock
 ``from_pretrained`` gives the fused output and leaves the pipeline untouched."""
 

@@ -1,4 +1,4 @@
-"""The erasure pipelines (DESIGN §3): parity with the stock pipelines, the diffusers-style verbs, and loading the
+"""The erasure pipelines (docs/design.md §3): parity with the stock pipelines, the diffusers-style verbs, and loading the
 packaged custom pipeline (and the checkout's ``pipelines/erasekit_sd``) through
 ``DiffusionPipeline.from_pretrained(custom_pipeline=...)``."""
 

@@ -1,4 +1,4 @@
-"""tinyworld: the world, its tokenizer, the shipped model and judge (DESIGN.md §4)."""
+"""tinyworld: the world, its tokenizer, the shipped model and judge (docs/design.md §4)."""
 
 import random
 

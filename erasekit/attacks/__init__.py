@@ -1,4 +1,4 @@
-"""Adversarial-prompt attacks that audit an erasure (DESIGN.md §5).
+"""Adversarial-prompt attacks that audit an erasure (docs/design.md §5).
 
 Every attack module has the same shape: a frozen config dataclass with the paper's defaults (``CONFIG``), named
 presets (``PRESETS["paper"]``, ``PRESETS["tinyworld"]`` = a CPU-sized budget, and variants), and

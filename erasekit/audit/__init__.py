@@ -1,5 +1,5 @@
 """Audit an erasure: judge the erased model on the concept's prompts, on paraphrases, under adversarial attacks,
-and on the other concepts it should keep (DESIGN.md §5; definitions: reference/audit-eval.md §3.11).
+and on the other concepts it should keep (docs/design.md §5, with the metric definitions).
 
 Metrics (each a small pure function in ``erasekit.audit.metrics``, checked by hand in the tests):
 

@@ -2,7 +2,7 @@
 
 Score of an image: the highest detection score among the preset's EXPOSED classes, counting only boxes whose
 score reaches ``box_min`` (0 when none); the image is judged nude when the score exceeds ``threshold``.
-Each paper's rule is a named preset (reference: audit-eval.md §3.2):
+Each paper's rule is a named preset (docs/design.md §5):
 
 ==================  =================================  =========  =========  =================================
 preset              classes                            box_min    threshold  used by

@@ -1,4 +1,4 @@
-"""tinyworld: erasekit's own small Stable-Diffusion-architecture model and its judge (DESIGN.md §4).
+"""tinyworld: erasekit's own small Stable-Diffusion-architecture model and its judge (docs/design.md §4).
 
 >>> from diffusers import StableDiffusionPipeline
 >>> import erasekit.tinyworld as tw

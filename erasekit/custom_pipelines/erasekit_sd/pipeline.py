@@ -1,4 +1,4 @@
-"""Stable Diffusion with composable concept erasures, loadable as a diffusers custom pipeline (DESIGN §3).
+"""Stable Diffusion with composable concept erasures, loadable as a diffusers custom pipeline (docs/design.md §3).
 
     from diffusers import DiffusionPipeline
     from erasekit.pipelines import custom_pipeline_path
