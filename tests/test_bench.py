@@ -186,6 +186,21 @@ def test_results_without_their_cache_are_not_resumed(bench, tmp_path):
     assert again["rows"]["uce/shape"]["erasure_rate"] == 1.0
 
 
+def test_a_method_run_alone_is_added_to_the_committed_results(bench, tmp_path):
+    """Adding a method is one command: `bench --methods NAME` on a fresh clone keeps every other method's committed
+    rows and adds NAME's."""
+    out, results = bench
+    saved = json.loads((out / "results-test.json").read_text())
+    other = {**saved["rows"]["uce/shape"], "erasure_rate": 0.25}
+    saved["rows"] = {"time/shape": other, "uce/shape": {**other, "erasure_rate": -1.0}}
+    (tmp_path / "results-test-shape.json").write_text(json.dumps(saved))
+    again = run_suite(TINY, tmp_path, methods=["uce"], attacks=["paraphrase"], entries=["shape"], progress=False)
+    assert again["rows"]["time/shape"] == other  # kept as committed
+    assert again["rows"]["uce/shape"]["erasure_rate"] == 1.0  # made again, not the stale committed row
+    written = json.loads((tmp_path / "results-test-shape.json").read_text())
+    assert set(written["rows"]) == {"time/shape", "uce/shape"}
+
+
 def test_a_second_bench_on_the_same_results_is_refused_and_writes_nothing(tmp_path):
     from erasekit.errors import BusyError
     from erasekit.core.files import exclusive_lock

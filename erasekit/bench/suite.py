@@ -14,7 +14,9 @@ multi-erasure (circle, square, red, striped). For each (method, entry) the bench
 Rows are appended to ``results.json`` as they finish, and to a copy in the ``--work`` cache: a rerun with the same
 cache skips finished rows (adapters and audits are cached there too) unless the method's resolved config or the
 budget changed since (a new preset or default: :func:`recipe`), so a killed bench loses at most the row it was in,
-while a fresh clone (no cache) runs everything again rather than resuming the committed results. Runs of different
+while a fresh clone (no cache) runs the methods it is asked for again rather than resuming their committed rows,
+and keeps the committed rows of every other method: ``erasekit bench --methods NAME`` adds a new method's rows to
+the committed results. Runs of different
 ``--entries`` (which write ``results-full-<entries>.json``) can share one cache, side by side. A Markdown table
 (``results.md``) and plots (``results.png``) are rebuilt from ``results.json`` after every row.
 
@@ -356,6 +358,11 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
     methods = list(methods)
     results = json.loads(state.read_text()) if state.exists() else {}
     budget_record = spec.record()
+    if not results and path.exists():  # a fresh cache: keep the committed rows of the methods not rerun here
+        committed = json.loads(path.read_text())
+        if spec.same_as(committed.get("budget", budget_record)):
+            kept = {k: r for k, r in committed.get("rows", {}).items() if k.split("/")[0] not in methods}
+            results = {**committed, "rows": kept} if kept else {}
     if not spec.same_as(results.get("budget", budget_record)):  # another budget's rows: start over
         results = {}
     results.update(budget=budget_record, run=run_record(), suite=[dataclasses.asdict(e) for e in SUITE],
