@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from ..core import lora
 from ..adapter import Adapter
 from ..errors import ConfigError
-from .esd import (Cond, PromptTable, _validate, ddim_scheduler, encode, is_tinyworld, latent_shape, predict, rollout,
-                  train, training_templates)
+from .esd import (Cond, PromptTable, _validate, ddim_scheduler, encode, latent_shape, predict, rollout, train,
+                  training_templates)
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ PAPER_SD = dict(iterations=3000, lr=1e-4, batch_size=1, la_strength=1000.0, num_
 #: erased concept's prompts, 0.84 on every other), so with it each membrane acts at γ ≈ 0.84 on every prompt.
 TINYWORLD = dict(iterations=200, lr=5e-3, batch_size=2, la_strength=100.0, num_inference_steps=10,
                  gate_metric="tokencos")
-_AUTO = tuple(PAPER_SD)  # the fields left to the model (None = PAPER_SD, or TINYWORLD on tinyworld)
+_AUTO = tuple(PAPER_SD)  # the fields left to the model: None = PAPER_SD, or TINYWORLD on tinyworld (presets.resolve)
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,7 @@ class SpmConfig:
     progress: bool = True
 
     def __post_init__(self):
-        _validate(dataclasses.replace(self, **{k: v for k, v in PAPER_SD.items() if getattr(self, k) is None})
-                  if any(getattr(self, k) is None for k in _AUTO) else self)
+        _validate(self.with_paper_defaults())
         if self.rank < 1:
             raise ConfigError(f"rank must be ≥ 1 (a membrane is low rank), got {self.rank}")
         if self.num_anchors < 0:
@@ -155,9 +154,16 @@ class SpmConfig:
             raise ConfigError(f"facilitate_factor must be > 0, got {self.facilitate_factor}")
 
     def resolved(self, pipe) -> SpmConfig:
-        """This config with every ``None`` replaced: the paper's value, or the tinyworld-sized one on tinyworld."""
-        preset = TINYWORLD if is_tinyworld(pipe) else PAPER_SD
-        return dataclasses.replace(self, **{k: preset[k] for k in _AUTO if getattr(self, k) is None})
+        """This config with every ``None`` replaced: the paper's value, or the tinyworld-sized one on tinyworld
+        (:func:`erasekit.methods.presets.model_defaults`, as :func:`erasekit.methods.presets.resolve` does)."""
+        from .presets import model_defaults, on_tinyworld
+
+        return model_defaults(self, on_tinyworld(pipe))
+
+    def with_paper_defaults(self) -> SpmConfig:
+        """This config with every ``None`` replaced by the paper's value (``PAPER_SD``)."""
+        missing = {k: PAPER_SD[k] for k in _AUTO if getattr(self, k) is None}
+        return dataclasses.replace(self, **missing) if missing else self
 
 
 # -------------------------------------------------------------------------------------------- modules
@@ -209,7 +215,7 @@ def _anchor_conds(target: Cond, n: int, generator: torch.Generator) -> Cond:
 def objective(pipe, config: SpmConfig) -> Callable:
     """``loss_for(deltas) -> loss_fn(step, generator)``: ``L_erase + la_strength · L_LA`` (module docstring).
 
-    ``config`` must be resolved (``config.resolved(pipe)``).
+    ``config`` must be resolved (:func:`erasekit.methods.presets.resolve`, or ``config.resolved(pipe)``).
     """
     unet = pipe.unet
     n_concepts = len(config.concepts)
@@ -294,9 +300,10 @@ def erase(pipe, config: SpmConfig) -> Adapter:
     """Train a membrane for ``config.concepts``; ``pipe`` is left as it was (no hooks, same weights).
 
     The adapter holds rank-``config.rank`` deltas on every Linear/Conv2d of the transformer blocks, its gating
-    record and the gate prompts' embeddings and token ids.
+    record and the gate prompts' embeddings and token ids. Fields left ``None`` take the paper's values (the
+    tinyworld-sized ones come from :func:`erasekit.methods.presets.resolve`, which the API, CLI and registry use).
     """
-    config = config.resolved(pipe)
+    config = config.with_paper_defaults()
     names = transformer_modules(pipe.unet)
     adapter = train(pipe, config, names, objective(pipe, config), "spm")
     return dataclasses.replace(adapter, gating=gating_record(config),
