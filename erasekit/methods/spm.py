@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from ..core import lora
 from ..adapter import Adapter
 from ..errors import ConfigError
-from .esd import (Cond, PromptTable, _validate, ddim_scheduler, encode, latent_shape, predict, rollout, train,
-                  training_templates)
+from .trainer import (Cond, PromptTable, TrainingOptions, ddim_scheduler, encode, latent_shape, predict, rollout,
+                      train, training_templates, validate_rollout_training)
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,10 @@ _AUTO = tuple(PAPER_SD)  # the fields left to the model: None = PAPER_SD, or TIN
 
 
 @dataclass(frozen=True)
-class SpmConfig:
-    """Args:
+class SpmConfig(TrainingOptions):
+    """SPM's settings, and the shared training fields (:class:`erasekit.methods.trainer.TrainingOptions`).
+
+    Args:
         concepts: prompts to erase, e.g. ("circle",); with several, each step trains on one drawn at random.
             They are also the membrane's gate prompts (Facilitated Transport).
         templates: prompts the concepts are trained in, "{}" standing for the concept; empty: the bare concept,
@@ -104,13 +106,8 @@ class SpmConfig:
         facilitate_factor: multiplies the gate γ (the reference's evaluation scripts: 1).
         gate_combine: how several gated membranes on one module combine: "sum" = Σ γ_i U_i D_i (the paper's
             intent), "factors" = (Σ γ_i U_i)(Σ γ_j D_j) (the reference code's weight merge).
-        seed: seed of the initialisation and of every step's noise and anchors.
-        mixed_precision: "no", "bf16" or "fp16" (CUDA) autocast for the forward passes.
         gradient_checkpointing: recompute UNet activations in the backward pass to save memory.
-        checkpoint_dir: folder for resumable training checkpoints ("" = none).
-        checkpoint_every: steps between checkpoints (0 = only at the end).
-        resume: continue from the checkpoint in checkpoint_dir, if there is one.
-        progress: show a progress bar.
+        seed: seed of the initialisation and of every step's noise and anchors.
     """
 
     concepts: tuple[str, ...]
@@ -129,16 +126,10 @@ class SpmConfig:
     gate_metric: GateMetric | None = None
     facilitate_factor: float = 1.0
     gate_combine: GateCombine = "sum"
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
-    checkpoint_dir: str = ""
-    checkpoint_every: int = 0
-    resume: bool = False
-    progress: bool = True
 
     def __post_init__(self):
-        _validate(self.with_paper_defaults())
+        validate_rollout_training(self.with_paper_defaults())
         if self.rank < 1:
             raise ConfigError(f"rank must be ≥ 1 (a membrane is low rank), got {self.rank}")
         if self.num_anchors < 0:
@@ -223,7 +214,7 @@ def objective(pipe, config: SpmConfig) -> Callable:
     table = PromptTable(pipe, training_templates(pipe, config), [*config.concepts, config.neutral], config.resolution)
     uncond = table.uncond
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
-    shape = latent_shape(pipe, config)
+    shape = latent_shape(pipe, config.batch_size, config.resolution)
     n, eta, m = shape[0], config.negative_guidance, config.num_anchors
 
     def loss_for(deltas: lora.Deltas):
