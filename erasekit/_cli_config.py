@@ -23,17 +23,8 @@ _SINGULAR = {"concepts": "concept", "guides": "guide", "targets": "target", "anc
 
 
 def _docs(cls) -> dict[str, str]:
-    """``name: text`` entries of the ``Args:`` docstring sections of ``cls`` and its bases (a class's own entry
-    wins: shared fields such as the training options are documented once, in the base class)."""
-    out = {}
-    for klass in reversed(cls.__mro__):
-        out.update(_own_docs(klass))
-    return out
-
-
-def _own_docs(cls) -> dict[str, str]:
     """Parse ``name: text`` entries of an ``Args:`` docstring section (continuation lines joined)."""
-    doc = cls.__dict__.get("__doc__") or ""
+    doc = cls.__doc__ or ""
     out, current = {}, None
     in_args = False
     for line in doc.splitlines():
@@ -86,7 +77,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, defaults: dict | 
     docs = _docs(cls)
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} options (defaults from the config dataclass)")
-    for f in sorted(dataclasses.fields(cls), key=lambda f: f.kw_only):  # shared (keyword-only) fields last
+    for f in dataclasses.fields(cls):
         kind, arg = _kind(hints[f.name])
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else
                                (f.default_factory() if f.default_factory is not dataclasses.MISSING else None))

@@ -3,10 +3,10 @@
 ``METHODS`` is the only list of method names: the CLI, the Python entry (:func:`erasekit.api.erase`), docs and
 tests derive everything from it. Adding a method = one module + one entry here.
 
-Every config dataclass has ``concepts: tuple[str, ...]`` as its first field (after the keyword-only fields a
-trained method's config inherits from :class:`erasekit.methods.trainer.TrainingOptions`), documents each field in a
+Every config dataclass has ``concepts: tuple[str, ...]`` as its first field, documents each field in a
 Google-style ``Args:`` docstring, uses simple field types (str, int, float, bool, tuple[str, ...], Literal[...])
-and validates itself in ``__post_init__`` (raising :class:`erasekit.errors.ConfigError`).
+and validates itself in ``__post_init__`` (raising :class:`erasekit.errors.ConfigError`). The trained methods'
+configs end with the shared training fields (:func:`erasekit.methods.trainer.training_options`).
 """
 
 from __future__ import annotations
@@ -59,9 +59,8 @@ class MethodSpec:
 
     @property
     def options(self) -> tuple[str, ...]:
-        """Option names a user may set (every config field but ``concepts``; shared keyword-only fields last)."""
-        fields = sorted(dataclasses.fields(self.config_cls), key=lambda f: f.kw_only)
-        return tuple(f.name for f in fields if f.name != "concepts")
+        """Option names a user may set (every config field but ``concepts``)."""
+        return tuple(f.name for f in dataclasses.fields(self.config_cls) if f.name != "concepts")
 
     def make_config(self, concepts, tinyworld: bool = False, **options):
         """The config for ``concepts`` with the presets (with ``tinyworld``, tinyworld's) and then ``options``

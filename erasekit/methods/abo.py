@@ -26,15 +26,14 @@ from ..core import lora
 from ..adapter import Adapter
 from ..errors import ConfigError
 from .esd import PRESETS, TrainMethod
-from .trainer import (Cond, PromptTable, TrainingOptions, ddim_scheduler, latent_shape, predict, rollout, train,
+from .trainer import (Cond, PromptTable, ddim_scheduler, latent_shape, predict, rollout, train, training_options,
                       training_templates, validate_replace_with, validate_rollout_training)
 
 
 @dataclass(frozen=True)
-class AboConfig(TrainingOptions):
-    """All-but-One's settings, and the shared training fields (:class:`erasekit.methods.trainer.TrainingOptions`).
-
-    Args:
+@training_options
+class AboConfig:
+    """Args:
         concepts: prompts to erase, e.g. ("circle",); with several, each step trains on one drawn at random.
         replace_with: concept whose guidance term the erased concepts take on, e.g. "square" ("" = none:
             the guidance term is steered to −η times itself).

@@ -50,7 +50,7 @@ from ..attacks.unlearndiffatk import SoftPrompt, SoftPromptConfig, soft_prompt_a
 from ..errors import ConfigError
 from . import te
 from ..tinyworld import is_tinyworld
-from .trainer import (TrainingOptions, ddim_scheduler, latent_shape, training_templates, validate_replace_with,
+from .trainer import (ddim_scheduler, latent_shape, training_options, training_templates, validate_replace_with,
                       validate_training)
 
 logger = logging.getLogger(__name__)
@@ -79,9 +79,9 @@ _FIXED_K = ("prefix_k", "replace_k", "suffix_k", "mid_k", "insert_k")  # δ has 
 
 
 @dataclass(frozen=True)
-class AdvUnlearnConfig(TrainingOptions):
-    """Defaults are sized for tinyworld on a CPU; the authors' SD settings are ``PAPER_SD``. The shared training
-    fields are :class:`erasekit.methods.trainer.TrainingOptions`'s.
+@training_options
+class AdvUnlearnConfig:
+    """Defaults are sized for tinyworld on a CPU; the authors' SD settings are ``PAPER_SD``.
 
     On tinyworld the robustness comes from the adversarial rounds: with 3 attack tokens (UnlearnDiffAtk's k for
     objects) attacked for 10 steps before every one of 400 outer steps, UnlearnDiffAtk succeeds on 0 of 8 circle

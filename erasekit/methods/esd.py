@@ -34,8 +34,8 @@ from ..adapter import Adapter
 from ..core import lora
 from ..errors import ConfigError
 from ..tinyworld import is_tinyworld
-from .trainer import (Cond, PromptTable, TrainingOptions, ddim_scheduler, is_sdxl, latent_shape, predict, rollout,
-                      train, training_templates, validate_rollout_training)
+from .trainer import (Cond, PromptTable, ddim_scheduler, is_sdxl, latent_shape, predict, rollout, train,
+                      training_options, training_templates, validate_rollout_training)
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,9 @@ PAPER_SDXL = dict(iterations=200, lr=2e-4, negative_guidance=1.0, start_guidance
 
 
 @dataclass(frozen=True)
-class EsdConfig(TrainingOptions):
-    """ESD's settings, and the shared training fields (:class:`erasekit.methods.trainer.TrainingOptions`).
-
-    Args:
+@training_options
+class EsdConfig:
+    """Args:
         concepts: prompts to erase, e.g. ("circle",); with several, each step trains on one drawn at random.
         train_method: which UNet modules get a delta: esd-x (cross-attention), esd-x-strict (cross-attention
             k/v), esd-u (everything but cross-attention), esd-all.

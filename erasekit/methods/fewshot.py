@@ -37,7 +37,7 @@ from ..core import sd
 from ..errors import ConfigError
 from ..tinyworld import is_tinyworld
 from . import te
-from .trainer import TrainingOptions, latent_shape, step_generator, validate_training
+from .trainer import latent_shape, step_generator, training_options, validate_training
 
 #: The authors' settings for SD 1.4/1.5 (``train.py`` argparse defaults; the README example uses 4 epochs).
 PAPER_SD = dict(epochs=5, batch_size=2, lr=1e-5, rank=0, num_images=4)
@@ -62,9 +62,9 @@ TrainMethod = Literal["mlp-final-attn", "mlp", "all"]
 
 
 @dataclass(frozen=True)
-class FewShotConfig(TrainingOptions):
-    """Defaults are sized for tinyworld on a CPU; the authors' SD settings are ``PAPER_SD``. The shared training
-    fields are :class:`erasekit.methods.trainer.TrainingOptions`'s.
+@training_options
+class FewShotConfig:
+    """Defaults are sized for tinyworld on a CPU; the authors' SD settings are ``PAPER_SD``.
 
     Args:
         concepts: the concept to erase, e.g. ("circle",) (several: their images are pooled, each captioned with its

@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from ..core import lora
 from ..adapter import Adapter
 from ..errors import ConfigError
-from .trainer import (Cond, PromptTable, TrainingOptions, ddim_scheduler, encode, latent_shape, predict, rollout,
-                      train, training_templates, validate_rollout_training)
+from .trainer import (Cond, PromptTable, ddim_scheduler, encode, latent_shape, predict, rollout, train,
+                      training_options, training_templates, validate_rollout_training)
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +78,9 @@ _AUTO = tuple(PAPER_SD)  # the fields left to the model: None = PAPER_SD, or TIN
 
 
 @dataclass(frozen=True)
-class SpmConfig(TrainingOptions):
-    """SPM's settings, and the shared training fields (:class:`erasekit.methods.trainer.TrainingOptions`).
-
-    Args:
+@training_options
+class SpmConfig:
+    """Args:
         concepts: prompts to erase, e.g. ("circle",); with several, each step trains on one drawn at random.
             They are also the membrane's gate prompts (Facilitated Transport).
         templates: prompts the concepts are trained in, "{}" standing for the concept; empty: the bare concept,

@@ -1,6 +1,7 @@
 """What the trained erasure methods share: the training loop (``fit``), their shared config fields
-(``TrainingOptions``) and checks, prompt tables, the frozen model's partial DDIM rollout, the UNet methods' training
-body (``train``) and the assembly of every method's Adapter (``package``).
+(``TRAINING_FIELDS``) and checks, prompt tables, the frozen model's partial DDIM rollout, the UNet methods' training
+body (``train``) and the assembly of every method's Adapter (``package``). The shared config fields are
+added to each trained config by :func:`training_options`.
 
 A method hands ``fit`` its trainable tensors and a ``loss_fn(step, generator) -> loss``; ``fit`` runs Adam
 with a constant learning rate (as the ESD code does), and takes care of the rest:
@@ -30,6 +31,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,25 +270,32 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[[int, torch.Generator
 
 
 # ------------------------------------------------------------------------------------------ shared fields
-@dataclass(frozen=True, kw_only=True)
-class TrainingOptions:
-    """The fields every trained method's config shares (keyword-only; each config lists its own first).
+#: The fields every trained method's config ends with, ``name: (type, default, documentation)``; added by
+#: :func:`training_options`.
+TRAINING_FIELDS: dict[str, tuple] = {
+    "seed": (int, 0, "seed of the initialisation and of every step's noise."),
+    "mixed_precision": (Literal["no", "bf16", "fp16"], "no",
+                        '"no", "bf16" or "fp16" (CUDA) autocast for the forward passes.'),
+    "checkpoint_dir": (str, "", 'folder for resumable training checkpoints ("" = none).'),
+    "checkpoint_every": (int, 0, "steps between checkpoints (0 = only at the end)."),
+    "resume": (bool, False, "continue from the checkpoint in checkpoint_dir, if there is one."),
+    "progress": (bool, True, "show a progress bar."),
+}
 
-    Args:
-        seed: seed of the initialisation and of every step's noise.
-        mixed_precision: "no", "bf16" or "fp16" (CUDA) autocast for the forward passes.
-        checkpoint_dir: folder for resumable training checkpoints ("" = none).
-        checkpoint_every: steps between checkpoints (0 = only at the end).
-        resume: continue from the checkpoint in checkpoint_dir, if there is one.
-        progress: show a progress bar.
-    """
 
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    checkpoint_dir: str = ""
-    checkpoint_every: int = 0
-    resume: bool = False
-    progress: bool = True
+def training_options(cls):
+    """Class decorator, under ``@dataclass``: a trained method's config gets the shared training fields
+    (:data:`TRAINING_FIELDS`) after its own, and their documentation at the end of its ``Args:`` section (a
+    field the class documents itself keeps the class's text)."""
+    doc = cls.__doc__ or ""
+    lines = []
+    for name, (tp, default, text) in TRAINING_FIELDS.items():
+        cls.__annotations__[name] = tp
+        setattr(cls, name, default)
+        if not re.search(rf"^\s+{name}:", doc, re.MULTILINE):
+            lines.append(f"        {name}: {text}")
+    cls.__doc__ = doc.rstrip() + "\n" + "\n".join(lines) + "\n    "
+    return cls
 
 
 #: config fields a checkpoint may differ in and still be resumed: the step count (a resumed run may ask for more)
