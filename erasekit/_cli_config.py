@@ -4,7 +4,8 @@ A field ``foo_bar: float = 1.0`` becomes ``--foo-bar FLOAT``; ``tuple[str, ...]`
 (``concepts`` → ``--concept C --concept C2``); ``bool`` fields get ``--x/--no-x``; ``Literal`` fields get
 ``choices``; ``X | None`` fields are parsed as ``X`` (left out, None: the method's preset decides). Help text comes
 from the dataclass's Google-style ``Args:`` docstring. A TOML file given with ``--config`` sets fields by name; flags
-on the command line override it; the config is then built as the Python API builds it (``MethodSpec.make_config``).
+on the command line override it; the config is then built as the Python API builds it
+(:func:`erasekit.methods.presets.build`, the presets' one place).
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, defaults: dict | 
 
 def config_from_args(spec, args: argparse.Namespace, file_values: dict | None = None, tinyworld: bool = False):
     """The config of registry entry ``spec`` from TOML file values < command-line flags, built as the Python API
-    builds it (``MethodSpec.make_config``: the preset, on ``tinyworld`` its tinyworld values, then these)."""
+    builds it (:func:`erasekit.methods.presets.build`: the preset, on ``tinyworld`` its tinyworld values, then
+    these, then per-model values of fields left None)."""
+    from .methods.presets import build
+
     cls = spec.config_cls
     names = {f.name for f in dataclasses.fields(cls)}
     values = {}
@@ -113,7 +117,7 @@ def config_from_args(spec, args: argparse.Namespace, file_values: dict | None = 
         if _kind(hints[key])[0] == "tuple" and isinstance(value, (list, str)):
             values[key] = tuple([value] if isinstance(value, str) else value)
     try:
-        return spec.make_config(values.pop("concepts", ()), tinyworld=tinyworld, **values)
+        return build(spec, values.pop("concepts", ()), tinyworld, values)
     except TypeError as e:  # a TOML value of the wrong type
         raise ConfigError(f"{cls.__name__}: {e}") from e
 

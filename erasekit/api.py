@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .adapter import Adapter
-from .errors import ConfigError
 
 
 def erase(pipe, method: str, concepts, **options) -> Adapter:
@@ -14,7 +13,8 @@ def erase(pipe, method: str, concepts, **options) -> Adapter:
         method: a key of :data:`erasekit.methods.METHODS` ("uce", "time", "rece", ...).
         concepts: a prompt or a sequence of prompts to erase.
         **options: fields of the method's config (e.g. ``preserve=("Monet",)``, ``lam=0.1``); the registry's
-            preset defaults apply first (on a tinyworld model, its tinyworld values: ``MethodSpec.tinyworld``).
+            preset defaults apply first (on a tinyworld model, its tinyworld values), resolved by
+            :func:`erasekit.methods.presets.resolve`.
 
     Raises:
         ConfigError: unknown method, unknown option, or an invalid value.
@@ -30,13 +30,10 @@ def erase(pipe, method: str, concepts, **options) -> Adapter:
     erasekit.errors.ConfigError: unknown option 'lamb' for method 'uce'; valid options: ...
     """
     from .methods import METHODS
+    from .methods.presets import resolve
 
-    spec = METHODS.get(method)
-    if spec is None:
-        raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    from .tinyworld import is_tinyworld
-
-    return spec.erase(pipe, spec.make_config(concepts, tinyworld=is_tinyworld(pipe), **options))
+    config = resolve(method, pipe, options, concepts)
+    return METHODS[method].erase(pipe, config)
 
 
 __all__ = ["erase"]

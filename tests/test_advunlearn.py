@@ -11,7 +11,8 @@ from erasekit import compose
 from erasekit.core import sd
 from erasekit.attacks.unlearndiffatk import soft_prompt_attack
 from erasekit.errors import ConfigError
-from erasekit.methods import METHODS, _te, advunlearn, fewshot
+from erasekit.methods import METHODS, advunlearn, fewshot
+from erasekit.methods import te as _te
 from erasekit.testing import tiny_pipeline
 
 # a few steps of everything: warm-up, attack rounds (with warm start), retain loss

@@ -9,7 +9,8 @@ import torch
 
 from erasekit.api import erase
 from erasekit.errors import ConfigError
-from erasekit.methods import METHODS, _text, rece, uce
+from erasekit.methods import METHODS, rece, uce
+from erasekit.methods import text as _text
 from erasekit.testing import FAMILIES, tiny_components, tiny_pipeline
 
 F64 = torch.float64

@@ -5,7 +5,8 @@ tests derive everything from it. Adding a method = one module + one entry here.
 
 Every config dataclass has ``concepts: tuple[str, ...]`` as its first field, documents each field in a
 Google-style ``Args:`` docstring, uses simple field types (str, int, float, bool, tuple[str, ...], Literal[...])
-and validates itself in ``__post_init__`` (raising :class:`erasekit.errors.ConfigError`).
+and validates itself in ``__post_init__`` (raising :class:`erasekit.errors.ConfigError`). The trained methods'
+configs end with the shared training fields (:func:`erasekit.methods.trainer.training_options`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class MethodSpec:
         config_cls: the frozen config dataclass.
         defaults: preset option values applied over ``config_cls``'s own defaults, under the user's options.
         tinyworld: tinyworld-sized option values, applied over ``defaults`` when erasing from a tinyworld model
-            (the packaged one, or any folder with ``tinyworld.json``), still under the user's options.
+            (the packaged one, or any folder with ``tinyworld.json``), still under the user's options. Presets are
+            applied in one place, :func:`erasekit.methods.presets.resolve`.
         summary: one line for ``--help`` and docs tables.
     """
 
@@ -61,25 +63,26 @@ class MethodSpec:
         return tuple(f.name for f in dataclasses.fields(self.config_cls) if f.name != "concepts")
 
     def make_config(self, concepts, tinyworld: bool = False, **options):
-        """The config for ``concepts`` with ``defaults`` (then, with ``tinyworld``, the tinyworld values) and then
-        ``options`` applied; ConfigError on unknown options."""
-        unknown = [k for k in options if k not in self.options]
-        if unknown:
-            raise ConfigError(f"unknown option {unknown[0]!r} for method {self.name!r}; valid options: "
-                              f"{', '.join(self.options)}")
-        concepts = (concepts,) if isinstance(concepts, str) else tuple(concepts or ())
-        return self.config_cls(concepts=concepts, **{**self.preset(tinyworld), **options})
+        """The config for ``concepts`` with the presets (with ``tinyworld``, tinyworld's) and then ``options``
+        applied (:func:`erasekit.methods.presets.build`); ConfigError on unknown options."""
+        from .presets import build
+
+        return build(self, concepts, tinyworld, options)
 
     def preset(self, tinyworld: bool = False) -> dict:
-        """Option values that override the config class's defaults (``defaults``, plus ``tinyworld`` values)."""
+        """Option values that override the config class's defaults (``defaults``, plus ``tinyworld`` values); the
+        registry's part of the presets (:mod:`erasekit.methods.presets` applies them)."""
         return {**self.defaults, **(self.tinyworld if tinyworld else {})}
 
     def erase(self, pipe, config):
-        """Run the strategy: ``module.erase(pipe, config) -> Adapter``; ``pipe`` is not modified."""
+        """Run the strategy: ``module.erase(pipe, config) -> Adapter``, fields left ``None`` resolved for ``pipe``
+        (:func:`erasekit.methods.presets.model_defaults`); ``pipe`` is not modified."""
         if not isinstance(config, self.config_cls):
             raise ConfigError(f"method {self.name!r} takes a {self.config_cls.__name__}, "
                               f"got {type(config).__name__}")
-        return self.module.erase(pipe, config)
+        from .presets import model_defaults, on_tinyworld
+
+        return self.module.erase(pipe, model_defaults(config, on_tinyworld(pipe)))
 
 
 METHODS: dict[str, MethodSpec] = {

@@ -19,19 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
 from ..core import lora
 from ..adapter import Adapter
 from ..errors import ConfigError
-from .esd import (PRESETS, Cond, PromptTable, TrainMethod, _validate, ddim_scheduler, latent_shape, predict, rollout,
-                  train, training_templates, validate_replace_with)
+from .esd import PRESETS, TrainMethod
+from .trainer import (Cond, PromptTable, ddim_scheduler, latent_shape, predict, rollout, train, training_options,
+                      training_templates, validate_replace_with, validate_rollout_training)
 
 
 @dataclass(frozen=True)
+@training_options
 class AboConfig:
     """Args:
         concepts: prompts to erase, e.g. ("circle",); with several, each step trains on one drawn at random.
@@ -50,13 +50,7 @@ class AboConfig:
         rank: rank of each delta; 0 trains full-rank deltas.
         batch_size: x_t samples per step.
         resolution: image side in pixels (0 = the model's own, sample_size × VAE factor).
-        seed: seed of the initialisation and of every step's noise.
-        mixed_precision: "no", "bf16" or "fp16" (CUDA) autocast for the forward passes.
         gradient_checkpointing: recompute UNet activations in the backward pass to save memory.
-        checkpoint_dir: folder for resumable training checkpoints ("" = none).
-        checkpoint_every: steps between checkpoints (0 = only at the end).
-        resume: continue from the checkpoint in checkpoint_dir, if there is one.
-        progress: show a progress bar.
     """
 
     concepts: tuple[str, ...]
@@ -72,16 +66,10 @@ class AboConfig:
     rank: int = 4
     batch_size: int = 4
     resolution: int = 0
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
-    checkpoint_dir: str = ""
-    checkpoint_every: int = 0
-    resume: bool = False
-    progress: bool = True
 
     def __post_init__(self):
-        _validate(self)
+        validate_rollout_training(self)
         if self.train_method not in PRESETS:
             raise ConfigError(f"train_method must be one of {', '.join(PRESETS)}, got {self.train_method!r}")
         if self.preserve_weight < 0:
@@ -98,7 +86,7 @@ def objective(pipe, config: AboConfig) -> Callable:
                         list(config.concepts) + ([config.replace_with] if replace else []), config.resolution)
     uncond = table.uncond
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
-    shape = latent_shape(pipe, config)
+    shape = latent_shape(pipe, config.batch_size, config.resolution)
     n = shape[0]
 
     def loss_for(deltas: lora.Deltas):

@@ -48,8 +48,10 @@ from ..adapter import Adapter
 from ..core import sd
 from ..attacks.unlearndiffatk import SoftPrompt, SoftPromptConfig, soft_prompt_attack
 from ..errors import ConfigError
-from . import _te
-from .esd import ddim_scheduler, is_tinyworld, training_templates, validate_replace_with
+from . import te
+from ..tinyworld import is_tinyworld
+from .trainer import (ddim_scheduler, latent_shape, training_options, training_templates, validate_replace_with,
+                      validate_training)
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ _FIXED_K = ("prefix_k", "replace_k", "suffix_k", "mid_k", "insert_k")  # δ has 
 
 
 @dataclass(frozen=True)
+@training_options
 class AdvUnlearnConfig:
     """Defaults are sized for tinyworld on a CPU; the authors' SD settings are ``PAPER_SD``.
 
@@ -122,13 +125,9 @@ class AdvUnlearnConfig:
         attack_every: outer steps between attack rounds; the concept prompt is redrawn with each round (authors 1).
         batch_size: x_t samples per outer step and per attack step (authors 1).
         resolution: image side in pixels (0 = the model's own).
-        seed: seed of the initialisation and of every step's noise.
         mixed_precision: "no", "bf16" or "fp16" (CUDA) autocast for the outer forward passes.
         checkpoint_dir: folder for resumable training checkpoints ("" = none); δ is saved with them (fixed-k
             insertions; ``add``/``per_k`` restart δ at random after a resume).
-        checkpoint_every: steps between checkpoints (0 = only at the end).
-        resume: continue from the checkpoint in checkpoint_dir, if there is one.
-        progress: show a progress bar.
     """
 
     concepts: tuple[str, ...]
@@ -157,15 +156,9 @@ class AdvUnlearnConfig:
     attack_every: int = 1
     batch_size: int = 2
     resolution: int = 0
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    checkpoint_dir: str = ""
-    checkpoint_every: int = 0
-    resume: bool = False
-    progress: bool = True
 
     def __post_init__(self):
-        _te.validate(self)
+        validate_training(self)
         for name in ("iterations", "num_inference_steps", "batch_size", "retain_batch", "attack_tokens",
                      "attack_steps", "attack_every"):
             if getattr(self, name) < 1:
@@ -193,7 +186,7 @@ class AdvUnlearnConfig:
 
 
 def module_selection(component: str, layers: tuple[int, ...]) -> Callable[[str, int, int], bool]:
-    """``include(path, layer, num_layers)`` for :func:`erasekit.methods._te.select`."""
+    """``include(path, layer, num_layers)`` for :func:`erasekit.methods.te.select`."""
     parts = {"all": (".self_attn.", ".mlp."), "ffn": (".mlp.",), "attn": (".self_attn.",)}[component]
     return lambda path, layer, total: (not layers or layer in layers) and any(p in path for p in parts)
 
@@ -232,11 +225,11 @@ def inner_attack(pipe, prompt: str, c0: sd.Cond, uncond: sd.Cond, config: AdvUnl
                  generator: torch.Generator, init: torch.Tensor | None) -> SoftPrompt:
     """δ* for ``prompt`` against the current (hooked) encoder: the audit's soft-prompt loop with the teacher target
     ε₀(x_t, c) at x_t from a fresh partial rollout of the frozen model for every step (authors' ``attack_util``)."""
-    shape = _te.latent_shape(pipe, config.batch_size, config.resolution)
+    shape = latent_shape(pipe, config.batch_size, config.resolution)
 
     def target_fn(step: int, g: torch.Generator):
         steps = int(torch.randint(config.num_inference_steps, (), generator=g))
-        x, t = _te.rollout(pipe, scheduler, c0, uncond, config.start_guidance, steps, shape, g)
+        x, t = te.rollout(pipe, scheduler, c0, uncond, config.start_guidance, steps, shape, g)
         with torch.no_grad():
             e_p = sd.unet_eps(pipe, x, t, c0.expand(shape[0]))
         return x, t, e_p
@@ -253,11 +246,11 @@ def objective(pipe, config: AdvUnlearnConfig, delta_state: torch.Tensor | None =
     prompts = [t.replace("{}", c) for c in config.concepts for t in templates]
     retain = retain_prompts(pipe, config) if config.retain_weight > 0 else []
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
-    shape = _te.latent_shape(pipe, config.batch_size, config.resolution)
-    retain_shape = _te.latent_shape(pipe, config.retain_batch, config.resolution)
+    shape = latent_shape(pipe, config.batch_size, config.resolution)
+    retain_shape = latent_shape(pipe, config.retain_batch, config.resolution)
     n, eta = shape[0], config.negative_guidance
 
-    def loss_for(deltas: _te.EncoderDeltas):
+    def loss_for(deltas: te.EncoderDeltas):
         with deltas.disabled(), torch.no_grad():  # the original encoder's conditioning: the teacher's, fixed
             originals = sd.encode(pipe, prompts)
             originals_retain = sd.encode(pipe, retain) if retain else None
@@ -283,24 +276,24 @@ def objective(pipe, config: AdvUnlearnConfig, delta_state: torch.Tensor | None =
                 state["soft"], state["delta"] = soft, soft.delta
             # defender: the ESD target for the (attacked) prompt
             steps = int(torch.randint(config.num_inference_steps, (), generator=gen))
-            x, t = _te.rollout(pipe, scheduler, c0, uncond, config.start_guidance, steps, shape, gen)
+            x, t = te.rollout(pipe, scheduler, c0, uncond, config.start_guidance, steps, shape, gen)
             with torch.no_grad():  # ε₀(x_t, ∅) and ε₀(x_t, c) — or ε₀(x_t, r), the anchor's, as the target itself
                 other = c0 if anchors is None else anchors[row:row + 1]
                 teacher = sd.Cond.cat([uncond.expand(n), other.expand(n)])
                 e_null, e_other = sd.unet_eps(pipe, torch.cat([x, x]), t, teacher).chunk(2)
             target = e_null - eta * (e_other - e_null) if anchors is None else e_other
-            cond = state["soft"].cond(pipe) if adversarial else _te.encode(pipe, [prompts[row]])
+            cond = state["soft"].cond(pipe) if adversarial else te.encode(pipe, [prompts[row]])
             loss = F.mse_loss(sd.unet_eps(pipe, x, t, cond.expand(n)), target)
             if config.retain_uncond and config.retain_weight > 0:  # the CFG branch of every prompt: keep ε(x_t, ∅)
-                e_null_student = sd.unet_eps(pipe, x, t, _te.encode(pipe, [""]).expand(n))
+                e_null_student = sd.unet_eps(pipe, x, t, te.encode(pipe, [""]).expand(n))
                 loss = loss + config.retain_weight * F.mse_loss(e_null_student, e_null)
             if retain:  # utility retaining ("reg"): the original model's prediction on retain prompts
                 rows = torch.randint(len(retain), (config.retain_batch,), generator=gen)
                 c_r = originals_retain[rows]
-                x_r, t_r = _te.rollout(pipe, scheduler, c_r, uncond, config.start_guidance, steps, retain_shape, gen)
+                x_r, t_r = te.rollout(pipe, scheduler, c_r, uncond, config.start_guidance, steps, retain_shape, gen)
                 with torch.no_grad():
                     e_r0 = sd.unet_eps(pipe, x_r, t_r, c_r)
-                e_r = sd.unet_eps(pipe, x_r, t_r, _te.encode(pipe, [retain[i] for i in rows.tolist()]))
+                e_r = sd.unet_eps(pipe, x_r, t_r, te.encode(pipe, [retain[i] for i in rows.tolist()]))
                 loss = loss + config.retain_weight * F.mse_loss(e_r, e_r0)
             return loss
 
@@ -311,10 +304,10 @@ def objective(pipe, config: AdvUnlearnConfig, delta_state: torch.Tensor | None =
 
 def erase(pipe, config: AdvUnlearnConfig) -> Adapter:
     """Train an AdvUnlearn text-encoder adapter; ``pipe`` is left as it was (no hooks, same weights)."""
-    names = _te.select(pipe, module_selection(config.component, config.layers))
+    names = te.select(pipe, module_selection(config.component, config.layers))
     delta_state = attack_state(pipe, config)
     extra = {"attack.delta": delta_state} if delta_state is not None else None
-    return _te.train(pipe, config, names, objective(pipe, config, delta_state), "advunlearn", config.iterations,
+    return te.train(pipe, config, names, objective(pipe, config, delta_state), "advunlearn", config.iterations,
                      extra_params=extra)
 
 

@@ -22,9 +22,7 @@ memory. Presets: ``esd-x`` (every Linear of the cross-attention ``attn2``), ``es
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -32,11 +30,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..core import lora, sd
-from . import trainer
 from ..adapter import Adapter
+from ..core import lora
 from ..errors import ConfigError
 from ..tinyworld import is_tinyworld
+from .trainer import (Cond, PromptTable, ddim_scheduler, is_sdxl, latent_shape, predict, rollout, train,
+                      training_options, training_templates, validate_rollout_training)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +58,7 @@ PAPER_SDXL = dict(iterations=200, lr=2e-4, negative_guidance=1.0, start_guidance
 
 
 @dataclass(frozen=True)
+@training_options
 class EsdConfig:
     """Args:
         concepts: prompts to erase, e.g. ("circle",); with several, each step trains on one drawn at random.
@@ -81,13 +81,7 @@ class EsdConfig:
         rank: rank of each delta; 0 trains full-rank deltas, as the authors' code does.
         batch_size: x_t samples per step.
         resolution: image side in pixels (0 = the model's own, sample_size × VAE factor).
-        seed: seed of the initialisation and of every step's noise.
-        mixed_precision: "no", "bf16" or "fp16" (CUDA) autocast for the forward passes.
         gradient_checkpointing: recompute UNet activations in the backward pass to save memory.
-        checkpoint_dir: folder for resumable training checkpoints ("" = none).
-        checkpoint_every: steps between checkpoints (0 = only at the end).
-        resume: continue from the checkpoint in checkpoint_dir, if there is one.
-        progress: show a progress bar.
     """
 
     concepts: tuple[str, ...]
@@ -105,16 +99,10 @@ class EsdConfig:
     rank: int = 4
     batch_size: int = 4
     resolution: int = 0
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
-    checkpoint_dir: str = ""
-    checkpoint_every: int = 0
-    resume: bool = False
-    progress: bool = True
 
     def __post_init__(self):
-        _validate(self)
+        validate_rollout_training(self)
         if self.preserve_weight < 0:
             raise ConfigError(f"preserve_weight must be ≥ 0, got {self.preserve_weight}")
         if isinstance(self.preserve, str) or not all(isinstance(p, str) and p.strip() for p in self.preserve):
@@ -123,38 +111,6 @@ class EsdConfig:
             raise ConfigError("preserve / preserve_related need preserve_weight > 0 (the preservation term's weight)")
         if self.train_method not in PRESETS:
             raise ConfigError(f"train_method must be one of {', '.join(PRESETS)}, got {self.train_method!r}")
-
-
-def _validate(config) -> None:
-    """Checks shared by the trained methods' configs (ESD, All-but-One): the rollout's step counts, then
-    :func:`validate_training`."""
-    for name in ("iterations", "num_inference_steps", "batch_size"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be ≥ 1, got {getattr(config, name)}")
-    validate_training(config)
-
-
-def validate_replace_with(config) -> None:
-    """The anchor of a config with ``replace_with`` (All-but-One, AdvUnlearn) must not be a concept it erases."""
-    if config.replace_with.strip() in {c.strip() for c in config.concepts}:
-        raise ConfigError(f"replace_with {config.replace_with!r} is one of the concepts being erased")
-
-
-def validate_training(config) -> None:
-    """Checks shared by every trained method's config (concepts, rank, lr, precision, resume, templates)."""
-    if isinstance(config.concepts, str) or not config.concepts or not all(c.strip() for c in config.concepts):
-        raise ConfigError("concepts must be a non-empty tuple of non-empty prompts, e.g. ('circle',)")
-    for name in ("rank", "resolution", "checkpoint_every"):
-        if getattr(config, name) < 0:
-            raise ConfigError(f"{name} must be ≥ 0, got {getattr(config, name)}")
-    if not config.lr > 0:
-        raise ConfigError(f"lr must be > 0, got {config.lr}")
-    if config.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {config.mixed_precision!r}")
-    if config.resume and not config.checkpoint_dir:
-        raise ConfigError("resume needs checkpoint_dir")
-    if isinstance(config.templates, str) or any("{}" not in t for t in config.templates):
-        raise ConfigError(f"templates must be a tuple of prompts that each contain '{{}}', got {config.templates!r}")
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -169,179 +125,6 @@ def preserved(pipe, config) -> list[str]:
     return [p for p in dict.fromkeys(names) if p not in config.concepts]
 
 
-TINYWORLD_TEMPLATES = 64  # how many caption templates are drawn on tinyworld
-
-
-def training_templates(pipe, config) -> list[str]:
-    """The prompt templates ("{}" = the concept) a trained method draws its prompts from.
-
-    ``config.templates`` if given; else, on tinyworld and for concepts of one tinyworld attribute, tinyworld's
-    caption templates (:func:`erasekit.tinyworld.caption_templates`: the concept in context, never its
-    synonyms, so that leaking through them stays measurable); else ["{}"].
-    """
-    if config.templates:
-        return list(config.templates)
-    if is_tinyworld(pipe):
-        from .. import tinyworld
-
-        try:
-            attributes = {tinyworld.concept_attribute(c) for c in config.concepts}
-        except KeyError:
-            attributes = set()
-        if len(attributes) == 1:
-            return tinyworld.caption_templates(config.concepts[0], TINYWORLD_TEMPLATES, config.seed)
-    return ["{}"]
-
-
-class PromptTable:
-    """Encoded prompts ``template × name`` for a few name lists (erased concepts, their replacements, ...)."""
-
-    def __init__(self, pipe, templates: list[str], names: list[str], resolution: int = 0):
-        self.templates, self.names = templates, names
-        prompts = [t.replace("{}", name) for name in names for t in templates]
-        self.conds, self.uncond = encode(pipe, prompts, resolution)
-
-    def batch(self, name: int, rows: list[int]) -> Cond:
-        """Conds of ``names[name]`` in the templates ``rows`` (one per sample)."""
-        return Cond.cat([self.conds[name * len(self.templates) + j] for j in rows])
-
-
-# ------------------------------------------------------------------------------------- conditioning
-@dataclass
-class Cond:
-    """What the UNet is conditioned on besides (x_t, t), for a batch of prompts."""
-
-    hidden: torch.Tensor  # encoder_hidden_states (B, 77, D)
-    added: dict | None = None  # SDXL: text_embeds (B, P), time_ids (B, 6)
-
-    def repeat(self, n: int) -> Cond:
-        rep = lambda t: t.repeat_interleave(n, 0)  # noqa: E731
-        return Cond(rep(self.hidden), None if self.added is None else {k: rep(v) for k, v in self.added.items()})
-
-    @staticmethod
-    def cat(conds: list[Cond]) -> Cond:
-        added = None if conds[0].added is None else {k: torch.cat([c.added[k] for c in conds]) for k in conds[0].added}
-        return Cond(torch.cat([c.hidden for c in conds]), added)
-
-    def kwargs(self) -> dict:
-        return {"encoder_hidden_states": self.hidden, "added_cond_kwargs": self.added}
-
-
-def is_sdxl(pipe) -> bool:
-    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
-
-
-def image_size(pipe, resolution: int = 0) -> int:
-    return resolution or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-
-
-@torch.no_grad()
-def encode(pipe, prompts: list[str], resolution: int = 0) -> tuple[list[Cond], Cond]:
-    """One ``Cond`` per prompt, and the unconditional ``Cond`` the pipeline itself uses for CFG.
-
-    Uses the pipeline's own ``encode_prompt`` (SDXL: both encoders, pooled embeddings, zeroed negative when the
-    pipeline forces zeros for an empty prompt) and, for SDXL, its ``_get_add_time_ids`` with the image size.
-    """
-    device = pipe.unet.device
-    dtype = pipe.unet.dtype
-    if not is_sdxl(pipe):
-        cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True)
-        return [Cond(h[None].to(dtype)) for h in cond], Cond(uncond[:1].to(dtype))
-    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1,
-                                                             do_classifier_free_guidance=True)
-    size = (image_size(pipe, resolution),) * 2
-    projection = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
-                  else pipe.text_encoder_2.config.projection_dim)
-    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection).to(device)
-    conds = [Cond(h[None].to(dtype), {"text_embeds": p[None].to(dtype), "time_ids": time_ids})
-             for h, p in zip(cond, pooled)]
-    return conds, Cond(uncond[:1].to(dtype), {"text_embeds": uncond_pooled[:1].to(dtype), "time_ids": time_ids})
-
-
-def predict(unet, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    return unet(x, t, **cond.kwargs(), return_dict=False)[0]
-
-
-def ddim_scheduler(pipe, num_inference_steps: int):
-    """A DDIM scheduler from the pipeline's noise schedule (a copy: the pipeline's scheduler is left alone)."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps, device=pipe.unet.device)
-    return scheduler
-
-
-@torch.no_grad()
-def rollout(unet, scheduler, cond: Cond, uncond: Cond, guidance: float, steps: int, shape: tuple,
-            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_t after ``steps`` DDIM steps with CFG from pure noise, and t = the next timestep (ESD's partial rollout).
-
-    ``cond`` holds one row per sample (``shape[0]`` rows); ``uncond`` one row.
-    """
-    device = scheduler.timesteps.device
-    dtype = cond.hidden.dtype
-    x = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(device, dtype)
-    both = Cond.cat([uncond.repeat(shape[0]), cond])
-    for t in scheduler.timesteps[:steps]:
-        e_uncond, e_cond = predict(unet, scheduler.scale_model_input(torch.cat([x, x]), t), t, both).chunk(2)
-        x = scheduler.step(e_uncond + guidance * (e_cond - e_uncond), t, x).prev_sample
-    return x, scheduler.timesteps[steps]
-
-
-# ----------------------------------------------------------------------------------------- training
-def train(pipe, config, names: list[str], loss_for: Callable, method: str) -> Adapter:
-    """Shared body of the trained UNet methods: attach deltas on ``names``, fit ``loss_for``, package an Adapter.
-
-    ``loss_for(deltas)`` returns the ``loss_fn(step, generator)`` handed to ``trainer.fit``.
-    """
-    unet = pipe.unet
-    run = {k: v for k, v in dataclasses.asdict(config).items()
-           if k not in ("iterations", "resume", "checkpoint_dir", "checkpoint_every", "progress")}
-    was_training, was_checkpointing = unet.training, getattr(unet, "is_gradient_checkpointing", False)
-    started = time.perf_counter()
-    with lora.frozen(unet), lora.attach(unet, names, config.rank, torch.Generator().manual_seed(config.seed)) as deltas:
-        try:
-            unet.eval()  # no dropout: student and teacher see the same network
-            if config.gradient_checkpointing:
-                unet.enable_gradient_checkpointing()
-            losses = trainer.fit(deltas.params, loss_for(deltas), steps=config.iterations, lr=config.lr,
-                                seed=config.seed, checkpoint_dir=config.checkpoint_dir or None,
-                                checkpoint_every=config.checkpoint_every, resume=config.resume, run=run,
-                                mixed_precision=config.mixed_precision, progress=config.progress, desc=method,
-                                ratios=deltas.ratios)
-        finally:
-            if config.gradient_checkpointing and not was_checkpointing:
-                unet.disable_gradient_checkpointing()
-            unet.train(was_training)
-        module_deltas = deltas.export("unet")
-    return package(pipe, config, module_deltas, method, {
-        "iterations": config.iterations, "seconds": round(time.perf_counter() - started, 2),
-        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None})
-
-
-def package(pipe, config, module_deltas: dict, method: str, training: dict) -> Adapter:
-    from .. import adapter as adapter_module
-
-    fingerprint = getattr(adapter_module, "fingerprint", None)
-    import diffusers
-
-    return Adapter(
-        method=method, concepts=tuple(config.concepts), config=dataclasses.asdict(config), deltas=module_deltas,
-        base_model=sd.model_id(pipe),
-        fingerprint=fingerprint(pipe, ["unet"]) if fingerprint else {},
-        info={"training": training, "torch": torch.__version__, "diffusers": diffusers.__version__,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-    )
-
-
-def latent_shape(pipe, config) -> tuple[int, ...]:
-    factor = int(pipe.vae_scale_factor)
-    if config.resolution % factor:
-        raise ConfigError(f"resolution must be a multiple of the VAE factor {factor}, got {config.resolution}")
-    side = image_size(pipe, config.resolution) // factor
-    return (config.batch_size, int(pipe.unet.config.in_channels), side, side)
-
-
 def objective(pipe, config: EsdConfig) -> Callable:
     """``loss_for(deltas) -> loss_fn(step, generator)``: the ESD loss of one step (module docstring)."""
     unet = pipe.unet
@@ -352,7 +135,7 @@ def objective(pipe, config: EsdConfig) -> Callable:
                         config.resolution)
     uncond = table.uncond
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
-    shape = latent_shape(pipe, config)
+    shape = latent_shape(pipe, config.batch_size, config.resolution)
     n, eta = shape[0], config.negative_guidance
 
     def loss_for(deltas: lora.Deltas):

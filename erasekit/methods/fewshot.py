@@ -32,12 +32,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .trainer import step_generator
 from ..adapter import Adapter
 from ..core import sd
 from ..errors import ConfigError
-from . import _te
-from .esd import is_tinyworld
+from ..tinyworld import is_tinyworld
+from . import te
+from .trainer import latent_shape, step_generator, training_options, validate_training
 
 #: The authors' settings for SD 1.4/1.5 (``train.py`` argparse defaults; the README example uses 4 epochs).
 PAPER_SD = dict(epochs=5, batch_size=2, lr=1e-5, rank=0, num_images=4)
@@ -62,6 +62,7 @@ TrainMethod = Literal["mlp-final-attn", "mlp", "all"]
 
 
 @dataclass(frozen=True)
+@training_options
 class FewShotConfig:
     """Defaults are sized for tinyworld on a CPU; the authors' SD settings are ``PAPER_SD``.
 
@@ -82,11 +83,6 @@ class FewShotConfig:
         rank: rank of each delta; 0 trains full deltas, as the authors (who save the whole encoder).
         resolution: image side in pixels (0 = the model's own).
         seed: seed of the renders, the initialisation and every step's noise.
-        mixed_precision: "no", "bf16" or "fp16" (CUDA) autocast for the forward passes.
-        checkpoint_dir: folder for resumable training checkpoints ("" = none).
-        checkpoint_every: steps between checkpoints (0 = only at the end).
-        resume: continue from the checkpoint in checkpoint_dir, if there is one.
-        progress: show a progress bar.
     """
 
     concepts: tuple[str, ...]
@@ -101,15 +97,9 @@ class FewShotConfig:
     lr: float = 1e-3
     rank: int = 0
     resolution: int = 0
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    checkpoint_dir: str = ""
-    checkpoint_every: int = 0
-    resume: bool = False
-    progress: bool = True
 
     def __post_init__(self):
-        _te.validate(self)
+        validate_training(self)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -122,7 +112,7 @@ class FewShotConfig:
 
 
 def module_selection(train_method: str) -> Callable[[str, int, int], bool]:
-    """``include(path, layer, num_layers)`` for :func:`erasekit.methods._te.select` (authors' ``utils.py``)."""
+    """``include(path, layer, num_layers)`` for :func:`erasekit.methods.te.select` (authors' ``utils.py``)."""
     if train_method == "all":
         return lambda path, layer, total: True
     if train_method == "mlp":
@@ -186,7 +176,7 @@ def examples(pipe, config) -> tuple[torch.Tensor, list[str]]:
         images = None
     else:
         raise ConfigError("few-shot erasing needs images of the concept: set images= to a folder (or zero_shot=True)")
-    shape = _te.latent_shape(pipe, len(captions), config.resolution)
+    shape = latent_shape(pipe, len(captions), config.resolution)
     if config.zero_shot:  # the authors' zero-shot variant: torch.rand latents
         return torch.rand(shape, generator=torch.Generator().manual_seed(config.seed)).to(sd.device_of(pipe)), captions
     if config.resolution:
@@ -217,7 +207,7 @@ def objective(pipe, config: FewShotConfig, latents: torch.Tensor, captions: list
             noise = torch.randn(z0.shape, generator=gen).to(z0.device)
             t = torch.randint(T, (len(rows),), generator=gen).to(z0.device)
             x_t = sd.add_noise(pipe, z0, noise, t)
-            eps = sd.unet_eps(pipe, x_t, t, _te.encode(pipe, [captions[r] for r in rows]))
+            eps = sd.unet_eps(pipe, x_t, t, te.encode(pipe, [captions[r] for r in rows]))
             return -F.mse_loss(eps, noise)
 
         return loss_fn
@@ -227,10 +217,10 @@ def objective(pipe, config: FewShotConfig, latents: torch.Tensor, captions: list
 
 def erase(pipe, config: FewShotConfig) -> Adapter:
     """Train a few-shot text-encoder adapter; ``pipe`` is left as it was (no hooks, same weights)."""
-    names = _te.select(pipe, module_selection(config.train_method))
+    names = te.select(pipe, module_selection(config.train_method))
     latents, captions = examples(pipe, config)
     steps = config.epochs * steps_per_epoch(len(captions), config.batch_size)
-    return _te.train(pipe, config, names, objective(pipe, config, latents, captions), "fewshot", steps)
+    return te.train(pipe, config, names, objective(pipe, config, latents, captions), "fewshot", steps)
 
 
 __all__ = ["FewShotConfig", "OBJECT_TEMPLATES", "PAPER_SD", "STYLE_TEMPLATES", "erase", "examples", "objective"]

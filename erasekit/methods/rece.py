@@ -42,7 +42,7 @@ from typing import Literal
 import torch
 
 from ..adapter import Adapter
-from . import _text, uce
+from . import text, uce
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +137,22 @@ def combine(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch
     return uce.compress(torch.cat([f[0] for f in factors], 1), torch.cat([f[1] for f in factors], 1))
 
 
+def is_tinyworld_concept(concept: str) -> bool:
+    """Whether ``concept`` names a tinyworld concept (a canonical name or a synonym)."""
+    from ..tinyworld import concept_attribute
+
+    try:
+        concept_attribute(concept)
+    except KeyError:
+        return False
+    return True
+
+
 class _Validation:
     """The reference's model selection: the share of validation images in which a judge sees the concept(s)."""
 
     def __init__(self, pipe, config: ReceConfig, modules: dict):
-        from ..audit import _tinyworld_concept, tinyworld_prompts
+        from ..audit import tinyworld_prompts
         from ..judges import load
 
         self.pipe, self.config, self.modules = pipe, config, modules
@@ -149,7 +160,7 @@ class _Validation:
         for concept in config.concepts:
             options = {"pipe": pipe} if config.validation_judge == "tinyworld" else {}
             prompts = list(config.validation_prompts)
-            if not prompts and config.validation_judge == "tinyworld" and _tinyworld_concept(concept):
+            if not prompts and config.validation_judge == "tinyworld" and is_tinyworld_concept(concept):
                 grid = tinyworld_prompts(concept)
                 prompts = grid[:: max(1, len(grid) // 8)][:8]
             self.sets.append((load(config.validation_judge, concept, **options), prompts or [concept]))
@@ -178,9 +189,9 @@ def erase(pipe, config: ReceConfig) -> Adapter:
     """Return the RECE edit of ``pipe``'s UNet (base → final) as exact low-rank deltas; ``pipe`` is not modified."""
     start = time.perf_counter()
     modules = uce.find_targets(pipe, config.targets)
-    device = _text.device_of(pipe)
+    device = text.device_of(pipe)
     dtype = uce.solve_dtype(device)
-    dim = _text.context_dim(pipe)
+    dim = text.context_dim(pipe)
     eye = torch.eye(dim, dtype=dtype, device=device)
     T = eye.clone()
     factors: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -204,7 +215,7 @@ def erase(pipe, config: ReceConfig) -> Adapter:
     preserve = uce.preserve_prompts(pipe, dataclasses.replace(config, expand_prompts="none")) or [""] * len(config.concepts)
     unique = list(dict.fromkeys([c for c, _ in pairs] + [g for _, g in pairs] + preserve))
     row = {p: i for i, p in enumerate(unique)}
-    emb = _text.encode_prompts(pipe, unique).to(dtype)  # (U, 77, d)
+    emb = text.encode_prompts(pipe, unique).to(dtype)  # (U, 77, d)
     c = torch.stack([emb[row[p]] for p, _ in pairs])  # (n, 77, d) concept tokens
     c_g = torch.cat([emb[row[g]] for _, g in pairs])  # (n·77, d) guide tokens
     c_p = torch.cat([emb[row[p]] for p in preserve])  # (m·77, d)

@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from ..core import lora
 from ..adapter import Adapter
 from ..errors import ConfigError
-from .esd import (Cond, PromptTable, _validate, ddim_scheduler, encode, is_tinyworld, latent_shape, predict, rollout,
-                  train, training_templates)
+from .trainer import (Cond, PromptTable, ddim_scheduler, encode, latent_shape, predict, rollout, train,
+                      training_options, training_templates, validate_rollout_training)
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +74,11 @@ PAPER_SD = dict(iterations=3000, lr=1e-4, batch_size=1, la_strength=1000.0, num_
 #: erased concept's prompts, 0.84 on every other), so with it each membrane acts at γ ≈ 0.84 on every prompt.
 TINYWORLD = dict(iterations=200, lr=5e-3, batch_size=2, la_strength=100.0, num_inference_steps=10,
                  gate_metric="tokencos")
-_AUTO = tuple(PAPER_SD)  # the fields left to the model (None = PAPER_SD, or TINYWORLD on tinyworld)
+_AUTO = tuple(PAPER_SD)  # the fields left to the model: None = PAPER_SD, or TINYWORLD on tinyworld (presets.resolve)
 
 
 @dataclass(frozen=True)
+@training_options
 class SpmConfig:
     """Args:
         concepts: prompts to erase, e.g. ("circle",); with several, each step trains on one drawn at random.
@@ -104,13 +105,8 @@ class SpmConfig:
         facilitate_factor: multiplies the gate γ (the reference's evaluation scripts: 1).
         gate_combine: how several gated membranes on one module combine: "sum" = Σ γ_i U_i D_i (the paper's
             intent), "factors" = (Σ γ_i U_i)(Σ γ_j D_j) (the reference code's weight merge).
-        seed: seed of the initialisation and of every step's noise and anchors.
-        mixed_precision: "no", "bf16" or "fp16" (CUDA) autocast for the forward passes.
         gradient_checkpointing: recompute UNet activations in the backward pass to save memory.
-        checkpoint_dir: folder for resumable training checkpoints ("" = none).
-        checkpoint_every: steps between checkpoints (0 = only at the end).
-        resume: continue from the checkpoint in checkpoint_dir, if there is one.
-        progress: show a progress bar.
+        seed: seed of the initialisation and of every step's noise and anchors.
     """
 
     concepts: tuple[str, ...]
@@ -129,17 +125,10 @@ class SpmConfig:
     gate_metric: GateMetric | None = None
     facilitate_factor: float = 1.0
     gate_combine: GateCombine = "sum"
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
-    checkpoint_dir: str = ""
-    checkpoint_every: int = 0
-    resume: bool = False
-    progress: bool = True
 
     def __post_init__(self):
-        _validate(dataclasses.replace(self, **{k: v for k, v in PAPER_SD.items() if getattr(self, k) is None})
-                  if any(getattr(self, k) is None for k in _AUTO) else self)
+        validate_rollout_training(self.with_paper_defaults())
         if self.rank < 1:
             raise ConfigError(f"rank must be ≥ 1 (a membrane is low rank), got {self.rank}")
         if self.num_anchors < 0:
@@ -155,9 +144,16 @@ class SpmConfig:
             raise ConfigError(f"facilitate_factor must be > 0, got {self.facilitate_factor}")
 
     def resolved(self, pipe) -> SpmConfig:
-        """This config with every ``None`` replaced: the paper's value, or the tinyworld-sized one on tinyworld."""
-        preset = TINYWORLD if is_tinyworld(pipe) else PAPER_SD
-        return dataclasses.replace(self, **{k: preset[k] for k in _AUTO if getattr(self, k) is None})
+        """This config with every ``None`` replaced: the paper's value, or the tinyworld-sized one on tinyworld
+        (:func:`erasekit.methods.presets.model_defaults`, as :func:`erasekit.methods.presets.resolve` does)."""
+        from .presets import model_defaults, on_tinyworld
+
+        return model_defaults(self, on_tinyworld(pipe))
+
+    def with_paper_defaults(self) -> SpmConfig:
+        """This config with every ``None`` replaced by the paper's value (``PAPER_SD``)."""
+        missing = {k: PAPER_SD[k] for k in _AUTO if getattr(self, k) is None}
+        return dataclasses.replace(self, **missing) if missing else self
 
 
 # -------------------------------------------------------------------------------------------- modules
@@ -209,7 +205,7 @@ def _anchor_conds(target: Cond, n: int, generator: torch.Generator) -> Cond:
 def objective(pipe, config: SpmConfig) -> Callable:
     """``loss_for(deltas) -> loss_fn(step, generator)``: ``L_erase + la_strength · L_LA`` (module docstring).
 
-    ``config`` must be resolved (``config.resolved(pipe)``).
+    ``config`` must be resolved (:func:`erasekit.methods.presets.resolve`, or ``config.resolved(pipe)``).
     """
     unet = pipe.unet
     n_concepts = len(config.concepts)
@@ -217,7 +213,7 @@ def objective(pipe, config: SpmConfig) -> Callable:
     table = PromptTable(pipe, training_templates(pipe, config), [*config.concepts, config.neutral], config.resolution)
     uncond = table.uncond
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
-    shape = latent_shape(pipe, config)
+    shape = latent_shape(pipe, config.batch_size, config.resolution)
     n, eta, m = shape[0], config.negative_guidance, config.num_anchors
 
     def loss_for(deltas: lora.Deltas):
@@ -294,9 +290,10 @@ def erase(pipe, config: SpmConfig) -> Adapter:
     """Train a membrane for ``config.concepts``; ``pipe`` is left as it was (no hooks, same weights).
 
     The adapter holds rank-``config.rank`` deltas on every Linear/Conv2d of the transformer blocks, its gating
-    record and the gate prompts' embeddings and token ids.
+    record and the gate prompts' embeddings and token ids. Fields left ``None`` take the paper's values (the
+    tinyworld-sized ones come from :func:`erasekit.methods.presets.resolve`, which the API, CLI and registry use).
     """
-    config = config.resolved(pipe)
+    config = config.with_paper_defaults()
     names = transformer_modules(pipe.unet)
     adapter = train(pipe, config, names, objective(pipe, config), "spm")
     return dataclasses.replace(adapter, gating=gating_record(config),

@@ -7,7 +7,7 @@ factorisation, exact low-rank deltas and mergeable statistics. What makes it TIM
 
 * keys: all 77 context vectors of the source prompt (the concept); targets ``v*_i = W c_dst[a(i)]``, where ``a``
   aligns each source token to the same token of the destination prompt (the guide) and the padding
-  positionally (:func:`erasekit.methods._text.align_tokens`);
+  positionally (:func:`erasekit.methods.text.align_tokens`);
 * modules: ``attn2.to_v`` only, ``attn2.to_k`` too with ``with_to_k`` (the paper's runs use it);
 * λ = 0.1 (the repo default); ``with_augs`` adds "A photo of / An image of / A picture of" variants of source
   and destination.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapter import Adapter
-from . import _text, uce
+from . import text, uce
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +60,14 @@ def collect_keys(pipe, config: TimeConfig, batch_size: int = 256) -> uce.Keys:
     pairs = []
     for source, destination in uce.prompt_pairs(config.concepts, config.guides):
         if config.with_augs:
-            pairs += list(zip(_text.time_augment(source), _text.time_augment(destination)))
+            pairs += list(zip(text.time_augment(source), text.time_augment(destination)))
         else:
             pairs.append((source, destination))
     unique = list(dict.fromkeys([p for pair in pairs for p in pair]))
     row = {p: i for i, p in enumerate(unique)}
-    emb = _text.encode_prompts(pipe, unique, batch_size)  # (U, 77, d)
+    emb = text.encode_prompts(pipe, unique, batch_size)  # (U, 77, d)
     erase = torch.cat([emb[row[s]] for s, _ in pairs])
-    guide = torch.cat([emb[row[d]][_text.align_tokens(pipe, s, d)] for s, d in pairs])
+    guide = torch.cat([emb[row[d]][text.align_tokens(pipe, s, d)] for s, d in pairs])
     return uce.Keys(erase, guide, emb.new_zeros(0, emb.shape[-1]))
 
 

@@ -1,4 +1,7 @@
-"""The one training loop shared by every trained erasure method (ESD, All-but-One, ...).
+"""What the trained erasure methods share: the training loop (``fit``), their shared config fields
+(``TRAINING_FIELDS``) and checks, prompt tables, the frozen model's partial DDIM rollout, the UNet methods' training
+body (``train``) and the assembly of every method's Adapter (``package``). The shared config fields are
+added to each trained config by :func:`training_options`.
 
 A method hands ``fit`` its trainable tensors and a ``loss_fn(step, generator) -> loss``; ``fit`` runs Adam
 with a constant learning rate (as the ESD code does), and takes care of the rest:
@@ -25,17 +28,24 @@ with a constant learning rate (as the ESD code does), and takes care of the rest
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import re
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from ..adapter import write_safetensors
-from ..errors import AdapterFileError, CheckpointError, ConfigError, TrainingDivergedError
+from ..adapter import Adapter, write_safetensors
+from ..core import lora, sd
 from ..core.files import exclusive_lock
+from ..errors import AdapterFileError, CheckpointError, ConfigError, TrainingDivergedError
+from ..tinyworld import is_tinyworld
 
 logger = logging.getLogger(__name__)
 
@@ -257,3 +267,257 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[[int, torch.Generator
     if losses:
         logger.info("%s: %d steps, loss %.4g -> %.4g", desc, len(losses), losses[0], losses[-1])
     return losses
+
+
+# ------------------------------------------------------------------------------------------ shared fields
+#: The fields every trained method's config ends with, ``name: (type, default, documentation)``; added by
+#: :func:`training_options`.
+TRAINING_FIELDS: dict[str, tuple] = {
+    "seed": (int, 0, "seed of the initialisation and of every step's noise."),
+    "mixed_precision": (Literal["no", "bf16", "fp16"], "no",
+                        '"no", "bf16" or "fp16" (CUDA) autocast for the forward passes.'),
+    "checkpoint_dir": (str, "", 'folder for resumable training checkpoints ("" = none).'),
+    "checkpoint_every": (int, 0, "steps between checkpoints (0 = only at the end)."),
+    "resume": (bool, False, "continue from the checkpoint in checkpoint_dir, if there is one."),
+    "progress": (bool, True, "show a progress bar."),
+}
+
+
+def training_options(cls):
+    """Class decorator, under ``@dataclass``: a trained method's config gets the shared training fields
+    (:data:`TRAINING_FIELDS`) after its own, and their documentation at the end of its ``Args:`` section (a
+    field the class documents itself keeps the class's text)."""
+    doc = cls.__doc__ or ""
+    lines = []
+    for name, (tp, default, text) in TRAINING_FIELDS.items():
+        cls.__annotations__[name] = tp
+        setattr(cls, name, default)
+        if not re.search(rf"^\s+{name}:", doc, re.MULTILINE):
+            lines.append(f"        {name}: {text}")
+    cls.__doc__ = doc.rstrip() + "\n" + "\n".join(lines) + "\n    "
+    return cls
+
+
+#: config fields a checkpoint may differ in and still be resumed: the step count (a resumed run may ask for more)
+#: and where and how the run checkpoints and reports
+NOT_RUN = ("iterations", "epochs", "resume", "checkpoint_dir", "checkpoint_every", "progress")
+
+
+def run_settings(config) -> dict:
+    """What a checkpoint of ``config``'s run must match to be resumed (``fit``'s ``run``)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_RUN}
+
+
+def validate_training(config) -> None:
+    """Checks shared by every trained method's config (concepts, rank, lr, precision, resume, templates)."""
+    if isinstance(config.concepts, str) or not config.concepts or not all(c.strip() for c in config.concepts):
+        raise ConfigError("concepts must be a non-empty tuple of non-empty prompts, e.g. ('circle',)")
+    for name in ("rank", "resolution", "checkpoint_every"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be ≥ 0, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise ConfigError(f"lr must be > 0, got {config.lr}")
+    if config.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {config.mixed_precision!r}")
+    if config.resume and not config.checkpoint_dir:
+        raise ConfigError("resume needs checkpoint_dir")
+    if isinstance(config.templates, str) or any("{}" not in t for t in config.templates):
+        raise ConfigError(f"templates must be a tuple of prompts that each contain '{{}}', got {config.templates!r}")
+
+
+def validate_rollout_training(config) -> None:
+    """Checks shared by the configs of the methods trained on rollouts of the UNet (ESD, All-but-One, SPM): the
+    rollout's step counts, then :func:`validate_training`."""
+    for name in ("iterations", "num_inference_steps", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be ≥ 1, got {getattr(config, name)}")
+    validate_training(config)
+
+
+def validate_replace_with(config) -> None:
+    """The anchor of a config with ``replace_with`` (All-but-One, AdvUnlearn) must not be a concept it erases."""
+    if config.replace_with.strip() in {c.strip() for c in config.concepts}:
+        raise ConfigError(f"replace_with {config.replace_with!r} is one of the concepts being erased")
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+TINYWORLD_TEMPLATES = 64  # how many caption templates are drawn on tinyworld
+
+
+def training_templates(pipe, config) -> list[str]:
+    """The prompt templates ("{}" = the concept) a trained method draws its prompts from.
+
+    ``config.templates`` if given; else, on tinyworld and for concepts of one tinyworld attribute, tinyworld's
+    caption templates (:func:`erasekit.tinyworld.caption_templates`: the concept in context, never its
+    synonyms, so that leaking through them stays measurable); else ["{}"].
+    """
+    if config.templates:
+        return list(config.templates)
+    if is_tinyworld(pipe):
+        from .. import tinyworld
+
+        try:
+            attributes = {tinyworld.concept_attribute(c) for c in config.concepts}
+        except KeyError:
+            attributes = set()
+        if len(attributes) == 1:
+            return tinyworld.caption_templates(config.concepts[0], TINYWORLD_TEMPLATES, config.seed)
+    return ["{}"]
+
+
+class PromptTable:
+    """Encoded prompts ``template × name`` for a few name lists (erased concepts, their replacements, ...)."""
+
+    def __init__(self, pipe, templates: list[str], names: list[str], resolution: int = 0):
+        self.templates, self.names = templates, names
+        prompts = [t.replace("{}", name) for name in names for t in templates]
+        self.conds, self.uncond = encode(pipe, prompts, resolution)
+
+    def batch(self, name: int, rows: list[int]) -> Cond:
+        """Conds of ``names[name]`` in the templates ``rows`` (one per sample)."""
+        return Cond.cat([self.conds[name * len(self.templates) + j] for j in rows])
+
+
+# ------------------------------------------------------------------------------------- conditioning
+@dataclass
+class Cond:
+    """What the UNet is conditioned on besides (x_t, t), for a batch of prompts."""
+
+    hidden: torch.Tensor  # encoder_hidden_states (B, 77, D)
+    added: dict | None = None  # SDXL: text_embeds (B, P), time_ids (B, 6)
+
+    def repeat(self, n: int) -> Cond:
+        rep = lambda t: t.repeat_interleave(n, 0)  # noqa: E731
+        return Cond(rep(self.hidden), None if self.added is None else {k: rep(v) for k, v in self.added.items()})
+
+    @staticmethod
+    def cat(conds: list[Cond]) -> Cond:
+        added = None if conds[0].added is None else {k: torch.cat([c.added[k] for c in conds]) for k in conds[0].added}
+        return Cond(torch.cat([c.hidden for c in conds]), added)
+
+    def kwargs(self) -> dict:
+        return {"encoder_hidden_states": self.hidden, "added_cond_kwargs": self.added}
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+
+def image_size(pipe, resolution: int = 0) -> int:
+    return resolution or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+@torch.no_grad()
+def encode(pipe, prompts: list[str], resolution: int = 0) -> tuple[list[Cond], Cond]:
+    """One ``Cond`` per prompt, and the unconditional ``Cond`` the pipeline itself uses for CFG.
+
+    Uses the pipeline's own ``encode_prompt`` (SDXL: both encoders, pooled embeddings, zeroed negative when the
+    pipeline forces zeros for an empty prompt) and, for SDXL, its ``_get_add_time_ids`` with the image size.
+    """
+    device = pipe.unet.device
+    dtype = pipe.unet.dtype
+    if not is_sdxl(pipe):
+        cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True)
+        return [Cond(h[None].to(dtype)) for h in cond], Cond(uncond[:1].to(dtype))
+    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1,
+                                                             do_classifier_free_guidance=True)
+    size = (image_size(pipe, resolution),) * 2
+    projection = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
+                  else pipe.text_encoder_2.config.projection_dim)
+    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection).to(device)
+    conds = [Cond(h[None].to(dtype), {"text_embeds": p[None].to(dtype), "time_ids": time_ids})
+             for h, p in zip(cond, pooled)]
+    return conds, Cond(uncond[:1].to(dtype), {"text_embeds": uncond_pooled[:1].to(dtype), "time_ids": time_ids})
+
+
+def predict(unet, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    return unet(x, t, **cond.kwargs(), return_dict=False)[0]
+
+
+def ddim_scheduler(pipe, num_inference_steps: int):
+    """A DDIM scheduler from the pipeline's noise schedule (a copy: the pipeline's scheduler is left alone)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_inference_steps, device=pipe.unet.device)
+    return scheduler
+
+
+@torch.no_grad()
+def guided_steps(eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, x: torch.Tensor,
+                 guidance: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t after ``steps`` DDIM steps with CFG from the scaled noise ``x``, and t = the next timestep (ESD's partial
+    rollout, shared by the UNet and the text-encoder methods). ``eps(x2, t)`` predicts the noise of the doubled
+    batch ``x2``: unconditional rows first, then conditional ones."""
+    for t in scheduler.timesteps[:steps]:
+        e_uncond, e_cond = eps(scheduler.scale_model_input(torch.cat([x, x]), t), t).chunk(2)
+        x = scheduler.step(e_uncond + guidance * (e_cond - e_uncond), t, x).prev_sample
+    return x, scheduler.timesteps[steps]
+
+
+@torch.no_grad()
+def rollout(unet, scheduler, cond: Cond, uncond: Cond, guidance: float, steps: int, shape: tuple,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t after ``steps`` DDIM steps with CFG from pure noise, and t = the next timestep (:func:`guided_steps`).
+
+    ``cond`` holds one row per sample (``shape[0]`` rows); ``uncond`` one row.
+    """
+    x = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(scheduler.timesteps.device,
+                                                                                   cond.hidden.dtype)
+    both = Cond.cat([uncond.repeat(shape[0]), cond])
+    return guided_steps(lambda x2, t: predict(unet, x2, t, both), scheduler, x, guidance, steps)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def latent_shape(pipe, batch_size: int, resolution: int = 0) -> tuple[int, ...]:
+    """(batch, channels, side, side) of the UNet's latents for ``resolution``-pixel images (0 = the model's own)."""
+    factor = int(pipe.vae_scale_factor)
+    if resolution % factor:
+        raise ConfigError(f"resolution must be a multiple of the VAE factor {factor}, got {resolution}")
+    side = image_size(pipe, resolution) // factor
+    return (batch_size, int(pipe.unet.config.in_channels), side, side)
+
+
+def train(pipe, config, names: list[str], loss_for: Callable, method: str) -> Adapter:
+    """Shared body of the trained UNet methods: attach deltas on ``names``, fit ``loss_for``, package an Adapter.
+
+    ``loss_for(deltas)`` returns the ``loss_fn(step, generator)`` handed to :func:`fit`.
+    """
+    unet = pipe.unet
+    was_training, was_checkpointing = unet.training, getattr(unet, "is_gradient_checkpointing", False)
+    started = time.perf_counter()
+    with lora.frozen(unet), lora.attach(unet, names, config.rank, torch.Generator().manual_seed(config.seed)) as deltas:
+        try:
+            unet.eval()  # no dropout: student and teacher see the same network
+            if config.gradient_checkpointing:
+                unet.enable_gradient_checkpointing()
+            losses = fit(deltas.params, loss_for(deltas), steps=config.iterations, lr=config.lr, seed=config.seed,
+                         checkpoint_dir=config.checkpoint_dir or None, checkpoint_every=config.checkpoint_every,
+                         resume=config.resume, run=run_settings(config), mixed_precision=config.mixed_precision,
+                         progress=config.progress, desc=method, ratios=deltas.ratios)
+        finally:
+            if config.gradient_checkpointing and not was_checkpointing:
+                unet.disable_gradient_checkpointing()
+            unet.train(was_training)
+        module_deltas = deltas.export("unet")
+    return package(pipe, config, method, module_deltas, ["unet"], training_info({
+        "iterations": config.iterations, "seconds": round(time.perf_counter() - started, 2),
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}))
+
+
+def training_info(training: dict) -> dict:
+    """A trained adapter's ``info``: the run's summary, the library versions, the time it was made."""
+    import diffusers
+
+    return {"training": training, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def package(pipe, config, method: str, deltas: dict, components, info: dict, stats: dict | None = None) -> Adapter:
+    """The Adapter of an erasure made on ``pipe``: ``config`` as resolved, the base model's id and the fingerprint
+    of the ``components`` the deltas depend on (every method's adapter is assembled here)."""
+    from ..adapter import fingerprint
+
+    return Adapter(method=method, concepts=tuple(config.concepts), config=dataclasses.asdict(config), deltas=deltas,
+                   base_model=sd.model_id(pipe), fingerprint=dict(fingerprint(pipe, list(components))),
+                   stats=dict(stats or {}), info=info)

@@ -55,8 +55,8 @@ import torch
 
 from ..adapter import Adapter, ModuleDelta
 from ..errors import ConfigError
-from ..core import sd
-from . import _text
+from . import text
+from .trainer import package
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def templates_for(concept: str, preset: str, fallback: str | None = None) -> tup
     """The templates ("{}" = the concept) of ``preset`` for ``concept``; "tinyworld" draws them per concept
     (those of ``fallback`` for a word that is not a tinyworld concept)."""
     if preset != "tinyworld":
-        return _text.PRESETS[preset]
+        return text.PRESETS[preset]
     from .. import tinyworld
 
     for word in (concept, fallback):
@@ -241,17 +241,17 @@ def _collect_keys(pipe, config, batch_size: int) -> Keys:
     unique = list(dict.fromkeys([e for e, _ in pairs] + [g for _, g in pairs] + preserve))
     row = {p: i for i, p in enumerate(unique)}
     if config.key_mode == "last_token":
-        emb = _text.last_token_embeddings(pipe, unique, batch_size)  # (U, d)
+        emb = text.last_token_embeddings(pipe, unique, batch_size)  # (U, d)
         pick = lambda prompts: emb[torch.tensor([row[p] for p in prompts], dtype=torch.long)]  # noqa: E731
         return Keys(pick([e for e, _ in pairs]), pick([g for _, g in pairs]), pick(preserve))
-    emb = _text.encode_prompts(pipe, unique, batch_size)  # (U, 77, d)
+    emb = text.encode_prompts(pipe, unique, batch_size)  # (U, 77, d)
     dim = emb.shape[-1]
     cat = lambda xs: torch.cat(xs) if xs else emb.new_zeros(0, dim)  # noqa: E731
     if aligned:  # every token, to its aligned guide token (TIME's alignment)
-        guide = [emb[row[g]][torch.tensor(_text.align_tokens(pipe, e, g), device=emb.device)] for e, g in pairs]
+        guide = [emb[row[g]][torch.tensor(text.align_tokens(pipe, e, g), device=emb.device)] for e, g in pairs]
         return Keys(cat([emb[row[e]] for e, _ in pairs]), cat(guide), cat([emb[row[p]] for p in preserve]))
     # "tokens": paper-era keys, train_erase.py (old UCE code)
-    last = _text.tokenize(pipe, unique).last_index.tolist()
+    last = text.tokenize(pipe, unique).last_index.tolist()
     length = emb.shape[1]
     erase, guide = [], []
     for e, g in pairs:
@@ -333,7 +333,7 @@ def find_targets(pipe, targets: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
     """UNet modules whose path equals or ends with ``"." + pattern`` for a pattern in ``targets``, sorted by path.
 
     Every one must be a Linear reading the text context (``in_features`` = context width)."""
-    dim = _text.context_dim(pipe)
+    dim = text.context_dim(pipe)
     found: dict[str, torch.nn.Linear] = {}
     for pattern in targets:
         hits = {n: m for n, m in pipe.unet.named_modules() if n == pattern or n.endswith("." + pattern)}
@@ -371,27 +371,21 @@ def module_deltas(modules: dict[str, torch.nn.Module], P: torch.Tensor, Q: torch
 
 
 # ------------------------------------------------------------------------------------------------ adapter
-def base_model_id(pipe) -> str:
-    return sd.model_id(pipe)
-
-
 def text_components(pipe) -> tuple[str, ...]:
     """Components a closed-form edit depends on: the UNet (edited) and the text encoders (they make the keys)."""
     return ("unet",) + tuple(c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None)
 
 
 def base_fingerprint(pipe) -> dict:
-    """``erasekit.adapter.fingerprint(pipe, components)`` when the adapter module provides it, else {}."""
-    from .. import adapter as adapter_module
+    """The fingerprint of the components a closed-form edit of ``pipe`` depends on (:func:`text_components`)."""
+    from ..adapter import fingerprint
 
-    fingerprint = getattr(adapter_module, "fingerprint", None)
-    return dict(fingerprint(pipe, text_components(pipe))) if fingerprint is not None else {}
+    return dict(fingerprint(pipe, list(text_components(pipe))))
 
 
 def make_adapter(method: str, config, pipe, deltas, stats: dict, info: dict) -> Adapter:
-    return Adapter(
-        method=method, concepts=tuple(config.concepts), config=dataclasses.asdict(config), deltas=deltas,
-        base_model=base_model_id(pipe), fingerprint=base_fingerprint(pipe), stats=stats, info=info)
+    """A closed-form edit's Adapter (:func:`erasekit.methods.trainer.package`, over the UNet and text encoders)."""
+    return package(pipe, config, method, deltas, text_components(pipe), info, stats)
 
 
 def key_stats(keys: Keys, erase_scale: float, preserve_scale: float) -> dict[str, torch.Tensor]:
@@ -453,11 +447,11 @@ def merge(adapters, pipe) -> Adapter:
         if current and any(current.get(k) != v for k, v in prints[0].items()):
             raise ConfigError("the pipeline is not the base model the adapters were computed on "
                               "(fingerprint differs); merge on the original base pipeline")
-    dim = _text.context_dim(pipe)
+    dim = text.context_dim(pipe)
     if any(a.stats["keys.erase"].shape[-1] != dim for a in adapters):
         raise ConfigError(f"the adapters' keys do not have the pipeline's text-context width {dim}")
     lam = lams.pop()
-    device = _text.device_of(pipe)
+    device = text.device_of(pipe)
     cat = lambda name: torch.cat([a.stats[name] for a in adapters]).to(device)  # noqa: E731
     keys = Keys(cat("keys.erase"), cat("keys.guide"), cat("keys.preserve"))
     edit = solve(keys, cat("weights.erase"), cat("weights.preserve"), lam)

@@ -15,17 +15,16 @@ whatever its UNet (the "plug-and-play" transfer the AdvUnlearn paper claims).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 
-from ..core import lora
 from ..adapter import Adapter, ModuleDelta
-from ..core import sd
+from ..core import lora, sd
 from ..errors import ConfigError
+from . import trainer
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 _LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
@@ -134,27 +133,16 @@ def encode(pipe, prompts: list[str]) -> sd.Cond:
 @torch.no_grad()
 def rollout(pipe, scheduler, cond: sd.Cond, uncond: sd.Cond, guidance: float, steps: int, shape: tuple,
             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_t after ``steps`` DDIM steps with CFG from pure noise, and t = the next timestep (ESD's partial rollout).
+    """x_t after ``steps`` DDIM steps with CFG from pure noise, and t = the next timestep
+    (:func:`erasekit.methods.trainer.guided_steps`, the text-encoder conditioning of :mod:`erasekit.core.sd`).
 
     ``cond`` has one row per sample (``shape[0]``) or one row for all; ``uncond`` one row.
     """
     n = shape[0]
-    device = sd.device_of(pipe)
-    x = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(device)
+    x = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(sd.device_of(pipe))
     cond = cond if cond.embeds.shape[0] == n else cond.expand(n)
     both = sd.Cond.cat([uncond.expand(n), cond])
-    for t in scheduler.timesteps[:steps]:
-        e_uncond, e_cond = sd.unet_eps(pipe, scheduler.scale_model_input(torch.cat([x, x]), t), t, both).chunk(2)
-        x = scheduler.step(e_uncond + guidance * (e_cond - e_uncond), t, x).prev_sample
-    return x, scheduler.timesteps[steps]
-
-
-def latent_shape(pipe, batch_size: int, resolution: int = 0) -> tuple[int, ...]:
-    factor = int(pipe.vae_scale_factor)
-    if resolution % factor:
-        raise ConfigError(f"resolution must be a multiple of the VAE factor {factor}, got {resolution}")
-    side = (resolution or int(pipe.unet.config.sample_size) * factor) // factor
-    return (batch_size, int(pipe.unet.config.in_channels), side, side)
+    return trainer.guided_steps(lambda x2, t: sd.unet_eps(pipe, x2, t, both), scheduler, x, guidance, steps)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -165,10 +153,6 @@ def train(pipe, config, names: dict[str, list[str]], loss_for: Callable, method:
     ``extra_params``: further tensors to checkpoint with the run (e.g. AdvUnlearn's attack state); they get no
     gradient from the loss, so Adam leaves them alone.
     """
-    from . import trainer
-
-    run = {k: v for k, v in dataclasses.asdict(config).items()
-           if k not in ("iterations", "epochs", "resume", "checkpoint_dir", "checkpoint_every", "progress")}
     started = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -176,34 +160,14 @@ def train(pipe, config, names: dict[str, list[str]], loss_for: Callable, method:
         loss_fn = loss_for(deltas)
         params = {**deltas.params, **(extra_params or {})}
         losses = trainer.fit(params, loss_fn, steps=steps, lr=config.lr, seed=config.seed,
-                            checkpoint_dir=config.checkpoint_dir or None, checkpoint_every=config.checkpoint_every,
-                            resume=config.resume, run=run, mixed_precision=config.mixed_precision,
-                            progress=config.progress, desc=method, ratios=deltas.ratios)
+                             checkpoint_dir=config.checkpoint_dir or None, checkpoint_every=config.checkpoint_every,
+                             resume=config.resume, run=trainer.run_settings(config),
+                             mixed_precision=config.mixed_precision, progress=config.progress, desc=method,
+                             ratios=deltas.ratios)
         module_deltas = deltas.export()
     training = {"steps": len(losses), "seconds": round(time.perf_counter() - started, 2),
                 "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
     if torch.cuda.is_available():
         training["peak_cuda_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return package(pipe, config, module_deltas, method, training)
-
-
-def package(pipe, config, module_deltas: dict[str, ModuleDelta], method: str, training: dict) -> Adapter:
-    import diffusers
-
-    from ..adapter import fingerprint
-
     components = sorted({k.partition(".")[0] for k in module_deltas}, key=ENCODERS.index)
-    return Adapter(
-        method=method, concepts=tuple(config.concepts), config=dataclasses.asdict(config), deltas=module_deltas,
-        base_model=sd.model_id(pipe),
-        fingerprint=fingerprint(pipe, components),
-        info={"training": training, "torch": torch.__version__, "diffusers": diffusers.__version__,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-    )
-
-
-def validate(config) -> None:
-    """Checks shared by the text-encoder methods' configs: those of every trained method."""
-    from .esd import validate_training
-
-    validate_training(config)
+    return trainer.package(pipe, config, method, module_deltas, components, trainer.training_info(training))
