@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ._device import generators
+from .core.device import generators
 from .core import sd
 from .errors import ConfigError
 

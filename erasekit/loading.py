@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ._device import resolve_device, resolve_dtype
+from .core.device import resolve_device, resolve_dtype
 from .errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from erasekit._cli_config import _kind, flag_name
+from erasekit.cli.config import _kind, flag_name
 from erasekit.attacks import ATTACKS
 from erasekit.cli import erase_config, erase_parser, main
 from erasekit.errors import ConfigError

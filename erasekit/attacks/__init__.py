@@ -18,7 +18,7 @@ config, generator) -> dict`` step (CCE's learned token, Ring-A-Bell's concept ve
 from __future__ import annotations
 
 from . import cce, concept_arithmetic, p4d, paraphrase, ring_a_bell, unlearndiffatk
-from ._base import AttackResult, make_generator, preset, with_overrides
+from .base import AttackResult, make_generator, preset, with_overrides
 from .unlearndiffatk import SoftPrompt, SoftPromptConfig, soft_prompt_attack
 
 ATTACKS = {
@@ -49,7 +49,7 @@ def config(name: str, preset_name: str = "paper", **overrides):
 def run(name: str, pipe, prompt: str, judge, *, config=None, preset: str = "paper", seed: int = 0,
         generator=None, target=None, state=None, progress: bool = False) -> AttackResult:
     """Run attack ``name`` with ``config`` (default: the named preset)."""
-    from ._base import preset as _preset
+    from .base import preset as _preset
 
     module = get(name)
     config = config if config is not None else _preset(module, preset)

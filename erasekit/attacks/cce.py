@@ -31,8 +31,8 @@ from ..errors import ConfigError
 from .. import compose
 from ..core import sd
 from ..tinyworld import is_tinyworld
-from ._base import AttackResult, concept_of, evaluate_cond, make_generator, randint, randn
-from ._concepts import find_name, tinyworld_names
+from .base import AttackResult, concept_of, evaluate_cond, make_generator, randint, randn
+from .concepts import find_name, tinyworld_names
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _training_set(pipe, concept: str, config: CCEConfig, g: torch.Generator) -> 
         captions = [[t.format(PLACEHOLDER) for t in config.templates]] * len(prompts)
     elif names and is_tinyworld(pipe):
         from ..tinyworld import TRAIN_TEMPLATES
-        from ._concepts import replace_name, tinyworld_scene
+        from .concepts import replace_name, tinyworld_scene
 
         captions = []
         for p in prompts:
@@ -229,7 +229,7 @@ def prepare(pipe, concept: str, config: CCEConfig, generator: torch.Generator | 
 
 def attacked_prompt(prompt: str, concept: str) -> str:
     """``prompt`` with the concept's name (or a known synonym) replaced by the placeholder; appended if absent."""
-    from ._concepts import replace_name
+    from .concepts import replace_name
 
     names = tinyworld_names(concept) or (concept,)
     name = find_name(prompt, names)

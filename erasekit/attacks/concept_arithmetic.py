@@ -27,8 +27,8 @@ import torch
 
 from ..errors import ConfigError
 from ..core import sd
-from ._base import AttackResult, Best, concept_of, judge_one
-from ._concepts import concept_names, find_name, replace_name, tinyworld_names
+from .base import AttackResult, Best, concept_of, judge_one
+from .concepts import concept_names, find_name, replace_name, tinyworld_names
 
 logger = logging.getLogger(__name__)
 

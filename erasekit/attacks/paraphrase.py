@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from ._base import AttackResult, Best, concept_of, evaluate_prompt
-from ._concepts import concept_names, find_name, replace_name, tinyworld_names, tinyworld_scene
+from .base import AttackResult, Best, concept_of, evaluate_prompt
+from .concepts import concept_names, find_name, replace_name, tinyworld_names, tinyworld_scene
 
 logger = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from .. import compose
 from ..core import sd
-from ._base import AttackResult, concept_of, evaluate_cond, evaluate_prompt, make_generator
-from ._concepts import read_pairs, tinyworld_names, tinyworld_pairs
+from .base import AttackResult, concept_of, evaluate_cond, evaluate_prompt, make_generator
+from .concepts import read_pairs, tinyworld_names, tinyworld_pairs
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..core import sd
-from ._base import AttackResult, Best, evaluate_prompt, make_generator, randint, randn, target_image
+from .base import AttackResult, Best, evaluate_prompt, make_generator, randint, randn, target_image
 
 logger = logging.getLogger(__name__)
 

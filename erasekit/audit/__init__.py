@@ -36,7 +36,6 @@ from typing import Any, Mapping, Sequence
 
 from ..core import sd
 from ..errors import ConfigError
-from ..tinyworld.prompts import concept_of
 from .metrics import (
     KINDS, accuracy, attack_success_rate, erasure_rate, harmonic_mean, mean, pre_asr, preservation,
     preservation_drop, rate, summarize, union_asr,
@@ -49,7 +48,6 @@ from .report import AuditReport, summary_table, write_report
 from .runner import AuditRun, attack_plans, build_manifest, process_state, resolve_judge
 from .store import MANIFEST, RESULTS, check_manifest, merge_results, read_results, unit_id, unit_key
 
-_tinyworld_concept = concept_of  # the old name, which methods/rece.py imports
 
 
 def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prompts: Sequence[str] | None = None,

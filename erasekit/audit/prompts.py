@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ..attacks._concepts import read_lines
+from ..attacks.concepts import read_lines
 from ..errors import ConfigError
 from ..tinyworld.prompts import concept_of
 from ..tinyworld.prompts import concept_prompts as tinyworld_prompts

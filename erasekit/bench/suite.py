@@ -190,15 +190,14 @@ def trained_options(method: str, concepts: Sequence[str], scale: float) -> dict:
     """Option overrides that scale a trained method's tinyworld iterations (or epochs, and inner attack steps)
     by ``scale``."""
     from ..methods import METHODS
+    from ..methods.presets import resolve
 
     if method in CLOSED_FORM or scale == 1.0:
         return {}
-    config = METHODS[method].make_config(concepts, tinyworld=True)
+    config = resolve(method, None, {}, concepts)
     out = {"progress": False} if "progress" in METHODS[method].options else {}
     for name in ("iterations", "epochs", "attack_steps"):
         value = getattr(config, name, None)
-        if hasattr(config, name) and value is None:  # resolved at erase time (SPM): its tinyworld value
-            value = getattr(METHODS[method].module, "TINYWORLD", {}).get(name)
         if value is not None:
             out[name] = max(1, round(value * scale))
     return out
@@ -207,11 +206,9 @@ def trained_options(method: str, concepts: Sequence[str], scale: float) -> dict:
 def recipe(pipe, method: str, concepts: Sequence[str], options: dict) -> dict:
     """The resolved config that ``erase(pipe, method, concepts, **options)`` runs on a tinyworld ``pipe`` (registry
     presets and tinyworld values, per-model defaults resolved), as JSON: what a cached row or adapter was made with."""
-    from ..methods import METHODS
+    from ..methods.presets import resolve
 
-    config = METHODS[method].make_config(tuple(concepts), tinyworld=True, **options)
-    if callable(getattr(config, "resolved", None)):
-        config = config.resolved(pipe)
+    config = resolve(method, pipe, options, tuple(concepts))
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 

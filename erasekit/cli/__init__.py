@@ -78,7 +78,7 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 
 def erase_parser(method: str | None) -> tuple[argparse.ArgumentParser, object]:
-    from .._cli_config import add_config_arguments
+    from .config import add_config_arguments
     from ..methods import METHODS
 
     methods = "\n".join(f"  {name:<17} {spec.summary}" for name, spec in METHODS.items())

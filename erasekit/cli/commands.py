@@ -63,7 +63,7 @@ def erase_command(args, method_spec) -> int:
 def erase_config(args, method_spec):
     """The method's config from ``--config`` and the flags, built as ``erasekit.erase`` builds it (with the
     tinyworld preset when ``--model`` is a tinyworld model)."""
-    from .._cli_config import config_from_args, read_toml
+    from .config import config_from_args, read_toml
     from ..tinyworld import is_tinyworld
 
     on_tinyworld = is_tinyworld(_model_folder(args))
@@ -221,7 +221,7 @@ def audit_command(args) -> int:
         raise ConfigError(f"an attack is listed twice: {' '.join(attacks)}")
     prompts = None
     if args.prompts:
-        from ..attacks._concepts import read_lines
+        from ..attacks.concepts import read_lines
 
         prompts = read_lines(args.prompts)
     else:

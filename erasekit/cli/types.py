@@ -1,6 +1,6 @@
 """The CLI's argparse ``type=`` validators: each checks one kind of value and raises ArgumentTypeError, which
 argparse reports as "argument --flag: <message>"; none creates anything. Shared by every command (and by
-``erasekit._cli_config`` for the methods' options)."""
+``erasekit.cli.config`` for the methods' options)."""
 
 from __future__ import annotations
 

@@ -290,7 +290,7 @@ def generate_prompt(pipe, prompt: str, seed: int, num_inference_steps: int | Non
 def generate_cond(pipe, cond: Cond, seed: int, num_inference_steps: int | None = None,
                   guidance_scale: float | None = None):
     """One image from ready-made conditioning (B=1), through the pipeline's own ``__call__``."""
-    from .._device import generators
+    from .device import generators
 
     steps, guidance = generation_settings(pipe, num_inference_steps, guidance_scale)
     neg = uncond(pipe)
@@ -312,7 +312,7 @@ def sample_composed(pipe, terms: Sequence[tuple[Cond, float]], seed: int, num_in
     """
     from diffusers.utils.torch_utils import randn_tensor
 
-    from .._device import generators
+    from .device import generators
 
     steps, _ = generation_settings(pipe, num_inference_steps, None)
     if height is None:

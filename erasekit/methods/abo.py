@@ -1,8 +1,8 @@
 """All but One: surgical concept erasing with model preservation (Hong, Lee, Woo, AAAI 2024,
 https://arxiv.org/abs/2312.12807).
 
-No code was published; this follows the paper's description (erasekit's reconstruction, see
-``reference/erasure-methods.md`` §2.2). Write the model's score as ``ε(x, c) = ε(x, ∅) + g(x, c)`` with the
+No code was published; this follows the paper's description (the abstract and its figure; erasekit's
+reconstruction). Write the model's score as ``ε(x, c) = ε(x, ∅) + g(x, c)`` with the
 guidance term ``g(x, c) = ε(x, c) − ε(x, ∅)``. Only the target's guidance term is changed, toward the guidance
 term of a user-chosen replacement ``r`` (or toward ``−η g`` — zero for η = 0 — when there is none), while an
 explicit loss pins the unconditional score to the original's (ANT's uncond-preservation term, Li et al. 2025):

@@ -21,7 +21,7 @@ from pathlib import Path
 def run_perf(out_dir: str | Path = "benchmarks", device: str = "cpu", quick: bool = False) -> dict[str, Path]:
     """Run the three benchmarks; returns {benchmark: output file}. ``quick`` = fewer repeats, tinyworld only for
     the composition overhead, no gradient-checkpointing variant."""
-    from ..._device import resolve_device
+    from ...core.device import resolve_device
     from . import closed_form, compose_overhead, train_memory
 
     device = str(resolve_device(device))  # ConfigError when CUDA is asked for and absent

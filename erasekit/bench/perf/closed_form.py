@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from erasekit.api import erase
-from erasekit.methods import _text, uce
+from erasekit.methods import text, uce
 from erasekit.testing import real_shape_pipeline, sd15_unet, sdxl_unet
 from erasekit.tinyworld.world import BACKGROUNDS, COLOURS, SHAPES, TEXTURES
 
@@ -81,7 +81,7 @@ def timed(fn, repeats: int) -> dict:
 
 
 def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json") -> dict:
-    from erasekit._device import resolve_dtype
+    from erasekit.core.device import resolve_dtype
     from erasekit.core.provenance import run_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -101,7 +101,7 @@ def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json") -> dic
     log(f"model built in {build_s:.1f} s")
     rss_model = peak_rss_mb()
     concepts, preserve = prompts()
-    tokens = _text.tokenize(pipe, concepts + preserve).attention_mask.sum(1).float()
+    tokens = text.tokenize(pipe, concepts + preserve).attention_mask.sum(1).float()
 
     results = {}
     one = timed(lambda: erase(pipe, "uce", ["crimson disc"]), args.repeats)

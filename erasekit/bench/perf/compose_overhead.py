@@ -135,7 +135,7 @@ def run(model: str, repeats: int, device: str = "cpu", dtype: torch.dtype = torc
 
 
 def main(argv=None, out: str | Path = "benchmarks/compose_overhead.json") -> dict:
-    from erasekit._device import resolve_dtype
+    from erasekit.core.device import resolve_dtype
     from erasekit.core.provenance import run_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -50,7 +50,7 @@ def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", dev
     import torch.nn.functional as F
 
     from erasekit.core import lora
-    from erasekit._device import resolve_dtype
+    from erasekit.core.device import resolve_dtype
     from erasekit.core.provenance import reset_peak_rss
     from erasekit.methods.esd import PRESETS
     from erasekit.testing import sd15_unet, sdxl_unet, unet_inputs

@@ -16,7 +16,7 @@ import re
 import types
 import typing
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _SINGULAR = {"concepts": "concept", "guides": "guide", "targets": "target", "anchors": "anchor",
              "prompts": "prompt", "retain": "retain", "preserve": "preserve"}
@@ -64,7 +64,7 @@ def _kind(tp):
 def _arg_type(name: str, tp):
     """The argparse ``type=`` of a scalar of type ``tp`` (the CLI's shared validators: finite floats, UTF-8
     text, seeds in range)."""
-    from .cli import finite_float, seed, text
+    from .types import finite_float, seed, text
 
     if name == "seed" and tp is int:
         return seed
@@ -99,7 +99,7 @@ def config_from_args(spec, args: argparse.Namespace, file_values: dict | None = 
     """The config of registry entry ``spec`` from TOML file values < command-line flags, built as the Python API
     builds it (:func:`erasekit.methods.presets.build`: the preset, on ``tinyworld`` its tinyworld values, then
     these, then per-model values of fields left None)."""
-    from .methods.presets import build
+    from ..methods.presets import build
 
     cls = spec.config_cls
     names = {f.name for f in dataclasses.fields(cls)}
