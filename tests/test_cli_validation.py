@@ -285,3 +285,24 @@ def test_inspect_escapes_control_characters_of_the_record(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "circ\\x1b[2Jle\\x07" in out
+
+
+def test_a_kill_unwinds_like_ctrl_c_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    """`kill` (SIGTERM) during a command raises KeyboardInterrupt, so the atomic writers remove their temporaries
+    (a SIGKILL cannot be caught: a killed run's temporaries are cleared when its folder is opened again)."""
+    import signal
+
+    import pytest
+
+    from erasekit.cli import main
+    from erasekit.core import files
+
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: handlers.__setitem__(sig, handler))
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_DFL)
+    handlers = {}
+    assert main(["env"]) == 0
+    with pytest.raises(KeyboardInterrupt):
+        with files.replacing(tmp_path / "x.safetensors") as tmp:
+            tmp.write_bytes(b"half")
+            handlers[signal.SIGTERM](signal.SIGTERM, None)
+    assert list(tmp_path.iterdir()) == []

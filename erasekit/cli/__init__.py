@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from ..errors import ConfigError, ErasekitError
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     # transformers warns about optional image-processor backends on import; the CLI never uses them
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a `kill` unwinds like Ctrl-C: temporary files go
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         if argv and argv[0] == "erase":
             pre = Parser(add_help=False)
@@ -262,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("erasekit: interrupted", file=sys.stderr)
         return 130
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
 
 
 __all__ = ["ADAPTER_WEIGHT_LIMIT", "DEFAULT_OUT_DIR", "EXAMPLES", "IMAGE_SUFFIXES", "SEED_MAX", "adapter_arg",
