@@ -230,3 +230,20 @@ def test_a_row_another_bench_is_making_is_left_to_it(tmp_path, monkeypatch):
                       work_dir=tmp_path / "work", progress=False)
     assert erased == [] and not (tmp_path / "work" / "uce" / "shape").exists()
     assert json.loads((tmp_path / "results-test-shape.json").read_text())["rows"] == {}
+
+
+def test_bench_keeps_the_readme_table_true(bench, tmp_path):
+    """A bench writing into a repository's benchmarks/ folder rewrites the README's table between its markers (and
+    nothing else), so adding a method's rows needs no hand edit; a README without markers is left alone."""
+    from erasekit.bench.report import update_readme
+
+    out, results = bench
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- bench:full -->\nold table\n<!-- /bench:full -->\nafter\n")
+    assert update_readme(readme, results, "full")
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    assert all(row in text for row in table(results).split("\n\n")[1].splitlines())
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    assert not update_readme(plain, results, "full") and plain.read_text() == "no markers\n"
