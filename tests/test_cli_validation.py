@@ -306,3 +306,19 @@ def test_a_kill_unwinds_like_ctrl_c_and_leaves_no_temporary(tmp_path, monkeypatc
             tmp.write_bytes(b"half")
             handlers[signal.SIGTERM](signal.SIGTERM, None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_pipe_is_no_traceback():
+    """`erasekit inspect x | head -1`: the reader goes away; the command stops quietly (exit 141, like cat)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    p = subprocess.Popen([sys.executable, "-m", "erasekit", "inspect", str(root / "adapters/examples/uce-circle.safetensors")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # before it writes a line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err and "Exception" not in err, err

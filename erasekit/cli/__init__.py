@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("erasekit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`erasekit inspect x | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _terminated(signum, frame):

@@ -33,8 +33,10 @@ ADAPTERS = [
 CONCEPT = "circle"
 AUDIT = {"attacks": ["paraphrase"], "prompts": ["a red circle on a black background"], "seeds": [0],
          "paraphrases": ["a crimson disc"], "preserve_prompts": ["a red square on a black background"]}
-#: fields that differ between two identical runs (write time, measured seconds), at any depth
-VOLATILE = {"created", "seconds", "elapsed"}
+#: fields that differ between two identical runs (write time, measured seconds, the installed libraries' versions),
+#: at any depth
+VOLATILE = {"created", "seconds", "elapsed", "erasekit_version", "torch_version", "diffusers_version",
+            "transformers_version"}
 
 
 @contextlib.contextmanager
