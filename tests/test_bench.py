@@ -247,3 +247,12 @@ def test_bench_keeps_the_readme_table_true(bench, tmp_path):
     plain = tmp_path / "PLAIN.md"
     plain.write_text("no markers\n")
     assert not update_readme(plain, results, "full") and plain.read_text() == "no markers\n"
+
+
+def test_closed_form_methods_come_from_the_registry():
+    """The bench's budget per method follows the registry's family: nothing to edit in the bench for a new method."""
+    from erasekit.bench import CLOSED_FORM
+
+    assert set(CLOSED_FORM) == {name for name, spec in METHODS.items() if spec.family == "closed-form"}
+    assert {"uce", "time", "rece"} == set(CLOSED_FORM)
+    assert all(spec.family in ("closed-form", "trained") for spec in METHODS.values())

@@ -44,6 +44,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError
+from ..methods import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ SUITE: tuple[Entry, ...] = (
 )
 
 #: closed-form methods (seconds per erasure) run on every entry in every budget.
-CLOSED_FORM = ("uce", "time", "rece")
+CLOSED_FORM = tuple(name for name, spec in METHODS.items() if spec.family == "closed-form")
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,6 @@ def generation_overhead(pipe, adapter_path: Path, repeats: int = 3) -> dict:
 def trained_options(method: str, concepts: Sequence[str], scale: float) -> dict:
     """Option overrides that scale a trained method's tinyworld iterations (or epochs, and inner attack steps)
     by ``scale``."""
-    from ..methods import METHODS
     from ..methods.presets import resolve
 
     if method in CLOSED_FORM or scale == 1.0:
@@ -307,7 +307,6 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
     from ..attacks import ATTACKS
     from ..loading import load_pipeline
     from ..core.files import exclusive_lock
-    from ..methods import METHODS
     from ..tinyworld import is_tinyworld
 
     if not isinstance(budget, Budget) and budget not in BUDGETS:

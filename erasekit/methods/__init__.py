@@ -48,6 +48,8 @@ class MethodSpec:
             (the packaged one, or any folder with ``tinyworld.json``), still under the user's options. Presets are
             applied in one place, :func:`erasekit.methods.presets.resolve`.
         summary: one line for ``--help`` and docs tables.
+        family: "closed-form" (an edit solved in seconds; the bench runs it on every entry at every budget) or
+            "trained" (the bench's quick budget runs it on one entry, at a fraction of its iterations).
     """
 
     name: str
@@ -56,6 +58,7 @@ class MethodSpec:
     defaults: dict = field(default_factory=dict)
     summary: str = ""
     tinyworld: dict = field(default_factory=dict)
+    family: str = "trained"
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -89,13 +92,15 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec for spec in (
         MethodSpec("uce", uce, uce.UceConfig,
                    summary="Unified Concept Editing: closed-form edit of cross-attention k/v (seconds, no training)",
-                   tinyworld={**TINYWORLD_CLOSED_FORM, "save_stats": False}),
+                   tinyworld={**TINYWORLD_CLOSED_FORM, "save_stats": False}, family="closed-form"),
         MethodSpec("time", time, time.TimeConfig,
-                   summary="TIME: closed-form edit of cross-attention v (k optional), 77 aligned token keys"),
+                   summary="TIME: closed-form edit of cross-attention v (k optional), 77 aligned token keys",
+                   family="closed-form"),
         MethodSpec("rece", rece, rece.ReceConfig,
                    summary="RECE: UCE, then iterated erasure of closed-form adversarial embeddings",
                    tinyworld={**{k.replace("key_mode", "uce_key_mode"): v for k, v in TINYWORLD_CLOSED_FORM.items()},
-                              "validation_judge": "tinyworld"}),  # the reference's per-epoch model selection
+                              "validation_judge": "tinyworld"},  # the reference's per-epoch model selection
+                   family="closed-form"),
         MethodSpec("esd-x", esd, esd.EsdConfig, {"train_method": "esd-x"}, "ESD-x: fine-tune cross-attention (low-rank) toward negative guidance",
                    tinyworld=TINYWORLD_ESD_X),
         MethodSpec("esd-x-strict", esd, esd.EsdConfig, {"train_method": "esd-x-strict"}, "ESD-x-strict: as ESD-x on cross-attention k/v only"),
