@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
-
 import torch
 from tqdm.auto import tqdm
 
-from .core.device import generators
 from .core import sd
+from .core.device import generators
 from .errors import ConfigError
-
-# used when a model does not say otherwise (diffusers' StableDiffusionPipeline defaults)
-DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 7.5
-
-
-def model_defaults(pipe) -> dict:
-    """Generation defaults a model folder declares (tinyworld's ``tinyworld.json``), else diffusers'."""
-    folder = Path(sd.model_id(pipe, "."))
-    manifest = folder / "tinyworld.json"
-    if manifest.is_file():
-        gen = json.loads(manifest.read_text()).get("generation", {})
-        return {"num_inference_steps": gen.get("num_inference_steps", DEFAULT_STEPS),
-                "guidance_scale": gen.get("guidance_scale", DEFAULT_GUIDANCE)}
-    return {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps: int | None = None,
@@ -41,13 +22,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps:
     """
     if len(prompts) != len(seeds):
         raise ConfigError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
-    defaults = model_defaults(pipe)
-    steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-    guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-    if steps < 1:
-        raise ConfigError(f"num_inference_steps must be at least 1, got {steps}")
-    if not math.isfinite(guidance):
-        raise ConfigError(f"guidance_scale must be a finite number, got {guidance}")
+    steps, guidance = sd.generation_settings(pipe, num_inference_steps, guidance_scale)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     device = pipe._execution_device

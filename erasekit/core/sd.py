@@ -13,9 +13,11 @@ The "original model" of an erased pipeline is the same pipeline inside ``eraseki
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -266,14 +268,31 @@ def num_train_timesteps(pipe) -> int:
 
 # ----------------------------------------------------------------------------------------------- sampling
 
-def generation_settings(pipe, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
-    from ..generate import model_defaults
+#: used when a model does not say otherwise (diffusers' StableDiffusionPipeline defaults)
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
 
+
+def model_defaults(pipe) -> dict:
+    """Generation defaults a model folder declares (tinyworld's ``tinyworld.json``), else diffusers'."""
+    manifest = Path(model_id(pipe, ".")) / "tinyworld.json"
+    if manifest.is_file():
+        gen = json.loads(manifest.read_text()).get("generation", {})
+        return {"num_inference_steps": gen.get("num_inference_steps", DEFAULT_STEPS),
+                "guidance_scale": gen.get("guidance_scale", DEFAULT_GUIDANCE)}
+    return {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}
+
+
+def generation_settings(pipe, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+    """The sampling steps and CFG scale of a generation: the given ones, else the model's defaults; ConfigError for
+    fewer than 1 step or a non-finite scale (every generation path checks here)."""
     defaults = model_defaults(pipe)
     steps = defaults["num_inference_steps"] if num_inference_steps is None else int(num_inference_steps)
     guidance = defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
-    if steps < 1 or not math.isfinite(guidance):
-        raise ConfigError(f"num_inference_steps must be at least 1 and guidance_scale finite, got {steps}, {guidance}")
+    if steps < 1:
+        raise ConfigError(f"num_inference_steps must be at least 1, got {steps}")
+    if not math.isfinite(guidance):
+        raise ConfigError(f"guidance_scale must be a finite number, got {guidance}")
     return steps, guidance
 
 

@@ -282,7 +282,7 @@ def train_diffusion(config, work, images, labels, vae, tokenizer):
     return text_encoder.eval(), unet.eval()
 
 
-#: generation defaults written to ``tinyworld.json`` (read by ``erasekit.generate.model_defaults``): on the shipped
+#: generation defaults written to ``tinyworld.json`` (read by ``erasekit.core.sd.model_defaults``): on the shipped
 #: model, guidance 3 beat 5 and 7.5 on texture accuracy (0.84 vs 0.79 / 0.76, shapes and colours ≥ 0.97 for all),
 #: and 10 DDIM steps matched 20
 GENERATION = {"num_inference_steps": 10, "guidance_scale": 3.0}
