@@ -78,6 +78,17 @@ def summary_table(summary: dict) -> str:
 
 # =============================================================================================== report files
 
+def _save(fig, path: Path) -> str:
+    """Write a matplotlib figure as PNG atomically, close it, and return its file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path.name
+
+
 def _plots(out_dir: Path, summary: dict) -> list[str]:
     try:
         import matplotlib
@@ -101,11 +112,7 @@ def _plots(out_dir: Path, summary: dict) -> list[str]:
         ax.set_title(f"ASR — {summary['concept']}")
         ax.legend(fontsize=7, loc="upper left")
         plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
-        fig.tight_layout()
-        with replacing(out_dir / "asr.png") as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
-        files.append("asr.png")
+        files.append(_save(fig, out_dir / "asr.png"))
     rates = [("canonical", summary["target"]["erasure_rate"]), ("paraphrases", summary["paraphrase"]["erasure_rate"])]
     rates += [(g, v["erasure_rate"]) for g, v in summary["paraphrase"].get("by_group", {}).items()]
     rates = [(n, v) for n, v in rates if v is not None]
@@ -115,11 +122,7 @@ def _plots(out_dir: Path, summary: dict) -> list[str]:
         ax.set_ylabel("erasure rate (%)")
         ax.set_ylim(0, 100)
         plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
-        fig.tight_layout()
-        with replacing(out_dir / "erasure.png") as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
-        files.append("erasure.png")
+        files.append(_save(fig, out_dir / "erasure.png"))
     return files
 
 
