@@ -43,6 +43,7 @@ from typing import Sequence
 
 import torch
 
+from ..core.files import atomic_write, exclusive_lock, remove_stale_temporaries
 from ..errors import ConfigError
 from ..methods import METHODS
 
@@ -306,7 +307,6 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
     """
     from ..attacks import ATTACKS
     from ..loading import load_pipeline
-    from ..core.files import exclusive_lock
     from ..tinyworld import is_tinyworld
 
     if not isinstance(budget, Budget) and budget not in BUDGETS:
@@ -345,11 +345,9 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
 def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: Path, path: Path,
               progress: bool) -> dict:
     """The rows of :func:`run_suite`, holding its lock on ``state``."""
-    from ..core.files import atomic_write
     from ..core.provenance import run_record
     from ..errors import BusyError
     from .report import write_results
-    from ..core.files import exclusive_lock
 
     methods = list(methods)
     results = json.loads(state.read_text()) if state.exists() else {}
@@ -420,7 +418,6 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
     """Erase, audit and time one row into ``results["rows"]``, holding the job's lock."""
     from .. import compose
     from ..api import erase
-    from ..core.files import atomic_write, remove_stale_temporaries
 
     budget_record = spec.record()
     rows = results["rows"]
