@@ -12,6 +12,7 @@ from erasekit.core import sd
 from erasekit.attacks.unlearndiffatk import soft_prompt_attack
 from erasekit.errors import ConfigError
 from erasekit.methods import METHODS, advunlearn, fewshot
+from erasekit.methods.presets import for_model, on_tinyworld
 from erasekit.methods import te as _te
 from erasekit.testing import tiny_pipeline
 
@@ -43,7 +44,7 @@ def adv(tinyworld_pipe):
     torch.set_num_threads(1)
     before = _state(tinyworld_pipe)
     grads = {n: p.requires_grad for n, p in tinyworld_pipe.text_encoder.named_parameters()}
-    adapter = advunlearn.erase(tinyworld_pipe, advunlearn.AdvUnlearnConfig(concepts=("circle",), **SHORT))
+    adapter = METHODS["advunlearn"].erase(tinyworld_pipe, advunlearn.AdvUnlearnConfig(concepts=("circle",), **SHORT))
     assert _untouched(tinyworld_pipe, before)
     assert grads == {n: p.requires_grad for n, p in tinyworld_pipe.text_encoder.named_parameters()}
     return adapter
@@ -94,8 +95,9 @@ def test_adapter_transfers_to_another_unet_sharing_the_encoder(adv, tinyworld_pi
 
 def test_advunlearn_loss_decreases(tinyworld_pipe):
     """The defender's objective, evaluated on fixed draws, is lower with the trained deltas than without."""
-    config = advunlearn.AdvUnlearnConfig(concepts=("circle",), iterations=12, warmup=12, retain_weight=0.0,
-                                         num_inference_steps=4, batch_size=2, lr=3e-3, progress=False)
+    config = for_model(advunlearn.AdvUnlearnConfig(concepts=("circle",), iterations=12, warmup=12, retain_weight=0.0,
+                                                   num_inference_steps=4, batch_size=2, lr=3e-3, progress=False),
+                       on_tinyworld(tinyworld_pipe))
     adapter = advunlearn.erase(tinyworld_pipe, config)
     names = _te.select(tinyworld_pipe, advunlearn.module_selection("all", ()))
     with _te.attached(tinyworld_pipe, names, 0, 0) as deltas:
@@ -127,7 +129,7 @@ def test_inner_attack_is_the_audits_and_fast_at_runs(tinyworld_pipe):
 def test_attack_state_is_checkpointed_and_resume_matches(tinyworld_pipe, tmp_path):
     config = advunlearn.AdvUnlearnConfig(concepts=("circle",), **{**SHORT, "iterations": 3},
                                          checkpoint_dir=str(tmp_path), checkpoint_every=2)
-    full = advunlearn.erase(tinyworld_pipe, config)
+    full = METHODS["advunlearn"].erase(tinyworld_pipe, config)
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
@@ -135,22 +137,18 @@ def test_attack_state_is_checkpointed_and_resume_matches(tinyworld_pipe, tmp_pat
     assert delta.shape == (config.attack_tokens, tinyworld_pipe.text_encoder.config.hidden_size)
     assert delta.abs().sum() > 0
     # continuing the finished run is a no-op that returns the same deltas
-    again = advunlearn.erase(tinyworld_pipe, advunlearn.AdvUnlearnConfig(**{**config.__dict__, "resume": True}))
+    again = METHODS["advunlearn"].erase(tinyworld_pipe, advunlearn.AdvUnlearnConfig(**{**config.__dict__, "resume": True}))
     for key, d in full.deltas.items():
         torch.testing.assert_close(again.deltas[key].delta, d.delta, rtol=0, atol=0)
 
 
 def test_retain_prompts():
-    class Fake:
-        name_or_path = ""
-        config = type("C", (), {"_name_or_path": ""})()
-
-    prompts = advunlearn.retain_prompts(Fake(), advunlearn.AdvUnlearnConfig(concepts=("dog",)))
+    prompts = advunlearn.retain_prompts(advunlearn.AdvUnlearnConfig(concepts=("dog",)))
     assert "a photo of a cat" in prompts and not any("dog" in p for p in prompts) and len(prompts) == 78
 
 
 def test_tinyworld_retain_prompts(tinyworld_pipe):
-    prompts = advunlearn.retain_prompts(tinyworld_pipe, advunlearn.AdvUnlearnConfig(concepts=("circle",)))
+    prompts = advunlearn.retain_prompts(for_model(advunlearn.AdvUnlearnConfig(concepts=("circle",)), on_tinyworld(tinyworld_pipe)))
     assert prompts and not any("circle" in p for p in prompts) and any("square" in p for p in prompts)
 
 
@@ -158,7 +156,7 @@ def test_tinyworld_retain_prompts(tinyworld_pipe):
 def test_fewshot_on_tinyworld(tinyworld_pipe):
     before = _state(tinyworld_pipe)
     config = fewshot.FewShotConfig(concepts=("circle",), num_images=4, epochs=2, batch_size=2, progress=False)
-    adapter = fewshot.erase(tinyworld_pipe, config)
+    adapter = METHODS["fewshot"].erase(tinyworld_pipe, config)
     assert _untouched(tinyworld_pipe, before)
     last = tinyworld_pipe.text_encoder.config.num_hidden_layers - 1
     assert adapter.method == "fewshot" and adapter.components == ("text_encoder",)

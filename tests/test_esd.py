@@ -10,7 +10,8 @@ import torch
 from erasekit.core import lora
 from erasekit.methods import trainer
 from erasekit.errors import ConfigError, ErasekitError
-from erasekit.methods import abo, esd
+from erasekit.methods import METHODS, abo, esd
+from erasekit.methods.presets import for_model, on_tinyworld
 from erasekit.testing import tiny_pipeline
 
 FAST = dict(iterations=2, num_inference_steps=4, batch_size=1, progress=False)
@@ -230,10 +231,10 @@ def test_esd_preserve_prompts_are_held_too(sd1, tinyworld_pipe):
     assert with_kept == pytest.approx(uncond_only, rel=1e-4)
     uncond_only, with_kept = losses(1.0)
     assert with_kept > uncond_only * 1.0001
-    assert esd.preserved(sd1, kept) == ["a dog", "a red car"]
+    assert esd.preserved(kept) == ["a dog", "a red car"]
     related = esd.EsdConfig(concepts=("circle",), preserve_weight=1.0, preserve_related=True, preserve=("a tree",))
-    assert esd.preserved(tinyworld_pipe, related) == ["a tree", "square", "triangle", "star", "cross", "diamond"]
-    assert esd.preserved(sd1, related) == ["a tree"]  # siblings are tinyworld's
+    assert esd.preserved(for_model(related, on_tinyworld(tinyworld_pipe))) == ["a tree", "square", "triangle", "star", "cross", "diamond"]
+    assert esd.preserved(for_model(related, on_tinyworld(sd1))) == ["a tree"]  # siblings are tinyworld's
     with pytest.raises(ConfigError, match="preserve_weight > 0"):
         esd.EsdConfig(concepts=("cat",), preserve=("a dog",))
     with pytest.raises(ConfigError, match="preserve"):
@@ -265,8 +266,6 @@ def test_config_validation():
 
 
 def test_registry_entries():
-    from erasekit.methods import METHODS
-
     for name in ("esd-x", "esd-x-strict", "esd-u"):
         assert METHODS[name].make_config("cat").train_method == name
     assert METHODS["abo"].make_config("cat", replace_with="dog").replace_with == "dog"
@@ -281,7 +280,7 @@ def test_tinyworld_esd_x_erases_circle(tinyworld_pipe, judge):
 
     seeds = (0, 1)
     base = erasure(tinyworld_pipe, judge, "circle", seeds=seeds)
-    adapter = esd.erase(tinyworld_pipe, esd.EsdConfig(concepts=("circle",), progress=False))
+    adapter = METHODS["esd-x"].erase(tinyworld_pipe, esd.EsdConfig(concepts=("circle",), progress=False))
     with lora.applied(tinyworld_pipe.unet, adapter.deltas):
         erased = erasure(tinyworld_pipe, judge, "circle", seeds=seeds)
     assert erased.canonical_rate <= 0.10

@@ -10,6 +10,7 @@ import torch
 from erasekit.api import erase
 from erasekit.errors import ConfigError
 from erasekit.methods import METHODS, rece, uce
+from erasekit.methods.presets import for_model, on_tinyworld
 from erasekit.methods import text as _text
 from erasekit.testing import FAMILIES, tiny_components, tiny_pipeline
 
@@ -195,10 +196,10 @@ def test_uce_key_modes_and_expansion(pipes):
 def test_preserve_related_adds_the_siblings_on_tinyworld_only(tinyworld_pipe, pipes):
     config = uce.UceConfig(concepts=("disc", "red"), preserve=("a tree", "square"), preserve_related=True,
                            expand_prompts="none")
-    preserve = uce.preserve_prompts(tinyworld_pipe, config)
+    preserve = uce.preserve_prompts(for_model(config, on_tinyworld(tinyworld_pipe)))
     assert preserve[:3] == ["a tree", "square", "triangle"]  # the user's first, then siblings, once each
     assert "circle" not in preserve and "red" not in preserve and "blue" in preserve
-    assert uce.preserve_prompts(pipes["sd1"], config) == ["a tree", "square"]  # not a tinyworld model: as given
+    assert uce.preserve_prompts(for_model(config, on_tinyworld(pipes["sd1"]))) == ["a tree", "square"]  # not a tinyworld model: as given
 
 
 # ------------------------------------------------------------------------------------------------ merge

@@ -78,14 +78,15 @@ class MethodSpec:
         return {**self.defaults, **(self.tinyworld if tinyworld else {})}
 
     def erase(self, pipe, config):
-        """Run the strategy: ``module.erase(pipe, config) -> Adapter``, fields left ``None`` resolved for ``pipe``
-        (:func:`erasekit.methods.presets.model_defaults`); ``pipe`` is not modified."""
+        """Run the strategy: ``module.erase(pipe, config) -> Adapter`` on ``config`` made concrete for ``pipe``
+        (:func:`erasekit.methods.presets.for_model`: fields left ``None``, tinyworld's data); ``pipe`` is not
+        modified."""
         if not isinstance(config, self.config_cls):
             raise ConfigError(f"method {self.name!r} takes a {self.config_cls.__name__}, "
                               f"got {type(config).__name__}")
-        from .presets import model_defaults, on_tinyworld
+        from .presets import for_model, on_tinyworld
 
-        return self.module.erase(pipe, model_defaults(config, on_tinyworld(pipe)))
+        return self.module.erase(pipe, for_model(config, on_tinyworld(pipe)))
 
 
 METHODS: dict[str, MethodSpec] = {

@@ -82,7 +82,7 @@ def objective(pipe, config: AboConfig) -> Callable:
     unet = pipe.unet
     n_concepts = len(config.concepts)
     replace = bool(config.replace_with.strip())
-    table = PromptTable(pipe, training_templates(pipe, config),
+    table = PromptTable(pipe, training_templates(config),
                         list(config.concepts) + ([config.replace_with] if replace else []), config.resolution)
     uncond = table.uncond
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)

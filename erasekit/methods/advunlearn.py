@@ -49,7 +49,6 @@ from ..core import sd
 from ..attacks.unlearndiffatk import SoftPrompt, SoftPromptConfig, soft_prompt_attack
 from ..errors import ConfigError
 from . import te
-from ..tinyworld import is_tinyworld
 from .trainer import (ddim_scheduler, latent_shape, training_options, training_templates, validate_replace_with,
                       validate_training)
 
@@ -191,22 +190,11 @@ def module_selection(component: str, layers: tuple[int, ...]) -> Callable[[str, 
     return lambda path, layer, total: (not layers or layer in layers) and any(p in path for p in parts)
 
 
-def retain_prompts(pipe, config) -> list[str]:
-    """c_r: ``config.retain``; else tinyworld's other values of the concept's attribute in the training templates;
-    else "a photo of a {COCO category}" for the categories not named in the concepts."""
+def retain_prompts(config) -> list[str]:
+    """c_r: ``config.retain``, else "a photo of a {COCO category}" for the categories not named in the concepts.
+    (On tinyworld the presets fill ``retain``: :func:`erasekit.methods.presets.retain_values`.)"""
     if config.retain:
         return list(config.retain)
-    if is_tinyworld(pipe):
-        from ..tinyworld import world
-
-        try:
-            attributes = {world.concept_attribute(c) for c in config.concepts}
-            names = {world.canonical(c) for c in config.concepts}
-        except KeyError:
-            attributes = set()
-        if len(attributes) == 1:
-            others = [n for n in world.ATTRIBUTES[attributes.pop()] if n not in names]
-            return [t.replace("{}", other) for other in others for t in training_templates(pipe, config)]
     erased = [c.lower() for c in config.concepts]
     return [RETAIN_TEMPLATE.format(o) for o in COCO_OBJECTS if not any(o in c or c in o for c in erased)]
 
@@ -242,9 +230,9 @@ def objective(pipe, config: AdvUnlearnConfig, delta_state: torch.Tensor | None =
     """``loss_for(deltas) -> loss_fn(step, generator)``: the defender's loss of one outer step (module docstring),
     running the inner attack first on attack steps. ``delta_state`` (see :func:`attack_state`) holds δ across
     rounds and checkpoints."""
-    templates = training_templates(pipe, config)
+    templates = training_templates(config)
     prompts = [t.replace("{}", c) for c in config.concepts for t in templates]
-    retain = retain_prompts(pipe, config) if config.retain_weight > 0 else []
+    retain = retain_prompts(config) if config.retain_weight > 0 else []
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config.batch_size, config.resolution)
     retain_shape = latent_shape(pipe, config.retain_batch, config.resolution)

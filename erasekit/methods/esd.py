@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from ..adapter import Adapter
 from ..core import lora
 from ..errors import ConfigError
-from ..tinyworld import is_tinyworld
 from .trainer import (Cond, PromptTable, ddim_scheduler, is_sdxl, latent_shape, predict, rollout, train,
                       training_options, training_templates, validate_rollout_training)
 
@@ -114,15 +113,10 @@ class EsdConfig:
 
 
 # ------------------------------------------------------------------------------------------ prompts
-def preserved(pipe, config) -> list[str]:
-    """``config.preserve`` plus, with ``preserve_related`` on tinyworld, the erased concepts' siblings (no erased
-    concept among them)."""
-    names = list(config.preserve)
-    if config.preserve_related and is_tinyworld(pipe):
-        from .. import tinyworld
-
-        names += tinyworld.related_to(config.concepts)
-    return [p for p in dict.fromkeys(names) if p not in config.concepts]
+def preserved(config) -> list[str]:
+    """``config.preserve`` without the erased concepts (with ``preserve_related`` on tinyworld the presets have added
+    the erased concepts' siblings: :func:`erasekit.methods.presets.related_concepts`)."""
+    return [p for p in dict.fromkeys(config.preserve) if p not in config.concepts]
 
 
 def objective(pipe, config: EsdConfig) -> Callable:
@@ -130,8 +124,8 @@ def objective(pipe, config: EsdConfig) -> Callable:
     unet = pipe.unet
     n_concepts = len(config.concepts)
     sources = [config.erase_from or c for c in config.concepts]  # what x_t is drawn from and the student sees
-    kept = preserved(pipe, config)
-    table = PromptTable(pipe, training_templates(pipe, config), list(config.concepts) + sources + kept,
+    kept = preserved(config)
+    table = PromptTable(pipe, training_templates(config), list(config.concepts) + sources + kept,
                         config.resolution)
     uncond = table.uncond
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)

@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from ..adapter import Adapter
 from ..core import sd
 from ..errors import ConfigError
-from ..tinyworld import is_tinyworld
 from . import te
 from .trainer import latent_shape, step_generator, training_options, validate_training
 
@@ -70,7 +69,8 @@ class FewShotConfig:
         concepts: the concept to erase, e.g. ("circle",) (several: their images are pooled, each captioned with its
             own name).
         images: folder of images of the concept (several concepts: one subfolder per concept, named as the
-            concept). Empty: tinyworld renders (tinyworld only).
+            concept). Empty: ``tinyworld_images`` (which the presets turn on, on tinyworld).
+        tinyworld_images: train on ``num_images`` fresh tinyworld renders of each concept (needs tinyworld concepts).
         num_images: how many tinyworld renders per concept (with ``images``: at most this many files; 0 = all).
         concept_type: "object" or "style": which Textual-Inversion caption templates (not used for renders).
         templates: caption templates overriding those, "{}" standing for the concept.
@@ -87,6 +87,7 @@ class FewShotConfig:
 
     concepts: tuple[str, ...]
     images: str = ""
+    tinyworld_images: bool = False
     num_images: int = 8
     concept_type: Literal["object", "style"] = "object"
     templates: tuple[str, ...] = ()
@@ -167,7 +168,7 @@ def examples(pipe, config) -> tuple[torch.Tensor, list[str]]:
     """(latents (N, C, h, w), captions) of the training images."""
     if config.images:
         images, captions = folder_examples(config)
-    elif is_tinyworld(pipe):
+    elif config.tinyworld_images:
         images, captions = tinyworld_examples(config)
     elif config.zero_shot:
         rng = random.Random(config.seed)

@@ -4,8 +4,10 @@
 The layers, later ones winning: the config class's own defaults; the registry entry's ``defaults``
 (:class:`erasekit.methods.MethodSpec`); on a tinyworld model, the entry's ``tinyworld`` values; the user's options;
 last, fields the user left ``None`` get their per-model value (:data:`MODEL_DEFAULTS`: the paper's, or the
-tinyworld-sized one). The API (:func:`erasekit.erase`), the CLI and bench build configs here, so a method's
-``erase`` never looks at which model it was given to choose a setting.
+tinyworld-sized one), and on tinyworld the world's own data fills what the user left empty (:data:`TINYWORLD_DATA`:
+training templates, related concepts to preserve, retain prompts, rendered images). The API
+(:func:`erasekit.erase`), the CLI, the registry's ``erase`` and bench build configs here, so a method's ``erase``
+never looks at which model it was given, and the adapter records every prompt its training used.
 """
 
 from __future__ import annotations
@@ -13,11 +15,73 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import ConfigError
-from . import spm
+from . import abo, advunlearn, esd, fewshot, rece, spm, uce
 
 
 #: config class -> (the paper's values, tinyworld's values) of the fields a user may leave ``None``.
 MODEL_DEFAULTS: dict[type, tuple[dict, dict]] = {spm.SpmConfig: (spm.PAPER_SD, spm.TINYWORLD)}
+
+#: how many of tinyworld's caption templates a trained method draws its prompts from
+TINYWORLD_TEMPLATES = 64
+
+
+def attribute_of(concepts) -> str | None:
+    """The one tinyworld attribute every concept is a value of ("shape" for circle and square), else None."""
+    from .. import tinyworld
+
+    try:
+        attributes = {tinyworld.concept_attribute(c) for c in concepts}
+    except KeyError:
+        return None
+    return attributes.pop() if len(attributes) == 1 else None
+
+
+def caption_templates(config) -> dict:
+    """``templates``, if empty and the concepts are values of one attribute: tinyworld's caption templates (the
+    concept in context, never its synonyms, so that leaking through them stays measurable)."""
+    if config.templates or not attribute_of(config.concepts):
+        return {}
+    from .. import tinyworld
+
+    return {"templates": tuple(tinyworld.caption_templates(config.concepts[0], TINYWORLD_TEMPLATES, config.seed))}
+
+
+def related_concepts(config) -> dict:
+    """``preserve``, with ``preserve_related``: plus the erased concepts' siblings (the other shapes for a shape)."""
+    if not config.preserve_related:
+        return {}
+    from .. import tinyworld
+
+    return {"preserve": tuple(dict.fromkeys((*config.preserve, *tinyworld.related_to(config.concepts))))}
+
+
+def retain_values(config) -> dict:
+    """AdvUnlearn's ``retain``, if empty: the attribute's other values in the training templates."""
+    attribute = attribute_of(config.concepts)
+    if config.retain or not attribute:
+        return {}
+    from .. import tinyworld
+
+    names = {tinyworld.canonical(c) for c in config.concepts}
+    others = [n for n in tinyworld.ATTRIBUTES[attribute] if n not in names]
+    return {"retain": tuple(t.replace("{}", o) for o in others for t in config.templates or ("{}",))}
+
+
+def rendered_images(config) -> dict:
+    """Few-shot's images, if no folder is given: fresh renders of the concept (``tinyworld_images``)."""
+    return {} if config.images or config.zero_shot else {"tinyworld_images": True}
+
+
+#: config class -> what tinyworld's data fills in, in order (each: config -> changed fields)
+TINYWORLD_DATA: dict[type, tuple] = {
+    esd.EsdConfig: (caption_templates, related_concepts),
+    abo.AboConfig: (caption_templates,),
+    spm.SpmConfig: (caption_templates,),
+    advunlearn.AdvUnlearnConfig: (caption_templates, retain_values),
+    fewshot.FewShotConfig: (rendered_images,),
+    uce.UceConfig: (related_concepts,),
+    rece.ReceConfig: (related_concepts,),
+}
 
 
 def on_tinyworld(pipe_or_model) -> bool:
@@ -49,14 +113,22 @@ def build(spec, concepts, tinyworld: bool, options: dict):
         raise ConfigError(f"unknown option {unknown[0]!r} for method {spec.name!r}; valid options: "
                           f"{', '.join(spec.options)}")
     concepts = (concepts,) if isinstance(concepts, str) else tuple(concepts or ())
-    return model_defaults(spec.config_cls(concepts=concepts, **{**spec.preset(tinyworld), **options}), tinyworld)
+    return for_model(spec.config_cls(concepts=concepts, **{**spec.preset(tinyworld), **options}), tinyworld)
 
 
-def model_defaults(config, tinyworld: bool):
-    """``config`` with every field left ``None`` set to its per-model value (:data:`MODEL_DEFAULTS`)."""
+def for_model(config, tinyworld: bool):
+    """``config`` made concrete for a model: every field left ``None`` set to its per-model value
+    (:data:`MODEL_DEFAULTS`) and, on tinyworld, the world's data where the user gave none (:data:`TINYWORLD_DATA`).
+    Idempotent: a resolved config comes back unchanged."""
     paper, tiny = MODEL_DEFAULTS.get(type(config), ({}, {}))
     missing = {k: v for k, v in (tiny if tinyworld else paper).items() if getattr(config, k) is None}
-    return dataclasses.replace(config, **missing) if missing else config
+    config = dataclasses.replace(config, **missing) if missing else config
+    for fill in TINYWORLD_DATA.get(type(config), ()) if tinyworld else ():
+        changes = fill(config)
+        if changes and any(getattr(config, k) != v for k, v in changes.items()):
+            config = dataclasses.replace(config, **changes)
+    return config
 
 
-__all__ = ["MODEL_DEFAULTS", "build", "model_defaults", "on_tinyworld", "resolve"]
+__all__ = ["MODEL_DEFAULTS", "TINYWORLD_DATA", "TINYWORLD_TEMPLATES", "attribute_of", "build", "for_model",
+           "on_tinyworld", "resolve"]

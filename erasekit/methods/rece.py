@@ -212,7 +212,7 @@ def erase(pipe, config: ReceConfig) -> Adapter:
     # the adversarial steps work on each concept's own prompt (77 tokens), as the paper; templates and the
     # related concepts shape the initial UCE solve and the preserve set
     pairs = uce.prompt_pairs(config.concepts, config.guides)
-    preserve = uce.preserve_prompts(pipe, dataclasses.replace(config, expand_prompts="none")) or [""] * len(config.concepts)
+    preserve = uce.preserve_prompts(dataclasses.replace(config, expand_prompts="none")) or [""] * len(config.concepts)
     unique = list(dict.fromkeys([c for c, _ in pairs] + [g for _, g in pairs] + preserve))
     row = {p: i for i, p in enumerate(unique)}
     emb = text.encode_prompts(pipe, unique).to(dtype)  # (U, 77, d)

@@ -145,10 +145,10 @@ class SpmConfig:
 
     def resolved(self, pipe) -> SpmConfig:
         """This config with every ``None`` replaced: the paper's value, or the tinyworld-sized one on tinyworld
-        (:func:`erasekit.methods.presets.model_defaults`, as :func:`erasekit.methods.presets.resolve` does)."""
-        from .presets import model_defaults, on_tinyworld
+        (:func:`erasekit.methods.presets.for_model`, as :func:`erasekit.methods.presets.resolve` does)."""
+        from .presets import for_model, on_tinyworld
 
-        return model_defaults(self, on_tinyworld(pipe))
+        return for_model(self, on_tinyworld(pipe))
 
     def with_paper_defaults(self) -> SpmConfig:
         """This config with every ``None`` replaced by the paper's value (``PAPER_SD``)."""
@@ -210,7 +210,7 @@ def objective(pipe, config: SpmConfig) -> Callable:
     unet = pipe.unet
     n_concepts = len(config.concepts)
     # the neutral prompt takes the concept's slot in the same template ("{}" alone: the paper's c_neu)
-    table = PromptTable(pipe, training_templates(pipe, config), [*config.concepts, config.neutral], config.resolution)
+    table = PromptTable(pipe, training_templates(config), [*config.concepts, config.neutral], config.resolution)
     uncond = table.uncond
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config.batch_size, config.resolution)

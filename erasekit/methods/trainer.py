@@ -45,7 +45,6 @@ from ..adapter import Adapter, write_safetensors
 from ..core import lora, sd
 from ..core.files import exclusive_lock
 from ..errors import AdapterFileError, CheckpointError, ConfigError, TrainingDivergedError
-from ..tinyworld import is_tinyworld
 
 logger = logging.getLogger(__name__)
 
@@ -341,28 +340,11 @@ def validate_replace_with(config) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ prompts
-TINYWORLD_TEMPLATES = 64  # how many caption templates are drawn on tinyworld
-
-
-def training_templates(pipe, config) -> list[str]:
-    """The prompt templates ("{}" = the concept) a trained method draws its prompts from.
-
-    ``config.templates`` if given; else, on tinyworld and for concepts of one tinyworld attribute, tinyworld's
-    caption templates (:func:`erasekit.tinyworld.caption_templates`: the concept in context, never its
-    synonyms, so that leaking through them stays measurable); else ["{}"].
-    """
-    if config.templates:
-        return list(config.templates)
-    if is_tinyworld(pipe):
-        from .. import tinyworld
-
-        try:
-            attributes = {tinyworld.concept_attribute(c) for c in config.concepts}
-        except KeyError:
-            attributes = set()
-        if len(attributes) == 1:
-            return tinyworld.caption_templates(config.concepts[0], TINYWORLD_TEMPLATES, config.seed)
-    return ["{}"]
+def training_templates(config) -> list[str]:
+    """The prompt templates ("{}" = the concept) a trained method draws its prompts from: ``config.templates``, or
+    the bare concept. (On tinyworld the presets fill ``templates`` with the world's caption templates:
+    :func:`erasekit.methods.presets.caption_templates`.)"""
+    return list(config.templates) or ["{}"]
 
 
 class PromptTable:

@@ -208,17 +208,11 @@ def prompt_pairs(concepts, guides, preset: str = "none", templated_guides: bool 
     return pairs
 
 
-def preserve_prompts(pipe, config) -> list[str]:
-    """``config.preserve`` (plus, with ``preserve_related`` on tinyworld, the erased concepts' related concepts),
-    each with its templated forms."""
-    preserve = list(config.preserve)
-    if getattr(config, "preserve_related", False):
-        from .. import tinyworld
-
-        if tinyworld.is_tinyworld(pipe):
-            preserve = list(dict.fromkeys(preserve + tinyworld.related_to(config.concepts)))
+def preserve_prompts(config) -> list[str]:
+    """``config.preserve``, each with its templated forms (with ``preserve_related`` on tinyworld the presets have
+    added the erased concepts' related concepts: :func:`erasekit.methods.presets.related_concepts`)."""
     out = []
-    for p in preserve:
+    for p in config.preserve:
         out.append(p)
         out += [_fill(t, p) for t in templates_for(p, config.expand_prompts, config.concepts[0])]
     return out
@@ -237,7 +231,7 @@ def collect_keys(pipe, config: UceConfig, batch_size: int = 256) -> Keys:
 def _collect_keys(pipe, config, batch_size: int) -> Keys:
     aligned = config.key_mode == "aligned"
     pairs = prompt_pairs(config.concepts, config.guides, config.expand_prompts, templated_guides=aligned)
-    preserve = preserve_prompts(pipe, config)
+    preserve = preserve_prompts(config)
     unique = list(dict.fromkeys([e for e, _ in pairs] + [g for _, g in pairs] + preserve))
     row = {p: i for i, p in enumerate(unique)}
     if config.key_mode == "last_token":
