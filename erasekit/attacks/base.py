@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from ..judges import verdict
 from .. import compose
 from ..core import sd
+from ..core.config import shared_fields
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,16 @@ class AttackResult:
         """JSON-serialisable fields (everything but the image)."""
         return {"prompt": self.prompt, "adv_prompt": self.adv_prompt, "success": bool(self.success),
                 "score": float(self.score), "steps": int(self.steps), "info": self.info}
+
+
+#: The fields every attack's config ends with: the settings of its judged generations.
+JUDGED_GENERATION_FIELDS: dict[str, tuple] = {
+    "num_inference_steps": (int | None, None, "sampling steps of judged generations (None: the model's default)."),
+    "guidance_scale": (float | None, None, "CFG scale of judged generations (None: the model's default)."),
+}
+
+#: Class decorator, under ``@dataclass``: an attack's config gets :data:`JUDGED_GENERATION_FIELDS` after its own.
+judged_generation_options = shared_fields(JUDGED_GENERATION_FIELDS)
 
 
 def stable_seed(*parts) -> int:

@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from .. import compose
 from ..core import sd
 from ..tinyworld import is_tinyworld
-from .base import AttackResult, concept_of, evaluate_cond, make_generator, randint, randn
+from .base import AttackResult, judged_generation_options, concept_of, evaluate_cond, make_generator, randint, randn
 from .concepts import find_name, tinyworld_names
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ PLACEHOLDER = "<concept>"
 
 
 @dataclass(frozen=True)
+@judged_generation_options
 class CCEConfig:
     """Concept Inversion with the paper's defaults (NYU-DICE-Lab/circumventing-concept-erasure).
 
@@ -82,8 +83,6 @@ class CCEConfig:
     image_prompts: tuple[str, ...] = ()
     templates: tuple[str, ...] = ()
     concept: str = ""
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
 
     def __post_init__(self):
         if self.learnable_property not in ("object", "style"):

@@ -27,13 +27,14 @@ import torch
 
 from ..errors import ConfigError
 from ..core import sd
-from .base import AttackResult, Best, concept_of, judge_one
+from .base import AttackResult, judged_generation_options, Best, concept_of, judge_one
 from .concepts import concept_names, find_name, replace_name, tinyworld_names
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+@judged_generation_options
 class ConceptArithmeticConfig:
     """Concept arithmetic.
 
@@ -59,8 +60,6 @@ class ConceptArithmeticConfig:
     scales: tuple[float, ...] = (1.0, 1.5, 2.0)
     stop_on_success: bool = True
     concept: str = ""
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
 
 
 CONFIG = ConceptArithmeticConfig

@@ -30,12 +30,13 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from .. import compose
 from ..core import sd
-from .base import AttackResult, Best, evaluate_prompt, make_generator, randint, randn, target_image
+from .base import AttackResult, judged_generation_options, Best, evaluate_prompt, make_generator, randint, randn, target_image
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+@judged_generation_options
 class P4DConfig:
     """P4D with the paper's defaults (joycenerd/P4D ``optimize_{n,k}.py``).
 
@@ -49,8 +50,6 @@ class P4DConfig:
         eval_every: generate and judge the projected prompt every this many steps (paper 50).
         stop_on_success: stop at the first judged success (paper: no, it keeps the best prompt).
         exclude_words: words the learnable tokens may not use.
-        num_inference_steps: sampling steps of judged generations (None: the model's default).
-        guidance_scale: CFG scale of judged generations (None: the model's default).
     """
 
     mode: Literal["n", "k"] = "n"
@@ -62,8 +61,6 @@ class P4DConfig:
     eval_every: int = 50
     stop_on_success: bool = False
     exclude_words: tuple[str, ...] = ()
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
 
     def __post_init__(self):
         if self.mode not in ("n", "k"):

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from .base import AttackResult, Best, concept_of, evaluate_prompt
+from .base import AttackResult, judged_generation_options, Best, concept_of, evaluate_prompt
 from .concepts import concept_names, find_name, replace_name, tinyworld_names, tinyworld_scene
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+@judged_generation_options
 class ParaphraseConfig:
     """Paraphrase sweep.
 
@@ -46,8 +47,6 @@ class ParaphraseConfig:
     max_variants: int = 0
     stop_on_success: bool = True
     concept: str = ""
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
 
 
 CONFIG = ParaphraseConfig

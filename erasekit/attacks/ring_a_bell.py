@@ -31,13 +31,14 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from .. import compose
 from ..core import sd
-from .base import AttackResult, concept_of, evaluate_cond, evaluate_prompt, make_generator
+from .base import AttackResult, judged_generation_options, concept_of, evaluate_cond, evaluate_prompt, make_generator
 from .concepts import read_pairs, tinyworld_names, tinyworld_pairs
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+@judged_generation_options
 class RingABellConfig:
     """Ring-A-Bell with the paper's defaults (chiayi-hsu/Ring-A-Bell notebooks).
 
@@ -54,8 +55,6 @@ class RingABellConfig:
         pairs_file: a file of "with<TAB>without" prompt pairs (alternative to the two lists).
         exclude_words: words the searched tokens may not use.
         concept: the concept (default: the judge's).
-        num_inference_steps: sampling steps of the judged generation (None: the model's default).
-        guidance_scale: CFG scale of the judged generation (None: the model's default).
     """
 
     variant: Literal["discrete", "continuous"] = "discrete"
@@ -70,8 +69,6 @@ class RingABellConfig:
     pairs_file: str = ""
     exclude_words: tuple[str, ...] = ()
     concept: str = ""
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
 
     def __post_init__(self):
         if self.variant not in ("discrete", "continuous"):

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..core import sd
-from .base import AttackResult, Best, evaluate_prompt, make_generator, randint, randn, target_image
+from .base import AttackResult, judged_generation_options, Best, evaluate_prompt, make_generator, randint, randn, target_image
 
 logger = logging.getLogger(__name__)
 
@@ -288,6 +288,7 @@ def soft_prompt_attack(pipe, prompt: str, target_latents: torch.Tensor | None = 
 # ----------------------------------------------------------------------------------------------- the audit attack
 
 @dataclass(frozen=True)
+@judged_generation_options
 class UnlearnDiffAtkConfig:
     """UnlearnDiffAtk with the paper's defaults (Diffusion-MU-Attack configs).
 
@@ -301,8 +302,6 @@ class UnlearnDiffAtkConfig:
         ste: straight-through multinomial sampling of the tokens (paper: on).
         exclude_words: words the adversarial tokens may not contain (paper: none).
         stop_on_success: stop at the first judged success (paper: yes).
-        num_inference_steps: sampling steps of judged generations (None: the model's default).
-        guidance_scale: CFG scale of judged generations (None: the model's default).
     """
 
     k: int = 3
@@ -314,8 +313,6 @@ class UnlearnDiffAtkConfig:
     ste: bool = True
     exclude_words: tuple[str, ...] = ()
     stop_on_success: bool = True
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
 
     def soft_prompt_config(self) -> SoftPromptConfig:
         return SoftPromptConfig(k=self.k, insertion=self.insertion, space="one_hot",

@@ -24,37 +24,32 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 
+def number(value: str, kind: type, what: str, valid, rule: str):
+    """``value`` read as ``kind`` (int or float), or ArgumentTypeError: "expected <what>" if it is not one, ``rule``
+    (with ``{}`` for the value) if ``valid(number)`` is false."""
+    try:
+        parsed = kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+    if not valid(parsed):
+        raise argparse.ArgumentTypeError(rule.format(value if kind is float else parsed))
+    return parsed
+
+
 def positive_int(value: str) -> int:
     """An integer ≥ 1."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
+    return number(value, int, "an integer", lambda n: n >= 1, "must be at least 1, got {}")
 
 
 def finite_float(value: str) -> float:
     """A number that is neither nan nor ±inf."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {value!r}")
-    return number
+    return number(value, float, "a number", math.isfinite, "must be a finite number, got {!r}")
 
 
 def seed(value: str) -> int:
     """An integer in [0, SEED_MAX]."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {value!r}") from None
-    if not 0 <= number <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to 2**63-1, got {number}")
-    return number
+    return number(value, int, "an integer seed", lambda n: 0 <= n <= SEED_MAX,
+                  "a seed is an integer from 0 to 2**63-1, got {}")
 
 
 def text(value: str) -> str:

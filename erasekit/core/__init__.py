@@ -6,6 +6,7 @@
   forward-hook applier (used by training's hooks and by ``erasekit.compose``), trainable low-rank deltas, saved deltas
   applied for evaluation.
 - :mod:`erasekit.core.files` — atomic writes with the user's umask, advisory folder locks.
+- :mod:`erasekit.core.config` — config fields shared by several configs, declared once (``shared_fields``).
 - :mod:`erasekit.core.provenance` — the run record (date, commit, machine, versions) stamped on results; peak memory.
 
 See ``docs/architecture.md``.

@@ -142,21 +142,34 @@ class _EmbeddingOverride:
         return self.fn(output).to(output.dtype)
 
 
-def encode_ids(pipe, ids: list[torch.Tensor],
-               overrides: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] | None = None) -> Cond:
-    """Run the text encoders on per-encoder ids (B, 77) exactly as the pipeline's ``encode_prompt`` does.
+def prompt_ids(pipe, prompts: Sequence[str]) -> list[torch.Tensor]:
+    """Per-encoder token ids (B, 77) of ``prompts``, padded and truncated to ``model_max_length`` as the
+    pipelines do."""
+    return [tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids for tok, _ in encoders(pipe)]
 
-    ``overrides[i]`` (optional) maps encoder i's token embeddings (B, 77, D) to the embeddings to use instead;
-    gradients flow through it. SD 1.x/2.x: last hidden state. SDXL: penultimate hidden states of both encoders
-    concatenated, pooled output of the second.
+
+def encode_ids(pipe, ids: list[torch.Tensor],
+               overrides: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
+               attention_mask: torch.Tensor | None = None) -> Cond:
+    """Run the text encoders on per-encoder ids (B, L) exactly as the pipeline's ``encode_prompt`` does.
+
+    ``overrides[i]`` (optional) maps encoder i's token embeddings (B, L, D) to the embeddings to use instead;
+    gradients flow through it. ``attention_mask`` (B, L) reaches encoders whose config asks for one
+    (``use_attention_mask``), as in ``encode_prompt``. SD 1.x/2.x: last hidden state. SDXL: penultimate hidden
+    states of both encoders concatenated, pooled output of the second.
     """
     overrides = list(overrides or [None] * len(ids))
     sdxl = is_sdxl(pipe)
     hidden, pooled = [], None
+    device = device_of(pipe)
     for (tok, enc), x, fn in zip(encoders(pipe), ids, overrides):
+        kwargs = {}
+        if attention_mask is not None and getattr(enc.config, "use_attention_mask", False):
+            kwargs["attention_mask"] = attention_mask.to(device)
         handle = enc.get_input_embeddings().register_forward_hook(_EmbeddingOverride(fn)) if fn else None
         try:
-            out = enc(x.to(device_of(pipe)), output_hidden_states=sdxl)
+            out = enc(x.to(device), output_hidden_states=sdxl, **kwargs)
         finally:
             if handle is not None:
                 handle.remove()
@@ -172,10 +185,8 @@ def encode_ids(pipe, ids: list[torch.Tensor],
 def encode(pipe, prompts: str | Sequence[str]) -> Cond:
     """Conditioning of plain prompts (no grad), identical to ``pipe.encode_prompt``'s positive embeddings."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    ids = [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids for tok, _ in encoders(pipe)]
     with torch.no_grad():
-        return encode_ids(pipe, ids)
+        return encode_ids(pipe, prompt_ids(pipe, prompts))
 
 
 def uncond(pipe, n: int = 1) -> Cond:

@@ -26,12 +26,13 @@ from ..core import lora
 from ..adapter import Adapter
 from ..errors import ConfigError
 from .esd import PRESETS, TrainMethod
-from .trainer import (Cond, PromptTable, ddim_scheduler, latent_shape, predict, rollout, train, training_options,
-                      training_templates, validate_replace_with, validate_rollout_training)
+from .trainer import (Cond, PromptTable, ddim_scheduler, latent_shape, predict, rollout, rollout_options, train,
+                      training_options, training_templates, validate_replace_with, validate_rollout_training)
 
 
 @dataclass(frozen=True)
 @training_options
+@rollout_options
 class AboConfig:
     """Args:
         concepts: prompts to erase, e.g. ("circle",); with several, each step trains on one drawn at random.
@@ -43,14 +44,6 @@ class AboConfig:
         negative_guidance: η, used without a replacement (0 = guidance term to zero, 1 = reversed).
         preserve_weight: λ, weight of the unconditional-score preservation loss.
         train_method: which UNet modules get a delta (ESD's presets: esd-x, esd-x-strict, esd-u, esd-all).
-        start_guidance: classifier-free guidance of the frozen model's rollout that produces x_t.
-        num_inference_steps: DDIM steps of that rollout; it stops at a uniformly drawn step.
-        iterations: optimisation steps.
-        lr: Adam learning rate (constant).
-        rank: rank of each delta; 0 trains full-rank deltas.
-        batch_size: x_t samples per step.
-        resolution: image side in pixels (0 = the model's own, sample_size × VAE factor).
-        gradient_checkpointing: recompute UNet activations in the backward pass to save memory.
     """
 
     concepts: tuple[str, ...]
@@ -59,14 +52,6 @@ class AboConfig:
     negative_guidance: float = 1.0
     preserve_weight: float = 1.0
     train_method: TrainMethod = "esd-x"
-    start_guidance: float = 3.0
-    num_inference_steps: int = 20
-    iterations: int = 150
-    lr: float = 1e-3
-    rank: int = 4
-    batch_size: int = 4
-    resolution: int = 0
-    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         validate_rollout_training(self)

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from ..adapter import Adapter
-from ..core import lora
+from ..core import lora, sd
 from ..errors import ConfigError
-from .trainer import (Cond, PromptTable, ddim_scheduler, is_sdxl, latent_shape, predict, rollout, train,
-                      training_options, training_templates, validate_rollout_training)
+from .trainer import (Cond, PromptTable, ddim_scheduler, latent_shape, predict, rollout, train,
+                      rollout_options, training_options, training_templates, validate_rollout_training)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ PAPER_SDXL = dict(iterations=200, lr=2e-4, negative_guidance=1.0, start_guidance
 
 @dataclass(frozen=True)
 @training_options
+@rollout_options
 class EsdConfig:
     """Args:
         concepts: prompts to erase, e.g. ("circle",); with several, each step trains on one drawn at random.
@@ -73,14 +74,7 @@ class EsdConfig:
         preserve: prompts whose predictions the preservation term also holds (needs preserve_weight > 0).
         preserve_related: on tinyworld, also preserve the erased concepts' siblings (the other shapes for a
             shape; needs preserve_weight > 0).
-        start_guidance: classifier-free guidance of the frozen model's rollout that produces x_t.
-        num_inference_steps: DDIM steps of that rollout; it stops at a uniformly drawn step.
-        iterations: optimisation steps.
-        lr: Adam learning rate (constant).
         rank: rank of each delta; 0 trains full-rank deltas, as the authors' code does.
-        batch_size: x_t samples per step.
-        resolution: image side in pixels (0 = the model's own, sample_size × VAE factor).
-        gradient_checkpointing: recompute UNet activations in the backward pass to save memory.
     """
 
     concepts: tuple[str, ...]
@@ -91,14 +85,6 @@ class EsdConfig:
     preserve_weight: float = 0.0
     preserve: tuple[str, ...] = ()
     preserve_related: bool = False
-    start_guidance: float = 3.0
-    num_inference_steps: int = 20
-    iterations: int = 150
-    lr: float = 1e-3
-    rank: int = 4
-    batch_size: int = 4
-    resolution: int = 0
-    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         validate_rollout_training(self)
@@ -161,7 +147,7 @@ def objective(pipe, config: EsdConfig) -> Callable:
 
 def erase(pipe, config: EsdConfig) -> Adapter:
     """Train an ESD adapter for ``config.concepts``; ``pipe`` is left as it was (no hooks, same weights)."""
-    if is_sdxl(pipe) and config.train_method in ("esd-u", "esd-all"):
+    if sd.is_sdxl(pipe) and config.train_method in ("esd-u", "esd-all"):
         logger.warning("%s on SDXL is experimental (the authors report artifacts); esd-x is recommended",
                        config.train_method)
     names = lora.select(pipe.unet, PRESETS[config.train_method])

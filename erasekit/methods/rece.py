@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+@uce.solve_options
 class ReceConfig:
     """RECE (Algorithm 1), defaults of the reference code.
 
@@ -91,10 +92,6 @@ class ReceConfig:
     uce_lam: float = 0.5
     uce_preserve_scale: float = 1.0
     uce_key_mode: Literal["last_token", "tokens", "aligned"] = "tokens"
-    expand_prompts: Literal["none", "object", "art", "tinyworld"] = "none"
-    negative_guidance: float = 0.0
-    preserve_related: bool = False
-    targets: tuple[str, ...] = uce.DEFAULT_TARGETS
     validation_judge: str = ""
     validation_prompts: tuple[str, ...] = ()
     validation_seeds: int = 1

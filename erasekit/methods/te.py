@@ -119,15 +119,10 @@ def attached(pipe, names: dict[str, list[str]], rank: int, seed: int) -> Iterato
 
 
 # ------------------------------------------------------------------------------------------ conditioning
-def token_ids(pipe, prompts: list[str]) -> list[torch.Tensor]:
-    return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                return_tensors="pt").input_ids for tok, _ in sd.encoders(pipe)]
-
-
 def encode(pipe, prompts: list[str]) -> sd.Cond:
     """The UNet conditioning of ``prompts`` through the pipeline's current (hooked, trainable) encoders, with grad;
     the same tensors as ``pipe.encode_prompt`` (SD: last hidden state; SDXL: both penultimate states + pooled)."""
-    return sd.encode_ids(pipe, token_ids(pipe, prompts))
+    return sd.encode_ids(pipe, sd.prompt_ids(pipe, prompts))
 
 
 @torch.no_grad()

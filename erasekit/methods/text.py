@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core import sd
+
 logger = logging.getLogger(__name__)
 
 #: UCE's object preset: "image of X", ... (``concept_type == 'object'`` in the reference code).
@@ -42,29 +44,14 @@ def time_augment(prompt: str) -> list[str]:
     return [prompt] + [t.format(base) for t in TIME_TEMPLATES]
 
 
-@dataclass(frozen=True)
-class _Encoder:
-    tokenizer: object
-    model: torch.nn.Module
-    penultimate: bool  # SDXL uses hidden_states[-2]; SD 1.x/2.x the last hidden state
-
-
-def encoders(pipe) -> list[_Encoder]:
-    """The (tokenizer, text encoder) pairs whose outputs make the UNet context, in concatenation order."""
-    te2 = getattr(pipe, "text_encoder_2", None)
-    if te2 is not None:  # SDXL (the refiner has no first encoder)
-        pairs = [(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)), (pipe.tokenizer_2, te2)]
-        return [_Encoder(t, m, True) for t, m in pairs if t is not None and m is not None]
-    return [_Encoder(pipe.tokenizer, pipe.text_encoder, False)]
-
-
 def context_dim(pipe) -> int:
     """d, the width of ``encoder_hidden_states`` (768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL)."""
-    return sum(int(e.model.config.hidden_size) for e in encoders(pipe))
+    return sum(int(enc.config.hidden_size) for _, enc in sd.encoders(pipe))
 
 
 def device_of(pipe) -> torch.device:
-    return next(encoders(pipe)[0].model.parameters()).device
+    """Where the (first) text encoder's weights are."""
+    return next(sd.encoders(pipe)[0][1].parameters()).device
 
 
 @dataclass(frozen=True)
@@ -84,8 +71,7 @@ class Tokens:
 
 def tokenize(pipe, prompts: list[str]) -> Tokens:
     ids, mask = [], None
-    for enc in encoders(pipe):
-        tok = enc.tokenizer
+    for tok, _ in sd.encoders(pipe):
         out = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt")
         ids.append(out.input_ids)
@@ -100,20 +86,9 @@ def _is_causal(model: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def _encode_ids(pipe, ids: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Context (B, L, d) in fp32 for already tokenised (and possibly truncated) prompts."""
-    parts = []
-    for enc, input_ids in zip(encoders(pipe), ids):
-        model = enc.model
-        device = next(model.parameters()).device
-        kwargs = {}
-        if getattr(model.config, "use_attention_mask", False):
-            kwargs["attention_mask"] = mask.to(device)
-        if enc.penultimate:
-            hidden = model(input_ids.to(device), output_hidden_states=True, **kwargs).hidden_states[-2]
-        else:
-            hidden = model(input_ids.to(device), **kwargs)[0]
-        parts.append(hidden.float())
-    return torch.cat(parts, dim=-1)
+    """Context (B, L, d) in fp32 for already tokenised (and possibly truncated) prompts
+    (:func:`erasekit.core.sd.encode_ids`)."""
+    return sd.encode_ids(pipe, ids, attention_mask=mask).embeds.float()
 
 
 def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -136,7 +111,7 @@ def last_token_embeddings(pipe, prompts: list[str], batch_size: int = 256) -> to
     tokens = tokenize(pipe, prompts)
     n = len(prompts)
     out = torch.zeros(n, context_dim(pipe), device=device_of(pipe))
-    causal = all(_is_causal(e.model) for e in encoders(pipe))
+    causal = all(_is_causal(enc) for _, enc in sd.encoders(pipe))
     order = torch.argsort(tokens.last_index, stable=True)
     for i in range(0, n, batch_size):
         rows = order[i:i + batch_size]
@@ -158,7 +133,7 @@ def align_tokens(pipe, source: str, destination: str) -> list[int]:
     matched, each differing source token goes to the differing destination token at the same offset (clamped to
     the last one, or to the last prefix token when the destination has none), and the padding follows the EOS.
     """
-    tok = encoders(pipe)[0].tokenizer
+    tok = sd.encoders(pipe)[0][0]
     length = tok.model_max_length
 
     def words(text):

@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..adapter import Adapter, write_safetensors
 from ..core import lora, sd
+from ..core.config import shared_fields
 from ..core.files import exclusive_lock
 from ..errors import AdapterFileError, CheckpointError, ConfigError, TrainingDivergedError
 
@@ -282,19 +282,22 @@ TRAINING_FIELDS: dict[str, tuple] = {
 }
 
 
-def training_options(cls):
-    """Class decorator, under ``@dataclass``: a trained method's config gets the shared training fields
-    (:data:`TRAINING_FIELDS`) after its own, and their documentation at the end of its ``Args:`` section (a
-    field the class documents itself keeps the class's text)."""
-    doc = cls.__doc__ or ""
-    lines = []
-    for name, (tp, default, text) in TRAINING_FIELDS.items():
-        cls.__annotations__[name] = tp
-        setattr(cls, name, default)
-        if not re.search(rf"^\s+{name}:", doc, re.MULTILINE):
-            lines.append(f"        {name}: {text}")
-    cls.__doc__ = doc.rstrip() + "\n" + "\n".join(lines) + "\n    "
-    return cls
+#: The fields of the trained methods that train on rollouts of the frozen model (ESD, All-but-One), after their own.
+ROLLOUT_FIELDS: dict[str, tuple] = {
+    "start_guidance": (float, 3.0, "classifier-free guidance of the frozen model's rollout that produces x_t."),
+    "num_inference_steps": (int, 20, "DDIM steps of that rollout; it stops at a uniformly drawn step."),
+    "iterations": (int, 150, "optimisation steps."),
+    "lr": (float, 1e-3, "Adam learning rate (constant)."),
+    "rank": (int, 4, "rank of each delta; 0 trains full-rank deltas."),
+    "batch_size": (int, 4, "x_t samples per step."),
+    "resolution": (int, 0, "image side in pixels (0 = the model's own, sample_size × VAE factor)."),
+    "gradient_checkpointing": (bool, False, "recompute UNet activations in the backward pass to save memory."),
+}
+
+#: Class decorators, under ``@dataclass``: a trained method's config gets the shared training fields
+#: (:data:`TRAINING_FIELDS`), and a rollout-trained one the rollout fields (:data:`ROLLOUT_FIELDS`), after its own.
+training_options = shared_fields(TRAINING_FIELDS)
+rollout_options = shared_fields(ROLLOUT_FIELDS)
 
 
 #: config fields a checkpoint may differ in and still be resumed: the step count (a resumed run may ask for more)
@@ -381,35 +384,27 @@ class Cond:
         return {"encoder_hidden_states": self.hidden, "added_cond_kwargs": self.added}
 
 
-def is_sdxl(pipe) -> bool:
-    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
-
-
 def image_size(pipe, resolution: int = 0) -> int:
     return resolution or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
 @torch.no_grad()
 def encode(pipe, prompts: list[str], resolution: int = 0) -> tuple[list[Cond], Cond]:
-    """One ``Cond`` per prompt, and the unconditional ``Cond`` the pipeline itself uses for CFG.
-
-    Uses the pipeline's own ``encode_prompt`` (SDXL: both encoders, pooled embeddings, zeroed negative when the
-    pipeline forces zeros for an empty prompt) and, for SDXL, its ``_get_add_time_ids`` with the image size.
-    """
-    device = pipe.unet.device
+    """One ``Cond`` per prompt, and the unconditional ``Cond`` the pipeline itself uses for CFG, in the UNet's dtype
+    (:func:`erasekit.core.sd.encode`, :func:`erasekit.core.sd.uncond`; SDXL: pooled embeddings and the pipeline's
+    ``_get_add_time_ids`` for the image size)."""
     dtype = pipe.unet.dtype
-    if not is_sdxl(pipe):
-        cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True)
-        return [Cond(h[None].to(dtype)) for h in cond], Cond(uncond[:1].to(dtype))
-    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1,
-                                                             do_classifier_free_guidance=True)
+    cond, uncond = sd.encode(pipe, list(prompts)), sd.uncond(pipe)
+    if not sd.is_sdxl(pipe):
+        return [Cond(h[None].to(dtype)) for h in cond.embeds], Cond(uncond.embeds[:1].to(dtype))
     size = (image_size(pipe, resolution),) * 2
-    projection = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
+    projection = (int(cond.pooled.shape[-1]) if pipe.text_encoder_2 is None
                   else pipe.text_encoder_2.config.projection_dim)
-    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection).to(device)
-    conds = [Cond(h[None].to(dtype), {"text_embeds": p[None].to(dtype), "time_ids": time_ids})
-             for h, p in zip(cond, pooled)]
-    return conds, Cond(uncond[:1].to(dtype), {"text_embeds": uncond_pooled[:1].to(dtype), "time_ids": time_ids})
+    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection)
+    time_ids = time_ids.to(pipe.unet.device)
+    added = lambda pooled: {"text_embeds": pooled[None].to(dtype), "time_ids": time_ids}  # noqa: E731
+    return ([Cond(h[None].to(dtype), added(p)) for h, p in zip(cond.embeds, cond.pooled)],
+            Cond(uncond.embeds[:1].to(dtype), added(uncond.pooled[0])))
 
 
 def predict(unet, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:

@@ -54,6 +54,7 @@ from typing import Literal
 import torch
 
 from ..adapter import Adapter, ModuleDelta
+from ..core.config import shared_fields
 from ..errors import ConfigError
 from . import text
 from .trainer import package
@@ -112,7 +113,25 @@ def positive(config, *names: str, strict: bool = True) -> None:
             raise ConfigError(f"{type(config).__name__}.{n} must be {'> 0' if strict else '>= 0'}, got {v}")
 
 
+#: The prompt and target fields of a closed-form cross-attention solve, shared by UCE and RECE (after their own).
+SOLVE_FIELDS: dict[str, tuple] = {
+    "expand_prompts": (Literal["none", "object", "art", "tinyworld"], "none",
+                       'add prompt templates to every erase and preserve prompt: "none", "object" ("image of/photo '
+                       'of/portrait of/picture of/painting of X"), "art" ("painting by/art by/artwork by/picture '
+                       'by/style of X") or "tinyworld" (64 of tinyworld\'s caption templates, the concept in context).'),
+    "negative_guidance": (float, 0.0, "η, push the erased keys' values past the guide's, away from the concept: "
+                          "v* = W(c_g + η(c_g − c_e)); 0 = the paper's replace target (an extension, as ESD's η)."),
+    "preserve_related": (bool, False, "also preserve the concepts related to each erased one in the model's own "
+                         "concept vocabulary (tinyworld: the other values of its attribute, e.g. the other shapes "
+                         'for "circle"); no effect on models without one.'),
+    "targets": (tuple[str, ...], DEFAULT_TARGETS,
+                "module-path suffixes of the UNet Linear layers to edit (they must read the text context)."),
+}
+solve_options = shared_fields(SOLVE_FIELDS)
+
+
 @dataclass(frozen=True)
+@solve_options
 class UceConfig:
     """Unified Concept Editing (Eq. 7), defaults of the authors' diffusers code.
 
@@ -128,15 +147,6 @@ class UceConfig:
             "tokens" (last subject token through EOS/padding, the paper-era code) or "aligned" (every token
             of the prompt, each mapped to its aligned token of the prompt with the guide in the concept's place,
             TIME's alignment: for templates with the concept mid-sentence, whose later tokens carry it too).
-        expand_prompts: add prompt templates to every erase and preserve prompt: "none", "object" ("image
-            of/photo of/portrait of/picture of/painting of X"), "art" ("painting by/art by/artwork by/picture
-            by/style of X") or "tinyworld" (64 of tinyworld's caption templates, the concept in context).
-        negative_guidance: η, push the erased keys' values past the guide's, away from the concept:
-            v* = W(c_g + η(c_g − c_e)); 0 = the paper's replace target (an extension, as ESD's η).
-        preserve_related: also preserve the concepts related to each erased one in the model's own concept
-            vocabulary (tinyworld: the other values of its attribute, e.g. the other shapes for "circle");
-            no effect on models without one.
-        targets: module-path suffixes of the UNet Linear layers to edit (they must read the text context).
         save_stats: store the keys and weights of the solve so that adapters can be merged exactly.
     """
 
@@ -147,10 +157,6 @@ class UceConfig:
     preserve_scale: float = 1.0
     lam: float = 0.5
     key_mode: Literal["last_token", "tokens", "aligned"] = "last_token"
-    expand_prompts: Literal["none", "object", "art", "tinyworld"] = "none"
-    negative_guidance: float = 0.0
-    preserve_related: bool = False
-    targets: tuple[str, ...] = DEFAULT_TARGETS
     save_stats: bool = True
 
     def __post_init__(self):

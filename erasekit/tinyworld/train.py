@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -36,25 +36,25 @@ class TrainConfig:
         checkpoint_every: steps between resumable checkpoints.
     """
 
-    seed: int = 0
-    n_images: int = 24000
-    vae_steps: int = 700
-    judge_steps: int = 3000
-    unet_steps: int = 3000
-    batch_size: int = 64
+    seed: int = field(default=0, metadata={"least": None})
+    n_images: int = field(default=24000, metadata={"least": 2})  # the judge trains on 90 %, holds out the rest
+    vae_steps: int = field(default=700, metadata={"least": 1})
+    judge_steps: int = field(default=3000, metadata={"least": 1})
+    unet_steps: int = field(default=3000, metadata={"least": 1})
+    batch_size: int = field(default=64, metadata={"least": 1})
     lr: float = 5e-4
     cond_dropout: float = 0.1
-    checkpoint_every: int = 250
+    checkpoint_every: int = field(default=250, metadata={"least": 1})
 
     def __post_init__(self):
-        counts = {"n_images": 2, "vae_steps": 1, "judge_steps": 1, "unet_steps": 1, "batch_size": 1,
-                  "checkpoint_every": 1}  # n_images ≥ 2: the judge trains on 90 % and holds out the rest
-        for name, least in {"seed": None, **counts}.items():
-            value = getattr(self, name)
+        for f in fields(self):  # the integer fields: their least value in their metadata (None: any integer)
+            if "least" not in f.metadata:
+                continue
+            value, least = getattr(self, f.name), f.metadata["least"]
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{name} must be an integer, got {value!r}")
+                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
             if least is not None and value < least:
-                raise ConfigError(f"{name} must be ≥ {least}, got {value}")
+                raise ConfigError(f"{f.name} must be ≥ {least}, got {value}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.cond_dropout, (int, float)) and 0 <= self.cond_dropout <= 1):
