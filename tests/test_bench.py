@@ -176,19 +176,9 @@ def test_compose_overhead_runs_on_tinyworld():
     assert rows["gated_1"]["modules_per_adapter"] > rows["static_1"]["modules_per_adapter"]
 
 
-def test_results_without_their_cache_are_not_resumed(bench, tmp_path):
-    """A fresh clone has the committed results file but no cache: the bench runs again instead of resuming."""
-    out, results = bench
-    saved = json.loads((out / "results-test.json").read_text())
-    saved["rows"]["uce/shape"]["erasure_rate"] = -1.0  # a stale committed number
-    (tmp_path / "results-test-shape.json").write_text(json.dumps(saved))
-    again = run_suite(TINY, tmp_path, methods=["uce"], attacks=["paraphrase"], entries=["shape"], progress=False)
-    assert again["rows"]["uce/shape"]["erasure_rate"] == 1.0
-
-
 def test_a_method_run_alone_is_added_to_the_committed_results(bench, tmp_path):
-    """Adding a method is one command: `bench --methods NAME` on a fresh clone keeps every other method's committed
-    rows and adds NAME's."""
+    """Adding a method is one command: `bench --methods NAME` on a fresh clone (the committed results file, no
+    cache) keeps every other method's committed rows and makes NAME's again instead of resuming them."""
     out, results = bench
     saved = json.loads((out / "results-test.json").read_text())
     other = {**saved["rows"]["uce/shape"], "erasure_rate": 0.25}

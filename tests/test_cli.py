@@ -85,15 +85,3 @@ def test_audit_bad_batch_size_is_a_usage_error_that_creates_nothing(tmp_path, ca
 def test_audit_unknown_attack_is_one_clear_error(tmp_path, capsys):
     code = main(["audit", "--concept", "circle", "--attack", "nope", "--out-dir", str(tmp_path / "a")])
     assert code == 2 and "unknown attack 'nope'" in capsys.readouterr().err
-
-
-def test_demo_the_readmes_main_command(tmp_path, capsys):
-    """`erasekit demo` (README, first command): the concept is gone after, the other shapes stay, the table reads."""
-    assert main(["demo", "--seed", "0", "--out-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    table = out[out.index("what the judge sees"):].split("\n\n")[0].splitlines()
-    rows = {line[:line.index(":")]: line.split()[-2:] for line in table[1:]}
-    assert rows["'circle' prompts"] == ["6/6", "0/6"] and rows["via synonym 'round shape'"][1] == "0/6", table
-    assert rows["other shapes"][1] == rows["other shapes"][0], table
-    assert len({len(line) for line in table}) == 1, table  # one column each, however long the label
-    assert {p.name for p in tmp_path.iterdir()} == {"circle.uce.safetensors", "before.png", "after.png"}

@@ -54,5 +54,13 @@ def test_audit_records_are_reproduced(made):
     assert make.stable_audit(results) == json.loads((REF / "audit.json").read_text())
 
 
-def test_demo_table_is_reproduced(tmp_path):
-    assert make.demo_table(tmp_path) == (REF / "demo.txt").read_text().splitlines()
+def test_demo_the_readmes_main_command(tmp_path):
+    """`erasekit demo` (README, first command) prints the committed table (the concept is gone after, the other
+    shapes stay, one column each) and writes the adapter and the two images."""
+    table = make.demo_table(make.demo_output(tmp_path))
+    assert table == (REF / "demo.txt").read_text().splitlines()
+    rows = {line[:line.index(":")]: line.split()[-2:] for line in table[1:]}
+    assert rows["'circle' prompts"] == ["6/6", "0/6"] and rows["via synonym 'round shape'"][1] == "0/6", table
+    assert rows["other shapes"][1] == rows["other shapes"][0], table
+    assert len({len(line) for line in table}) == 1, table  # one column each, however long the label
+    assert {p.name for p in tmp_path.iterdir()} == {"circle.uce.safetensors", "before.png", "after.png"}

@@ -77,14 +77,18 @@ def make_audit(pipe, folder: Path) -> Path:
     return folder / "audit" / "results.jsonl"
 
 
-def demo_table(folder: Path) -> list[str]:
-    """``erasekit demo --seed 0``'s table: the lines between the adapter line and the images line."""
+def demo_output(folder: Path) -> list[str]:
+    """What ``erasekit demo --seed 0 --out-dir FOLDER`` prints, line by line (one thread)."""
     from erasekit.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), one_thread():
-        assert main(["demo", "--seed", "0", "--out-dir", str(folder / "demo")]) == 0
-    lines = out.getvalue().splitlines()
+        assert main(["demo", "--seed", "0", "--out-dir", str(folder)]) == 0
+    return out.getvalue().splitlines()
+
+
+def demo_table(lines: list[str]) -> list[str]:
+    """The demo's table: the lines between the adapter line and the images line."""
     start = next(i for i, line in enumerate(lines) if line.startswith("what the judge sees"))
     end = next(i for i, line in enumerate(lines) if line.startswith("images:"))
     return [line for line in lines[start:end] if line.strip()]
@@ -120,7 +124,7 @@ def main() -> int:
     import shutil
 
     shutil.rmtree(HERE / "audit")
-    (HERE / "demo.txt").write_text("\n".join(demo_table(HERE)) + "\n")
+    (HERE / "demo.txt").write_text("\n".join(demo_table(demo_output(HERE / "demo"))) + "\n")
     shutil.rmtree(HERE / "demo")
     print("written:", ", ".join(sorted(p.name for p in HERE.iterdir() if p.suffix != ".py")))
     return 0
