@@ -29,6 +29,9 @@ def test_suite_rows_have_every_measure(bench):
     assert shape["erase_seconds"] > 0 and shape["peak_memory_mb"] > 100 and shape["adapter_mb"] > 0
     assert "overhead" in shape["generation"]
     assert set(results["rows"]["uce/multi"]["per_concept"]) == {"circle", "square", "red", "striped"}
+    composed = results["rows"]["uce/composed"]  # four adapters, one per concept, loaded together
+    assert composed["adapters"] == 4 and set(composed["per_concept"]) == {"circle", "square", "red", "striped"}
+    assert composed["erasure_rate"] >= 0.75 and composed["adapter_mb"] > shape["adapter_mb"] * 3
     assert "asr" not in results["rows"]["uce/colour"]  # attacks only on the budget's attack entries
     for key in ("date", "machine", "torch", "git_commit"):
         assert key in results["run"]

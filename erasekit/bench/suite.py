@@ -1,7 +1,8 @@
 """``erasekit bench``: every registered method on one fixed tinyworld suite, erased, audited and tabulated.
 
-The suite (:data:`SUITE`) is one shape ("circle"), one colour ("red"), one texture ("striped") and a 4-concept
-multi-erasure (circle, square, red, striped). For each (method, entry) the bench
+The suite (:data:`SUITE`) is one shape ("circle"), one colour ("red"), one texture ("striped"), a 4-concept
+multi-erasure (circle, square, red, striped: one adapter) and the same four composed (one adapter per concept,
+erased separately and loaded together; for UCE, ESD-x, SPM and AdvUnlearn). For each (method, entry) the bench
 
 1. erases the entry's concepts with the registry's tinyworld defaults (:func:`erasekit.erase`), recording wall time,
    peak memory (process peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA) and the adapter file's size;
@@ -52,10 +53,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Entry:
-    """One erasure job of the suite: a name and the concepts erased together."""
+    """One erasure job of the suite: a name and the concepts erased together, or, with ``composed``, erased one at
+    a time (one adapter each) and loaded together; ``methods``: the methods that run it (empty: every method)."""
 
     name: str
     concepts: tuple[str, ...]
+    composed: bool = False
+    methods: tuple[str, ...] = ()
 
 
 SUITE: tuple[Entry, ...] = (
@@ -63,6 +67,8 @@ SUITE: tuple[Entry, ...] = (
     Entry("colour", ("red",)),
     Entry("texture", ("striped",)),
     Entry("multi", ("circle", "square", "red", "striped")),
+    Entry("composed", ("circle", "square", "red", "striped"), composed=True,
+          methods=("uce", "esd-x", "spm", "advunlearn")),
 )
 
 #: closed-form methods (seconds per erasure) run on every entry in every budget.
@@ -161,8 +167,8 @@ def peak_memory(device: torch.device):
     out["kind"] = "peak_rss" if reset else "peak_rss_since_start"
 
 
-def generation_overhead(pipe, adapter_path: Path, repeats: int = 3) -> dict:
-    """Seconds per image (4-image batch, the model's default steps) without and with the adapter loaded."""
+def generation_overhead(pipe, adapter_paths: Sequence[Path], repeats: int = 3) -> dict:
+    """Seconds per image (4-image batch, the model's default steps) without and with the adapters loaded."""
     from .. import compose
     from ..generate import generate
 
@@ -177,11 +183,11 @@ def generation_overhead(pipe, adapter_path: Path, repeats: int = 3) -> dict:
         return min(times) / len(prompts)
 
     plain = best()
-    name = compose.load(pipe, adapter_path)
+    names = [compose.load(pipe, path) for path in adapter_paths]
     try:
         loaded = best()
     finally:
-        compose.unload(pipe, name)
+        compose.unload(pipe, names)
     return {"image_s": round(plain, 4), "image_s_with_adapter": round(loaded, 4),
             "overhead": round(loaded / plain - 1, 4)}
 
@@ -214,9 +220,15 @@ def recipe(pipe, method: str, concepts: Sequence[str], options: dict) -> dict:
 
 
 def _entries_for(method: str, budget: Budget) -> list[Entry]:
+    entries = [e for e in SUITE if not e.methods or method in e.methods]
     if method in CLOSED_FORM:
-        return list(SUITE)
-    return [e for e in SUITE if e.name in budget.trained_entries]
+        return entries
+    return [e for e in entries if e.name in budget.trained_entries]
+
+
+def _erasures(entry: Entry) -> list[tuple[str, ...]]:
+    """The concept lists erased for ``entry``: all at once, or (composed) one adapter per concept."""
+    return [(c,) for c in entry.concepts] if entry.composed else [entry.concepts]
 
 
 def _safe_prompts(concepts: Sequence[str], n: int) -> list[str]:
@@ -376,7 +388,8 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
     for i, (method, entry) in enumerate(jobs):
         key = f"{method}/{entry.name}"
         options = trained_options(method, entry.concepts, spec.scale_for(method))
-        made_with = recipe(pipe, method, entry.concepts, options)
+        made_with = [recipe(pipe, method, concepts, options) for concepts in _erasures(entry)]
+        made_with = made_with if entry.composed else made_with[0]
 
         def adopt() -> bool:  # finished by this run or another one into the cache (rows from before configs pass)
             found = [r for r in [rows.get(key), *siblings.get(key, [])] if r]
@@ -425,10 +438,12 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
     row_started = time.time()
     job_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(job_dir)
-    adapter_path = job_dir / "adapter.safetensors"
+    erasures = _erasures(entry)
+    adapter_paths = ([job_dir / f"adapter-{concepts[0]}.safetensors" for concepts in erasures] if entry.composed
+                     else [job_dir / "adapter.safetensors"])
     erase_info_path = job_dir / "erase.json"
     erase_info = json.loads(erase_info_path.read_text()) if erase_info_path.exists() else None
-    if not (adapter_path.exists() and erase_info and erase_info.get("options") == json.loads(json.dumps(options))
+    if not (all(path.exists() for path in adapter_paths) and erase_info and erase_info.get("options") == json.loads(json.dumps(options))
             and erase_info.get("config", made_with) == made_with
             and spec.same_as(erase_info.get("budget", budget_record))):
         shutil.rmtree(job_dir)  # made with another config or budget (or unfinished): adapter and audits are stale
@@ -436,25 +451,27 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
         try:
             with peak_memory(pipe.device) as peak:
                 t0 = time.perf_counter()
-                adapter = erase(pipe, method, list(entry.concepts), **options)
+                adapters = [erase(pipe, method, list(concepts), **options) for concepts in erasures]
                 seconds = time.perf_counter() - t0
         except BaseException:
             job_dir.rmdir()  # nothing made: no empty folder left behind
             raise
-        adapter.save(adapter_path)  # atomic
+        for adapter, path in zip(adapters, adapter_paths):
+            adapter.save(path)  # atomic
         erase_info = {"erase_seconds": round(seconds, 2), "peak_memory_mb": peak["mb"],
                       "peak_memory_kind": peak["kind"], "options": options, "config": made_with,
                       "budget": budget_record}
         atomic_write(erase_info_path, json.dumps(erase_info).encode())
     row = {"method": method, "entry": entry.name, "concepts": list(entry.concepts),
            **{k: v for k, v in erase_info.items() if k != "budget"},  # the results file records the budget
-           "adapter_mb": round(adapter_path.stat().st_size / 1e6, 3)}
-    name = compose.load(pipe, adapter_path)
+           "adapter_mb": round(sum(path.stat().st_size for path in adapter_paths) / 1e6, 3),
+           **({"adapters": len(adapter_paths)} if entry.composed else {})}
+    names = [compose.load(pipe, path) for path in adapter_paths]
     try:
         row.update(audit_entry(pipe, entry, spec, job_dir, attacks, progress))
     finally:
-        compose.unload(pipe, name)
-    row["generation"] = generation_overhead(pipe, adapter_path, spec.timing_repeats)
+        compose.unload(pipe, names)
+    row["generation"] = generation_overhead(pipe, adapter_paths, spec.timing_repeats)
     row["row_seconds"] = round(time.time() - row_started, 1)
     row["made"] = {k: results["run"].get(k) for k in ("date", "git_commit")}  # rows outlive runs (resume, adopt)
     rows[key] = row

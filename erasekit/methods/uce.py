@@ -184,16 +184,16 @@ class Keys:
 TINYWORLD_TEMPLATES = 64  # caption templates per concept with expand_prompts="tinyworld"
 
 
-def templates_for(concept: str, preset: str, fallback: str | None = None) -> tuple[str, ...]:
+def templates_for(concept: str, preset: str, fallback: str | None = None, avoid=()) -> tuple[str, ...]:
     """The templates ("{}" = the concept) of ``preset`` for ``concept``; "tinyworld" draws them per concept
-    (those of ``fallback`` for a word that is not a tinyworld concept)."""
+    (those of ``fallback`` for a word that is not a tinyworld concept), never naming a concept in ``avoid``."""
     if preset != "tinyworld":
         return text.PRESETS[preset]
     from .. import tinyworld
 
     for word in (concept, fallback):
         try:
-            return tuple(tinyworld.caption_templates(word, TINYWORLD_TEMPLATES))
+            return tuple(tinyworld.caption_templates(word, TINYWORLD_TEMPLATES, avoid=avoid))
         except (KeyError, StopIteration, TypeError):
             continue
     raise ConfigError(f"expand_prompts='tinyworld' needs tinyworld concepts; {concept!r} is not one")
@@ -215,12 +215,13 @@ def prompt_pairs(concepts, guides, preset: str = "none", templated_guides: bool 
 
 
 def preserve_prompts(config) -> list[str]:
-    """``config.preserve``, each with its templated forms (with ``preserve_related`` on tinyworld the presets have
-    added the erased concepts' related concepts: :func:`erasekit.methods.presets.related_concepts`)."""
+    """``config.preserve``, each with its templated forms, none of which names an erased concept (a preserved
+    "a red triangle" would hold what erasing red removes); with ``preserve_related`` on tinyworld the presets have
+    added the erased concepts' related concepts (:func:`erasekit.methods.presets.related_concepts`)."""
     out = []
     for p in config.preserve:
         out.append(p)
-        out += [_fill(t, p) for t in templates_for(p, config.expand_prompts, config.concepts[0])]
+        out += [_fill(t, p) for t in templates_for(p, config.expand_prompts, config.concepts[0], config.concepts)]
     return out
 
 

@@ -34,26 +34,39 @@ def is_tinyworld(pipe_or_path) -> bool:
     return bool(folder) and (Path(folder) / "tinyworld.json").is_file()
 
 
-def caption_templates(concept: str, n: int = 64, seed: int = 0) -> list[str]:
+def caption_templates(concept: str, n: int = 64, seed: int = 0, avoid=()) -> list[str]:
     """``n`` prompt templates ("{}" = the concept's place) in the style of tinyworld's training captions.
 
     Each is one of ``TRAIN_TEMPLATES`` with the concept's attribute left as "{}" and the other attributes
     filled with random names (colour, texture and background each dropped with probability 0.15, as in
     training captions), so that an erasure covers the concept in context and not only the bare word. Synonyms
-    of the concept never appear. Raises KeyError for a word that is not a tinyworld concept.
+    of the concept never appear, nor any name of a concept in ``avoid`` (an attribute drawn as one takes another
+    value: a preserved "triangle" is never "a red triangle" while red is erased). Raises KeyError for a word that
+    is not a tinyworld concept.
     """
     import random
 
     from .world import fill_template, random_scene
 
     attribute = concept_attribute(concept)
+    avoided = set()
+    for word in avoid:
+        try:
+            avoided.add(canonical(word))
+        except KeyError:
+            continue
     slot = "\x00"  # the concept's place while filling (fill_template formats twice: no literal "{}")
     rng = random.Random(seed)
+
+    def value(a: str, drawn: str) -> str:
+        allowed = [v for v in ATTRIBUTES[a] if v not in avoided]
+        return drawn if drawn not in avoided or not allowed else rng.choice(allowed)
+
     out = []
     for _ in range(n):
         scene = random_scene(rng)
         words = {a: slot if a == attribute else
-                 "" if a != "shape" and rng.random() < 0.15 else rng.choice(table[getattr(scene, a)])
+                 "" if a != "shape" and rng.random() < 0.15 else rng.choice(table[value(a, getattr(scene, a))])
                  for a, table in ATTRIBUTES.items()}
         out.append(fill_template(rng.choice(TRAIN_TEMPLATES), words).replace(slot, "{}"))
     return out
