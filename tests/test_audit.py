@@ -393,7 +393,8 @@ def erased_audit(pipe, adapter, out_dir, seeds=(0,), **kw):
     name = compose.load(pipe, adapter)
     try:
         return A.audit(pipe, "circle", [], CIRCLES, seeds, "tinyworld", out_dir, paraphrases=["a red round shape"],
-                       preserve_prompts=["a red square on a black background"], progress=False, grids=False, **kw)
+                       preserve_prompts=["a red square on a black background"], progress=False, grids=False,
+                       **{"num_inference_steps": 4, **kw})
     finally:
         compose.unload(pipe, name)
 
