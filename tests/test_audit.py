@@ -13,7 +13,7 @@ import pytest
 
 from erasekit import audit as A
 from erasekit.core import files
-from erasekit.errors import ConfigError
+from erasekit.errors import BaseModelMismatchWarning, ConfigError
 from erasekit.judges import FunctionJudge
 
 # ------------------------------------------------------------------------------------------ metrics by hand
@@ -370,3 +370,97 @@ def test_tinyworld_default_is_the_small_prompt_set(tinyworld_pipe, tmp_path, cap
     assert [r["prompt"] for r in report.records] == A.subsample(A.tinyworld_prompts("circle"), A.DEFAULT_PROMPTS)
     assert A.DEFAULT_PROMPTS == 4 < len(A.tinyworld_prompts("circle")) == 24
     assert "4 of the grid's 24 prompts of 'circle' (full_grid=True or --full-grid: all)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ the base-image cache
+
+CIRCLES = ["a red circle on a black background", "a blue striped circle on a black background"]
+
+
+@pytest.fixture(scope="module")
+def uce_circle(tinyworld_pipe, tmp_path_factory):
+    import erasekit
+
+    path = tmp_path_factory.mktemp("uce") / "uce.safetensors"
+    erasekit.erase(tinyworld_pipe, "uce", ["circle"]).save(path)
+    return path
+
+
+def erased_audit(pipe, adapter, out_dir, seeds=(0,), **kw):
+    """A small tinyworld audit of the erasure ``adapter`` (two targets, a paraphrase and a preserve prompt)."""
+    from erasekit import compose
+
+    name = compose.load(pipe, adapter)
+    try:
+        return A.audit(pipe, "circle", [], CIRCLES, seeds, "tinyworld", out_dir, paraphrases=["a red round shape"],
+                       preserve_prompts=["a red square on a black background"], progress=False, grids=False,
+                       **{"num_inference_steps": 4, **kw})
+    finally:
+        compose.unload(pipe, name)
+
+
+def count_originals(monkeypatch) -> list[int]:
+    """Sizes of the generation calls made with erasures loaded but all disabled (the audit's originals)."""
+    from erasekit import compose
+    from erasekit import generate as G
+
+    real, sizes = G.generate, []
+
+    def spy(pipe, prompts, seeds, **kwargs):
+        erasures = compose.list_erasures(pipe)
+        if erasures and not any(e["enabled"] for e in erasures):
+            sizes.append(len(prompts))
+        return real(pipe, prompts, seeds, **kwargs)
+
+    monkeypatch.setattr(G, "generate", spy)
+    return sizes
+
+
+def image_bytes(out_dir):
+    return {p.relative_to(out_dir).as_posix(): p.read_bytes() for p in sorted(Path(out_dir).glob("images/**/*.png"))}
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_base_cache_gives_the_records_without_it_and_a_second_audit_generates_no_original(
+        tinyworld_pipe, uce_circle, tmp_path, monkeypatch, batch_size):
+    sizes = count_originals(monkeypatch)
+    erased_audit(tinyworld_pipe, uce_circle, tmp_path / "plain", batch_size=batch_size)
+    assert sum(sizes) == 4  # 2 targets, a paraphrase, a preserve prompt
+    cache = tmp_path / "base-images"
+    first = erased_audit(tinyworld_pipe, uce_circle, tmp_path / "first", batch_size=batch_size, base_cache=cache)
+    assert sum(sizes) == 8 and len(list(cache.glob("*/*.png"))) == 4  # an empty cache: made and saved
+    assert lines(tmp_path / "first") == lines(tmp_path / "plain")
+    assert image_bytes(tmp_path / "first") == image_bytes(tmp_path / "plain")
+    second = erased_audit(tinyworld_pipe, uce_circle, tmp_path / "second", batch_size=batch_size, base_cache=cache)
+    assert sum(sizes) == 8  # every original read from the cache
+    assert lines(tmp_path / "second") == lines(tmp_path / "plain")  # the judge saw the same pixels
+    assert image_bytes(tmp_path / "second") == image_bytes(tmp_path / "plain")
+    assert second.summary["target"] == first.summary["target"] and first.summary["target"]["erasure_rate"] == 1.0
+    assert not list(cache.rglob("*.tmp"))
+
+
+def test_base_cache_misses_another_seed_setting_batch_or_model(tinyworld_pipe, uce_circle, tmp_path, monkeypatch):
+    import torch
+
+    cache = tmp_path / "base-images"
+    erased_audit(tinyworld_pipe, uce_circle, tmp_path / "first", batch_size=8, base_cache=cache)
+    sizes = count_originals(monkeypatch)
+    erased_audit(tinyworld_pipe, uce_circle, tmp_path / "seed", seeds=(1,), batch_size=8, base_cache=cache)
+    assert sizes == [4]
+    erased_audit(tinyworld_pipe, uce_circle, tmp_path / "steps", batch_size=8, base_cache=cache,
+                 num_inference_steps=3)
+    assert sizes == [4, 4]
+    erased_audit(tinyworld_pipe, uce_circle, tmp_path / "one", batch_size=1, base_cache=cache)  # other calls
+    assert sizes == [4, 4, 1, 1, 1, 1]
+    bias = tinyworld_pipe.unet.conv_out.bias
+    with torch.no_grad():
+        bias += 0.01  # other base weights
+    try:
+        with pytest.warns(BaseModelMismatchWarning):  # the adapter was made on the unchanged weights
+            erased_audit(tinyworld_pipe, uce_circle, tmp_path / "weights", batch_size=8, base_cache=cache)
+    finally:
+        with torch.no_grad():
+            bias -= 0.01
+    assert sizes == [4, 4, 1, 1, 1, 1, 4]
+    erased_audit(tinyworld_pipe, uce_circle, tmp_path / "again", batch_size=8, base_cache=cache)
+    assert sizes == [4, 4, 1, 1, 1, 1, 4]  # the first audit's calls are still found

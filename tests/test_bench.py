@@ -70,6 +70,30 @@ def test_rerun_resumes_without_recomputing(bench, monkeypatch):
     assert list(again["rows"]) == list(results["rows"])[:2] + ["uce/multi", "uce/texture"]
 
 
+def test_rows_share_the_original_images(tmp_path, monkeypatch):
+    """The audits of every row read the originals that the first row generated (the cache in the work folder)."""
+    import erasekit.api
+    from erasekit import compose
+    from erasekit import generate as G
+
+    events = []
+    real_generate, real_erase = G.generate, erasekit.api.erase
+
+    def generate(pipe, prompts, seeds, **kwargs):
+        erasures = compose.list_erasures(pipe)
+        if erasures and not any(e["enabled"] for e in erasures):  # an original image: erasures loaded, disabled
+            events.append(len(prompts))
+        return real_generate(pipe, prompts, seeds, **kwargs)
+
+    monkeypatch.setattr(G, "generate", generate)
+    monkeypatch.setattr(erasekit.api, "erase", lambda *a, **k: events.append(a[1]) or real_erase(*a, **k))
+    results = run_suite(TINY, tmp_path, methods=["uce", "time"], attacks=[], entries=["colour"], progress=False)
+    assert set(results["rows"]) == {"uce/colour", "time/colour"}
+    first = events[1:events.index("time")]
+    assert events[0] == "uce" and sum(first) > 0 and events[events.index("time") + 1:] == []
+    assert len(list((tmp_path / ".bench-test" / "base-images").glob("*/*.png"))) == sum(first)
+
+
 def test_rows_made_with_another_config_are_redone(bench, monkeypatch):
     out, results = bench
     work = out / ".bench-test"

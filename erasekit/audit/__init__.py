@@ -25,7 +25,8 @@ their own names, and those a kill left behind are removed when the folder is ope
 optional) and image grids (original | erased | attacked).
 
 The package: ``metrics`` (pure), ``store`` (the folder: results, manifest, images, state), ``prompts`` (the prompt
-sets, tinyworld's defaults), ``runner`` (the steps of :func:`audit`), ``report`` (tables, plots, grids, pages).
+sets, tinyworld's defaults), ``runner`` (the steps of :func:`audit`), ``report`` (tables, plots, grids, pages),
+``cache`` (the base-model images that audits of one model share).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
           paraphrases: Sequence[str] | str | None = None, preserve_prompts: Sequence[str] | str | None = None,
           judge_options: Mapping[str, Any] | None = None, num_inference_steps: int | None = None,
           guidance_scale: float | None = None, batch_size: int = 1, grids: bool = True, progress: bool = True,
-          full_grid: bool = False, state=None) -> AuditReport | None:
+          full_grid: bool = False, state=None, base_cache: str | Path | None = None) -> AuditReport | None:
     """Audit the erasure of ``concept`` in ``pipe`` (its loaded adapters = the erased model; the same pipeline with
     ``erasekit.compose.disabled`` = the original).
 
@@ -91,6 +92,9 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
         full_grid: with tinyworld's default prompts, audit the concept's whole grid (24–36 prompts, their
             paraphrases and 36 prompts of other concepts: about 5x the default's work) instead of its default set.
         state: an ``accelerate.PartialState``-like object (default: ``PartialState()`` when accelerate is present).
+        base_cache: a folder of original (base-model) images that audits share (``erasekit.audit.cache``): the
+            originals found there are read instead of generated, the others are saved there; the records are the
+            same as without it. None: every original is generated.
 
     Returns:
         the :class:`AuditReport` (on a non-main process: the report once the main process wrote it, else None).
@@ -108,12 +112,13 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     run = _resolve(pipe, concept, attacks, prompts, seeds, judge, out_dir, budget, attack_configs, paraphrases,
-                   preserve_prompts, judge_options, num_inference_steps, guidance_scale, full_grid, state)
+                   preserve_prompts, judge_options, num_inference_steps, guidance_scale, full_grid, state, base_cache)
     return run.execute(batch_size, grids, progress)
 
 
 def _resolve(pipe, concept, attacks, prompts, seeds, judge, out_dir, budget, attack_configs, paraphrases,
-             preserve_prompts, judge_options, num_inference_steps, guidance_scale, full_grid, state) -> AuditRun:
+             preserve_prompts, judge_options, num_inference_steps, guidance_scale, full_grid, state,
+             base_cache=None) -> AuditRun:
     """The audit's arguments resolved and checked (the manifest too, against the folder's), nothing created."""
     from ..tinyworld import is_tinyworld
 
@@ -132,7 +137,8 @@ def _resolve(pipe, concept, attacks, prompts, seeds, judge, out_dir, budget, att
     if (out_dir / MANIFEST).exists():
         check_manifest(out_dir / MANIFEST, manifest)
     return AuditRun(pipe, concept, prompts, [int(s) for s in seeds], paraphrases, preserve_prompts, plans, budget,
-                    generation, judge, manifest, out_dir, proc, full_grid if defaulted else None, started)
+                    generation, judge, manifest, out_dir, proc, full_grid if defaulted else None, started,
+                    None if base_cache is None else Path(base_cache))
 
 
 __all__ = [

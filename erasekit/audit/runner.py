@@ -24,6 +24,7 @@ from ..core import sd
 from ..core.files import atomic_write, exclusive_lock, remove_stale_temporaries
 from ..errors import ConfigError
 from ..tinyworld.prompts import concept_prompts
+from .cache import BaseImages
 from .metrics import summarize
 from .report import AuditReport, write_report
 from .store import (
@@ -173,10 +174,12 @@ def _plan_text(pipe, concept, prompts, seeds, paraphrases, preserve_prompts, pla
 class UnitRunner:
     """Computes the lines of one (kind, prompt, seed) group that are not in the results yet."""
 
-    def __init__(self, pipe, judge, plans, states, out_dir, generation, done, writer, paraphrase_groups, bar):
+    def __init__(self, pipe, judge, plans, states, out_dir, generation, done, writer, paraphrase_groups, bar,
+                 base_images: BaseImages | None = None):
         self.pipe, self.judge, self.plans, self.states = pipe, judge, plans, states
         self.out_dir, self.generation, self.done, self.writer = out_dir, generation, done, writer
         self.paraphrase_groups, self.bar = paraphrase_groups, bar
+        self.base_images = base_images  # the cache of original images (None: each is generated)
         self.images: dict[tuple, tuple] = {}  # (kind, prompt, seed) -> (original, erased, seconds), from prefetch
 
     def _pending_pair(self, unit: tuple) -> bool:
@@ -191,8 +194,7 @@ class UnitRunner:
         pending = [u for u in units if self._pending_pair(u)]
         prompts, seeds = [u[1] for u in pending], [u[2] for u in pending]
         t0 = time.perf_counter()
-        with compose.disabled(self.pipe):
-            originals = generate(self.pipe, prompts, seeds, **self.generation)
+        originals = self._originals(prompts, seeds)
         erased = generate(self.pipe, prompts, seeds, **self.generation)
         share = (time.perf_counter() - t0) / len(pending)
         self.images.update({u: (o, e, share) for u, o, e in zip(pending, originals, erased)})
@@ -202,7 +204,8 @@ class UnitRunner:
         or generated now (0: the caller's clock runs)."""
         if (kind, prompt, seed) in self.images:
             return self.images.pop((kind, prompt, seed))
-        return self._generate(prompt, seed, original=True), self._generate(prompt, seed, original=False), 0.0
+        original = self._originals([prompt], [seed])[0]
+        return original, sd.generate_prompt(self.pipe, prompt, seed, **self.generation), 0.0
 
     def _emit(self, record: dict) -> dict:
         self.writer.write(record)
@@ -210,12 +213,15 @@ class UnitRunner:
         self.bar.update(1)
         return record
 
-    def _generate(self, prompt: str, seed: int, original: bool):
+    def _originals(self, prompts: list[str], seeds: list[int]) -> list:
+        """The images of one call with every erasure disabled: from the cache of base images when there is one."""
+        from ..generate import generate
 
-        if original:
+        def make() -> list:
             with compose.disabled(self.pipe):
-                return sd.generate_prompt(self.pipe, prompt, seed, **self.generation)
-        return sd.generate_prompt(self.pipe, prompt, seed, **self.generation)
+                return generate(self.pipe, prompts, seeds, **self.generation)
+
+        return make() if self.base_images is None else self.base_images.get(prompts, seeds, make)
 
     def group(self, kind: str, prompt: str, seed: int) -> None:
         if kind == "target":
@@ -329,6 +335,7 @@ class AuditRun:
     proc: Any
     full_grid: bool | None  # None: the prompts were given (no note on tinyworld's default set)
     started: float
+    base_cache: Path | None = None  # a folder of base-model images shared by audits (None: none)
 
     @property
     def rank_world(self) -> tuple[int, int]:
@@ -432,8 +439,9 @@ class AuditRun:
                        if ("attack", p, s, plan.label) not in done)
         bar = tqdm(total=pending, unit="image pair or attack",
                    desc=f"audit {self.concept}" + (f" [{rank}/{world}]" if world > 1 else ""), disable=not progress)
+        base_images = None if self.base_cache is None else BaseImages(self.base_cache, self.pipe, self.generation)
         runner = UnitRunner(self.pipe, self.judge, self.plans, states, self.out_dir, self.generation, done,
-                            ResultsWriter(own_file), dict(self.paraphrases), bar)
+                            ResultsWriter(own_file), dict(self.paraphrases), bar, base_images)
         try:
             for i, unit in enumerate(mine):
                 if batch_size > 1:

@@ -13,7 +13,8 @@ erased separately and loaded together; for UCE, ESD-x, SPM and AdvUnlearn). For 
 3. times generation with the adapter loaded against the bare model (overhead per image).
 
 Rows are appended to ``results.json`` as they finish, and to a copy in the ``--work`` cache: a rerun with the same
-cache skips finished rows (adapters and audits are cached there too) unless the method's resolved config or the
+cache skips finished rows (adapters and audits are cached there too, and the original images of the audits, which
+every row shares: ``base-images``) unless the method's resolved config or the
 budget changed since (a new preset or default: :func:`recipe`), so a killed bench loses at most the row it was in,
 while a fresh clone (no cache) runs the methods it is asked for again rather than resuming their committed rows,
 and keeps the committed rows of every other method: ``erasekit bench --methods NAME`` adds a new method's rows to
@@ -134,6 +135,9 @@ BUDGETS = {
                    train_scale=1.0),
 }
 
+#: the folder of the work cache where every row's audits share their original (base-model) images
+BASE_IMAGES = "base-images"
+
 #: judges of erasekit and whether the tinyworld suite uses them (the table states why not).
 JUDGES = {
     "tinyworld": None,
@@ -242,8 +246,10 @@ def _safe_prompts(concepts: Sequence[str], n: int) -> list[str]:
     return subsample([s.prompt() for s in scenes], n)
 
 
-def audit_entry(pipe, entry: Entry, budget: Budget, work: Path, attacks: Sequence[str], progress: bool) -> dict:
-    """Audit every concept of ``entry`` on ``pipe`` (its adapter loaded); metrics averaged over the concepts."""
+def audit_entry(pipe, entry: Entry, budget: Budget, work: Path, attacks: Sequence[str], progress: bool,
+                base_cache: Path | None = None) -> dict:
+    """Audit every concept of ``entry`` on ``pipe`` (its adapter loaded); metrics averaged over the concepts.
+    ``base_cache``: the audits' shared folder of base-model images (``erasekit.audit.audit``'s)."""
     from ..audit import audit, subsample, tinyworld_paraphrases, tinyworld_preserve_prompts, tinyworld_prompts
 
     per_concept = {}
@@ -255,7 +261,7 @@ def audit_entry(pipe, entry: Entry, budget: Budget, work: Path, attacks: Sequenc
                     else tinyworld_preserve_prompts(concept, budget.preserve))
         attacked = subsample(canonical, budget.attack_prompts)
         kwargs = dict(seeds=budget.seeds, judge="tinyworld", grids=False, progress=progress,
-                      batch_size=budget.batch_size)
+                      batch_size=budget.batch_size, base_cache=base_cache)
         erasure = audit(pipe, concept, attacks=(), prompts=canonical, paraphrases=paraphrases,
                         preserve_prompts=preserve, out_dir=work / f"{concept}-erasure", **kwargs).summary
         row = {"erasure_rate": erasure["target"]["erasure_rate"],
@@ -410,7 +416,8 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
                 logger.info("[%d/%d] %s", i + 1, len(jobs), key)
                 if progress:
                     print(f"[{i + 1}/{len(jobs)}] {key}", flush=True)
-                _run_job(pipe, method, entry, options, made_with, spec, job_dir, attacks, results, progress)
+                _run_job(pipe, method, entry, options, made_with, spec, job_dir, attacks, results, progress,
+                         work / BASE_IMAGES)
         except BusyError:  # a run of other --entries is making this row: adopt it at the end
             busy.append((key, method, entry))
             continue
@@ -427,8 +434,9 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
 
 
 def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, spec: Budget, job_dir: Path,
-             attacks, results: dict, progress: bool) -> None:
-    """Erase, audit and time one row into ``results["rows"]``, holding the job's lock."""
+             attacks, results: dict, progress: bool, base_cache: Path) -> None:
+    """Erase, audit and time one row into ``results["rows"]``, holding the job's lock; the audits share the
+    original images in ``base_cache``."""
     from .. import compose
     from ..api import erase
 
@@ -468,7 +476,7 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
            **({"adapters": len(adapter_paths)} if entry.composed else {})}
     names = [compose.load(pipe, path) for path in adapter_paths]
     try:
-        row.update(audit_entry(pipe, entry, spec, job_dir, attacks, progress))
+        row.update(audit_entry(pipe, entry, spec, job_dir, attacks, progress, base_cache))
     finally:
         compose.unload(pipe, names)
     row["generation"] = generation_overhead(pipe, adapter_paths, spec.timing_repeats)
