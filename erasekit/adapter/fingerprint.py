@@ -28,7 +28,7 @@ def _pipeline_components(pipe) -> tuple[str, ...]:
     return tuple(c for c in COMPONENTS if getattr(pipe, c, None) is not None)
 
 
-def _fingerprint_module(module: torch.nn.Module, sample: int = FINGERPRINT_SAMPLE) -> dict[str, str]:
+def fingerprint_module(module: torch.nn.Module, sample: int = FINGERPRINT_SAMPLE) -> dict[str, str]:
     params = sorted(((_canonical_name(name), p) for name, p in module.named_parameters()), key=lambda item: item[0])
     architecture, weights = hashlib.sha256(), hashlib.sha256()
     for name, p in params:
@@ -72,7 +72,7 @@ def fingerprint(pipe, components=None) -> dict[str, dict[str, str]]:
         module = getattr(pipe, name, None)
         if module is None:
             raise ConfigError(f"the pipeline has no {name}; it has {', '.join(_pipeline_components(pipe)) or 'none'}")
-        out[name] = _fingerprint_module(module)
+        out[name] = fingerprint_module(module)
     return out
 
 
@@ -151,7 +151,7 @@ def check_compatible(adapter: Adapter, pipe, *, strict: bool = False) -> None:
         expected = adapter.fingerprint.get(component) or {}
         if not (expected.get("architecture") or expected.get("weights")):
             continue
-        found = _fingerprint_module(root)
+        found = fingerprint_module(root)
         if expected.get("architecture") and expected["architecture"] != found["architecture"]:
             raise AdapterMismatchError(
                 f"{what} was computed on another architecture{base}: its {component} has architecture digest "

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import compose
-from ..adapter.fingerprint import _fingerprint_module
+from ..adapter.fingerprint import fingerprint_module
 from ..core import sd
 from ..core.files import replacing
 from .store import load_image
@@ -37,7 +37,7 @@ def base_identity(pipe, generation: dict) -> dict:
 
     modules = {name: getattr(pipe, name) for name in MODULES if getattr(pipe, name, None) is not None}
     with compose.disabled(pipe):  # the base weights (a fused erasure is unfused inside)
-        weights = {name: _fingerprint_module(module) for name, module in modules.items()}
+        weights = {name: fingerprint_module(module) for name, module in modules.items()}
     device = sd.device_of(pipe).type
     identity = {
         "model": sd.model_id(pipe, type(pipe).__name__), "pipeline": type(pipe).__name__,

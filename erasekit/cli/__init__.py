@@ -175,6 +175,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     a.add_argument("--full-grid", action="store_true",
                    help="tinyworld: audit all of the concept's grid prompts (24-36, about 5x the work) instead of 4")
     a.add_argument("--seed", type=seed, nargs="+", default=[0])
+    a.add_argument("--base-cache", type=out_dir, default=None,
+                   help="folder of base-model images that audits share (reused when model, prompt, seed and "
+                        "settings match; images and records are the same as without it)")
     a.add_argument("--judge", default="tinyworld", choices=["tinyworld", "clip", "nudenet"])
     a.add_argument("--budget", default="auto", choices=["auto", "tinyworld", "paper"], help="attack presets")
     a.add_argument("--batch-size", type=positive_int, default=1,

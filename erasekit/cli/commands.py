@@ -232,7 +232,8 @@ def audit_command(args) -> int:
     for path, weight in args.adapter:
         compose.load(pipe, path, weight=weight)
     report = audit(pipe, args.concept, attacks, prompts=prompts, seeds=args.seed, judge=args.judge,
-                   out_dir=args.out_dir, budget=args.budget, batch_size=args.batch_size, full_grid=args.full_grid)
+                   out_dir=args.out_dir, budget=args.budget, batch_size=args.batch_size, full_grid=args.full_grid,
+                   base_cache=args.base_cache)
     if report is not None:
         print(report)
         print(f"report: {report.report_md} · {report.report_html}")
