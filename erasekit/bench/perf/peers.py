@@ -61,7 +61,7 @@ def write_record(path: Path, record: dict) -> Path:
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖_F / ‖b‖_F (fp64)."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
