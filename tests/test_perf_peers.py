@@ -48,6 +48,7 @@ def test_uce_reference_transcription_matches_the_solve_and_the_record_says_so(tm
     assert set(big["median_solve_s"]) == {"ours", "reference"} and big["reference_over_ours"] > 0
     for case in cases.values():
         assert case["agree_fp64"] and case["max_relative_weight_diff"]["reference_fp64"] <= 1e-5
+        assert case["condition_number"] >= 1
 
 
 def test_the_uce_agreement_check_fails_for_a_different_edit():

@@ -223,6 +223,8 @@ def uce_case(pipe, config, repeats: int) -> dict:
                            ("reference_fp32_vs_fp64", relative(ref32, ref64))):
             worst[key] = max(worst[key], value)
     median = {k: statistics.median(v) for k, v in times.items()}
+    C, _ = uce.statistics(keys, s_e, s_p)  # fp32 rounding in the inverse grows with cond(λI + C)
+    condition = float(torch.linalg.cond(lam * torch.eye(C.shape[0], dtype=C.dtype) + C))
     return {
         "concepts": len(config.concepts), "preserve_prompts": len(config.preserve),
         "erase_keys": int(keys.erase.shape[0]), "preserve_keys": int(keys.preserve.shape[0]),
@@ -232,6 +234,7 @@ def uce_case(pipe, config, repeats: int) -> dict:
         "reference_over_ours": round(median["reference"] / median["ours"], 2),
         "end_to_end_reference_over_ours": round((keys_s + median["reference"]) / (keys_s + median["ours"]), 2),
         "max_relative_weight_diff": {k: float(f"{v:.3g}") for k, v in worst.items()},
+        "condition_number": float(f"{condition:.3g}"),
         "rtol": AGREE_RTOL["uce_reference"],
         "agree_fp32": worst["reference_fp32"] <= AGREE_RTOL["uce_reference"],
         "agree_fp64": worst["reference_fp64"] <= AGREE_RTOL["uce_reference"],
