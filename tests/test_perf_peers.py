@@ -26,6 +26,7 @@ def test_peft_compare_agrees_with_peft_and_writes_its_record(tmp_path):
     assert all(len(v) == 1 for v in results["step_s"].values())
     assert set(results["ratios"]) == {"erasekit_static_over_peft", "erasekit_gated_over_peft", "fused_over_peft",
                                       "plain_over_peft", "peft_over_plain"}
+    assert set(results["paired_ratios"]) == set(results["ratios"]) - {"peft_over_plain"}
     assert set(results["meets_goals"]) == {"static", "gated"}
     assert results["adapters"]["modules_per_adapter"] == 4 * 4  # q, k, v, out of the tiny UNet's 4 attn2
     agreement = results["agreement"]

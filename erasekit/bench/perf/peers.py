@@ -145,6 +145,11 @@ def peft_comparison(pipe, repeats: int = 5, count: int = 4, rank: int = 4, scale
     ratios = {f"{k}_over_peft": round(median[k] / median["peft"], 4)
               for k in ("erasekit_static", "erasekit_gated", "fused", "plain")}
     ratios["peft_over_plain"] = round(median["peft"] / median["plain"], 4)
+    # the same ratios within each round (the variants stepped seconds apart), robust to the machine's drift
+    paired = {k: [a / b for a, b in zip(times[k], times["peft"])] for k in ("erasekit_static", "erasekit_gated",
+                                                                           "fused", "plain")}
+    paired_ratios = {f"{k}_over_peft": {"median": round(statistics.median(v), 4),
+                                        "range": [round(min(v), 4), round(max(v), 4)]} for k, v in paired.items()}
     return {
         "adapters": {"count": count, "rank": rank, "targets": list(ADAPTER_TARGETS),
                      "modules_per_adapter": len(made["static"][0].deltas), "factor_scale": scale,
@@ -154,6 +159,7 @@ def peft_comparison(pipe, repeats: int = 5, count: int = 4, rank: int = 4, scale
         "median_step_s": {k: round(v, 5) for k, v in median.items()},
         "step_s": {k: [round(x, 5) for x in v] for k, v in times.items()},
         "ratios": ratios,
+        "paired_ratios": paired_ratios,
         "goals": GOALS,
         "meets_goals": {"static": ratios["erasekit_static_over_peft"] <= GOALS["static_over_peft_max"],
                         "gated": ratios["erasekit_gated_over_peft"] <= GOALS["gated_over_peft_max"]},
@@ -257,7 +263,7 @@ TIMED = {"peft_compare": "median seconds of one UNet step per variant, the varia
                           "reference = the per-layer transcription with an explicit inverse (full new weights)"}
 
 
-def run(name: str, model: str, repeats: int, out_dir: str | Path, device: str = "cpu") -> Path:
+def run(name: str, model: str, repeats: int, out_dir: str | Path, device: str = "cpu", batch: int = 2) -> Path:
     """Run benchmark ``name`` on ``model`` ("sd15", or "sd1" for the tiny test pipeline) and write
     ``OUT_DIR/<name>.json`` atomically (with the run record and the machine's load before and after)."""
     from erasekit.core.provenance import run_record
@@ -269,7 +275,7 @@ def run(name: str, model: str, repeats: int, out_dir: str | Path, device: str = 
     started = time.perf_counter()
     if name == "peft_compare":
         pipe = (tiny_pipeline(model) if model == "sd1" else real_shape_pipeline(model)).to(device)
-        results = peft_comparison(pipe, repeats)
+        results = peft_comparison(pipe, repeats, batch=batch)
     elif name == "uce_reference":
         pipe = tiny_pipeline(model) if model == "sd1" else build_pipe(model, True, device, torch.float32)
         concepts, preserve = prompts()
@@ -292,9 +298,11 @@ def main(argv=None) -> list[Path]:
     parser.add_argument("--model", default="sd15", choices=["sd15", "sd1"], help="sd1: the tiny test pipeline")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=2, choices=[1, 2],
+                        help="peft_compare's UNet batch: 2 = a CFG batch [uncond, cond], 1 = cond alone")
     parser.add_argument("--out-dir", default="benchmarks")
     args = parser.parse_args(argv)
-    return [run(name, args.model, args.repeats, args.out_dir, args.device) for name in args.only]
+    return [run(name, args.model, args.repeats, args.out_dir, args.device, args.batch) for name in args.only]
 
 
 if __name__ == "__main__":
