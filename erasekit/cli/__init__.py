@@ -61,7 +61,8 @@ EXAMPLES = {
                                              # the full suite as two processes sharing one cache; then
   erasekit bench                             # assembles their rows into benchmarks/results-full.json
   erasekit bench --quick --methods uce spm --attacks unlearndiffatk p4d
-  erasekit bench perf                        # erase time, training memory, composition overhead (SD 1.5 shapes)""",
+  erasekit bench perf                        # erase time, training memory, composition overhead (SD 1.5 shapes)
+  erasekit bench perf --only peft_compare    # one of them: erasekit against diffusers' PEFT, timed alternately""",
     "demo": """examples:
   erasekit demo                                  # UCE erases "circle" from tinyworld, judged before/after
   erasekit demo --method rece --concept red --out-dir demo-red""",
@@ -224,6 +225,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("target", nargs="?", default="suite", choices=["suite", "perf"],
                    help="suite (default): erase + audit on tinyworld; perf: timing and memory on real-model shapes")
     b.add_argument("--quick", action="store_true", help="the quick budget (see erasekit.bench.BUDGETS)")
+    b.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="bench perf: run only these (closed_form_perf train_memory compose_overhead peft_compare "
+                        "uce_reference; default: all)")
     b.add_argument("--methods", nargs="+", default=None, help="registry names (default: all)")
     b.add_argument("--attacks", nargs="+", default=None, help="attack names (default: all)")
     b.add_argument("--entries", nargs="+", default=None, help="suite entries: shape colour texture multi (default: all)")

@@ -333,10 +333,12 @@ def env_command(args) -> int:
 
 
 def bench_command(args) -> int:
+    if args.only and args.target != "perf":
+        raise ConfigError("--only names perf benchmarks: use it with `erasekit bench perf`")
     if args.target == "perf":
         from ..bench import run_perf
 
-        run_perf(args.out_dir, device=args.device, quick=args.quick)
+        run_perf(args.out_dir, device=args.device, quick=args.quick, only=args.only)
         return 0
     from ..bench import run_suite, table
 

@@ -44,7 +44,10 @@ def load_model(model: str, device: str, dtype: torch.dtype):
     return real_shape_pipeline(model, dtype).to(device)
 
 
-def make_adapter(pipe, kind: str, seed: int):
+def make_adapter(pipe, kind: str, seed: int, targets: tuple[str, ...] | None = None, rank: int = 1,
+                 scale: float = 1e-3):
+    """A random ``kind`` ("static" or "gated") adapter of the methods' shapes, or, with ``targets``, of rank
+    ``rank`` on the UNet modules whose path ends with one of ``targets``; factors ~ N(0, scale²)."""
     from erasekit.adapter import Adapter, ModuleDelta, fingerprint
     from erasekit.methods.spm import SpmConfig, gating_record
 
@@ -55,10 +58,14 @@ def make_adapter(pipe, kind: str, seed: int):
         gated_target = ".transformer_blocks." in name or name.endswith(("proj_in", "proj_out"))
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
-        if (kind == "static" and static_target) or (kind == "gated" and gated_target and "attentions" in name):
+        if targets is not None:
+            chosen = name.endswith(targets)
+        else:
+            chosen = (kind == "static" and static_target) or (kind == "gated" and gated_target and "attentions" in name)
+        if chosen:
             w = module.weight
-            down = torch.randn((1,) + tuple(w.shape[1:]), generator=gen) * 1e-3
-            up = torch.randn((w.shape[0], 1) + (1,) * (w.dim() - 2), generator=gen) * 1e-3
+            down = torch.randn((rank,) + tuple(w.shape[1:]), generator=gen) * scale
+            up = torch.randn((w.shape[0], rank) + (1,) * (w.dim() - 2), generator=gen) * scale
             deltas[f"unet.{name}"] = ModuleDelta(down=down, up=up)
     concept = f"concept {seed}"
     gating = gating_record(SpmConfig(concepts=(concept,)).resolved(pipe)) if kind == "gated" else {"rule": "static"}
