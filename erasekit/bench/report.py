@@ -81,6 +81,9 @@ def table(results: dict) -> str:
     for m in METHODS:
         if not any(r["method"] == m for r in rows.values()):
             missing.setdefault(f"method {m}", "not in this run (`erasekit bench --methods` selected others)")
+    for key in unrun_rows(results):
+        method, entry = key.split("/")
+        missing.setdefault(f"row {key}", f"not run yet (`erasekit bench --methods {method} --entries {entry}` adds it)")
     if missing:
         lines += ["", "Not in the table:", ""] + [f"- {k}: {v}" for k, v in missing.items()]
     total = sum(r.get("row_seconds", 0) for r in rows.values())
@@ -88,6 +91,19 @@ def table(results: dict) -> str:
         lines += ["", f"Wall time: {total / 60:.1f} min for the rows above (erase + audit + generation timing; "
                       "model loading excluded)."]
     return "\n".join(lines) + "\n"
+
+
+def unrun_rows(results: dict) -> list[str]:
+    """``method/entry`` rows that the results' budget runs for a method in them but that have not been made (an
+    entry added to the suite after the rows were)."""
+    from .suite import BUDGETS, entries_for
+
+    rows = results.get("rows", {})
+    record = results.get("budget", {})
+    spec = BUDGETS.get(record.get("name"))
+    trained = spec.trained_entries if spec and spec.same_as(record) else record.get("trained_entries", ())
+    methods = dict.fromkeys(r["method"] for r in rows.values())
+    return [f"{m}/{e.name}" for m in methods for e in entries_for(m, trained) if f"{m}/{e.name}" not in rows]
 
 
 def plot(results: dict, path: Path) -> Path | None:

@@ -117,10 +117,14 @@ class Budget:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def same_as(self, record: dict) -> bool:
-        """Whether a results file's budget record is this budget (fields added since count at their defaults)."""
+        """Whether a results file's budget record is this budget (fields added since count at their defaults). An
+        entry added to the suite since (the full budget's entry lists grow with :data:`SUITE`) keeps the other
+        rows: the lists may have gained entries, never lost one."""
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
         ours = self.record()
+        grown = ("trained_entries", "attack_entries")
         return set(record) <= set(ours) and all(
+            set(record.get(k, v)) <= set(v) if k in grown else
             record.get(k, json.loads(json.dumps(defaults.get(k)))) == v for k, v in ours.items())
 
 
@@ -223,11 +227,13 @@ def recipe(pipe, method: str, concepts: Sequence[str], options: dict) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
-def _entries_for(method: str, budget: Budget) -> list[Entry]:
+def entries_for(method: str, trained_entries: Sequence[str]) -> list[Entry]:
+    """The suite entries ``method`` runs on: every entry open to it if it is closed-form, else those of them in
+    ``trained_entries`` (the budget's)."""
     entries = [e for e in SUITE if not e.methods or method in e.methods]
     if method in CLOSED_FORM:
         return entries
-    return [e for e in entries if e.name in budget.trained_entries]
+    return [e for e in entries if e.name in trained_entries]
 
 
 def _erasures(entry: Entry) -> list[tuple[str, ...]]:
@@ -389,7 +395,7 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
         atomic_write(state, json.dumps(results, indent=1, default=str).encode())
         write_results(path, results)
 
-    jobs = [(m, e) for m in methods for e in _entries_for(m, spec) if not entries or e.name in entries]
+    jobs = [(m, e) for m in methods for e in entries_for(m, spec.trained_entries) if not entries or e.name in entries]
     busy = []
     for i, (method, entry) in enumerate(jobs):
         key = f"{method}/{entry.name}"
