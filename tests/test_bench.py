@@ -11,7 +11,7 @@ from erasekit.cli import main
 from erasekit.methods import METHODS
 
 TINY = Budget("test", prompts=1, seeds=(0,), preserve=2, attack_prompts=1, attack_entries=("shape",),
-              trained_entries=("shape",), train_scale=0.05)
+              trained_entries=("shape",), train_scale=0.05, timing_repeats=1)
 
 
 @pytest.fixture(scope="module")
