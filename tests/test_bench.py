@@ -110,7 +110,7 @@ def test_rows_made_with_another_config_are_redone(bench, monkeypatch):
 
     real = erasekit.api.erase
     monkeypatch.setattr(erasekit.api, "erase", lambda *a, **k: erased.append(a[1]) or real(*a, **k))
-    again = run_suite(TINY, out, methods=["uce"], attacks=["paraphrase"], progress=False)
+    again = run_suite(TINY, out, methods=["uce"], attacks=[], progress=False)
     assert erased == ["uce"]  # that row only, its stale adapter too
     assert again["rows"]["uce/shape"]["config"]["lam"] != 0.123
     assert again["rows"]["uce/shape"]["erasure_rate"] == results["rows"]["uce/shape"]["erasure_rate"]
@@ -211,7 +211,7 @@ def test_a_method_run_alone_is_added_to_the_committed_results(bench, tmp_path):
     other = {**saved["rows"]["uce/shape"], "erasure_rate": 0.25}
     saved["rows"] = {"time/shape": other, "uce/shape": {**other, "erasure_rate": -1.0}}
     (tmp_path / "results-test-shape.json").write_text(json.dumps(saved))
-    again = run_suite(TINY, tmp_path, methods=["uce"], attacks=["paraphrase"], entries=["shape"], progress=False)
+    again = run_suite(TINY, tmp_path, methods=["uce"], attacks=[], entries=["shape"], progress=False)
     assert again["rows"]["time/shape"] == other  # kept as committed
     assert again["rows"]["uce/shape"]["erasure_rate"] == 1.0  # made again, not the stale committed row
     written = json.loads((tmp_path / "results-test-shape.json").read_text())
