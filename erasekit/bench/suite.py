@@ -457,7 +457,8 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
                      else [job_dir / "adapter.safetensors"])
     erase_info_path = job_dir / "erase.json"
     erase_info = json.loads(erase_info_path.read_text()) if erase_info_path.exists() else None
-    if not (all(path.exists() for path in adapter_paths) and erase_info and erase_info.get("options") == json.loads(json.dumps(options))
+    if not (all(path.exists() for path in adapter_paths) and erase_info
+            and erase_info.get("options") == json.loads(json.dumps(options))
             and erase_info.get("config", made_with) == made_with
             and spec.same_as(erase_info.get("budget", budget_record))):
         shutil.rmtree(job_dir)  # made with another config or budget (or unfinished): adapter and audits are stale

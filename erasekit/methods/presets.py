@@ -21,9 +21,6 @@ from . import abo, advunlearn, esd, fewshot, rece, spm, uce
 #: config class -> (the paper's values, tinyworld's values) of the fields a user may leave ``None``.
 MODEL_DEFAULTS: dict[type, tuple[dict, dict]] = {spm.SpmConfig: (spm.PAPER_SD, spm.TINYWORLD)}
 
-#: how many of tinyworld's caption templates a trained method draws its prompts from
-TINYWORLD_TEMPLATES = 64
-
 
 def attribute_of(concepts) -> str | None:
     """The one tinyworld attribute every concept is a value of ("shape" for circle and square), else None."""
@@ -43,7 +40,7 @@ def caption_templates(config) -> dict:
         return {}
     from .. import tinyworld
 
-    return {"templates": tuple(tinyworld.caption_templates(config.concepts[0], TINYWORLD_TEMPLATES, config.seed))}
+    return {"templates": tuple(tinyworld.caption_templates(config.concepts[0], uce.TINYWORLD_TEMPLATES, config.seed))}
 
 
 def related_concepts(config) -> dict:
@@ -130,5 +127,5 @@ def for_model(config, tinyworld: bool):
     return config
 
 
-__all__ = ["MODEL_DEFAULTS", "TINYWORLD_DATA", "TINYWORLD_TEMPLATES", "attribute_of", "build", "for_model",
+__all__ = ["MODEL_DEFAULTS", "TINYWORLD_DATA", "attribute_of", "build", "for_model",
            "on_tinyworld", "resolve"]

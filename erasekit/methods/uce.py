@@ -181,7 +181,9 @@ class Keys:
     preserve: torch.Tensor
 
 
-TINYWORLD_TEMPLATES = 64  # caption templates per concept with expand_prompts="tinyworld"
+#: tinyworld caption templates per concept: UCE's expand_prompts="tinyworld", and the trained methods' templates
+#: on tinyworld (:func:`erasekit.methods.presets.caption_templates`)
+TINYWORLD_TEMPLATES = 64
 
 
 def templates_for(concept: str, preset: str, fallback: str | None = None, avoid=()) -> tuple[str, ...]:
