@@ -300,3 +300,33 @@ def test_every_attack_succeeds_on_the_base_tinyworld_model(tinyworld_pipe, name)
     results = [run(name, tinyworld_pipe, p, judge, config=cfg, seed=0, state=state) for p in TINYWORLD_PROMPTS]
     hits = [r.success for r in results]
     assert all(hits), [(r.adv_prompt, round(r.score, 3)) for r in results]
+
+
+#: budget fields an attack preset may raise (more tokens, steps, candidates: a stronger search); every other field
+#: must keep its frozen value
+GROWABLE = {"k", "n_timesteps", "iterations", "prompt_len", "length", "population", "generations", "steps",
+            "num_train_images"}
+
+
+def test_tinyworld_attack_presets_only_get_stronger():
+    """The tinyworld presets recorded in tests/reference/attack_presets.json (frozen before issue #22's robust recipe
+    was judged with them) may only grow their search budgets; every other setting stays as recorded, and no
+    registered attack goes missing. A deliberate change rewrites the file in the same commit."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from erasekit.attacks.base import preset
+
+    frozen = json.loads((Path(__file__).parent / "reference" / "attack_presets.json").read_text())["presets"]
+    assert set(frozen) <= set(ATTACKS)
+    for name, recorded in frozen.items():
+        now = json.loads(json.dumps(dataclasses.asdict(preset(ATTACKS[name], "tinyworld")), default=str))
+        for field, value in recorded.items():
+            assert field in now, f"{name}: field {field!r} of the frozen preset is gone"
+            if field in GROWABLE:
+                assert now[field] >= value, f"{name}.{field}: {now[field]} < frozen {value} (weaker)"
+            elif field == "scales":
+                assert set(value) <= set(now[field]), f"{name}.scales lost values of {value}"
+            else:
+                assert now[field] == value, f"{name}.{field}: {now[field]!r} != frozen {value!r}"
