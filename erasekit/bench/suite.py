@@ -258,18 +258,26 @@ def audit_entry(pipe, entry: Entry, budget: Budget, work: Path, attacks: Sequenc
     ``base_cache``: the audits' shared folder of base-model images (``erasekit.audit.audit``'s)."""
     from ..audit import audit, subsample, tinyworld_paraphrases, tinyworld_preserve_prompts, tinyworld_prompts
 
+    from ..audit.metrics import preservation
+    from ..tinyworld import concept_attribute
+
     per_concept = {}
     attack = entry.name in budget.attack_entries
+    shared = None  # several concepts share one preservation set: its images are made and judged once
     for concept in entry.concepts:
         canonical = subsample(tinyworld_prompts(concept), budget.prompts)
         paraphrases = [p for p, group in tinyworld_paraphrases(concept, canonical) if group == "synonym"]
-        preserve = (_safe_prompts(entry.concepts, budget.preserve) if len(entry.concepts) > 1
-                    else tinyworld_preserve_prompts(concept, budget.preserve))
+        preserve = (tinyworld_preserve_prompts(concept, budget.preserve) if len(entry.concepts) == 1
+                    else _safe_prompts(entry.concepts, budget.preserve) if shared is None else [])
         attacked = subsample(canonical, budget.attack_prompts)
         kwargs = dict(seeds=budget.seeds, judge="tinyworld", grids=False, progress=progress,
                       batch_size=budget.batch_size, base_cache=base_cache)
-        erasure = audit(pipe, concept, attacks=(), prompts=canonical, paraphrases=paraphrases,
-                        preserve_prompts=preserve, out_dir=work / f"{concept}-erasure", **kwargs).summary
+        report = audit(pipe, concept, attacks=(), prompts=canonical, paraphrases=paraphrases,
+                       preserve_prompts=preserve, out_dir=work / f"{concept}-erasure", **kwargs)
+        erasure = report.summary
+        if len(entry.concepts) > 1:  # every attribute's labels are in the records: read this concept's from them
+            shared = shared or [r for r in report.records if r["kind"] == "preserve"]
+            erasure["preservation"] = preservation([{**r, "attribute": concept_attribute(concept)} for r in shared])
         row = {"erasure_rate": erasure["target"]["erasure_rate"],
                "paraphrase_erasure_rate": erasure["paraphrase"]["erasure_rate"],
                "preservation_drop": erasure["preservation"].get("drop"),
