@@ -188,3 +188,26 @@ def sd15_text_encoder(tokenizer=None, dtype: torch.dtype = torch.float32):
         num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_act="quick_gelu",
         projection_dim=768)).to(dtype)
+
+
+def cpu_launch(processes: int = 2) -> tuple[list[str], dict]:
+    """The command prefix and environment that start ``processes`` CPU processes on this machine with accelerate's
+    launcher (they talk over gloo), for tests of erasekit's multi-process paths: ``subprocess.run([*prefix,
+    "script.py"], env=env)`` or ``[*prefix, "-m", "erasekit.cli", "bench", ...]``.
+
+    ``accelerate launch --cpu`` starts its processes through ``mpirun`` only (without ``--mpirun_hostfile`` it
+    starts one), so this uses accelerate's torchrun launcher (``--multi_gpu``) with CUDA hidden; a free port keeps
+    concurrent launches apart, and one thread per process keeps them from competing for the cores.
+    """
+    import os
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    prefix = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+              "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    return prefix, env

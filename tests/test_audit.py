@@ -4,7 +4,6 @@ over processes (simulated in-process; the real ``accelerate launch`` run is mark
 import json
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -269,7 +268,9 @@ def test_more_seeds_extend_an_audit(pipe, reference, tmp_path):
 
 
 def test_accelerate_launch_two_processes(pipe, reference, tmp_path):
-    """The real thing: ``accelerate launch --num_processes 2 --cpu`` gives the single-process results."""
+    """The real thing: two processes started by ``accelerate launch`` give the single-process results."""
+    from erasekit.testing import cpu_launch
+
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import sys
@@ -278,9 +279,9 @@ def test_accelerate_launch_two_processes(pipe, reference, tmp_path):
         from test_audit import run_audit
         run_audit(tiny_pipeline("sd1"), {str(tmp_path / 'out')!r})
     """))
-    accelerate = Path(sys.executable).with_name("accelerate")
-    subprocess.run([str(accelerate), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", str(script)], check=True, timeout=900)
+    prefix, env = cpu_launch(2)
+    subprocess.run([*prefix, str(script)], check=True, timeout=900, env=env)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["run"]["processes"] == 2
     assert lines(tmp_path / "out") == lines(reference[0])
     assert not list((tmp_path / "out").glob("results.rank*.jsonl"))
 

@@ -46,7 +46,8 @@ from .prompts import (
     tinyworld_prompts,
 )
 from .report import AuditReport, summary_table, write_report
-from .runner import AuditRun, attack_plans, build_manifest, process_state, resolve_judge
+from ..core import processes
+from .runner import AuditRun, attack_plans, build_manifest, resolve_judge
 from .store import MANIFEST, RESULTS, check_manifest, merge_results, read_results, unit_id, unit_key
 
 
@@ -91,7 +92,8 @@ def audit(pipe, concept: str, attacks: Sequence[str] = ("unlearndiffatk",), prom
             logged either way.
         full_grid: with tinyworld's default prompts, audit the concept's whole grid (24–36 prompts, their
             paraphrases and 36 prompts of other concepts: about 5x the default's work) instead of its default set.
-        state: an ``accelerate.PartialState``-like object (default: ``PartialState()`` when accelerate is present).
+        state: an ``accelerate.PartialState``-like object (default: :func:`erasekit.core.processes.current`, the
+            launched processes, or one).
         base_cache: a folder of original (base-model) images that audits share (``erasekit.audit.cache``): the
             originals found there are read instead of generated, the others are saved there; the records are the
             same as without it. None: every original is generated.
@@ -123,7 +125,7 @@ def _resolve(pipe, concept, attacks, prompts, seeds, judge, out_dir, budget, att
     from ..tinyworld import is_tinyworld
 
     started = time.time()
-    proc = process_state(state)
+    proc = processes.current(state)
     out_dir = Path(out_dir)
     defaulted = prompts is None
     prompts, paraphrases, preserve_prompts = prompt_sets(concept, prompts, paraphrases, preserve_prompts, full_grid)

@@ -35,25 +35,6 @@ from .store import (
 logger = logging.getLogger("erasekit.audit")
 
 
-class _SingleProcess:
-    process_index = 0
-    num_processes = 1
-    is_main_process = True
-
-    def wait_for_everyone(self) -> None:
-        pass
-
-
-def process_state(state):
-    if state is not None:
-        return state
-    try:
-        from accelerate import PartialState
-    except ImportError:
-        return _SingleProcess()
-    return PartialState()
-
-
 # =============================================================================================== the runner
 
 @dataclass

@@ -22,6 +22,10 @@ the committed results. Runs of different
 ``--entries`` (which write ``results-full-<entries>.json``) can share one cache, side by side. A Markdown table
 (``results.md``) and plots (``results.png``) are rebuilt from ``results.json`` after every row.
 
+Launched on several processes (``accelerate launch -m erasekit.cli bench ...``, on one machine or several), the
+processes share the rows: each makes its share, one at a time as one process would, and the main process writes
+the one results file with the rows one process gives (:mod:`erasekit.bench.shards`).
+
 Budgets (:data:`BUDGETS`): ``quick`` audits fewer prompts, runs the trained methods on the shape entry only at
 half their tinyworld iterations (AdvUnlearn at a quarter of its iterations and inner attack steps), and attacks the
 shape entry only (≤ 15 minutes on a 2-core CPU, with its load); ``full`` runs every method on every entry at its
@@ -43,11 +47,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
+from ..core import processes
 from ..core.files import atomic_write, exclusive_lock, remove_stale_temporaries
 from ..errors import ConfigError
 from ..methods import METHODS
+from . import shards
+from .measure import generation_overhead, peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -149,55 +154,6 @@ JUDGES = {
             "tinyworld's own judge is exact for tinyworld concepts",
     "nudenet": "NudeNet detects nudity; tinyworld has none (the optional `nudenet` extra is for real SD models)",
 }
-
-
-# ============================================================================================== measuring
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device):
-    """Measure peak memory in MB inside the block: ``with peak_memory(dev) as peak: ...; peak["mb"]``.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` (reset at entry). CPU: the process's peak RSS (``VmHWM``, reset at
-    entry through ``/proc/self/clear_refs`` where Linux allows it; otherwise the peak since the process began).
-    """
-    out: dict = {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        yield out
-        out["mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        out["kind"] = "cuda_max_allocated"
-        return
-    from ..core.provenance import peak_rss_mb, reset_peak_rss
-
-    reset = reset_peak_rss()
-    yield out
-    out["mb"] = round(peak_rss_mb(), 1)
-    out["kind"] = "peak_rss" if reset else "peak_rss_since_start"
-
-
-def generation_overhead(pipe, adapter_paths: Sequence[Path], repeats: int = 3) -> dict:
-    """Seconds per image (4-image batch, the model's default steps) without and with the adapters loaded."""
-    from .. import compose
-    from ..generate import generate
-
-    prompts, seeds = ["a solid blue square on a black background"] * 4, [0, 1, 2, 3]
-
-    def best() -> float:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            generate(pipe, prompts, seeds, output_type="np")
-            times.append(time.perf_counter() - t0)
-        return min(times) / len(prompts)
-
-    plain = best()
-    names = [compose.load(pipe, path) for path in adapter_paths]
-    try:
-        loaded = best()
-    finally:
-        compose.unload(pipe, names)
-    return {"image_s": round(plain, 4), "image_s_with_adapter": round(loaded, 4),
-            "overhead": round(loaded / plain - 1, 4)}
 
 
 # ============================================================================================== the suite
@@ -369,14 +325,17 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
         path = path.with_name(f"results-{budget}-{'-'.join(entries)}.json")
     work.mkdir(parents=True, exist_ok=True)
     state = work / path.name  # the resume state lives in the cache, so a committed results file is not resumed
+    proc = processes.current()  # launched on several processes: they share the rows (erasekit.bench.shards)
     # runs of other --entries share the cache (one lock per job); a second run of these entries is refused
-    with exclusive_lock(work / f".{path.stem}.lock", f"bench work folder {str(work)!r} (for {path.name})"):
-        return _run_jobs(pipe, spec, methods, attacks, entries, work, state, path, progress)
+    with (exclusive_lock(work / f".{path.stem}.lock", f"bench work folder {str(work)!r} (for {path.name})")
+          if proc.is_main_process else contextlib.nullcontext()):
+        return _run_jobs(pipe, spec, methods, attacks, entries, work, state, path, progress, proc)
 
 
 def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: Path, path: Path,
-              progress: bool) -> dict:
-    """The rows of :func:`run_suite`, holding its lock on ``state``."""
+              progress: bool, proc) -> dict:
+    """The rows of :func:`run_suite`, holding its lock on ``state`` (the main process does), shared by the
+    processes of ``proc``."""
     from ..core.provenance import run_record
     from ..errors import BusyError
     from .report import write_results
@@ -394,8 +353,13 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
     results.update(budget=budget_record, run=run_record(), suite=[dataclasses.asdict(e) for e in SUITE],
                    judge="tinyworld", missing={**{f"judge {j}": why for j, why in JUDGES.items() if why},
                             **{f"method {m}": why for m, why in spec.omitted if m not in methods}})
+    if proc.num_processes > 1:
+        results["processes"] = proc.num_processes
+    else:
+        results.pop("processes", None)
     rows = results.setdefault("rows", {})
     siblings = _rows_of_other_runs(work, state, spec)
+    before = list(rows)
     started = time.time()
 
     def save() -> None:  # the resume state, then the outputs
@@ -403,44 +367,66 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
         atomic_write(state, json.dumps(results, indent=1, default=str).encode())
         write_results(path, results)
 
-    jobs = [(m, e) for m in methods for e in entries_for(m, spec.trained_entries) if not entries or e.name in entries]
-    busy = []
-    for i, (method, entry) in enumerate(jobs):
+    jobs = []
+    for method in methods:
+        for entry in entries_for(method, spec.trained_entries):
+            if not entries or entry.name in entries:
+                options = trained_options(method, entry.concepts, spec.scale_for(method))
+                made_with = [recipe(pipe, method, concepts, options) for concepts in _erasures(entry)]
+                jobs.append((method, entry, options, made_with if entry.composed else made_with[0]))
+
+    def finished(key: str, made_with) -> list[dict]:  # by this run or another one into the cache
+        found = [r for r in [rows.get(key), *siblings.get(key, [])] if r]
+        return [r for r in found if r.get("config") == made_with] or [r for r in found if "config" not in r]
+
+    def adopt(key: str, made_with) -> bool:  # rows from before configs pass
+        done = finished(key, made_with)
+        if done:
+            rows[key] = done[0]
+        return bool(done)
+
+    rank, world = int(proc.process_index), int(proc.num_processes)
+    to_make = [f"{m}/{e.name}" for m, e, _, w in jobs if not finished(f"{m}/{e.name}", w)]
+    # the main process's list decides (machines may not share the cache); every process has read before any writes
+    mine = shards.deal(processes.gather(proc, to_make)[0], rank, world)
+    busy, made = [], []
+    for i, (method, entry, options, made_with) in enumerate(jobs):
         key = f"{method}/{entry.name}"
-        options = trained_options(method, entry.concepts, spec.scale_for(method))
-        made_with = [recipe(pipe, method, concepts, options) for concepts in _erasures(entry)]
-        made_with = made_with if entry.composed else made_with[0]
-
-        def adopt() -> bool:  # finished by this run or another one into the cache (rows from before configs pass)
-            found = [r for r in [rows.get(key), *siblings.get(key, [])] if r]
-            done = [r for r in found if r.get("config") == made_with] or [r for r in found if "config" not in r]
-            if done:
-                rows[key] = done[0]
-            return bool(done)
-
-        if adopt():
+        if adopt(key, made_with) or (world > 1 and key not in mine):  # done, or another process's row
             continue
         job_dir = work / method / entry.name
         job_dir.parent.mkdir(parents=True, exist_ok=True)
         try:
             with exclusive_lock(job_dir.with_name(f".{entry.name}.lock"), f"bench job {key}"):
                 siblings = _rows_of_other_runs(work, state, spec)  # it may have finished while we waited
-                if adopt():
+                if adopt(key, made_with):
                     continue
-                logger.info("[%d/%d] %s", i + 1, len(jobs), key)
+                where = f" (process {rank} of {world})" if world > 1 else ""
+                logger.info("[%d/%d] %s%s", i + 1, len(jobs), key, where)
                 if progress:
-                    print(f"[{i + 1}/{len(jobs)}] {key}", flush=True)
-                _run_job(pipe, method, entry, options, made_with, spec, job_dir, attacks, results, progress,
-                         work / BASE_IMAGES)
+                    print(f"[{i + 1}/{len(jobs)}] {key}{where}", flush=True)
+                with processes.alone():  # the row's erasure and audits are this process's own
+                    _run_job(pipe, method, entry, options, made_with, spec, job_dir, attacks, results, progress,
+                             work / BASE_IMAGES)
         except BusyError:  # a run of other --entries is making this row: adopt it at the end
-            busy.append((key, method, entry))
+            busy.append(key)
             continue
-        save()
+        made.append(key)
+        if world > 1:
+            shards.save_rank_rows(state, rank, results, made)
+        if proc.is_main_process:
+            save()
+    if world > 1:
+        rows, busy = shards.merge(proc, rows, mine, busy, before, [f"{m}/{e.name}" for m, e, _, _ in jobs])
+        results["rows"] = rows
     siblings = _rows_of_other_runs(work, state, spec)
-    for key, method, entry in busy:
+    for key in busy:
         rows.update({key: r[0]} if (r := siblings.get(key)) else {})
-    save()
-    unfinished = [key for key, _, _ in busy if key not in rows]
+    if proc.is_main_process:
+        save()
+        shards.remove_rank_files(state)  # their rows are in the state now
+    proc.wait_for_everyone()
+    unfinished = [key for key in busy if key not in rows]
     if unfinished:
         raise BusyError(f"bench rows {', '.join(unfinished)} are being made by another erasekit bench on "
                         f"{str(work)!r}; rerun when it is done to add them")

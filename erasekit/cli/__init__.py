@@ -61,6 +61,7 @@ EXAMPLES = {
                                              # the full suite as two processes sharing one cache; then
   erasekit bench                             # assembles their rows into benchmarks/results-full.json
   erasekit bench --quick --methods uce spm --attacks unlearndiffatk p4d
+  accelerate launch --multi_gpu --num_processes 4 -m erasekit.cli bench    # 4 GPUs share the rows (README: Scale)
   erasekit bench perf                        # erase time, training memory, composition overhead (SD 1.5 shapes)
   erasekit bench perf --only peft_compare    # one of them: erasekit against diffusers' PEFT, timed alternately""",
     "demo": """examples:

@@ -53,6 +53,10 @@ def erase_command(args, method_spec) -> int:
     started = time.perf_counter()
     adapter = method_spec.erase(pipe, config)
     seconds = time.perf_counter() - started
+    from ..core import processes
+
+    if not processes.current().is_main_process:  # launched data parallel: every process has the adapter, one writes
+        return 0
     _make_dir(out.parent)
     adapter.save(out, dtype=args.save_dtype)
     print(f"erased {', '.join(config.concepts)} with {method_spec.name} in {seconds:.2f} s "
@@ -341,9 +345,11 @@ def bench_command(args) -> int:
         run_perf(args.out_dir, device=args.device, quick=args.quick, only=args.only)
         return 0
     from ..bench import run_suite, table
+    from ..core import processes
 
     results = run_suite("quick" if args.quick else "full", args.out_dir, methods=args.methods, attacks=args.attacks,
                         entries=args.entries, work_dir=args.work, model=args.model, device=args.device)
-    print(table(results))
+    if processes.current().is_main_process:  # launched: the rows were split over the processes, one prints
+        print(table(results))
     return 0
 

@@ -11,8 +11,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The device for ``device``; "auto": CUDA when present (under a launcher, this process's own GPU,
+    ``LOCAL_RANK``), else the CPU."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from .processes import launched, local_cuda_index
+
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", local_cuda_index()) if launched() else torch.device("cuda")
     try:
         device = torch.device(device)
     except RuntimeError:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import lora
+from ..core.processes import WHOLE, Part
 from ..adapter import Adapter
 from ..errors import ConfigError
 from .esd import PRESETS, TrainMethod
@@ -75,20 +76,23 @@ def objective(pipe, config: AboConfig) -> Callable:
     n = shape[0]
 
     def loss_for(deltas: lora.Deltas):
-        def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
+        def loss_fn(step: int, gen: torch.Generator, part: Part = WHOLE) -> torch.Tensor:
             k = int(torch.randint(n_concepts, (), generator=gen))
             rows = torch.randint(len(table.templates), (n,), generator=gen).tolist()
             steps = int(torch.randint(config.num_inference_steps, (), generator=gen))
+            mine = part.rows(n)  # this process's samples of the batch (all of them on one process)
+            rows, m = rows[mine], mine.stop - mine.start
             erased = table.batch(k, rows)
             other = table.batch(n_concepts, rows) if replace else erased  # the replacement in the same template
             with deltas.disabled(), torch.no_grad():  # the frozen original: the same UNet without deltas
-                x, t = rollout(unet, scheduler, erased, uncond, config.start_guidance, steps, shape, gen)
-                teacher = Cond.cat([uncond.repeat(n), other])
+                x, t = rollout(unet, scheduler, erased, uncond, config.start_guidance, steps, shape, gen, mine)
+                teacher = Cond.cat([uncond.repeat(m), other])
                 e_null0, e_other0 = predict(unet, torch.cat([x, x]), t, teacher).float().chunk(2)
             # g*: the replacement's guidance term, or −η × the target's own
             g_target = e_other0 - e_null0 if replace else -config.negative_guidance * (e_other0 - e_null0)
-            e_cond, e_null = predict(unet, torch.cat([x, x]), t, Cond.cat([erased, uncond.repeat(n)])).float().chunk(2)
-            return F.mse_loss(e_cond - e_null, g_target) + config.preserve_weight * F.mse_loss(e_null, e_null0)
+            e_cond, e_null = predict(unet, torch.cat([x, x]), t, Cond.cat([erased, uncond.repeat(m)])).float().chunk(2)
+            return part.mean(F.mse_loss(e_cond - e_null, g_target)
+                             + config.preserve_weight * F.mse_loss(e_null, e_null0), n)
 
         return loss_fn
 

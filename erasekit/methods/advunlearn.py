@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ..adapter import Adapter
 from ..core import sd
+from ..core.processes import WHOLE, Part
 from ..attacks.unlearndiffatk import SoftPrompt, SoftPromptConfig, soft_prompt_attack
 from ..errors import ConfigError
 from . import te
@@ -247,7 +248,7 @@ def objective(pipe, config: AdvUnlearnConfig, delta_state: torch.Tensor | None =
             uncond = sd.uncond(pipe)
         state: dict = {"row": None, "soft": None, "delta": None}
 
-        def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
+        def loss_fn(step: int, gen: torch.Generator, part: Part = WHOLE) -> torch.Tensor:
             if state["row"] is None or step % config.attack_every == 0:  # a new round: new prompt, new attack
                 state["row"], state["soft"] = int(torch.randint(len(prompts), (), generator=gen)), None
             row = state["row"]
@@ -262,27 +263,32 @@ def objective(pipe, config: AdvUnlearnConfig, delta_state: torch.Tensor | None =
                     with torch.no_grad():
                         delta_state.copy_(soft.delta)
                 state["soft"], state["delta"] = soft, soft.delta
-            # defender: the ESD target for the (attacked) prompt
+            # defender: the ESD target for the (attacked) prompt, on this process's samples of the batch
             steps = int(torch.randint(config.num_inference_steps, (), generator=gen))
-            x, t = te.rollout(pipe, scheduler, c0, uncond, config.start_guidance, steps, shape, gen)
+            mine = part.rows(n)
+            m = mine.stop - mine.start
+            x, t = te.rollout(pipe, scheduler, c0, uncond, config.start_guidance, steps, shape, gen, mine)
             with torch.no_grad():  # ε₀(x_t, ∅) and ε₀(x_t, c) — or ε₀(x_t, r), the anchor's, as the target itself
                 other = c0 if anchors is None else anchors[row:row + 1]
-                teacher = sd.Cond.cat([uncond.expand(n), other.expand(n)])
+                teacher = sd.Cond.cat([uncond.expand(m), other.expand(m)])
                 e_null, e_other = sd.unet_eps(pipe, torch.cat([x, x]), t, teacher).chunk(2)
             target = e_null - eta * (e_other - e_null) if anchors is None else e_other
             cond = state["soft"].cond(pipe) if adversarial else te.encode(pipe, [prompts[row]])
-            loss = F.mse_loss(sd.unet_eps(pipe, x, t, cond.expand(n)), target)
+            loss = F.mse_loss(sd.unet_eps(pipe, x, t, cond.expand(m)), target)
             if config.retain_uncond and config.retain_weight > 0:  # the CFG branch of every prompt: keep ε(x_t, ∅)
-                e_null_student = sd.unet_eps(pipe, x, t, te.encode(pipe, [""]).expand(n))
+                e_null_student = sd.unet_eps(pipe, x, t, te.encode(pipe, [""]).expand(m))
                 loss = loss + config.retain_weight * F.mse_loss(e_null_student, e_null)
+            loss = part.mean(loss, n)
             if retain:  # utility retaining ("reg"): the original model's prediction on retain prompts
                 rows = torch.randint(len(retain), (config.retain_batch,), generator=gen)
-                c_r = originals_retain[rows]
-                x_r, t_r = te.rollout(pipe, scheduler, c_r, uncond, config.start_guidance, steps, retain_shape, gen)
+                kept = part.rows(config.retain_batch)
+                c_r = originals_retain[rows[kept]]
+                x_r, t_r = te.rollout(pipe, scheduler, c_r, uncond, config.start_guidance, steps, retain_shape, gen,
+                                      kept)
                 with torch.no_grad():
                     e_r0 = sd.unet_eps(pipe, x_r, t_r, c_r)
-                e_r = sd.unet_eps(pipe, x_r, t_r, te.encode(pipe, [retain[i] for i in rows.tolist()]))
-                loss = loss + config.retain_weight * F.mse_loss(e_r, e_r0)
+                e_r = sd.unet_eps(pipe, x_r, t_r, te.encode(pipe, [retain[i] for i in rows[kept].tolist()]))
+                loss = loss + config.retain_weight * part.mean(F.mse_loss(e_r, e_r0), config.retain_batch)
             return loss
 
         return loss_fn

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..adapter import Adapter
 from ..core import lora, sd
+from ..core.processes import WHOLE, Part
 from ..errors import ConfigError
 from .trainer import (Cond, PromptTable, ddim_scheduler, latent_shape, predict, rollout, train,
                       rollout_options, training_options, training_templates, validate_rollout_training)
@@ -119,14 +120,16 @@ def objective(pipe, config: EsdConfig) -> Callable:
     n, eta = shape[0], config.negative_guidance
 
     def loss_for(deltas: lora.Deltas):
-        def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
+        def loss_fn(step: int, gen: torch.Generator, part: Part = WHOLE) -> torch.Tensor:
             k = int(torch.randint(n_concepts, (), generator=gen))
             rows = torch.randint(len(table.templates), (n,), generator=gen).tolist()
             steps = int(torch.randint(config.num_inference_steps, (), generator=gen))
+            mine = part.rows(n)  # this process's samples of the batch (all of them on one process)
+            rows, m = rows[mine], mine.stop - mine.start
             erased, source = table.batch(k, rows), table.batch(n_concepts + k, rows)
             with deltas.disabled(), torch.no_grad():  # the frozen teacher: the same UNet without deltas
-                x, t = rollout(unet, scheduler, source, uncond, config.start_guidance, steps, shape, gen)
-                held = [uncond.repeat(n)]  # what the preservation term holds: ∅, and one preserved prompt
+                x, t = rollout(unet, scheduler, source, uncond, config.start_guidance, steps, shape, gen, mine)
+                held = [uncond.repeat(m)]  # what the preservation term holds: ∅, and one preserved prompt
                 if kept:  # drawn after the rollout: x_t is the same with or without preserve prompts
                     held.append(table.batch(2 * n_concepts + int(torch.randint(len(kept), (), generator=gen)), rows))
                 teacher = Cond.cat([erased, source] + held)
@@ -134,11 +137,11 @@ def objective(pipe, config: EsdConfig) -> Callable:
                                                    teacher).float().chunk(2 + len(held))
             target = e_from - eta * (e_erase - e_held[0])
             if not config.preserve_weight:
-                return F.mse_loss(predict(unet, x, t, source).float(), target)
+                return part.mean(F.mse_loss(predict(unet, x, t, source).float(), target), n)
             student, *s_held = predict(unet, torch.cat([x] * (1 + len(held))), t,
                                        Cond.cat([source] + held)).float().chunk(1 + len(held))
-            return F.mse_loss(student, target) + config.preserve_weight * sum(
-                F.mse_loss(s, e) for s, e in zip(s_held, e_held))
+            return part.mean(F.mse_loss(student, target) + config.preserve_weight * sum(
+                F.mse_loss(s, e) for s, e in zip(s_held, e_held)), n)
 
         return loss_fn
 

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import lora
+from ..core.processes import WHOLE, Part
 from ..adapter import Adapter
 from ..errors import ConfigError
 from .trainer import (Cond, PromptTable, ddim_scheduler, encode, latent_shape, predict, rollout, train,
@@ -187,10 +188,6 @@ def sample_anchors(target: torch.Tensor, n: int, generator: torch.Generator) -> 
     return torch.stack(out).reshape(n, *target.shape).to(target.device, target.dtype)
 
 
-def _row(cond: Cond, i: int) -> Cond:
-    return Cond(cond.hidden[i:i + 1], None if cond.added is None else {k: v[i:i + 1] for k, v in cond.added.items()})
-
-
 def _anchor_conds(target: Cond, n: int, generator: torch.Generator) -> Cond:
     """``n`` anchors for one prompt's ``Cond`` (SDXL: the pooled embedding is sampled the same way)."""
     hidden = sample_anchors(target.hidden[0], n, generator)
@@ -217,28 +214,33 @@ def objective(pipe, config: SpmConfig) -> Callable:
     n, eta, m = shape[0], config.negative_guidance, config.num_anchors
 
     def loss_for(deltas: lora.Deltas):
-        def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
+        def loss_fn(step: int, gen: torch.Generator, part: Part = WHOLE) -> torch.Tensor:
             k = int(torch.randint(n_concepts, (), generator=gen))
             rows = torch.randint(len(table.templates), (n,), generator=gen).tolist()
             steps = int(torch.randint(1, max(2, config.num_inference_steps), (), generator=gen))
-            target, neutral = table.batch(k, rows), table.batch(n_concepts, rows)
+            mine = part.rows(n)  # this process's samples of the batch (all of them on one process)
+            everyone = table.batch(k, rows)  # the anchors of every sample are drawn, in order, on every process
+            target, neutral, r = everyone[mine], table.batch(n_concepts, rows[mine]), mine.stop - mine.start
             # 1. x_t: a rollout of the model *with* the membrane (the reference's `with network:`)
             with torch.no_grad():
-                x, t = rollout(unet, scheduler, target, uncond, config.start_guidance, steps, shape, gen)
-            anchors = Cond.cat([_anchor_conds(_row(target, i), m, gen) for i in range(n)]) if m else None
+                x, t = rollout(unet, scheduler, target, uncond, config.start_guidance, steps, shape, gen, mine)
+            anchors = None
+            if m:  # m anchors per sample, sample after sample: this process keeps those of its samples
+                anchors = Cond.cat([_anchor_conds(everyone[i:i + 1], m, gen) for i in range(n)])
+                anchors = anchors[mine.start * m:mine.stop * m]
             # 2. the frozen model: erase target, and the anchors' original predictions
             with deltas.disabled(), torch.no_grad():
                 e_pos0, e_neu0 = predict(unet, torch.cat([x, x]), t, Cond.cat([target, neutral])).float().chunk(2)
                 if anchors is not None:
                     x_a = torch.cat([x.repeat_interleave(m, 0), x])
-                    a0 = predict(unet, x_a, t, Cond.cat([anchors, uncond.repeat(n)])).float()
+                    a0 = predict(unet, x_a, t, Cond.cat([anchors, uncond.repeat(r)])).float()
             goal = e_neu0 - eta * (e_pos0 - e_neu0)
             loss = F.mse_loss(predict(unet, x, t, target).float(), goal)
             if anchors is not None and config.la_strength:
-                a = predict(unet, x_a, t, Cond.cat([anchors, uncond.repeat(n)])).float()
-                la = 0.5 * (F.mse_loss(a[:n * m], a0[:n * m]) + F.mse_loss(a[n * m:], a0[n * m:]))
+                a = predict(unet, x_a, t, Cond.cat([anchors, uncond.repeat(r)])).float()
+                la = 0.5 * (F.mse_loss(a[:r * m], a0[:r * m]) + F.mse_loss(a[r * m:], a0[r * m:]))
                 loss = loss + config.la_strength * la
-            return loss
+            return part.mean(loss, n)
 
         return loss_fn
 

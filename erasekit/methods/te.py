@@ -127,14 +127,15 @@ def encode(pipe, prompts: list[str]) -> sd.Cond:
 
 @torch.no_grad()
 def rollout(pipe, scheduler, cond: sd.Cond, uncond: sd.Cond, guidance: float, steps: int, shape: tuple,
-            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            generator: torch.Generator, keep: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t after ``steps`` DDIM steps with CFG from pure noise, and t = the next timestep
     (:func:`erasekit.methods.trainer.guided_steps`, the text-encoder conditioning of :mod:`erasekit.core.sd`).
 
-    ``cond`` has one row per sample (``shape[0]``) or one row for all; ``uncond`` one row.
+    The noise of the whole batch ``shape`` is drawn; only its rows ``keep`` (a process's part) are rolled out.
+    ``cond`` has one row per kept sample or one row for all; ``uncond`` one row.
     """
-    n = shape[0]
-    x = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(sd.device_of(pipe))
+    x = (torch.randn(shape, generator=generator)[keep] * scheduler.init_noise_sigma).to(sd.device_of(pipe))
+    n = x.shape[0]
     cond = cond if cond.embeds.shape[0] == n else cond.expand(n)
     both = sd.Cond.cat([uncond.expand(n), cond])
     return trainer.guided_steps(lambda x2, t: sd.unet_eps(pipe, x2, t, both), scheduler, x, guidance, steps)

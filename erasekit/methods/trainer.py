@@ -3,14 +3,14 @@
 body (``train``) and the assembly of every method's Adapter (``package``). The shared config fields are
 added to each trained config by :func:`training_options`.
 
-A method hands ``fit`` its trainable tensors and a ``loss_fn(step, generator) -> loss``; ``fit`` runs Adam
+A method hands ``fit`` its trainable tensors and a ``loss_fn(step, generator, part) -> loss``; ``fit`` runs Adam
 with a constant learning rate (as the ESD code does), and takes care of the rest:
 
 * **seeding**: every step draws its randomness from ``step_generator(seed, step)``, so a run resumed from a
   checkpoint follows the same trajectory as an uninterrupted one;
 * **checkpoints**: every ``checkpoint_every`` steps one ``checkpoint.safetensors`` in ``checkpoint_dir``
-  (trainable tensors and optimizer tensors; step, losses and optimizer scalars as JSON in the metadata),
-  written as adapters are (unique temporary file, fsync, atomic rename); ``resume=True`` continues from it,
+  (:mod:`erasekit.methods.checkpoint`: trainable tensors and optimizer tensors; step, losses and optimizer
+  scalars as JSON in the metadata), written as adapters are (unique temporary file, fsync, atomic rename); ``resume=True`` continues from it,
   refusing a checkpoint of another run, one past the requested steps, or a damaged one. Nothing is unpickled.
   The folder is locked (``checkpoint.lock``) while a run uses it, so two runs never write it at once;
 * **divergence**: after every update, the last one included, the parameters must be finite and each
@@ -18,17 +18,21 @@ with a constant learning rate (as the ESD code does), and takes care of the rest
   ``TrainingDivergedError`` naming the step, the tensor and its value. Only checked states are
   checkpointed, so the last checkpoint is the last good one;
 * **mixed precision** (``"bf16"``, or ``"fp16"`` with a gradient scaler on CUDA) via ``torch.autocast``;
-* **several GPUs**: launched with ``accelerate launch``, each process draws its own samples (the process
-  index enters the step generator) and gradients are averaged across processes, i.e. data parallel with a
-  global batch of ``num_processes ×`` the method's batch. One process on a CPU needs no accelerate config.
-  (``accelerate.PartialState`` is used rather than ``Accelerator`` because the latter fixes the mixed
-  precision once per Python process, and one process may run several erasures.)
+* **data parallel**: launched by ``accelerate launch`` (or ``torchrun``) on several processes (GPUs or CPU
+  processes, one machine or several: :mod:`erasekit.core.processes`), each process computes its rows of the
+  step's batch (``loss_fn(step, generator, part)``, :class:`erasekit.core.processes.Part`) from the same
+  randomness (every process draws the whole batch's from the same step generator, then keeps its rows), weights
+  its loss by its share of the rows, and the gradients (and the loss) are summed over the processes before the
+  update: the same global batch, hence the same run, as one process, up to floating-point rounding. Only the
+  main process writes checkpoints. A ``loss_fn(step, generator)`` without ``part`` is computed whole on every
+  process (same result, no speed-up). One process needs neither the launcher nor ``torch.distributed``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import time
@@ -40,111 +44,31 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from ..adapter import Adapter, write_safetensors
-from ..core import lora, sd
+from ..adapter import Adapter
+from ..core import lora, processes, sd
 from ..core.config import shared_fields
 from ..core.files import exclusive_lock
-from ..errors import AdapterFileError, CheckpointError, ConfigError, TrainingDivergedError
+from ..errors import CheckpointError, ConfigError, TrainingDivergedError
+from .checkpoint import CHECKPOINT, LOCK, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.safetensors"
-LOCK = "checkpoint.lock"  # held (flock) by the run that writes the folder's checkpoints
 #: ‖ΔW‖/‖W‖ above which training has diverged: normal erasure moves a weight by a small fraction of itself.
 MAX_RATIO = 10.0
-_META = "erasekit.train"
 
 
-def step_generator(seed: int, step: int, process: int = 0) -> torch.Generator:
-    """The CPU generator of one step (draw on CPU, then move: the same numbers on every device)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + process * 7_919 + step) % 2**63)
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of one step (draw on CPU, then move: the same numbers on every device and process)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
 
 
-def processes():
-    """``accelerate``'s process state (1 process, the default device, when not launched distributed)."""
-    from accelerate import PartialState
-
-    return PartialState()
-
-
-def _save(path: Path, params: dict, opt: torch.optim.Optimizer, scaler, step: int, losses: list, run: dict,
-          method: str) -> None:
-    """Write the checkpoint as adapters are written: a uniquely named temporary file, fsync, atomic rename."""
-    tensors = {f"param.{k}": v.detach().contiguous().cpu() for k, v in params.items()}
-    opt_state = opt.state_dict()
-    scalars = {}
-    for i, entry in opt_state["state"].items():
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{i}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{i}.{key}"] = value
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
-    record = {"step": step, "losses": losses, "method": method, "run": run, "param_groups": groups,
-              "optim_scalars": scalars, "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
-    from safetensors import SafetensorError
-
+def takes_part(loss_fn: Callable) -> bool:
+    """Whether ``loss_fn`` takes the process's :class:`~erasekit.core.processes.Part` as a third argument."""
     try:
-        write_safetensors(tensors, {_META: json.dumps(record)}, path)  # a kill leaves the previous checkpoint
-    except (AdapterFileError, SafetensorError) as err:  # safetensors reports a full disk as its own error
-        raise CheckpointError(f"cannot write the training checkpoint {path}: {err.__cause__ or err}") from err
-
-
-def _read(path: Path) -> tuple[dict, dict]:
-    """The record and tensors of a checkpoint file; ``CheckpointError`` naming it if it is damaged."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            record = json.loads(f.metadata()[_META])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
-            raise ValueError("its record is not a training checkpoint's")
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
-        raise _damaged(path, err) from err
-    return record, tensors
-
-
-def _damaged(path: Path, err: Exception) -> CheckpointError:
-    return CheckpointError(f"the training checkpoint {path} is damaged or not a checkpoint ({err}); delete it "
-                           "to start afresh, or train without resume")
-
-
-def _load(path: Path, params: dict, opt: torch.optim.Optimizer, scaler, run: dict, method: str) -> tuple[int, list]:
-    record, tensors = _read(path)
-    written = {"method": record.get("method", method), **record["run"]}
-    wanted = {"method": method, **run}
-    if written != wanted:
-        diff = sorted(k for k in set(wanted) | set(written) if wanted.get(k) != written.get(k))
-        shown = ", ".join(f"{k}: {written.get(k)!r} there, {wanted.get(k)!r} now" for k in diff)
-        raise ConfigError(f"the checkpoint {path} was written by a different run ({shown}); use the same settings, "
-                          "another checkpoint_dir, or train without resume")
-    stored = {k[len("param."):]: tuple(v.shape) for k, v in tensors.items() if k.startswith("param.")}
-    if stored != {k: tuple(v.shape) for k, v in params.items()}:
-        raise ConfigError(f"the checkpoint {path} holds other trainable tensors than this run (another model, "
-                          "module selection or rank); use another checkpoint_dir, or train without resume")
-    try:
-        with torch.no_grad():
-            for k, v in params.items():
-                v.copy_(tensors[f"param.{k}"])
-        state: dict = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, i, name = key.split(".", 2)
-                state.setdefault(int(i), {})[name] = value
-        for key, value in record["optim_scalars"].items():
-            i, name = key.split(".", 1)
-            state.setdefault(int(i), {})[name] = value
-        groups = [dict(g, params=list(range(len(params)))) for g in record["param_groups"]]
-        opt.load_state_dict({"state": state, "param_groups": groups})
-        if record["scaler"]:
-            scaler.load_state_dict(record["scaler"])
-        step, losses = int(record["step"]), [float(x) for x in record["losses"]]
-    except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as err:
-        raise _damaged(path, err) from err
-    if not 0 <= step == len(losses):
-        raise _damaged(path, ValueError(f"step {step} with {len(losses)} losses"))
-    return step, losses
+        inspect.signature(loss_fn).bind(0, None, processes.WHOLE)
+    except TypeError:
+        return False
+    return True
 
 
 def _diverged(params: dict, ratios: Callable[[], dict[str, float]] | None, max_ratio: float) -> str | None:
@@ -172,7 +96,7 @@ def _divergence(desc: str, step: int, steps: int, problem: str, lr: float, mixed
                                  f"learning rate (lr / --lr, now {lr:g}){precision}; {kept}")
 
 
-def fit(params: dict[str, torch.Tensor], loss_fn: Callable[[int, torch.Generator], torch.Tensor], *, steps: int,
+def fit(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], *, steps: int,
         lr: float, seed: int = 0, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
         resume: bool = False, run: dict | None = None, mixed_precision: str = "no", progress: bool = True,
         desc: str = "train", ratios: Callable[[], dict[str, float]] | None = None,
@@ -181,7 +105,9 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[[int, torch.Generator
 
     Args:
         params: name -> trainable tensor; names key the checkpoint.
-        loss_fn: ``(step, generator) -> scalar loss``; all randomness of the step must come from ``generator``.
+        loss_fn: ``(step, generator, part) -> scalar loss`` (or ``(step, generator)``); all randomness of the step
+            must come from ``generator``, and with ``part`` (:class:`erasekit.core.processes.Part`) it computes
+            the part's rows of the batch, its loss weighted by ``part.mean``.
         steps, lr, seed: total steps (a resumed run continues up to it), Adam learning rate, master seed.
         checkpoint_dir, checkpoint_every: where and how often (in steps; 0 = never) to checkpoint; the last
             step is always checkpointed when a folder is given. The folder is locked for the run.
@@ -204,7 +130,9 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[[int, torch.Generator
     """
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}")
-    state = processes()
+    state = processes.current()
+    part = processes.Part(int(state.process_index), int(state.num_processes))
+    split = takes_part(loss_fn)
     tensors = list(params.values())
     device_type = tensors[0].device.type
     if mixed_precision == "fp16" and device_type != "cuda":
@@ -224,7 +152,7 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[[int, torch.Generator
                 raise CheckpointError(f"cannot use the checkpoint folder {path.parent}: {err}") from err
         start, losses = 0, []
         if resume and path.exists():
-            start, losses = _load(path, params, opt, scaler, run, desc)
+            start, losses = load_checkpoint(path, params, opt, scaler, run, desc)
             if start > steps:
                 raise ConfigError(f"{desc}: the checkpoint {path} is at step {start}, past the {steps} steps asked "
                                   f"for; ask for at least {start} steps (iterations), use another checkpoint_dir, "
@@ -240,17 +168,23 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[[int, torch.Generator
         bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, mininterval=1,
                    disable=not progress or not state.is_main_process)
         for step in bar:
+            gen = step_generator(seed, step)
             with autocast:
-                loss = loss_fn(step, step_generator(seed, step, state.process_index))
+                if split:
+                    loss = loss_fn(step, gen, part)
+                else:  # every process computes the whole batch: the sum of the shares is the batch's loss
+                    loss = loss_fn(step, gen) if part.count == 1 else loss_fn(step, gen) / part.count
+            opt.zero_grad(set_to_none=True)
+            if part.count > 1:  # the batch's loss, and its gradient: the processes' shares summed
+                scaler.scale(loss).backward()
+                grads = [t.grad for t in tensors if t.grad is not None]
+                total = loss.detach().float().reshape(1).clone()
+                processes.all_sum(state, [total, *grads])
+                loss = total[0]
             if not torch.isfinite(loss.detach()).all():
                 raise _divergence(desc, step, steps, f"the loss is {loss.item()}", lr, mixed_precision, saved, path)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if state.num_processes > 1:
-                from accelerate.utils import reduce
-
-                for t in tensors:
-                    t.grad = reduce(t.grad if t.grad is not None else torch.zeros_like(t), reduction="mean")
+            if part.count == 1:
+                scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             problem = _diverged(params, ratios, max_ratio)  # after every update, the last one too
@@ -261,7 +195,7 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[[int, torch.Generator
             done = step + 1
             if path is not None and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
                 if state.is_main_process:
-                    _save(path, params, opt, scaler, done, losses, run, desc)
+                    save_checkpoint(path, params, opt, scaler, done, losses, run, desc)
                 saved = done
     if losses:
         logger.info("%s: %d steps, loss %.4g -> %.4g", desc, len(losses), losses[0], losses[-1])
@@ -380,6 +314,9 @@ class Cond:
         added = None if conds[0].added is None else {k: torch.cat([c.added[k] for c in conds]) for k in conds[0].added}
         return Cond(torch.cat([c.hidden for c in conds]), added)
 
+    def __getitem__(self, rows) -> Cond:
+        return Cond(self.hidden[rows], None if self.added is None else {k: v[rows] for k, v in self.added.items()})
+
     def kwargs(self) -> dict:
         return {"encoder_hidden_states": self.hidden, "added_cond_kwargs": self.added}
 
@@ -434,14 +371,16 @@ def guided_steps(eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sche
 
 @torch.no_grad()
 def rollout(unet, scheduler, cond: Cond, uncond: Cond, guidance: float, steps: int, shape: tuple,
-            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            generator: torch.Generator, keep: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t after ``steps`` DDIM steps with CFG from pure noise, and t = the next timestep (:func:`guided_steps`).
 
-    ``cond`` holds one row per sample (``shape[0]`` rows); ``uncond`` one row.
+    The noise of the whole batch ``shape`` is drawn; only its rows ``keep`` (a process's part,
+    :meth:`erasekit.core.processes.Part.rows`) are rolled out. ``cond`` holds one row per kept sample; ``uncond``
+    one row.
     """
-    x = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(scheduler.timesteps.device,
-                                                                                   cond.hidden.dtype)
-    both = Cond.cat([uncond.repeat(shape[0]), cond])
+    x = (torch.randn(shape, generator=generator)[keep] * scheduler.init_noise_sigma).to(scheduler.timesteps.device,
+                                                                                         cond.hidden.dtype)
+    both = Cond.cat([uncond.repeat(x.shape[0]), cond])
     return guided_steps(lambda x2, t: predict(unet, x2, t, both), scheduler, x, guidance, steps)
 
 
