@@ -14,6 +14,7 @@ synonyms) and preservation drop against k, erase time and adapter size against k
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -116,7 +117,8 @@ def main(methods: list[str]) -> dict:
             rows[key] = {"method": method, "k": k, "concepts": list(concepts), "erase_seconds": round(seconds, 2),
                          "adapter_mb": round(sum(p.stat().st_size for p in paths) / 1e6, 3),
                          "adapters": len(paths), **audited, "row_seconds": round(time.time() - started, 1),
-                         "made": {f: results["run"].get(f) for f in ("date", "git_commit")}, "config": made_with}
+                         "made": {f: results["run"].get(f) for f in ("date", "git_commit")},
+                         "load_average": [round(x, 1) for x in os.getloadavg()], "config": made_with}
             atomic_write(OUT, json.dumps(results, indent=1, default=str).encode())
             plot(results)
             r = rows[key]
