@@ -163,7 +163,8 @@ class Deltas:
             self.modules[name] = m
 
     # -- hooks ----------------------------------------------------------------------------------------
-    def _delta_output(self, name: str, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def delta_output(self, name: str, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``ΔW x`` of module ``name`` (``m``) for its input ``x``, differentiable in the deltas."""
         p = self.params
         if self.rank > 0:
             down, up = p[f"{name}.lora_A"], p[f"{name}.lora_B"]
@@ -175,7 +176,7 @@ class Deltas:
             if not self.enabled:
                 return None  # the module's own output, untouched
             x = args[0] if args else kwargs["input"]
-            return output + self._delta_output(name, module, x).to(output.dtype)
+            return output + self.delta_output(name, module, x).to(output.dtype)
 
         return hook
 

@@ -20,6 +20,7 @@ from . import rece, time, uce
 from . import abo, esd  # trained: ESD presets, All-but-One
 from . import advunlearn, fewshot  # text encoder
 from . import spm  # trained: one-dimensional membranes
+from . import realera  # closed form + trained LoRA
 
 
 #: closed-form settings on tinyworld, whose jointly trained text encoder spreads a concept over the tokens after
@@ -33,6 +34,11 @@ TINYWORLD_CLOSED_FORM = {"expand_prompts": "tinyworld", "key_mode": "aligned", "
 #: costs the other shapes 21.5 points; holding the siblings' predictions (the preservation term, as UCE preserves
 #: them in closed form) keeps them at 0 points, with more iterations to erase as far (benchmarks/esd_tinyworld.json).
 TINYWORLD_ESD_X = {"preserve_related": True, "preserve_weight": 1.0, "iterations": 400}
+
+
+#: RealEra's LoRA stage on tinyworld (the closed-form part takes UCE's tinyworld settings above): tinyworld-sized
+#: rollouts and steps, as ESD-x's preset (the paper's hyper-parameters are not published).
+TINYWORLD_REALERA = {"iterations": 100, "lr": 1e-3, "batch_size": 4, "num_inference_steps": 10}
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("fewshot", fewshot, fewshot.FewShotConfig,
                    summary="Few-shot erasing: gradient ascent on a few images' denoising loss, text-encoder MLPs"),
         MethodSpec("spm", spm, spm.SpmConfig, summary="SPM: rank-1 membranes on the transformer blocks, Latent Anchoring, gated by prompt similarity"),
+        MethodSpec("realera", realera, realera.RealEraConfig,
+                   summary="RealEra: UCE's closed form over mined neighbour keys, siblings' k/v kept, plus a k/v LoRA",
+                   tinyworld={**TINYWORLD_CLOSED_FORM, **TINYWORLD_REALERA}),
     )
 }
 

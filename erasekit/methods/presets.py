@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import ConfigError
-from . import abo, advunlearn, esd, fewshot, rece, spm, uce
+from . import abo, advunlearn, esd, fewshot, realera, rece, spm, uce
 
 
 #: config class -> (the paper's values, tinyworld's values) of the fields a user may leave ``None``.
@@ -78,6 +78,7 @@ TINYWORLD_DATA: dict[type, tuple] = {
     fewshot.FewShotConfig: (rendered_images,),
     uce.UceConfig: (related_concepts,),
     rece.ReceConfig: (related_concepts,),
+    realera.RealEraConfig: (related_concepts,),
 }
 
 

@@ -1,7 +1,6 @@
 """What the trained erasure methods share: the training loop (``fit``), their shared config fields
-(``TRAINING_FIELDS``) and checks, prompt tables, the frozen model's partial DDIM rollout, the UNet methods' training
-body (``train``) and the assembly of every method's Adapter (``package``). The shared config fields are
-added to each trained config by :func:`training_options`.
+(``TRAINING_FIELDS``, added by :func:`training_options`) and checks, prompt tables, the frozen model's partial DDIM
+rollout, the UNet methods' training body (``fit_deltas``, ``train``) and the assembly of every Adapter (``package``).
 
 A method hands ``fit`` its trainable tensors and a ``loss_fn(step, generator, part) -> loss``; ``fit`` runs Adam
 with a constant learning rate (as the ESD code does), and takes care of the rest:
@@ -228,8 +227,7 @@ ROLLOUT_FIELDS: dict[str, tuple] = {
     "gradient_checkpointing": (bool, False, "recompute UNet activations in the backward pass to save memory."),
 }
 
-#: Class decorators, under ``@dataclass``: a trained method's config gets the shared training fields
-#: (:data:`TRAINING_FIELDS`), and a rollout-trained one the rollout fields (:data:`ROLLOUT_FIELDS`), after its own.
+#: Class decorators, under ``@dataclass``: the shared training / rollout fields, after the config's own fields.
 training_options = shared_fields(TRAINING_FIELDS)
 rollout_options = shared_fields(ROLLOUT_FIELDS)
 
@@ -257,13 +255,13 @@ def validate_training(config) -> None:
         raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {config.mixed_precision!r}")
     if config.resume and not config.checkpoint_dir:
         raise ConfigError("resume needs checkpoint_dir")
-    if isinstance(config.templates, str) or any("{}" not in t for t in config.templates):
-        raise ConfigError(f"templates must be a tuple of prompts that each contain '{{}}', got {config.templates!r}")
+    templates = getattr(config, "templates", ())  # RealEra draws its prompts as UCE does: no templates field
+    if isinstance(templates, str) or any("{}" not in t for t in templates):
+        raise ConfigError(f"templates must be a tuple of prompts that each contain '{{}}', got {templates!r}")
 
 
 def validate_rollout_training(config) -> None:
-    """Checks shared by the configs of the methods trained on rollouts of the UNet (ESD, All-but-One, SPM): the
-    rollout's step counts, then :func:`validate_training`."""
+    """Checks of the configs trained on UNet rollouts (ESD, ABO, SPM): step counts, :func:`validate_training`."""
     for name in ("iterations", "num_inference_steps", "batch_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be ≥ 1, got {getattr(config, name)}")
@@ -395,10 +393,13 @@ def latent_shape(pipe, batch_size: int, resolution: int = 0) -> tuple[int, ...]:
 
 
 def train(pipe, config, names: list[str], loss_for: Callable, method: str) -> Adapter:
-    """Shared body of the trained UNet methods: attach deltas on ``names``, fit ``loss_for``, package an Adapter.
+    """Shared body of the trained UNet methods: :func:`fit_deltas`, then package an Adapter of the UNet."""
+    deltas, info = fit_deltas(pipe, config, names, loss_for, method)
+    return package(pipe, config, method, deltas, ["unet"], info)
 
-    ``loss_for(deltas)`` returns the ``loss_fn(step, generator)`` handed to :func:`fit`.
-    """
+
+def fit_deltas(pipe, config, names: list[str], loss_for: Callable, method: str) -> tuple[dict, dict]:
+    """Trainable deltas on UNet ``names``, :func:`fit` to ``loss_for(deltas)``; ``({"unet.<path>": delta}, info)``."""
     unet = pipe.unet
     was_training, was_checkpointing = unet.training, getattr(unet, "is_gradient_checkpointing", False)
     started = time.perf_counter()
@@ -415,10 +416,9 @@ def train(pipe, config, names: list[str], loss_for: Callable, method: str) -> Ad
             if config.gradient_checkpointing and not was_checkpointing:
                 unet.disable_gradient_checkpointing()
             unet.train(was_training)
-        module_deltas = deltas.export("unet")
-    return package(pipe, config, method, module_deltas, ["unet"], training_info({
-        "iterations": config.iterations, "seconds": round(time.perf_counter() - started, 2),
-        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}))
+        return deltas.export("unet"), training_info({
+            "iterations": config.iterations, "seconds": round(time.perf_counter() - started, 2),
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None})
 
 
 def training_info(training: dict) -> dict:

@@ -3,7 +3,9 @@
     erasekit bench perf                                    # → benchmarks/closed_form_perf.json (and the others)
     python -m erasekit.bench.perf.closed_form [--repeats 3] [--zero-init] [--model sdxl] [--device cuda] [--out F]
 
-Cases: UCE with 1 concept; UCE with 100 concepts and 500 preserve prompts (one joint solve). Times exclude
+Cases: UCE with 1 concept; UCE with 100 concepts and 500 preserve prompts (one joint solve); RealEra's closed-form
+part (``iterations=0``: its K = 8 mined neighbour encodings per erase prompt and B = 4 per preserve prompt, then the
+same solve) on both, reported without targets (its LoRA stage trains as ESD does: see ``train_memory``). Times exclude
 model building; they include everything ``erasekit.erase`` does (prompt encoding, the D×D solve, the per-layer
 factors, the base fingerprint). Prompts are made of tinyworld words, which the test tokenizer keeps as one token
 each, like CLIP's BPE does for common words. Reported: wall and CPU seconds per case (best and median of
@@ -113,8 +115,14 @@ def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json") -> dic
                                                "erase_keys": adapter.info["erase_keys"],
                                                "preserve_keys": adapter.info["preserve_keys"],
                                                "adapter_parameters": adapter.num_parameters}
-    rss_after = peak_rss_mb()
     log(f"100 concepts: {results['uce_100_concepts_500_preserve']}")
+    for name, (erased, kept) in (("realera_closed_form_1_concept", (["crimson disc"], [])),
+                                 ("realera_closed_form_100_concepts_500_preserve", (concepts, preserve))):
+        run = timed(lambda: erase(pipe, "realera", erased, preserve=kept, iterations=0), args.repeats)
+        adapter = run.pop("_result")
+        results[name] = {**run, **{k: adapter.info[k] for k in ("rank", "erase_keys", "preserve_keys")}}
+        log(f"{name}: {results[name]}")
+    rss_after = peak_rss_mb()
 
     # breakdown (one run of each step)
     for name, config in (("uce_1_concept", uce.UceConfig(concepts=("crimson disc",))),
