@@ -82,6 +82,10 @@ def _exact_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _factors(adapter: Adapter, svd_rank: int | None) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
     """``(component, module path) -> (down, up)`` for every delta; full deltas exactly, or by SVD at ``svd_rank``."""
+    if adapter.is_guard:
+        raise AdapterError(f"adapter {adapter.method!r} ({', '.join(adapter.concepts)}) is an inference-time guard "
+                           f"({adapter.guard.get('rule')}): it changes no weights, so there is no LoRA to export; load "
+                           "it with erasekit.compose.load")
     if not adapter.is_static:
         warnings.warn(
             f"adapter {adapter.method!r} ({', '.join(adapter.concepts)}) is gated "
@@ -273,6 +277,9 @@ def bake(pipe, adapters: Sequence, out_dir: str | Path, *, overwrite: bool = Fal
     for item in adapters:
         source, weight = item if isinstance(item, tuple) else (item, 1.0)
         adapter, default_name = compose.as_adapter(source)
+        if adapter.is_guard:
+            raise AdapterError(f"cannot bake guard {default_name!r} ({adapter.guard.get('rule')}): it changes no "
+                               "weights; it acts at generation time (erasekit.compose.load)")
         if not adapter.is_static:
             raise AdapterError(f"cannot bake gated adapter {default_name!r} ({adapter.gating.get('rule')}): fusing "
                                "it into the weights would lose the gating")

@@ -77,6 +77,11 @@ def merge(adapters: Sequence[Adapter], pipe=None, weights: Sequence[float] | Non
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(weights) != len(adapters):
         raise ConfigError(f"{len(weights)} weights for {len(adapters)} adapters: give one weight per adapter")
+    guards = [a for a in adapters if a.is_guard]
+    if guards:
+        raise ConfigError(f"{guards[0].method} adapter for {', '.join(guards[0].concepts)} is an inference-time guard "
+                          f"({guards[0].guard.get('rule')}): it has no deltas to merge; load it beside the merged "
+                          "adapter instead")
     gated = [a for a in adapters if not a.is_static]
     if gated:
         raise ConfigError(f"{gated[0].method} adapter for {', '.join(gated[0].concepts)} is gated "

@@ -98,7 +98,7 @@ class ErasureLoaderMixin:
 
     @property
     def erasures(self) -> list[dict]:
-        """The loaded erasures: ``name, method, concepts, weight, enabled, fused, gated`` each."""
+        """The loaded erasures: ``name, method, concepts, weight, enabled, fused, gated, kind`` each."""
         return compose.list_erasures(self)
 
     @contextmanager

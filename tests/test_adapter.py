@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from erasekit.adapter import (FORMAT_KEY, FORMAT_VERSION, METADATA_KEY, Adapter, ModuleDelta, check_compatible,
+from erasekit.adapter import (FORMAT_KEY, FORMAT_VERSION, KINDS, METADATA_KEY, Adapter, ModuleDelta, check_compatible,
                               fingerprint, load_adapter, read_record, resolve_module, save_adapter)
 from erasekit.errors import (AdapterError, AdapterFileError, AdapterFormatError, AdapterMismatchError,
                              BaseModelMismatchWarning, ConfigError)
@@ -141,7 +141,9 @@ def test_header_record_and_modelspec(pipes, tmp_path):
         path = adapter.save(tmp_path / f"{name}.safetensors")
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata()
-        assert metadata["format"] == "pt" and metadata[FORMAT_KEY] == FORMAT_VERSION
+        # weight adapters declare 1.0, the lowest version that holds them (guards need 1.1: tests/test_safree.py)
+        assert metadata["format"] == "pt" and metadata[FORMAT_KEY] == KINDS["weights"] == "1.0"
+        assert FORMAT_VERSION == "1.1"
         assert metadata["modelspec.sai_model_spec"] == "1.0.0" and metadata["modelspec.implementation"] == "diffusers"
         assert metadata["modelspec.title"] == "uce: erase cat, kitten"
         record = json.loads(metadata[METADATA_KEY])
@@ -151,7 +153,8 @@ def test_header_record_and_modelspec(pipes, tmp_path):
                     "gating", "info", "created", "erasekit_version", "torch_version", "diffusers_version",
                     "transformers_version", "dtype", "tensor_sha256"):
             assert key in record, key
-        assert record["format_version"] == FORMAT_VERSION and record["components"] == list(adapter.components)
+        assert record["format_version"] == "1.0" and record["components"] == list(adapter.components)
+        assert "kind" not in record and "guard" not in record  # the 1.0 record, unchanged
         assert datetime.strptime(record["created"], "%Y-%m-%dT%H:%M:%SZ")
         assert re.fullmatch(r"[0-9a-f]{64}", record["tensor_sha256"])
     # an all-low-rank SDXL adapter declares its architecture; sd1 has a full delta, so it does not

@@ -271,5 +271,5 @@ def test_closed_form_methods_come_from_the_registry():
     from erasekit.bench import CLOSED_FORM
 
     assert set(CLOSED_FORM) == {name for name, spec in METHODS.items() if spec.family == "closed-form"}
-    assert {"uce", "time", "rece"} == set(CLOSED_FORM)
+    assert {"uce", "time", "rece", "safree"} == set(CLOSED_FORM)
     assert all(spec.family in ("closed-form", "trained") for spec in METHODS.values())

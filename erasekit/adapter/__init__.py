@@ -8,11 +8,15 @@ keyed by component and diffusers module path::
     text_encoder.<module path>.delta          [out, in] (Conv2d: [out, in, kh, kw]), only where no low rank exists
     stats.<name>                              optional closed-form statistics for exact merging
     gate.<name>                               optional gating data (e.g. SPM's erased-prompt embeddings)
+    guard.<name>                              an inference-time guard's data (format 1.1, e.g. SAFREE's subspace)
 
 so that ``W_eff = W + weight · gate(prompt) · (lora_B @ lora_A)`` (or ``+ delta``). The record is one JSON
-object under the ``erasekit.adapter`` metadata key (safetensors metadata values are strings).
+object under the ``erasekit.adapter`` metadata key (safetensors metadata values are strings). An adapter of kind
+``"guard"`` (format 1.1) holds no deltas: its record's ``guard`` names a rule that filters the UNet's text
+context at generation time (:mod:`erasekit.compose.guards`).
 
-In memory, ``stats.<name>`` is ``Adapter.stats["<name>"]`` and ``gate.<name>`` is ``Adapter.stats["gate.<name>"]``.
+In memory, ``stats.<name>`` is ``Adapter.stats["<name>"]``, ``gate.<name>`` is ``Adapter.stats["gate.<name>"]`` and
+``guard.<name>`` is ``Adapter.stats["guard.<name>"]``.
 
 The package: :mod:`.model` (:class:`Adapter`, :func:`describe`, the format's names), :mod:`.writer`
 (:func:`save_adapter`: atomic write), :mod:`.reader` (:func:`load_adapter`: validates everything, never
@@ -24,12 +28,14 @@ and :mod:`.spec` (the tensor rules writer and reader share). ``ModuleDelta`` liv
 from ..core.lora import ModuleDelta
 from .fingerprint import (FINGERPRINT_BLOCKS, FINGERPRINT_SAMPLE, check_compatible, find_module, fingerprint,
                           resolve_module)
-from .model import COMPONENTS, FORMAT_KEY, FORMAT_VERSION, GATING_RULES, METADATA_KEY, Adapter, describe
+from .model import (COMPONENTS, FORMAT_KEY, FORMAT_VERSION, GATING_RULES, GUARD_RULES, KINDS, METADATA_KEY, Adapter,
+                    describe)
 from .reader import load_adapter, read_record
 from .writer import save_adapter, write_safetensors
 
 __all__ = [
     "Adapter", "ModuleDelta", "describe", "save_adapter", "write_safetensors", "load_adapter", "read_record",
     "fingerprint", "check_compatible", "resolve_module", "find_module", "COMPONENTS", "GATING_RULES",
+    "GUARD_RULES", "KINDS",
     "FORMAT_VERSION", "FORMAT_KEY", "METADATA_KEY", "FINGERPRINT_SAMPLE", "FINGERPRINT_BLOCKS",
 ]

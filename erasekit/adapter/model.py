@@ -1,7 +1,8 @@
 """The adapter in memory: :class:`Adapter` (one erasure as ``ModuleDelta`` s plus its record) and :func:`describe`.
 
-The file format's names (``FORMAT_VERSION``, the metadata keys, ``COMPONENTS``, ``GATING_RULES``) are defined here;
-writing and reading files is :mod:`erasekit.adapter.writer` / :mod:`erasekit.adapter.reader`.
+The file format's names (``FORMAT_VERSION``, the metadata keys, ``COMPONENTS``, ``GATING_RULES``, ``KINDS``,
+``GUARD_RULES``) are defined here; writing and reading files is :mod:`erasekit.adapter.writer` /
+:mod:`erasekit.adapter.reader`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from ..core.lora import ModuleDelta
 
-FORMAT_VERSION = "1.0"  # major.minor; a reader refuses an unknown major
+FORMAT_VERSION = "1.1"  # major.minor this erasekit reads and writes; a reader refuses an unknown major
 METADATA_KEY = "erasekit.adapter"
 FORMAT_KEY = "erasekit.format"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -23,6 +24,17 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 GATING_RULES = {
     "static": {},
     "prompt_similarity": {"prompts": list, "metric": str, "facilitate_factor": (int, float)},
+}
+
+#: adapter kind -> the format version a file of that kind declares (the lowest that can hold it): weight adapters
+#: are unchanged since 1.0, so they stay readable by every 1.x erasekit; inference-time guards came in 1.1
+KINDS = {"weights": "1.0", "guard": "1.1"}
+
+#: guard rule -> the fields it needs in ``Adapter.guard`` (besides "rule") and their JSON types; the rule's runtime
+#: is registered under the same name in :data:`erasekit.compose.guards.GUARDS`
+GUARD_RULES = {
+    "safree": {"prompts": list, "alpha": (int, float), "pooling": str, "mask_token_id": int, "subspace": str,
+               "project": str, "segments": list, "svf": dict, "reattention": dict},
 }
 
 
@@ -40,9 +52,12 @@ class Adapter:
         fingerprint: component -> {"architecture": hex digest, "weights": hex digest} of that base
             (see :func:`fingerprint`).
         gating: {"rule": "static"}, or a prompt-similarity rule with what it needs (SPM); see ``GATING_RULES``.
-        stats: optional named tensors (closed-form statistics for exact merging, gate embeddings as "gate.<name>").
+        stats: optional named tensors (closed-form statistics for exact merging, gate embeddings as "gate.<name>",
+            a guard's data as "guard.<name>").
         info: free-form extra record (merge provenance ...). The file's own stamps (created time, library
             versions, dtype) are in the file's record, see :func:`read_record`.
+        guard: ``{}`` for a weight adapter; for an inference-time guard (no deltas: it filters the UNet's text
+            context at generation time), its rule and parameters, ``{"rule": "safree", ...}``; see ``GUARD_RULES``.
     """
 
     method: str
@@ -54,6 +69,16 @@ class Adapter:
     gating: dict = field(default_factory=lambda: {"rule": "static"})
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    guard: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """``"guard"`` for an inference-time guard (``guard`` set, no deltas), else ``"weights"``."""
+        return "guard" if self.guard else "weights"
+
+    @property
+    def is_guard(self) -> bool:
+        return bool(self.guard)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -96,12 +121,15 @@ def describe(adapter: Adapter, size: int | None = None) -> dict:
     ``size`` (the file's size in bytes), when given, is reported as ``"bytes"``.
     """
     out = {
-        "method": adapter.method, "concepts": list(adapter.concepts), "base_model": adapter.base_model,
+        "kind": adapter.kind, "method": adapter.method, "concepts": list(adapter.concepts),
+        "base_model": adapter.base_model,
         "components": list(adapter.components), "gating": adapter.gating, "config": adapter.config,
         "fingerprint": adapter.fingerprint, "parameters": adapter.num_parameters,
     }
     if size is not None:
         out["bytes"] = size
+    if adapter.is_guard:
+        out["guard"] = adapter.guard
     out.update({
         "stats": sorted(adapter.stats), "info": adapter.info,
         "modules": [{"module": k, "kind": "lowrank" if d.delta is None else "full", "rank": d.rank,

@@ -19,8 +19,9 @@ import torch
 
 from ..core.lora import ModuleDelta
 from ..errors import AdapterFileError, AdapterFormatError
-from .model import COMPONENTS, FORMAT_KEY, FORMAT_VERSION, GATING_RULES, METADATA_KEY, Adapter
-from .spec import DTYPES, FLOAT_DTYPES, STATS_NAME, check_fingerprint, check_gating, check_low_rank_shapes, hash_entry, split_key
+from .model import COMPONENTS, FORMAT_KEY, FORMAT_VERSION, GATING_RULES, GUARD_RULES, KINDS, METADATA_KEY, Adapter
+from .spec import (DTYPES, FLOAT_DTYPES, STATS_NAME, check_fingerprint, check_gating, check_guard, check_kind,
+                   check_low_rank_shapes, hash_entry, split_key)
 
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 _SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".delta", "delta"))
@@ -32,7 +33,9 @@ _RECORD_FIELDS = {
     "base_model": str, "fingerprint": dict, "components": list, "gating": dict, "info": dict,
     "created": str, "dtype": str, "tensor_sha256": str, "erasekit_version": str, "torch_version": str,
     "diffusers_version": str, "transformers_version": str,
+    "kind": str, "guard": dict,  # format 1.1
 }
+_FIELDS_SINCE = {"kind": (1, 1), "guard": (1, 1)}
 _REQUIRED_FIELDS = ("method", "concepts", "config")
 _JSON_NAMES = {str: "string", list: "array", dict: "object"}
 
@@ -65,7 +68,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
 
     Warns:
         UserWarning: the record has fields this erasekit does not know (a newer minor version), or an unknown
-            gating rule; they are ignored.
+            gating or guard rule; they are ignored.
     """
     path = Path(path)
     header = _read_header(path)
@@ -93,7 +96,14 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         method=record["method"], concepts=tuple(record["concepts"]), config=record["config"], deltas=deltas,
         base_model=record.get("base_model", ""), fingerprint=record.get("fingerprint", {}),
         gating=record.get("gating", {"rule": "static"}), stats=stats, info=record.get("info", {}),
+        guard=record.get("guard", {}),
     )
+    kind = record.get("kind", "weights")
+    check_kind(kind, adapter.guard, len(deltas), adapter.gating, str(path), AdapterFileError)
+    guard_tensors = [k for k in stats if k.startswith("guard.")]
+    if guard_tensors and kind != "guard":
+        raise AdapterFileError(f"{path}: tensors {guard_tensors[:3]} are a guard's data, but the adapter's kind is "
+                               f"{kind!r}")
     if "components" in record and sorted(record["components"]) != sorted(adapter.components):
         raise AdapterFileError(f"{path}: the record lists components {record['components']} but the tensors "
                                f"change {list(adapter.components)}")
@@ -249,6 +259,10 @@ def _read_record(path: Path, metadata: dict[str, str]) -> dict:
     found = _parse_version(path, version, "the record's format_version")
     if declared is not None and _parse_version(path, declared, FORMAT_KEY) != found:
         raise AdapterFileError(f"{path}: metadata {FORMAT_KEY!r} says {declared} but the record says {version}")
+    newer = [name for name, since in _FIELDS_SINCE.items() if name in record and found < since]
+    if newer:
+        raise AdapterFileError(f"{path}: record fields {newer} came in format "
+                               f"{'.'.join(map(str, _FIELDS_SINCE[newer[0]]))}, but the file says {version}")
     missing = [name for name in _REQUIRED_FIELDS if name not in record]
     if missing:
         raise AdapterFileError(f"{path}: the {METADATA_KEY!r} record is malformed: missing {', '.join(missing)}")
@@ -268,6 +282,14 @@ def _read_record(path: Path, metadata: dict[str, str]) -> dict:
             warnings.warn(f"{path}: gating rule {record['gating']['rule']!r} is unknown to this erasekit (it knows "
                           f"{', '.join(GATING_RULES)}); the adapter may not apply as intended", UserWarning,
                           stacklevel=3)
+    if "guard" in record:
+        check_guard(record["guard"], f"{path}", AdapterFileError)
+        if record["guard"]["rule"] not in GUARD_RULES:
+            warnings.warn(f"{path}: guard rule {record['guard']['rule']!r} is unknown to this erasekit (it knows "
+                          f"{', '.join(GUARD_RULES)}); the guard cannot be applied", UserWarning, stacklevel=3)
+    if record.get("kind", "weights") not in KINDS:
+        raise AdapterFileError(f"{path}: adapter kind {record['kind']!r} is unknown to this erasekit (it knows "
+                               f"{', '.join(KINDS)}); upgrade erasekit to read it")
     if "tensor_sha256" in record and not _SHA256.fullmatch(record["tensor_sha256"]):
         raise AdapterFileError(f"{path}: the record's tensor_sha256 {record['tensor_sha256'][:80]!r} is not a "
                                "64-digit lowercase hex sha256")
@@ -287,7 +309,7 @@ def _tensor_layout(path: Path, tensors: dict[str, _TensorEntry]) -> dict:
         if key.startswith("stats.") and STATS_NAME.fullmatch(key[len("stats."):]):
             stats[key[len("stats."):]] = key
             continue
-        if key.startswith("gate.") and STATS_NAME.fullmatch(key[len("gate."):]):
+        if key.startswith(("gate.", "guard.")) and STATS_NAME.fullmatch(key.partition(".")[2]):
             stats[key] = key
             continue
         for suffix, part in _SUFFIXES:
@@ -298,7 +320,7 @@ def _tensor_layout(path: Path, tensors: dict[str, _TensorEntry]) -> dict:
             raise AdapterFileError(
                 f"{path}: tensor key {key[:200]!r} does not follow adapter format 1: expected "
                 f"'<component>.<module path>.lora_A.weight', '….lora_B.weight' or '….delta' with component one of "
-                f"{', '.join(COMPONENTS)}, or 'stats.<name>' / 'gate.<name>'")
+                f"{', '.join(COMPONENTS)}, or 'stats.<name>' / 'gate.<name>' / 'guard.<name>'")
     for module, parts in modules.items():
         if "delta" in parts and len(parts) > 1:
             raise AdapterFileError(f"{path}: module {module!r} has both a full delta and lora_A/lora_B; expected one")

@@ -8,7 +8,7 @@ import re
 import torch
 
 from ..errors import AdapterError
-from .model import COMPONENTS, GATING_RULES
+from .model import COMPONENTS, GATING_RULES, GUARD_RULES, KINDS
 
 # safetensors dtype name -> (torch dtype, bytes per element); the dtypes this reader accepts
 DTYPES = {
@@ -55,6 +55,35 @@ def check_gating(gating: dict, where: str, error=AdapterError) -> None:
                         f"({'number' if isinstance(kind, tuple) else kind.__name__}), got {value!r}")
     if rule == "prompt_similarity" and not all(isinstance(p, str) for p in gating["prompts"]):
         raise error(f"{where}: gating 'prompts' must be a list of strings, got {gating['prompts']!r}")
+
+
+def check_guard(guard: dict, where: str, error=AdapterError) -> None:
+    """A guard record: a ``rule`` string and, for a rule this erasekit knows, its fields with their JSON types."""
+    rule = guard.get("rule")
+    if not isinstance(rule, str) or not rule:
+        raise error(f"{where}: a guard needs a 'rule' string (one of {', '.join(GUARD_RULES)}), got {guard!r}")
+    for name, kind in GUARD_RULES.get(rule, {}).items():
+        value = guard.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise error(f"{where}: guard rule {rule!r} needs {name!r} "
+                        f"({'number' if isinstance(kind, tuple) else kind.__name__}), got {value!r}")
+
+
+def check_kind(kind: str, guard: dict, deltas: int, gating: dict, where: str, error=AdapterError) -> None:
+    """What a kind implies: a guard has a guard record, no deltas and no gate; a weight adapter has no guard."""
+    if kind not in KINDS:
+        raise error(f"{where}: adapter kind {kind!r} is unknown to this erasekit (it knows {', '.join(KINDS)}); "
+                    "upgrade erasekit to read it")
+    if kind == "guard":
+        if not guard:
+            raise error(f"{where}: a guard adapter needs a 'guard' record (its rule and parameters)")
+        if deltas:
+            raise error(f"{where}: a guard adapter changes no weights, but it holds {deltas} module delta(s); "
+                        "an inference-time guard and weight deltas go in separate adapters")
+        if gating.get("rule", "static") != "static":
+            raise error(f"{where}: a guard adapter has no prompt gate (gating {gating.get('rule')!r})")
+    elif guard:
+        raise error(f"{where}: a {kind!r} adapter has a 'guard' record; only kind 'guard' has one")
 
 
 def check_fingerprint(fp, where: str, error) -> None:

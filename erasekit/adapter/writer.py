@@ -14,8 +14,9 @@ import torch
 from ..core.files import atomic_save_file
 from ..core.lora import ModuleDelta
 from ..errors import AdapterError, AdapterFileError, ConfigError
-from .model import COMPONENTS, FORMAT_KEY, FORMAT_VERSION, METADATA_KEY, Adapter
-from .spec import DTYPE_NAMES, STATS_NAME, check_fingerprint, check_gating, check_low_rank_shapes, hash_entry, split_key
+from .model import COMPONENTS, FORMAT_KEY, KINDS, METADATA_KEY, Adapter
+from .spec import (DTYPE_NAMES, STATS_NAME, check_fingerprint, check_gating, check_guard, check_kind, check_low_rank_shapes,
+                   hash_entry, split_key)
 
 _SAVE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
@@ -38,7 +39,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, *, dtype: torch.dtyp
     Raises:
         ConfigError: ``dtype`` is not fp32/fp16, or a delta overflows fp16.
         AdapterError: the adapter cannot be written as format 1 (a bad delta key, mismatched ranks, a config
-            value that is not JSON ...).
+            value that is not JSON, a guard that holds deltas ...).
         AdapterFileError: the file system refused the write.
     """
     path = Path(path)
@@ -47,7 +48,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, *, dtype: torch.dtyp
     record = _record(adapter, tensors, dtype)
     metadata = {
         "format": "pt",
-        FORMAT_KEY: FORMAT_VERSION,
+        FORMAT_KEY: record["format_version"],
         METADATA_KEY: json.dumps(record, sort_keys=True, allow_nan=False),
         **_modelspec(adapter),
     }
@@ -91,7 +92,7 @@ def _tensors_to_save(adapter: Adapter, dtype: torch.dtype) -> dict[str, torch.Te
             raise AdapterError(f"stats name {name!r} must be dotted words of letters, digits, '_' and '-'")
         if not isinstance(value, torch.Tensor):
             raise AdapterError(f"stats[{name!r}] is a {type(value).__name__}, expected a torch.Tensor")
-        key = name if name.startswith("gate.") else f"stats.{name}"
+        key = name if name.startswith(("gate.", "guard.")) else f"stats.{name}"
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise AdapterError(f"stats[{name!r}] contains NaN or infinite values; refusing to save broken statistics")
         stat_dtype = torch.float32 if value.is_floating_point() else value.dtype
@@ -149,6 +150,12 @@ def _record(adapter: Adapter, tensors: dict[str, torch.Tensor], dtype: torch.dty
     if not isinstance(gating, dict):
         raise AdapterError(f"adapter.gating must be a dict, got {adapter.gating!r}")
     check_gating(gating, "adapter.gating")
+    guard = _jsonable(adapter.guard, "adapter.guard")
+    if not isinstance(guard, dict):
+        raise AdapterError(f"adapter.guard must be a dict ({{}} for a weight adapter), got {adapter.guard!r}")
+    if guard:
+        check_guard(guard, "adapter.guard")
+    check_kind(adapter.kind, guard, len(adapter.deltas), gating, "adapter")
     fp = _jsonable(adapter.fingerprint, "adapter.fingerprint")
     check_fingerprint(fp, "adapter.fingerprint", AdapterError)
     info = _jsonable(adapter.info, "adapter.info")
@@ -156,8 +163,10 @@ def _record(adapter: Adapter, tensors: dict[str, torch.Tensor], dtype: torch.dty
         raise AdapterError(f"adapter.info must be a dict, got {type(adapter.info).__name__}")
     if not isinstance(adapter.base_model, str):
         raise AdapterError(f"adapter.base_model must be a str (hub id or path), got {adapter.base_model!r}")
+    kind = {"kind": "guard", "guard": guard} if guard else {}  # weight adapters: the 1.0 record, unchanged
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": KINDS[adapter.kind],
+        **kind,
         "method": adapter.method,
         "concepts": concepts,
         "config": _jsonable(adapter.config, "adapter.config"),

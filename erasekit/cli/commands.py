@@ -147,14 +147,20 @@ def inspect_command(args) -> int:
         return 0
     d = describe(adapter, size)
     lines = [f"{args.adapter}: {d['method']} erasing {', '.join(d['concepts'])}",
-             f"  base model : {d['base_model'] or '(not recorded)'}",
-             f"  components : {', '.join(d['components'])}   gating: {d['gating'].get('rule')}",
-             f"  size       : {size / 1e6:.3f} MB, {d['parameters']:,} parameters in {len(d['modules'])} modules",
-             f"  config     : {json.dumps(d['config'], sort_keys=True)}"]
+             f"  base model : {d['base_model'] or '(not recorded)'}"]
+    if adapter.is_guard:  # an inference-time guard: no weight changes, a rule applied at generation
+        lines.append(f"  kind       : guard ({d['guard'].get('rule')}: applied at generation time, changes no weights)"
+                     f"   fingerprinted: {', '.join(d['fingerprint']) or '-'}")
+        lines.append(f"  guard      : {json.dumps(d['guard'], sort_keys=True)}")
+    else:
+        lines.append(f"  kind       : weights   components: {', '.join(d['components'])}   gating: "
+                     f"{d['gating'].get('rule')}")
+    lines += [f"  size       : {size / 1e6:.3f} MB, {d['parameters']:,} parameters in {len(d['modules'])} modules",
+              f"  config     : {json.dumps(d['config'], sort_keys=True)}"]
     if d["info"]:  # what the erase recorded: rank, training losses and time, RECE's kept epoch, ...
         lines.append(f"  record     : {json.dumps(d['info'], sort_keys=True)}")
     if d["stats"]:
-        lines.append(f"  stats      : {', '.join(d['stats'])} (exact merging)")
+        lines.append(f"  stats      : {', '.join(d['stats'])}" + ("" if adapter.is_guard else " (exact merging)"))
     for m in d["modules"]:
         lines.append(f"    {m['module']:<80} {m['kind']:<8} rank {m['rank'] if m['rank'] is not None else '-':<4} "
                      f"{m['shape']}")

@@ -48,6 +48,14 @@ The gating record (``Adapter.gating``) read here::
 adapters ``i`` combined this way on one module contribute ``(Σ_i w_i γ_i B_i)(Σ_j γ_j A_j)`` — ``γ²`` for one adapter
 and cross terms ``B_i A_j`` for several (their ranks must match) — instead of the linear ``Σ_i w_i γ_i B_i A_i``.
 
+Inference-time guards (adapters of kind ``"guard"``, format 1.1; SAFREE, Yoon et al., ICLR 2025,
+https://arxiv.org/abs/2410.12761) change no weights: the same UNet pre-hook hands ``encoder_hidden_states`` to
+each enabled guard, which replaces the rows of the prompts it flags (the unconditional row of a CFG batch has no
+tokens and is never flagged) for as many denoising steps as its rule says, and may scale the skip features of those
+rows in the first decoder blocks (:mod:`erasekit.compose.guards`). Gates are computed from the original context.
+A guard loads, lists (``kind: "guard"``), weighs, disables and unloads like any erasure; ``fuse`` refuses it by
+name and ``fuse()`` skips it.
+
 State lives in one ``Composer`` per UNet, kept in a ``weakref.WeakKeyDictionary`` keyed by ``pipe.unet`` (the
 pipeline object is not modified; the composer holds its components weakly, so it goes away with them). The hooks live
 on the modules, so keying by the UNet means that pipelines sharing it (``Pipeline.from_pipe(pipe)``) share the erasures
@@ -178,8 +186,9 @@ def disabled(pipe):
 def fuse(pipe, names: str | Sequence[str] | None = None) -> list[str]:
     """Write static erasures into the base weights (``W ← W + w ΔW`` in fp32); returns the names fused.
 
-    ``names=None`` fuses every enabled static erasure and leaves gated ones on their hooks; naming a gated erasure
-    raises ``AdapterError`` (its gating would be lost). A CPU copy of each fused module's original weight is kept.
+    ``names=None`` fuses every enabled static erasure and leaves gated ones and guards on their hooks; naming a gated
+    erasure raises ``AdapterError`` (its gating would be lost), and so does naming a guard (it has no weights to
+    fuse). A CPU copy of each fused module's original weight is kept.
     """
     return _composer(pipe).fuse(names)
 
@@ -200,12 +209,13 @@ def unload(pipe, names: str | Sequence[str] | None = None) -> None:
         return
     composer.unload(names)
     if not composer.adapters:
-        composer.remove_gate_hooks()
+        composer.remove_context_hooks()
         Composer.drop(pipe)
 
 
 def list_erasures(pipe) -> list[dict]:
-    """One dict per loaded erasure: ``name, method, concepts, weight, enabled, fused, gated``."""
+    """One dict per loaded erasure: ``name, method, concepts, weight, enabled, fused, gated, kind`` ("weights" or
+    "guard", an inference-time guard)."""
     composer = Composer.of(pipe, create=False)
     return composer.listing() if composer is not None else []
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -13,14 +12,12 @@ import torch
 from torch import nn
 
 from ..adapter import COMPONENTS, Adapter, ModuleDelta, check_compatible, find_module
-from ..core import sd
 from ..core.lora import add_low_rank, project_down, project_up
 from ..errors import AdapterError, AdapterMismatchError
-from .gates import Gate, check_weight, parse_gating, row_key, similarity
+from .gates import Gate, TokenMemory, build_gate, check_weight, parse_gating, similarity
+from .guards import GuardSet, build_guard, context_encoder
 
 logger = logging.getLogger("erasekit.compose")
-
-_CACHE_SIZE = 1024  # hidden-state rows whose token ids are remembered
 
 
 @dataclass
@@ -92,6 +89,7 @@ class _Loaded:
     enabled: bool = True
     fused: bool = False
     gate: Gate | None = None
+    guard: object = None  # the runtime of an inference-time guard (erasekit.compose.guards)
 
 
 _COMPOSERS: "weakref.WeakKeyDictionary[nn.Module, Composer]" = weakref.WeakKeyDictionary()
@@ -114,14 +112,17 @@ class Composer:
             c: weakref.ref(getattr(pipe, c)) for c in COMPONENTS if isinstance(getattr(pipe, c, None), nn.Module)
         }
         self.tokenizer = getattr(pipe, "tokenizer", None)
+        self.tokenizer_2 = getattr(pipe, "tokenizer_2", None)
         self.adapters: dict[str, _Loaded] = {}
         self.slots: dict[str, _Slot] = {}
         self._suspended = 0  # > 0: every hook is a no-op (used while encoding the erased prompts)
-        self._gate_handles: list = []
+        self._context_handles: list = []  # the UNet pre/post hooks and the text-encoder hook (gates, guards)
         self._current_gates: dict[str, torch.Tensor] | None = None
         self._coefficients: dict[tuple, torch.Tensor] = {}  # w·γ shaped for one output layout, per UNet call
         self._last_context: tuple | None = None  # (weakref to encoder_hidden_states, version, gates)
-        self._token_ids: OrderedDict[bytes, frozenset[int]] = OrderedDict()
+        encoder = self.component("text_encoder")
+        self.tokens = TokenMemory(self.tokenizer, getattr(getattr(encoder, "config", None), "hidden_size", None))
+        self.guards = GuardSet()
 
     # ---- registry --------------------------------------------------------------------------------------------
 
@@ -165,6 +166,8 @@ class Composer:
             raise AdapterError(f"an erasure named {name!r} is already loaded; pass another name= or unload it first")
         weight = check_weight(weight, name)
         check_compatible(adapter, pipe, strict=strict)
+        if adapter.is_guard:
+            return self._load_guard(adapter, name, weight)
         gate_spec = parse_gating(adapter, name)
 
         # 1. Resolve and check every module before changing anything.
@@ -196,7 +199,12 @@ class Composer:
                 self._check_factor_ranks(key, delta, name)
             targets.append((key, module, delta))
 
-        gate = self._build_gate(pipe, gate_spec) if gate_spec is not None else None
+        if gate_spec is not None:
+            with self._hooks_suspended(), torch.no_grad():  # the erased prompts, encoded as pipe.encode_prompt does
+                gate = build_gate(pipe, gate_spec, self.tokenizer, self.component("text_encoder"),
+                                  next(self.component("unet").parameters()).device)
+        else:
+            gate = None
 
         # 2. Register.
         self.adapters[name] = _Loaded(name, adapter, weight, gate=gate)
@@ -208,7 +216,18 @@ class Composer:
             slot.terms[name] = _Term(name, delta)
             slot.terms[name].cast(module.weight)  # cast once at load
         if gate is not None:
-            self._ensure_gate_hooks()
+            self._ensure_context_hooks()
+        return name
+
+    def _load_guard(self, adapter: Adapter, name: str, weight: float) -> str:
+        """An inference-time guard: no module hooks; it filters the UNet's context in the UNet pre-hook."""
+        if adapter.deltas:
+            raise AdapterError(f"erasure {name!r} is a guard with weight deltas; a guard changes no weights")
+        encoders = [self.component(c) for c in ("text_encoder", "text_encoder_2") if self.component(c) is not None]
+        guard = build_guard(adapter, name, [e.config.hidden_size for e in encoders])
+        self.adapters[name] = _Loaded(name, adapter, weight, guard=guard)
+        self.guards.add(name, guard, self.component("unet"))
+        self._ensure_context_hooks()
         return name
 
     def _check_factor_ranks(self, key: str, delta: ModuleDelta, name: str) -> None:
@@ -221,24 +240,6 @@ class Composer:
                 raise AdapterError(
                     f"erasure {name!r}: combine='factors' sums factors, but {key!r} has rank {delta.rank} here and "
                     f"rank {term.delta.rank} in erasure {other!r}")
-
-    def _build_gate(self, pipe, spec: dict) -> Gate:
-        prompts = tuple(spec["prompts"])
-        with self._hooks_suspended(), torch.no_grad():
-            embeds = sd.encode(pipe, list(prompts)).embeds  # (Q, L, D), as pipe.encode_prompt
-        token_sets: tuple[frozenset[int], ...] = ()
-        if self.tokenizer is not None:
-            special = set(self.tokenizer.all_special_ids)
-            ids = self.tokenizer(list(prompts), truncation=True, max_length=self.tokenizer.model_max_length).input_ids
-            token_sets = tuple(frozenset(i for i in row if i not in special) for row in ids)
-        token_embedding = None
-        encoder = self.component("text_encoder")
-        if spec["metric"] == "tokencos" and encoder is not None and token_sets:
-            token_embedding = encoder.get_input_embeddings().weight.detach()  # a view: no copy
-        unet = self.component("unet")
-        device = next(unet.parameters()).device
-        return Gate(prompts, embeds.detach().to(device=device, dtype=torch.float32), token_sets,
-                     spec["metric"], spec["factor"], spec["combine"], token_embedding)
 
     # ---- hooks -----------------------------------------------------------------------------------------------
 
@@ -322,38 +323,27 @@ class Composer:
             total = up if total is None else total + up
         return total
 
-    def _ensure_gate_hooks(self) -> None:
-        if self._gate_handles:
+    def _ensure_context_hooks(self) -> None:
+        """The UNet pre/post hooks (gates, guards) and the text-encoder hook that remembers token ids."""
+        if self._context_handles:
             return
         unet = self.component("unet")
-        self._gate_handles.append(unet.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True))
-        self._gate_handles.append(unet.register_forward_hook(self._unet_post_hook, always_call=True))
+        self._context_handles.append(unet.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True))
+        self._context_handles.append(unet.register_forward_hook(self._unet_post_hook, always_call=True))
         encoder = self.component("text_encoder")
         if encoder is not None and self.tokenizer is not None:
-            self._gate_handles.append(encoder.register_forward_hook(self._text_encoder_hook, with_kwargs=True))
+            self._context_handles.append(encoder.register_forward_hook(self._text_encoder_hook, with_kwargs=True))
 
-    def remove_gate_hooks(self) -> None:
-        for handle in self._gate_handles:
+    def remove_context_hooks(self) -> None:
+        for handle in self._context_handles:
             handle.remove()
-        self._gate_handles = []
+        self._context_handles = []
         self._current_gates = None
         self._last_context = None
-        self._token_ids.clear()
+        self.tokens.clear()
 
     def _text_encoder_hook(self, module, args, kwargs, output):
-        """Remember the token ids behind each hidden-state row the text encoder produced (for tokenuni)."""
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None or self._suspended:
-            return None
-        special = set(self.tokenizer.all_special_ids)
-        rows = [output[0]]
-        hidden_states = getattr(output, "hidden_states", None)
-        if hidden_states is not None and len(hidden_states) > 1:
-            rows.append(hidden_states[-2])  # SDXL's penultimate-layer context
-        for states in rows:
-            for ids, row in zip(input_ids.tolist(), states):
-                self._remember(self._token_ids, row_key(row), frozenset(i for i in ids if i not in special))
-        return None
+        return None if self._suspended else self.tokens.hook(module, args, kwargs, output)
 
     def _unet_pre_hook(self, module, args, kwargs):
         if self._suspended:
@@ -369,19 +359,27 @@ class Composer:
         else:
             self._current_gates = self.compute_gates(context)
             self._last_context = (weakref.ref(context), context._version, self._current_gates)
-        return None
+        guards = [(n, a.weight) for n, a in self.adapters.items() if a.guard is not None and self._active(n)]
+        if not guards:
+            return None
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        encode = context_encoder(self.component, (self.tokenizer, self.tokenizer_2), self.tokens)
+        filtered = self.guards.apply(context, timestep, guards, self._row_tokens, encode)
+        if filtered is None:
+            return None
+        if "encoder_hidden_states" in kwargs:
+            return args, {**kwargs, "encoder_hidden_states": filtered}
+        return (*args[:2], filtered, *args[3:]), kwargs
 
     def _unet_post_hook(self, module, args, output):
         self._current_gates = None
         self._coefficients.clear()
+        self.guards.end_call()
         return None
 
-    @staticmethod
-    def _remember(cache: OrderedDict, key, value) -> None:
-        cache[key] = value
-        cache.move_to_end(key)
-        while len(cache) > _CACHE_SIZE:
-            cache.popitem(last=False)
+    def _row_tokens(self, context: torch.Tensor) -> list[tuple[int, ...] | None]:
+        return [self.tokens.tokens(row) for row in context]
+
 
     # ---- gates -------------------------------------------------------------------------------------------------
 
@@ -390,16 +388,10 @@ class Composer:
         gated = {n: a for n, a in self.adapters.items() if a.gate is not None}
         if not gated:
             return {}
-        tokens = [self._tokens_for(row) for row in context] if self._token_ids else [None] * context.shape[0]
+        special = set(self.tokenizer.all_special_ids) if self.tokenizer is not None else set()
+        ids = self._row_tokens(context) if self.tokens.rows else [None] * context.shape[0]
+        tokens = [None if t is None else frozenset(i for i in t if i not in special) for t in ids]
         return {name: similarity(loaded.gate, context, tokens) for name, loaded in gated.items()}
-
-    def _tokens_for(self, row: torch.Tensor) -> frozenset[int] | None:
-        tokens = self._token_ids.get(row_key(row))
-        encoder = self.component("text_encoder")
-        width = getattr(getattr(encoder, "config", None), "hidden_size", None)
-        if tokens is None and width is not None and row.shape[-1] > width:
-            tokens = self._token_ids.get(row_key(row[..., :width]))  # SDXL: [encoder 1 | encoder 2] context
-        return tokens
 
     # ---- weights, switches -------------------------------------------------------------------------------------
 
@@ -420,14 +412,20 @@ class Composer:
 
     def fuse(self, names: str | Iterable[str] | None) -> list[str]:
         if names is None:
-            chosen = [n for n, a in self.adapters.items() if a.gate is None and a.enabled and not a.fused]
-            skipped = [n for n, a in self.adapters.items() if a.gate is not None]
+            chosen = [n for n, a in self.adapters.items()
+                      if a.gate is None and a.guard is None and a.enabled and not a.fused]
+            skipped = [n for n, a in self.adapters.items() if a.gate is not None or a.guard is not None]
             if skipped:
-                logger.info("not fusing gated erasures %s: they stay applied through hooks", skipped)
+                logger.info("not fusing gated erasures and guards %s: they stay applied through hooks", skipped)
         else:
             chosen = self.resolve_names(names)
             for name in chosen:
                 loaded = self.adapters[name]
+                if loaded.guard is not None:
+                    raise AdapterError(
+                        f"erasure {name!r} is an inference-time guard ({loaded.guard.rule}): it changes no weights, "
+                        "so it cannot be fused; it stays applied through hooks (fuse() without names fuses the "
+                        "static erasures and leaves guards as they are)")
                 if loaded.gate is not None:
                     raise AdapterError(
                         f"erasure {name!r} is gated by prompt similarity ({loaded.gate.metric}); fusing it into the "
@@ -467,7 +465,8 @@ class Composer:
     def unload(self, names: str | Iterable[str] | None) -> None:
         names = self.resolve_names(names)
         for name in names:
-            del self.adapters[name]
+            if self.adapters.pop(name).guard is not None:
+                self.guards.remove(name)
         touched = []
         for key, slot in list(self.slots.items()):
             if not any(n in slot.terms for n in names):
@@ -480,8 +479,8 @@ class Composer:
             if not slot.terms:
                 slot.handle.remove()
                 del self.slots[slot.key]
-        if not any(a.gate is not None for a in self.adapters.values()):
-            self.remove_gate_hooks()
+        if not any(a.gate is not None or a.guard is not None for a in self.adapters.values()):
+            self.remove_context_hooks()
         else:
             self._last_context = None
 
@@ -490,6 +489,6 @@ class Composer:
     def listing(self) -> list[dict]:
         return [
             dict(name=a.name, method=a.adapter.method, concepts=list(a.adapter.concepts), weight=a.weight,
-                 enabled=a.enabled, fused=a.fused, gated=a.gate is not None)
+                 enabled=a.enabled, fused=a.fused, gated=a.gate is not None, kind=a.adapter.kind)
             for a in self.adapters.values()
         ]

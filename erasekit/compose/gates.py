@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +64,25 @@ def parse_gating(adapter: Adapter, name: str) -> dict | None:
     return dict(prompts=list(prompts), metric=metric, combine=combine, factor=factor)
 
 
+def build_gate(pipe, spec: dict, tokenizer, encoder, device) -> Gate:
+    """The :class:`Gate` of a parsed gating record: the erased prompts encoded by the pipeline (call with the
+    composer's hooks suspended), their token sets, and the token embeddings ``tokencos`` reads."""
+    from ..core import sd
+
+    prompts = tuple(spec["prompts"])
+    embeds = sd.encode(pipe, list(prompts)).embeds  # (Q, L, D), as pipe.encode_prompt
+    token_sets: tuple[frozenset[int], ...] = ()
+    if tokenizer is not None:
+        special = set(tokenizer.all_special_ids)
+        ids = tokenizer(list(prompts), truncation=True, max_length=tokenizer.model_max_length).input_ids
+        token_sets = tuple(frozenset(i for i in row if i not in special) for row in ids)
+    token_embedding = None
+    if spec["metric"] == "tokencos" and encoder is not None and token_sets:
+        token_embedding = encoder.get_input_embeddings().weight.detach()  # a view: no copy
+    return Gate(prompts, embeds.detach().to(device=device, dtype=torch.float32), token_sets,
+                spec["metric"], spec["factor"], spec["combine"], token_embedding)
+
+
 def similarity(gate: Gate, context: torch.Tensor, tokens: list[frozenset[int] | None]) -> torch.Tensor:
     """SPM Facilitated Transport: ``factor · max_q max(clipcos, tokenuni)`` for each row of ``context`` → ``(B,)``."""
     rows = context.detach().float()  # (B, L, D)
@@ -108,3 +129,60 @@ def row_key(row: torch.Tensor) -> bytes:
     digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
     digest.update(repr((tuple(data.shape), str(data.dtype))).encode())
     return digest.digest()
+
+
+def inner_ids(tokenizer, ids: list[int]) -> tuple[int, ...]:
+    """The prompt's own token ids in a padded sequence: after BOS, up to the first EOS."""
+    start = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
+    end = ids.index(tokenizer.eos_token_id, start) if tokenizer.eos_token_id in ids[start:] else len(ids)
+    return tuple(ids[start:end])
+
+
+class TokenMemory:
+    """The token ids behind each hidden-state row a text encoder produced (its forward hook, :meth:`hook`), so that
+    the UNet's pre-hook knows the prompt of each ``encoder_hidden_states`` row: gates' ``tokenuni``, guards' masks.
+
+    Rows are matched by a hash of their content (for SDXL, the first encoder's slice of the context, whose
+    penultimate hidden states are remembered too). The last ``size`` rows are kept.
+    """
+
+    def __init__(self, tokenizer, width: int | None, size: int = 1024):
+        self.tokenizer, self.width, self.size = tokenizer, width, size
+        self.rows: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
+        self._paused = 0
+
+    @contextmanager
+    def paused(self):
+        """Remember nothing inside (encodings a hook makes for itself)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    def hook(self, module, args, kwargs, output):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None or self._paused:
+            return None
+        states = [output[0]]
+        hidden_states = getattr(output, "hidden_states", None)
+        if hidden_states is not None and len(hidden_states) > 1:
+            states.append(hidden_states[-2])  # SDXL's penultimate-layer context
+        for rows in states:
+            for ids, row in zip(input_ids.tolist(), rows):
+                key = row_key(row)
+                self.rows[key] = inner_ids(self.tokenizer, ids)
+                self.rows.move_to_end(key)
+        while len(self.rows) > self.size:
+            self.rows.popitem(last=False)
+        return None
+
+    def tokens(self, row: torch.Tensor) -> tuple[int, ...] | None:
+        """The inner token ids of a context row (L, D), or None when it was not produced here."""
+        tokens = self.rows.get(row_key(row))
+        if tokens is None and self.width is not None and row.shape[-1] > self.width:
+            tokens = self.rows.get(row_key(row[..., :self.width]))  # SDXL: [encoder 1 | encoder 2] context
+        return tokens
+
+    def clear(self) -> None:
+        self.rows.clear()

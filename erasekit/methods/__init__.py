@@ -21,6 +21,7 @@ from . import abo, esd  # trained: ESD presets, All-but-One
 from . import advunlearn, fewshot  # text encoder
 from . import spm  # trained: one-dimensional membranes
 from . import realera  # closed form + trained LoRA
+from . import safree  # inference-time guard (no weight changes)
 
 
 #: closed-form settings on tinyworld, whose jointly trained text encoder spreads a concept over the tokens after
@@ -34,6 +35,14 @@ TINYWORLD_CLOSED_FORM = {"expand_prompts": "tinyworld", "key_mode": "aligned", "
 #: costs the other shapes 21.5 points; holding the siblings' predictions (the preservation term, as UCE preserves
 #: them in closed form) keeps them at 0 points, with more iterations to erase as far (benchmarks/esd_tinyworld.json).
 TINYWORLD_ESD_X = {"preserve_related": True, "preserve_weight": 1.0, "iterations": 400}
+
+#: SAFREE on tinyworld (benchmarks/safree_tinyworld.json). Its 3-layer text encoder, trained with the UNet alone,
+#: carries a token's meaning into the rows after it: projecting the trigger token alone leaves most circle prompts
+#: circles, so the rows from the trigger on are projected. Masking a token by its id 0 (a word fragment there, not
+#: CLIP's "!") flags noise: the token is deleted instead, and α = 0.04 then flags the circle words and no token of
+#: the other shapes' prompts. β of flagged prompts is 0.24–0.29 there, where the authors' midpoint (5.333, fit to
+#: CLIP's β over 50 steps) gives t' = 0, one step of 10: the midpoint is 2.0 (t' = 9–10).
+TINYWORLD_SAFREE = {"mask_token_id": -1, "alpha": 0.04, "project": "following", "svf_midpoint": 2.0}
 
 
 #: RealEra's LoRA stage on tinyworld (the closed-form part takes UCE's tinyworld settings above): tinyworld-sized
@@ -123,6 +132,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("realera", realera, realera.RealEraConfig,
                    summary="RealEra: UCE's closed form over mined neighbour keys, siblings' k/v kept, plus a k/v LoRA",
                    tinyworld={**TINYWORLD_CLOSED_FORM, **TINYWORLD_REALERA}),
+        MethodSpec("safree", safree, safree.SafreeConfig,
+                   summary="SAFREE: inference-time guard, trigger tokens projected off the concept subspace (no weights change)",
+                   tinyworld=TINYWORLD_SAFREE, family="closed-form"),
     )
 }
 
