@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import ConfigError
-from . import abo, advunlearn, esd, fewshot, realera, rece, spm, uce
+from . import abo, advunlearn, esd, fewshot, realera, rece, spm, trce, uce
 
 
 #: config class -> (the paper's values, tinyworld's values) of the fields a user may leave ``None``.
@@ -52,6 +52,34 @@ def related_concepts(config) -> dict:
     return {"preserve": tuple(dict.fromkeys((*config.preserve, *tinyworld.related_to(config.concepts))))}
 
 
+def implied_synonyms(config) -> dict:
+    """TRCE's ``implied``, with ``implied_synonyms``: plus each erased concept's synonyms but its last one, which is
+    held out of training so that leakage through a name never trained on stays measurable ("disc" for circle,
+    "round shape" held out)."""
+    if not config.implied_synonyms:
+        return {}
+    from .. import tinyworld
+
+    names = []
+    for concept in config.concepts:
+        try:
+            names += tinyworld.synonyms(concept)[1:-1]
+        except KeyError:
+            continue
+    return {"implied": tuple(n for n in dict.fromkeys((*config.implied, *names)) if n not in config.concepts)}
+
+
+def safe_siblings(config) -> dict:
+    """TRCE's ``safe``, if empty and the concepts are values of one attribute: each concept's first sibling that is
+    not erased (square for circle; "" when every sibling is)."""
+    if config.safe or not attribute_of(config.concepts):
+        return {}
+    from .. import tinyworld
+
+    siblings = tinyworld.related_to(config.concepts)
+    return {"safe": tuple(next((s for s in tinyworld.related(c) if s in siblings), "") for c in config.concepts)}
+
+
 def retain_values(config) -> dict:
     """AdvUnlearn's ``retain``, if empty: the attribute's other values in the training templates."""
     attribute = attribute_of(config.concepts)
@@ -79,6 +107,7 @@ TINYWORLD_DATA: dict[type, tuple] = {
     uce.UceConfig: (related_concepts,),
     rece.ReceConfig: (related_concepts,),
     realera.RealEraConfig: (related_concepts,),
+    trce.TrceConfig: (caption_templates, related_concepts, implied_synonyms, safe_siblings),
 }
 
 

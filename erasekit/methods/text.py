@@ -101,8 +101,9 @@ def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> torch.Ten
     return torch.cat(out) if out else torch.zeros(0, 77, context_dim(pipe), device=device_of(pipe))
 
 
-def last_token_embeddings(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """(N, d) fp32: each prompt's context vector at its last subject token (``attention_mask.sum() - 2``).
+def last_token_embeddings(pipe, prompts: list[str], batch_size: int = 256, offset: int = 0) -> torch.Tensor:
+    """(N, d) fp32: each prompt's context vector at its last subject token (``attention_mask.sum() - 2``), or
+    ``offset`` tokens after it (1: the first [EoT] token, TRCE's key).
 
     With causal text encoders (CLIP) only the first ``last_index + 1`` tokens are encoded, prompts sorted by
     length so that each batch is cut to its longest member: the result equals slicing the full
@@ -115,7 +116,7 @@ def last_token_embeddings(pipe, prompts: list[str], batch_size: int = 256) -> to
     order = torch.argsort(tokens.last_index, stable=True)
     for i in range(0, n, batch_size):
         rows = order[i:i + batch_size]
-        last = tokens.last_index[rows]
+        last = (tokens.last_index[rows] + offset).clamp(max=tokens.attention_mask.shape[1] - 1)
         length = int(last.max()) + 1 if causal else tokens.attention_mask.shape[1]
         hidden = _encode_ids(pipe, [x[rows, :length] for x in tokens.input_ids], tokens.attention_mask[rows, :length])
         out[rows.to(out.device)] = hidden[torch.arange(len(rows)), last.to(hidden.device)]
