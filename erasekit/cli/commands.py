@@ -59,8 +59,9 @@ def erase_command(args, method_spec) -> int:
         return 0
     _make_dir(out.parent)
     adapter.save(out, dtype=args.save_dtype)
+    what = f"a {adapter.guard['rule']} guard, no weight changes" if adapter.is_guard else f"{len(adapter.deltas)} modules"
     print(f"erased {', '.join(config.concepts)} with {method_spec.name} in {seconds:.2f} s "
-          f"→ {out} ({out.stat().st_size / 1e6:.2f} MB, {len(adapter.deltas)} modules)")
+          f"→ {out} ({out.stat().st_size / 1e6:.2f} MB, {what})")
     return 0
 
 
