@@ -20,7 +20,7 @@ judge on
 Rows are written after each is done (rerunning skips rows already in the file). The SD 1.5 closed-form erase time
 is measured by ``erasekit.bench.perf.closed_form`` (its ``realera_1_concept_closed_form`` case).
 
-    python benchmarks/realera_tinyworld.py                          # → benchmarks/realera_tinyworld.json
+    python benchmarks/realera_tinyworld.py                          # writes realera_tinyworld.json beside it
     python benchmarks/realera_tinyworld.py --settings tinyworld --concepts circle
 """
 

@@ -261,7 +261,7 @@ def test_sdxl_shapes():
 
 # ------------------------------------------------------------------------------------------------ tinyworld
 def test_tinyworld_circle_is_gone_and_other_shapes_stay(tinyworld_pipe, judge):
-    """Judged on tinyworld (the full protocol, each stage alone and both: benchmarks/trce_tinyworld.py): circle is
+    """Judged on tinyworld (each stage alone and both are measured by a benchmark script still to be committed): circle is
     gone under its name, its trained synonym ("disc") and its held-out one ("round shape"); the other shapes are
     still drawn. Stage 2 runs 30 of the preset's 100 steps, and 8 of the grid's 24 circle scenes are judged, to keep
     the test short."""
