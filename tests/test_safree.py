@@ -234,9 +234,14 @@ def test_pipeline_class_verbs_and_export_refusals(tmp_path):
         merge.merge([adapter, adapter])
 
 
-def test_other_encoder_widths_are_refused(pipes):
+def test_other_encoder_widths_and_bad_records_are_refused(pipes):
+    adapter = dataclass_replace(guard(pipes["sdxl"]), fingerprint={})
     with pytest.raises(AdapterMismatchError, match="widths"):
-        compose.load(pipes["sd1"], dataclass_replace(guard(pipes["sdxl"]), fingerprint={}))
+        compose.load(pipes["sd1"], adapter)
+    with pytest.raises(AdapterError, match="needs 'alpha'"):
+        compose.load(pipes["sd1"], dataclass_replace(adapter, guard={**adapter.guard, "alpha": "high"}))
+    with pytest.raises(AdapterError, match="unknown guard rule 'oracle'"):
+        compose.load(pipes["sd1"], dataclass_replace(adapter, guard={"rule": "oracle"}))
     assert compose.list_erasures(pipes["sd1"]) == []
 
 

@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..adapter import GUARD_RULES, Adapter
+from ..adapter.spec import check_guard
 from ..errors import AdapterError, AdapterMismatchError
 
 #: encodes inner token-id lists to the pipeline's context rows (B, L, D): BOS + ids + EOS, padded to the longest
@@ -263,6 +264,7 @@ assert set(GUARDS) == set(GUARD_RULES)
 
 def build_guard(adapter: Adapter, name: str, widths: Sequence[int]):
     """The runtime of guard adapter ``adapter``; AdapterError for an unknown rule or parameters that do not fit."""
+    check_guard(adapter.guard, f"erasure {name!r}")  # the record's field types (as a reader checks them)
     rule = adapter.guard.get("rule")
     if rule not in GUARDS:
         raise AdapterError(f"erasure {name!r}: unknown guard rule {rule!r}; this erasekit applies {tuple(GUARDS)}")
