@@ -18,10 +18,13 @@ judge on
   success rate, pre-attack successes counted.
 
 Rows are written after each is done (rerunning skips rows already in the file). The SD 1.5 closed-form erase time
-is measured by ``erasekit.bench.perf.closed_form`` (its ``realera_1_concept_closed_form`` case).
+is measured by ``erasekit.bench.perf.closed_form`` (its ``realera_closed_form_*`` cases, beside UCE's);
+``--sd15-perf`` copies such a run's UCE and RealEra cases into this file.
 
     python benchmarks/realera_tinyworld.py                          # writes realera_tinyworld.json beside it
     python benchmarks/realera_tinyworld.py --settings tinyworld --concepts circle
+    python -m erasekit.bench.perf.closed_form --zero-init --out /tmp/perf.json
+    python benchmarks/realera_tinyworld.py --sd15-perf /tmp/perf.json
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--sd15-perf", help="a closed_form perf JSON whose UCE and RealEra cases to record")
     args = parser.parse_args()
     torch.set_num_threads(1)  # CPU threads beyond the free cores slow torch down badly
     check_phrasings()
@@ -131,16 +135,17 @@ def main() -> None:
 
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.is_file() else {"bars": BARS, "rows": []}
+    if args.sd15_perf:
+        perf = json.loads(Path(args.sd15_perf).read_text())
+        data["sd15_closed_form_perf"] = {k: perf[k] for k in ("model", "run", "unet_init", "results", "cpu_count",
+                                                               "load_average_before", "load_average_after", "note")}
+        save(data, out)
+        return
     data.update(run=run_record(), heldout_phrasings=list(HELDOUT_PHRASINGS))
     done = {(r["method"], r["concept"], r["settings"]) for r in data["rows"]}
     pipe = erasekit.load_pipeline()
     judge = tinyworld.load_judge()
     seeds = tuple(args.seeds)
-
-    def save():
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(out)
 
     def measure(concept: str) -> dict:
         r = erasure(pipe, judge, concept, seeds=seeds).as_dict()
@@ -151,7 +156,7 @@ def main() -> None:
     for concept in args.concepts:
         if ("base", concept, "-") not in done:
             data["rows"].append({"method": "base", "settings": "-", **measure(concept)})
-            save()
+            save(data, out)
     base = {r["concept"]: r for r in data["rows"] if r["method"] == "base"}
     for setting in args.settings:
         for concept in args.concepts:
@@ -179,12 +184,18 @@ def main() -> None:
                                            and r["synonym_rate"] <= BARS["synonym_rate_max"]
                                            and drop <= BARS["other_accuracy_drop_max"])
                 data["rows"].append(r)
-                save()
+                save(data, out)
                 print(f"{setting:9s} {method:7s} {concept:8s} canonical {r['canonical_rate']:.3f} synonyms "
                       f"{r['synonym_rate']:.3f} held-out {r['heldout_rate']:.3f} paraphrase ASR "
                       f"{r['paraphrase_asr']:.3f} drop {drop:+.3f} ({seconds:.1f} s)", flush=True)
     data["comparison"] = compare(data["rows"])
-    save()
+    save(data, out)
+
+
+def save(data: dict, out: Path) -> None:
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(out)
 
 
 def compare(rows: list[dict]) -> list[dict]:
