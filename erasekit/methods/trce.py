@@ -14,9 +14,9 @@ keys (every token) to their own values, for each edited projection W (``attn2.to
 
 (n pairs, m preserve prompts, s_p = ``preserve_scale``) — UCE's Eq. 7 with per-key weights, solved by
 :func:`erasekit.methods.uce.solve` (W' = W_old (I + P Qᵀ), one d×d solve for all layers). The preserve prompts
-enter only through Σ c_p c_pᵀ, accumulated batch by batch into d×d (as the reference caches them). The reference sets λ = 0
-and gets an invertible system from cached MS-COCO statistics it ships separately; erasekit has no such cache, so
-λ > 0 by default (λ = 0 works when the preserve prompts span the context space).
+enter only through Σ c_p c_pᵀ, accumulated batch by batch into d×d (as the reference caches them). The reference
+sets λ = 0 and gets an invertible system from cached MS-COCO statistics it ships separately; erasekit has no such
+cache, so λ > 0 by default (λ = 0 works when the preserve prompts span the context space).
 
 **Stage 2, early steps (trained).** The sampling trajectory is nearly fixed after the early steps, so only those
 are steered. x_t is drawn from the *original* model's DDIM rollout (CFG ``start_guidance``) on an unsafe prompt e,
@@ -31,7 +31,9 @@ by a triplet hinge (per sample, d = mean squared error; m = ``margin``, β = ``b
     L_c(ε) = max(0, β (d(ε, ε⁺) − d(ε, ε⁻) + m)),    L_target = ½ (L_c(ε_θ(x_t, e)) + L_c(ε_θ(x_t, ∅)))
 
 plus the regularisation ``regularization_weight`` · ||ε_θ(x_r, ∅) − ε₁(x_r, ∅)||² on the original model's
-unconditional trajectories x_r at any step, ε₁ being the stage-1 model (the reference's ``unet_reg``). The student is
+unconditional trajectories x_r at any step, ε₁ being the stage-1 model (the reference's ``unet_reg``); with
+``preserve_weight`` (not in the paper) also ``preserve_weight`` · ||ε_θ(x_r, p) − ε₁(x_r, p)||² for one preserve
+prompt p per sample (the tinyworld preset's, as ESD-x's there: the deltas act on every prompt). The student is
 the original UNet + stage-1 deltas + trainable low-rank deltas on ``train_modules`` (the reference fine-tunes every
 ``attn1`` weight and ``attn2.to_q`` in full), trained on the shared loop (:func:`erasekit.methods.trainer.train`);
 one UNet serves as student, stage-1 model and original (hooks switched off).
@@ -114,6 +116,10 @@ class TrceConfig:
         max_early_step: x_t is drawn after k ~ U{0..max_early_step} DDIM steps (the reference: 25 of 50).
         regularization_weight: weight of the unconditional regularisation on unconditional trajectories (100).
         regularization_batch_size: unconditional x_r samples per step (4).
+        preserve_weight: weight of a term the paper does not have: on the same x_r, the conditional prediction of
+            one preserve prompt per sample is held to the stage-1 model's (0 = the paper's loss). Stage 2's deltas
+            act on every prompt at every step; on tinyworld, without it, erasing red costs the other colours 34
+            points (benchmarks/trce_tinyworld.json).
         start_guidance: classifier-free guidance of the rollout that produces x_t (the reference's 3).
         num_inference_steps: DDIM steps of the rollouts (the reference's 50).
         iterations: optimisation steps (the reference: 3 epochs × 100 trajectories = 300).
@@ -141,6 +147,7 @@ class TrceConfig:
     max_early_step: int = 25
     regularization_weight: float = 100.0
     regularization_batch_size: int = 4
+    preserve_weight: float = 0.0
     start_guidance: float = 3.0
     num_inference_steps: int = 50
     iterations: int = 300
@@ -162,7 +169,7 @@ class TrceConfig:
             raise ConfigError("train_modules is empty")
         uce.positive(self, "beta")
         uce.positive(self, "preserve_scale", "lam", "target_guidance", "margin", "regularization_weight",
-                     strict=False)
+                     "preserve_weight", strict=False)
         if self.regularization_batch_size < 1:
             raise ConfigError(f"regularization_batch_size must be ≥ 1, got {self.regularization_batch_size}")
         if not 0 <= self.max_early_step < self.num_inference_steps:
@@ -201,18 +208,15 @@ def stage1_keys(pipe, config: TrceConfig, pairs) -> tuple[uce.Keys, torch.Tensor
         emb = text.last_token_embeddings(pipe, unique, offset=1)
         pick = lambda prompts: emb[torch.tensor([row[p] for p in prompts], device=emb.device)]  # noqa: E731
         erase, guide = pick(unsafe), pick(safe)
-        per_prompt = 1
     else:  # every token, to its aligned token of the safe prompt
         emb = text.encode_prompts(pipe, unique)
         erase = torch.cat([emb[row[e]] for e in unsafe])
         guide = torch.cat([emb[row[s]][torch.tensor(text.align_tokens(pipe, e, s), device=emb.device)]
                            for e, s in pairs])
-        per_prompt = emb.shape[1]
     kept = preserve_prompts(config)
     preserve = preserve_basis(pipe, kept) if kept else erase.new_zeros(0, erase.shape[1])
     w_erase = torch.full((len(erase),), 1.0 / len(pairs), dtype=torch.float64)
     w_preserve = torch.full((len(preserve),), config.preserve_scale / max(1, len(kept)), dtype=torch.float64)
-    assert len(erase) == per_prompt * len(pairs)
     return uce.Keys(erase, guide, preserve), w_erase, w_preserve
 
 
@@ -286,7 +290,8 @@ def triplet(anchor: torch.Tensor, preferred: torch.Tensor, rejected: torch.Tenso
 def objective(pipe, config: TrceConfig, pairs, stage1: list[lora.Deltas]) -> Callable:
     """``loss_for(deltas) -> loss_fn(step, generator)``: stage 2's loss of one step (module docstring)."""
     unet = pipe.unet
-    conds, uncond = encode(pipe, [e for e, _ in pairs] + [s for _, s in pairs], config.resolution)
+    kept = preserve_prompts(config) if config.preserve_weight else []
+    conds, uncond = encode(pipe, [e for e, _ in pairs] + [s for _, s in pairs] + kept, config.resolution)
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config.batch_size, config.resolution)
     reg_shape = latent_shape(pipe, config.regularization_batch_size, config.resolution)
@@ -306,20 +311,26 @@ def objective(pipe, config: TrceConfig, pairs, stage1: list[lora.Deltas]) -> Cal
             rejected = (e_unsafe + g * (e_unsafe - e_null)).repeat(2, 1, 1, 1)
             student = predict(unet, torch.cat([x, x]), t, Cond.cat([unsafe, null])).float()
             loss = triplet(student, preferred, rejected, config.margin, config.beta).mean()
-            if not config.regularization_weight:
+            if not (config.regularization_weight or kept):
                 return loss
             m = reg_shape[0]
             nulls = uncond.repeat(m)
             k = int(torch.randint(config.num_inference_steps, (), generator=gen))
-            with torch.no_grad():
-                with disabled(deltas, *stage1):  # the original model's unconditional trajectory (one pass per step)
-                    x_r = torch.randn(reg_shape, generator=gen).to(scheduler.timesteps.device, nulls.hidden.dtype)
-                    x_r, t_r = guided_steps(lambda x2, t: predict(unet, x2[:m], t, nulls).repeat(2, 1, 1, 1),
-                                            scheduler, x_r * scheduler.init_noise_sigma, 1.0, k)
-                with deltas.disabled():  # the stage-1 model
-                    held = predict(unet, x_r, t_r, nulls).float()
-            kept = predict(unet, x_r, t_r, nulls).float()
-            return loss + config.regularization_weight * (kept - held).pow(2).mean()
+            with torch.no_grad(), disabled(deltas, *stage1):  # the original model's unconditional trajectory
+                x_r = torch.randn(reg_shape, generator=gen).to(scheduler.timesteps.device, nulls.hidden.dtype)
+                x_r, t_r = guided_steps(lambda x2, t: predict(unet, x2[:m], t, nulls).repeat(2, 1, 1, 1),
+                                        scheduler, x_r * scheduler.init_noise_sigma, 1.0, k)  # one pass per step
+            held = [nulls]  # the unconditional prediction, and with preserve_weight one preserve prompt per sample
+            if kept:
+                drawn = torch.randint(len(kept), (m,), generator=gen).tolist()
+                held.append(Cond.cat([conds[2 * count + r] for r in drawn]))
+            parts = len(held)
+            x_r, held = torch.cat([x_r] * parts), Cond.cat(held)
+            with torch.no_grad(), deltas.disabled():  # the stage-1 model
+                target = predict(unet, x_r, t_r, held).float().chunk(parts)
+            student = predict(unet, x_r, t_r, held).float().chunk(parts)
+            loss = loss + config.regularization_weight * (student[0] - target[0]).pow(2).mean()
+            return loss + config.preserve_weight * (student[-1] - target[-1]).pow(2).mean() if kept else loss
 
         return loss_fn
 

@@ -5,12 +5,14 @@
 
 Cases: UCE with 1 concept; UCE with 100 concepts and 500 preserve prompts (one joint solve); RealEra's closed-form
 part (``iterations=0``: its K = 8 mined neighbour encodings per erase prompt and B = 4 per preserve prompt, then the
-same solve) on both, reported without targets (its LoRA stage trains as ESD does: see ``train_memory``). Times exclude
+same solve) on both, reported without targets (its LoRA stage trains as ESD does: see ``train_memory``); TRCE's
+stage 1 alone (its closed-form [EoT] remap) with 1 concept in the reference's 15 templates; SAFREE's guard (the
+concept subspace: no weights change) for 1 concept. Times exclude
 model building; they include everything ``erasekit.erase`` does (prompt encoding, the D×D solve, the per-layer
 factors, the base fingerprint). Prompts are made of tinyworld words, which the test tokenizer keeps as one token
 each, like CLIP's BPE does for common words. Reported: wall and CPU seconds per case (best and median of
 ``--repeats``), a breakdown of the 100-concept case, peak RSS (``resource.getrusage``), torch threads and the load
-average, since other work on the machine slows the wall clock. Targets: ≤ 2 s (1 concept), ≤ 60 s (100 + 500).
+average, since other work on the machine slows the wall clock. Targets: ≤ 2 s (1 concept, UCE or TRCE), ≤ 60 s (100 + 500).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from erasekit.methods import text, uce
 from erasekit.testing import real_shape_pipeline, sd15_unet, sdxl_unet
 from erasekit.tinyworld.world import BACKGROUNDS, COLOURS, SHAPES, TEXTURES
 
-TARGETS_S = {"uce_1_concept": 2.0, "uce_100_concepts_500_preserve": 60.0}
+TARGETS_S = {"uce_1_concept": 2.0, "uce_100_concepts_500_preserve": 60.0, "trce_stage1_1_concept": 2.0}
 
 
 def log(message: str) -> None:
@@ -122,6 +124,14 @@ def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json") -> dic
         adapter = run.pop("_result")
         results[name] = {**run, **{k: adapter.info[k] for k in ("rank", "erase_keys", "preserve_keys")}}
         log(f"{name}: {results[name]}")
+    trce = timed(lambda: erase(pipe, "trce", ["crimson disc"], stages=("cross_attention",)), args.repeats)
+    stage1 = trce.pop("_result").info["cross_attention"]
+    results["trce_stage1_1_concept"] = {**trce, "rank": stage1["rank"], "erase_keys": stage1["erase_keys"]}
+    log(f"trce stage 1, 1 concept: {results['trce_stage1_1_concept']}")
+    guard = timed(lambda: erase(pipe, "safree", ["crimson disc"]), args.repeats)
+    rank = guard.pop("_result").info["subspace_rank"]
+    results["safree_1_concept"] = {**guard, "subspace_rank": rank}
+    log(f"safree, 1 concept: {results['safree_1_concept']}")
     rss_after = peak_rss_mb()
 
     # breakdown (one run of each step)
