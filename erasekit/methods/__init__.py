@@ -48,6 +48,10 @@ TINYWORLD_SAFREE = {"mask_token_id": -1, "alpha": 0.04, "project": "following", 
 
 #: RealEra's LoRA stage on tinyworld (the closed-form part takes UCE's tinyworld settings above): tinyworld-sized
 #: rollouts and steps, as ESD-x's preset (the paper's hyper-parameters are not published).
+#: Against UCE (issue 23, benchmarks/realera_tinyworld.json) this preset leaks less on red only: on circle the closed
+#: form already meets the LoRA's target (loss 0.0019 -> 0.0018 in 100 steps) and the steps add leak (200 steps: 2.1 %
+#: canonical), on striped the mined closed form alone leaks more than UCE. 16 neighbours with lr 3e-4 tie UCE on
+#: circle and red and still lose on striped (canonical 10.4 % vs 9.7 %); no preset tried beat UCE on every measure.
 TINYWORLD_REALERA = {"iterations": 100, "lr": 1e-3, "batch_size": 4, "num_inference_steps": 10}
 #: TRCE on tinyworld: 10-step rollouts as its generation (the early steps: the first 5, as the reference's first 25
 #: of 50), the synonyms but the last as implied terms, the siblings preserved; lr 5e-3 (the paper's 300 steps at
