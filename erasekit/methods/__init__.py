@@ -42,8 +42,12 @@ TINYWORLD_ESD_X = {"preserve_related": True, "preserve_weight": 1.0, "iterations
 #: circles, so the rows from the trigger on are projected. Masking a token by its id 0 (a word fragment there, not
 #: CLIP's "!") flags noise: the token is deleted instead, and α = 0.04 then flags the circle words and no token of
 #: the other shapes' prompts. β of flagged prompts is 0.24–0.29 there, where the authors' midpoint (5.333, fit to
-#: CLIP's β over 50 steps) gives t' = 0, one step of 10: the midpoint is 2.0 (t' = 9–10).
-TINYWORLD_SAFREE = {"mask_token_id": -1, "alpha": 0.04, "project": "following", "svf_midpoint": 2.0}
+#: CLIP's β over 50 steps) gives t' = 0, one step of 10: the midpoint is 2.0 (t' = 9–10). The re-attention raises
+#: the first decoder block's low frequencies (s1 = 2.0; the authors' 0.9 leaves 31 % of circle prompts circles, 1.5–2.0
+#: the fewest, 3.0 more again; s2 = 0.2 is best among 0–1). A subspace of the concept prompt's rows
+#: (``subspace="tokens"``, rank 2) leaves 12.5 % but flags other shapes' prompts (24 points dropped).
+TINYWORLD_SAFREE = {"mask_token_id": -1, "alpha": 0.04, "project": "following", "svf_midpoint": 2.0,
+                    "reattention_s1": 2.0}
 
 
 #: RealEra's LoRA stage on tinyworld (the closed-form part takes UCE's tinyworld settings above): tinyworld-sized
