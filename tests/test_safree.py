@@ -305,7 +305,7 @@ def test_tinyworld_guard_removes_most_circles_and_keeps_other_shapes(tinyworld_p
     prompts and 6 of their 16 synonym prompts (the base model: all of them), and the other shapes' prompts are drawn
     as without the guard (none of their tokens is a trigger: their rows pass bit for bit). These bounds are what
     the guard does, not the issue's bars: the full protocol (4 seeds × the grid, benchmarks/safree_tinyworld.py)
-    measures 18.8 % / 25.0 % (bars: 10 % / 20 %)."""
+    measures 8.3 % / 14.6 % (bars: 10 % / 20 %)."""
     from erasekit.generate import generate
     from erasekit.tinyworld.eval import standard_grid
     from erasekit.tinyworld.world import SHAPES
