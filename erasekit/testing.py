@@ -193,21 +193,9 @@ def sd15_text_encoder(tokenizer=None, dtype: torch.dtype = torch.float32):
 def cpu_launch(processes: int = 2) -> tuple[list[str], dict]:
     """The command prefix and environment that start ``processes`` CPU processes on this machine with accelerate's
     launcher (they talk over gloo), for tests of erasekit's multi-process paths: ``subprocess.run([*prefix,
-    "script.py"], env=env)`` or ``[*prefix, "-m", "erasekit.cli", "bench", ...]``.
+    "script.py"], env=env)`` or ``[*prefix, "-m", "erasekit.cli", "bench", ...]``
+    (:func:`erasekit.core.processes.local_launch`, one thread per process: tests run beside each other)."""
+    from .core.processes import local_launch
 
-    ``accelerate launch --cpu`` starts its processes through ``mpirun`` only (without ``--mpirun_hostfile`` it
-    starts one), so this uses accelerate's torchrun launcher (``--multi_gpu``) with CUDA hidden; a free port keeps
-    concurrent launches apart, and one thread per process keeps them from competing for the cores.
-    """
-    import os
-    import socket
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    prefix = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-              "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    return prefix, env
+    prefix, env = local_launch(processes, cpu=True)
+    return prefix, {**env, "OMP_NUM_THREADS": "1"}

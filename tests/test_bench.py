@@ -178,6 +178,50 @@ def test_cli_bench_errors(tmp_path, capsys):
         assert "torch sees no CUDA device" in capsys.readouterr().err
 
 
+def test_cli_bench_processes(monkeypatch, capsys):
+    """`--processes auto` is one process per CPU core (capped) and one on a GPU or under a launcher; the processes
+    it starts get the same bench arguments; a bad selection is refused once, before any process starts."""
+    from erasekit.cli import build_parser
+    from erasekit.cli.commands import MAX_LOCAL_PROCESSES, bench_argv, bench_processes
+    from erasekit.core import processes
+
+    parse = lambda *a: build_parser("bench").parse_args(["bench", *a])  # noqa: E731
+    monkeypatch.setattr(processes, "cpu_cores", lambda: 2)
+    for name in processes.WORLD_SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert bench_processes(parse("--quick", "--device", "cpu")) == 2
+    assert bench_processes(parse("--device", "cpu", "--processes", "1")) == 1
+    assert bench_processes(parse("--device", "cpu", "--processes", "3")) == 3
+    assert bench_processes(parse("perf", "--device", "cpu")) == 1
+    monkeypatch.setattr(processes, "cpu_cores", lambda: 64)
+    assert bench_processes(parse("--device", "cpu")) == MAX_LOCAL_PROCESSES
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert bench_processes(parse("--device", "cpu", "--processes", "4")) == 1  # launched: the launcher's processes
+    args = parse("--quick", "--methods", "uce", "spm", "--attacks", "p4d", "--entries", "shape", "--out-dir", "b",
+                 "--work", "w", "--device", "cpu", "--processes", "2")
+    again = parse(*bench_argv(args)[1:])
+    assert {k: v for k, v in vars(again).items() if k != "processes"} == {
+        k: v for k, v in vars(args).items() if k != "processes"}
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["bench", "--quick", "--methods", "nope", "--processes", "2"]) == 2
+    err = capsys.readouterr()
+    assert "unknown method 'nope'" in err.err and "processes share" not in err.out
+    assert main(["bench", "--processes", "0"]) == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_rows_are_dealt_longest_first_to_the_least_loaded_process():
+    from erasekit.bench.shards import deal, longest_first
+
+    keys = ["a", "b", "c", "d", "e"]
+    assert [deal(keys, r, 2) for r in (0, 1)] == [{"a", "c", "e"}, {"b", "d"}]  # no times: in turn
+    seconds = {"a": 10.0, "b": 1.0, "c": 9.0, "d": 2.0}  # "e" unknown: as long as the longest
+    shares = [deal(keys, r, 3, seconds) for r in range(3)]
+    assert shares == [{"a", "b"}, {"e"}, {"c", "d"}]
+    assert set().union(*shares) == set(keys) and sum(map(len, shares)) == len(keys)
+    assert deal([], 0, 2, seconds) == set() and deal(keys, 0, 1, seconds) == set(keys)
+    assert longest_first(keys, seconds) == ["a", "e", "c", "d", "b"] and longest_first(keys, {}) == keys
+
+
 def test_table_of_empty_results_names_every_method():
     md = table({"budget": {"name": "quick"}, "run": {}, "rows": {}})
     assert all(f"method {m}" in md for m in METHODS)

@@ -1,8 +1,9 @@
 """The bench's rows split over processes (``accelerate launch -m erasekit.cli bench``, ``torchrun``): which rows a
 process makes, the file of its finished rows, and the merge into the one results file the main process writes.
 
-The rows still to make (those no results file of the cache holds with the same config) are dealt in turn, row
-``i`` to process ``i mod N``; the list is the main process's (read before any process writes; on machines that do
+The rows still to make (those no results file of the cache holds with the same config) are dealt longest first,
+each to the process with the least expected time so far (a row's time is the one the last results file recorded);
+each process makes its rows longest first; the list and the times are the main process's (read before any process writes; on machines that do
 not share the cache, another process may find one of its rows done in its own cache and send that), so the split
 is the same everywhere. A process appends each row it finishes to its own file in the cache,
 ``<results>.rank<k>.json`` (atomically; a resumed run, with any number of processes, adopts those rows as it adopts
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from ..core import processes
 from ..core.files import atomic_write
@@ -27,9 +28,28 @@ def rank_file(state: Path, rank: int) -> Path:
     return state.with_name(f"{state.stem}.rank{rank}.json")
 
 
-def deal(keys: Sequence[str], rank: int, count: int) -> set[str]:
-    """The rows (``keys`` of the rows still to make, in suite order) that process ``rank`` of ``count`` makes."""
-    return set(list(keys)[rank::count])
+def longest_first(keys: Sequence[str], seconds: Mapping[str, float]) -> list[str]:
+    """``keys`` by their expected time, longest first (a row without one counts as the longest known; equal times
+    keep their order)."""
+    longest = max(seconds.values(), default=1.0)
+    return sorted(keys, key=lambda k: -float(seconds.get(k, longest)))
+
+
+def deal(keys: Sequence[str], rank: int, count: int, seconds: Mapping[str, float] | None = None) -> set[str]:
+    """The rows (``keys`` of the rows still to make, in suite order) that process ``rank`` of ``count`` makes: in
+    turn (row ``i`` to process ``i mod count``), or with ``seconds`` (a row's expected time, e.g. from the last
+    results file) the longest rows first (:func:`longest_first`), each to the process with the least time so far
+    (ties: the lowest rank)."""
+    keys = list(keys)
+    if seconds is None:
+        return set(keys[rank::count])
+    longest = max(seconds.values(), default=1.0)
+    load, share = [0.0] * count, [[] for _ in range(count)]
+    for key in longest_first(keys, seconds):
+        k = min(range(count), key=lambda i: (load[i], i))
+        load[k] += float(seconds.get(key, longest))
+        share[k].append(key)
+    return set(share[rank])
 
 
 def save_rank_rows(state: Path, rank: int, results: dict, made: Sequence[str]) -> None:
@@ -59,4 +79,4 @@ def remove_rank_files(state: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-__all__ = ["deal", "merge", "rank_file", "remove_rank_files", "save_rank_rows"]
+__all__ = ["deal", "longest_first", "merge", "rank_file", "remove_rank_files", "save_rank_rows"]

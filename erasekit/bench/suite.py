@@ -277,6 +277,38 @@ def _rows_of_other_runs(work: Path, state: Path, spec: Budget) -> dict:
     return rows
 
 
+def check_selection(budget: str | Budget = "quick", methods: Sequence[str] | None = None,
+                    attacks: Sequence[str] | None = None, entries: Sequence[str] | None = None) -> None:
+    """A :class:`ConfigError` naming the first unknown budget, method, attack or suite entry (before any work)."""
+    from ..attacks import ATTACKS
+
+    if not isinstance(budget, Budget) and budget not in BUDGETS:
+        raise ConfigError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    for m in methods or ():
+        if m not in METHODS:
+            raise ConfigError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    for a in attacks or ():
+        if a not in ATTACKS:
+            raise ConfigError(f"unknown attack {a!r}; choose from {', '.join(ATTACKS)}")
+    names = [e.name for e in SUITE]
+    for e in entries or ():
+        if e not in names:
+            raise ConfigError(f"unknown suite entry {e!r}; choose from {', '.join(names)}")
+
+
+def check_model(model=None, device: str = "auto"):
+    """The pipeline of ``model`` (default: the packaged tinyworld), or a :class:`ConfigError` if it is not a
+    tinyworld model (the suite's judge knows tinyworld's concepts only)."""
+    from ..loading import load_pipeline
+    from ..tinyworld import is_tinyworld
+
+    pipe = load_pipeline(model, device=device)
+    if not is_tinyworld(pipe):
+        raise ConfigError("erasekit bench runs on a tinyworld model (its judge knows the suite's concepts); "
+                          "use `erasekit bench perf` for real-model shapes")
+    return pipe
+
+
 def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks", *, methods: Sequence[str] | None = None,
               attacks: Sequence[str] | None = None, entries: Sequence[str] | None = None, work_dir: str | Path | None = None, model=None,
               device: str = "auto", progress: bool = True) -> dict:
@@ -294,29 +326,13 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
         progress: show progress bars.
     """
     from ..attacks import ATTACKS
-    from ..loading import load_pipeline
-    from ..tinyworld import is_tinyworld
 
-    if not isinstance(budget, Budget) and budget not in BUDGETS:
-        raise ConfigError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    check_selection(budget, methods, attacks, entries)
     spec = budget if isinstance(budget, Budget) else BUDGETS[budget]
     budget = spec.name
     methods = [m for m in METHODS if m not in dict(spec.omitted)] if methods is None else list(methods)
     attacks = list(ATTACKS) if attacks is None else list(attacks)
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    for a in attacks:
-        if a not in ATTACKS:
-            raise ConfigError(f"unknown attack {a!r}; choose from {', '.join(ATTACKS)}")
-    names = [e.name for e in SUITE]
-    for e in entries or ():
-        if e not in names:
-            raise ConfigError(f"unknown suite entry {e!r}; choose from {', '.join(names)}")
-    pipe = load_pipeline(model, device=device)
-    if not is_tinyworld(pipe):
-        raise ConfigError("erasekit bench runs on a tinyworld model (its judge knows the suite's concepts); "
-                          "use `erasekit bench perf` for real-model shapes")
+    pipe = check_model(model, device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir else out_dir / f".bench-{budget}"
@@ -388,9 +404,15 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
     rank, world = int(proc.process_index), int(proc.num_processes)
     to_make = [f"{m}/{e.name}" for m, e, _, w in jobs if not finished(f"{m}/{e.name}", w)]
     # the main process's list decides (machines may not share the cache); every process has read before any writes
-    mine = shards.deal(processes.gather(proc, to_make)[0], rank, world)
+    to_make, seconds = processes.gather(proc, (to_make, _row_seconds(path, spec) if world > 1 else None))[0]
+    mine = shards.deal(to_make, rank, world, seconds)
+    order = list(range(len(jobs)))  # in suite order; shared, each process's longest rows first (a short tail)
+    if world > 1:
+        index = {f"{m}/{e.name}": i for i, (m, e, _, _) in enumerate(jobs)}
+        order = [index[key] for key in shards.longest_first(list(index), seconds or {})]
     busy, made = [], []
-    for i, (method, entry, options, made_with) in enumerate(jobs):
+    for i in order:
+        method, entry, options, made_with = jobs[i]
         key = f"{method}/{entry.name}"
         if adopt(key, made_with) or (world > 1 and key not in mine):  # done, or another process's row
             continue
@@ -431,6 +453,17 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
         raise BusyError(f"bench rows {', '.join(unfinished)} are being made by another erasekit bench on "
                         f"{str(work)!r}; rerun when it is done to add them")
     return results
+
+
+def _row_seconds(path: Path, spec: Budget) -> dict[str, float]:
+    """Each row's time in the budget's last results file beside ``path`` (what the rows are dealt by)."""
+    last = path.with_name("results.json" if spec.name == "quick" else f"results-{spec.name}.json")
+    try:
+        rows = json.loads(last.read_text()).get("rows", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {key: float(r["row_seconds"]) for key, r in rows.items()
+            if isinstance(r, dict) and isinstance(r.get("row_seconds"), (int, float))}
 
 
 def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, spec: Budget, job_dir: Path,

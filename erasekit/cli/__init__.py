@@ -16,12 +16,12 @@ import sys
 
 from ..errors import ConfigError, ErasekitError
 from .commands import (
-    audit_command, bench_command, demo_command, env_command, erase_command, erase_config, export_command,
+    MAX_LOCAL_PROCESSES, audit_command, bench_command, demo_command, env_command, erase_command, erase_config, export_command,
     fuse_command, generate_command, inspect_command, merge_command, printable, tinyworld_command,
 )
 from .types import (
     ADAPTER_WEIGHT_LIMIT, DEFAULT_OUT_DIR, IMAGE_SUFFIXES, SEED_MAX, Parser, adapter_arg, finite_float, in_file,
-    out_dir, out_file, positive_int, seed, text,
+    out_dir, out_file, positive_int, processes_count, seed, text,
 )
 
 EXAMPLES = {
@@ -55,7 +55,7 @@ EXAMPLES = {
   erasekit tinyworld train --out ./tinyworld --work ./tinyworld-work   # ~47 min on 2 CPU cores, resumable""",
     "env": "example:\n  erasekit env",
     "bench": """examples:
-  erasekit bench --quick                     # every method (but advunlearn-fast) on the tinyworld suite, ~13 min on 2 CPU cores
+  erasekit bench --quick                     # every method (but advunlearn-fast) on the tinyworld suite, one process per core
   erasekit bench                             # the full suite (every entry, every attack)
   OMP_NUM_THREADS=1 erasekit bench --entries shape colour &  OMP_NUM_THREADS=1 erasekit bench --entries texture multi
                                              # the full suite as two processes sharing one cache; then
@@ -237,6 +237,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="cache of adapters and audits (default: OUT_DIR/.bench-BUDGET)")
     b.add_argument("--model", default=None, help="a tinyworld model folder (default: the packaged one)")
     b.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    b.add_argument("--processes", default="auto", type=processes_count,
+                   help="suite: processes that share the rows on this machine (auto: one per CPU core, at most "
+                        f"{MAX_LOCAL_PROCESSES}, on a CPU; one on a GPU; under a launcher, the launcher's)")
 
     sub.add_parser("env", help="versions and devices, for bug reports", epilog=EXAMPLES["env"], formatter_class=fmt)
     return parser

@@ -343,6 +343,39 @@ def env_command(args) -> int:
     return 0
 
 
+#: ``erasekit bench --processes auto`` on a CPU: one process per core, at most this many (each holds a model)
+MAX_LOCAL_PROCESSES = 8
+
+
+def bench_processes(args) -> int:
+    """How many processes ``erasekit bench`` (the suite) runs on this machine: ``--processes``, or for "auto" one
+    per CPU core (≤ :data:`MAX_LOCAL_PROCESSES`) on a CPU and one on a GPU; a launched process is one of its
+    launcher's, and starts none."""
+    from ..core import processes
+    from ..core.device import resolve_device
+
+    if processes.launched() or args.target == "perf":
+        return 1
+    if args.processes != "auto":
+        return args.processes
+    if resolve_device(args.device).type != "cpu":
+        return 1
+    return max(1, min(MAX_LOCAL_PROCESSES, processes.cpu_cores()))
+
+
+def bench_argv(args) -> list[str]:
+    """The ``erasekit bench`` arguments of ``args`` (for the processes it starts)."""
+    argv = ["bench", args.target, "--out-dir", str(args.out_dir), "--device", args.device]
+    argv += ["--quick"] * args.quick
+    for flag in ("methods", "attacks", "entries"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", *getattr(args, flag)]
+    for flag in ("work", "model"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    return argv
+
+
 def bench_command(args) -> int:
     if args.only and args.target != "perf":
         raise ConfigError("--only names perf benchmarks: use it with `erasekit bench perf`")
@@ -354,6 +387,18 @@ def bench_command(args) -> int:
     from ..bench import run_suite, table
     from ..core import processes
 
+    count = bench_processes(args)
+    if count > 1:  # what the processes would each refuse, refused once here
+        from ..bench.suite import check_model, check_selection
+
+        check_selection("quick" if args.quick else "full", args.methods, args.attacks, args.entries)
+        check_model(args.model, args.device)
+    if count > 1:  # the rows shared by processes on this machine (erasekit.bench.shards), as a launcher would
+        import subprocess
+
+        prefix, env = processes.local_launch(count, cpu=True)
+        print(f"erasekit bench: {count} processes share the rows (--processes 1: one process)", flush=True)
+        return subprocess.run([*prefix, "-m", "erasekit.cli", *bench_argv(args)], env=env).returncode
     results = run_suite("quick" if args.quick else "full", args.out_dir, methods=args.methods, attacks=args.attacks,
                         entries=args.entries, work_dir=args.work, model=args.model, device=args.device)
     if processes.current().is_main_process:  # launched: the rows were split over the processes, one prints

@@ -41,6 +41,12 @@ def positive_int(value: str) -> int:
     return number(value, int, "an integer", lambda n: n >= 1, "must be at least 1, got {}")
 
 
+def processes_count(value: str) -> int | str:
+    """"auto" or an integer ≥ 1."""
+    return "auto" if value == "auto" else number(value, int, '"auto" or an integer', lambda n: n >= 1,
+                                                 "must be at least 1, got {}")
+
+
 def finite_float(value: str) -> float:
     """A number that is neither nan nor ±inf."""
     return number(value, float, "a number", math.isfinite, "must be a finite number, got {!r}")

@@ -105,6 +105,39 @@ def gather(state, obj: Any) -> list:
     return out
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def local_launch(count: int, cpu: bool = True) -> tuple[list[str], dict]:
+    """The command prefix and environment that start ``count`` processes on this machine with accelerate's
+    launcher (``[*prefix, "-m", "erasekit.cli", ...]``): on CPUs they talk over gloo, each with an equal share of
+    the cores as its threads; on GPUs, one per device.
+
+    ``accelerate launch --cpu`` starts its processes through ``mpirun`` only (without ``--mpirun_hostfile`` it
+    starts one), so CPU processes use accelerate's torchrun launcher (``--multi_gpu``) with CUDA hidden; a free port
+    keeps concurrent launches apart.
+    """
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
+              "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    env = dict(os.environ)
+    if cpu:
+        env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true",
+                   OMP_NUM_THREADS=str(max(1, cpu_cores() // count)))
+    return prefix, env
+
+
 @dataclass(frozen=True)
 class Part:
     """The rows of each step's global batch that one process computes, and the weight of its loss.
@@ -137,5 +170,5 @@ class Part:
 #: the whole batch on one process
 WHOLE = Part()
 
-__all__ = ["Part", "SingleProcess", "WAIT", "WHOLE", "all_sum", "alone", "current", "gather", "launched",
-           "local_cuda_index"]
+__all__ = ["Part", "SingleProcess", "WAIT", "WHOLE", "all_sum", "alone", "cpu_cores", "current", "gather", "launched",
+           "local_cuda_index", "local_launch"]
