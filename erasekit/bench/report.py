@@ -88,8 +88,9 @@ def table(results: dict) -> str:
         lines += ["", "Not in the table:", ""] + [f"- {k}: {v}" for k, v in missing.items()]
     total = sum(r.get("row_seconds", 0) for r in rows.values())
     if total:
-        lines += ["", f"Wall time: {total / 60:.1f} min for the rows above (erase + audit + generation timing; "
-                      "model loading excluded)."]
+        shared = f"; {results['processes']} processes shared them" if results.get("processes", 1) > 1 else ""
+        lines += ["", f"Row time: {total / 60:.1f} min, summed over the rows above (erase + audit + generation timing; "
+                      f"model loading excluded{shared})."]
     return "\n".join(lines) + "\n"
 
 

@@ -207,12 +207,15 @@ def _fill(template: str, word: str) -> str:
 
 def prompt_pairs(concepts, guides, preset: str = "none", templated_guides: bool = False) -> list[tuple[str, str]]:
     """(erase prompt, guide prompt) pairs: each concept and its templated forms, mapped to its guide (or, with
-    ``templated_guides``, to the same template filled with the guide)."""
+    ``templated_guides``, to the same template filled with the guide). A concept's templates never name another
+    erased concept: "a striped {}" among circle's would hold striped's keys where striped is erased too (the words
+    before a concept encode alike in the erase and guide prompts, so a templated guide keeps them)."""
     guides = tuple(guides) * len(concepts) if len(guides) == 1 else tuple(guides)
     pairs = []
     for c, g in zip(concepts, guides):
         pairs.append((c, g))
-        pairs += [(_fill(t, c), _fill(t, g) if templated_guides else g) for t in templates_for(c, preset)]
+        others = tuple(x for x in concepts if x != c)
+        pairs += [(_fill(t, c), _fill(t, g) if templated_guides else g) for t in templates_for(c, preset, avoid=others)]
     return pairs
 
 
