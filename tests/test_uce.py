@@ -217,6 +217,21 @@ def test_preserve_related_adds_the_siblings_on_tinyworld_only(tinyworld_pipe, pi
     assert uce.preserve_prompts(for_model(config, on_tinyworld(pipes["sd1"]))) == ["a tree", "square"]  # not a tinyworld model: as given
 
 
+def test_erase_templates_never_name_another_erased_concept():
+    """Erasing circle and striped together: none of circle's templated erase prompts names striped (or a synonym),
+    whose words there would hold striped's keys; one concept alone keeps every template."""
+    from erasekit.tinyworld.world import ATTRIBUTES
+
+    names = ATTRIBUTES["texture"]["striped"]
+    pairs = uce.prompt_pairs(("circle", "striped"), ("",), "tinyworld", templated_guides=True)
+    circle = [e for e, _ in pairs if "circle" in e]
+    assert len(circle) == 1 + len(uce.templates_for("circle", "tinyworld"))
+    assert not [e for e in circle if any(n in e.split() for n in names)]
+    alone = [e for e, _ in uce.prompt_pairs(("circle",), ("",), "tinyworld", templated_guides=True)]
+    assert alone == ["circle"] + [uce._fill(t, "circle") for t in uce.templates_for("circle", "tinyworld")]
+    assert any(n in e.split() for e in alone for n in names)  # the case the rule is for
+
+
 # ------------------------------------------------------------------------------------------------ merge
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_merge_equals_joint_solve(pipes, family):
