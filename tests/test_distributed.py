@@ -200,5 +200,6 @@ def test_the_parts_of_a_step_sum_to_the_whole_step(build):
     assert sum(loss for loss, _ in parts) == pytest.approx(whole, rel=1e-5)
     assert any(float(g.abs().max()) > 0 for g in grads)
     for g, g0, g1 in zip(grads, parts[0][1], parts[1][1]):
-        torch.testing.assert_close(g0 + g1, g, rtol=1e-4, atol=1e-7)
+        # float32 sums in another order (two threads split them too): within 1e-4 of the gradient's own scale
+        torch.testing.assert_close(g0 + g1, g, rtol=1e-4, atol=1e-4 * float(g.abs().max()) + 1e-12)
     assert abs(parts[0][0] - parts[1][0]) > 1e-9  # two different halves of the batch
