@@ -59,7 +59,7 @@ def main() -> None:
     import erasekit
     from erasekit import compose, tinyworld
     from erasekit.core.provenance import run_record
-    from erasekit.tinyworld.eval import erasure
+    from erasekit.tinyworld.eval import erasure, meets_bars
 
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.is_file() else {"bars": BARS, "rows": []}
@@ -100,9 +100,7 @@ def main() -> None:
             r.update(method=method, erase_seconds=round(seconds, 2), other_accuracy_drop=round(drop, 4),
                      config={k: v for k, v in adapter.config.items() if k != "concepts"},
                      **{k: adapter.info[k] for k in ("validation_rates", "kept_epoch") if k in adapter.info},
-                     meets_bars=bool(r["canonical_rate"] <= BARS["canonical_rate_max"]
-                                     and r["synonym_rate"] <= BARS["synonym_rate_max"]
-                                     and drop <= BARS["other_accuracy_drop_max"]))
+                     meets_bars=meets_bars(r, drop, BARS))
             data["rows"].append(r)
             save()
             print(f"{method:5s} {concept:8s} canonical {r['canonical_rate']:.3f} synonyms {r['synonym_rate']:.3f} "

@@ -131,7 +131,7 @@ def main() -> None:
     import erasekit
     from erasekit import compose, tinyworld
     from erasekit.core.provenance import run_record
-    from erasekit.tinyworld.eval import erasure
+    from erasekit.tinyworld.eval import erasure, meets_bars
 
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.is_file() else {"bars": BARS, "rows": []}
@@ -180,9 +180,7 @@ def main() -> None:
                                                                               "training", "closed_form_seconds")},
                          matched_preservation=bool(drop <= BARS["other_accuracy_drop_max"]))
                 if method == "realera" and setting == "tinyworld" and concept == "circle":
-                    r["meets_bars"] = bool(r["canonical_rate"] <= BARS["canonical_rate_max"]
-                                           and r["synonym_rate"] <= BARS["synonym_rate_max"]
-                                           and drop <= BARS["other_accuracy_drop_max"])
+                    r["meets_bars"] = meets_bars(r, drop, BARS)
                 data["rows"].append(r)
                 save(data, out)
                 print(f"{setting:9s} {method:7s} {concept:8s} canonical {r['canonical_rate']:.3f} synonyms "

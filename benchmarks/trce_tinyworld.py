@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     from erasekit import compose, tinyworld
     from erasekit.core.provenance import run_record
     from erasekit.methods.presets import resolve
+    from erasekit.tinyworld.eval import meets_bars
 
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.is_file() else {"bars": BARS, "rows": []}
@@ -163,9 +164,7 @@ def main(argv=None) -> int:
                      loss_first=training.get("loss_first"), loss_last=training.get("loss_last"),
                      config={k: v for k, v in adapter.config.items() if k not in ("concepts", "templates")},
                      load_average=[round(x, 2) for x in os.getloadavg()],
-                     meets_bars=bool(r["canonical_rate"] <= BARS["canonical_rate_max"]
-                                     and r["synonym_rate"] <= BARS["synonym_rate_max"]
-                                     and drop <= BARS["other_accuracy_drop_max"]))
+                     meets_bars=meets_bars(r, drop, BARS))
             data["rows"].append(r)
             save()
             print(f"{args.settings:10s} {variant:6s} {concept:8s} canonical {r['canonical_rate']:.3f} "

@@ -123,3 +123,13 @@ def test_train_refuses_bad_folders_before_creating_anything(tmp_path):
     with pytest.raises(ConfigError, match="must not be the out folder or inside it"):
         train(tmp_path / "out", tmp_path / "out" / "work", config)
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_meets_bars_holds_each_bound_inclusively():
+    from erasekit.tinyworld.eval import meets_bars
+
+    bars = {"canonical_rate_max": 0.1, "synonym_rate_max": 0.2, "other_accuracy_drop_max": 0.02}
+    assert meets_bars({"canonical_rate": 0.1, "synonym_rate": 0.2}, 0.02, bars)
+    assert not meets_bars({"canonical_rate": 0.11, "synonym_rate": 0.0}, 0.0, bars)
+    assert not meets_bars({"canonical_rate": 0.0, "synonym_rate": 0.21}, 0.0, bars)
+    assert not meets_bars({"canonical_rate": 0.0, "synonym_rate": 0.0}, 0.021, bars)

@@ -127,6 +127,14 @@ class ErasureResult:
         return dict(self.__dict__)
 
 
+def meets_bars(rates, drop: float, bars) -> bool:
+    """Whether an erasure's ``rates`` (``canonical_rate``, ``synonym_rate``: a dict or an :class:`ErasureResult`'s
+    dict) and preservation ``drop`` are within ``bars`` (``canonical_rate_max``, ``synonym_rate_max``,
+    ``other_accuracy_drop_max``): the shape of the issues' tinyworld bars."""
+    return bool(rates["canonical_rate"] <= bars["canonical_rate_max"] and rates["synonym_rate"] <= bars["synonym_rate_max"]
+                and drop <= bars["other_accuracy_drop_max"])
+
+
 def erasure(pipe, judge, concept: str, seeds=SEEDS, grid: list[Scene] | None = None, batch_size: int = 96,
             progress: bool = False, **gen) -> ErasureResult:
     """Judge ``pipe`` (with whatever adapters it has loaded) on the erased concept and on the rest.
