@@ -6,7 +6,8 @@ canonical prompts × seeds 0, 1 per concept, their synonyms, 16 prompts showing 
 
 A method is a registry name (one adapter erases the k concepts together) or ``NAME-composed`` (one adapter per
 concept, erased separately and loaded together; each concept's adapter is made once and reused for every k).
-Rows are written as they finish to ``benchmarks/scaling_tinyworld.json`` (resumable: the cache is
+Rows are written as they finish to ``benchmarks/scaling_tinyworld.json`` (resumable, and several methods may run
+side by side, one process each: a row is added to the file as it is then; the cache is
 ``benchmarks/.bench-scaling``), and the plot to ``benchmarks/scaling_tinyworld.png``: erased % (canonical and
 synonyms) and preservation drop against k, erase time and adapter size against k.
 """
@@ -93,6 +94,14 @@ def plot(results: dict) -> None:
     plt.close(fig)
 
 
+def save_row(results: dict, key: str) -> None:
+    """Write ``results`` with its row ``key`` into the file as it is now: runs of other methods side by side (one
+    process each) add their rows to the same file, and none drops another's."""
+    latest = json.loads(OUT.read_text()) if OUT.exists() else {}
+    results["rows"] = {**results["rows"], **latest.get("rows", {}), key: results["rows"][key]}
+    atomic_write(OUT, json.dumps(results, indent=1, default=str).encode())
+
+
 def main(methods: list[str]) -> dict:
     pipe = load_pipeline(None, device="cpu")
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
@@ -119,7 +128,7 @@ def main(methods: list[str]) -> dict:
                          "adapters": len(paths), **audited, "row_seconds": round(time.time() - started, 1),
                          "made": {f: results["run"].get(f) for f in ("date", "git_commit")},
                          "load_average": [round(x, 1) for x in os.getloadavg()], "config": made_with}
-            atomic_write(OUT, json.dumps(results, indent=1, default=str).encode())
+            save_row(results, key)
             plot(results)
             r = rows[key]
             print(f"  erased {r['erasure_rate']:.3f} (synonyms {r['paraphrase_erasure_rate']:.3f}), preservation "

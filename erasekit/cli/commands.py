@@ -388,15 +388,15 @@ def bench_command(args) -> int:
     from ..core import processes
 
     count = bench_processes(args)
-    if count > 1:  # what the processes would each refuse, refused once here
-        from ..bench.suite import check_model, check_selection
-
-        check_selection("quick" if args.quick else "full", args.methods, args.attacks, args.entries)
-        check_model(args.model, args.device)
     if count > 1:  # the rows shared by processes on this machine (erasekit.bench.shards), as a launcher would
         import subprocess
 
-        prefix, env = processes.local_launch(count, cpu=True)
+        from ..bench.suite import check_model, check_selection
+        from ..core.device import resolve_device
+
+        check_selection("quick" if args.quick else "full", args.methods, args.attacks, args.entries)  # refused
+        check_model(args.model, args.device)  # once here, not by every process
+        prefix, env = processes.local_launch(count, cpu=resolve_device(args.device).type == "cpu")
         print(f"erasekit bench: {count} processes share the rows (--processes 1: one process)", flush=True)
         return subprocess.run([*prefix, "-m", "erasekit.cli", *bench_argv(args)], env=env).returncode
     results = run_suite("quick" if args.quick else "full", args.out_dir, methods=args.methods, attacks=args.attacks,
