@@ -98,7 +98,7 @@ def save_row(results: dict, key: str) -> None:
     """Write ``results`` with its row ``key`` into the file as it is now: runs of other methods side by side (one
     process each) add their rows to the same file, and none drops another's."""
     latest = json.loads(OUT.read_text()) if OUT.exists() else {}
-    results["rows"] = {**results["rows"], **latest.get("rows", {}), key: results["rows"][key]}
+    results["rows"].update({k: row for k, row in latest.get("rows", {}).items() if k != key})  # in place
     atomic_write(OUT, json.dumps(results, indent=1, default=str).encode())
 
 
