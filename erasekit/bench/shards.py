@@ -2,14 +2,14 @@
 process makes, the file of its finished rows, and the merge into the one results file the main process writes.
 
 The rows still to make (those no results file of the cache holds with the same config) are dealt longest first,
-each to the process with the least expected time so far (a row's time is the one the last results file recorded);
-each process makes its rows longest first; the list and the times are the main process's (read before any process writes; on machines that do
-not share the cache, another process may find one of its rows done in its own cache and send that), so the split
-is the same everywhere. A process appends each row it finishes to its own file in the cache,
-``<results>.rank<k>.json`` (atomically; a resumed run, with any number of processes, adopts those rows as it adopts
-the rows of runs of other ``--entries``), and at the end the rows of every process are gathered (over
-``torch.distributed``, so the processes may run on different machines) and the main process writes the results,
-in the order one process would have made them. One process: none of this happens.
+each to the process with the least expected time so far (a row's time is the one the last results file recorded),
+and each process makes its rows longest first; the list and the times are the main process's (read before any
+process writes; on machines that do not share the cache, another process may find one of its rows done in its own
+cache and send that), so the split is the same everywhere. A process appends each row it finishes to its own file
+in the cache, ``<results>.rank<k>.json`` (atomically; a resumed run, with any number of processes, adopts those rows
+as it adopts the rows of runs of other ``--entries``), and at the end the rows of every process are gathered (over
+``torch.distributed``, so the processes may run on different machines) and the main process writes the results, in
+the order one process would have made them. One process: none of this happens.
 """
 
 from __future__ import annotations
@@ -28,11 +28,16 @@ def rank_file(state: Path, rank: int) -> Path:
     return state.with_name(f"{state.stem}.rank{rank}.json")
 
 
-def longest_first(keys: Sequence[str], seconds: Mapping[str, float]) -> list[str]:
-    """``keys`` by their expected time, longest first (a row without one counts as the longest known; equal times
-    keep their order)."""
+def expected(keys: Sequence[str], seconds: Mapping[str, float]) -> dict[str, float]:
+    """Each key's expected time: its ``seconds``, or the longest known for a row without one."""
     longest = max(seconds.values(), default=1.0)
-    return sorted(keys, key=lambda k: -float(seconds.get(k, longest)))
+    return {key: float(seconds.get(key, longest)) for key in keys}
+
+
+def longest_first(keys: Sequence[str], seconds: Mapping[str, float]) -> list[str]:
+    """``keys`` by their :func:`expected` time, longest first (equal times keep their order)."""
+    times = expected(keys, seconds)
+    return sorted(keys, key=lambda k: -times[k])
 
 
 def deal(keys: Sequence[str], rank: int, count: int, seconds: Mapping[str, float] | None = None) -> set[str]:
@@ -43,11 +48,11 @@ def deal(keys: Sequence[str], rank: int, count: int, seconds: Mapping[str, float
     keys = list(keys)
     if seconds is None:
         return set(keys[rank::count])
-    longest = max(seconds.values(), default=1.0)
+    times = expected(keys, seconds)
     load, share = [0.0] * count, [[] for _ in range(count)]
     for key in longest_first(keys, seconds):
         k = min(range(count), key=lambda i: (load[i], i))
-        load[k] += float(seconds.get(key, longest))
+        load[k] += times[key]
         share[k].append(key)
     return set(share[rank])
 
@@ -79,4 +84,4 @@ def remove_rank_files(state: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-__all__ = ["deal", "longest_first", "merge", "rank_file", "remove_rank_files", "save_rank_rows"]
+__all__ = ["deal", "expected", "longest_first", "merge", "rank_file", "remove_rank_files", "save_rank_rows"]

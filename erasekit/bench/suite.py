@@ -409,7 +409,7 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
     order = list(range(len(jobs)))  # in suite order; shared, each process's longest rows first (a short tail)
     if world > 1:
         index = {f"{m}/{e.name}": i for i, (m, e, _, _) in enumerate(jobs)}
-        order = [index[key] for key in shards.longest_first(list(index), seconds or {})]
+        order = [index[key] for key in shards.longest_first(list(index), seconds)]
     busy, made = [], []
     for i in order:
         method, entry, options, made_with = jobs[i]

@@ -57,8 +57,9 @@ EXAMPLES = {
     "bench": """examples:
   erasekit bench --quick                     # every method (but advunlearn-fast) on the tinyworld suite, one process per core
   erasekit bench                             # the full suite (every entry, every attack)
-  OMP_NUM_THREADS=1 erasekit bench --entries shape colour &  OMP_NUM_THREADS=1 erasekit bench --entries texture multi
-                                             # the full suite as two processes sharing one cache; then
+  OMP_NUM_THREADS=1 erasekit bench --processes 1 --entries shape colour &
+  OMP_NUM_THREADS=1 erasekit bench --processes 1 --entries texture multi
+                                             # the full suite as two runs sharing one cache; then
   erasekit bench                             # assembles their rows into benchmarks/results-full.json
   erasekit bench --quick --methods uce spm --attacks unlearndiffatk p4d
   accelerate launch --multi_gpu --num_processes 4 -m erasekit.cli bench    # 4 GPUs share the rows (README: Scale)
