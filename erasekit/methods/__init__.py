@@ -23,6 +23,7 @@ from . import spm  # trained: one-dimensional membranes
 from . import realera  # closed form + trained LoRA
 from . import safree  # inference-time guard (no weight changes)
 from . import trce  # closed form + trained: two-stage erasure
+from . import duge  # trained: continual unlearning, one concept after another
 
 
 #: closed-form settings on tinyworld, whose jointly trained text encoder spreads a concept over the tokens after
@@ -68,6 +69,10 @@ TINYWORLD_REALERA = {"iterations": 100, "lr": 1e-3, "batch_size": 4, "num_infere
 TINYWORLD_TRCE = {"implied_synonyms": True, "preserve_related": True, "num_inference_steps": 10, "max_early_step": 5,
                   "iterations": 100, "lr": 5e-3, "preserve_weight": 100.0}
 
+#: DUGE on tinyworld: ESD-x's tinyworld settings for each step (η = 2: the anchor-free target "∅" still draws the
+#: concept a share of the time on this model, so the target is pushed past it, as ESD's), the concept's siblings
+#: as the related concepts of the prior-preservation loss (benchmarks/continual_tinyworld.json).
+TINYWORLD_DUGE = {"negative_guidance": 2.0, "preserve_related": True, "iterations": 400}
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -157,6 +162,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("trce", trce, trce.TrceConfig,
                    summary="TRCE: closed-form [EoT] remap of cross-attention k/v, then contrastive early-step steering",
                    tinyworld=TINYWORLD_TRCE),
+        MethodSpec("duge", duge, duge.DugeConfig,
+                   summary="DUGE: continual unlearning, each step on top of the last (--continue-from), memory-regularized",
+                   tinyworld=TINYWORLD_DUGE),
     )
 }
 
