@@ -146,8 +146,8 @@ def test_memory_holds_earlier_prompts_but_not_the_new_concept():
 
 # ------------------------------------------------------------------------------------------------ loss
 def test_loss_terms(sd1, first):
-    """At the start (new deltas zero) the regularization and prior terms vanish and L = L_U; with η = 0 and no
-    anchor the target is φ_n's unconditional prediction."""
+    """At the start (new deltas zero) the regularization and prior terms vanish and L = L_U; once the deltas move,
+    they add to it."""
     _, path = first
     config = duge.DugeConfig(concepts=("dog",), continue_from=path, templates=("a photo of {}",),
                              preserve=("a bird",), **FAST)
