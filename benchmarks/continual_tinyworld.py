@@ -103,6 +103,20 @@ def step_entry(result: dict, base: dict, erased) -> dict:
     return {"erased": rates, "kept": kept, "meets": meets}
 
 
+def markdown(record: dict) -> str:
+    """The JSON as a table: one line per row and step (``--table``)."""
+    lines = ["| row | step | erased so far: seen, canonical (synonyms) | kept values' accuracy drop | train time | bars |",
+             "|---|---|---|---|---|---|"]
+    for row, data in record.get("rows", {}).items():
+        for s in data["steps"]:
+            seen = ", ".join(f"{c} {100 * r['canonical_rate']:.1f} % ({100 * r['synonym_rate']:.1f} %)"
+                             for c, r in s["erased"].items())
+            kept = ", ".join(f"{a} {100 * k['drop']:.1f} pts" for a, k in s["kept"].items())
+            lines.append(f"| {row} | {s['step']}: {s['concept']} | {seen} | {kept} | {s['train_minutes']:.1f} min | "
+                         f"{'✓' if s['meets'] else '✗'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sequence", nargs="+", default=list(SEQUENCE))
@@ -111,7 +125,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--work-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "erasekit-continual"),
                    help="where the adapters of the steps are kept (for resuming)")
+    p.add_argument("--table", action="store_true", help="print the JSON as a markdown table and exit")
     args = p.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
 
