@@ -32,9 +32,11 @@ losses, the paper's L = L_U + λ_pr L_pr + λ_reg L_reg:
   φ_n: ``‖ε_θ(x_t, ∅) − ε_φn(x_t, ∅)‖² + ‖ε_θ(x_t, q) − ε_φn(x_t, q)‖²`` for one remembered prompt q — the
   earlier erasures stay erased and prompts in general keep their predictions.
 
-No code was released with the paper (its repository, IAB-IITJ/Continual-Unlearning, is not reachable from
-here): the losses' placement (noise predictions rather than attention maps), the memory, the anchor and all
-weights are erasekit's reconstruction from the paper's description; the defaults are ESD's rollout settings.
+Reconstructed: the authors' code (github.com/IAB-IITJ/Continual-Unlearning, named by a third-party benchmark) and
+the paper's full text were not reachable when this was written, only its abstract and summaries of its method,
+so the loss formulas above are quoted from those summaries (without the paper's equation numbers), and the losses'
+placement (noise predictions rather than attention maps), the memory, the anchor and all weights are erasekit's;
+the defaults are ESD's rollout settings.
 """
 
 from __future__ import annotations
