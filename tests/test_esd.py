@@ -156,6 +156,50 @@ def test_resume_equals_uninterrupted(sd1, tmp_path):
     assert float(sum(d.up.abs().sum() for d in full.deltas.values())) > 0
 
 
+def test_saliency_masks_keep_the_largest_gradients_once_over_all_tensors():
+    """SalUn's mask (Eq. 6): one threshold over every tensor's |∇L| summed over the batches, keeping the fraction."""
+    a = torch.zeros(4, requires_grad=True)
+    b = torch.zeros(2, 3, requires_grad=True)
+    weights_a, weights_b = torch.tensor([1.0, -8.0, 0.5, 3.0]), torch.tensor([[0.1, -6.0, 2.0], [0.0, 0.0, 4.0]])
+
+    def loss_fn(step, gen):  # a linear loss: the gradient is the weights, whatever the batch
+        return (a * weights_a).sum() + (b * weights_b).sum()
+
+    masks = trainer.saliency_masks({"a": a, "b": b}, loss_fn, 0.4, batches=3, seed=0)  # 4 of 10 weights
+    assert masks["a"].tolist() == [0.0, 1.0, 0.0, 1.0]  # 8 and 3 ...
+    assert masks["b"].tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]  # ... 6 and 4: the four largest of both
+    # keeping 9 of 10 would reach a zero gradient: only the 8 weights the loss moves at all are kept
+    assert int(sum(m.sum() for m in trainer.saliency_masks({"a": a, "b": b}, loss_fn, 0.9, 1, 0).values())) == 8
+    with pytest.raises(ConfigError, match=r"saliency must be in \(0, 1\)"):
+        trainer.saliency_masks({"a": a}, loss_fn, 1.0, 1, 0)
+
+
+def test_esd_x_with_saliency_trains_only_the_masked_weights_and_saves_them_sparse(sd1, tmp_path):
+    """SalUn on ESD-x: only the chosen fraction of the full deltas' weights move (the rest stay exactly 0 under
+    Adam), the same run twice picks the same weights, and the adapter file holds only them (format 1.2)."""
+    from erasekit.adapter import load_adapter, read_record
+
+    config = esd.EsdConfig(concepts=("cat",), train_method="esd-x-strict", rank=0, saliency=0.25,
+                           saliency_batches=2, lr=1e-2, **{**FAST, "iterations": 3})
+    adapter = esd.erase(sd1, config)
+    total = sum(d.delta.numel() for d in adapter.deltas.values())
+    changed = sum(int(torch.count_nonzero(d.delta)) for d in adapter.deltas.values())
+    assert 0.15 * total < changed <= 0.25 * total + 1
+    again = esd.erase(sd1, config)
+    assert all(torch.equal(d.delta != 0, again.deltas[k].delta != 0) for k, d in adapter.deltas.items())
+    path = adapter.save(tmp_path / "salun.safetensors")
+    dense = dataclasses.replace(adapter, deltas={k: lora.ModuleDelta(delta=d.delta + 1e-3)
+                                                 for k, d in adapter.deltas.items()}).save(tmp_path / "dense.safetensors")
+    assert read_record(path)["format_version"] == "1.2"
+    assert path.stat().st_size < 0.6 * dense.stat().st_size
+    loaded = load_adapter(path)
+    assert all(torch.equal(loaded.deltas[k].delta, d.delta) for k, d in adapter.deltas.items())
+    with pytest.raises(ConfigError, match="needs full deltas: set rank=0"):
+        esd.EsdConfig(concepts=("cat",), rank=4, saliency=0.5)
+    with pytest.raises(ConfigError, match=r"saliency must be in \[0, 1\)"):
+        esd.EsdConfig(concepts=("cat",), rank=0, saliency=1.5)
+
+
 @pytest.mark.parametrize("method", ["esd", "abo"])
 def test_teacher_is_the_base_model_bit_for_bit(method):
     """Every no-grad UNet call inside training (rollout and teacher) equals the untouched model's output."""

@@ -16,6 +16,11 @@ with a constant learning rate (as the ESD code does), and takes care of the rest
   module's ``‖ΔW‖/‖W‖`` at most ``MAX_RATIO``; a NaN/inf loss or a failed check raises
   ``TrainingDivergedError`` naming the step, the tensor and its value. Only checked states are
   checkpointed, so the last checkpoint is the last good one;
+* **weight saliency** (SalUn, Fan et al., ICLR 2024, https://arxiv.org/abs/2310.12508, Eq. 6–7): with
+  ``saliency`` = s > 0, only the fraction s of the trained weights with the largest forgetting-loss gradient
+  magnitude ``|∇_θ L_f(θ₀)|`` (summed over ``saliency_batches`` batches drawn before step 0, one threshold over all
+  tensors) train; the mask multiplies every gradient, so the other weights stay exactly zero under Adam and the
+  adapter file stores only what changed (a sparse delta, format 1.2);
 * **mixed precision** (``"bf16"``, or ``"fp16"`` with a gradient scaler on CUDA) via ``torch.autocast``;
 * **data parallel**: launched by ``accelerate launch`` (or ``torchrun``) on several processes (GPUs or CPU
   processes, one machine or several: :mod:`erasekit.core.processes`), each process computes its rows of the
@@ -99,7 +104,7 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], *
         lr: float, seed: int = 0, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
         resume: bool = False, run: dict | None = None, mixed_precision: str = "no", progress: bool = True,
         desc: str = "train", ratios: Callable[[], dict[str, float]] | None = None,
-        max_ratio: float = MAX_RATIO) -> list[float]:
+        max_ratio: float = MAX_RATIO, saliency: float = 0.0, saliency_batches: int = 8) -> list[float]:
     """Minimise ``loss_fn`` over ``params`` (leaf tensors with ``requires_grad``) for ``steps`` Adam steps.
 
     Args:
@@ -116,6 +121,8 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], *
         progress, desc: tqdm bar on/off and its label (the method's name: a checkpoint resumes only under it).
         ratios: ``() -> {module: ‖ΔW‖/‖W‖}`` (``lora.Deltas.ratios``); checked after every update, with the
             parameters' finiteness: above ``max_ratio``, training has diverged.
+        saliency, saliency_batches: train only this fraction of the weights (0 = all), chosen by SalUn's gradient
+            saliency over that many batches (:func:`saliency_masks`, module docstring).
 
     Returns:
         The loss of every step, from step 0 (a resumed run includes the losses before the interruption).
@@ -143,6 +150,10 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], *
     if resume and path is None:
         raise ConfigError("resume=True needs a checkpoint_dir")
     with contextlib.ExitStack() as stack:
+        if saliency:  # from the initial tensors, before a checkpoint is loaded: a resumed run gets the same mask
+            masks = saliency_masks(params, loss_fn, saliency, saliency_batches, seed, part if split else None)
+            stack.callback(lambda handles: [h.remove() for h in handles],
+                           [params[n].register_hook(lambda g, m=m: g * m) for n, m in masks.items()])
         if path is not None and state.is_main_process:  # one run's processes share the folder; other runs may not
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +212,44 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], *
     return losses
 
 
+def saliency_masks(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], fraction: float,
+                   batches: int, seed: int, part: processes.Part | None = None) -> dict[str, torch.Tensor]:
+    """SalUn's weight-saliency masks (Fan et al., ICLR 2024, Eq. 6: ``m_S = 1(|∇_θ L_f(θ)|_{θ=θ₀} ≥ γ)``).
+
+    The gradient of the forgetting loss ``loss_fn`` at the current (initial) tensors is summed over ``batches``
+    batches, drawn from generators of their own (``step_generator(seed, -1 - b)``: never a training step's), and
+    its magnitude thresholded once over all tensors so that ``fraction`` of their elements are kept (the authors'
+    global threshold; their default keeps half). With ``part``, each process computes its rows and the gradients are
+    summed over the processes first. Returns ``{name: 0/1 float mask}`` shaped like each tensor.
+    """
+    if not 0 < fraction < 1:
+        raise ConfigError(f"saliency must be in (0, 1), the fraction of weights that train; got {fraction}")
+    if batches < 1:
+        raise ConfigError(f"saliency_batches must be ≥ 1, got {batches}")
+    names = [n for n, t in params.items() if t.requires_grad]
+    grads = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    for b in range(batches):  # in full precision: a few batches, once
+        gen = step_generator(seed, -1 - b)
+        loss = loss_fn(0, gen, part) if part is not None else loss_fn(0, gen)
+        found = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        for n, g in zip(names, found):
+            if g is not None:
+                grads[n] += g.detach().float()
+    if part is not None and part.count > 1:
+        processes.all_sum(processes.current(), list(grads.values()))
+    flat = torch.cat([g.abs().flatten() for g in grads.values()])
+    keep = max(1, int(round(fraction * flat.numel())))
+    threshold = torch.topk(flat, keep, sorted=True).values[-1]
+    masks, kept = {}, 0
+    for n, g in grads.items():  # ties at a zero threshold: only weights the loss moves at all
+        mask = (g.abs() >= threshold if threshold > 0 else g.abs() > 0).to(params[n].dtype)
+        masks[n] = mask
+        kept += int(mask.sum())
+    logger.info("saliency: %d of %d weights train (%.1f %%), threshold |grad| >= %.3g", kept, flat.numel(),
+                100 * kept / flat.numel(), threshold.item())
+    return masks
+
+
 # ------------------------------------------------------------------------------------------ shared fields
 #: The fields every trained method's config ends with, ``name: (type, default, documentation)``; added by
 #: :func:`training_options`.
@@ -212,6 +261,10 @@ TRAINING_FIELDS: dict[str, tuple] = {
     "checkpoint_every": (int, 0, "steps between checkpoints (0 = only at the end)."),
     "resume": (bool, False, "continue from the checkpoint in checkpoint_dir, if there is one."),
     "progress": (bool, True, "show a progress bar."),
+    "saliency": (float, 0.0, "SalUn weight saliency: train only this fraction of the weights, those with the largest "
+                 "forgetting-loss gradient at the start (the authors keep 0.5); the rest stay exactly zero and the "
+                 "adapter stores only what changed. 0 = train all; needs full deltas (rank=0)."),
+    "saliency_batches": (int, 8, "batches whose forgetting-loss gradients are summed for the saliency mask."),
 }
 
 
@@ -255,6 +308,13 @@ def validate_training(config) -> None:
         raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {config.mixed_precision!r}")
     if config.resume and not config.checkpoint_dir:
         raise ConfigError("resume needs checkpoint_dir")
+    if not 0 <= config.saliency < 1:
+        raise ConfigError(f"saliency must be in [0, 1), the fraction of weights that train (0 = all); "
+                          f"got {config.saliency}")
+    if config.saliency and config.rank:
+        raise ConfigError(f"saliency masks single weights, so it needs full deltas: set rank=0 (got rank={config.rank})")
+    if config.saliency_batches < 1:
+        raise ConfigError(f"saliency_batches must be ≥ 1, got {config.saliency_batches}")
     templates = getattr(config, "templates", ())  # RealEra draws its prompts as UCE does: no templates field
     if isinstance(templates, str) or any("{}" not in t for t in templates):
         raise ConfigError(f"templates must be a tuple of prompts that each contain '{{}}', got {templates!r}")
@@ -357,11 +417,12 @@ def ddim_scheduler(pipe, num_inference_steps: int):
 
 @torch.no_grad()
 def guided_steps(eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, x: torch.Tensor,
-                 guidance: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 guidance: float, steps: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t after ``steps`` DDIM steps with CFG from the scaled noise ``x``, and t = the next timestep (ESD's partial
     rollout, shared by the UNet and the text-encoder methods). ``eps(x2, t)`` predicts the noise of the doubled
-    batch ``x2``: unconditional rows first, then conditional ones."""
-    for t in scheduler.timesteps[:steps]:
+    batch ``x2``: unconditional rows first, then conditional ones. With ``start``, ``x`` is the latent after that
+    many steps and the rollout continues from there."""
+    for t in scheduler.timesteps[start:steps]:
         e_uncond, e_cond = eps(scheduler.scale_model_input(torch.cat([x, x]), t), t).chunk(2)
         x = scheduler.step(e_uncond + guidance * (e_cond - e_uncond), t, x).prev_sample
     return x, scheduler.timesteps[steps]
@@ -411,7 +472,8 @@ def fit_deltas(pipe, config, names: list[str], loss_for: Callable, method: str) 
             losses = fit(deltas.params, loss_for(deltas), steps=config.iterations, lr=config.lr, seed=config.seed,
                          checkpoint_dir=config.checkpoint_dir or None, checkpoint_every=config.checkpoint_every,
                          resume=config.resume, run=run_settings(config), mixed_precision=config.mixed_precision,
-                         progress=config.progress, desc=method, ratios=deltas.ratios)
+                         progress=config.progress, desc=method, ratios=deltas.ratios, saliency=config.saliency,
+                         saliency_batches=config.saliency_batches)
         finally:
             if config.gradient_checkpointing and not was_checkpointing:
                 unet.disable_gradient_checkpointing()
