@@ -200,6 +200,33 @@ def test_esd_x_with_saliency_trains_only_the_masked_weights_and_saves_them_spars
         esd.EsdConfig(concepts=("cat",), rank=0, saliency=1.5)
 
 
+def test_deconflict_removes_only_the_conflicting_part_of_the_forgetting_gradient():
+    """DoCo's concept-preserving gradient (PCGrad's projection) over all tensors at once."""
+    retain = [torch.tensor([1.0, 0.0]), torch.tensor([[0.0]])]
+    conflicting = [torch.tensor([-2.0, 3.0]), torch.tensor([[1.0]])]  # g_f · g_r = −2 < 0
+    out = trainer.deconflict(conflicting, retain)
+    # g_f − (−2 / 1) g_r = [0, 3], [[1]]; plus g_r
+    assert torch.equal(out[0], torch.tensor([1.0, 3.0])) and torch.equal(out[1], torch.tensor([[1.0]]))
+    projected = [o - r for o, r in zip(out, retain)]
+    assert float(sum((p * r).sum() for p, r in zip(projected, retain))) == 0.0  # no longer against g_r
+    agreeing = [torch.tensor([2.0, 3.0]), torch.tensor([[1.0]])]  # no conflict: simply added
+    assert all(torch.equal(o, a + r) for o, a, r in zip(trainer.deconflict(agreeing, retain), agreeing, retain))
+
+
+def test_gradient_surgery_trains_esd_with_a_retaining_loss_and_refuses_without(sd1):
+    """With gradient_surgery the ESD step's forgetting gradient never points against its preservation term's: the
+    first step's update (Adam's first step is lr·sign(g)) moves the deltas along the deconflicted sum."""
+    base = dict(concepts=("cat",), train_method="esd-x-strict", preserve_weight=1.0, preserve=("a dog",), lr=1e-2,
+                rank=2, **{**FAST, "iterations": 3})
+    plain = esd.erase(sd1, esd.EsdConfig(**base))
+    surgery = esd.erase(sd1, esd.EsdConfig(gradient_surgery=True, **base))
+    assert surgery.config["gradient_surgery"] and not plain.config["gradient_surgery"]
+    differ = any(not torch.equal(surgery.deltas[k].up, d.up) for k, d in plain.deltas.items())
+    assert differ and all(torch.isfinite(d.up).all() for d in surgery.deltas.values())
+    with pytest.raises(ConfigError, match="gradient_surgery needs a retaining loss"):
+        esd.erase(sd1, esd.EsdConfig(concepts=("cat",), gradient_surgery=True, **FAST))
+
+
 @pytest.mark.parametrize("method", ["esd", "abo"])
 def test_teacher_is_the_base_model_bit_for_bit(method):
     """Every no-grad UNet call inside training (rollout and teacher) equals the untouched model's output."""
@@ -251,7 +278,7 @@ def test_esd_preserve_weight_adds_the_uncond_preservation_term(sd1):
 
     def losses(scale):  # (ESD loss, ESD loss + 2·‖ε_θ(x_t, ∅) − ε₀(x_t, ∅)‖²) on the same draw
         with torch.no_grad(), lora.applied(sd1.unet, adapter.deltas, weight=scale) as deltas:
-            return [float(esd.objective(sd1, c)(deltas)(0, trainer.step_generator(7, 0))) for c in (config, weighted)]
+            return [float(trainer.total(esd.objective(sd1, c)(deltas)(0, trainer.step_generator(7, 0)))) for c in (config, weighted)]
 
     plain, both = losses(0.0)  # the base model: its unconditional score is the teacher's, the term is 0
     assert both == pytest.approx(plain, rel=1e-4)
@@ -269,7 +296,7 @@ def test_esd_preserve_prompts_are_held_too(sd1, tinyworld_pipe):
 
     def losses(scale):  # (ESD + ∅ term, ESD + ∅ term + one preserved prompt's term) on the same draw
         with torch.no_grad(), lora.applied(sd1.unet, adapter.deltas, weight=scale) as deltas:
-            return [float(esd.objective(sd1, c)(deltas)(0, trainer.step_generator(7, 0))) for c in (config, kept)]
+            return [float(trainer.total(esd.objective(sd1, c)(deltas)(0, trainer.step_generator(7, 0)))) for c in (config, kept)]
 
     uncond_only, with_kept = losses(0.0)  # the base model holds every prompt: both terms are 0
     assert with_kept == pytest.approx(uncond_only, rel=1e-4)

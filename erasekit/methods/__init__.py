@@ -23,6 +23,7 @@ from . import spm  # trained: one-dimensional membranes
 from . import realera  # closed form + trained LoRA
 from . import safree  # inference-time guard (no weight changes)
 from . import trce  # closed form + trained: two-stage erasure
+from . import ant  # trained: mid-to-late guidance reversal, saliency-selected weights
 
 
 #: closed-form settings on tinyworld, whose jointly trained text encoder spreads a concept over the tokens after
@@ -123,6 +124,13 @@ class MethodSpec:
         return self.module.erase(pipe, for_model(config, on_tinyworld(pipe)))
 
 
+#: ANT on tinyworld: cross-attention (as ESD-x: the whole UNet's full deltas, the authors' choice, redraw every
+#: image on this small model), a 10-step rollout whose first 2 steps keep the score field (the paper's 7 of 50), the
+#: siblings' predictions held (as ESD-x's preset: the paper's loss alone moves every shape, having no anchor).
+TINYWORLD_ANT = {"train_method": "esd-x", "num_inference_steps": 10, "early_steps": 2, "iterations": 200, "lr": 1e-3,
+                 "batch_size": 4, "preserve_related": True, "preserve_weight": 1.0}
+
+
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec for spec in (
         MethodSpec("uce", uce, uce.UceConfig,
@@ -154,6 +162,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("safree", safree, safree.SafreeConfig,
                    summary="SAFREE: inference-time guard, trigger tokens projected off the concept subspace (no weights change)",
                    tinyworld=TINYWORLD_SAFREE, family="closed-form"),
+        MethodSpec("ant", ant, ant.AntConfig,
+                   summary="ANT: CFG direction reversed in mid-to-late steps only, early score kept, saliency-masked weights",
+                   tinyworld=TINYWORLD_ANT),
         MethodSpec("trce", trce, trce.TrceConfig,
                    summary="TRCE: closed-form [EoT] remap of cross-attention k/v, then contrastive early-step steering",
                    tinyworld=TINYWORLD_TRCE),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import ConfigError
-from . import abo, advunlearn, esd, fewshot, realera, rece, spm, trce, uce
+from . import abo, advunlearn, ant, esd, fewshot, realera, rece, spm, trce, uce
 
 
 #: config class -> (the paper's values, tinyworld's values) of the fields a user may leave ``None``.
@@ -100,6 +100,7 @@ def rendered_images(config) -> dict:
 #: config class -> what tinyworld's data fills in, in order (each: config -> changed fields)
 TINYWORLD_DATA: dict[type, tuple] = {
     esd.EsdConfig: (caption_templates, related_concepts),
+    ant.AntConfig: (caption_templates, related_concepts),
     abo.AboConfig: (caption_templates,),
     spm.SpmConfig: (caption_templates,),
     advunlearn.AdvUnlearnConfig: (caption_templates, retain_values),

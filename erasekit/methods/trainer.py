@@ -104,13 +104,15 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], *
         lr: float, seed: int = 0, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
         resume: bool = False, run: dict | None = None, mixed_precision: str = "no", progress: bool = True,
         desc: str = "train", ratios: Callable[[], dict[str, float]] | None = None,
-        max_ratio: float = MAX_RATIO, saliency: float = 0.0, saliency_batches: int = 8) -> list[float]:
+        max_ratio: float = MAX_RATIO, saliency: float = 0.0, saliency_batches: int = 8,
+        gradient_surgery: bool = False) -> list[float]:
     """Minimise ``loss_fn`` over ``params`` (leaf tensors with ``requires_grad``) for ``steps`` Adam steps.
 
     Args:
         params: name -> trainable tensor; names key the checkpoint.
-        loss_fn: ``(step, generator, part) -> scalar loss`` (or ``(step, generator)``); all randomness of the step
-            must come from ``generator``, and with ``part`` (:class:`erasekit.core.processes.Part`) it computes
+        loss_fn: ``(step, generator, part) -> scalar loss`` (or ``(step, generator)``), or a ``(forgetting loss,
+            retaining loss)`` pair that is added up (or deconflicted: ``gradient_surgery``); all randomness of the
+            step must come from ``generator``, and with ``part`` (:class:`erasekit.core.processes.Part`) it computes
             the part's rows of the batch, its loss weighted by ``part.mean``.
         steps, lr, seed: total steps (a resumed run continues up to it), Adam learning rate, master seed.
         checkpoint_dir, checkpoint_every: where and how often (in steps; 0 = never) to checkpoint; the last
@@ -123,6 +125,9 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], *
             parameters' finiteness: above ``max_ratio``, training has diverged.
         saliency, saliency_batches: train only this fraction of the weights (0 = all), chosen by SalUn's gradient
             saliency over that many batches (:func:`saliency_masks`, module docstring).
+        gradient_surgery: ``loss_fn`` returns ``(forgetting loss, retaining loss)``; the part of the forgetting
+            gradient that conflicts with the retaining one is removed before they are added (:func:`deconflict`).
+            (Without it a pair is simply summed.)
 
     Returns:
         The loss of every step, from step 0 (a resumed run includes the losses before the interruption).
@@ -183,17 +188,23 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], *
                 if split:
                     loss = loss_fn(step, gen, part)
                 else:  # every process computes the whole batch: the sum of the shares is the batch's loss
-                    loss = loss_fn(step, gen) if part.count == 1 else loss_fn(step, gen) / part.count
+                    loss = loss_fn(step, gen)
+                    loss = loss if part.count == 1 else tuple(x / part.count for x in loss) if isinstance(
+                        loss, tuple) else loss / part.count
             opt.zero_grad(set_to_none=True)
-            if part.count > 1:  # the batch's loss, and its gradient: the processes' shares summed
+            if gradient_surgery:  # the forgetting gradient's part that conflicts with the retaining one removed
+                loss = _surgery(loss, tensors, scaler, state, part)
+            else:
+                loss = total(loss)
+            if part.count > 1 and not gradient_surgery:  # the batch's loss, and its gradient: the shares summed
                 scaler.scale(loss).backward()
                 grads = [t.grad for t in tensors if t.grad is not None]
-                total = loss.detach().float().reshape(1).clone()
-                processes.all_sum(state, [total, *grads])
-                loss = total[0]
+                summed = loss.detach().float().reshape(1).clone()
+                processes.all_sum(state, [summed, *grads])
+                loss = summed[0]
             if not torch.isfinite(loss.detach()).all():
                 raise _divergence(desc, step, steps, f"the loss is {loss.item()}", lr, mixed_precision, saved, path)
-            if part.count == 1:
+            if part.count == 1 and not gradient_surgery:
                 scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -231,6 +242,7 @@ def saliency_masks(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch
     for b in range(batches):  # in full precision: a few batches, once
         gen = step_generator(seed, -1 - b)
         loss = loss_fn(0, gen, part) if part is not None else loss_fn(0, gen)
+        loss = loss[0] if isinstance(loss, tuple) else loss  # a (forgetting, retaining) pair: the forgetting loss
         found = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         for n, g in zip(names, found):
             if g is not None:
@@ -250,6 +262,44 @@ def saliency_masks(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch
     return masks
 
 
+def total(loss) -> torch.Tensor:
+    """A loss function's loss: the scalar, or the sum of a (forgetting, retaining) pair."""
+    return sum(loss) if isinstance(loss, tuple) else loss
+
+
+def deconflict(forget: list[torch.Tensor], retain: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The concept-preserving gradient (DoCo, Wu et al., AAAI 2025, §3.3; the projection of PCGrad, Yu et al.,
+    NeurIPS 2020, Eq. 1): when the forgetting gradient ``g_f`` and the retaining gradient ``g_r`` conflict
+    (``g_f · g_r < 0``, over all tensors at once), ``g_f`` loses its component along ``g_r``,
+    ``g_f − (g_f · g_r / ‖g_r‖²) g_r``, so that a step no longer undoes what the retaining loss holds; then
+    ``g_f + g_r``."""
+    dot = sum((f.double() * r.double()).sum() for f, r in zip(forget, retain))
+    norm = sum((r.double() ** 2).sum() for r in retain)
+    if dot < 0 and norm > 0:
+        scale = (dot / norm).to(forget[0].dtype)
+        forget = [f - scale * r for f, r in zip(forget, retain)]
+    return [f + r for f, r in zip(forget, retain)]
+
+
+def _surgery(losses, tensors: list[torch.Tensor], scaler, state, part) -> torch.Tensor:
+    """Set the tensors' gradients to :func:`deconflict` of the (forgetting, retaining) pair's gradients, summed over
+    the processes first; the pair's total loss."""
+    if not isinstance(losses, tuple) or len(losses) != 2:
+        raise ConfigError("gradient_surgery needs a retaining loss to protect, and this training has none (for ESD "
+                          "and ANT: set preserve_weight > 0)")
+    forget, retain = losses
+    grads = []
+    for i, loss in enumerate((forget, retain)):
+        found = torch.autograd.grad(scaler.scale(loss), tensors, retain_graph=i == 0, allow_unused=True)
+        grads.append([torch.zeros_like(t) if g is None else g for t, g in zip(tensors, found)])
+    summed = (forget + retain).detach().float().reshape(1).clone()
+    if part.count > 1:
+        processes.all_sum(state, [summed, *grads[0], *grads[1]])
+    for t, g in zip(tensors, deconflict(*grads)):
+        t.grad = g
+    return summed[0]
+
+
 # ------------------------------------------------------------------------------------------ shared fields
 #: The fields every trained method's config ends with, ``name: (type, default, documentation)``; added by
 #: :func:`training_options`.
@@ -265,6 +315,8 @@ TRAINING_FIELDS: dict[str, tuple] = {
                  "forgetting-loss gradient at the start (the authors keep 0.5); the rest stay exactly zero and the "
                  "adapter stores only what changed. 0 = train all; needs full deltas (rank=0)."),
     "saliency_batches": (int, 8, "batches whose forgetting-loss gradients are summed for the saliency mask."),
+    "gradient_surgery": (bool, False, "DoCo's concept-preserving gradient: remove the part of the forgetting "
+                         "gradient that conflicts with the retaining loss's (needs one: preserve_weight > 0)."),
 }
 
 
@@ -473,7 +525,7 @@ def fit_deltas(pipe, config, names: list[str], loss_for: Callable, method: str) 
                          checkpoint_dir=config.checkpoint_dir or None, checkpoint_every=config.checkpoint_every,
                          resume=config.resume, run=run_settings(config), mixed_precision=config.mixed_precision,
                          progress=config.progress, desc=method, ratios=deltas.ratios, saliency=config.saliency,
-                         saliency_batches=config.saliency_batches)
+                         saliency_batches=config.saliency_batches, gradient_surgery=config.gradient_surgery)
         finally:
             if config.gradient_checkpointing and not was_checkpointing:
                 unet.disable_gradient_checkpointing()
