@@ -24,6 +24,7 @@ from . import realera  # closed form + trained LoRA
 from . import safree  # inference-time guard (no weight changes)
 from . import trce  # closed form + trained: two-stage erasure
 from . import ant  # trained: mid-to-late guidance reversal, saliency-selected weights
+from . import doco  # trained: adversarial domain correction, concept-preserving gradient
 
 
 #: closed-form settings on tinyworld, whose jointly trained text encoder spreads a concept over the tokens after
@@ -131,6 +132,11 @@ TINYWORLD_ANT = {"train_method": "esd-x", "num_inference_steps": 10, "early_step
                  "batch_size": 4, "preserve_related": True, "preserve_weight": 1.0}
 
 
+#: DoCo on tinyworld: a 10-step rollout, cross-attention k/v as the authors', the siblings preserved, lr 1e-3 (the
+#: authors' 1e-5 barely moves this model in 200 steps).
+TINYWORLD_DOCO = {"num_inference_steps": 10, "lr": 1e-3, "batch_size": 4, "preserve_related": True}
+
+
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec for spec in (
         MethodSpec("uce", uce, uce.UceConfig,
@@ -165,6 +171,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("ant", ant, ant.AntConfig,
                    summary="ANT: CFG direction reversed in mid-to-late steps only, early score kept, saliency-masked weights",
                    tinyworld=TINYWORLD_ANT),
+        MethodSpec("doco", doco, doco.DocoConfig,
+                   summary="DoCo: concept domain corrected to an anchor's adversarially, with a concept-preserving gradient",
+                   tinyworld=TINYWORLD_DOCO),
         MethodSpec("trce", trce, trce.TrceConfig,
                    summary="TRCE: closed-form [EoT] remap of cross-attention k/v, then contrastive early-step steering",
                    tinyworld=TINYWORLD_TRCE),

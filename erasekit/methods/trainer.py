@@ -288,6 +288,7 @@ def _surgery(losses, tensors: list[torch.Tensor], scaler, state, part) -> torch.
         raise ConfigError("gradient_surgery needs a retaining loss to protect, and this training has none (for ESD "
                           "and ANT: set preserve_weight > 0)")
     forget, retain = losses
+    tensors = [t for t in tensors if t.requires_grad]  # not the tensors a loss updates itself (extra_params)
     grads = []
     for i, loss in enumerate((forget, retain)):
         found = torch.autograd.grad(scaler.scale(loss), tensors, retain_graph=i == 0, allow_unused=True)
@@ -511,8 +512,11 @@ def train(pipe, config, names: list[str], loss_for: Callable, method: str) -> Ad
     return package(pipe, config, method, deltas, ["unet"], info)
 
 
-def fit_deltas(pipe, config, names: list[str], loss_for: Callable, method: str) -> tuple[dict, dict]:
-    """Trainable deltas on UNet ``names``, :func:`fit` to ``loss_for(deltas)``; ``({"unet.<path>": delta}, info)``."""
+def fit_deltas(pipe, config, names: list[str], loss_for: Callable, method: str,
+               extra_params: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
+    """Trainable deltas on UNet ``names``, :func:`fit` to ``loss_for(deltas)``; ``({"unet.<path>": delta}, info)``.
+    ``extra_params``: further tensors checkpointed with the run that the loss updates itself (no gradient: Adam leaves
+    them alone), e.g. DoCo's discriminator."""
     unet = pipe.unet
     was_training, was_checkpointing = unet.training, getattr(unet, "is_gradient_checkpointing", False)
     started = time.perf_counter()
@@ -521,7 +525,7 @@ def fit_deltas(pipe, config, names: list[str], loss_for: Callable, method: str) 
             unet.eval()  # no dropout: student and teacher see the same network
             if config.gradient_checkpointing:
                 unet.enable_gradient_checkpointing()
-            losses = fit(deltas.params, loss_for(deltas), steps=config.iterations, lr=config.lr, seed=config.seed,
+            losses = fit({**deltas.params, **(extra_params or {})}, loss_for(deltas), steps=config.iterations, lr=config.lr, seed=config.seed,
                          checkpoint_dir=config.checkpoint_dir or None, checkpoint_every=config.checkpoint_every,
                          resume=config.resume, run=run_settings(config), mixed_precision=config.mixed_precision,
                          progress=config.progress, desc=method, ratios=deltas.ratios, saliency=config.saliency,
