@@ -177,3 +177,25 @@ def test_tinyworld_preset_brings_circle_back_after_uce(tinyworld_pipe):
         assert judge([sage.replay(tinyworld_pipe, results[0], cfg)])[0] > 0.5
     finally:
         compose.unload(tinyworld_pipe, names)
+
+
+@pytest.mark.skipif(not _tinyworld_ready(), reason="tinyworld weights not trained yet")
+def test_the_audit_runs_it_by_name(tinyworld_pipe, tmp_path):
+    """``audit(..., attacks=["sage"])`` on the UCE circle erasure: the attack line is written, JSON-clean, with its
+    searched latent, and counted in the summary's ASR."""
+    import json
+
+    import erasekit
+    from erasekit import compose
+    from erasekit.audit import audit
+
+    names = compose.load(tinyworld_pipe, erasekit.erase(tinyworld_pipe, "uce", ["circle"]))
+    try:
+        report = audit(tinyworld_pipe, "circle", attacks=["sage"], prompts=[ERASED_PROMPTS[0]], paraphrases=[],
+                       preserve_prompts=[], out_dir=tmp_path / "audit", grids=False, progress=False)
+    finally:
+        compose.unload(tinyworld_pipe, names)
+    lines = [json.loads(line) for line in (tmp_path / "audit" / "results.jsonl").read_text().splitlines()]
+    (attacked,) = [r for r in lines if r["kind"] == "attack"]
+    assert attacked["attack"] == "sage" and attacked["success"] and "values" in attacked["info"]["latent"]
+    assert report.summary["attacks"]["sage"]["asr"] == 1.0

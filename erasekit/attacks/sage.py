@@ -3,7 +3,9 @@ Adversarial Search", ICLR 2024; arXiv 2306.00974, first titled "Intriguing Prope
 Models").
 
 SAGE searches the inputs of the *whole* generator G(z, p) — the initial latent z and the prompt p — with an image
-classifier D as the surrogate loss, back-propagating through the sampler (paper §3, the adversarial objective):
+classifier D as the surrogate loss, back-propagating through the sampler (the paper's adversarial objective; its
+equation and section numbers are not cited here because no copy of the paper's text could be checked — the
+formulas are written from its description):
 
     max_{z, p}  L(D(G(z, p)), y),
 
@@ -15,12 +17,12 @@ opposite failure of the erased model — the erased concept c back — so here t
 the judge's log-probability of the concept on the decoded image (SAGE's classifier loss with the target class).
 The two search spaces, as in the paper:
 
-* **latent space** (paper §3.2): z_T is optimised by gradient steps through the denoising chain. Gradients that
+* **latent space**: z_T is optimised by gradient steps through the denoising chain. Gradients that
   pass through every step vanish, so SAGE adds a residual connection from the input latent to the output; here
   the decoded latent is ẑ_0 = z_0(z_T) + ρ (z_T − sg(z_T)) (equal to z_0 in value; ∂ẑ_0/∂z_T = J + ρI).
   SAGE wants latents that are not outliers of N(0, I); here z is kept on the sphere ‖z‖ = ‖z_seed‖ (where
   Gaussian samples concentrate) after every step, starting from the judged seed's own noise.
-* **prompt space** (paper §3.3, "gradient-guided search" over discrete tokens): k adversarial tokens are added to
+* **prompt space** (the paper's "gradient-guided search" over discrete tokens): k adversarial tokens are added to
   the prompt (SAGE appends one token embedding); each is a continuous embedding, projected every step onto the
   nearest vocabulary embedding by cosine, the loss computed at the projection and its gradient applied to the
   continuous embedding (straight-through, as PEZ / P4D), so that every candidate is a real prompt.
@@ -94,7 +96,7 @@ class SageConfig:
             steps (and at the last), besides each step's own sample when the judge sees the concept in it.
         lr_prompt: Adam learning rate of the continuous token embeddings.
         lr_latent: Adam learning rate of the initial latent.
-        residual: ρ, the weight of the residual connection from the initial latent to the decoded latent (§3.2).
+        residual: ρ, the weight of the residual connection from the initial latent to the decoded latent.
         backprop_steps: back-propagate through only the last this many denoising steps (None: all of them).
         gradient_checkpointing: recompute each UNet call in the backward pass (memory for SD at 50 steps).
         surrogate: "auto" (the judge's ``log_prob`` if it has one, else "target"), "judge" or "target" (the
@@ -188,7 +190,7 @@ def sample(pipe, cond: sd.Cond, z: torch.Tensor, steps: int, guidance: float, *,
            backprop_steps: int | None = None, checkpoint: bool = False) -> torch.Tensor:
     """ẑ_0 = G(z, c): the pipeline's classifier-free-guided sampler from initial noise ``z`` (unit scale), as a
     differentiable function of ``z`` and ``cond`` (a fresh copy of the pipeline's scheduler, deterministic steps),
-    plus the residual connection ρ (z − sg(z)) (SAGE §3.2). Only the last ``backprop_steps`` steps carry gradients.
+    plus SAGE's residual connection ρ (z − sg(z)). Only the last ``backprop_steps`` steps carry gradients.
     """
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     device = sd.device_of(pipe)
@@ -358,8 +360,10 @@ def attack(pipe, prompt: str, config: SageConfig, judge, generator: torch.Genera
                 break
         if step == config.iterations:
             break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        variables = [v for group in params for v in group["params"]]
+        grads = torch.autograd.grad(loss, variables)  # not .backward(): no gradients left on the model's weights
+        for v, grad in zip(variables, grads):
+            v.grad = grad
         opt.step()
         if config.searches_latent:
             with torch.no_grad():  # stay on the Gaussian shell ‖z‖ = ‖z_seed‖ (no outlier latents)
