@@ -39,7 +39,7 @@ def test_paper_defaults_and_bad_input():
         ant.AntConfig(concepts=("cat",), rank=4)  # saliency (on by default) masks single weights
     assert ant.AntConfig(concepts=("cat",), rank=4, saliency=0.0).rank == 4
     tiny = METHODS["ant"].make_config("circle", tinyworld=True)
-    assert tiny.train_method == "esd-x" and tiny.early_steps == 2 and tiny.num_inference_steps == 10
+    assert tiny.train_method == "esd-x" and tiny.early_steps == 1 and tiny.num_inference_steps == 10
     assert "square" in tiny.preserve and tiny.templates  # the siblings held, tinyworld's caption templates
 
 
@@ -119,14 +119,14 @@ def test_sd15_shapes():
 
 
 def test_tinyworld_circle_is_gone_and_other_shapes_stay(tinyworld_pipe, judge):
-    """Judged on tinyworld (4 seeds × the grid with the full preset: benchmarks/saliency_tinyworld.py): circle is gone
-    under its name and its synonyms, the other shapes are still drawn. 8 of the grid's 24 circle scenes are judged
-    per name to keep the test short."""
+    """Judged on tinyworld: with a quarter of the preset's 400 steps circle is already rare under its name and its
+    synonyms, and the other shapes are still drawn (the full preset on 4 seeds × the grid, 7.3 % / 5.7 % / 0.2 pts:
+    benchmarks/saliency_tinyworld.json). 8 of the grid's 24 circle scenes are judged per name to keep the test short."""
     from erasekit import compose, erase
     from erasekit.generate import generate
     from erasekit.tinyworld.eval import standard_grid
 
-    adapter = erase(tinyworld_pipe, "ant", ["circle"], progress=False)
+    adapter = erase(tinyworld_pipe, "ant", ["circle"], iterations=100, progress=False)
     circles = [s for s in standard_grid() if s.shape == "circle"][::3]
     others = [s for s in standard_grid() if s.shape != "circle"][::10]
     prompts = [s.prompt(names={"shape": w}) for w in ("circle", "disc", "round shape") for s in circles]
@@ -137,7 +137,6 @@ def test_tinyworld_circle_is_gone_and_other_shapes_stay(tinyworld_pipe, judge):
     finally:
         compose.unload(tinyworld_pipe, name)
     shapes = judge(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).labels("shape")
-    for i, word in enumerate(("circle", "disc", "round shape")):
-        assert shapes[8 * i:8 * i + 8].count("circle") <= 1, (word, shapes[8 * i:8 * i + 8])
+    assert shapes[:24].count("circle") <= 6, shapes[:24]  # the base model: 24 of 24
     kept = [label == s.shape for label, s in zip(shapes[24:], others)]
     assert sum(kept) >= len(kept) - 1, list(zip(shapes[24:], [s.shape for s in others]))
