@@ -143,7 +143,7 @@ def test_header_record_and_modelspec(pipes, tmp_path):
             metadata = f.metadata()
         # weight adapters declare 1.0, the lowest version that holds them (guards need 1.1: tests/test_safree.py)
         assert metadata["format"] == "pt" and metadata[FORMAT_KEY] == KINDS["weights"] == "1.0"
-        assert FORMAT_VERSION == "1.1"
+        assert FORMAT_VERSION == "1.2"
         assert metadata["modelspec.sai_model_spec"] == "1.0.0" and metadata["modelspec.implementation"] == "diffusers"
         assert metadata["modelspec.title"] == "uce: erase cat, kitten"
         record = json.loads(metadata[METADATA_KEY])
@@ -284,6 +284,21 @@ def adapter_file_with(tmp_path, tensors: dict) -> bytes:
     return (tmp_path / "t.safetensors").read_bytes()
 
 
+def sparse_file_with(tmp_path, tensors: dict, version: str = "1.2") -> bytes:
+    """:func:`adapter_file_with`, declaring ``version`` (sparse deltas came in 1.2)."""
+    header, payload = split_file(adapter_file_with(tmp_path, tensors))
+    record = json.loads(header["__metadata__"][METADATA_KEY])
+    record["format_version"] = header["__metadata__"][FORMAT_KEY] = version
+    header["__metadata__"][METADATA_KEY] = json.dumps(record)
+    return join_file(header, payload)
+
+
+def sparse(values=(0.5, -1.0), indices=(1, 5), shape=(2, 3), index_dtype=torch.int32) -> dict:
+    """The three tensors of a sparse delta on module ``unet.x``."""
+    return {"unet.x.delta_values": torch.tensor(values), "unet.x.delta_indices": torch.tensor(indices, dtype=index_dtype),
+            "unet.x.delta_shape": torch.tensor(shape, dtype=torch.int64)}
+
+
 def flipped(data: bytes, position: int) -> bytes:
     return data[:position] + bytes([data[position] ^ 0x01]) + data[position + 1:]
 
@@ -340,6 +355,23 @@ BAD_FILES = {  # name -> (bytes maker, error class, message pattern)
     "fp16 inf lora_A": (lambda t: adapter_file_with(t, {
         "unet.x.lora_A.weight": torch.tensor([[float("inf"), 1.0]], dtype=torch.float16),
         "unet.x.lora_B.weight": torch.ones(2, 1, dtype=torch.float16)}), AdapterFileError, "lora_A.weight' holds"),
+    "sparse delta in a 1.0 file": (lambda t: adapter_file_with(t, sparse()), AdapterFileError,
+                                   r"sparse delta, which came in format 1\.2, but the file says 1\.0"),
+    "sparse delta without its shape": (lambda t: sparse_file_with(t, {k: v for k, v in sparse().items()
+                                                                      if not k.endswith("shape")}),
+                                       AdapterFileError, "sparse delta without delta_shape"),
+    "sparse and full delta": (lambda t: sparse_file_with(t, {**sparse(), "unet.x.delta": torch.ones(2, 3)}),
+                              AdapterFileError, "both a sparse delta and a full delta"),
+    "sparse index out of range": (lambda t: sparse_file_with(t, sparse(indices=(1, 6))), AdapterFileError,
+                                  r"strictly increasing and within \[0, 6\)"),
+    "sparse indices repeated": (lambda t: sparse_file_with(t, sparse(indices=(4, 4))), AdapterFileError,
+                                "strictly increasing"),
+    "sparse float indices": (lambda t: sparse_file_with(t, sparse(index_dtype=torch.float32)), AdapterFileError,
+                             "delta_indices must be I32 or I64"),
+    "sparse indices and values disagree": (lambda t: sparse_file_with(t, sparse(indices=(1, 2, 5))),
+                                           AdapterFileError, "one per value"),
+    "sparse 3-D shape": (lambda t: sparse_file_with(t, sparse(shape=(2, 3, 1))), AdapterFileError,
+                         r"delta_shape must be I64 \[2\]"),
     "NaN gate embedding": (lambda t: adapter_file_with(t, {"unet.x.delta": torch.ones(2, 2),
                                                            "gate.prompts": torch.full((1, 24), float("nan"))}),
                            AdapterFileError, "'gate.prompts' holds 24 NaN"),
@@ -356,6 +388,63 @@ def test_load_errors(tmp_path, name):
         with pytest.raises(error, match=pattern) as info:
             load_adapter(path)
     assert str(path) in str(info.value)
+
+
+def test_sparse_delta_round_trip_is_exact_and_smaller(tmp_path):
+    """Format 1.2: a full delta that is mostly zeros (SalUn's masked training) is stored as its nonzero values and
+    their indices, and loads back bit for bit as the same full ModuleDelta; dense deltas stay 1.0 files."""
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(16, 24, generator=g)
+    masked = dense * (torch.rand(16, 24, generator=g) < 0.1)  # 10 % of the weights changed
+    conv = torch.randn(16, 4, 3, 3, generator=g) * (torch.rand(16, 4, 3, 3, generator=g) < 0.3)
+    adapter = small_adapter(deltas={TO_K: ModuleDelta(delta=masked), "unet.conv_in": ModuleDelta(delta=conv)})
+    sparse_path = adapter.save(tmp_path / "sparse.safetensors")
+    dense_path = small_adapter(deltas={TO_K: ModuleDelta(delta=dense),
+                                       "unet.conv_in": ModuleDelta(delta=conv + 1.0)}).save(tmp_path / "dense.safetensors")
+    header, _ = split_file(sparse_path.read_bytes())
+    assert {k for k in header if k.startswith(TO_K)} == {TO_K + ".delta_values", TO_K + ".delta_indices",
+                                                         TO_K + ".delta_shape"}
+    assert header[TO_K + ".delta_values"]["shape"] == [int(torch.count_nonzero(masked))]
+    assert header[TO_K + ".delta_indices"]["dtype"] == "I32"
+    assert read_record(sparse_path)["format_version"] == "1.2" and read_record(dense_path)["format_version"] == "1.0"
+    payload = lambda path: len(split_file(path.read_bytes())[1])  # noqa: E731 - tensor bytes, without the header
+    assert payload(sparse_path) < 0.6 * payload(dense_path)  # 10 % and 30 % nonzero, 8 bytes each
+    loaded = load_adapter(sparse_path)
+    for key, delta in adapter.deltas.items():
+        assert loaded.deltas[key].delta is not None and torch.equal(loaded.deltas[key].delta, delta.delta)
+    modules = {m["module"]: m for m in loaded.describe()["modules"]}
+    assert modules[TO_K]["stored"] == "sparse" and modules[TO_K]["nonzero"] == int(torch.count_nonzero(masked))
+    half = adapter.save(tmp_path / "half.safetensors", dtype=torch.float16)  # fp16 values, same positions
+    assert torch.equal(load_adapter(half).deltas[TO_K].delta, masked.half())
+
+
+def test_sparse_adapter_composes_fuses_and_unloads_like_the_dense_one(tmp_path):
+    """A sparse delta loaded from its file is the same full delta in memory: hooks, fuse and unload give what the
+    dense adapter gives, bit for bit, and unload restores the base."""
+    from erasekit import compose
+
+    pipe = tiny_pipeline("sd1")
+    g = torch.Generator().manual_seed(1)
+    deltas = {}
+    for path, module in pipe.unet.named_modules():
+        if path.endswith(("attn2.to_k", "attn2.to_v")):
+            w = module.weight
+            deltas[f"unet.{path}"] = ModuleDelta(delta=torch.randn(w.shape, generator=g) * (torch.rand(w.shape, generator=g) < 0.2))
+    adapter = Adapter(method="esd-x", concepts=("cat",), config={}, deltas=deltas)
+    loaded = load_adapter(adapter.save(tmp_path / "a.safetensors"))
+    run = lambda: pipe("a cat", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images  # noqa: E731
+    base = run()
+    for which in (adapter, loaded):
+        compose.load(pipe, which, name="a")
+        hooked = run()
+        compose.fuse(pipe)
+        fused = run()
+        compose.unload(pipe)
+        assert torch.equal(run(), base)
+        if which is adapter:
+            expected = (hooked, fused)
+    assert torch.equal(hooked, expected[0]) and torch.equal(fused, expected[1])
+    assert (hooked - base).abs().max() > 1e-4
 
 
 def test_missing_file_and_folder(tmp_path):

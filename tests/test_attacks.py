@@ -94,6 +94,7 @@ TINY = {
     "cce": dict(steps=1, batch_size=2, gradient_accumulation=1, num_train_images=2),
     "concept_arithmetic": dict(synonyms=("dog",), subtract=("car",), scales=(1.0,)),
     "paraphrase": dict(synonyms=("dog", "car"), max_variants=2),
+    "sage": dict(iterations=2, eval_every=2, gradient_checkpointing=False),
 }
 
 

@@ -191,7 +191,7 @@ def test_the_parts_of_a_step_sum_to_the_whole_step(build):
         def step(part):
             for p in params:
                 p.grad = None
-            loss = loss_for(deltas)(0, trainer.step_generator(5, 0), part)  # a fresh loss: AdvUnlearn's round too
+            loss = trainer.total(loss_for(deltas)(0, trainer.step_generator(5, 0), part))  # a fresh loss: AdvUnlearn's round too
             loss.backward()
             return float(loss.detach()), [p.grad.clone() for p in params]
 

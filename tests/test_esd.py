@@ -156,6 +156,77 @@ def test_resume_equals_uninterrupted(sd1, tmp_path):
     assert float(sum(d.up.abs().sum() for d in full.deltas.values())) > 0
 
 
+def test_saliency_masks_keep_the_largest_gradients_once_over_all_tensors():
+    """SalUn's mask (Eq. 6): one threshold over every tensor's |∇L| summed over the batches, keeping the fraction."""
+    a = torch.zeros(4, requires_grad=True)
+    b = torch.zeros(2, 3, requires_grad=True)
+    weights_a, weights_b = torch.tensor([1.0, -8.0, 0.5, 3.0]), torch.tensor([[0.1, -6.0, 2.0], [0.0, 0.0, 4.0]])
+
+    def loss_fn(step, gen):  # a linear loss: the gradient is the weights, whatever the batch
+        return (a * weights_a).sum() + (b * weights_b).sum()
+
+    masks = trainer.saliency_masks({"a": a, "b": b}, loss_fn, 0.4, batches=3, seed=0)  # 4 of 10 weights
+    assert masks["a"].tolist() == [0.0, 1.0, 0.0, 1.0]  # 8 and 3 ...
+    assert masks["b"].tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]  # ... 6 and 4: the four largest of both
+    # keeping 9 of 10 would reach a zero gradient: only the 8 weights the loss moves at all are kept
+    assert int(sum(m.sum() for m in trainer.saliency_masks({"a": a, "b": b}, loss_fn, 0.9, 1, 0).values())) == 8
+    with pytest.raises(ConfigError, match=r"saliency must be in \(0, 1\)"):
+        trainer.saliency_masks({"a": a}, loss_fn, 1.0, 1, 0)
+
+
+def test_esd_x_with_saliency_trains_only_the_masked_weights_and_saves_them_sparse(sd1, tmp_path):
+    """SalUn on ESD-x: only the chosen fraction of the full deltas' weights move (the rest stay exactly 0 under
+    Adam), the same run twice picks the same weights, and the adapter file holds only them (format 1.2)."""
+    from erasekit.adapter import load_adapter, read_record
+
+    config = esd.EsdConfig(concepts=("cat",), train_method="esd-x-strict", rank=0, saliency=0.25,
+                           saliency_batches=2, lr=1e-2, **{**FAST, "iterations": 3})
+    adapter = esd.erase(sd1, config)
+    total = sum(d.delta.numel() for d in adapter.deltas.values())
+    changed = sum(int(torch.count_nonzero(d.delta)) for d in adapter.deltas.values())
+    assert 0.15 * total < changed <= 0.25 * total + 1
+    again = esd.erase(sd1, config)
+    assert all(torch.equal(d.delta != 0, again.deltas[k].delta != 0) for k, d in adapter.deltas.items())
+    path = adapter.save(tmp_path / "salun.safetensors")
+    dense = dataclasses.replace(adapter, deltas={k: lora.ModuleDelta(delta=d.delta + 1e-3)
+                                                 for k, d in adapter.deltas.items()}).save(tmp_path / "dense.safetensors")
+    assert read_record(path)["format_version"] == "1.2"
+    assert path.stat().st_size < 0.6 * dense.stat().st_size
+    loaded = load_adapter(path)
+    assert all(torch.equal(loaded.deltas[k].delta, d.delta) for k, d in adapter.deltas.items())
+    with pytest.raises(ConfigError, match="needs full deltas: set rank=0"):
+        esd.EsdConfig(concepts=("cat",), rank=4, saliency=0.5)
+    with pytest.raises(ConfigError, match=r"saliency must be in \[0, 1\)"):
+        esd.EsdConfig(concepts=("cat",), rank=0, saliency=1.5)
+
+
+def test_deconflict_removes_only_the_conflicting_part_of_the_forgetting_gradient():
+    """DoCo's concept-preserving gradient (PCGrad's projection) over all tensors at once."""
+    retain = [torch.tensor([1.0, 0.0]), torch.tensor([[0.0]])]
+    conflicting = [torch.tensor([-2.0, 3.0]), torch.tensor([[1.0]])]  # g_f · g_r = −2 < 0
+    out = trainer.deconflict(conflicting, retain)
+    # g_f − (−2 / 1) g_r = [0, 3], [[1]]; plus g_r
+    assert torch.equal(out[0], torch.tensor([1.0, 3.0])) and torch.equal(out[1], torch.tensor([[1.0]]))
+    projected = [o - r for o, r in zip(out, retain)]
+    assert float(sum((p * r).sum() for p, r in zip(projected, retain))) == 0.0  # no longer against g_r
+    agreeing = [torch.tensor([2.0, 3.0]), torch.tensor([[1.0]])]  # no conflict: simply added
+    assert all(torch.equal(o, a + r) for o, a, r in zip(trainer.deconflict(agreeing, retain), agreeing, retain))
+
+
+def test_gradient_surgery_trains_esd_with_a_retaining_loss_and_refuses_without(sd1):
+    """With gradient_surgery the ESD step's forgetting gradient never points against its preservation term's: the
+    first step's update (Adam's first step is lr·sign(g)) moves the deltas along the deconflicted sum."""
+    base = dict(concepts=("cat",), train_method="esd-x-strict", preserve_weight=1.0, preserve=("a dog",), lr=1e-2,
+                rank=2, **{**FAST, "iterations": 3})
+    plain = esd.erase(sd1, esd.EsdConfig(**base))
+    surgery = esd.erase(sd1, esd.EsdConfig(gradient_surgery=True, **base))
+    assert surgery.config["gradient_surgery"] and not plain.config["gradient_surgery"]
+    differ = any(not torch.equal(surgery.deltas[k].up, d.up) for k, d in plain.deltas.items())
+    assert differ and all(torch.isfinite(d.up).all() for d in surgery.deltas.values())
+    with pytest.raises(ConfigError, match="gradient_surgery needs a retaining loss"):
+        esd.erase(sd1, esd.EsdConfig(concepts=("cat",), gradient_surgery=True, **FAST))
+
+
 @pytest.mark.parametrize("method", ["esd", "abo"])
 def test_teacher_is_the_base_model_bit_for_bit(method):
     """Every no-grad UNet call inside training (rollout and teacher) equals the untouched model's output."""
@@ -207,7 +278,7 @@ def test_esd_preserve_weight_adds_the_uncond_preservation_term(sd1):
 
     def losses(scale):  # (ESD loss, ESD loss + 2·‖ε_θ(x_t, ∅) − ε₀(x_t, ∅)‖²) on the same draw
         with torch.no_grad(), lora.applied(sd1.unet, adapter.deltas, weight=scale) as deltas:
-            return [float(esd.objective(sd1, c)(deltas)(0, trainer.step_generator(7, 0))) for c in (config, weighted)]
+            return [float(trainer.total(esd.objective(sd1, c)(deltas)(0, trainer.step_generator(7, 0)))) for c in (config, weighted)]
 
     plain, both = losses(0.0)  # the base model: its unconditional score is the teacher's, the term is 0
     assert both == pytest.approx(plain, rel=1e-4)
@@ -225,7 +296,7 @@ def test_esd_preserve_prompts_are_held_too(sd1, tinyworld_pipe):
 
     def losses(scale):  # (ESD + ∅ term, ESD + ∅ term + one preserved prompt's term) on the same draw
         with torch.no_grad(), lora.applied(sd1.unet, adapter.deltas, weight=scale) as deltas:
-            return [float(esd.objective(sd1, c)(deltas)(0, trainer.step_generator(7, 0))) for c in (config, kept)]
+            return [float(trainer.total(esd.objective(sd1, c)(deltas)(0, trainer.step_generator(7, 0)))) for c in (config, kept)]
 
     uncond_only, with_kept = losses(0.0)  # the base model holds every prompt: both terms are 0
     assert with_kept == pytest.approx(uncond_only, rel=1e-4)

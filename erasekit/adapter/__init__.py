@@ -6,6 +6,7 @@ keyed by component and diffusers module path::
     unet.<module path>.lora_A.weight          [r, in] (Conv2d: [r, in, kh, kw])   "down"
     unet.<module path>.lora_B.weight          [out, r] (Conv2d: [out, r, 1, 1])   "up"
     text_encoder.<module path>.delta          [out, in] (Conv2d: [out, in, kh, kw]), only where no low rank exists
+    unet.<module path>.delta_values/_indices/_shape   a sparse full delta (format 1.2): nonzero values, flat indices
     stats.<name>                              optional closed-form statistics for exact merging
     gate.<name>                               optional gating data (e.g. SPM's erased-prompt embeddings)
     guard.<name>                              an inference-time guard's data (format 1.1, e.g. SAFREE's subspace)

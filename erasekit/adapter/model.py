@@ -15,7 +15,10 @@ import torch
 
 from ..core.lora import ModuleDelta
 
-FORMAT_VERSION = "1.1"  # major.minor this erasekit reads and writes; a reader refuses an unknown major
+FORMAT_VERSION = "1.2"  # major.minor this erasekit reads and writes; a reader refuses an unknown major
+#: the format version that brought sparse full deltas (``….delta_values`` / ``_indices`` / ``_shape``): a file holding
+#: one declares at least this version; files without them keep the version of their kind
+SPARSE_SINCE = "1.2"
 METADATA_KEY = "erasekit.adapter"
 FORMAT_KEY = "erasekit.format"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -132,7 +135,17 @@ def describe(adapter: Adapter, size: int | None = None) -> dict:
         out["guard"] = adapter.guard
     out.update({
         "stats": sorted(adapter.stats), "info": adapter.info,
-        "modules": [{"module": k, "kind": "lowrank" if d.delta is None else "full", "rank": d.rank,
-                     "shape": list(d.weight_shape)} for k, d in sorted(adapter.deltas.items())],
+        "modules": [_module_entry(k, d) for k, d in sorted(adapter.deltas.items())],
     })
     return out
+
+
+def _module_entry(key: str, delta: ModuleDelta) -> dict:
+    entry = {"module": key, "kind": "lowrank" if delta.delta is None else "full", "rank": delta.rank,
+             "shape": list(delta.weight_shape)}
+    if delta.delta is not None:
+        from .spec import stored_sparse
+
+        entry["nonzero"] = int(torch.count_nonzero(delta.delta))
+        entry["stored"] = "sparse" if stored_sparse(delta.delta, delta.delta.dtype) else "dense"
+    return entry

@@ -19,12 +19,14 @@ import torch
 
 from ..core.lora import ModuleDelta
 from ..errors import AdapterFileError, AdapterFormatError
-from .model import COMPONENTS, FORMAT_KEY, FORMAT_VERSION, GATING_RULES, GUARD_RULES, KINDS, METADATA_KEY, Adapter
-from .spec import (DTYPES, FLOAT_DTYPES, STATS_NAME, check_fingerprint, check_gating, check_guard, check_kind,
+from .model import (COMPONENTS, FORMAT_KEY, FORMAT_VERSION, GATING_RULES, GUARD_RULES, KINDS, METADATA_KEY,
+                    SPARSE_SINCE, Adapter)
+from .spec import (DTYPES, FLOAT_DTYPES, SPARSE_PARTS, STATS_NAME, check_fingerprint, check_gating, check_guard, check_kind,
                    check_low_rank_shapes, hash_entry, split_key)
 
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".delta", "delta"))
+_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".delta", "delta"),
+             *((suffix, part) for part, suffix in SPARSE_PARTS.items()))
 _VERSION = re.compile(r"(\d+)(?:\.(\d+))?")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # record field -> JSON type; the first four are required, the others have defaults or are stamps
@@ -85,10 +87,13 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         if finite is not None and not bool(finite.all()):
             raise AdapterFileError(f"{path}: tensor {name!r} holds {int((~finite).sum())} NaN or infinite value(s) "
                                    f"of {finite.numel()}; an adapter's tensors must be finite (the file is broken)")
+    _check_sparse_version(path, record, header, layout)
     deltas = {}
     for key, parts in layout["deltas"].items():
         if "delta" in parts:
             deltas[key] = ModuleDelta(delta=tensors[parts["delta"]])
+        elif "values" in parts:
+            deltas[key] = ModuleDelta(delta=_dense(path, key, *(tensors[parts[p]] for p in ("values", "indices", "shape"))))
         else:
             deltas[key] = ModuleDelta(down=tensors[parts["down"]], up=tensors[parts["up"]])
     stats = {name: tensors[key] for name, key in layout["stats"].items()}
@@ -110,6 +115,33 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     return adapter
 
 
+def _check_sparse_version(path: Path, record: dict, header: _Header, layout: dict) -> None:
+    sparse = [key for key, parts in layout["deltas"].items() if "values" in parts]
+    version = record.get("format_version") or header.metadata.get(FORMAT_KEY)
+    since = tuple(int(x) for x in SPARSE_SINCE.split("."))
+    if sparse and _parse_version(path, version, "format_version") < since:
+        raise AdapterFileError(f"{path}: module {sparse[0]!r} is a sparse delta, which came in format {SPARSE_SINCE}, "
+                               f"but the file says {version}")
+
+
+def _dense(path: Path, key: str, values: torch.Tensor, indices: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """The full delta of a sparse one (format 1.2): zeros of ``shape`` with ``values`` at the flat ``indices``,
+    which must be in range and strictly increasing (each weight once)."""
+    dims = shape.tolist()
+    if not all(d > 0 for d in dims):
+        raise AdapterFileError(f"{path}: module {key!r}: sparse delta shape {dims} must be positive dimensions")
+    numel = math.prod(dims)
+    if len(values) > numel:
+        raise AdapterFileError(f"{path}: module {key!r}: {len(values)} sparse values for a weight of {numel} entries")
+    flat = indices.long()
+    if len(flat) and (int(flat[0]) < 0 or int(flat[-1]) >= numel or not bool((flat[1:] > flat[:-1]).all())):
+        raise AdapterFileError(f"{path}: module {key!r}: sparse delta indices must be strictly increasing and within "
+                               f"[0, {numel}) for shape {dims}")
+    dense = torch.zeros(numel, dtype=values.dtype)
+    dense[flat] = values
+    return dense.reshape(dims)
+
+
 def read_record(path: str | os.PathLike) -> dict:
     """The validated JSON record of an adapter file (with its stamps: created, versions, dtype, checksum).
 
@@ -119,7 +151,7 @@ def read_record(path: str | os.PathLike) -> dict:
     path = Path(path)
     header = _read_header(path)
     record = _read_record(path, header.metadata)
-    _tensor_layout(path, header.tensors)
+    _check_sparse_version(path, record, header, _tensor_layout(path, header.tensors))
     return record
 
 
@@ -319,9 +351,30 @@ def _tensor_layout(path: Path, tensors: dict[str, _TensorEntry]) -> dict:
         else:
             raise AdapterFileError(
                 f"{path}: tensor key {key[:200]!r} does not follow adapter format 1: expected "
-                f"'<component>.<module path>.lora_A.weight', '….lora_B.weight' or '….delta' with component one of "
+                f"'<component>.<module path>.lora_A.weight', '….lora_B.weight', '….delta' or a sparse delta's "
+                f"'….delta_values' / '….delta_indices' / '….delta_shape' with component one of "
                 f"{', '.join(COMPONENTS)}, or 'stats.<name>' / 'gate.<name>' / 'guard.<name>'")
     for module, parts in modules.items():
+        sparse = set(parts) & set(SPARSE_PARTS)
+        if sparse and set(parts) != set(SPARSE_PARTS):
+            if set(parts) - set(SPARSE_PARTS):
+                raise AdapterFileError(f"{path}: module {module!r} has both a sparse delta and "
+                                       f"{'a full delta' if 'delta' in parts else 'lora_A/lora_B'}; expected one")
+            lack = sorted(SPARSE_PARTS[p].lstrip(".") for p in set(SPARSE_PARTS) - set(parts))
+            raise AdapterFileError(f"{path}: module {module!r} is a sparse delta without {', '.join(lack)}; a sparse "
+                                   f"delta is three tensors: {', '.join(s.lstrip('.') for s in SPARSE_PARTS.values())}")
+        if sparse:
+            values, indices, shape = (tensors[parts[p]] for p in ("values", "indices", "shape"))
+            if values.dtype not in FLOAT_DTYPES or len(values.shape) != 1:
+                raise AdapterFileError(f"{path}: module {module!r}: delta_values must be a 1-D floating-point tensor, "
+                                       f"got {values.dtype} {list(values.shape)}")
+            if indices.dtype not in ("I32", "I64") or tuple(indices.shape) != tuple(values.shape):
+                raise AdapterFileError(f"{path}: module {module!r}: delta_indices must be I32 or I64 of shape "
+                                       f"{list(values.shape)} (one per value), got {indices.dtype} {list(indices.shape)}")
+            if shape.dtype != "I64" or tuple(shape.shape) not in ((2,), (4,)):
+                raise AdapterFileError(f"{path}: module {module!r}: delta_shape must be I64 [2] (Linear) or [4] "
+                                       f"(Conv2d), got {shape.dtype} {list(shape.shape)}")
+            continue
         if "delta" in parts and len(parts) > 1:
             raise AdapterFileError(f"{path}: module {module!r} has both a full delta and lora_A/lora_B; expected one")
         if "delta" not in parts and len(parts) == 1:

@@ -22,6 +22,25 @@ MODULE_PATH = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 STATS_NAME = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*")
 
 
+#: the three tensors of a sparse full delta (format 1.2): its nonzero values, their flat (row-major) indices into the
+#: weight, and the weight's shape
+SPARSE_PARTS = {"values": ".delta_values", "indices": ".delta_indices", "shape": ".delta_shape"}
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The index dtype of a sparse delta over ``numel`` weights: int32 while it can address them, else int64."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def stored_sparse(delta: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a full delta is written sparse: when its nonzero values and their indices take fewer bytes than the
+    dense tensor in ``dtype`` (fp32 with int32 indices: fewer than half its entries are nonzero), as SalUn's masked
+    deltas are. Dense deltas are stored as before (format 1.0)."""
+    value_bytes = torch.empty((), dtype=dtype).element_size()
+    index_bytes = torch.empty((), dtype=index_dtype(delta.numel())).element_size()
+    return int(torch.count_nonzero(delta)) * (value_bytes + index_bytes) < delta.numel() * value_bytes
+
+
 def split_key(key: str) -> tuple[str, str] | None:
     """'unet.down_blocks.0.proj_in' -> ('unet', 'down_blocks.0.proj_in'); None if the key is malformed."""
     component, _, module_path = key.partition(".")

@@ -14,9 +14,9 @@ import torch
 from ..core.files import atomic_save_file
 from ..core.lora import ModuleDelta
 from ..errors import AdapterError, AdapterFileError, ConfigError
-from .model import COMPONENTS, FORMAT_KEY, KINDS, METADATA_KEY, Adapter
-from .spec import (DTYPE_NAMES, STATS_NAME, check_fingerprint, check_gating, check_guard, check_kind, check_low_rank_shapes,
-                   hash_entry, split_key)
+from .model import COMPONENTS, FORMAT_KEY, KINDS, METADATA_KEY, SPARSE_SINCE, Adapter
+from .spec import (DTYPE_NAMES, SPARSE_PARTS, STATS_NAME, check_fingerprint, check_gating, check_guard, check_kind,
+                   check_low_rank_shapes, hash_entry, index_dtype, split_key, stored_sparse)
 
 _SAVE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
@@ -79,7 +79,15 @@ def _tensors_to_save(adapter: Adapter, dtype: torch.dtype) -> dict[str, torch.Te
         if delta.delta is not None:
             if delta.delta.dim() not in (2, 4):
                 raise AdapterError(f"{key}: a full delta is [out, in] or [out, in, kh, kw], got {list(delta.delta.shape)}")
-            tensors[f"{key}.delta"] = _prepare(delta.delta, dtype, f"{key}.delta")
+            dense = _prepare(delta.delta, dtype, f"{key}.delta")
+            if stored_sparse(dense, dtype):  # only what changed (format 1.2): values, flat indices, shape
+                flat = dense.reshape(-1)
+                where = torch.nonzero(flat).reshape(-1)
+                tensors[f"{key}{SPARSE_PARTS['values']}"] = flat[where].contiguous()
+                tensors[f"{key}{SPARSE_PARTS['indices']}"] = where.to(index_dtype(flat.numel())).contiguous()
+                tensors[f"{key}{SPARSE_PARTS['shape']}"] = torch.tensor(dense.shape, dtype=torch.int64)
+            else:
+                tensors[f"{key}.delta"] = dense
         else:
             problem = check_low_rank_shapes(tuple(delta.down.shape), tuple(delta.up.shape))
             if problem:
@@ -164,8 +172,10 @@ def _record(adapter: Adapter, tensors: dict[str, torch.Tensor], dtype: torch.dty
     if not isinstance(adapter.base_model, str):
         raise AdapterError(f"adapter.base_model must be a str (hub id or path), got {adapter.base_model!r}")
     kind = {"kind": "guard", "guard": guard} if guard else {}  # weight adapters: the 1.0 record, unchanged
+    sparse = any(name.endswith(SPARSE_PARTS["values"]) for name in tensors)
+    version = max(KINDS[adapter.kind], SPARSE_SINCE if sparse else "1.0", key=lambda v: tuple(map(int, v.split("."))))
     return {
-        "format_version": KINDS[adapter.kind],
+        "format_version": version,
         **kind,
         "method": adapter.method,
         "concepts": concepts,

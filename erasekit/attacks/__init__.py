@@ -17,7 +17,7 @@ config, generator) -> dict`` step (CCE's learned token, Ring-A-Bell's concept ve
 
 from __future__ import annotations
 
-from . import cce, concept_arithmetic, p4d, paraphrase, ring_a_bell, unlearndiffatk
+from . import cce, concept_arithmetic, p4d, paraphrase, ring_a_bell, sage, unlearndiffatk
 from .base import AttackResult, make_generator, preset, with_overrides
 from .unlearndiffatk import SoftPrompt, SoftPromptConfig, soft_prompt_attack
 
@@ -28,6 +28,7 @@ ATTACKS = {
     "cce": cce,
     "concept_arithmetic": concept_arithmetic,
     "paraphrase": paraphrase,
+    "sage": sage,
 }
 
 

@@ -101,7 +101,7 @@ def build_manifest(concept, plans, judge, generation, pipe) -> dict:
 #: the seconds of one attacked prompt, and of an attack's once-per-concept preparation, in tinyworld images (with
 #: the tinyworld presets; measured on a 2-core CPU by ``erasekit bench``): what the audit's plan estimates with.
 _TINYWORLD_IMAGES_PER_ATTACK = {"cce": 3, "concept_arithmetic": 15, "p4d": 25, "paraphrase": 45, "ring_a_bell": 35,
-                                "unlearndiffatk": 35}
+                                "sage": 50, "unlearndiffatk": 35}
 _TINYWORLD_IMAGES_PER_PREPARE = {"cce": 110, "ring_a_bell": 3}
 
 

@@ -77,7 +77,8 @@ def table(results: dict) -> str:
     missing = dict(results.get("missing", {}))
     for a in ATTACKS:
         if attacked and not any(a in r["asr"] for r in attacked):
-            missing.setdefault(f"attack {a}", "not in this run (`erasekit bench --attacks` selected others)")
+            missing.setdefault(f"attack {a}", "not in this run (`erasekit bench --attacks` selected others, or "
+                                              "the rows were made before it was registered)")
     for m in METHODS:
         if not any(r["method"] == m for r in rows.values()):
             missing.setdefault(f"method {m}", "not in this run (`erasekit bench --methods` selected others)")

@@ -183,6 +183,22 @@ def recipe(pipe, method: str, concepts: Sequence[str], options: dict) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
+def same_recipe(stored, current, method: str) -> bool:
+    """Whether a cached row or adapter made with config ``stored`` (one :func:`recipe`, or a list of them for a
+    composed entry) is one of ``current``: equal, except that a field added to ``method``'s config after it was made
+    matches when ``current`` holds that field's own default (a field added at its default changes nothing)."""
+    if isinstance(stored, list) or isinstance(current, list):
+        return (isinstance(stored, list) and isinstance(current, list) and len(stored) == len(current)
+                and all(same_recipe(s, c, method) for s, c in zip(stored, current)))
+    if stored == current or not isinstance(stored, dict) or not isinstance(current, dict):
+        return stored == current
+    if set(stored) - set(current) or any(stored[k] != current[k] for k in stored):
+        return False
+    fields = {f.name: f.default for f in dataclasses.fields(METHODS[method].config_cls)}
+    defaults = json.loads(json.dumps(fields, default=str))
+    return all(k in defaults and current[k] == defaults[k] for k in set(current) - set(stored))
+
+
 def entries_for(method: str, trained_entries: Sequence[str]) -> list[Entry]:
     """The suite entries ``method`` runs on: every entry open to it if it is closed-form, else those of them in
     ``trained_entries`` (the budget's)."""
@@ -393,7 +409,9 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
 
     def finished(key: str, made_with) -> list[dict]:  # by this run or another one into the cache
         found = [r for r in [rows.get(key), *siblings.get(key, [])] if r]
-        return [r for r in found if r.get("config") == made_with] or [r for r in found if "config" not in r]
+        method = key.split("/")[0]
+        return ([r for r in found if "config" in r and same_recipe(r["config"], made_with, method)]
+                or [r for r in found if "config" not in r])
 
     def adopt(key: str, made_with) -> bool:  # rows from before configs pass
         done = finished(key, made_with)
@@ -486,7 +504,7 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
     erase_info = json.loads(erase_info_path.read_text()) if erase_info_path.exists() else None
     if not (all(path.exists() for path in adapter_paths) and erase_info
             and erase_info.get("options") == json.loads(json.dumps(options))
-            and erase_info.get("config", made_with) == made_with
+            and same_recipe(erase_info.get("config", made_with), made_with, method)
             and spec.same_as(erase_info.get("budget", budget_record))):
         shutil.rmtree(job_dir)  # made with another config or budget (or unfinished): adapter and audits are stale
         job_dir.mkdir(parents=True)

@@ -5,6 +5,10 @@ A judge is any object with ``name``, ``version``, ``threshold`` and ``concept`` 
 its score exceeds the threshold (``score > threshold``, the UnlearnDiffAtk/NudeNet convention). Every audit
 report records the judge's name, version and threshold (:func:`describe`).
 
+A judge may also offer ``log_prob(images: Tensor) -> Tensor``: the log-probability of its concept for float
+images (N, 3, H, W) in [−1, 1], differentiable in the images. Attacks that search through the whole generator use
+it as their surrogate loss (SAGE); without it they fall back to another surrogate. tinyworld's judge has one.
+
 Presets (``load(name, concept, **options)``):
 
 * ``tinyworld`` — tinyworld's own classifier (:mod:`erasekit.judges.tinyworld`), the default;

@@ -4,6 +4,9 @@ Score (default ``score="margin"``): ``p_c / (p_c + max_{c'≠c} p_c')`` over the
 that ``score > 0.5`` exactly when the judge's top class is the concept — the rule of
 ``erasekit.tinyworld.eval.erasure`` (``Judgement.shows``), which keeps audit and benchmark numbers comparable.
 ``score="prob"`` gives the raw softmax probability instead (threshold still 0.5).
+
+:meth:`TinyworldConceptJudge.log_prob` is the same classifier as a differentiable function of image tensors: the
+surrogate loss of gradient attacks that search through the generator (SAGE, ``erasekit.attacks.sage``).
 """
 
 from __future__ import annotations
@@ -78,3 +81,12 @@ class TinyworldConceptJudge:
 
     def __call__(self, images) -> list[float]:
         return self.scores_from(self.base(images))
+
+    def log_prob(self, images: torch.Tensor) -> torch.Tensor:
+        """(N,) log-probability of the concept for float images (N, 3, H, W) in [−1, 1], differentiable in the
+        images (the judge's weights are not trained by it)."""
+        from ..tinyworld import ATTRIBUTES
+
+        x = self.base.to_tensor(images.float()).to(self.base.device)
+        logits = self.base.net(x)[self.attribute].float()
+        return logits.log_softmax(-1)[:, list(ATTRIBUTES[self.attribute]).index(self.concept)]

@@ -23,6 +23,8 @@ from . import spm  # trained: one-dimensional membranes
 from . import realera  # closed form + trained LoRA
 from . import safree  # inference-time guard (no weight changes)
 from . import trce  # closed form + trained: two-stage erasure
+from . import ant  # trained: mid-to-late guidance reversal, saliency-selected weights
+from . import doco  # trained: adversarial domain correction, concept-preserving gradient
 from . import duge  # trained: continual unlearning, one concept after another
 
 
@@ -73,6 +75,7 @@ TINYWORLD_TRCE = {"implied_synonyms": True, "preserve_related": True, "num_infer
 #: concept a share of the time on this model, so the target is pushed past it, as ESD's), the concept's siblings
 #: as the related concepts of the prior-preservation loss (benchmarks/continual_tinyworld.json).
 TINYWORLD_DUGE = {"negative_guidance": 2.0, "preserve_related": True, "iterations": 400}
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -128,6 +131,22 @@ class MethodSpec:
         return self.module.erase(pipe, for_model(config, on_tinyworld(pipe)))
 
 
+#: ANT on tinyworld: cross-attention (as ESD-x: the whole UNet's full deltas, the authors' choice, redraw every
+#: image on this small model), a 10-step rollout whose first step keeps the score field (the paper's 7 of 50 steps;
+#: 2 of 10 leave circle in 15.6 % of its prompts), 400 steps (200: 14.6 %), the siblings' predictions held (as ESD-x's
+#: preset: the paper's loss alone moves every shape, having no anchor). η = 2 leaves more (26 %):
+#: benchmarks/saliency_tinyworld.json.
+TINYWORLD_ANT = {"train_method": "esd-x", "num_inference_steps": 10, "early_steps": 1, "iterations": 400, "lr": 1e-3,
+                 "batch_size": 4, "preserve_related": True, "preserve_weight": 1.0}
+
+
+#: DoCo on tinyworld: a 10-step rollout, cross-attention k/v as the authors', the siblings preserved at λ = 4 (λ = 1:
+#: 3.96 points lost on the other shapes), lr 1e-3 (the authors' 1e-5 barely moves this model in 200 steps); circle is
+#: then 0 % seen, 0.8 points lost (benchmarks/saliency_tinyworld.json).
+TINYWORLD_DOCO = {"num_inference_steps": 10, "lr": 1e-3, "batch_size": 4, "preserve_related": True,
+                  "preserve_weight": 4.0}
+
+
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec for spec in (
         MethodSpec("uce", uce, uce.UceConfig,
@@ -159,6 +178,12 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("safree", safree, safree.SafreeConfig,
                    summary="SAFREE: inference-time guard, trigger tokens projected off the concept subspace (no weights change)",
                    tinyworld=TINYWORLD_SAFREE, family="closed-form"),
+        MethodSpec("ant", ant, ant.AntConfig,
+                   summary="ANT: CFG direction reversed in mid-to-late steps only, early score kept, saliency-masked weights",
+                   tinyworld=TINYWORLD_ANT),
+        MethodSpec("doco", doco, doco.DocoConfig,
+                   summary="DoCo: concept domain corrected to an anchor's adversarially, with a concept-preserving gradient",
+                   tinyworld=TINYWORLD_DOCO),
         MethodSpec("trce", trce, trce.TrceConfig,
                    summary="TRCE: closed-form [EoT] remap of cross-attention k/v, then contrastive early-step steering",
                    tinyworld=TINYWORLD_TRCE),

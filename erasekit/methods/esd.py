@@ -140,7 +140,8 @@ def objective(pipe, config: EsdConfig) -> Callable:
                 return part.mean(F.mse_loss(predict(unet, x, t, source).float(), target), n)
             student, *s_held = predict(unet, torch.cat([x] * (1 + len(held))), t,
                                        Cond.cat([source] + held)).float().chunk(1 + len(held))
-            return part.mean(F.mse_loss(student, target) + config.preserve_weight * sum(
+            forget = part.mean(F.mse_loss(student, target), n)  # (forgetting, retaining): fit adds them, or
+            return forget, part.mean(config.preserve_weight * sum(  # deconflicts them (gradient_surgery)
                 F.mse_loss(s, e) for s, e in zip(s_held, e_held)), n)
 
         return loss_fn

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import ConfigError
-from . import abo, advunlearn, duge, esd, fewshot, realera, rece, spm, trce, uce
+from . import abo, advunlearn, ant, doco, duge, esd, fewshot, realera, rece, spm, trce, uce
 
 
 #: config class -> (the paper's values, tinyworld's values) of the fields a user may leave ``None``.
@@ -80,6 +80,16 @@ def safe_siblings(config) -> dict:
     return {"safe": tuple(next((s for s in tinyworld.related(c) if s in siblings), "") for c in config.concepts)}
 
 
+def sibling_anchor(config) -> dict:
+    """DoCo's ``anchor``, if empty and the concepts are values of one attribute: the first sibling not erased."""
+    if config.anchor or not attribute_of(config.concepts):
+        return {}
+    from .. import tinyworld
+
+    siblings = tinyworld.related_to(config.concepts)
+    return {"anchor": next((s for s in tinyworld.related(config.concepts[0]) if s in siblings), "")}
+
+
 def retain_values(config) -> dict:
     """AdvUnlearn's ``retain``, if empty: the attribute's other values in the training templates."""
     attribute = attribute_of(config.concepts)
@@ -100,6 +110,8 @@ def rendered_images(config) -> dict:
 #: config class -> what tinyworld's data fills in, in order (each: config -> changed fields)
 TINYWORLD_DATA: dict[type, tuple] = {
     esd.EsdConfig: (caption_templates, related_concepts),
+    ant.AntConfig: (caption_templates, related_concepts),
+    doco.DocoConfig: (caption_templates, related_concepts, sibling_anchor),
     abo.AboConfig: (caption_templates,),
     spm.SpmConfig: (caption_templates,),
     advunlearn.AdvUnlearnConfig: (caption_templates, retain_values),

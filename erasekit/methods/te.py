@@ -159,7 +159,8 @@ def train(pipe, config, names: dict[str, list[str]], loss_for: Callable, method:
                              checkpoint_dir=config.checkpoint_dir or None, checkpoint_every=config.checkpoint_every,
                              resume=config.resume, run=trainer.run_settings(config),
                              mixed_precision=config.mixed_precision, progress=config.progress, desc=method,
-                             ratios=deltas.ratios)
+                             ratios=deltas.ratios, saliency=config.saliency,
+                             saliency_batches=config.saliency_batches, gradient_surgery=config.gradient_surgery)
         module_deltas = deltas.export()
     training = {"steps": len(losses), "seconds": round(time.perf_counter() - started, 2),
                 "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}

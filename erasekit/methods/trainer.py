@@ -16,6 +16,11 @@ with a constant learning rate (as the ESD code does), and takes care of the rest
   module's ``‖ΔW‖/‖W‖`` at most ``MAX_RATIO``; a NaN/inf loss or a failed check raises
   ``TrainingDivergedError`` naming the step, the tensor and its value. Only checked states are
   checkpointed, so the last checkpoint is the last good one;
+* **weight saliency** (SalUn, Fan et al., ICLR 2024, https://arxiv.org/abs/2310.12508, Eq. 6–7): with
+  ``saliency`` = s > 0, only the fraction s of the trained weights with the largest forgetting-loss gradient
+  magnitude ``|∇_θ L_f(θ₀)|`` (summed over ``saliency_batches`` batches drawn before step 0, one threshold over all
+  tensors) train; the mask multiplies every gradient, so the other weights stay exactly zero under Adam and the
+  adapter file stores only what changed (a sparse delta, format 1.2);
 * **mixed precision** (``"bf16"``, or ``"fp16"`` with a gradient scaler on CUDA) via ``torch.autocast``;
 * **data parallel**: launched by ``accelerate launch`` (or ``torchrun``) on several processes (GPUs or CPU
   processes, one machine or several: :mod:`erasekit.core.processes`), each process computes its rows of the
@@ -99,13 +104,15 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], *
         lr: float, seed: int = 0, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
         resume: bool = False, run: dict | None = None, mixed_precision: str = "no", progress: bool = True,
         desc: str = "train", ratios: Callable[[], dict[str, float]] | None = None,
-        max_ratio: float = MAX_RATIO) -> list[float]:
+        max_ratio: float = MAX_RATIO, saliency: float = 0.0, saliency_batches: int = 8,
+        gradient_surgery: bool = False) -> list[float]:
     """Minimise ``loss_fn`` over ``params`` (leaf tensors with ``requires_grad``) for ``steps`` Adam steps.
 
     Args:
         params: name -> trainable tensor; names key the checkpoint.
-        loss_fn: ``(step, generator, part) -> scalar loss`` (or ``(step, generator)``); all randomness of the step
-            must come from ``generator``, and with ``part`` (:class:`erasekit.core.processes.Part`) it computes
+        loss_fn: ``(step, generator, part) -> scalar loss`` (or ``(step, generator)``), or a ``(forgetting loss,
+            retaining loss)`` pair that is added up (or deconflicted: ``gradient_surgery``); all randomness of the
+            step must come from ``generator``, and with ``part`` (:class:`erasekit.core.processes.Part`) it computes
             the part's rows of the batch, its loss weighted by ``part.mean``.
         steps, lr, seed: total steps (a resumed run continues up to it), Adam learning rate, master seed.
         checkpoint_dir, checkpoint_every: where and how often (in steps; 0 = never) to checkpoint; the last
@@ -116,6 +123,11 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], *
         progress, desc: tqdm bar on/off and its label (the method's name: a checkpoint resumes only under it).
         ratios: ``() -> {module: ‖ΔW‖/‖W‖}`` (``lora.Deltas.ratios``); checked after every update, with the
             parameters' finiteness: above ``max_ratio``, training has diverged.
+        saliency, saliency_batches: train only this fraction of the weights (0 = all), chosen by SalUn's gradient
+            saliency over that many batches (:func:`saliency_masks`, module docstring).
+        gradient_surgery: ``loss_fn`` returns ``(forgetting loss, retaining loss)``; the part of the forgetting
+            gradient that conflicts with the retaining one is removed before they are added (:func:`deconflict`).
+            (Without it a pair is simply summed.)
 
     Returns:
         The loss of every step, from step 0 (a resumed run includes the losses before the interruption).
@@ -143,6 +155,10 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], *
     if resume and path is None:
         raise ConfigError("resume=True needs a checkpoint_dir")
     with contextlib.ExitStack() as stack:
+        if saliency:  # from the initial tensors, before a checkpoint is loaded: a resumed run gets the same mask
+            masks = saliency_masks(params, loss_fn, saliency, saliency_batches, seed, part if split else None)
+            stack.callback(lambda handles: [h.remove() for h in handles],
+                           [params[n].register_hook(lambda g, m=m: g * m) for n, m in masks.items()])
         if path is not None and state.is_main_process:  # one run's processes share the folder; other runs may not
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,17 +188,23 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], *
                 if split:
                     loss = loss_fn(step, gen, part)
                 else:  # every process computes the whole batch: the sum of the shares is the batch's loss
-                    loss = loss_fn(step, gen) if part.count == 1 else loss_fn(step, gen) / part.count
+                    loss = loss_fn(step, gen)
+                    loss = loss if part.count == 1 else tuple(x / part.count for x in loss) if isinstance(
+                        loss, tuple) else loss / part.count
             opt.zero_grad(set_to_none=True)
-            if part.count > 1:  # the batch's loss, and its gradient: the processes' shares summed
+            if gradient_surgery:  # the forgetting gradient's part that conflicts with the retaining one removed
+                loss = _surgery(loss, tensors, scaler, state, part)
+            else:
+                loss = total(loss)
+            if part.count > 1 and not gradient_surgery:  # the batch's loss, and its gradient: the shares summed
                 scaler.scale(loss).backward()
                 grads = [t.grad for t in tensors if t.grad is not None]
-                total = loss.detach().float().reshape(1).clone()
-                processes.all_sum(state, [total, *grads])
-                loss = total[0]
+                summed = loss.detach().float().reshape(1).clone()
+                processes.all_sum(state, [summed, *grads])
+                loss = summed[0]
             if not torch.isfinite(loss.detach()).all():
                 raise _divergence(desc, step, steps, f"the loss is {loss.item()}", lr, mixed_precision, saved, path)
-            if part.count == 1:
+            if part.count == 1 and not gradient_surgery:
                 scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -201,6 +223,84 @@ def fit(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], *
     return losses
 
 
+def saliency_masks(params: dict[str, torch.Tensor], loss_fn: Callable[..., torch.Tensor], fraction: float,
+                   batches: int, seed: int, part: processes.Part | None = None) -> dict[str, torch.Tensor]:
+    """SalUn's weight-saliency masks (Fan et al., ICLR 2024, Eq. 6: ``m_S = 1(|∇_θ L_f(θ)|_{θ=θ₀} ≥ γ)``).
+
+    The gradient of the forgetting loss ``loss_fn`` at the current (initial) tensors is summed over ``batches``
+    batches, drawn from generators of their own (``step_generator(seed, -1 - b)``: never a training step's), and
+    its magnitude thresholded once over all tensors so that ``fraction`` of their elements are kept (the authors'
+    global threshold; their default keeps half). With ``part``, each process computes its rows and the gradients are
+    summed over the processes first. Returns ``{name: 0/1 float mask}`` shaped like each tensor.
+    """
+    if not 0 < fraction < 1:
+        raise ConfigError(f"saliency must be in (0, 1), the fraction of weights that train; got {fraction}")
+    if batches < 1:
+        raise ConfigError(f"saliency_batches must be ≥ 1, got {batches}")
+    names = [n for n, t in params.items() if t.requires_grad]
+    grads = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    for b in range(batches):  # in full precision: a few batches, once
+        gen = step_generator(seed, -1 - b)
+        loss = loss_fn(0, gen, part) if part is not None else loss_fn(0, gen)
+        loss = loss[0] if isinstance(loss, tuple) else loss  # a (forgetting, retaining) pair: the forgetting loss
+        found = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        for n, g in zip(names, found):
+            if g is not None:
+                grads[n] += g.detach().float()
+    if part is not None and part.count > 1:
+        processes.all_sum(processes.current(), list(grads.values()))
+    flat = torch.cat([g.abs().flatten() for g in grads.values()])
+    keep = max(1, int(round(fraction * flat.numel())))
+    threshold = torch.topk(flat, keep, sorted=True).values[-1]
+    masks, kept = {}, 0
+    for n, g in grads.items():  # ties at a zero threshold: only weights the loss moves at all
+        mask = (g.abs() >= threshold if threshold > 0 else g.abs() > 0).to(params[n].dtype)
+        masks[n] = mask
+        kept += int(mask.sum())
+    logger.info("saliency: %d of %d weights train (%.1f %%), threshold |grad| >= %.3g", kept, flat.numel(),
+                100 * kept / flat.numel(), threshold.item())
+    return masks
+
+
+def total(loss) -> torch.Tensor:
+    """A loss function's loss: the scalar, or the sum of a (forgetting, retaining) pair."""
+    return sum(loss) if isinstance(loss, tuple) else loss
+
+
+def deconflict(forget: list[torch.Tensor], retain: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The concept-preserving gradient (DoCo, Wu et al., AAAI 2025, §3.3; the projection of PCGrad, Yu et al.,
+    NeurIPS 2020, Eq. 1): when the forgetting gradient ``g_f`` and the retaining gradient ``g_r`` conflict
+    (``g_f · g_r < 0``, over all tensors at once), ``g_f`` loses its component along ``g_r``,
+    ``g_f − (g_f · g_r / ‖g_r‖²) g_r``, so that a step no longer undoes what the retaining loss holds; then
+    ``g_f + g_r``."""
+    dot = sum((f.double() * r.double()).sum() for f, r in zip(forget, retain))
+    norm = sum((r.double() ** 2).sum() for r in retain)
+    if dot < 0 and norm > 0:
+        scale = (dot / norm).to(forget[0].dtype)
+        forget = [f - scale * r for f, r in zip(forget, retain)]
+    return [f + r for f, r in zip(forget, retain)]
+
+
+def _surgery(losses, tensors: list[torch.Tensor], scaler, state, part) -> torch.Tensor:
+    """Set the tensors' gradients to :func:`deconflict` of the (forgetting, retaining) pair's gradients, summed over
+    the processes first; the pair's total loss."""
+    if not isinstance(losses, tuple) or len(losses) != 2:
+        raise ConfigError("gradient_surgery needs a retaining loss to protect, and this training has none (for ESD "
+                          "and ANT: set preserve_weight > 0)")
+    forget, retain = losses
+    tensors = [t for t in tensors if t.requires_grad]  # not the tensors a loss updates itself (extra_params)
+    grads = []
+    for i, loss in enumerate((forget, retain)):
+        found = torch.autograd.grad(scaler.scale(loss), tensors, retain_graph=i == 0, allow_unused=True)
+        grads.append([torch.zeros_like(t) if g is None else g for t, g in zip(tensors, found)])
+    summed = (forget + retain).detach().float().reshape(1).clone()
+    if part.count > 1:
+        processes.all_sum(state, [summed, *grads[0], *grads[1]])
+    for t, g in zip(tensors, deconflict(*grads)):
+        t.grad = g
+    return summed[0]
+
+
 # ------------------------------------------------------------------------------------------ shared fields
 #: The fields every trained method's config ends with, ``name: (type, default, documentation)``; added by
 #: :func:`training_options`.
@@ -212,6 +312,12 @@ TRAINING_FIELDS: dict[str, tuple] = {
     "checkpoint_every": (int, 0, "steps between checkpoints (0 = only at the end)."),
     "resume": (bool, False, "continue from the checkpoint in checkpoint_dir, if there is one."),
     "progress": (bool, True, "show a progress bar."),
+    "saliency": (float, 0.0, "SalUn weight saliency: train only this fraction of the weights, those with the largest "
+                 "forgetting-loss gradient at the start (the authors keep 0.5); the rest stay exactly zero and the "
+                 "adapter stores only what changed. 0 = train all; needs full deltas (rank=0)."),
+    "saliency_batches": (int, 8, "batches whose forgetting-loss gradients are summed for the saliency mask."),
+    "gradient_surgery": (bool, False, "DoCo's concept-preserving gradient: remove the part of the forgetting "
+                         "gradient that conflicts with the retaining loss's (needs one: preserve_weight > 0)."),
 }
 
 
@@ -255,6 +361,13 @@ def validate_training(config) -> None:
         raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {config.mixed_precision!r}")
     if config.resume and not config.checkpoint_dir:
         raise ConfigError("resume needs checkpoint_dir")
+    if not 0 <= config.saliency < 1:
+        raise ConfigError(f"saliency must be in [0, 1), the fraction of weights that train (0 = all); "
+                          f"got {config.saliency}")
+    if config.saliency and config.rank:
+        raise ConfigError(f"saliency masks single weights, so it needs full deltas: set rank=0 (got rank={config.rank})")
+    if config.saliency_batches < 1:
+        raise ConfigError(f"saliency_batches must be ≥ 1, got {config.saliency_batches}")
     templates = getattr(config, "templates", ())  # RealEra draws its prompts as UCE does: no templates field
     if isinstance(templates, str) or any("{}" not in t for t in templates):
         raise ConfigError(f"templates must be a tuple of prompts that each contain '{{}}', got {templates!r}")
@@ -357,11 +470,12 @@ def ddim_scheduler(pipe, num_inference_steps: int):
 
 @torch.no_grad()
 def guided_steps(eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, x: torch.Tensor,
-                 guidance: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 guidance: float, steps: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t after ``steps`` DDIM steps with CFG from the scaled noise ``x``, and t = the next timestep (ESD's partial
     rollout, shared by the UNet and the text-encoder methods). ``eps(x2, t)`` predicts the noise of the doubled
-    batch ``x2``: unconditional rows first, then conditional ones."""
-    for t in scheduler.timesteps[:steps]:
+    batch ``x2``: unconditional rows first, then conditional ones. With ``start``, ``x`` is the latent after that
+    many steps and the rollout continues from there."""
+    for t in scheduler.timesteps[start:steps]:
         e_uncond, e_cond = eps(scheduler.scale_model_input(torch.cat([x, x]), t), t).chunk(2)
         x = scheduler.step(e_uncond + guidance * (e_cond - e_uncond), t, x).prev_sample
     return x, scheduler.timesteps[steps]
@@ -398,8 +512,11 @@ def train(pipe, config, names: list[str], loss_for: Callable, method: str) -> Ad
     return package(pipe, config, method, deltas, ["unet"], info)
 
 
-def fit_deltas(pipe, config, names: list[str], loss_for: Callable, method: str) -> tuple[dict, dict]:
-    """Trainable deltas on UNet ``names``, :func:`fit` to ``loss_for(deltas)``; ``({"unet.<path>": delta}, info)``."""
+def fit_deltas(pipe, config, names: list[str], loss_for: Callable, method: str,
+               extra_params: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
+    """Trainable deltas on UNet ``names``, :func:`fit` to ``loss_for(deltas)``; ``({"unet.<path>": delta}, info)``.
+    ``extra_params``: further tensors checkpointed with the run that the loss updates itself (no gradient: Adam leaves
+    them alone), e.g. DoCo's discriminator."""
     unet = pipe.unet
     was_training, was_checkpointing = unet.training, getattr(unet, "is_gradient_checkpointing", False)
     started = time.perf_counter()
@@ -408,10 +525,11 @@ def fit_deltas(pipe, config, names: list[str], loss_for: Callable, method: str) 
             unet.eval()  # no dropout: student and teacher see the same network
             if config.gradient_checkpointing:
                 unet.enable_gradient_checkpointing()
-            losses = fit(deltas.params, loss_for(deltas), steps=config.iterations, lr=config.lr, seed=config.seed,
+            losses = fit({**deltas.params, **(extra_params or {})}, loss_for(deltas), steps=config.iterations, lr=config.lr, seed=config.seed,
                          checkpoint_dir=config.checkpoint_dir or None, checkpoint_every=config.checkpoint_every,
                          resume=config.resume, run=run_settings(config), mixed_precision=config.mixed_precision,
-                         progress=config.progress, desc=method, ratios=deltas.ratios)
+                         progress=config.progress, desc=method, ratios=deltas.ratios, saliency=config.saliency,
+                         saliency_batches=config.saliency_batches, gradient_surgery=config.gradient_surgery)
         finally:
             if config.gradient_checkpointing and not was_checkpointing:
                 unet.disable_gradient_checkpointing()
