@@ -199,3 +199,41 @@ def cpu_launch(processes: int = 2) -> tuple[list[str], dict]:
 
     prefix, env = local_launch(processes, cpu=True)
     return prefix, {**env, "OMP_NUM_THREADS": "1"}
+
+
+def sd15_shapes_pipeline(unet):
+    """An SD 1.x pipeline around ``unet`` (e.g. :func:`sd15_unet`) with a one-layer text encoder of SD 1.5's width
+    (768) and the tiny VAE: SD 1.5's cross-attention shapes at a test's cost."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    components = tiny_components("sd1")
+    tok = components["tokenizer"]
+    components.update(unet=unet, text_encoder=CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=768, intermediate_size=768, num_hidden_layers=1, num_attention_heads=12,
+        max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)))
+    return StableDiffusionPipeline(**components, requires_safety_checker=False)
+
+
+def judged_circle_shapes(pipe, judge, adapter) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+    """What tinyworld's judge calls the shape of seed-0 images made with ``adapter`` loaded (unloaded after): 8 of the
+    grid's 24 circle scenes under each of circle's names ({name: labels}), and every 10th scene of another shape
+    ([(label, the scene's shape)]). The judged tests of single-concept erasures share it."""
+    from . import compose
+    from .generate import generate
+    from .tinyworld.eval import standard_grid
+
+    names = ("circle", "disc", "round shape")
+    circles = [s for s in standard_grid() if s.shape == "circle"][::3]
+    others = [s for s in standard_grid() if s.shape != "circle"][::10]
+    prompts = [s.prompt(names={"shape": w}) for w in names for s in circles] + [s.prompt() for s in others]
+    name = compose.load(pipe, adapter)
+    try:
+        images = generate(pipe, prompts, [0] * len(prompts), output_type="np")
+    finally:
+        compose.unload(pipe, name)
+    shapes = judge(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).labels("shape")
+    n = len(circles)
+    named = {w: shapes[i * n:(i + 1) * n] for i, w in enumerate(names)}
+    return named, list(zip(shapes[len(names) * n:], [s.shape for s in others]))

@@ -96,20 +96,11 @@ def test_loss_decreases_and_saliency_keeps_half_the_weights(sd1):
 def test_sd15_shapes():
     """One step on SD 1.5's UNet (its exact configuration, random weights) at a 64-pixel resolution: the deltas
     have the real modules' shapes and at most half of their weights move."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from erasekit.testing import sd15_unet, tiny_components
+    from erasekit.testing import sd15_shapes_pipeline, sd15_unet
 
     torch.manual_seed(0)
     unet = sd15_unet()
-    components = tiny_components("sd1")
-    tok = components["tokenizer"]
-    components.update(unet=unet, text_encoder=CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=768, intermediate_size=768, num_hidden_layers=1, num_attention_heads=12,
-        max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id)))
-    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    pipe = sd15_shapes_pipeline(unet)
     adapter = ant.erase(pipe, ant.AntConfig(concepts=("cat",), resolution=64, lr=1e-3,
                                             **{**FAST, "iterations": 1, "batch_size": 1, "num_inference_steps": 2}))
     key = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v"
@@ -122,21 +113,11 @@ def test_tinyworld_circle_is_gone_and_other_shapes_stay(tinyworld_pipe, judge):
     """Judged on tinyworld: with a quarter of the preset's 400 steps circle is already rare under its name and its
     synonyms, and the other shapes are still drawn (the full preset on 4 seeds × the grid, 7.3 % / 5.7 % / 0.2 pts:
     benchmarks/saliency_tinyworld.json). 8 of the grid's 24 circle scenes are judged per name to keep the test short."""
-    from erasekit import compose, erase
-    from erasekit.generate import generate
-    from erasekit.tinyworld.eval import standard_grid
+    from erasekit import erase
+    from erasekit.testing import judged_circle_shapes
 
     adapter = erase(tinyworld_pipe, "ant", ["circle"], iterations=100, progress=False)
-    circles = [s for s in standard_grid() if s.shape == "circle"][::3]
-    others = [s for s in standard_grid() if s.shape != "circle"][::10]
-    prompts = [s.prompt(names={"shape": w}) for w in ("circle", "disc", "round shape") for s in circles]
-    name = compose.load(tinyworld_pipe, adapter)
-    try:
-        images = generate(tinyworld_pipe, prompts + [s.prompt() for s in others], [0] * (len(prompts) + len(others)),
-                          output_type="np")
-    finally:
-        compose.unload(tinyworld_pipe, name)
-    shapes = judge(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).labels("shape")
-    assert shapes[:24].count("circle") <= 6, shapes[:24]  # the base model: 24 of 24
-    kept = [label == s.shape for label, s in zip(shapes[24:], others)]
-    assert sum(kept) >= len(kept) - 1, list(zip(shapes[24:], [s.shape for s in others]))
+    named, others = judged_circle_shapes(tinyworld_pipe, judge, adapter)
+    circles = [label for labels in named.values() for label in labels]
+    assert circles.count("circle") <= 6, named  # the base model: 24 of 24
+    assert sum(label == shape for label, shape in others) >= len(others) - 1, others

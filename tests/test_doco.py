@@ -94,21 +94,11 @@ def test_tinyworld_circle_is_gone_and_other_shapes_stay(tinyworld_pipe, judge):
     """Judged on tinyworld with a third of the preset's 200 steps (the full preset on 4 seeds × the grid: 0 % seen,
     synonyms 0 %, 0.8 points lost: benchmarks/saliency_tinyworld.json): circle is rare under its name and synonyms,
     the other shapes are still drawn. 8 of the grid's 24 circle scenes are judged per name."""
-    from erasekit import compose, erase
-    from erasekit.generate import generate
-    from erasekit.tinyworld.eval import standard_grid
+    from erasekit import erase
+    from erasekit.testing import judged_circle_shapes
 
     adapter = erase(tinyworld_pipe, "doco", ["circle"], iterations=70, progress=False)
-    circles = [s for s in standard_grid() if s.shape == "circle"][::3]
-    others = [s for s in standard_grid() if s.shape != "circle"][::10]
-    prompts = [s.prompt(names={"shape": w}) for w in ("circle", "disc", "round shape") for s in circles]
-    name = compose.load(tinyworld_pipe, adapter)
-    try:
-        images = generate(tinyworld_pipe, prompts + [s.prompt() for s in others], [0] * (len(prompts) + len(others)),
-                          output_type="np")
-    finally:
-        compose.unload(tinyworld_pipe, name)
-    shapes = judge(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).labels("shape")
-    assert shapes[:24].count("circle") <= 3, shapes[:24]  # the base model: 24 of 24
-    kept = [label == s.shape for label, s in zip(shapes[24:], others)]
-    assert sum(kept) >= len(kept) - 1, list(zip(shapes[24:], [s.shape for s in others]))
+    named, others = judged_circle_shapes(tinyworld_pipe, judge, adapter)
+    circles = [label for labels in named.values() for label in labels]
+    assert circles.count("circle") <= 3, named  # the base model: 24 of 24
+    assert sum(label == shape for label, shape in others) >= len(others) - 1, others

@@ -200,10 +200,7 @@ def test_sd15_shapes(tmp_path):
     """One DUGE step on SD 1.5's UNet (random weights, 8×8 latents) and a 768-wide one-layer text encoder (≈ 30 s:
     the UNet's 860 M parameters): 64 cross-attention modules; its file passes the next step's checks, and the
     cumulative deltas apply."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from erasekit.testing import sd15_unet, tiny_components
+    from erasekit.testing import sd15_shapes_pipeline, sd15_unet
 
     with torch.device("meta"):
         unet = sd15_unet()
@@ -215,13 +212,7 @@ def test_sd15_shapes(tmp_path):
                 p.copy_(torch.randn(p.shape, generator=generator) / p[0].numel() ** 0.5)
             else:
                 p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-    components = tiny_components("sd1")
-    tok = components["tokenizer"]
-    components.update(unet=unet, text_encoder=CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=768, intermediate_size=768, num_hidden_layers=1, num_attention_heads=12,
-        max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id)))
-    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    pipe = sd15_shapes_pipeline(unet)
     base = dict(iterations=1, num_inference_steps=1, batch_size=1, rank=1, resolution=64, progress=False)
     one = duge.erase(pipe, duge.DugeConfig(concepts=("cat",), **base))
     key = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"

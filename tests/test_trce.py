@@ -12,7 +12,7 @@ from erasekit.core import lora
 from erasekit.errors import ConfigError
 from erasekit.methods import METHODS, text, trainer, trce, uce
 from erasekit.methods.presets import for_model, on_tinyworld
-from erasekit.testing import tiny_components, tiny_pipeline
+from erasekit.testing import tiny_pipeline
 
 F64 = torch.float64
 #: stage 2 in a few steps on the tiny pipelines
@@ -132,10 +132,7 @@ def test_stage1_maps_concept_keys_to_safe_values_and_holds_preserved_keys(sd1):
 def test_stage1_on_sd15_shapes():
     """SD 1.5's UNet (only attn2 k/v random, the rest zero, as in test_uce) with a 768-wide text encoder of one
     layer: stage 1 reads nothing of the text encoder but its output width."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from erasekit.testing import sd15_unet
+    from erasekit.testing import sd15_shapes_pipeline, sd15_unet
 
     with torch.device("meta"):
         unet = sd15_unet()
@@ -147,13 +144,7 @@ def test_stage1_on_sd15_shapes():
                 p.copy_(torch.randn(p.shape, generator=generator) / p.shape[1] ** 0.5)
             else:
                 p.zero_()
-    components = tiny_components("sd1")
-    tok = components["tokenizer"]
-    components.update(unet=unet, text_encoder=CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=768, intermediate_size=768, num_hidden_layers=1, num_attention_heads=12,
-        max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id)))
-    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    pipe = sd15_shapes_pipeline(unet)
     config = trce.TrceConfig(concepts=("cat",), implied=("kitten",), safe=("dog",), preserve=("a red car",),
                              stages=STAGE1)
     adapter = trce.erase(pipe, config)
@@ -288,22 +279,11 @@ def test_tinyworld_circle_is_gone_and_other_shapes_stay(tinyworld_pipe, judge):
     gone under its name, its trained synonym ("disc") and its held-out one ("round shape"); the other shapes are
     still drawn. Stage 2 runs 10 of the preset's 100 steps, and 8 of the grid's 24 circle scenes are judged, to keep
     the test short."""
-    from erasekit import compose, erase
-    from erasekit.generate import generate
-    from erasekit.tinyworld.eval import standard_grid
+    from erasekit import erase
+    from erasekit.testing import judged_circle_shapes
 
     adapter = erase(tinyworld_pipe, "trce", ["circle"], iterations=10, progress=False)
-    circles = [s for s in standard_grid() if s.shape == "circle"][::3]
-    others = [s for s in standard_grid() if s.shape != "circle"][::10]
-    prompts = [s.prompt(names={"shape": w}) for w in ("circle", "disc", "round shape") for s in circles]
-    name = compose.load(tinyworld_pipe, adapter)
-    try:
-        images = generate(tinyworld_pipe, prompts + [s.prompt() for s in others], [0] * (len(prompts) + len(others)),
-                          output_type="np")
-    finally:
-        compose.unload(tinyworld_pipe, name)
-    shapes = judge(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).labels("shape")
-    for i, word in enumerate(("circle", "disc", "round shape")):
-        assert shapes[8 * i:8 * i + 8].count("circle") <= 1, (word, shapes[8 * i:8 * i + 8])
-    kept = [label == s.shape for label, s in zip(shapes[24:], others)]
-    assert sum(kept) >= len(kept) - 1, list(zip(shapes[24:], [s.shape for s in others]))
+    named, others = judged_circle_shapes(tinyworld_pipe, judge, adapter)
+    for word, labels in named.items():
+        assert labels.count("circle") <= 1, (word, labels)
+    assert sum(label == shape for label, shape in others) >= len(others) - 1, others
