@@ -3,7 +3,8 @@
 ``tiny_pipeline("sd1" | "sd2" | "sdxl")`` has the *structure* of each family at toy width:
 SD 1.x (conv ``proj_in``, one CLIP encoder), SD 2.x (linear projections, head dims per block),
 SDXL (two text encoders, the second with projection, ``text_time`` added conditioning, concatenated
-2-encoder context). ``sd15_unet()`` / ``sd15_text_encoder()`` have SD 1.5's full shapes.
+2-encoder context), SD3 (an ``SD3Transformer2DModel``: joint attention, two CLIP encoders with projection, no T5,
+flow matching). ``sd15_unet()`` / ``sd15_text_encoder()`` have SD 1.5's full shapes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 
 from .tinyworld.tokenizer import write_tokenizer_files
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl")  # UNet families
+MMDIT_FAMILIES = ("sd3",)  # transformer (MMDiT) families
 
 
 def tiny_tokenizer(directory: str | Path | None = None):
@@ -40,8 +42,8 @@ def tiny_components(family: str = "sd1", seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family not in FAMILIES + MMDIT_FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES + MMDIT_FAMILIES}, got {family!r}")
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -67,6 +69,20 @@ def tiny_components(family: str = "sd1", seed: int = 0) -> dict:
         text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
         return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                     safety_checker=None, feature_extractor=None, image_encoder=None)
+    if family == "sd3":
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+        vae.register_to_config(shift_factor=0.0)
+        # context = concat(encoder 1 hidden 16, encoder 2 hidden 16) = 32 = joint_attention_dim; pooled 16 + 16
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+            pos_embed_max_size=16)
+        return dict(transformer=transformer, vae=vae,
+                    text_encoder=CLIPTextModelWithProjection(_clip_config(tokenizer, 16, projection=16)),
+                    text_encoder_2=CLIPTextModelWithProjection(_clip_config(tokenizer, 16, projection=16)),
+                    tokenizer=tokenizer, tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None,
+                    scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), image_encoder=None, feature_extractor=None)
     # sdxl: context = concat(encoder 1 hidden 16, encoder 2 hidden 24) = 40; pooled from encoder 2
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=40, attention_head_dim=(2, 4),
@@ -81,11 +97,14 @@ def tiny_components(family: str = "sd1", seed: int = 0) -> dict:
 
 
 def tiny_pipeline(family: str = "sd1", seed: int = 0):
-    """A ``StableDiffusionPipeline`` (sd1, sd2) or ``StableDiffusionXLPipeline`` (sdxl) with random weights."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A ``StableDiffusionPipeline`` (sd1, sd2), ``StableDiffusionXLPipeline`` (sdxl) or
+    ``StableDiffusion3Pipeline`` (sd3) with random weights."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     components = tiny_components(family, seed)
-    if family == "sdxl":
+    if family == "sd3":
+        pipe = StableDiffusion3Pipeline(**components)
+    elif family == "sdxl":
         pipe = StableDiffusionXLPipeline(**components)
     else:
         pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)

@@ -18,9 +18,20 @@ from .world import (
 MODEL_ID = "tinyworld"
 
 
-def path() -> Path:
-    """The folder of the shipped tinyworld pipeline (``save_pretrained`` layout, judge in ``judge/``)."""
-    return Path(__file__).parent / "weights"
+ARCHS = ("unet", "mmdit")
+
+
+def path(arch: str = "unet") -> Path:
+    """The folder of a shipped tinyworld pipeline (``save_pretrained`` layout, judge in ``judge/``).
+
+    ``"unet"``: Stable Diffusion 1.x's architecture (``StableDiffusionPipeline``); ``"mmdit"``: Stable Diffusion 3's
+    (``StableDiffusion3Pipeline``, no T5: load it with ``text_encoder_3=None, tokenizer_3=None``, as diffusers
+    documents for SD3 without T5; erasekit's loaders pass them)."""
+    if arch not in ARCHS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown tinyworld architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    return Path(__file__).parent / ("weights" if arch == "unet" else "weights-mmdit")
 
 
 def is_tinyworld(pipe_or_path) -> bool:
@@ -99,7 +110,7 @@ def load_judge(model_path: str | Path | None = None, device: str = "cpu"):
 
 
 __all__ = [
-    "ATTRIBUTES", "BACKGROUNDS", "CANONICAL_TEMPLATE", "COLOURS", "HELDOUT_TEMPLATES", "MODEL_ID", "SHAPES",
+    "ARCHS", "ATTRIBUTES", "BACKGROUNDS", "CANONICAL_TEMPLATE", "COLOURS", "HELDOUT_TEMPLATES", "MODEL_ID", "SHAPES",
     "TEXTURES", "TRAIN_TEMPLATES", "Scene", "canonical", "concept_attribute", "caption_templates", "grid_scenes", "is_tinyworld",
     "load_judge", "related", "related_to",
     "path", "render", "synonyms",
