@@ -21,7 +21,11 @@ FORMAT_VERSION = "1.2"  # major.minor this erasekit reads and writes; a reader r
 SPARSE_SINCE = "1.2"
 METADATA_KEY = "erasekit.adapter"
 FORMAT_KEY = "erasekit.format"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: the pipeline components an adapter may change: a UNet (SD 1.x/2.x/SDXL) or an MMDiT ``transformer`` (SD3, FLUX),
+#: and the text encoders
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+#: the components that denoise (exactly one of them per pipeline): prompt gates and guards read its text context
+DENOISERS = ("unet", "transformer")
 
 #: gating rule -> the fields it needs in ``Adapter.gating`` (besides "rule") and their JSON types
 GATING_RULES = {
@@ -50,7 +54,8 @@ class Adapter:
         concepts: what was erased, as the user named it.
         config: the strategy's full config (``dataclasses.asdict`` of its frozen config). Must be JSON-able:
             tuples are stored as lists (and come back as lists).
-        deltas: "<component>.<module path>" -> ModuleDelta, component in ``COMPONENTS``.
+        deltas: "<component>.<module path>" -> ModuleDelta, component in ``COMPONENTS`` (``unet`` or, for an MMDiT
+            pipeline such as SD3's, ``transformer``; ``text_encoder``, ``text_encoder_2``).
         base_model: id or path of the model the deltas were computed on.
         fingerprint: component -> {"architecture": hex digest, "weights": hex digest} of that base
             (see :func:`fingerprint`).
