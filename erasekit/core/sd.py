@@ -1,8 +1,11 @@
 """Stable Diffusion plumbing shared by methods, attacks, compose and audit: text conditioning from token ids or from optimised
 token embeddings, noise predictions, target latents, and a small explicit sampler.
 
-Everything works on a stock diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x) or
-``StableDiffusionXLPipeline`` without modifying it. Optimised token embeddings enter the text encoder through
+Everything works on a stock diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x), ``StableDiffusionXLPipeline`` or
+``StableDiffusion3Pipeline`` (an MMDiT transformer trained with flow matching: :mod:`erasekit.core.mmdit`) without
+modifying it. The denoiser is ``pipe.unet`` or ``pipe.transformer`` (:func:`denoiser`); its prediction is ε for the
+UNet models and the velocity v = ε − x₀ for SD3 — the methods combine predictions linearly (guidance, ESD's
+negative guidance), which means the same for both. Optimised token embeddings enter the text encoder through
 a forward hook on its token-embedding layer, installed for one call and removed in ``finally`` (PyTorch's hook
 API, not a patch of transformers), so the same code runs with transformers 4.x and 5.x.
 
@@ -35,13 +38,27 @@ def model_id(pipe, default: str = "") -> str:
     return str(getattr(pipe, "name_or_path", "") or getattr(config, "_name_or_path", "") or default)
 
 
+def denoiser(pipe) -> torch.nn.Module:
+    """The pipeline's denoising network: ``pipe.unet`` (SD 1.x, 2.x, SDXL) or ``pipe.transformer`` (SD3)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
+def is_mmdit(pipe) -> bool:
+    """Whether the pipeline's denoiser is an MMDiT transformer (SD3; joint attention, flow matching)."""
+    from .mmdit import is_mmdit as _is_mmdit
+
+    return getattr(pipe, "unet", None) is None and _is_mmdit(getattr(pipe, "transformer", None))
+
+
 def is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
+    return getattr(pipe, "text_encoder_2", None) is not None and not is_mmdit(pipe)
 
 
 def encoders(pipe) -> list[tuple[object, torch.nn.Module]]:
-    """(tokenizer, text encoder) pairs, in the order the pipeline concatenates their outputs."""
-    if is_sdxl(pipe):
+    """(tokenizer, text encoder) pairs, in the order the pipeline concatenates their outputs (SD3: its two CLIP
+    encoders; a T5 encoder is not token-addressable here and is handled in :func:`encode_ids`)."""
+    if is_sdxl(pipe) or is_mmdit(pipe):
         pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
         return [(t, e) for t, e in pairs if e is not None]
     return [(pipe.tokenizer, pipe.text_encoder)]
@@ -49,7 +66,7 @@ def encoders(pipe) -> list[tuple[object, torch.nn.Module]]:
 
 def device_of(pipe) -> torch.device:
     """Where the pipeline computes (``pipe._execution_device``, which walks every module, only under offloading)."""
-    unet = pipe.unet
+    unet = denoiser(pipe)
     if getattr(unet, "_hf_hook", None) is not None or unet.device.type == "meta":
         return pipe._execution_device
     return unet.device
@@ -157,9 +174,14 @@ def encode_ids(pipe, ids: list[torch.Tensor],
     ``overrides[i]`` (optional) maps encoder i's token embeddings (B, L, D) to the embeddings to use instead;
     gradients flow through it. ``attention_mask`` (B, L) reaches encoders whose config asks for one
     (``use_attention_mask``), as in ``encode_prompt``. SD 1.x/2.x: last hidden state. SDXL: penultimate hidden
-    states of both encoders concatenated, pooled output of the second.
+    states of both encoders concatenated, pooled output of the second. SD3: penultimate hidden states of both CLIP
+    encoders concatenated and zero-padded to the transformer's ``joint_attention_dim``, then the T5 rows (the T5
+    encoding of the decoded first-encoder ids, or ``max_sequence_length`` rows of zeros without T5); pooled: both
+    encoders' projections concatenated.
     """
     overrides = list(overrides or [None] * len(ids))
+    if is_mmdit(pipe):
+        return _encode_ids_sd3(pipe, ids, overrides, attention_mask)
     sdxl = is_sdxl(pipe)
     hidden, pooled = [], None
     device = device_of(pipe)
@@ -182,6 +204,34 @@ def encode_ids(pipe, ids: list[torch.Tensor],
     return Cond(torch.cat(hidden, dim=-1), pooled)
 
 
+#: the T5 rows StableDiffusion3Pipeline uses by default (``max_sequence_length``)
+SD3_T5_ROWS = 256
+
+
+def _encode_ids_sd3(pipe, ids, overrides, attention_mask) -> Cond:
+    device = device_of(pipe)
+    hidden, pooled = [], []
+    for (tok, enc), x, fn in zip(encoders(pipe), ids, overrides):
+        handle = enc.get_input_embeddings().register_forward_hook(_EmbeddingOverride(fn)) if fn else None
+        try:
+            out = enc(x.to(device), output_hidden_states=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+        pooled.append(out[0])
+        hidden.append(out.hidden_states[-2])
+    clip = torch.cat(hidden, -1)
+    width = int(pipe.transformer.config.joint_attention_dim)
+    clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+    if getattr(pipe, "text_encoder_3", None) is None:
+        t5 = clip.new_zeros(clip.shape[0], SD3_T5_ROWS, width)
+    else:
+        texts = [decode(pipe.tokenizer, row.tolist()) for row in ids[0]]
+        with torch.no_grad():
+            t5 = pipe._get_t5_prompt_embeds(prompt=texts, max_sequence_length=SD3_T5_ROWS, device=device).to(clip.dtype)
+    return Cond(torch.cat([clip, t5], -2), torch.cat(pooled, -1))
+
+
 def encode(pipe, prompts: str | Sequence[str]) -> Cond:
     """Conditioning of plain prompts (no grad), identical to ``pipe.encode_prompt``'s positive embeddings."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -193,6 +243,11 @@ def uncond(pipe, n: int = 1) -> Cond:
     """The unconditional (negative) conditioning the pipeline uses for classifier-free guidance."""
     device = device_of(pipe)
     with torch.no_grad():
+        if is_mmdit(pipe):
+            _, neg, _, neg_pooled = pipe.encode_prompt("", "", "", device=device, num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=True,
+                                                       max_sequence_length=SD3_T5_ROWS)
+            return Cond(neg, neg_pooled).expand(n)
         if is_sdxl(pipe):
             _, neg, _, neg_pooled = pipe.encode_prompt("", device=device, num_images_per_prompt=1,
                                                        do_classifier_free_guidance=True)
@@ -204,7 +259,7 @@ def uncond(pipe, n: int = 1) -> Cond:
 # ----------------------------------------------------------------------------------------------- UNet & VAE
 
 def default_size(pipe) -> tuple[int, int]:
-    size = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+    size = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
     return size * pipe.vae_scale_factor, size * pipe.vae_scale_factor
 
 
@@ -215,9 +270,15 @@ def _time_ids(pipe, cond: Cond, height: int, width: int) -> torch.Tensor:
 
 
 def unet_eps(pipe, latents: torch.Tensor, t, cond: Cond) -> torch.Tensor:
-    """ε_θ(x_t, t | c) for a batch (no CFG). ``t``: int, 0-d or (B,) tensor."""
-    unet = pipe.unet
+    """The denoiser's prediction for a batch (no CFG): ε_θ(x_t, t | c), or SD3's velocity v_θ(x_t, t | c).
+    ``t``: int, 0-d or (B,) tensor (SD3: 1000 σ)."""
+    unet = denoiser(pipe)
     dtype = unet.dtype
+    if is_mmdit(pipe):
+        t = torch.as_tensor(t, device=latents.device)
+        t = t.expand(latents.shape[0]) if t.ndim == 0 else t
+        return unet(hidden_states=latents.to(dtype), timestep=t, encoder_hidden_states=cond.embeds.to(dtype),
+                    pooled_projections=cond.pooled.to(dtype), return_dict=False)[0].float()
     kwargs = {}
     if cond.pooled is not None:
         h, w = latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor
@@ -268,9 +329,29 @@ def alphas_cumprod(pipe) -> torch.Tensor:
 
 
 def add_noise(pipe, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε (DDPM forward process, Ho et al. Eq. 4)."""
+    """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε (DDPM forward process, Ho et al. Eq. 4); for flow-matching models
+    x_t = (1 − σ) x0 + σ ε with σ = t / num_train_timesteps (rectified flow, Esser et al. 2024 Eq. 3)."""
+    if is_mmdit(pipe):
+        sigma = (torch.as_tensor(t, device=x0.device).float() / num_train_timesteps(pipe)).view(-1, 1, 1, 1)
+        return (1 - sigma) * x0 + sigma * noise
     a = alphas_cumprod(pipe)[t].view(-1, 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def denoised(pipe, latents: torch.Tensor, prediction: torch.Tensor, t) -> torch.Tensor:
+    """x̂₀ from x_t and the denoiser's prediction: (x_t − √(1−ᾱ) ε) / √ᾱ, or x_t − σ v for flow matching."""
+    if is_mmdit(pipe):
+        sigma = (torch.as_tensor(t, device=latents.device).float() / num_train_timesteps(pipe)).view(-1, 1, 1, 1)
+        return latents - sigma * prediction
+    a = alphas_cumprod(pipe)[t].view(-1, 1, 1, 1)
+    return (latents - (1 - a).sqrt() * prediction) / a.sqrt()
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] from latents (the VAE's scaling and, where it has one, shift factor undone)."""
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
 
 
 def num_train_timesteps(pipe) -> int:
@@ -324,9 +405,9 @@ def generate_cond(pipe, cond: Cond, seed: int, num_inference_steps: int | None =
 
     steps, guidance = generation_settings(pipe, num_inference_steps, guidance_scale)
     neg = uncond(pipe)
-    kwargs = dict(prompt_embeds=cond.embeds.to(pipe.unet.dtype), negative_prompt_embeds=neg.embeds)
+    kwargs = dict(prompt_embeds=cond.embeds.to(denoiser(pipe).dtype), negative_prompt_embeds=neg.embeds)
     if cond.pooled is not None:
-        kwargs.update(pooled_prompt_embeds=cond.pooled.to(pipe.unet.dtype), negative_pooled_prompt_embeds=neg.pooled)
+        kwargs.update(pooled_prompt_embeds=cond.pooled.to(denoiser(pipe).dtype), negative_pooled_prompt_embeds=neg.pooled)
     out = pipe(num_inference_steps=steps, guidance_scale=guidance,
                generator=generators([seed], device_of(pipe)), output_type="pil", **kwargs)
     return out.images[0]
@@ -351,21 +432,26 @@ def sample_composed(pipe, terms: Sequence[tuple[Cond, float]], seed: int, num_in
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps, device=device)
     generator = generators([seed], device)
-    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    shape = (1, denoiser(pipe).config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     latents = randn_tensor(shape, generator=generator, device=device, dtype=terms[0][0].embeds.dtype)
-    latents = latents * scheduler.init_noise_sigma
+    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
     neg = negative if negative is not None else uncond(pipe)
     conds = Cond.cat([neg] + [c for c, _ in terms])
     weights = torch.tensor([w for _, w in terms], device=device).view(-1, 1, 1, 1)
     extra = {"generator": generator[0]} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
-        x = scheduler.scale_model_input(latents, t).expand(len(terms) + 1, -1, -1, -1)
+        x = scale_model_input(scheduler, latents, t).expand(len(terms) + 1, -1, -1, -1)
         eps = unet_eps(pipe, x, t, conds)
         eps_u, eps_c = eps[:1], eps[1:]
         guided = eps_u + (weights * (eps_c - eps_u)).sum(0, keepdim=True)
         latents = scheduler.step(guided.to(latents.dtype), t, latents, **extra, return_dict=False)[0]
-    image = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil")[0]
+    return pipe.image_processor.postprocess(decode_latents(pipe, latents), output_type="pil")[0]
+
+
+def scale_model_input(scheduler, latents: torch.Tensor, t) -> torch.Tensor:
+    """The scheduler's input scaling (flow-matching schedulers have none)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return latents if scale is None else scale(latents, t)
 
 
 # ----------------------------------------------------------------------------------------------- soft prompts
