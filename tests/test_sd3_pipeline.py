@@ -1,0 +1,217 @@
+"""Erasures on an MMDiT pipeline (issue #25): adapters that change ``StableDiffusion3Pipeline.transformer`` load,
+weigh, gate, fuse, unfuse and unload exactly as on a UNet; fingerprints, files and family mismatches; the erasure SD3
+pipeline and its diffusers custom pipeline; export to diffusers' SD3 LoRA layout (stock ``load_lora_weights``
+reproduces erasekit's output); loading an SD3 folder and ``erasekit generate`` on it. All on
+``erasekit.testing.tiny_pipeline("sd3")`` (random weights, two CLIP encoders, no T5)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from erasekit import compose
+from erasekit.adapter import (Adapter, ModuleDelta, check_compatible, denoiser_component, fingerprint, load_adapter,
+                              save_adapter)
+from erasekit.errors import AdapterError, AdapterMismatchError
+from erasekit.testing import tiny_pipeline
+
+#: joint attention's text-stream key/value (what UCE edits on MMDiT), image-stream projections, and an MLP
+LOW_RANK = ("attn.add_k_proj", "attn.add_v_proj", "attn.to_q", "ff.net.2")
+FULL = ("attn.to_k", "context_embedder")
+
+
+def transformer_adapter(pipe, suffixes=LOW_RANK, *, full=(), rank=2, seed=0, scale=0.3, text_encoder=(),
+                        gating=None, concepts=("cat",)) -> Adapter:
+    """Random rank-``rank`` deltas on the transformer's modules ending in ``suffixes``, full deltas on ``full``, and
+    low-rank deltas on ``text_encoder`` module suffixes of both CLIP encoders."""
+    g = torch.Generator().manual_seed(seed)
+    deltas = {}
+    targets = [("transformer", suffixes + tuple(full))] + [(c, tuple(text_encoder)) for c in
+                                                           ("text_encoder", "text_encoder_2") if text_encoder]
+    for component, ends in targets:
+        for path, module in getattr(pipe, component).named_modules():
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or not path.endswith(ends):
+                continue
+            w = module.weight
+            if path.endswith(tuple(full)):
+                deltas[f"{component}.{path}"] = ModuleDelta(delta=torch.randn(w.shape, generator=g) * scale / 4)
+            else:
+                deltas[f"{component}.{path}"] = ModuleDelta(
+                    down=torch.randn(rank, *w.shape[1:], generator=g) * scale,
+                    up=torch.randn(w.shape[0], rank, *[1] * (w.ndim - 2), generator=g) * scale)
+    return Adapter(method="test", concepts=concepts, config={}, deltas=deltas, gating=gating or {"rule": "static"})
+
+
+def generate(pipe, prompt="a cat", seed=0):
+    return pipe(prompt, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(seed)).images
+
+
+def state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def same_state(module, saved):
+    return all(torch.equal(v, saved[k]) for k, v in module.state_dict().items())
+
+
+GATED = {"rule": "prompt_similarity", "prompts": ["cat"], "metric": "clipcos_tokenuni", "facilitate_factor": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------- compose
+
+
+def test_compose_verbs_on_the_transformer_are_exact():
+    pipe = tiny_pipeline("sd3")
+    assert denoiser_component(pipe) == "transformer"
+    base, saved = generate(pipe), state(pipe.transformer)
+    low = transformer_adapter(pipe, seed=1, text_encoder=("layers.0.self_attn.q_proj",))
+    full = transformer_adapter(pipe, (), full=FULL, seed=2)
+    assert {k.partition(".")[0] for k in low.deltas} == {"transformer", "text_encoder", "text_encoder_2"}
+    assert any(k.endswith("attn.add_k_proj") for k in low.deltas) and low.components[0] == "transformer"
+
+    compose.load(pipe, low, name="low")
+    only_low = generate(pipe)
+    assert np.abs(only_low - base).max() > 1e-3
+    compose.load(pipe, full, name="full", weight=0.5)
+    both = generate(pipe)
+    assert np.abs(both - only_low).max() > 1e-3
+
+    compose.set_weights(pipe, ["low", "full"], [0.0, 0.0])  # weight 0 skips the term: the base, bit for bit
+    assert np.array_equal(generate(pipe), base)
+    compose.set_weights(pipe, ["low", "full"], [1.0, 0.5])
+    compose.disable(pipe, "full")
+    assert np.array_equal(generate(pipe), only_low)
+    compose.enable(pipe, "full")
+    with compose.disabled(pipe):
+        assert np.array_equal(generate(pipe), base)
+    assert np.array_equal(generate(pipe), both)
+
+    assert compose.fuse(pipe) == ["low", "full"]
+    assert not same_state(pipe.transformer, saved)
+    np.testing.assert_allclose(generate(pipe), both, atol=1e-5)
+    compose.unfuse(pipe)
+    assert same_state(pipe.transformer, saved)  # bit-exact restore
+    assert np.array_equal(generate(pipe), both)
+
+    compose.fuse(pipe, "full")
+    compose.unload(pipe, "full")  # unloading a fused erasure restores its weights
+    assert np.array_equal(generate(pipe), only_low)
+    compose.unload(pipe)
+    assert compose.list_erasures(pipe) == []
+    assert same_state(pipe.transformer, saved) and np.array_equal(generate(pipe), base)
+
+
+def test_from_pipe_siblings_share_the_transformers_erasures():
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = tiny_pipeline("sd3")
+    sibling = StableDiffusion3Pipeline.from_pipe(pipe)
+    compose.load(pipe, transformer_adapter(pipe), name="a")
+    assert [e["name"] for e in compose.list_erasures(sibling)] == ["a"]  # one composer per transformer
+    compose.unload(sibling)
+    assert compose.list_erasures(pipe) == []
+
+
+def test_gated_adapter_reads_the_transformers_context():
+    """SPM-style gating on SD3: γ per row of the (B, 77 + 256, D) context, tokens found in its CLIP block."""
+    pipe = tiny_pipeline("sd3")
+    base_cat, base_dog = generate(pipe, "a cat"), generate(pipe, "a dog")
+    # tokenuni alone: 1 on a row whose prompt holds "cat", 0 on the unconditional row, only if the row's tokens are
+    # recognised (unknown tokens fall back to clipcos, ~1 for every prompt of this random encoder)
+    gated = transformer_adapter(pipe, ("attn.add_k_proj", "attn.add_v_proj"), gating={**GATED, "metric": "tokenuni"})
+    compose.load(pipe, gated, name="gated")
+    values = compose.gates(pipe, ["a cat", "cat", "a dog"])
+    assert [v["gated"] for v in values] == [1.0, 1.0, 0.0]
+
+    # inside generation: tokenuni from the token memory (the prompt's CLIP rows are recognised in the context)
+    seen = []
+    composer = compose.Composer.of(pipe)
+    handle = pipe.transformer.register_forward_pre_hook(  # runs after the composer's own pre-hook
+        lambda module, args: seen.append(composer._current_gates["gated"].clone()))
+    try:
+        gated_cat = generate(pipe, "a cat")
+    finally:
+        handle.remove()
+    assert seen and seen[0].shape == (2,)  # [uncond, cond]: a gate per row
+    assert seen[0].tolist() == [0.0, 1.0]  # tokenuni("", "cat") = 0, tokenuni("a cat", "cat") = 1
+    assert np.abs(gated_cat - base_cat).max() > 1e-3
+    with pytest.raises(AdapterError, match="gated by prompt similarity"):
+        compose.fuse(pipe, "gated")
+    assert compose.fuse(pipe) == []  # fuse() leaves gated erasures on their hooks
+
+    compose.set_weights(pipe, "gated", 0.0)
+    assert np.array_equal(generate(pipe, "a dog"), base_dog)
+    compose.unload(pipe)
+    assert np.array_equal(generate(pipe, "a cat"), base_cat)
+
+
+def test_gated_deltas_must_be_on_the_transformer():
+    pipe = tiny_pipeline("sd3")
+    wrong = transformer_adapter(pipe, (), text_encoder=("layers.0.self_attn.q_proj",), gating=GATED)
+    with pytest.raises(AdapterError, match="gated deltas must be on the transformer only"):
+        compose.load(pipe, wrong)
+    assert compose.list_erasures(pipe) == []
+
+
+def test_guard_is_refused_on_an_mmdit_pipeline():
+    pipe = tiny_pipeline("sd3")
+    guard = Adapter(method="safree", concepts=("cat",), config={}, deltas={}, guard={"rule": "safree"})
+    with pytest.raises(AdapterMismatchError, match=r"guard \(safree\).*MMDiT transformer \(SD3, FLUX\)"):
+        compose.load(pipe, guard, name="g")
+    assert compose.list_erasures(pipe) == []
+
+
+# ------------------------------------------------------------------------------------ files, fingerprints
+
+
+def test_fingerprint_file_roundtrip_and_compatibility(tmp_path):
+    pipe = tiny_pipeline("sd3")
+    digests = fingerprint(pipe)
+    assert list(digests) == ["transformer", "text_encoder", "text_encoder_2"]
+    adapter = transformer_adapter(pipe, full=FULL, text_encoder=("mlp.fc1",))
+    adapter = Adapter(**{**adapter.__dict__, "fingerprint": digests, "base_model": "tiny-sd3"})
+    path = save_adapter(adapter, tmp_path / "cat.test.safetensors")
+    back = load_adapter(path)
+    assert back.components == ("transformer", "text_encoder", "text_encoder_2")
+    assert set(back.deltas) == set(adapter.deltas)
+    assert all(torch.equal(back.deltas[k].dense(), d.dense()) for k, d in adapter.deltas.items())
+    check_compatible(back, pipe)  # same model: silent
+
+    with compose.disabled(pipe):
+        base = generate(pipe)
+    compose.load(pipe, path)
+    assert [e["name"] for e in compose.list_erasures(pipe)] == ["cat.test"]
+    assert np.abs(generate(pipe) - base).max() > 1e-3
+    compose.unload(pipe)
+
+    other = tiny_pipeline("sd3", seed=1)  # same architecture, other weights: a warning, strict refuses
+    with pytest.warns(UserWarning, match="another checkpoint of the same architecture"):
+        check_compatible(back, other)
+    with pytest.raises(AdapterMismatchError, match="strict=True"):
+        check_compatible(back, other, strict=True)
+
+
+def test_an_adapter_of_the_other_family_is_named_as_such():
+    sd3, sd1 = tiny_pipeline("sd3"), tiny_pipeline("sd1")
+    on_transformer = transformer_adapter(sd3)
+    with pytest.raises(AdapterMismatchError, match=r"changes the transformer, but this StableDiffusionPipeline has no "
+                                                   r"transformer .*denoiser is an MMDiT transformer \(SD3, FLUX\), "
+                                                   r"and this pipeline's is a UNet"):
+        compose.load(sd1, on_transformer)
+    deltas = {f"unet.{p}": ModuleDelta(down=torch.zeros(1, m.weight.shape[1]), up=torch.zeros(m.weight.shape[0], 1))
+              for p, m in sd1.unet.named_modules() if p.endswith("attn2.to_k")}
+    on_unet = Adapter(method="test", concepts=("cat",), config={}, deltas=deltas)
+    with pytest.raises(AdapterMismatchError, match=r"changes the unet, but this StableDiffusion3Pipeline has no unet "
+                                                   r".*denoiser is a UNet .*and this pipeline's is an MMDiT"):
+        compose.load(sd3, on_unet)
+    # a text-encoder adapter of SD 1.x on SD3's encoders: another architecture, by fingerprint
+    te = Adapter(method="test", concepts=("cat",), config={}, fingerprint=fingerprint(sd1, ["text_encoder"]),
+                 deltas={"text_encoder.text_model.encoder.layers.0.mlp.fc1": ModuleDelta(
+                     down=torch.zeros(1, 24), up=torch.zeros(48, 1))})
+    with pytest.raises(AdapterMismatchError, match="computed on another architecture"):
+        compose.load(sd3, te)
+    assert compose.list_erasures(sd3) == [] and compose.list_erasures(sd1) == []
