@@ -215,3 +215,114 @@ def test_an_adapter_of_the_other_family_is_named_as_such():
     with pytest.raises(AdapterMismatchError, match="computed on another architecture"):
         compose.load(sd3, te)
     assert compose.list_erasures(sd3) == [] and compose.list_erasures(sd1) == []
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
+
+
+def test_erasure_sd3_pipeline_matches_stock_and_its_verbs_work():
+    from erasekit.pipelines import ErasureStableDiffusion3Pipeline
+
+    stock = tiny_pipeline("sd3")
+    pipe = ErasureStableDiffusion3Pipeline.from_pipe(stock)
+    pipe.set_progress_bar_config(disable=True)
+    base, saved = generate(stock), state(pipe.transformer)
+    assert np.array_equal(generate(pipe), base)  # parity: the parent's __call__, unchanged
+
+    pipe.load_erasure(transformer_adapter(pipe, seed=1), name="a")
+    pipe.load_erasure(transformer_adapter(pipe, ("attn.add_v_proj",), full=("attn.to_k",), seed=2), name="b",
+                      weight=0.5)
+    assert [(e["name"], e["weight"], e["enabled"]) for e in pipe.erasures] == [("a", 1.0, True), ("b", 0.5, True)]
+    assert compose.list_erasures(stock) == pipe.erasures
+    both = generate(pipe)
+    assert np.abs(both - base).max() > 1e-3
+    pipe.set_erasures(["a"])
+    only_a = generate(pipe)
+    pipe.set_erasures(["a", "b"], weights=[1.0, 0.5])
+    assert np.array_equal(generate(pipe), both)
+    with pipe.erasures_disabled():
+        assert np.array_equal(generate(pipe), base)
+    assert pipe.fuse_erasures() == ["a", "b"]
+    np.testing.assert_allclose(generate(pipe), both, atol=1e-5)
+    pipe.unfuse_erasures()
+    assert same_state(pipe.transformer, saved) and np.array_equal(generate(pipe), both)
+    pipe.unload_erasures("b")
+    assert np.array_equal(generate(pipe), only_a)
+    pipe.unload_erasures()
+    assert np.array_equal(generate(pipe), base) and same_state(pipe.transformer, saved)
+
+    on_unet = Adapter(method="test", concepts=(), config={}, deltas={
+        "unet.mid_block.attentions.0.proj_in": ModuleDelta(delta=torch.zeros(4, 4))})
+    with pytest.raises(AdapterMismatchError, match=r"loads erasures of \['transformer', 'text_encoder', "
+                                                   r"'text_encoder_2'\], but adapter 'x' changes \['unet'\]"):
+        pipe.load_erasure(on_unet, name="x")
+
+
+@pytest.mark.parametrize("where", ["package", "checkout"])
+def test_sd3_custom_pipeline_loads_from_folder(tmp_path, monkeypatch, where):
+    import sys
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import dynamic_modules_utils
+
+    from erasekit.pipelines import ErasureStableDiffusion3Pipeline, custom_pipeline_path
+
+    cache = tmp_path / "modules"  # diffusers' dynamic-module cache, inside tmp_path
+    monkeypatch.setenv("HF_MODULES_CACHE", str(cache))
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(cache))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    stock = tiny_pipeline("sd3")
+    stock.save_pretrained(tmp_path / "model")
+    if where == "package":
+        (tmp_path / "elsewhere").mkdir()
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        custom = custom_pipeline_path("erasekit_sd3")
+    else:
+        monkeypatch.chdir(Path(__file__).resolve().parents[1])
+        custom = "pipelines/erasekit_sd3"
+    try:
+        pipe = DiffusionPipeline.from_pretrained(tmp_path / "model", custom_pipeline=custom, trust_remote_code=True,
+                                                 text_encoder_3=None, tokenizer_3=None)
+    finally:
+        for name in set(sys.modules) - before:
+            if name.startswith("diffusers_modules"):
+                del sys.modules[name]
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "ErasureStableDiffusion3Pipeline"
+    assert isinstance(pipe, ErasureStableDiffusion3Pipeline) and any(cache.rglob("pipeline.py"))
+    base = generate(stock)
+    assert np.array_equal(generate(pipe), base)
+    pipe.load_erasure(transformer_adapter(pipe), name="a")
+    assert np.abs(generate(pipe) - base).max() > 1e-3
+    pipe.unload_erasures()
+    assert np.array_equal(generate(pipe), base)
+
+
+def test_load_pipeline_and_generate_cli_on_an_sd3_folder(tmp_path, capsys):
+    from diffusers import StableDiffusion3Pipeline
+
+    from erasekit.cli import main
+    from erasekit.loading import load_pipeline
+
+    stock = tiny_pipeline("sd3")
+    stock.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "model_index.json").read_text())["text_encoder_3"] == [None, None]
+    pipe = load_pipeline(tmp_path / "model", device="cpu")
+    assert type(pipe) is StableDiffusion3Pipeline and pipe.text_encoder_3 is None
+    assert np.array_equal(generate(pipe), generate(stock))
+
+    adapter = transformer_adapter(stock)
+    save_adapter(adapter, tmp_path / "cat.test.safetensors")
+    compose.load(stock, adapter)
+    expected = stock(["a cat"], num_inference_steps=2, guidance_scale=3.0, output_type="pil",
+                     generator=[torch.Generator().manual_seed(0)]).images[0]
+    compose.unload(stock)
+    code = main(["generate", "--model", str(tmp_path / "model"), "--device", "cpu", "--prompt", "a cat",
+                 "--seed", "0", "--steps", "2", "--guidance", "3", "--adapter", str(tmp_path / "cat.test.safetensors"),
+                 "--out", str(tmp_path / "cat.png")])
+    assert code == 0
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cat.png")), np.asarray(expected))

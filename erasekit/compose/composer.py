@@ -195,6 +195,11 @@ class Composer:
         if adapter.is_guard:
             return self._load_guard(adapter, name, weight)
         gate_spec = parse_gating(adapter, name)
+        if gate_spec is not None and type(self.denoiser).__name__ == "FluxTransformer2DModel":
+            raise AdapterMismatchError(
+                f"erasure {name!r} is gated by prompt similarity, which compares the denoiser's CLIP context with the "
+                "erased prompts' encoding; FLUX's transformer reads T5 rows alone, so gated erasures do not run on "
+                "FLUX (load it without its gate: a static adapter)")
 
         # 1. Resolve and check every module before changing anything.
         targets: list[tuple[str, nn.Module, ModuleDelta]] = []
