@@ -125,7 +125,8 @@ def tiny_flux_pipeline(seed: int = 0):
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                 dropout_rate=0.0)).eval()  # built in code, a model is in training mode
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                         text_encoder=CLIPTextModel(_clip_config(tokenizer, 16)), tokenizer=tokenizer,
                         text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer)

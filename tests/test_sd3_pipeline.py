@@ -326,3 +326,139 @@ def test_load_pipeline_and_generate_cli_on_an_sd3_folder(tmp_path, capsys):
     from PIL import Image
 
     assert np.array_equal(np.asarray(Image.open(tmp_path / "cat.png")), np.asarray(expected))
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+
+def composed(pipe, adapter, **call):
+    compose.load(pipe, adapter, name="x")
+    try:
+        return generate(pipe, **call)
+    finally:
+        compose.unload(pipe)
+
+
+def test_diffusers_export_loads_in_stock_sd3_and_matches_compose(tmp_path):
+    from safetensors import safe_open
+
+    from erasekit import export
+
+    pytest.importorskip("peft")
+    pipe = tiny_pipeline("sd3")
+    base = generate(pipe)
+    # mixed ranks (2 on the transformer, 3 on the encoders), full deltas (a Linear wider than tall: ΔW = I·ΔW), both
+    # CLIP encoders
+    adapter = transformer_adapter(pipe, full=FULL, text_encoder=("layers.0.self_attn.q_proj", "layers.1.mlp.fc1"))
+    adapter = Adapter(**{**adapter.__dict__, "deltas": {
+        k: (ModuleDelta(down=torch.cat([d.down, d.down[:1]]), up=torch.cat([d.up, d.up[:, :1] * 0.5], 1))
+            if k.startswith("text_encoder") else d) for k, d in adapter.deltas.items()}})
+    full = {k: d.delta for k, d in adapter.deltas.items() if d.delta is not None}
+    assert len(full) == 3 and {k.partition(".")[0] for k in adapter.deltas} == {"transformer", "text_encoder",
+                                                                              "text_encoder_2"}
+    expected = composed(pipe, adapter)
+    assert np.abs(expected - base).max() > 1e-3
+
+    with pytest.warns(UserWarning, match=r"3 full delta\(s\) exported exactly"):
+        path = export.to_diffusers(adapter, tmp_path / "cat.lora.safetensors")
+    with safe_open(str(path), "pt") as f:
+        names, metadata = set(f.keys()), f.metadata()
+        for key, delta in full.items():
+            up, down = f.get_tensor(f"{key}.lora_B.weight"), f.get_tensor(f"{key}.lora_A.weight")
+            assert torch.equal(up @ down, delta)  # exact
+    assert "transformer.transformer_blocks.0.attn.add_k_proj.lora_A.weight" in names  # diffusers' SD3 key layout
+    assert "text_encoder_2.text_model.encoder.layers.1.mlp.fc1.lora_B.weight" in names
+    record = json.loads(metadata["lora_adapter_metadata"])
+    assert record["transformer.r"] == record["transformer.lora_alpha"] == 2
+    assert record["text_encoder.rank_pattern"] == {} and record["text_encoder.r"] == 3
+
+    pipe.load_lora_weights(str(path), adapter_name="cat")  # stock SD3LoraLoaderMixin
+    try:
+        loaded = {n.split(".lora_A")[0] for n, _ in pipe.transformer.named_modules() if ".lora_A" in n}
+        assert any(n.endswith("attn.add_v_proj") for n in loaded)
+        np.testing.assert_allclose(generate(pipe), expected, atol=1e-5)
+    finally:
+        pipe.unload_lora_weights()
+    assert np.array_equal(generate(pipe), base)
+
+    with pytest.raises(AdapterError, match="kohya layout names the original checkpoint"):
+        export.to_kohya(adapter, tmp_path / "k.safetensors")
+
+
+def test_bake_an_sd3_pipeline(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from erasekit import export
+
+    pipe = tiny_pipeline("sd3")
+    base, saved = generate(pipe), state(pipe.transformer)
+    adapter = transformer_adapter(pipe, full=("attn.to_k",))
+    compose.load(pipe, adapter, name="a")
+    compose.fuse(pipe)
+    fused = generate(pipe)
+    compose.unload(pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = export.bake(pipe, [adapter], tmp_path / "baked")
+    assert same_state(pipe.transformer, saved) and np.array_equal(generate(pipe), base)
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    baked = StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None)
+    baked.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(generate(baked), fused, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------- FLUX
+
+
+def flux_generate(pipe, prompt="a cat", seed=0):
+    return pipe(prompt, height=16, width=16, num_inference_steps=2, max_sequence_length=77, output_type="np",
+                generator=torch.Generator().manual_seed(seed)).images
+
+
+def test_flux_pipeline_verbs_and_diffusers_export(tmp_path):
+    """The same mixin on FluxPipeline: static erasures on the double- and single-stream blocks and the CLIP encoder,
+    fuse/unfuse/unload exact; stock FluxPipeline.load_lora_weights reproduces the export; gates and T5 exports are
+    refused with the reason."""
+    from erasekit import export
+    from erasekit.pipelines import ErasureFluxPipeline
+    from erasekit.testing import tiny_flux_pipeline
+
+    pytest.importorskip("peft")
+    stock = tiny_flux_pipeline()
+    pipe = ErasureFluxPipeline.from_pipe(stock)
+    pipe.set_progress_bar_config(disable=True)
+    base, saved = flux_generate(stock), state(pipe.transformer)
+    assert np.array_equal(flux_generate(pipe), base)
+    adapter = transformer_adapter(pipe, ("attn.add_k_proj", "attn.to_v", "proj_mlp"), full=("attn.to_k",))
+    te = Adapter(method="test", concepts=("cat",), config={}, deltas={**adapter.deltas, **{
+        f"text_encoder.{p}": ModuleDelta(down=torch.randn(2, m.weight.shape[1]) * 0.3,
+                                         up=torch.randn(m.weight.shape[0], 2) * 0.3)
+        for p, m in pipe.text_encoder.named_modules() if p.endswith("layers.0.self_attn.q_proj")}})
+    assert any(k.startswith("transformer.single_transformer_blocks.") for k in te.deltas)
+    pipe.load_erasure(te, name="a")
+    erased = flux_generate(pipe)
+    assert np.abs(erased - base).max() > 1e-3
+    pipe.fuse_erasures()
+    np.testing.assert_allclose(flux_generate(pipe), erased, atol=1e-5)
+    pipe.unfuse_erasures()
+    assert same_state(pipe.transformer, saved) and np.array_equal(flux_generate(pipe), erased)
+    pipe.unload_erasures()
+    assert np.array_equal(flux_generate(pipe), base)
+
+    with pytest.warns(UserWarning, match="exported exactly"):
+        path = export.to_diffusers(te, tmp_path / "flux.lora.safetensors")
+    stock.load_lora_weights(str(path), adapter_name="cat")
+    try:
+        np.testing.assert_allclose(flux_generate(stock), erased, atol=1e-5)
+    finally:
+        stock.unload_lora_weights()
+    assert np.array_equal(flux_generate(stock), base)
+
+    t5 = Adapter(method="test", concepts=("cat",), config={}, deltas={
+        "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q": ModuleDelta(delta=torch.zeros(16, 32))})
+    with pytest.raises(AdapterError, match="T5 encoder"):
+        export.to_diffusers(t5, tmp_path / "t5.safetensors")
+    gated = transformer_adapter(pipe, ("attn.add_k_proj",), gating=GATED)
+    with pytest.raises(AdapterMismatchError, match="FLUX's transformer reads T5 rows alone"):
+        pipe.load_erasure(gated, name="g")
+    assert pipe.erasures == []
