@@ -143,6 +143,22 @@ def test_gated_adapter_reads_the_transformers_context():
         compose.fuse(pipe, "gated")
     assert compose.fuse(pipe) == []  # fuse() leaves gated erasures on their hooks
 
+    # a direct call passing the context positionally (forward(hidden_states, encoder_hidden_states, pooled, t)) is
+    # gated like the pipeline's keyword call
+    from erasekit.core import sd
+
+    cond = sd.encode(pipe, ["a cat", "a dog"])
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        by_keyword = pipe.transformer(hidden_states=latents, encoder_hidden_states=cond.embeds,
+                                      pooled_projections=cond.pooled, timestep=t).sample
+        by_position = pipe.transformer(latents, cond.embeds, cond.pooled, t).sample
+        with compose.disabled(pipe):
+            plain = pipe.transformer(latents, cond.embeds, cond.pooled, t).sample
+    assert torch.equal(by_keyword, by_position)
+    assert not torch.equal(by_position[0], plain[0]) and torch.equal(by_position[1], plain[1])  # γ = 1, 0
+
     compose.set_weights(pipe, "gated", 0.0)
     assert np.array_equal(generate(pipe, "a dog"), base_dog)
     compose.unload(pipe)
@@ -221,7 +237,10 @@ def test_an_adapter_of_the_other_family_is_named_as_such():
 
 
 def test_erasure_sd3_pipeline_matches_stock_and_its_verbs_work():
+    import erasekit
     from erasekit.pipelines import ErasureStableDiffusion3Pipeline
+
+    assert erasekit.ErasureStableDiffusion3Pipeline is ErasureStableDiffusion3Pipeline
 
     stock = tiny_pipeline("sd3")
     pipe = ErasureStableDiffusion3Pipeline.from_pipe(stock)
