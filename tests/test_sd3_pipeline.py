@@ -495,3 +495,33 @@ def test_load_pipeline_reads_a_flux_folder(tmp_path):
     assert type(pipe) is FluxPipeline
     # ~1e-7 apart: the FLUX pipeline built in code and its stock from_pretrained reload differ by float rounding
     np.testing.assert_allclose(flux_generate(pipe), flux_generate(stock), atol=1e-5)
+
+
+def test_transformer_adapters_are_format_1_3_files(tmp_path):
+    """The transformer component came in format 1.3: a file naming it (deltas or fingerprint) declares 1.3, UNet and
+    text-encoder files keep their versions, and a file naming it under an earlier version is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from erasekit.adapter import FORMAT_KEY, METADATA_KEY, read_record
+    from erasekit.errors import AdapterFileError
+
+    pipe = tiny_pipeline("sd3")
+    on_transformer = transformer_adapter(pipe)
+    encoder_only = transformer_adapter(pipe, (), text_encoder=("mlp.fc1",))
+    recorded = Adapter(**{**encoder_only.__dict__, "fingerprint": fingerprint(pipe)})  # names the transformer
+    for adapter, version in ((on_transformer, "1.3"), (encoder_only, "1.0"), (recorded, "1.3")):
+        path = save_adapter(adapter, tmp_path / f"{version}-{len(adapter.fingerprint)}.safetensors")
+        assert read_record(path)["format_version"] == version
+
+    path = save_adapter(on_transformer, tmp_path / "a.safetensors")
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    record = json.loads(metadata[METADATA_KEY])
+    record.pop("tensor_sha256")
+    record["format_version"] = "1.2"
+    save_file(tensors, str(tmp_path / "old.safetensors"),
+              {**metadata, FORMAT_KEY: "1.2", METADATA_KEY: json.dumps(record, sort_keys=True)})
+    with pytest.raises(AdapterFileError, match=r"module 'transformer\.transformer_blocks\.0\.attn\.add_k_proj' names "
+                                               r"the transformer component .*came in format 1\.3, but the file says 1\.2"):
+        load_adapter(tmp_path / "old.safetensors")

@@ -15,10 +15,13 @@ import torch
 
 from ..core.lora import ModuleDelta
 
-FORMAT_VERSION = "1.2"  # major.minor this erasekit reads and writes; a reader refuses an unknown major
+FORMAT_VERSION = "1.3"  # major.minor this erasekit reads and writes; a reader refuses an unknown major
 #: the format version that brought sparse full deltas (``….delta_values`` / ``_indices`` / ``_shape``): a file holding
 #: one declares at least this version; files without them keep the version of their kind
 SPARSE_SINCE = "1.2"
+#: the format version that brought the ``transformer`` component (MMDiT pipelines: SD3, FLUX): a file whose deltas or
+#: fingerprint name it declares at least this version (1.2 readers refuse its keys)
+TRANSFORMER_SINCE = "1.3"
 METADATA_KEY = "erasekit.adapter"
 FORMAT_KEY = "erasekit.format"
 #: the pipeline components an adapter may change: a UNet (SD 1.x/2.x/SDXL) or an MMDiT ``transformer`` (SD3, FLUX),
