@@ -513,6 +513,8 @@ def test_transformer_adapters_are_format_1_3_files(tmp_path):
     for adapter, version in ((on_transformer, "1.3"), (encoder_only, "1.0"), (recorded, "1.3")):
         path = save_adapter(adapter, tmp_path / f"{version}-{len(adapter.fingerprint)}.safetensors")
         assert read_record(path)["format_version"] == version
+        with safe_open(str(path), "pt") as f:  # two text encoders and a transformer: no SDXL model-spec claimed
+            assert ("modelspec.architecture" in f.metadata()) == (version == "1.0")  # (without a fingerprint: SDXL)
 
     path = save_adapter(on_transformer, tmp_path / "a.safetensors")
     with safe_open(str(path), "pt") as f:

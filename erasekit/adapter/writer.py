@@ -226,9 +226,11 @@ def _modelspec(adapter: Adapter) -> dict[str, str]:
         "modelspec.title": f"{adapter.method}: erase {', '.join(adapter.concepts)}",
     }
     if adapter.is_low_rank:
-        # the architecture id needs the family; only SDXL can be told from the adapter itself
+        # the architecture id needs the family; only SDXL can be told from the adapter itself (two text encoders
+        # and a UNet: SD3 and FLUX have two text encoders and a transformer)
         family = adapter.info.get("architecture") if isinstance(adapter.info.get("architecture"), str) else None
-        if family is None and "text_encoder_2" in set(adapter.fingerprint) | set(adapter.components):
+        named = set(adapter.fingerprint) | set(adapter.components)
+        if family is None and "text_encoder_2" in named and "transformer" not in named:
             family = "stable-diffusion-xl-v1-base"
         if family:
             out["modelspec.architecture"] = f"{family}/lora"
