@@ -20,12 +20,19 @@ logger = logging.getLogger(__name__)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
+#: the names of the packaged models (``--model`` accepts them): tinyworld (UNet) and tinyworld-mmdit (SD3's MMDiT)
+PACKAGED = {"tinyworld": "unet", "tinyworld-mmdit": "mmdit", "mmdit": "mmdit"}
+
+
 def model_path(model: str | Path | None) -> str:
-    """``None``/"tinyworld" → the packaged tinyworld folder; anything else unchanged."""
+    """``None``/"tinyworld" → the packaged tinyworld folder, "tinyworld-mmdit" (or "mmdit") → the packaged MMDiT one;
+    anything else unchanged."""
     from . import tinyworld
 
-    if model is None or str(model) == tinyworld.MODEL_ID:
+    if model is None:
         return str(tinyworld.path())
+    if str(model) in PACKAGED:
+        return str(tinyworld.path(PACKAGED[str(model)]))
     return str(model)
 
 

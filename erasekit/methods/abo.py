@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..core import lora
+from ..core import lora, sd
 from ..core.processes import WHOLE, Part
 from ..adapter import Adapter
 from ..errors import ConfigError
-from .esd import PRESETS, TrainMethod
+from .esd import PRESETS, TrainMethod, select
 from .trainer import (Cond, PromptTable, ddim_scheduler, latent_shape, predict, rollout, rollout_options, train,
                       training_options, training_templates, validate_replace_with, validate_rollout_training)
 
@@ -65,7 +65,7 @@ class AboConfig:
 
 def objective(pipe, config: AboConfig) -> Callable:
     """``loss_for(deltas) -> loss_fn(step, generator)``: the loss of one step (module docstring)."""
-    unet = pipe.unet
+    unet = sd.denoiser(pipe)
     n_concepts = len(config.concepts)
     replace = bool(config.replace_with.strip())
     table = PromptTable(pipe, training_templates(config),
@@ -101,7 +101,7 @@ def objective(pipe, config: AboConfig) -> Callable:
 
 def erase(pipe, config: AboConfig) -> Adapter:
     """Train an All-but-One adapter; ``pipe`` is left as it was (no hooks, same weights)."""
-    names = lora.select(pipe.unet, PRESETS[config.train_method])
+    names = select(pipe, config.train_method)
     return train(pipe, config, names, objective(pipe, config), "abo")
 
 

@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from ..adapter import Adapter
-from ..core import lora
+from ..core import lora, sd
 from ..core.processes import WHOLE, Part
 from ..errors import ConfigError
-from .esd import PRESETS, TrainMethod, preserved
+from .esd import PRESETS, TrainMethod, select, preserved
 from .trainer import (Cond, PromptTable, ddim_scheduler, guided_steps, latent_shape, predict, rollout_options, train,
                       training_options, training_templates, validate_rollout_training)
 
@@ -108,7 +108,7 @@ class AntConfig:
 
 def objective(pipe, config: AntConfig) -> Callable:
     """``loss_for(deltas) -> loss_fn(step, generator, part)``: ANT's loss of one step (module docstring)."""
-    unet = pipe.unet
+    unet = sd.denoiser(pipe)
     n_concepts = len(config.concepts)
     kept = preserved(config)
     table = PromptTable(pipe, training_templates(config), list(config.concepts) + kept, config.resolution)
@@ -160,5 +160,5 @@ def objective(pipe, config: AntConfig) -> Callable:
 
 def erase(pipe, config: AntConfig) -> Adapter:
     """Train an ANT adapter for ``config.concepts``; ``pipe`` is left as it was (no hooks, same weights)."""
-    names = lora.select(pipe.unet, PRESETS[config.train_method])
+    names = select(pipe, config.train_method)
     return train(pipe, config, names, objective(pipe, config), "ant")

@@ -18,6 +18,12 @@ The trainable ``ΔW`` are low-rank (``rank``) or full (``rank=0``) deltas on the
 hooks (``erasekit.core.lora``): the frozen teacher is the same UNet with the hooks disabled, so one UNet is in
 memory. Presets: ``esd-x`` (every Linear of the cross-attention ``attn2``), ``esd-x-strict`` (``attn2.to_k``/
 ``to_v``), ``esd-u`` (every Linear/Conv2d *not* in ``attn2``), ``esd-all``.
+
+On an MMDiT transformer (SD3, flow matching) the same objective holds with the velocity in place of ε (both are
+linear in the score, so negative guidance means the same), ``x_t`` from a flow-matching Euler rollout, and the
+presets read joint attention as the cross-attention: ``esd-x`` every Linear of the blocks' ``attn`` (image and text
+streams, which attend to each other there), ``esd-x-strict`` the text stream's ``add_k_proj``/``add_v_proj``,
+``esd-u`` every other Linear/Conv2d (:func:`select`).
 """
 
 from __future__ import annotations
@@ -108,7 +114,7 @@ def preserved(config) -> list[str]:
 
 def objective(pipe, config: EsdConfig) -> Callable:
     """``loss_for(deltas) -> loss_fn(step, generator)``: the ESD loss of one step (module docstring)."""
-    unet = pipe.unet
+    unet = sd.denoiser(pipe)
     n_concepts = len(config.concepts)
     sources = [config.erase_from or c for c in config.concepts]  # what x_t is drawn from and the student sees
     kept = preserved(config)
@@ -149,10 +155,25 @@ def objective(pipe, config: EsdConfig) -> Callable:
     return loss_for
 
 
+#: the presets on an MMDiT transformer (module docstring)
+MMDIT_PRESETS: dict[str, Callable[[str, torch.nn.Module], bool]] = {
+    "esd-x": lambda name, m: name.startswith("transformer_blocks.") and ".attn." in name
+    and isinstance(m, torch.nn.Linear),
+    "esd-x-strict": lambda name, m: name.endswith(("attn.add_k_proj", "attn.add_v_proj")),
+    "esd-u": lambda name, m: ".attn." not in name,
+    "esd-all": lambda name, m: True,
+}
+
+
+def select(pipe, train_method: str) -> list[str]:
+    """The denoiser modules a preset trains (``PRESETS`` on a UNet, ``MMDIT_PRESETS`` on a transformer)."""
+    presets = MMDIT_PRESETS if sd.is_mmdit(pipe) else PRESETS
+    return lora.select(sd.denoiser(pipe), presets[train_method])
+
+
 def erase(pipe, config: EsdConfig) -> Adapter:
     """Train an ESD adapter for ``config.concepts``; ``pipe`` is left as it was (no hooks, same weights)."""
     if sd.is_sdxl(pipe) and config.train_method in ("esd-u", "esd-all"):
         logger.warning("%s on SDXL is experimental (the authors report artifacts); esd-x is recommended",
                        config.train_method)
-    names = lora.select(pipe.unet, PRESETS[config.train_method])
-    return train(pipe, config, names, objective(pipe, config), config.train_method)
+    return train(pipe, config, select(pipe, config.train_method), objective(pipe, config), config.train_method)

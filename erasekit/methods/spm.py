@@ -52,7 +52,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..core import lora
+from ..core import lora, sd
 from ..core.processes import WHOLE, Part
 from ..adapter import Adapter
 from ..errors import ConfigError
@@ -159,9 +159,14 @@ class SpmConfig:
 
 # -------------------------------------------------------------------------------------------- modules
 def transformer_modules(unet) -> list[str]:
-    """Paths of every ``nn.Linear``/``nn.Conv2d`` inside the UNet's ``Transformer2DModel`` blocks."""
+    """Paths of every ``nn.Linear``/``nn.Conv2d`` inside the UNet's ``Transformer2DModel`` blocks (an MMDiT
+    transformer's: inside its joint blocks ``transformer_blocks``)."""
     from diffusers import Transformer2DModel
 
+    from ..core.mmdit import is_mmdit
+
+    if is_mmdit(unet):
+        return lora.select(unet, lambda name, m: name.startswith("transformer_blocks."))
     blocks = [name for name, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
     if not blocks:
         raise ConfigError(f"{type(unet).__name__} has no Transformer2DModel blocks for a membrane")
@@ -189,10 +194,18 @@ def sample_anchors(target: torch.Tensor, n: int, generator: torch.Generator) -> 
 
 
 def _anchor_conds(target: Cond, n: int, generator: torch.Generator) -> Cond:
-    """``n`` anchors for one prompt's ``Cond`` (SDXL: the pooled embedding is sampled the same way)."""
-    hidden = sample_anchors(target.hidden[0], n, generator)
+    """``n`` anchors for one prompt's ``Cond`` (SDXL, SD3: the pooled embedding is sampled the same way; SD3 without
+    T5: the zero row that stands for its rows stays zero)."""
+    if target.padding:
+        hidden = sample_anchors(target.hidden[0, :-1], n, generator)
+        hidden = torch.cat([hidden, target.hidden[:1, -1:].expand(n, -1, -1)], 1)
+    else:
+        hidden = sample_anchors(target.hidden[0], n, generator)
     if target.added is None:
         return Cond(hidden)
+    if "pooled_projections" in target.added:
+        return Cond(hidden, {"pooled_projections": sample_anchors(target.added["pooled_projections"][0], n, generator)},
+                    target.padding)
     added = {"text_embeds": sample_anchors(target.added["text_embeds"][0], n, generator),
              "time_ids": target.added["time_ids"][:1].repeat(n, 1)}
     return Cond(hidden, added)
@@ -204,7 +217,7 @@ def objective(pipe, config: SpmConfig) -> Callable:
 
     ``config`` must be resolved (:func:`erasekit.methods.presets.resolve`, or ``config.resolved(pipe)``).
     """
-    unet = pipe.unet
+    unet = sd.denoiser(pipe)
     n_concepts = len(config.concepts)
     # the neutral prompt takes the concept's slot in the same template ("{}" alone: the paper's c_neu)
     table = PromptTable(pipe, training_templates(config), [*config.concepts, config.neutral], config.resolution)
@@ -260,8 +273,11 @@ def gating_record(config: SpmConfig) -> dict:
 def gate_tensors(pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
     """``gate.embeds`` ``(Q, L, D)``: the pipeline's encoding of the gate prompts; ``gate.token_ids`` ``(Q, L)``:
     their token ids without special tokens, padded with -1."""
-    conds, _ = encode(pipe, prompts)
-    embeds = torch.cat([c.hidden for c in conds]).float().cpu()
+    if sd.is_mmdit(pipe):  # the context the transformer is called with, T5 rows included
+        embeds = sd.encode(pipe, prompts).embeds.float().cpu()
+    else:
+        conds, _ = encode(pipe, prompts)
+        embeds = torch.cat([c.hidden for c in conds]).float().cpu()
     tokenizer = pipe.tokenizer
     special = set(tokenizer.all_special_ids)
     ids = [[i for i in row if i not in special]
@@ -296,7 +312,7 @@ def erase(pipe, config: SpmConfig) -> Adapter:
     tinyworld-sized ones come from :func:`erasekit.methods.presets.resolve`, which the API, CLI and registry use).
     """
     config = config.with_paper_defaults()
-    names = transformer_modules(pipe.unet)
+    names = transformer_modules(sd.denoiser(pipe))
     adapter = train(pipe, config, names, objective(pipe, config), "spm")
     return dataclasses.replace(adapter, gating=gating_record(config),
                                stats={**adapter.stats, **gate_tensors(pipe, list(config.concepts))})

@@ -45,7 +45,10 @@ def time_augment(prompt: str) -> list[str]:
 
 
 def context_dim(pipe) -> int:
-    """d, the width of ``encoder_hidden_states`` (768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL)."""
+    """d, the width of ``encoder_hidden_states`` (768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL, the transformer's
+    ``joint_attention_dim`` for SD3: 4096, the CLIP states zero-padded to T5's width)."""
+    if sd.is_mmdit(pipe):
+        return int(sd.denoiser(pipe).config.joint_attention_dim)
     return sum(int(enc.config.hidden_size) for _, enc in sd.encoders(pipe))
 
 

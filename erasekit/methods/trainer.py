@@ -52,6 +52,7 @@ from ..adapter import Adapter
 from ..core import lora, processes, sd
 from ..core.config import shared_fields
 from ..core.files import exclusive_lock
+from ..core.mmdit import collapsed_padding, is_mmdit
 from ..errors import CheckpointError, ConfigError, TrainingDivergedError
 from .checkpoint import CHECKPOINT, LOCK, load_checkpoint, save_checkpoint
 
@@ -411,60 +412,93 @@ class PromptTable:
 # ------------------------------------------------------------------------------------- conditioning
 @dataclass
 class Cond:
-    """What the UNet is conditioned on besides (x_t, t), for a batch of prompts."""
+    """What the denoiser is conditioned on besides (x_t, t), for a batch of prompts.
+
+    ``padding`` > 0 (SD3 without T5): the last row of ``hidden`` stands for that many identical zero rows, which
+    :func:`predict` expands exactly (:func:`erasekit.core.mmdit.collapsed_padding`): a third of the cost."""
 
     hidden: torch.Tensor  # encoder_hidden_states (B, 77, D)
-    added: dict | None = None  # SDXL: text_embeds (B, P), time_ids (B, 6)
+    added: dict | None = None  # SDXL: text_embeds (B, P), time_ids (B, 6); SD3: pooled_projections (B, P)
+    padding: int = 0
 
     def repeat(self, n: int) -> Cond:
         rep = lambda t: t.repeat_interleave(n, 0)  # noqa: E731
-        return Cond(rep(self.hidden), None if self.added is None else {k: rep(v) for k, v in self.added.items()})
+        return Cond(rep(self.hidden), None if self.added is None else {k: rep(v) for k, v in self.added.items()},
+                    self.padding)
 
     @staticmethod
     def cat(conds: list[Cond]) -> Cond:
         added = None if conds[0].added is None else {k: torch.cat([c.added[k] for c in conds]) for k in conds[0].added}
-        return Cond(torch.cat([c.hidden for c in conds]), added)
+        return Cond(torch.cat([c.hidden for c in conds]), added, conds[0].padding)
 
     def __getitem__(self, rows) -> Cond:
-        return Cond(self.hidden[rows], None if self.added is None else {k: v[rows] for k, v in self.added.items()})
+        return Cond(self.hidden[rows], None if self.added is None else {k: v[rows] for k, v in self.added.items()},
+                    self.padding)
 
     def kwargs(self) -> dict:
+        if self.added is not None and "pooled_projections" in self.added:
+            return {"encoder_hidden_states": self.hidden, **self.added}
         return {"encoder_hidden_states": self.hidden, "added_cond_kwargs": self.added}
 
 
 def image_size(pipe, resolution: int = 0) -> int:
-    return resolution or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return resolution or int(sd.denoiser(pipe).config.sample_size) * int(pipe.vae_scale_factor)
 
 
 @torch.no_grad()
 def encode(pipe, prompts: list[str], resolution: int = 0) -> tuple[list[Cond], Cond]:
     """One ``Cond`` per prompt, and the unconditional ``Cond`` the pipeline itself uses for CFG, in the UNet's dtype
     (:func:`erasekit.core.sd.encode`, :func:`erasekit.core.sd.uncond`; SDXL: pooled embeddings and the pipeline's
-    ``_get_add_time_ids`` for the image size)."""
-    dtype = pipe.unet.dtype
+    ``_get_add_time_ids`` for the image size; SD3: pooled projections, and without T5 one zero row for its 256)."""
+    dtype = sd.denoiser(pipe).dtype
     cond, uncond = sd.encode(pipe, list(prompts)), sd.uncond(pipe)
+    if sd.is_mmdit(pipe):
+        rows, padding = cond.embeds.shape[1], 0
+        if getattr(pipe, "text_encoder_3", None) is None:  # the T5 rows are zeros: one row stands for all
+            rows, padding = rows - sd.SD3_T5_ROWS + 1, sd.SD3_T5_ROWS
+        make = lambda h, p: Cond(h[None, :rows].to(dtype), {"pooled_projections": p[None].to(dtype)}, padding)  # noqa: E731
+        return [make(h, p) for h, p in zip(cond.embeds, cond.pooled)], make(uncond.embeds[0], uncond.pooled[0])
     if not sd.is_sdxl(pipe):
         return [Cond(h[None].to(dtype)) for h in cond.embeds], Cond(uncond.embeds[:1].to(dtype))
     size = (image_size(pipe, resolution),) * 2
     projection = (int(cond.pooled.shape[-1]) if pipe.text_encoder_2 is None
                   else pipe.text_encoder_2.config.projection_dim)
     time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection)
-    time_ids = time_ids.to(pipe.unet.device)
+    time_ids = time_ids.to(sd.denoiser(pipe).device)
     added = lambda pooled: {"text_embeds": pooled[None].to(dtype), "time_ids": time_ids}  # noqa: E731
     return ([Cond(h[None].to(dtype), added(p)) for h, p in zip(cond.embeds, cond.pooled)],
             Cond(uncond.embeds[:1].to(dtype), added(uncond.pooled[0])))
 
 
 def predict(unet, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    return unet(x, t, **cond.kwargs(), return_dict=False)[0]
+    """The denoiser's output (ε, or SD3's velocity) for a batch; ``unet`` is the UNet or the MMDiT transformer."""
+    if not is_mmdit(unet):
+        return unet(x, t, **cond.kwargs(), return_dict=False)[0]
+    t = torch.as_tensor(t, device=x.device)
+    t = t.expand(x.shape[0]) if t.ndim == 0 else t
+    if not cond.padding:
+        return unet(hidden_states=x, timestep=t, **cond.kwargs(), return_dict=False)[0]
+    with collapsed_padding(unet, cond.padding):
+        return unet(hidden_states=x, timestep=t, **cond.kwargs(), return_dict=False)[0]
 
 
 def ddim_scheduler(pipe, num_inference_steps: int):
-    """A DDIM scheduler from the pipeline's noise schedule (a copy: the pipeline's scheduler is left alone)."""
-    from diffusers import DDIMScheduler
+    """A sampler from the pipeline's noise schedule (a copy: the pipeline's scheduler is left alone): DDIM for the
+    ε-prediction models, flow-matching Euler for SD3."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps, device=pipe.unet.device)
+    kind = FlowMatchEulerDiscreteScheduler if sd.is_mmdit(pipe) else DDIMScheduler
+    scheduler = kind.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_inference_steps, device=sd.denoiser(pipe).device)
+    return scheduler
+
+
+def _restarted(scheduler):
+    """``scheduler`` ready for a rollout from its first step: flow-matching Euler counts its steps (it is reset by
+    ``set_timesteps``); DDIM is stateless."""
+    if not hasattr(scheduler, "step_index"):
+        return scheduler
+    scheduler.set_timesteps(len(scheduler.timesteps), device=scheduler.timesteps.device)
     return scheduler
 
 
@@ -475,8 +509,9 @@ def guided_steps(eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sche
     rollout, shared by the UNet and the text-encoder methods). ``eps(x2, t)`` predicts the noise of the doubled
     batch ``x2``: unconditional rows first, then conditional ones. With ``start``, ``x`` is the latent after that
     many steps and the rollout continues from there."""
+    scheduler = _restarted(scheduler)
     for t in scheduler.timesteps[start:steps]:
-        e_uncond, e_cond = eps(scheduler.scale_model_input(torch.cat([x, x]), t), t).chunk(2)
+        e_uncond, e_cond = eps(sd.scale_model_input(scheduler, torch.cat([x, x]), t), t).chunk(2)
         x = scheduler.step(e_uncond + guidance * (e_cond - e_uncond), t, x).prev_sample
     return x, scheduler.timesteps[steps]
 
@@ -490,7 +525,7 @@ def rollout(unet, scheduler, cond: Cond, uncond: Cond, guidance: float, steps: i
     :meth:`erasekit.core.processes.Part.rows`) are rolled out. ``cond`` holds one row per kept sample; ``uncond``
     one row.
     """
-    x = (torch.randn(shape, generator=generator)[keep] * scheduler.init_noise_sigma).to(scheduler.timesteps.device,
+    x = (torch.randn(shape, generator=generator)[keep] * getattr(scheduler, "init_noise_sigma", 1.0)).to(scheduler.timesteps.device,
                                                                                          cond.hidden.dtype)
     both = Cond.cat([uncond.repeat(x.shape[0]), cond])
     return guided_steps(lambda x2, t: predict(unet, x2, t, both), scheduler, x, guidance, steps)
@@ -503,21 +538,27 @@ def latent_shape(pipe, batch_size: int, resolution: int = 0) -> tuple[int, ...]:
     if resolution % factor:
         raise ConfigError(f"resolution must be a multiple of the VAE factor {factor}, got {resolution}")
     side = image_size(pipe, resolution) // factor
-    return (batch_size, int(pipe.unet.config.in_channels), side, side)
+    return (batch_size, int(sd.denoiser(pipe).config.in_channels), side, side)
+
+
+def denoiser_component(pipe) -> str:
+    """The pipeline attribute (and adapter component) of the denoiser: "unet" or "transformer"."""
+    return "transformer" if sd.is_mmdit(pipe) else "unet"
 
 
 def train(pipe, config, names: list[str], loss_for: Callable, method: str) -> Adapter:
-    """Shared body of the trained UNet methods: :func:`fit_deltas`, then package an Adapter of the UNet."""
+    """Shared body of the trained denoiser methods: :func:`fit_deltas`, then package an Adapter of the denoiser."""
     deltas, info = fit_deltas(pipe, config, names, loss_for, method)
-    return package(pipe, config, method, deltas, ["unet"], info)
+    return package(pipe, config, method, deltas, [denoiser_component(pipe)], info)
 
 
 def fit_deltas(pipe, config, names: list[str], loss_for: Callable, method: str,
                extra_params: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
-    """Trainable deltas on UNet ``names``, :func:`fit` to ``loss_for(deltas)``; ``({"unet.<path>": delta}, info)``.
+    """Trainable deltas on the denoiser's ``names``, :func:`fit` to ``loss_for(deltas)``;
+    ``({"<unet|transformer>.<path>": delta}, info)``.
     ``extra_params``: further tensors checkpointed with the run that the loss updates itself (no gradient: Adam leaves
     them alone), e.g. DoCo's discriminator."""
-    unet = pipe.unet
+    unet = sd.denoiser(pipe)
     was_training, was_checkpointing = unet.training, getattr(unet, "is_gradient_checkpointing", False)
     started = time.perf_counter()
     with lora.frozen(unet), lora.attach(unet, names, config.rank, torch.Generator().manual_seed(config.seed)) as deltas:
@@ -534,7 +575,7 @@ def fit_deltas(pipe, config, names: list[str], loss_for: Callable, method: str,
             if config.gradient_checkpointing and not was_checkpointing:
                 unet.disable_gradient_checkpointing()
             unet.train(was_training)
-        return deltas.export("unet"), training_info({
+        return deltas.export(denoiser_component(pipe)), training_info({
             "iterations": config.iterations, "seconds": round(time.perf_counter() - started, 2),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None})
 

@@ -1,6 +1,7 @@
 """Unified Concept Editing (Gandikota et al., WACV 2024, https://arxiv.org/abs/2308.14761), Eq. 7.
 
-Closed-form edit of the cross-attention key/value projections ``W`` (``attn2.to_k``/``to_v``) of the UNet:
+Closed-form edit of the cross-attention key/value projections ``W`` (``attn2.to_k``/``to_v``) of the UNet — on an
+MMDiT transformer (SD3), of the layers that read the text itself (see "MMDiT" below):
 
     min_W  s_e Σ_e ||W c_e − v*_e||² + s_p Σ_p ||W c_p − W_old c_p||² + λ ||W − W_old||²_F
     W' = (λ W_old + s_e Σ_e v*_e c_eᵀ + s_p Σ_p W_old c_p c_pᵀ) (λI + s_e Σ_e c_e c_eᵀ + s_p Σ_p c_p c_pᵀ)⁻¹
@@ -32,6 +33,15 @@ fp32 numbers to begin with (the text encoder's outputs) and so round-trip exactl
 prompt preserved by two adapters is counted twice, as in a joint solve over both lists). Size: (2n + m)·D·4
 bytes, e.g. 6 KB for one SD 1.x concept in "last_token" mode (``save_stats=False`` leaves them out).
 
+MMDiT (SD3). Joint attention's text-stream projections ``add_k_proj``/``add_v_proj`` read the text tokens after
+adaLN modulation by the timestep and pooled text (and, past the first block, after mixing with the image tokens),
+so Eq. 7 has no exact solution there. The layers whose input *is* the text are ``context_embedder`` (the context
+rows, before every joint block) and the pooled-text embedder ``time_text_embed.text_embedder.linear_1``: the
+authors' FLUX edit changes these two (``uce_flux_edit.py``), and so does erasekit. The default ``targets``
+(``attn2.to_k``, ``attn2.to_v``) resolve to ``context_embedder`` on a transformer, which is then edited with the
+context keys above; the pooled embedder is edited by a second solve of Eq. 7 on the prompts' pooled embeddings
+(one key per prompt, same λ and scales), stored as ``pooled.*`` statistics.
+
 Keys (``key_mode``): "last_token" — one key per prompt, the context vector at ``attention_mask.sum() − 2`` (the
 last subject token; BOS for ""), as the authors' diffusers rewrite (``trainscripts/uce_sd_erase.py``);
 "tokens" — the paper-era code (``train-scripts/train_erase.py``): every position from the last subject token
@@ -54,6 +64,7 @@ from typing import Literal
 import torch
 
 from ..adapter import Adapter, ModuleDelta
+from ..core import sd
 from ..core.config import shared_fields
 from ..errors import ConfigError
 from . import text
@@ -62,6 +73,10 @@ from .trainer import package
 logger = logging.getLogger(__name__)
 
 DEFAULT_TARGETS: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")
+#: what the default targets mean on an MMDiT transformer (module docstring, "MMDiT")
+MMDIT_TARGETS: tuple[str, ...] = ("context_embedder",)
+#: the pooled-text embedder of SD3's transformer, edited by the pooled solve
+MMDIT_POOLED = "time_text_embed.text_embedder.linear_1"
 RTOL = 1e-10  # singular values below RTOL·σ_max of the text-space edit are numerically zero (fp64)
 
 
@@ -335,16 +350,23 @@ def base_linear(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def resolve_targets(pipe, targets: tuple[str, ...]) -> tuple[str, ...]:
+    """``targets``, with the default cross-attention targets read as ``context_embedder`` on an MMDiT transformer."""
+    return MMDIT_TARGETS if sd.is_mmdit(pipe) and tuple(targets) == DEFAULT_TARGETS else tuple(targets)
+
+
 def find_targets(pipe, targets: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
-    """UNet modules whose path equals or ends with ``"." + pattern`` for a pattern in ``targets``, sorted by path.
+    """Denoiser modules whose path equals or ends with ``"." + pattern`` for a pattern in ``targets`` (resolved by
+    :func:`resolve_targets`), sorted by path.
 
     Every one must be a Linear reading the text context (``in_features`` = context width)."""
     dim = text.context_dim(pipe)
     found: dict[str, torch.nn.Linear] = {}
-    for pattern in targets:
-        hits = {n: m for n, m in pipe.unet.named_modules() if n == pattern or n.endswith("." + pattern)}
+    denoiser = sd.denoiser(pipe)
+    for pattern in resolve_targets(pipe, targets):
+        hits = {n: m for n, m in denoiser.named_modules() if n == pattern or n.endswith("." + pattern)}
         if not hits:
-            raise ConfigError(f"target {pattern!r} matches no module of the UNet")
+            raise ConfigError(f"target {pattern!r} matches no module of the {type(denoiser).__name__}")
         for n, m in hits.items():
             m = base_linear(m)
             if not isinstance(m, torch.nn.Linear) or m.in_features != dim:
@@ -358,9 +380,10 @@ def weight64(module: torch.nn.Module, device, dtype) -> torch.Tensor:
     return module.weight.detach().to(device=device, dtype=dtype)
 
 
-def module_deltas(modules: dict[str, torch.nn.Module], P: torch.Tensor, Q: torch.Tensor) -> dict[str, ModuleDelta]:
+def module_deltas(modules: dict[str, torch.nn.Module], P: torch.Tensor, Q: torch.Tensor,
+                  component: str = "unet") -> dict[str, ModuleDelta]:
     """``ΔW = W (P Qᵀ)`` per layer as LoRA factors ``up = W P``, ``down = Qᵀ`` (fp32, CPU, contiguous); a dense
-    delta where the factors would hold more numbers than the matrix."""
+    delta where the factors would hold more numbers than the matrix. Keys: ``"<component>.<path>"``."""
     deltas = {}
     down = Q.T.float().contiguous().cpu()
     M = None
@@ -369,17 +392,22 @@ def module_deltas(modules: dict[str, torch.nn.Module], P: torch.Tensor, Q: torch
         out, dim = W.shape
         r = P.shape[1]
         if r * (out + dim) < out * dim:
-            deltas[f"unet.{name}"] = ModuleDelta(down=down, up=(W @ P).float().contiguous().cpu())
+            deltas[f"{component}.{name}"] = ModuleDelta(down=down, up=(W @ P).float().contiguous().cpu())
         else:
             M = P @ Q.T if M is None else M
-            deltas[f"unet.{name}"] = ModuleDelta(delta=(W @ M).float().contiguous().cpu())
+            deltas[f"{component}.{name}"] = ModuleDelta(delta=(W @ M).float().contiguous().cpu())
     return deltas
 
 
 # ------------------------------------------------------------------------------------------------ adapter
+def denoiser_component(pipe) -> str:
+    """The pipeline attribute of the denoiser: "unet" or "transformer"."""
+    return "transformer" if sd.is_mmdit(pipe) else "unet"
+
+
 def text_components(pipe) -> tuple[str, ...]:
-    """Components a closed-form edit depends on: the UNet (edited) and the text encoders (they make the keys)."""
-    return ("unet",) + tuple(c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None)
+    """Components a closed-form edit depends on: the denoiser (edited) and the text encoders (they make the keys)."""
+    return (denoiser_component(pipe),) + tuple(c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None)
 
 
 def base_fingerprint(pipe) -> dict:
@@ -403,6 +431,30 @@ def key_stats(keys: Keys, erase_scale: float, preserve_scale: float) -> dict[str
 
 
 STAT_NAMES = ("keys.erase", "keys.guide", "keys.preserve", "weights.erase", "weights.preserve")
+POOLED_STAT_NAMES = tuple("pooled." + n for n in STAT_NAMES)
+
+
+def pooled_keys(pipe, config) -> Keys:
+    """One pooled-text key per erase / guide / preserve prompt (SD3's ``pooled_projections``), prompts as in
+    :func:`collect_keys` (guide keys moved by ``negative_guidance``)."""
+    pairs = prompt_pairs(config.concepts, config.guides, config.expand_prompts, templated_guides=False)
+    preserve = preserve_prompts(config)
+
+    def pooled(prompts):
+        if not prompts:
+            return torch.zeros(0, int(sd.denoiser(pipe).config.pooled_projection_dim), device=text.device_of(pipe))
+        return torch.cat([sd.encode(pipe, prompts[i:i + 256]).pooled.float() for i in range(0, len(prompts), 256)])
+
+    erase, guide = pooled([e for e, _ in pairs]), pooled([g for _, g in pairs])
+    eta = getattr(config, "negative_guidance", 0.0)
+    return Keys(erase, guide + eta * (guide - erase) if eta else guide, pooled(preserve))
+
+
+def pooled_edit(pipe, keys: Keys, erase_scale, preserve_scale, lam: float) -> dict[str, ModuleDelta]:
+    """Eq. 7 on the pooled keys, applied to SD3's pooled-text embedder."""
+    edit = solve(keys, erase_scale, preserve_scale, lam)
+    module = base_linear(sd.denoiser(pipe).get_submodule(MMDIT_POOLED))
+    return module_deltas({MMDIT_POOLED: module}, edit.P, edit.Q, "transformer")
 
 
 @torch.no_grad()
@@ -412,14 +464,20 @@ def erase(pipe, config: UceConfig) -> Adapter:
     modules = find_targets(pipe, config.targets)
     keys = collect_keys(pipe, config)  # 1. keys and guide keys from the text encoder(s)
     edit = solve(keys, config.erase_scale, config.preserve_scale, config.lam)  # 2. one d×d solve
-    deltas = module_deltas(modules, edit.P, edit.Q)  # 3. per-layer ΔW = W P Qᵀ
+    deltas = module_deltas(modules, edit.P, edit.Q, denoiser_component(pipe))  # 3. per-layer ΔW = W P Qᵀ
+    stats = key_stats(keys, config.erase_scale, config.preserve_scale) if config.save_stats else {}
+    if sd.is_mmdit(pipe):  # 4. the pooled text, its own solve (module docstring, "MMDiT")
+        pooled = pooled_keys(pipe, config)
+        deltas.update(pooled_edit(pipe, pooled, config.erase_scale, config.preserve_scale, config.lam))
+        if config.save_stats:
+            stats.update({"pooled." + k: v for k, v in key_stats(pooled, config.erase_scale,
+                                                                   config.preserve_scale).items()})
     info = {"rank": int(edit.P.shape[1]), "erase_keys": int(keys.erase.shape[0]),
-            "preserve_keys": int(keys.preserve.shape[0]), "targets": list(config.targets),
+            "preserve_keys": int(keys.preserve.shape[0]), "targets": list(resolve_targets(pipe, config.targets)),
             "solve_dtype": str(edit.P.dtype).replace("torch.", ""), "seconds": round(time.perf_counter() - start, 3)}
     logger.info("uce: %d concept(s), %d erase / %d preserve keys, rank %d, %d modules in %.2f s",
                 len(config.concepts), info["erase_keys"], info["preserve_keys"], info["rank"], len(deltas),
                 info["seconds"])
-    stats = key_stats(keys, config.erase_scale, config.preserve_scale) if config.save_stats else {}
     return make_adapter("uce", config, pipe, deltas, stats, info)
 
 
@@ -461,15 +519,25 @@ def merge(adapters, pipe) -> Adapter:
     cat = lambda name: torch.cat([a.stats[name] for a in adapters]).to(device)  # noqa: E731
     keys = Keys(cat("keys.erase"), cat("keys.guide"), cat("keys.preserve"))
     edit = solve(keys, cat("weights.erase"), cat("weights.preserve"), lam)
-    paths = [k.split(".", 1)[1] for k in sorted(adapters[0].deltas)]
-    deltas = module_deltas({p: base_linear(pipe.unet.get_submodule(p)) for p in paths}, edit.P, edit.Q)
+    component = denoiser_component(pipe)
+    paths = [k.split(".", 1)[1] for k in sorted(adapters[0].deltas) if not k.endswith(MMDIT_POOLED)]
+    deltas = module_deltas({p: base_linear(sd.denoiser(pipe).get_submodule(p)) for p in paths}, edit.P, edit.Q,
+                           component)
+    pooled = all(n in a.stats for a in adapters for n in POOLED_STAT_NAMES)
+    if sd.is_mmdit(pipe):
+        if not pooled:
+            raise ConfigError("merging UCE adapters of an MMDiT transformer needs their pooled statistics "
+                              "(made by erasekit ≥ the SD3 release with save_stats)")
+        pkeys = Keys(cat("pooled.keys.erase"), cat("pooled.keys.guide"), cat("pooled.keys.preserve"))
+        deltas.update(pooled_edit(pipe, pkeys, cat("pooled.weights.erase"), cat("pooled.weights.preserve"), lam))
     methods = {a.method for a in adapters}
     concepts = tuple(c for a in adapters for c in a.concepts)
     targets = adapters[0].info.get("targets", adapters[0].config.get("targets"))
     info = {"rank": int(edit.P.shape[1]), "erase_keys": int(keys.erase.shape[0]),
             "preserve_keys": int(keys.preserve.shape[0]), "targets": targets,
             "merged_from": [{"method": a.method, "concepts": list(a.concepts), "config": a.config} for a in adapters]}
-    stats = {n: torch.cat([a.stats[n] for a in adapters]).float().contiguous() for n in STAT_NAMES}
+    names = STAT_NAMES + (POOLED_STAT_NAMES if sd.is_mmdit(pipe) else ())
+    stats = {n: torch.cat([a.stats[n] for a in adapters]).float().contiguous() for n in names}
     return Adapter(method=methods.pop() if len(methods) == 1 else "uce", concepts=concepts,
                    config={"concepts": concepts, "lam": lam, "targets": targets}, deltas=deltas,
                    base_model=adapters[0].base_model, fingerprint=dict(prints[0]) if prints else {},
