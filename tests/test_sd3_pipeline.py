@@ -527,3 +527,37 @@ def test_transformer_adapters_are_format_1_3_files(tmp_path):
     with pytest.raises(AdapterFileError, match=r"module 'transformer\.transformer_blocks\.0\.attn\.add_k_proj' names "
                                                r"the transformer component .*came in format 1\.3, but the file says 1\.2"):
         load_adapter(tmp_path / "old.safetensors")
+
+
+def test_a_uce_adapter_made_on_sd3_loads_fuses_and_exports(tmp_path):
+    """End to end with a real method: UCE on the SD3 pipeline → a 1.3 file → the erasure pipeline's verbs → a LoRA
+    file stock diffusers reproduces."""
+    import erasekit
+    from erasekit import export
+    from erasekit.adapter import read_record
+    from erasekit.pipelines import ErasureStableDiffusion3Pipeline
+
+    pytest.importorskip("peft")
+    pipe = ErasureStableDiffusion3Pipeline.from_pipe(tiny_pipeline("sd3"))
+    pipe.set_progress_bar_config(disable=True)
+    base, saved = generate(pipe), state(pipe.transformer)
+    path = erasekit.erase(pipe, "uce", ["cat"]).save(tmp_path / "cat.uce.safetensors")
+    record = read_record(path)
+    assert record["format_version"] == "1.3" and record["components"] == ["transformer"]
+    assert "transformer" in record["fingerprint"]
+    assert pipe.load_erasure(path) == "cat.uce"
+    erased = generate(pipe)
+    assert np.abs(erased - base).max() > 1e-3
+    pipe.fuse_erasures()
+    np.testing.assert_allclose(generate(pipe), erased, atol=1e-5)
+    pipe.unload_erasures()
+    assert same_state(pipe.transformer, saved) and np.array_equal(generate(pipe), base)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # full deltas: exported exactly at full rank
+        lora = export.to_diffusers(load_adapter(path), tmp_path / "cat.lora.safetensors")
+    pipe.load_lora_weights(str(lora), adapter_name="cat")
+    try:
+        np.testing.assert_allclose(generate(pipe), erased, atol=1e-5)
+    finally:
+        pipe.unload_lora_weights()
