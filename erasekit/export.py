@@ -150,9 +150,10 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
 def to_diffusers(adapter: Adapter, path: str | Path, *, svd_rank: int | None = None) -> Path:
     """Write ``adapter`` as a diffusers LoRA file; ``pipe.load_lora_weights(path)`` then applies ``W + B A``.
 
-    Keys are ``<component>.<module>.lora_A.weight`` ``[r, in(, kh, kw)]`` and ``.lora_B.weight``
-    ``[out, r(, 1, 1)]`` (component ``unet``, or ``transformer`` for SD3 and FLUX, and the text encoders); the ``lora_adapter_metadata`` record gives PEFT ``r``, ``lora_alpha`` and per-module
-    ``rank_pattern`` / ``alpha_pattern`` with ``alpha == rank`` everywhere (scale exactly 1).
+    Keys are ``<component>.<module>.lora_A.weight`` ``[r, in(, kh, kw)]`` and ``.lora_B.weight`` ``[out, r(, 1, 1)]``
+    (component ``unet``, or ``transformer`` for SD3 and FLUX, and the text encoders); the ``lora_adapter_metadata``
+    record gives PEFT ``r``, ``lora_alpha`` and per-module ``rank_pattern`` / ``alpha_pattern`` with ``alpha == rank``
+    everywhere (scale exactly 1).
 
     Args:
         adapter: a static adapter (gated: exported with a warning; full deltas: exact full-rank factors, with a

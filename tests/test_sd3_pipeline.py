@@ -524,8 +524,9 @@ def test_transformer_adapters_are_format_1_3_files(tmp_path):
     record["format_version"] = "1.2"
     save_file(tensors, str(tmp_path / "old.safetensors"),
               {**metadata, FORMAT_KEY: "1.2", METADATA_KEY: json.dumps(record, sort_keys=True)})
-    with pytest.raises(AdapterFileError, match=r"module 'transformer\.transformer_blocks\.0\.attn\.add_k_proj' names "
-                                               r"the transformer component .*came in format 1\.3, but the file says 1\.2"):
+    with pytest.raises(AdapterFileError, match=r"module 'transformer\.transformer_blocks\.0\.attn\.add_k_proj' "
+                                               r"names the transformer component .*came in format 1\.3, but the "
+                                               r"file says 1\.2"):
         load_adapter(tmp_path / "old.safetensors")
 
 

@@ -56,12 +56,13 @@ def fingerprint(pipe, components=None) -> dict[str, dict[str, str]]:
     """Digests of a pipeline's base weights, stored in an adapter to recognise the model it was made on.
 
     For each component (by default every one of ``unet`` or ``transformer`` (SD3, FLUX), ``text_encoder``,
-    ``text_encoder_2`` the pipeline has): ``"architecture"`` is the sha256 of the sorted (parameter name, shape) list, and ``"weights"`` the
-    sha256 of a sample of each parameter, cast to fp16: all of it up to ``FINGERPRINT_SAMPLE`` elements, else
-    ``FINGERPRINT_BLOCKS`` contiguous blocks of ``FINGERPRINT_SAMPLE // FINGERPRINT_BLOCKS`` elements starting at
-    ``i * (numel - block) // (FINGERPRINT_BLOCKS - 1)`` (the exact recipe: ``adapters/README.md`` §4), so
+    ``text_encoder_2`` the pipeline has): ``"architecture"`` is the sha256 of the sorted (parameter name, shape) list,
+    and ``"weights"`` the sha256 of a sample of each parameter, cast to fp16: all of it up to ``FINGERPRINT_SAMPLE``
+    elements, else ``FINGERPRINT_BLOCKS`` contiguous blocks of ``FINGERPRINT_SAMPLE // FINGERPRINT_BLOCKS`` elements
+    starting at ``i * (numel - block) // (FINGERPRINT_BLOCKS - 1)`` (the exact recipe: ``adapters/README.md`` §4), so
     fp32 and fp16 loads of one checkpoint, on any device, give the same digests. Parameter names drop a leading
-    ``text_model.`` so that transformers 4 and 5 agree. Cost: a read of ≤ ``FINGERPRINT_SAMPLE`` elements per parameter.
+    ``text_model.`` so that transformers 4 and 5 agree. Cost: a read of ≤ ``FINGERPRINT_SAMPLE`` elements per
+    parameter.
 
     Args:
         pipe: a diffusers pipeline (anything with ``unet`` or ``transformer``, ``text_encoder``, ``text_encoder_2``

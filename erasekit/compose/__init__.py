@@ -23,14 +23,14 @@ T5) and computes, for each row b and each gated adapter with erased prompts ``P`
     tokenuni(p, q) = |tok(p) ∩ tok(q)| / |tok(q)|             special tokens removed
     tokencos(p, q) = mean_{j ∈ tok(q)} max(0, max_{i ∈ tok(p)} cos(W_i, W_j))   W: the encoder's token embeddings
 
-so a classifier-free-guidance batch ``[uncond…, cond…]`` gets each row's own gate (the unconditional row too —
-unlike the reference, which applies the positive prompt's γ to both branches). ``E(q)`` is computed once at load with
-``erasekit.core.sd.encode`` (what ``pipe.encode_prompt`` gives; hooks off). The token ids of a row are recovered by a forward hook on ``text_encoder`` that
-remembers the ids behind each hidden-state row it produced (rows are matched by a hash of their content; for SDXL
-the first encoder's slice of the context, for SD3 its block of the CLIP rows); where they are unknown (``prompt_embeds`` passed directly, ``clip_skip``)
-the gate falls back to clipcos alone. Gates are computed once per prompt batch: the denoising loop passes the same
-``encoder_hidden_states`` tensor at every step, and the last one's gates are reused. They are constants for autograd
-(no gradient flows through γ).
+so a classifier-free-guidance batch ``[uncond…, cond…]`` gets each row's own gate (the unconditional row too — unlike
+the reference, which applies the positive prompt's γ to both branches). ``E(q)`` is computed once at load with
+``erasekit.core.sd.encode`` (what ``pipe.encode_prompt`` gives; hooks off). The token ids of a row are recovered by a
+forward hook on ``text_encoder`` that remembers the ids behind each hidden-state row it produced (rows are matched by
+a hash of their content; for SDXL the first encoder's slice of the context, for SD3 its block of the CLIP rows); where
+they are unknown (``prompt_embeds`` passed directly, ``clip_skip``) the gate falls back to clipcos alone. Gates are
+computed once per prompt batch: the denoising loop passes the same ``encoder_hidden_states`` tensor at every step, and
+the last one's gates are reused. They are constants for autograd (no gradient flows through γ).
 
 ``tokencos`` (metric ``"tokencos"``, alone) is erasekit's soft ``tokenuni``: token identity is replaced by the
 cosine of the encoder's input token embeddings, so it is 1 where ``tokenuni`` is 1 and ≥ ``tokenuni`` everywhere,
@@ -225,7 +225,7 @@ def list_erasures(pipe) -> list[dict]:
 
 
 def gates(pipe, prompts: str | Sequence[str]) -> list[dict[str, float]]:
-    """γ of every gated erasure for each prompt (as the denoiser would see it, clipcos and tokenuni), for inspection."""
+    """γ of every gated erasure for each prompt (as the denoiser would see it), for inspection."""
     composer = _composer(pipe)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     with torch.no_grad():
