@@ -88,7 +88,7 @@ def test_the_trainers_collapsed_conditioning_predicts_as_the_full_one(pipe):
 
 def test_methods_without_mmdit_support_refuse_by_name(pipe):
     unable = [m for m, spec in METHODS.items() if "mmdit" not in spec.architectures]
-    assert "advunlearn" in unable and "uce" not in unable
+    assert "ant" in unable and "uce" not in unable and "advunlearn" not in unable
     with pytest.raises(ConfigError, match=r"does not erase from an MMDiT transformer.*methods that do: uce"):
         erase(pipe, unable[0], ["cat"])
 
@@ -98,3 +98,21 @@ def test_esd_presets_select_on_the_transformer(pipe):
     assert names == [f"transformer_blocks.{i}.attn.{p}" for i in (0, 1) for p in ("add_k_proj", "add_v_proj")]
     assert not set(esd.select(pipe, "esd-u")) & set(esd.select(pipe, "esd-x"))
     assert spm.transformer_modules(pipe.transformer)[0].startswith("transformer_blocks.0.")
+
+
+@pytest.mark.parametrize("method, options", [
+    ("advunlearn", dict(iterations=2, attack_steps=1, num_inference_steps=3, progress=False)),
+    ("fewshot", dict(epochs=1, num_images=2, zero_shot=True, progress=False)),
+])
+def test_text_encoder_methods_erase_from_both_sd3_encoders_and_load(pipe, method, options):
+    from erasekit import compose
+
+    adapter = erase(pipe, method, ["cat"], **options)
+    assert adapter.components == ("text_encoder", "text_encoder_2")
+    before = sd.encode(pipe, ["a cat"]).embeds
+    name = compose.load(pipe, adapter)
+    try:
+        after = sd.encode(pipe, ["a cat"]).embeds
+    finally:
+        compose.unload(pipe, name)
+    assert not torch.equal(before, after) and torch.equal(sd.encode(pipe, ["a cat"]).embeds, before)

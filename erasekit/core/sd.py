@@ -338,6 +338,12 @@ def add_noise(pipe, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> t
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def prediction_target(pipe, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What the denoiser is trained to predict for ``add_noise(pipe, x0, noise, t)``: ε, or the velocity ε − x0 for
+    flow matching."""
+    return noise - x0 if is_mmdit(pipe) else noise
+
+
 def denoised(pipe, latents: torch.Tensor, prediction: torch.Tensor, t) -> torch.Tensor:
     """x̂₀ from x_t and the denoiser's prediction: (x_t − √(1−ᾱ) ε) / √ᾱ, or x_t − σ v for flow matching."""
     if is_mmdit(pipe):

@@ -209,7 +209,7 @@ def objective(pipe, config: FewShotConfig, latents: torch.Tensor, captions: list
             t = torch.randint(T, (len(rows),), generator=gen).to(z0.device)
             x_t = sd.add_noise(pipe, z0, noise, t)
             eps = sd.unet_eps(pipe, x_t, t, te.encode(pipe, [captions[r] for r in rows]))
-            return -F.mse_loss(eps, noise)
+            return -F.mse_loss(eps, sd.prediction_target(pipe, z0, noise))
 
         return loss_fn
 

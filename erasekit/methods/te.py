@@ -100,7 +100,7 @@ def attached(pipe, names: dict[str, list[str]], rank: int, seed: int) -> Iterato
     """Trainable deltas on the text encoder(s) for the block; every component frozen and in eval mode meanwhile
     (CLIP and the UNet have no dropout to speak of; eval keeps student and teacher identical). Hooks, grad flags
     and train/eval modes are restored on exit."""
-    components = [m for m in (getattr(pipe, c, None) for c in ("unet", "vae", *ENCODERS)) if isinstance(m, torch.nn.Module)]
+    components = [m for m in (getattr(pipe, c, None) for c in ("unet", "transformer", "vae", *ENCODERS)) if isinstance(m, torch.nn.Module)]
     modes = [m.training for m in components]
     deltas = EncoderDeltas(pipe, names, rank, torch.Generator().manual_seed(seed))
     with contextlib.ExitStack() as stack:
@@ -134,7 +134,8 @@ def rollout(pipe, scheduler, cond: sd.Cond, uncond: sd.Cond, guidance: float, st
     The noise of the whole batch ``shape`` is drawn; only its rows ``keep`` (a process's part) are rolled out.
     ``cond`` has one row per kept sample or one row for all; ``uncond`` one row.
     """
-    x = (torch.randn(shape, generator=generator)[keep] * scheduler.init_noise_sigma).to(sd.device_of(pipe))
+    x = (torch.randn(shape, generator=generator)[keep] * getattr(scheduler, "init_noise_sigma", 1.0)).to(
+        sd.device_of(pipe))
     n = x.shape[0]
     cond = cond if cond.embeds.shape[0] == n else cond.expand(n)
     both = sd.Cond.cat([uncond.expand(n), cond])
