@@ -266,6 +266,8 @@ def _collect_keys(pipe, config, batch_size: int) -> Keys:
         pick = lambda prompts: emb[torch.tensor([row[p] for p in prompts], dtype=torch.long)]  # noqa: E731
         return Keys(pick([e for e, _ in pairs]), pick([g for _, g in pairs]), pick(preserve))
     emb = text.encode_prompts(pipe, unique, batch_size)  # (U, 77, d)
+    if sd.is_mmdit(pipe):  # SD3: the CLIP rows; T5's follow no CLIP token (zeros alike in every prompt without T5)
+        emb = emb[:, :77]
     dim = emb.shape[-1]
     cat = lambda xs: torch.cat(xs) if xs else emb.new_zeros(0, dim)  # noqa: E731
     if aligned:  # every token, to its aligned guide token (TIME's alignment)
