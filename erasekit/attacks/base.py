@@ -82,6 +82,30 @@ def randint(high: int, generator: torch.Generator, size=(1,), low: int = 0) -> t
     return torch.randint(low, high, size, generator=generator)
 
 
+def model_timesteps(pipe, index: torch.Tensor) -> torch.Tensor:
+    """The denoiser's timesteps for indices ``index`` (integers in [0, T)) into the model's training noise schedule.
+
+    DDPM models (SD 1.x / 2.x / SDXL): the index is the timestep itself. Flow-matching models (SD3): the index
+    picks the σ grid ``FlowMatchEulerDiscreteScheduler`` trains on, σ = shift·s / (1 + (shift − 1) s) with
+    s = (index + 1) / T (diffusers' grid; shift 1 for tinyworld-mmdit, 3 for SD3-medium), and the timestep is T·σ,
+    so a uniform index is a uniform draw from the training grid as a uniform DDPM step is, and index 0 is the least
+    noise in both. :func:`erasekit.core.sd.add_noise` and ``unet_eps`` read T·σ back as σ.
+    """
+    if not sd.is_mmdit(pipe):
+        return index
+    T = sd.num_train_timesteps(pipe)
+    shift = float(getattr(pipe.scheduler.config, "shift", 1.0) or 1.0)
+    s = (index.float() + 1) / T
+    return T * shift * s / (1 + (shift - 1) * s)
+
+
+def denoising_target(pipe, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What the denoiser predicts at x_t = add_noise(x0, noise, t): the noise ε (DDPM ε-prediction, Ho et al. 2020
+    Eq. 14) or the velocity ε − x0 of rectified flow (SD3, Esser et al. 2024 Eq. 3 with x_t = (1 − σ) x0 + σ ε):
+    the denoising losses of UnlearnDiffAtk and textual inversion become SD3's conditional flow-matching loss."""
+    return noise - x0 if sd.is_mmdit(pipe) else noise
+
+
 def judge_one(judge, image) -> tuple[float, bool]:
     scores, hits = verdict(judge, [image])
     return scores[0], hits[0]
