@@ -379,11 +379,42 @@ TINYWORLD_PROMPTS = ("a solid red circle on a black background", "a solid green 
 TINYWORLD_STEPS = 10
 
 
+def _tinyworld_mmdit_ready() -> bool:
+    from erasekit import tinyworld
+
+    folder = tinyworld.path("mmdit")
+    return (folder / "model_index.json").is_file() and (folder / "judge").is_dir()
+
+
+@pytest.fixture(scope="module")
+def tinyworld_mmdit_pipe():
+    """tinyworld-mmdit (SD3's architecture, flow matching) on CPU, without T5 as it was trained."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from erasekit import tinyworld
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tinyworld.path("mmdit"), text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.mark.skipif(not _tinyworld_ready(), reason="tinyworld weights not trained yet")
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_every_attack_succeeds_on_the_base_tinyworld_model(tinyworld_pipe, name):
     """Nothing is erased, so each attack (tinyworld budget) must make the judge see the concept on >= 90 % of the
     concept prompts: all 3 here."""
+    attack_succeeds_on_every_prompt(tinyworld_pipe, name)
+
+
+@pytest.mark.skipif(not _tinyworld_mmdit_ready(), reason="tinyworld-mmdit weights not trained yet")
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_attack_succeeds_on_the_base_tinyworld_mmdit_model(tinyworld_mmdit_pipe, name):
+    """The same on tinyworld-mmdit (SD3's architecture): each attack, with its tinyworld budget, adapted to flow
+    matching and two text encoders, finds the concept on all 3 prompts of the base model."""
+    attack_succeeds_on_every_prompt(tinyworld_mmdit_pipe, name)
+
+
+def attack_succeeds_on_every_prompt(tinyworld_pipe, name):
     from erasekit.judges.tinyworld import TinyworldConceptJudge
 
     judge = TinyworldConceptJudge("circle", pipe=tinyworld_pipe)
