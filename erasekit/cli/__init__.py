@@ -52,7 +52,9 @@ EXAMPLES = {
     "tinyworld": """examples:
   erasekit tinyworld eval --out benchmarks/tinyworld_eval.json
   erasekit tinyworld render --prompt "a striped red circle on a black background" --out r.png
-  erasekit tinyworld train --out ./tinyworld --work ./tinyworld-work   # ~47 min on 2 CPU cores, resumable""",
+  erasekit tinyworld train --out ./tinyworld --work ./tinyworld-work   # ~47 min on 2 CPU cores, resumable
+  erasekit tinyworld train --arch mmdit --out ./tinyworld-mmdit --work ./mmdit-work   # SD3's architecture
+  erasekit tinyworld eval --model tinyworld-mmdit""",
     "env": "example:\n  erasekit env",
     "bench": """examples:
   erasekit bench --quick                     # every method (but advunlearn-fast) on the tinyworld suite, one process per core
@@ -202,7 +204,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True, type=out_dir, help="folder to write the pipeline + judge to")
     tt.add_argument("--work", required=True, type=out_dir, help="folder for data and resumable checkpoints")
     tt.add_argument("--seed", type=seed, default=0)
-    tt.add_argument("--unet-steps", type=positive_int, default=3000)
+    tt.add_argument("--arch", choices=["unet", "mmdit"], default="unet",
+                    help="unet: SD 1.x's architecture (VAE, judge, encoder, UNet); mmdit: SD3's (a transformer and a "
+                         "second encoder, trained on the packaged tinyworld's VAE, judge and encoder)")
+    tt.add_argument("--steps", "--unet-steps", dest="steps", type=positive_int, default=3000,
+                    help="optimisation steps of the denoiser (UNet or transformer)")
     tt.add_argument("--n-images", type=positive_int, default=24000)
     te = tsub.add_parser("eval", help="the quality table: does the judge agree with the prompt?")
     te.add_argument("--seeds", type=seed, nargs="+", default=[0, 1, 2, 3])

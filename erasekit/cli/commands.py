@@ -69,10 +69,12 @@ def erase_config(args, method_spec):
     """The method's config from ``--config`` and the flags, built as ``erasekit.erase`` builds it (with the
     tinyworld preset when ``--model`` is a tinyworld model)."""
     from .config import config_from_args, read_toml
+    from ..methods.presets import on_mmdit
     from ..tinyworld import is_tinyworld
 
-    on_tinyworld = is_tinyworld(_model_folder(args))
-    return config_from_args(method_spec, args, read_toml(args.config) if args.config else {}, on_tinyworld)
+    folder = _model_folder(args)
+    return config_from_args(method_spec, args, read_toml(args.config) if args.config else {}, is_tinyworld(folder),
+                            on_mmdit(folder))
 
 
 # ---------------------------------------------------------------------------------------- generate
@@ -255,10 +257,16 @@ def audit_command(args) -> int:
 
 def tinyworld_command(args) -> int:
     if args.tinyworld_command == "train":
-        from ..tinyworld.train import TrainConfig, train
+        if args.arch == "mmdit":
+            from ..tinyworld import mmdit
 
-        config = TrainConfig(seed=args.seed, unet_steps=args.unet_steps, n_images=args.n_images)
-        manifest = train(args.out, args.work, config)
+            config = mmdit.MMDiTTrainConfig(seed=args.seed, steps=args.steps, n_images=args.n_images)
+            manifest = mmdit.train(args.out, args.work, config)
+        else:
+            from ..tinyworld.train import TrainConfig, train
+
+            manifest = train(args.out, args.work, TrainConfig(seed=args.seed, unet_steps=args.steps,
+                                                              n_images=args.n_images))
         print(json.dumps(manifest, indent=2))
         return 0
     if args.tinyworld_command == "render":

@@ -95,7 +95,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, defaults: dict | 
             group.add_argument(name, type=_arg_type(f.name, arg), metavar=getattr(arg, "__name__", "X").upper(), **kw)
 
 
-def config_from_args(spec, args: argparse.Namespace, file_values: dict | None = None, tinyworld: bool = False):
+def config_from_args(spec, args: argparse.Namespace, file_values: dict | None = None, tinyworld: bool = False,
+                     mmdit: bool = False):
     """The config of registry entry ``spec`` from TOML file values < command-line flags, built as the Python API
     builds it (:func:`erasekit.methods.presets.build`: the preset, on ``tinyworld`` its tinyworld values, then
     these, then per-model values of fields left None)."""
@@ -117,7 +118,7 @@ def config_from_args(spec, args: argparse.Namespace, file_values: dict | None = 
         if _kind(hints[key])[0] == "tuple" and isinstance(value, (list, str)):
             values[key] = tuple([value] if isinstance(value, str) else value)
     try:
-        return build(spec, values.pop("concepts", ()), tinyworld, values)
+        return build(spec, values.pop("concepts", ()), tinyworld, values, mmdit)
     except TypeError as e:  # a TOML value of the wrong type
         raise ConfigError(f"{cls.__name__}: {e}") from e
 

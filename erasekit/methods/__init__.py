@@ -92,6 +92,9 @@ class MethodSpec:
         summary: one line for ``--help`` and docs tables.
         family: "closed-form" (an edit solved in seconds; the bench runs it on every entry at every budget) or
             "trained" (the bench's quick budget runs it on one entry, at a fraction of its iterations).
+        architectures: the denoisers the strategy erases from: "unet" (SD 1.x, 2.x, SDXL) and/or "mmdit" (SD3's
+            transformer); ``erase`` refuses the others by name.
+        mmdit: option values for the tinyworld-mmdit model, applied over ``tinyworld`` there.
     """
 
     name: str
@@ -101,6 +104,8 @@ class MethodSpec:
     summary: str = ""
     tinyworld: dict = field(default_factory=dict)
     family: str = "trained"
+    architectures: tuple[str, ...] = ("unet",)
+    mmdit: dict = field(default_factory=dict)
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -114,10 +119,21 @@ class MethodSpec:
 
         return build(self, concepts, tinyworld, options)
 
-    def preset(self, tinyworld: bool = False) -> dict:
-        """Option values that override the config class's defaults (``defaults``, plus ``tinyworld`` values); the
-        registry's part of the presets (:mod:`erasekit.methods.presets` applies them)."""
-        return {**self.defaults, **(self.tinyworld if tinyworld else {})}
+    def preset(self, tinyworld: bool = False, mmdit: bool = False) -> dict:
+        """Option values that override the config class's defaults (``defaults``, plus ``tinyworld`` values, plus
+        on tinyworld-mmdit the ``mmdit`` ones); the registry's part of the presets (:mod:`erasekit.methods.presets`
+        applies them)."""
+        return {**self.defaults, **(self.tinyworld if tinyworld else {}), **(self.mmdit if tinyworld and mmdit else {})}
+
+    def check_architecture(self, pipe) -> None:
+        """ConfigError unless the strategy erases from ``pipe``'s kind of denoiser."""
+        from ..core import sd
+
+        arch = "mmdit" if sd.is_mmdit(pipe) else "unet"
+        if arch not in self.architectures:
+            able = [name for name, spec in METHODS.items() if arch in spec.architectures]
+            kind = "an MMDiT transformer (SD3)" if arch == "mmdit" else "a UNet (SD 1.x, 2.x, SDXL)"
+            raise ConfigError(f"method {self.name!r} does not erase from {kind}; methods that do: {', '.join(able)}")
 
     def erase(self, pipe, config):
         """Run the strategy: ``module.erase(pipe, config) -> Adapter`` on ``config`` made concrete for ``pipe``
@@ -128,6 +144,7 @@ class MethodSpec:
                               f"got {type(config).__name__}")
         from .presets import for_model, on_tinyworld
 
+        self.check_architecture(pipe)
         return self.module.erase(pipe, for_model(config, on_tinyworld(pipe)))
 
 
@@ -151,7 +168,7 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec for spec in (
         MethodSpec("uce", uce, uce.UceConfig,
                    summary="Unified Concept Editing: closed-form edit of cross-attention k/v (seconds, no training)",
-                   tinyworld={**TINYWORLD_CLOSED_FORM, "save_stats": False}, family="closed-form"),
+                   tinyworld={**TINYWORLD_CLOSED_FORM, "save_stats": False}, family="closed-form", architectures=("unet", "mmdit")),
         MethodSpec("time", time, time.TimeConfig,
                    summary="TIME: closed-form edit of cross-attention v (k optional), 77 aligned token keys",
                    family="closed-form"),
@@ -159,11 +176,13 @@ METHODS: dict[str, MethodSpec] = {
                    summary="RECE: UCE, then iterated erasure of closed-form adversarial embeddings",
                    tinyworld={**{k.replace("key_mode", "uce_key_mode"): v for k, v in TINYWORLD_CLOSED_FORM.items()},
                               "validation_judge": "tinyworld"},  # the reference's per-epoch model selection
-                   family="closed-form"),
+                   family="closed-form", architectures=("unet", "mmdit")),
         MethodSpec("esd-x", esd, esd.EsdConfig, {"train_method": "esd-x"}, "ESD-x: fine-tune cross-attention (low-rank) toward negative guidance",
-                   tinyworld=TINYWORLD_ESD_X),
-        MethodSpec("esd-x-strict", esd, esd.EsdConfig, {"train_method": "esd-x-strict"}, "ESD-x-strict: as ESD-x on cross-attention k/v only"),
-        MethodSpec("esd-u", esd, esd.EsdConfig, {"train_method": "esd-u"}, "ESD-u: fine-tune every UNet layer but cross-attention toward negative guidance"),
+                   tinyworld=TINYWORLD_ESD_X, architectures=("unet", "mmdit")),
+        MethodSpec("esd-x-strict", esd, esd.EsdConfig, {"train_method": "esd-x-strict"}, "ESD-x-strict: as ESD-x on cross-attention k/v only",
+                   architectures=("unet", "mmdit")),
+        MethodSpec("esd-u", esd, esd.EsdConfig, {"train_method": "esd-u"}, "ESD-u: fine-tune every UNet layer but cross-attention toward negative guidance",
+                   architectures=("unet", "mmdit")),
         MethodSpec("abo", abo, abo.AboConfig, summary="All-but-One: steer the target's guidance term to a replacement, unconditional score pinned"),
         MethodSpec("advunlearn", advunlearn, advunlearn.AdvUnlearnConfig,
                    summary="AdvUnlearn: adversarial training of the text encoder (inner soft-prompt attack, ESD target, retain loss)"),
@@ -171,7 +190,8 @@ METHODS: dict[str, MethodSpec] = {
                    "AdvUnlearn with the fast_at inner attack (Adam on the gradient's sign)"),
         MethodSpec("fewshot", fewshot, fewshot.FewShotConfig,
                    summary="Few-shot erasing: gradient ascent on a few images' denoising loss, text-encoder MLPs"),
-        MethodSpec("spm", spm, spm.SpmConfig, summary="SPM: rank-1 membranes on the transformer blocks, Latent Anchoring, gated by prompt similarity"),
+        MethodSpec("spm", spm, spm.SpmConfig, summary="SPM: rank-1 membranes on the transformer blocks, Latent Anchoring, gated by prompt similarity",
+                   architectures=("unet", "mmdit")),
         MethodSpec("realera", realera, realera.RealEraConfig,
                    summary="RealEra: UCE's closed form over mined neighbour keys, siblings' k/v kept, plus a k/v LoRA",
                    tinyworld={**TINYWORLD_CLOSED_FORM, **TINYWORLD_REALERA}),

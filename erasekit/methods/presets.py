@@ -131,6 +131,27 @@ def on_tinyworld(pipe_or_model) -> bool:
     return pipe_or_model is None or is_tinyworld(pipe_or_model)
 
 
+def on_mmdit(pipe_or_model) -> bool:
+    """Whether the model's denoiser is an MMDiT transformer (a pipeline, or a folder whose ``model_index.json``
+    names an SD3 pipeline); None (the packaged tinyworld) is a UNet."""
+    import json
+    from pathlib import Path
+
+    from ..core import sd
+
+    if pipe_or_model is None:
+        return False
+    if not isinstance(pipe_or_model, (str, Path)):
+        return sd.is_mmdit(pipe_or_model)
+    from ..loading import model_path
+
+    index = Path(model_path(pipe_or_model)) / "model_index.json"
+    try:
+        return "StableDiffusion3" in json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        return False
+
+
 def resolve(method: str, pipe_or_model, options: dict, concepts):
     """The config ``erase`` runs for ``method`` on ``pipe_or_model`` (a pipeline, a model folder or id, or None for
     the packaged tinyworld model) with the user's ``options`` (config fields) and ``concepts``.
@@ -143,17 +164,18 @@ def resolve(method: str, pipe_or_model, options: dict, concepts):
     spec = METHODS.get(method)
     if spec is None:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    return build(spec, concepts, on_tinyworld(pipe_or_model), options)
+    return build(spec, concepts, on_tinyworld(pipe_or_model), options, on_mmdit(pipe_or_model))
 
 
-def build(spec, concepts, tinyworld: bool, options: dict):
-    """:func:`resolve` for a registry entry ``spec`` and a known kind of model."""
+def build(spec, concepts, tinyworld: bool, options: dict, mmdit: bool = False):
+    """:func:`resolve` for a registry entry ``spec`` and a known kind of model (``mmdit``: the tinyworld-mmdit
+    presets apply on tinyworld)."""
     unknown = [k for k in options if k not in spec.options]
     if unknown:
         raise ConfigError(f"unknown option {unknown[0]!r} for method {spec.name!r}; valid options: "
                           f"{', '.join(spec.options)}")
     concepts = (concepts,) if isinstance(concepts, str) else tuple(concepts or ())
-    return for_model(spec.config_cls(concepts=concepts, **{**spec.preset(tinyworld), **options}), tinyworld)
+    return for_model(spec.config_cls(concepts=concepts, **{**spec.preset(tinyworld, mmdit), **options}), tinyworld)
 
 
 def for_model(config, tinyworld: bool):
@@ -171,4 +193,4 @@ def for_model(config, tinyworld: bool):
 
 
 __all__ = ["MODEL_DEFAULTS", "TINYWORLD_DATA", "attribute_of", "build", "for_model",
-           "on_tinyworld", "resolve"]
+           "on_mmdit", "on_tinyworld", "resolve"]

@@ -42,6 +42,7 @@ from typing import Literal
 import torch
 
 from ..adapter import Adapter
+from ..core import sd
 from . import text, uce
 
 logger = logging.getLogger(__name__)
@@ -148,11 +149,11 @@ def is_tinyworld_concept(concept: str) -> bool:
 class _Validation:
     """The reference's model selection: the share of validation images in which a judge sees the concept(s)."""
 
-    def __init__(self, pipe, config: ReceConfig, modules: dict):
+    def __init__(self, pipe, config: ReceConfig, modules: dict, pooled: dict):
         from ..audit import tinyworld_prompts
         from ..judges import load
 
-        self.pipe, self.config, self.modules = pipe, config, modules
+        self.pipe, self.config, self.modules, self.pooled = pipe, config, modules, pooled
         self.sets = []  # (judge, prompts) per concept
         for concept in config.concepts:
             options = {"pipe": pipe} if config.validation_judge == "tinyworld" else {}
@@ -167,8 +168,8 @@ class _Validation:
         from ..generate import generate
         from ..judges import verdict
 
-        candidate = uce.make_adapter("rece", self.config, self.pipe, uce.module_deltas(self.modules, *combine(factors)),
-                                     {}, {})
+        deltas = {**uce.module_deltas(self.modules, *combine(factors), uce.denoiser_component(self.pipe)), **self.pooled}
+        candidate = uce.make_adapter("rece", self.config, self.pipe, deltas, {}, {})
         name = compose.load(self.pipe, candidate, name="rece-validation")
         try:
             hits = []
@@ -194,12 +195,15 @@ def erase(pipe, config: ReceConfig) -> Adapter:
     factors: list[tuple[torch.Tensor, torch.Tensor]] = []
     keys_total = 0
 
+    first = uce.UceConfig(concepts=config.concepts, guides=config.guides, preserve=config.preserve,
+                          erase_scale=config.erase_scale, preserve_scale=config.uce_preserve_scale,
+                          lam=config.uce_lam, key_mode=config.uce_key_mode, targets=config.targets,
+                          expand_prompts=config.expand_prompts, negative_guidance=config.negative_guidance,
+                          preserve_related=config.preserve_related, save_stats=False)
+    pooled = {}  # MMDiT: UCE's pooled-text edit (uce module docstring, "MMDiT"); RECE's epochs act on the context
+    if sd.is_mmdit(pipe):
+        pooled = uce.pooled_edit(pipe, uce.pooled_keys(pipe, first), first.erase_scale, first.preserve_scale, first.lam)
     if config.initial_uce:  # 0. UCE from the base model
-        first = uce.UceConfig(concepts=config.concepts, guides=config.guides, preserve=config.preserve,
-                              erase_scale=config.erase_scale, preserve_scale=config.uce_preserve_scale,
-                              lam=config.uce_lam, key_mode=config.uce_key_mode, targets=config.targets,
-                              expand_prompts=config.expand_prompts, negative_guidance=config.negative_guidance,
-                              preserve_related=config.preserve_related, save_stats=False)
         keys = uce.collect_keys(pipe, first)
         edit = uce.solve(keys, first.erase_scale, first.preserve_scale, first.lam, dtype)
         factors.append((edit.P, edit.Q))
@@ -218,7 +222,7 @@ def erase(pipe, config: ReceConfig) -> Adapter:
     c_p = torch.cat([emb[row[p]] for p in preserve])  # (m·77, d)
     G = gram(modules, device, dtype) if config.epochs else None
 
-    validation = _Validation(pipe, config, modules) if config.validation_judge else None
+    validation = _Validation(pipe, config, modules, pooled) if config.validation_judge else None
     rates: list[float] = []  # rates[i]: the edit of factors[:i + 1]
     if validation and factors:
         rates.append(validation.rate(factors))
@@ -241,9 +245,9 @@ def erase(pipe, config: ReceConfig) -> Adapter:
         kept = rates.index(min(rates))
         factors = factors[:kept + 1]
     P, Q = combine(factors)
-    deltas = uce.module_deltas(modules, P, Q)
+    deltas = {**uce.module_deltas(modules, P, Q, uce.denoiser_component(pipe)), **pooled}
     info = {"rank": int(P.shape[1]), "erase_keys": int(keys_total), "epochs": config.epochs,
-            "targets": list(config.targets), "seconds": round(time.perf_counter() - start, 3),
+            "targets": list(uce.resolve_targets(pipe, config.targets)), "seconds": round(time.perf_counter() - start, 3),
             "factorisation": "concatenated epoch factors, QR+SVD recompressed (rtol 1e-10)"}
     if validation:
         info.update(validation_rates=[round(r, 4) for r in rates],
