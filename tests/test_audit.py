@@ -509,7 +509,8 @@ def test_an_audit_runs_every_attack_on_sd3_and_shares_its_base_images(tmp_path, 
 
     made = []
     real_get = BaseImages.get
-    monkeypatch.setattr(BaseImages, "get", lambda self, p, s, make: real_get(self, p, s, lambda: made.append(p) or make()))
+    monkeypatch.setattr(BaseImages, "get",
+                        lambda self, p, s, make: real_get(self, p, s, lambda: made.append(p) or make()))
     audit(tmp_path / "second")
 
     def timeless(records):  # CCE's record of its preparation has a wall time too

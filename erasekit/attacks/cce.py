@@ -37,8 +37,8 @@ from ..errors import ConfigError
 from .. import compose
 from ..core import sd
 from ..tinyworld import is_tinyworld
-from .base import (AttackResult, concept_of, denoising_target, evaluate_cond, judged_generation_options, make_generator,
-                   model_timesteps, randint, randn)
+from .base import (AttackResult, collapsed_t5_rows, concept_of, denoising_target, evaluate_cond,
+                   judged_generation_options, make_generator, model_timesteps, randint, randn)
 from .concepts import find_name, tinyworld_names
 
 logger = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ def _initializer(pipe, concept: str, config: CCEConfig) -> int:
     return ids[0]
 
 
+@collapsed_t5_rows
 def prepare(pipe, concept: str, config: CCEConfig, generator: torch.Generator | None = None,
             progress: bool = False) -> dict:
     """Learn the concept token on the erased ``pipe``: returns {"embedding_<i>": (D_i,) per text encoder, ...}."""

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ConfigError
 from ..core import sd
-from .base import AttackResult, judged_generation_options, Best, concept_of, judge_one
+from .base import AttackResult, Best, collapsed_t5_rows, concept_of, judge_one, judged_generation_options
 from .concepts import concept_names, find_name, replace_name, tinyworld_names
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ def describe(terms: list[tuple[str, float]]) -> str:
     return out.strip()
 
 
+@collapsed_t5_rows
 def attack(pipe, prompt: str, config: ConceptArithmeticConfig, judge, generator: torch.Generator | None = None, *,
            seed: int = 0, target=None, state=None, progress: bool = False) -> AttackResult:
     """Compose the recipe's prompts on the erased ``pipe``; try each scale until the judge sees the concept."""

@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from .. import compose
 from ..core import sd
-from .base import (AttackResult, Best, evaluate_prompt, judged_generation_options, make_generator, model_timesteps,
-                   randint, randn, target_image)
+from .base import (AttackResult, Best, collapsed_t5_rows, evaluate_prompt, judged_generation_options, make_generator,
+                   model_timesteps, randint, randn, target_image)
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ PRESETS = {
 }
 
 
+@collapsed_t5_rows
 def attack(pipe, prompt: str, config: P4DConfig, judge, generator: torch.Generator | None = None, *,
            seed: int = 0, target=None, state=None, progress: bool = False) -> AttackResult:
     """Run P4D-N or P4D-K on ``prompt`` against the erased ``pipe`` (teacher: the same pipe, adapters off)."""

@@ -76,7 +76,8 @@ from tqdm.auto import tqdm
 from ..core import sd
 from ..core.device import generators
 from ..errors import ConfigError
-from .base import AttackResult, Best, judge_one, judged_generation_options, make_generator, randint, target_image
+from .base import (AttackResult, Best, collapsed_t5_rows, judge_one, judged_generation_options, make_generator, randint,
+                   target_image)
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +225,7 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     return sd.decode_latents(pipe, latents).float().clamp(-1, 1)
 
 
+@collapsed_t5_rows  # as erasekit.generate: the judged image of a replay is the attack's own
 def generate(pipe, prompt: str, z: torch.Tensor, num_inference_steps: int | None, guidance_scale: float | None):
     """The judged generation: the pipeline's own ``__call__`` on ``prompt`` from initial latent ``z``."""
     steps, guidance = sd.generation_settings(pipe, num_inference_steps, guidance_scale)
@@ -293,6 +295,7 @@ def _surrogate(config: SageConfig, judge) -> str:
     return config.surrogate
 
 
+@collapsed_t5_rows
 def attack(pipe, prompt: str, config: SageConfig, judge, generator: torch.Generator | None = None, *,
            seed: int = 0, target=None, state=None, progress: bool = False) -> AttackResult:
     """Search adversarial prompt tokens and/or the initial latent of (``prompt``, ``seed``) on the erased ``pipe``

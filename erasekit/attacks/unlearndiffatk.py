@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..core import sd
-from .base import (AttackResult, Best, denoising_target, evaluate_prompt, judged_generation_options, make_generator,
-                   model_timesteps, randint, randn, target_image)
+from .base import (AttackResult, Best, collapsed_t5_rows, denoising_target, evaluate_prompt, judged_generation_options,
+                   make_generator, model_timesteps, randint, randn, target_image)
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ def timestep_schedule(num_train_timesteps: int, n: int) -> list[int]:
     return [num_train_timesteps // n // 2 + i * num_train_timesteps // n for i in range(n)]
 
 
+@collapsed_t5_rows
 def soft_prompt_attack(pipe, prompt: str, target_latents: torch.Tensor | None = None,
                        config: SoftPromptConfig = SoftPromptConfig(), *,
                        target_fn: Callable[[int, torch.Generator], tuple] | None = None,
