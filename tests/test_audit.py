@@ -482,14 +482,18 @@ SD3_ATTACKS = {
 
 
 def test_an_audit_runs_every_attack_on_sd3_and_shares_its_base_images(tmp_path, monkeypatch):
-    """Every registered attack runs in the audit on SD3's architecture; the originals go to the base-image cache
-    (keyed by the transformer's weights) and a second audit reads them back and writes the same records."""
+    """Every registered attack runs in the audit of an erasure (UCE on the transformer) on SD3's architecture; the
+    originals (erasure disabled) go to the base-image cache, keyed by the base transformer's weights, and a second
+    audit reads them back and writes the same records."""
+    import erasekit
+    from erasekit import compose
     from erasekit.attacks import ATTACKS
     from erasekit.audit.cache import BaseImages
     from erasekit.testing import tiny_pipeline
 
     assert set(SD3_ATTACKS) == set(ATTACKS)
     sd3 = tiny_pipeline("sd3")
+    compose.load(sd3, erasekit.erase(sd3, "uce", ["cat"]), name="uce")
     never = FunctionJudge(lambda ims: [np.asarray(im).mean() / 255 for im in ims], concept="cat", name="brightness",
                           version="1", threshold=2.0)  # the concept is never seen: every attack runs its budget
 
@@ -505,6 +509,8 @@ def test_an_audit_runs_every_attack_on_sd3_and_shares_its_base_images(tmp_path, 
     assert not any(r["success"] or r["pre_success"] for r in attacked.values())
     assert all(r["steps"] >= 1 and (tmp_path / "first" / r["image"]).is_file() for r in attacked.values())
     assert sorted(report.summary["attacks"]) == sorted(ATTACKS)
+    (target,) = [r for r in recs if r["kind"] == "target"]
+    assert target["original_score"] != target["score"]  # the original is the base model, the erased one is not
     assert len(list((tmp_path / "base").glob("*/*.png"))) == 2  # the target's and the paraphrase's originals
 
     made = []
