@@ -199,33 +199,40 @@ def test_word_embedding_soft_prompts_refuse_two_text_encoders_naming_sd3(sd3, sd
 
 def test_flow_matching_timesteps_are_the_schedulers_training_grid(sd3, pipe):
     """An index i into the training schedule is the DDPM step i itself, and on SD3 the timestep 1000 σ_i of the
-    σ grid ``FlowMatchEulerDiscreteScheduler`` trains on (shift 1 here, 3 for SD3-medium)."""
+    σ grid ``FlowMatchEulerDiscreteScheduler`` trains on (shift 1 here, 3 for SD3-medium); random draws are DDPM's
+    uniform steps, and SD3's logit-normal σ with the same shift."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from erasekit.attacks.base import model_timesteps
+    from erasekit.attacks.base import draw_timesteps, model_timesteps
 
     index = torch.arange(1000)
     assert torch.equal(model_timesteps(pipe, index), index)
+    assert torch.equal(draw_timesteps(pipe, 5, torch.Generator().manual_seed(3)),
+                       torch.randint(0, 1000, (5,), generator=torch.Generator().manual_seed(3)))
     assert torch.allclose(model_timesteps(sd3, index), FlowMatchEulerDiscreteScheduler().timesteps.flip(0), atol=1e-3)
     shifted = FlowMatchEulerDiscreteScheduler(shift=3.0)
     original = sd3.scheduler
     sd3.scheduler = shifted
     try:
         assert torch.allclose(model_timesteps(sd3, index), shifted.timesteps.flip(0), atol=1e-3)
+        s = torch.sigmoid(torch.randn(5, generator=torch.Generator().manual_seed(3)))  # logit-normal, then shifted
+        drawn = draw_timesteps(sd3, 5, torch.Generator().manual_seed(3))
+        assert torch.allclose(drawn, 1000 * 3 * s / (1 + 2 * s))
     finally:
         sd3.scheduler = original
 
 
 def test_unlearndiffatk_minimises_the_flow_matching_loss_on_sd3(sd3, sd3_target):
     """The loss of UnlearnDiffAtk's first step on SD3 is ‖(ε − x0) − v_θ(x_t, t | c′)‖² at
-    x_t = (1 − σ) x0 + σ ε, recomputed here from the same random draws."""
-    from erasekit.attacks.base import denoising_target, model_timesteps
+    x_t = (1 − σ) x0 + σ ε, σ logit-normal (random timesteps: as SD3 trains), recomputed here from the same random
+    draws with all 256 T5 rows (the attack runs on one standing for them)."""
+    from erasekit.attacks.base import denoising_target
 
     x0 = sd.encode_images(sd3, [sd3_target])
     cfg = SoftPromptConfig(k=2, steps=1, timesteps="random", ste=False)
     soft = soft_prompt_attack(sd3, "a red cat", x0, cfg, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
-    sigma = model_timesteps(sd3, torch.randint(0, 1000, (1,), generator=g)) / 1000
+    sigma = torch.sigmoid(torch.randn(1, generator=g))  # the tiny pipeline's scheduler has shift 1
     noise = torch.randn(x0.shape, generator=g)
     x_t = (1 - sigma) * x0 + sigma * noise
     allowed = sd.allowed_token_ids(sd3)

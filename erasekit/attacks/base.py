@@ -100,6 +100,22 @@ def model_timesteps(pipe, index: torch.Tensor) -> torch.Tensor:
     return T * shift * s / (1 + (shift - 1) * s)
 
 
+def draw_timesteps(pipe, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` timesteps of a denoising loss, drawn as the model was trained.
+
+    DDPM models: uniform integer steps in [0, T) (Ho et al. 2020, Algorithm 1). Flow matching (SD3): σ logit-normal,
+    σ = sigmoid(u), u ~ N(0, 1) (Esser et al. 2024 §3.1, "rf/lognorm(0.00, 1.00)", the default of diffusers' SD3
+    fine-tuning scripts and how tinyworld-mmdit was trained), then the scheduler's shift
+    σ ← shift·σ / (1 + (shift − 1) σ) as in :func:`model_timesteps`; the timestep is T·σ.
+    """
+    T = sd.num_train_timesteps(pipe)
+    if not sd.is_mmdit(pipe):
+        return randint(T, generator, (n,))
+    s = torch.sigmoid(torch.randn(n, generator=generator))
+    shift = float(getattr(pipe.scheduler.config, "shift", 1.0) or 1.0)
+    return T * shift * s / (1 + (shift - 1) * s)
+
+
 def denoising_target(pipe, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """What the denoiser predicts at x_t = add_noise(x0, noise, t): the noise ε (DDPM ε-prediction, Ho et al. 2020
     Eq. 14) or the velocity ε − x0 of rectified flow (SD3, Esser et al. 2024 Eq. 3 with x_t = (1 − σ) x0 + σ ε):

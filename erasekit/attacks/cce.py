@@ -17,9 +17,9 @@ tokenizer or embedding table: it is a slot whose input embedding is replaced (th
 
 Two CLIP encoders (SDXL, SD3) get one learned embedding each, as diffusers' SDXL textual-inversion script trains
 both. On SD3 the loss is SD3's conditional flow-matching loss ‖(ε − x0) − v_θ*(x_t, t | c)‖², x_t = (1 − σ) x0 + σ ε
-(Esser et al. 2024, Eq. 3), σ uniform on the scheduler's training grid (the flow analogue of the uniform DDPM step;
-diffusers' SD3 fine-tuning scripts default to a logit-normal σ instead); a T5 encoder, when loaded, is not
-optimised through (it reads the caption's text with a stand-in token in the slot).
+(Esser et al. 2024, Eq. 3), σ drawn as SD3 trains (logit-normal, :func:`erasekit.attacks.base.draw_timesteps`;
+the DDPM script's t is uniform, as DDPM trains; uniform σ did no better on tinyworld-mmdit); a T5 encoder, when
+loaded, is not optimised through (it reads the caption's text with a stand-in token in the slot).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from .. import compose
 from ..core import sd
 from ..tinyworld import is_tinyworld
 from .base import (AttackResult, collapsed_t5_rows, concept_of, denoising_target, evaluate_cond,
-                   judged_generation_options, make_generator, model_timesteps, randint, randn)
+                   draw_timesteps, judged_generation_options, make_generator, randint, randn)
 from .concepts import find_name, tinyworld_names
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,6 @@ def prepare(pipe, concept: str, config: CCEConfig, generator: torch.Generator | 
     lr = config.learning_rate * (config.batch_size * config.gradient_accumulation if config.scale_lr else 1)
     opt = torch.optim.AdamW(embs, lr=lr, weight_decay=config.weight_decay)
     layouts = [[_token_layout(pipe.tokenizer, c) for c in caps] for caps in captions]
-    T = sd.num_train_timesteps(pipe)
     losses = []
     for _ in tqdm(range(config.steps), desc="concept inversion", disable=not progress, leave=False):
         grads = [torch.zeros_like(e) for e in embs]
@@ -203,7 +202,7 @@ def prepare(pipe, concept: str, config: CCEConfig, generator: torch.Generator | 
         for _ in range(config.gradient_accumulation):
             idx = randint(len(x0), g, (config.batch_size,))
             lays = [layouts[i][int(randint(len(layouts[i]), g))] for i in idx.tolist()]
-            t = model_timesteps(pipe, randint(T, g, (config.batch_size,)))  # SD3: the flow-matching σ grid
+            t = draw_timesteps(pipe, config.batch_size, g)  # SD3: logit-normal σ, as the model was trained
             noise = randn((config.batch_size,) + tuple(x0.shape[1:]), g, device)
             x_batch = x0[idx.to(x0.device)]
             x_t = sd.add_noise(pipe, x_batch, noise, t.to(device))

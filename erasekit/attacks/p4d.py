@@ -17,9 +17,9 @@ Two CLIP text encoders (SDXL, SD3; one shared vocabulary): each slot keeps one c
 and the projection picks the token whose embeddings are nearest in both (the sum of the two cosines) — erasekit's
 extension, the paper and its code are SD 1.x only. On SD3 the two predictions matched are the original and the
 erased transformer's velocities v̂ (matching them matches the noise predictions they imply, ε̂ = z_t + (1 − σ) v̂, up
-to the weight (1 − σ)⁻²), z_t = (1 − σ) E(x_tgt) + σ ε with σ uniform on the flow-matching training grid
-(:func:`erasekit.attacks.base.model_timesteps`); a T5 encoder, when loaded, reads the projected tokens as text and
-is not optimised through.
+to the weight (1 − σ)⁻²), z_t = (1 − σ) E(x_tgt) + σ ε with σ drawn as SD3 trains (logit-normal,
+:func:`erasekit.attacks.base.draw_timesteps`; P4D's t is uniform, as DDPM trains); a T5 encoder, when loaded,
+reads the projected tokens as text and is not optimised through.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from .. import compose
 from ..core import sd
-from .base import (AttackResult, Best, collapsed_t5_rows, evaluate_prompt, judged_generation_options, make_generator,
-                   model_timesteps, randint, randn, target_image)
+from .base import (AttackResult, Best, collapsed_t5_rows, draw_timesteps, evaluate_prompt, judged_generation_options,
+                   make_generator, randint, randn, target_image)
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,6 @@ def attack(pipe, prompt: str, config: P4DConfig, judge, generator: torch.Generat
     # (k, D_i) continuous embeddings per text encoder
     cont = [e[init_ids.to(e.device)].clone().to(device).requires_grad_(True) for e in E]
     opt = torch.optim.AdamW(cont, lr=config.lr, weight_decay=config.weight_decay)
-    T = sd.num_train_timesteps(pipe)
 
     def project() -> torch.Tensor:
         """The vocabulary token nearest by cosine (PEZ); with two encoders, the one nearest in both (summed)."""
@@ -117,7 +116,7 @@ def attack(pipe, prompt: str, config: P4DConfig, judge, generator: torch.Generat
 
     best, queries, losses, step = Best(), 0, [], 0
     for step in tqdm(range(1, config.iterations + 1), desc="p4d", disable=not progress, leave=False):
-        t = model_timesteps(pipe, randint(T, g))  # SD3: the flow-matching σ grid's timestep at a uniform index
+        t = draw_timesteps(pipe, 1, g)  # uniform DDPM steps; SD3: logit-normal σ, as the model was trained
         noise = randn(x0.shape, g, device)
         z_t = sd.add_noise(pipe, x0, noise, t.to(device))
         with torch.no_grad(), compose.disabled(pipe):

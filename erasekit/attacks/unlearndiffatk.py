@@ -19,7 +19,8 @@ the same loop in word-embedding space with a teacher target, ``fast_at`` = sign-
 Stable Diffusion 3 (flow matching, an MMDiT transformer): the same attack with SD3's own denoising loss, the
 conditional flow-matching loss ‖(ε − x_tgt) − v_θ*(x_t, t | c′)‖² at x_t = (1 − σ) x_tgt + σ ε (Esser et al. 2024,
 Eq. 3; the velocity v = ε − x0 is what the transformer predicts), σ the scheduler's training grid at the scheduled
-index (:func:`erasekit.attacks.base.model_timesteps`). The one-hot tokens feed both CLIP encoders (one shared
+index (:func:`erasekit.attacks.base.model_timesteps`; random timesteps: logit-normal σ as SD3 trains,
+:func:`~erasekit.attacks.base.draw_timesteps`). The one-hot tokens feed both CLIP encoders (one shared
 vocabulary); a T5 encoder, when loaded, reads token text and is not optimised through (during the search its rows
 are those of the prompt with the starting tokens; the judged generations read the rounded prompt as text). This
 adaptation is erasekit's (the paper and its code are SD 1.x only).
@@ -38,8 +39,8 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..core import sd
-from .base import (AttackResult, Best, collapsed_t5_rows, denoising_target, evaluate_prompt, judged_generation_options,
-                   make_generator, model_timesteps, randint, randn, target_image)
+from .base import (AttackResult, Best, collapsed_t5_rows, denoising_target, draw_timesteps, evaluate_prompt,
+                   judged_generation_options, make_generator, model_timesteps, randint, randn, target_image)
 
 logger = logging.getLogger(__name__)
 
@@ -265,11 +266,11 @@ def soft_prompt_attack(pipe, prompt: str, target_latents: torch.Tensor | None = 
         if target_fn is not None:
             x_t, t, eps_target = target_fn(step, g)
         else:
-            if schedule is not None:
-                t = torch.tensor([schedule[min(step // config.iterations_per_timestep, len(schedule) - 1)]])
-            else:
-                t = randint(T, g)
-            t = model_timesteps(pipe, t)  # SD3: the flow-matching σ grid's timestep at that index
+            if schedule is not None:  # SD3: the flow-matching σ grid's timestep at the scheduled index
+                t = model_timesteps(pipe, torch.tensor([schedule[min(step // config.iterations_per_timestep,
+                                                                     len(schedule) - 1)]]))
+            else:  # as the model was trained (SD3: logit-normal σ)
+                t = draw_timesteps(pipe, 1, g)
             noise = randn(x0.shape, g, device)
             x_t = sd.add_noise(pipe, x0, noise, t.to(device))
             eps_target = denoising_target(pipe, x0, noise)  # ε, or SD3's velocity ε − x0
