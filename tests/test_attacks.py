@@ -1,6 +1,7 @@
 """Attacks and judges (docs/design.md §5): plumbing parity with diffusers, every attack on a tiny random pipeline
-(tiny budget, dummy judge, deterministic for a seed), the judges' decision rules, and — when the trained
-tinyworld model is present — every attack succeeding against the base model (nothing erased)."""
+(tiny budget, dummy judge, deterministic for a seed) of SD 1.x's and of SD3's architecture (flow matching, two CLIP
+encoders), the judges' decision rules, and — when the trained tinyworld model is present — every attack succeeding
+against the base model (nothing erased)."""
 
 import sys
 import types
@@ -33,6 +34,18 @@ def brightness_judge(threshold: float) -> FunctionJudge:
 @pytest.fixture(scope="module")
 def target(pipe):
     return sd.generate_prompt(pipe, "a red cat", 1, STEPS)
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    from erasekit.testing import tiny_pipeline
+
+    return tiny_pipeline("sd3")
+
+
+@pytest.fixture(scope="module")
+def sd3_target(sd3):
+    return sd.generate_prompt(sd3, "a red cat", 1, STEPS)
 
 
 # ------------------------------------------------------------------------------------------ plumbing
@@ -107,8 +120,7 @@ def test_every_registered_attack_has_a_tiny_case_and_presets():
             config(name, not_an_option=1)
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
-def test_attack_runs_and_is_deterministic(pipe, target, name):
+def runs_and_is_deterministic(pipe, target, name):
     cfg = config(name, num_inference_steps=STEPS, **TINY[name])
     judge = brightness_judge(2.0)  # never fires: the whole budget runs
     a = run(name, pipe, "a red cat", judge, config=cfg, seed=1, target=target)
@@ -117,6 +129,20 @@ def test_attack_runs_and_is_deterministic(pipe, target, name):
     assert (a.adv_prompt, a.score, a.steps) == (b.adv_prompt, b.score, b.steps)
     assert a.image is not None and a.steps >= 1 and isinstance(a.info, dict)
     assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    return a
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_attack_runs_and_is_deterministic(pipe, target, name):
+    runs_and_is_deterministic(pipe, target, name)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_attack_runs_on_sd3_and_is_deterministic(sd3, sd3_target, name):
+    """Every registered attack runs on SD3's architecture (MMDiT transformer, flow matching, two CLIP encoders);
+    none of them is refused there."""
+    result = runs_and_is_deterministic(sd3, sd3_target, name)
+    assert np.asarray(result.image).shape == (*sd.default_size(sd3), 3)
 
 
 def test_unlearndiffatk_stops_at_the_first_success(pipe, target):
@@ -151,11 +177,84 @@ def test_soft_prompt_attack_word_embedding_modes_and_warm_start(pipe, target):
     assert out.steps == 2
 
 
-def test_p4d_refuses_two_text_encoders():
-    from erasekit.testing import tiny_pipeline
+def test_p4d_with_two_text_encoders_optimises_one_embedding_per_encoder_and_one_token(sd3, sd3_target):
+    """SD3 (and SDXL): a slot's projection is the token nearest in both encoders' embedding tables (the sum of
+    cosines); with one encoder it is P4D's nearest token."""
+    cfg = config("p4d", mode="k", iterations=2, eval_every=1, num_inference_steps=STEPS)
+    result = run("p4d", sd3, "a red cat", brightness_judge(2.0), config=cfg, seed=0, target=sd3_target)
+    ids = result.info["adv_token_ids"]
+    assert result.info["queries"] == 2 and len(ids) == 2  # "a red cat": one slot before every 3 prompt tokens
+    assert set(ids) <= set(sd.allowed_token_ids(sd3).tolist())
+    assert result.adv_prompt == sd.decode(sd3.tokenizer, sd.layout(sd3.tokenizer, "a red cat", 0, "per_k").ids(ids))
 
-    with pytest.raises(ConfigError, match="SD 1.x/2.x"):
-        run("p4d", tiny_pipeline("sdxl"), "a cat", brightness_judge(2.0), config=config("p4d", iterations=1))
+
+def test_word_embedding_soft_prompts_refuse_two_text_encoders_naming_sd3(sd3, sd3_target):
+    """AdvUnlearn's inner attack (free vectors in one encoder's embedding space) has no meaning for two encoders:
+    one clear ConfigError, before any computation."""
+    x0 = sd.encode_images(sd3, [sd3_target])
+    cfg = SoftPromptConfig(k=1, space="word_embedding", steps=1, timesteps="random")
+    with pytest.raises(ConfigError, match=r"SD 1.x/2.x only \(SDXL and SD3 have two text encoders\)"):
+        soft_prompt_attack(sd3, "a cat", x0, cfg)
+
+
+def test_flow_matching_timesteps_are_the_schedulers_training_grid(sd3, pipe):
+    """An index i into the training schedule is the DDPM step i itself, and on SD3 the timestep 1000 σ_i of the
+    σ grid ``FlowMatchEulerDiscreteScheduler`` trains on (shift 1 here, 3 for SD3-medium); random draws are DDPM's
+    uniform steps, and SD3's logit-normal σ with the same shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from erasekit.attacks.base import draw_timesteps, model_timesteps
+
+    index = torch.arange(1000)
+    assert torch.equal(model_timesteps(pipe, index), index)
+    assert torch.equal(draw_timesteps(pipe, 5, torch.Generator().manual_seed(3)),
+                       torch.randint(0, 1000, (5,), generator=torch.Generator().manual_seed(3)))
+    assert torch.allclose(model_timesteps(sd3, index), FlowMatchEulerDiscreteScheduler().timesteps.flip(0), atol=1e-3)
+    shifted = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    original = sd3.scheduler
+    sd3.scheduler = shifted
+    try:
+        assert torch.allclose(model_timesteps(sd3, index), shifted.timesteps.flip(0), atol=1e-3)
+        s = torch.sigmoid(torch.randn(5, generator=torch.Generator().manual_seed(3)))  # logit-normal, then shifted
+        drawn = draw_timesteps(sd3, 5, torch.Generator().manual_seed(3))
+        assert torch.allclose(drawn, 1000 * 3 * s / (1 + 2 * s))
+    finally:
+        sd3.scheduler = original
+
+
+def test_unlearndiffatk_minimises_the_flow_matching_loss_on_sd3(sd3, sd3_target):
+    """The loss of UnlearnDiffAtk's first step on SD3 is ‖(ε − x0) − v_θ(x_t, t | c′)‖² at
+    x_t = (1 − σ) x0 + σ ε, σ logit-normal (random timesteps: as SD3 trains), recomputed here from the same random
+    draws with all 256 T5 rows (the attack runs on one standing for them)."""
+    from erasekit.attacks.base import denoising_target
+
+    x0 = sd.encode_images(sd3, [sd3_target])
+    cfg = SoftPromptConfig(k=2, steps=1, timesteps="random", ste=False)
+    soft = soft_prompt_attack(sd3, "a red cat", x0, cfg, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    sigma = torch.sigmoid(torch.randn(1, generator=g))  # the tiny pipeline's scheduler has shift 1
+    noise = torch.randn(x0.shape, generator=g)
+    x_t = (1 - sigma) * x0 + sigma * noise
+    allowed = sd.allowed_token_ids(sd3)
+    lay = sd.layout(sd3.tokenizer, "a red cat", 2, "prefix_k")
+    slots = [e[allowed].float().mean(0).expand(1, 2, -1) for e in sd.token_embeddings(sd3)]  # the uniform start
+    with torch.no_grad():
+        cond = sd.encode_ids(sd3, sd.ids_per_encoder(sd3, lay.ids([int(allowed[0])] * 2)),
+                             [sd.slot_override(lay, s) for s in slots])
+        v = sd.unet_eps(sd3, x_t, sigma * 1000, cond)
+    assert torch.allclose(denoising_target(sd3, x0, noise), noise - x0)
+    assert soft.losses[0] == pytest.approx(float(((noise - x0 - v) ** 2).mean()), rel=1e-4)
+
+
+def test_sd3_target_latents_undo_the_vae_shift_factor(sd3, sd3_target):
+    """x0 = (posterior mean − shift) × scaling, the inverse of the decoding (SD3's VAE has a shift factor)."""
+    plain = sd.encode_images(sd3, [sd3_target])
+    sd3.vae.register_to_config(shift_factor=0.25)
+    try:
+        shifted = sd.encode_images(sd3, [sd3_target])
+    finally:
+        sd3.vae.register_to_config(shift_factor=0.0)
+    assert torch.allclose(shifted, plain - 0.25 * sd3.vae.config.scaling_factor, atol=1e-6)
 
 
 def test_prompt_level_attacks_need_paraphrases_for_unknown_concepts(pipe):
@@ -287,11 +386,48 @@ TINYWORLD_PROMPTS = ("a solid red circle on a black background", "a solid green 
 TINYWORLD_STEPS = 10
 
 
+def _tinyworld_mmdit_ready() -> bool:
+    from erasekit import tinyworld
+
+    folder = tinyworld.path("mmdit")
+    return (folder / "model_index.json").is_file() and (folder / "judge").is_dir()
+
+
+@pytest.fixture(scope="module")
+def tinyworld_mmdit_pipe():
+    """tinyworld-mmdit (SD3's architecture, flow matching) on CPU, without T5 as it was trained."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from erasekit import tinyworld
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tinyworld.path("mmdit"), text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.mark.skipif(not _tinyworld_ready(), reason="tinyworld weights not trained yet")
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_every_attack_succeeds_on_the_base_tinyworld_model(tinyworld_pipe, name):
     """Nothing is erased, so each attack (tinyworld budget) must make the judge see the concept on >= 90 % of the
     concept prompts: all 3 here."""
+    attack_succeeds_on_every_prompt(tinyworld_pipe, name)
+
+
+#: measured on tinyworld-mmdit (seed 0, 10 steps): CCE's token, learned in 100 (or 200) steps with logit-normal or
+#: uniform σ, brings circle back on the green and orange prompts (judge 0.99) but not on the red one (0.29-0.48)
+MMDIT_KNOWN_MISSES = {"cce": "CCE's learned token misses the red prompt on tinyworld-mmdit (judge 0.29; 2 of 3)"}
+
+
+@pytest.mark.skipif(not _tinyworld_mmdit_ready(), reason="tinyworld-mmdit weights not trained yet")
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=MMDIT_KNOWN_MISSES[n], strict=True))
+                                  if n in MMDIT_KNOWN_MISSES else n for n in sorted(TINY)])
+def test_every_attack_succeeds_on_the_base_tinyworld_mmdit_model(tinyworld_mmdit_pipe, name):
+    """The same on tinyworld-mmdit (SD3's architecture): each attack, with its tinyworld budget, adapted to flow
+    matching and two text encoders, finds the concept on all 3 prompts of the base model."""
+    attack_succeeds_on_every_prompt(tinyworld_mmdit_pipe, name)
+
+
+def attack_succeeds_on_every_prompt(tinyworld_pipe, name):
     from erasekit.judges.tinyworld import TinyworldConceptJudge
 
     judge = TinyworldConceptJudge("circle", pipe=tinyworld_pipe)

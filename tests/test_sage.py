@@ -14,11 +14,12 @@ from erasekit.judges import FunctionJudge
 STEPS = 2
 
 
-@pytest.fixture(scope="module")
-def pipe():
+@pytest.fixture(scope="module", params=["sd1", "sd3"])
+def pipe(request):
+    """SD 1.x's architecture, and SD3's (MMDiT transformer, flow-matching Euler sampler, two CLIP encoders)."""
     from erasekit.testing import tiny_pipeline
 
-    return tiny_pipeline("sd1")
+    return tiny_pipeline(request.param)
 
 
 def brightness_judge(threshold: float) -> FunctionJudge:
@@ -129,15 +130,17 @@ def test_stops_at_the_first_success(pipe):
     assert result.success and result.steps == 1 and result.info["queries"] == 1
 
 
-def test_prompt_search_refuses_two_text_encoders_latent_search_does_not():
+def test_both_searches_run_with_two_text_encoders():
+    """SDXL (and SD3, above): each adversarial token keeps one embedding per encoder and is projected onto one
+    vocabulary token; SDXL's pooled embedding goes through the checkpointed UNet as an input."""
     from erasekit.testing import tiny_pipeline
 
     xl = tiny_pipeline("sdxl")
-    with pytest.raises(ConfigError, match="SD 1.x/2.x"):
-        run("sage", xl, "a cat", brightness_judge(2.0), config=config("sage", iterations=1))
-    cfg = config("sage", space="latent", iterations=2, num_inference_steps=1, gradient_checkpointing=False)
-    result = run("sage", xl, "a cat", brightness_judge(2.0), config=cfg, seed=0)
-    assert result.steps == 2 and result.info["latent"]["relative_change"] > 0
+    for space in ("both", "latent"):
+        cfg = config("sage", space=space, iterations=2, eval_every=2, num_inference_steps=1)
+        result = run("sage", xl, "a cat", brightness_judge(2.0), config=cfg, seed=0)
+        assert result.steps == 2 and result.info["latent"]["relative_change"] > 0
+        assert len(result.info["adv_token_ids"]) == (1 if space == "both" else 0)
 
 
 def test_the_audit_knows_its_cost():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -80,6 +81,64 @@ def randn(shape, generator: torch.Generator, device) -> torch.Tensor:
 
 def randint(high: int, generator: torch.Generator, size=(1,), low: int = 0) -> torch.Tensor:
     return torch.randint(low, high, size, generator=generator)
+
+
+def model_timesteps(pipe, index: torch.Tensor) -> torch.Tensor:
+    """The denoiser's timesteps for indices ``index`` (integers in [0, T)) into the model's training noise schedule.
+
+    DDPM models (SD 1.x / 2.x / SDXL): the index is the timestep itself. Flow-matching models (SD3): the index
+    picks the σ grid ``FlowMatchEulerDiscreteScheduler`` trains on, σ = shift·s / (1 + (shift − 1) s) with
+    s = (index + 1) / T (diffusers' grid; shift 1 for tinyworld-mmdit, 3 for SD3-medium), and the timestep is T·σ,
+    so a uniform index is a uniform draw from the training grid as a uniform DDPM step is, and index 0 is the least
+    noise in both. :func:`erasekit.core.sd.add_noise` and ``unet_eps`` read T·σ back as σ.
+    """
+    if not sd.is_mmdit(pipe):
+        return index
+    T = sd.num_train_timesteps(pipe)
+    shift = float(getattr(pipe.scheduler.config, "shift", 1.0) or 1.0)
+    s = (index.float() + 1) / T
+    return T * shift * s / (1 + (shift - 1) * s)
+
+
+def draw_timesteps(pipe, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` timesteps of a denoising loss, drawn as the model was trained.
+
+    DDPM models: uniform integer steps in [0, T) (Ho et al. 2020, Algorithm 1). Flow matching (SD3): σ logit-normal,
+    σ = sigmoid(u), u ~ N(0, 1) (Esser et al. 2024 §3.1, "rf/lognorm(0.00, 1.00)", the default of diffusers' SD3
+    fine-tuning scripts and how tinyworld-mmdit was trained), then the scheduler's shift
+    σ ← shift·σ / (1 + (shift − 1) σ) as in :func:`model_timesteps`; the timestep is T·σ.
+    """
+    T = sd.num_train_timesteps(pipe)
+    if not sd.is_mmdit(pipe):
+        return randint(T, generator, (n,))
+    s = torch.sigmoid(torch.randn(n, generator=generator))
+    shift = float(getattr(pipe.scheduler.config, "shift", 1.0) or 1.0)
+    return T * shift * s / (1 + (shift - 1) * s)
+
+
+def denoising_target(pipe, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What the denoiser predicts at x_t = add_noise(x0, noise, t): the noise ε (DDPM ε-prediction, Ho et al. 2020
+    Eq. 14) or the velocity ε − x0 of rectified flow (SD3, Esser et al. 2024 Eq. 3 with x_t = (1 − σ) x0 + σ ε):
+    the denoising losses of UnlearnDiffAtk and textual inversion become SD3's conditional flow-matching loss."""
+    return noise - x0 if sd.is_mmdit(pipe) else noise
+
+
+def collapsed_t5_rows(fn):
+    """Decorator of an attack function whose first argument is the pipeline: on SD3 without T5 every transformer
+    call inside it whose 256 T5 rows are identical runs on one of them standing for all
+    (:func:`erasekit.core.mmdit.collapsed_generation`, as ``erasekit.generate`` does): the same outputs and
+    gradients to float rounding, about three times faster on tinyworld-mmdit. Other pipelines: ``fn`` as it is."""
+
+    @functools.wraps(fn)
+    def wrapper(pipe, *args, **kwargs):
+        if not sd.is_mmdit(pipe):
+            return fn(pipe, *args, **kwargs)
+        from ..core.mmdit import collapsed_generation
+
+        with collapsed_generation(sd.denoiser(pipe)):
+            return fn(pipe, *args, **kwargs)
+
+    return wrapper
 
 
 def judge_one(judge, image) -> tuple[float, bool]:

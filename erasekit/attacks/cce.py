@@ -14,6 +14,12 @@ effective batch (16), constant schedule, AdamW (weight decay 1e-2), 25 training 
 The inversion is per concept, not per prompt: :func:`prepare` learns v* once and :func:`attack` reuses it
 (the audit runs ``prepare`` once and stores v* beside the results). The placeholder never enters the pipeline's
 tokenizer or embedding table: it is a slot whose input embedding is replaced (the pipeline is not modified).
+
+Two CLIP encoders (SDXL, SD3) get one learned embedding each, as diffusers' SDXL textual-inversion script trains
+both. On SD3 the loss is SD3's conditional flow-matching loss ‖(ε − x0) − v_θ*(x_t, t | c)‖², x_t = (1 − σ) x0 + σ ε
+(Esser et al. 2024, Eq. 3), σ drawn as SD3 trains (logit-normal, :func:`erasekit.attacks.base.draw_timesteps`;
+the DDPM script's t is uniform, as DDPM trains; uniform σ did no better on tinyworld-mmdit); a T5 encoder, when
+loaded, is not optimised through (it reads the caption's text with a stand-in token in the slot).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from ..errors import ConfigError
 from .. import compose
 from ..core import sd
 from ..tinyworld import is_tinyworld
-from .base import AttackResult, judged_generation_options, concept_of, evaluate_cond, make_generator, randint, randn
+from .base import (AttackResult, collapsed_t5_rows, concept_of, denoising_target, evaluate_cond,
+                   draw_timesteps, judged_generation_options, make_generator, randint, randn)
 from .concepts import find_name, tinyworld_names
 
 logger = logging.getLogger(__name__)
@@ -168,6 +175,7 @@ def _initializer(pipe, concept: str, config: CCEConfig) -> int:
     return ids[0]
 
 
+@collapsed_t5_rows
 def prepare(pipe, concept: str, config: CCEConfig, generator: torch.Generator | None = None,
             progress: bool = False) -> dict:
     """Learn the concept token on the erased ``pipe``: returns {"embedding_<i>": (D_i,) per text encoder, ...}."""
@@ -187,7 +195,6 @@ def prepare(pipe, concept: str, config: CCEConfig, generator: torch.Generator | 
     lr = config.learning_rate * (config.batch_size * config.gradient_accumulation if config.scale_lr else 1)
     opt = torch.optim.AdamW(embs, lr=lr, weight_decay=config.weight_decay)
     layouts = [[_token_layout(pipe.tokenizer, c) for c in caps] for caps in captions]
-    T = sd.num_train_timesteps(pipe)
     losses = []
     for _ in tqdm(range(config.steps), desc="concept inversion", disable=not progress, leave=False):
         grads = [torch.zeros_like(e) for e in embs]
@@ -195,9 +202,10 @@ def prepare(pipe, concept: str, config: CCEConfig, generator: torch.Generator | 
         for _ in range(config.gradient_accumulation):
             idx = randint(len(x0), g, (config.batch_size,))
             lays = [layouts[i][int(randint(len(layouts[i]), g))] for i in idx.tolist()]
-            t = randint(T, g, (config.batch_size,))
+            t = draw_timesteps(pipe, config.batch_size, g)  # SD3: logit-normal σ, as the model was trained
             noise = randn((config.batch_size,) + tuple(x0.shape[1:]), g, device)
-            x_t = sd.add_noise(pipe, x0[idx.to(x0.device)], noise, t.to(device))
+            x_batch = x0[idx.to(x0.device)]
+            x_t = sd.add_noise(pipe, x_batch, noise, t.to(device))
             ids = [torch.cat(x) for x in zip(*[sd.ids_per_encoder(pipe, lay.ids([0])) for lay in lays])]
             pos = torch.tensor([lay.slot_positions()[0] for lay in lays], device=device)
             rows = torch.arange(len(lays), device=device)
@@ -210,7 +218,8 @@ def prepare(pipe, concept: str, config: CCEConfig, generator: torch.Generator | 
                 return fn
 
             cond = sd.encode_ids(pipe, ids, [override(e) for e in embs])
-            loss = F.mse_loss(sd.unet_eps(pipe, x_t, t, cond), noise) / config.gradient_accumulation
+            target = denoising_target(pipe, x_batch, noise)  # ε, or SD3's velocity ε − x0
+            loss = F.mse_loss(sd.unet_eps(pipe, x_t, t, cond), target) / config.gradient_accumulation
             for acc, gr in zip(grads, torch.autograd.grad(loss, embs)):
                 acc += gr
             step_loss += float(loss.detach())

@@ -9,7 +9,9 @@ No optimisation: several prompts are composed in one generation with composition
 so that concepts the erasure did not inhibit add up to the one it did — e.g. "a red disc" + "a red round shape"
 − "a red square" for an erased "circle". A negative weight subtracts a concept. The sampler is a small explicit
 denoising loop over the pipeline's own scheduler, UNet and VAE (``sd.sample_composed``; with one term it equals
-the pipeline's own output, tested).
+the pipeline's own output, tested). On SD3 the same sum is taken over the transformer's velocities v̂: the noise
+prediction a velocity implies, ε̂ = x_t + (1 − σ) v̂ (x_t = (1 − σ) x0 + σ ε), is affine in v̂, so composing velocities
+composes the noise predictions (the scores) exactly as Eq. 11 does — no change to the recipe.
 
 Default recipe (when ``terms`` is not given), for a prompt that names the concept: the prompt with each
 paraphrase of the concept in its place (weights summing to the guidance scale), minus the prompt with each
@@ -27,7 +29,7 @@ import torch
 
 from ..errors import ConfigError
 from ..core import sd
-from .base import AttackResult, judged_generation_options, Best, concept_of, judge_one
+from .base import AttackResult, Best, collapsed_t5_rows, concept_of, judge_one, judged_generation_options
 from .concepts import concept_names, find_name, replace_name, tinyworld_names
 
 logger = logging.getLogger(__name__)
@@ -105,6 +107,7 @@ def describe(terms: list[tuple[str, float]]) -> str:
     return out.strip()
 
 
+@collapsed_t5_rows
 def attack(pipe, prompt: str, config: ConceptArithmeticConfig, judge, generator: torch.Generator | None = None, *,
            seed: int = 0, target=None, state=None, progress: bool = False) -> AttackResult:
     """Compose the recipe's prompts on the erased ``pipe``; try each scale until the judge sees the concept."""

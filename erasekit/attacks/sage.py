@@ -50,8 +50,13 @@ one judge; its LLM-assisted natural-language search is not reproduced (token sea
 
 The searched latent is part of the result: ``info["latent"]`` records how far it moved from the seed's noise and,
 for latents of at most :data:`RECORDED_LATENT_VALUES` values (tinyworld: 256), the values themselves, so that
-:func:`replay` regenerates the judged image. Prompt search needs one text encoder (SD 1.x / 2.x); latent search
-works on SDXL too.
+:func:`replay` regenerates the judged image.
+
+Other architectures (erasekit's extension; the paper runs SD 1.x / 2.x): with two CLIP text encoders (SDXL, SD3;
+one shared vocabulary) each adversarial token keeps one continuous embedding per encoder and is projected onto the
+token nearest in both (the sum of the two cosines). On SD3 the generator G is the pipeline's flow-matching Euler
+sampler on the transformer's velocity, from the same seeded initial noise, and the VAE's shift factor is undone
+before decoding; a T5 encoder, when loaded, reads the projected tokens as text and is not optimised through.
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ from tqdm.auto import tqdm
 from ..core import sd
 from ..core.device import generators
 from ..errors import ConfigError
-from .base import AttackResult, Best, judge_one, judged_generation_options, make_generator, randint, target_image
+from .base import (AttackResult, Best, collapsed_t5_rows, judge_one, judged_generation_options, make_generator, randint,
+                   target_image)
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +177,7 @@ def initial_latent(pipe, seed: int) -> torch.Tensor:
 
     device = sd.device_of(pipe)
     height, width = sd.default_size(pipe)
-    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    shape = (1, sd.denoiser(pipe).config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     return randn_tensor(shape, generator=generators([seed], device), device=device, dtype=torch.float32)
 
 
@@ -180,8 +186,8 @@ def _unet(pipe, checkpoint: bool):
         return sd.unet_eps
 
     def run(pipe_, x, t, cond):
-        return torch.utils.checkpoint.checkpoint(lambda x_, e_: sd.unet_eps(pipe_, x_, t, sd.Cond(e_, cond.pooled)),
-                                                 x, cond.embeds, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(lambda x_, e_, p_: sd.unet_eps(pipe_, x_, t, sd.Cond(e_, p_)),
+                                                 x, cond.embeds, cond.pooled, use_reentrant=False)
 
     return run
 
@@ -189,8 +195,9 @@ def _unet(pipe, checkpoint: bool):
 def sample(pipe, cond: sd.Cond, z: torch.Tensor, steps: int, guidance: float, *, residual: float = 0.0,
            backprop_steps: int | None = None, checkpoint: bool = False) -> torch.Tensor:
     """ẑ_0 = G(z, c): the pipeline's classifier-free-guided sampler from initial noise ``z`` (unit scale), as a
-    differentiable function of ``z`` and ``cond`` (a fresh copy of the pipeline's scheduler, deterministic steps),
-    plus SAGE's residual connection ρ (z − sg(z)). Only the last ``backprop_steps`` steps carry gradients.
+    differentiable function of ``z`` and ``cond`` (a fresh copy of the pipeline's scheduler, deterministic steps;
+    SD3: its flow-matching Euler steps on the velocity), plus SAGE's residual connection ρ (z − sg(z)). Only the last
+    ``backprop_steps`` steps carry gradients.
     """
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     device = sd.device_of(pipe)
@@ -199,13 +206,13 @@ def sample(pipe, cond: sd.Cond, z: torch.Tensor, steps: int, guidance: float, *,
     extra = {"eta": 0.0} if "eta" in params else {}
     neg = sd.uncond(pipe)
     unet = _unet(pipe, checkpoint)
-    latents = z * scheduler.init_noise_sigma
+    latents = z * getattr(scheduler, "init_noise_sigma", 1.0)
     timesteps = list(scheduler.timesteps)
     first_tracked = 0 if backprop_steps is None else max(0, len(timesteps) - backprop_steps)
     tracking = torch.is_grad_enabled()
     for i, t in enumerate(timesteps):
         with torch.set_grad_enabled(tracking and i >= first_tracked):
-            x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            x = sd.scale_model_input(scheduler, torch.cat([latents, latents]), t)
             eps = unet(pipe, x, t, sd.Cond.cat([neg, cond]))
             eps_u, eps_c = eps.chunk(2)
             guided = eps_u + guidance * (eps_c - eps_u)
@@ -214,17 +221,17 @@ def sample(pipe, cond: sd.Cond, z: torch.Tensor, steps: int, guidance: float, *,
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Images (N, 3, H, W) in [−1, 1] from x0 latents, differentiably (the pipeline's VAE)."""
-    x = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    return x.float().clamp(-1, 1)
+    """Images (N, 3, H, W) in [−1, 1] from x0 latents, differentiably (the pipeline's VAE; SD3: its shift factor)."""
+    return sd.decode_latents(pipe, latents).float().clamp(-1, 1)
 
 
+@collapsed_t5_rows  # as erasekit.generate: the judged image of a replay is the attack's own
 def generate(pipe, prompt: str, z: torch.Tensor, num_inference_steps: int | None, guidance_scale: float | None):
     """The judged generation: the pipeline's own ``__call__`` on ``prompt`` from initial latent ``z``."""
     steps, guidance = sd.generation_settings(pipe, num_inference_steps, guidance_scale)
     with torch.no_grad():
         return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
-                    latents=z.to(sd.device_of(pipe), pipe.unet.dtype), output_type="pil").images[0]
+                    latents=z.to(sd.device_of(pipe), sd.denoiser(pipe).dtype), output_type="pil").images[0]
 
 
 # ----------------------------------------------------------------------------------------------- recorded latents
@@ -288,13 +295,11 @@ def _surrogate(config: SageConfig, judge) -> str:
     return config.surrogate
 
 
+@collapsed_t5_rows
 def attack(pipe, prompt: str, config: SageConfig, judge, generator: torch.Generator | None = None, *,
            seed: int = 0, target=None, state=None, progress: bool = False) -> AttackResult:
     """Search adversarial prompt tokens and/or the initial latent of (``prompt``, ``seed``) on the erased ``pipe``
     until the judge sees its concept; judged generations start from the searched latent."""
-    if config.searches_prompt and len(sd.encoders(pipe)) > 1:
-        raise ConfigError("SAGE's prompt search optimises one text encoder's token embeddings: SD 1.x/2.x only "
-                          "(use space='latent' for SDXL)")
     started = time.perf_counter()
     g = make_generator(generator, seed, "sage", config.space, prompt)
     device = sd.device_of(pipe)
@@ -310,20 +315,22 @@ def attack(pipe, prompt: str, config: SageConfig, judge, generator: torch.Genera
     params = [{"params": [z], "lr": config.lr_latent}] if config.searches_latent else []
 
     if config.searches_prompt:
-        E = sd.token_embeddings(pipe)[0].float()
-        allowed = word_token_ids(pipe, config.exclude_words).to(E.device)
-        E_allowed_n = F.normalize(E[allowed], dim=-1)
+        E = [e.float() for e in sd.token_embeddings(pipe)]  # one table per text encoder (one shared vocabulary)
+        allowed = word_token_ids(pipe, config.exclude_words).to(E[0].device)
+        E_allowed_n = [F.normalize(e[allowed.to(e.device)], dim=-1) for e in E]
         lay = sd.layout(pipe.tokenizer, prompt, config.k, config.insertion)
         init_ids = allowed[randint(len(allowed), g, (lay.k,)).to(allowed.device)]
-        cont = E[init_ids].clone().to(device).requires_grad_(True)  # (k, D) continuous token embeddings
-        params.append({"params": [cont], "lr": config.lr_prompt})
+        # (k, D_i) continuous token embeddings per text encoder
+        cont = [e[init_ids.to(e.device)].clone().to(device).requires_grad_(True) for e in E]
+        params.append({"params": cont, "lr": config.lr_prompt})
     else:
         cond_fixed = sd.encode(pipe, prompt)
     opt = torch.optim.Adam(params)
 
     def project() -> list[int]:
         with torch.no_grad():
-            return allowed[(F.normalize(cont.detach().to(E.device), dim=-1) @ E_allowed_n.T).argmax(-1)].tolist()
+            sims = sum(F.normalize(c.detach().to(e.device), dim=-1) @ en.T for c, e, en in zip(cont, E, E_allowed_n))
+            return allowed[sims.argmax(-1)].tolist()  # nearest by cosine; two encoders: nearest in both (summed)
 
     def current_prompt() -> tuple[str, list[int]]:
         if not config.searches_prompt:
@@ -336,10 +343,11 @@ def attack(pipe, prompt: str, config: SageConfig, judge, generator: torch.Genera
         adv, ids = current_prompt()
         z_now = z.detach().clone()
         if config.searches_prompt:
-            projected = E[torch.tensor(ids, device=E.device)].to(device)
-            straight_through = cont + (projected - cont).detach()  # loss at the projection, gradient to cont
+            index = torch.tensor(ids)
+            # the loss at the projection, its gradient to the continuous embeddings (straight-through)
+            straight_through = [c + (e[index.to(e.device)].to(device) - c).detach() for c, e in zip(cont, E)]
             cond = sd.encode_ids(pipe, sd.ids_per_encoder(pipe, lay.ids(ids)),
-                                 [sd.slot_override(lay, straight_through[None])])
+                                 [sd.slot_override(lay, st[None]) for st in straight_through])
         else:
             cond = cond_fixed
         z0 = sample(pipe, cond, z, steps, guidance, residual=config.residual if config.searches_latent else 0.0,

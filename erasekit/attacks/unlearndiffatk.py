@@ -15,6 +15,15 @@ the erased model generates an image and the judge decides; the attack stops at t
 
 :func:`soft_prompt_attack` is the reusable inner loop, shared with AdvUnlearn's training (its inner attack is
 the same loop in word-embedding space with a teacher target, ``fast_at`` = sign-gradient steps).
+
+Stable Diffusion 3 (flow matching, an MMDiT transformer): the same attack with SD3's own denoising loss, the
+conditional flow-matching loss ‖(ε − x_tgt) − v_θ*(x_t, t | c′)‖² at x_t = (1 − σ) x_tgt + σ ε (Esser et al. 2024,
+Eq. 3; the velocity v = ε − x0 is what the transformer predicts), σ the scheduler's training grid at the scheduled
+index (:func:`erasekit.attacks.base.model_timesteps`; random timesteps: logit-normal σ as SD3 trains,
+:func:`~erasekit.attacks.base.draw_timesteps`). The one-hot tokens feed both CLIP encoders (one shared
+vocabulary); a T5 encoder, when loaded, reads token text and is not optimised through (during the search its rows
+are those of the prompt with the starting tokens; the judged generations read the rounded prompt as text). This
+adaptation is erasekit's (the paper and its code are SD 1.x only).
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..core import sd
-from .base import AttackResult, judged_generation_options, Best, evaluate_prompt, make_generator, randint, randn, target_image
+from .base import (AttackResult, Best, collapsed_t5_rows, denoising_target, draw_timesteps, evaluate_prompt,
+                   judged_generation_options, make_generator, model_timesteps, randint, randn, target_image)
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +192,7 @@ def timestep_schedule(num_train_timesteps: int, n: int) -> list[int]:
     return [num_train_timesteps // n // 2 + i * num_train_timesteps // n for i in range(n)]
 
 
+@collapsed_t5_rows
 def soft_prompt_attack(pipe, prompt: str, target_latents: torch.Tensor | None = None,
                        config: SoftPromptConfig = SoftPromptConfig(), *,
                        target_fn: Callable[[int, torch.Generator], tuple] | None = None,
@@ -191,10 +202,11 @@ def soft_prompt_attack(pipe, prompt: str, target_latents: torch.Tensor | None = 
     """Optimise adversarial prompt tokens against ``pipe`` (its adapters, if any, stay on: the erased model).
 
     Args:
-        pipe: a diffusers SD / SDXL pipeline (word_embedding space: single text encoder only).
+        pipe: a diffusers SD / SDXL / SD3 pipeline (word_embedding space: single text encoder only).
         prompt: the prompt the tokens are inserted into.
-        target_latents: x0 latents (1, 4, h, w) of the target image; the loss is the denoising loss
-            ‖ε − ε_θ(x_t, t | c′)‖² at the scheduled t (UnlearnDiffAtk).
+        target_latents: x0 latents (1, C, h, w) of the target image; the loss is the denoising loss
+            ‖ε − ε_θ(x_t, t | c′)‖² at the scheduled t (UnlearnDiffAtk; SD3: the flow-matching loss
+            ‖(ε − x0) − v_θ(x_t, t | c′)‖²).
         config: the loop's hyperparameters.
         target_fn: instead of ``target_latents``: ``target_fn(step, generator) -> (x_t, t, eps_target)`` giving the
             noisy latents, timestep(s) and the noise prediction to match (AdvUnlearn: the frozen original model's
@@ -222,7 +234,8 @@ def soft_prompt_attack(pipe, prompt: str, target_latents: torch.Tensor | None = 
         delta = torch.full((k, len(allowed)), 1.0 / len(allowed)) if init is None else init.detach().clone()
     else:
         if len(E) > 1:
-            raise ConfigError("space='word_embedding' needs a single text encoder (SD 1.x/2.x); use 'one_hot' for SDXL")
+            raise ConfigError("space='word_embedding' optimises one text encoder's token embeddings: SD 1.x/2.x only "
+                              "(SDXL and SD3 have two text encoders); use space='one_hot' there")
         if init is not None:
             delta = init.detach().clone()
         elif lay.insertion == "add":
@@ -253,13 +266,14 @@ def soft_prompt_attack(pipe, prompt: str, target_latents: torch.Tensor | None = 
         if target_fn is not None:
             x_t, t, eps_target = target_fn(step, g)
         else:
-            if schedule is not None:
-                t = torch.tensor([schedule[min(step // config.iterations_per_timestep, len(schedule) - 1)]])
-            else:
-                t = randint(T, g)
+            if schedule is not None:  # SD3: the flow-matching σ grid's timestep at the scheduled index
+                t = model_timesteps(pipe, torch.tensor([schedule[min(step // config.iterations_per_timestep,
+                                                                     len(schedule) - 1)]]))
+            else:  # as the model was trained (SD3: logit-normal σ)
+                t = draw_timesteps(pipe, 1, g)
             noise = randn(x0.shape, g, device)
             x_t = sd.add_noise(pipe, x0, noise, t.to(device))
-            eps_target = noise
+            eps_target = denoising_target(pipe, x0, noise)  # ε, or SD3's velocity ε − x0
         if config.space == "one_hot":
             probs = _SampleOneHot.apply(delta, g) if config.ste else delta
             slots = [(probs @ e)[None] for e in E_allowed]

@@ -25,8 +25,8 @@ from ..core import sd
 from ..core.files import replacing
 from .store import load_image
 
-#: the pipeline's modules whose weights make an image
-MODULES = ("unet", "text_encoder", "text_encoder_2", "vae")
+#: the pipeline's modules whose weights make an image (those a pipeline has: SD3's denoiser is ``transformer``)
+MODULES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 
 
 def base_identity(pipe, generation: dict) -> dict:
@@ -42,7 +42,7 @@ def base_identity(pipe, generation: dict) -> dict:
     identity = {
         "model": sd.model_id(pipe, type(pipe).__name__), "pipeline": type(pipe).__name__,
         "scheduler": [type(pipe.scheduler).__name__, dict(pipe.scheduler.config)],
-        "size": [pipe.unet.config.sample_size, getattr(pipe, "vae_scale_factor", None)],
+        "size": [sd.denoiser(pipe).config.sample_size, getattr(pipe, "vae_scale_factor", None)],
         "weights": weights, "dtypes": {name: str(module.dtype) for name, module in modules.items()},
         "generation": generation, "device": device,
         "threads": torch.get_num_threads() if device == "cpu" else None,  # CPU kernels split sums by thread

@@ -319,9 +319,11 @@ def image_tensor(pipe, images, height: int | None = None, width: int | None = No
 
 @torch.no_grad()
 def encode_images(pipe, images) -> torch.Tensor:
-    """x0 latents of images: VAE posterior mean × scaling factor (UnlearnDiffAtk / textual inversion)."""
+    """x0 latents of images: VAE posterior mean × scaling factor (UnlearnDiffAtk / textual inversion), less the
+    VAE's shift factor where it has one (SD3; the inverse of :func:`decode_latents`)."""
     x = image_tensor(pipe, images).to(device_of(pipe), pipe.vae.dtype)
-    return (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor).float()
+    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+    return ((pipe.vae.encode(x).latent_dist.mean - shift) * pipe.vae.config.scaling_factor).float()
 
 
 def alphas_cumprod(pipe) -> torch.Tensor:
