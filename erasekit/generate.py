@@ -15,7 +15,9 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps:
              output_type: str = "pil", progress: bool = False, **kwargs):
     """Generate one image per (prompt, seed) pair; ``prompts`` and ``seeds`` have equal length.
 
-    Returns a list of PIL images (or an (N, H, W, 3) float array with ``output_type="np"``).
+    Returns a list of PIL images (or an (N, H, W, 3) float array with ``output_type="np"``). On SD3 without T5 the
+    transformer runs on one of the 256 identical T5 rows standing for all (:func:`erasekit.core.mmdit.
+    collapsed_generation`): the stock pipeline's images to float rounding, about three times faster.
 
     Raises:
         ConfigError: unequal prompts and seeds, fewer than 1 step, a non-finite guidance scale, a batch size < 1.
@@ -26,6 +28,18 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps:
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     device = pipe._execution_device
+    if sd.is_mmdit(pipe):  # SD3 without T5: one zero row stands exactly for its 256 (erasekit.core.mmdit)
+        from .core.mmdit import collapsed_generation
+
+        with collapsed_generation(sd.denoiser(pipe)):
+            return _generate(pipe, prompts, seeds, steps, guidance, negative_prompt, batch_size, output_type,
+                             progress, device, kwargs)
+    return _generate(pipe, prompts, seeds, steps, guidance, negative_prompt, batch_size, output_type, progress,
+                     device, kwargs)
+
+
+def _generate(pipe, prompts, seeds, steps, guidance, negative_prompt, batch_size, output_type, progress, device,
+              kwargs):
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
         chunk = prompts[i:i + batch_size]

@@ -71,3 +71,21 @@ def test_one_zero_row_stands_exactly_for_the_t5_rows(pipe):
         short = sd.unet_eps(pipe, x, t, sd.Cond(cond.embeds[:, :78], cond.pooled))
     assert torch.allclose(full, short, atol=1e-5)
     assert torch.equal(sd.unet_eps(pipe, x, t, cond), full)  # the stock processors are back
+
+
+def test_generation_with_the_collapsed_t5_rows_is_the_stock_pipelines(pipe):
+    from erasekit.generate import generate
+
+    prompts, seeds = ["a cat", "a red dog", "a car"], [0, 1, 2]
+    ours = generate(pipe, prompts, seeds, num_inference_steps=3, guidance_scale=4.0, output_type="np")
+    stock = pipe(prompts, num_inference_steps=3, guidance_scale=4.0, output_type="np",
+                 generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    assert np.abs(ours - stock).max() < 1e-4
+    processors = {type(p).__name__ for p in pipe.transformer.attn_processors.values()}
+    assert processors == {"JointAttnProcessor2_0"}  # restored
+    with pytest.raises(ValueError):  # restored on error too
+        from erasekit.core.mmdit import collapsed_generation
+
+        with collapsed_generation(pipe.transformer):
+            raise ValueError
+    assert not pipe.transformer._forward_pre_hooks and not pipe.transformer._forward_hooks

