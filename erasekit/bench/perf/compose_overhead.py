@@ -16,13 +16,15 @@ image and do not depend on the adapters). Models:
 
 Adapters are made in code with the shapes the methods emit: static = UCE-shaped (rank 1 on every ``attn2.to_k`` /
 ``attn2.to_v``; on SD3 on ``context_embedder`` and the pooled-text embedder, what UCE edits there), gated = SPM-shaped
-(rank 1 on every Linear/Conv2d of the transformer blocks, on SD3 of the joint blocks, prompt-similarity gate). Overhead = median step time / the plain model's − 1, the plain model timed alternately with each
-configuration (inside ``compose.disabled``: hooks skip, bit-identical base) so that drift cancels. Targets: ≤ 5 % with 4 gated adapters on sd15,
-≤ 1 % fused; on sd3 ≤ 1 % with 4 static adapters and ≤ 5 % with 4 gated ones (issue #25).
+(rank 1 on every Linear/Conv2d of the transformer blocks, on SD3 of the joint blocks, prompt-similarity gate).
+Overhead = median step time / the plain model's − 1, the plain model timed alternately with each configuration
+(inside ``compose.disabled``: hooks skip, bit-identical base) so that drift cancels. Targets: ≤ 5 % with 4 gated
+adapters on sd15, ≤ 1 % fused; on sd3 ≤ 1 % with 4 static adapters and ≤ 5 % with 4 gated ones (issue #25).
 
     erasekit bench perf                                   # → benchmarks/compose_overhead.json (this and the rest)
     python -m erasekit.bench.perf.compose_overhead --models tinyworld --repeats 20 --out o.json
-    python -m erasekit.bench.perf.compose_overhead --models sd3 --counts 4 --repeats 3 --out benchmarks/compose_overhead-sd3.json
+    python -m erasekit.bench.perf.compose_overhead --models sd3 --counts 4 --repeats 3 \
+        --out benchmarks/compose_overhead-sd3.json
 """
 
 from __future__ import annotations

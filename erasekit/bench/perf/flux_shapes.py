@@ -20,12 +20,12 @@ and the edit's exactness is checked against Eq. 7 itself. For each case (1 conce
 prompts; guides "" ↦ one shared guide key) and each module: time of ``uce.solve`` (the d×d system, float64) and
 ``uce.module_deltas`` (per-layer factors), the delta's rank and size, and three checks on W' = W + ΔW:
 
-* ``erase_residual``: ‖W'c_e − W c_g‖ / ‖W c_e − W c_g‖, the part of the move to the guide not made (λ > 0 keeps
-  it above zero: λ / (λ + ‖c_e‖²) for one key);
+* ``erase_residual``: ‖W'c_e − W c_g‖ / ‖W c_e − W c_g‖, the part of the move to the guide not made (λ > 0
+  keeps it above zero: λ / (λ + ‖c_e‖²) for one key);
 * ``preserve_drift``: ‖W'c_p − W c_p‖ / ‖W c_p‖ over the preserve keys;
 * ``eq7_max_rel_diff``: max |W' − W'_{Eq.7}| / max |W'_{Eq.7}|, where W'_{Eq.7} = (λW + s_e Σ W c_g c_eᵀ +
-  s_p Σ W c_p c_pᵀ)(λI + C)⁻¹ is the paper's closed form computed directly in float64 (Gandikota et al., WACV 2024,
-  Eq. 7).
+  s_p Σ W c_p c_pᵀ)(λI + C)⁻¹ is the paper's closed form computed directly in float64 (Gandikota et al.,
+  WACV 2024, Eq. 7).
 
     python -m erasekit.bench.perf.flux_shapes [--out benchmarks/flux_shapes.json]
 """
