@@ -22,6 +22,7 @@ _EXPORTS = {
     "save_adapter": "erasekit.adapter",
     "load_pipeline": "erasekit.loading",
     "ErasureStableDiffusionPipeline": "erasekit.pipelines", "ErasureStableDiffusionXLPipeline": "erasekit.pipelines",
+    "ErasureStableDiffusion3Pipeline": "erasekit.pipelines", "ErasureFluxPipeline": "erasekit.pipelines",
     "METHODS": "erasekit.methods",
 }
 _SUBMODULES = ("compose", "audit", "bench", "tinyworld", "methods", "attacks", "judges", "export", "errors")

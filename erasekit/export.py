@@ -2,10 +2,13 @@
 (docs/design.md §2-§3).
 
 - ``to_diffusers(adapter, path)``: a LoRA file that stock ``pipe.load_lora_weights(path)`` loads (PEFT backend):
-  keys ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.text_model.…``, ``text_encoder_2.…``)
-  and a ``lora_adapter_metadata`` record with ``lora_alpha == r`` for every module, so the scale is exactly 1.
+  keys ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.text_model.…``, ``text_encoder_2.…``;
+  SD3 and FLUX: ``transformer.transformer_blocks.0.attn.to_k.lora_A.weight``, as ``SD3LoraLoaderMixin`` /
+  ``FluxLoraLoaderMixin`` read them) and a ``lora_adapter_metadata`` record with ``lora_alpha == r`` for every
+  module, so the scale is exactly 1. FLUX's T5 encoder takes no LoRA in stock diffusers: such deltas are refused.
 - ``to_kohya(adapter, path)``: the kohya / A1111 layout (``lora_unet_<module with _>.lora_down.weight``,
-  ``.lora_up.weight``, ``.alpha`` = rank; ``lora_te_…``, SDXL ``lora_te1_…`` / ``lora_te2_…``).
+  ``.lora_up.weight``, ``.alpha`` = rank; ``lora_te_…``, SDXL ``lora_te1_…`` / ``lora_te2_…``). UNet models only:
+  kohya's SD3/FLUX layouts name the original MMDiT checkpoint's fused modules, not diffusers' (refused).
 - ``bake(pipe, adapters, out_dir)``: fuse static erasures and ``save_pretrained`` a stock pipeline folder with a
   model card.
 
@@ -30,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from .adapter import COMPONENTS, Adapter, ModuleDelta, write_safetensors
+from .adapter import COMPONENTS, DENOISERS, Adapter, ModuleDelta, write_safetensors
 from .core import sd
 from .core.files import umask
 from .errors import AdapterError
@@ -48,11 +51,18 @@ KOHYA_PREFIXES_SDXL = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_en
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: the top-level modules of a CLIP text model without its ``text_model.`` wrapper (transformers ≥ 5)
+_CLIP_TOP = ("embeddings.", "encoder.layers.", "final_layer_norm")
+#: a T5 encoder's module paths (FLUX's ``text_encoder_2``)
+_T5_TOP = ("shared", "encoder.block.", "encoder.final_layer_norm")
+
+
 def _canonical_path(component: str, path: str) -> str:
-    """CLIP module paths with transformers' ``text_model.`` prefix (the layout LoRA files and web UIs use)."""
-    if component != "unet" and not path.startswith("text_model."):
-        return "text_model." + path
-    return path
+    """CLIP module paths with transformers' ``text_model.`` prefix (the layout LoRA files and web UIs use); denoiser
+    and T5 paths unchanged."""
+    if component in DENOISERS or path.startswith("text_model.") or not path.startswith(_CLIP_TOP):
+        return path
+    return "text_model." + path
 
 
 def _svd(key: str, delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,9 +150,10 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
 def to_diffusers(adapter: Adapter, path: str | Path, *, svd_rank: int | None = None) -> Path:
     """Write ``adapter`` as a diffusers LoRA file; ``pipe.load_lora_weights(path)`` then applies ``W + B A``.
 
-    Keys are ``<component>.<module>.lora_A.weight`` ``[r, in(, kh, kw)]`` and ``.lora_B.weight``
-    ``[out, r(, 1, 1)]``; the ``lora_adapter_metadata`` record gives PEFT ``r``, ``lora_alpha`` and per-module
-    ``rank_pattern`` / ``alpha_pattern`` with ``alpha == rank`` everywhere (scale exactly 1).
+    Keys are ``<component>.<module>.lora_A.weight`` ``[r, in(, kh, kw)]`` and ``.lora_B.weight`` ``[out, r(, 1, 1)]``
+    (component ``unet``, or ``transformer`` for SD3 and FLUX, and the text encoders); the ``lora_adapter_metadata``
+    record gives PEFT ``r``, ``lora_alpha`` and per-module ``rank_pattern`` / ``alpha_pattern`` with ``alpha == rank``
+    everywhere (scale exactly 1).
 
     Args:
         adapter: a static adapter (gated: exported with a warning; full deltas: exact full-rank factors, with a
@@ -151,9 +162,16 @@ def to_diffusers(adapter: Adapter, path: str | Path, *, svd_rank: int | None = N
         svd_rank: approximate full deltas by their best rank-``svd_rank`` factors (smaller, not exact).
 
     Raises:
-        AdapterError: ``svd_rank`` is not a positive integer.
+        AdapterError: ``svd_rank`` is not a positive integer; a FLUX adapter changes the T5 encoder.
         AdapterFileError: the file system refused the write.
     """
+    t5 = sorted(k for k in adapter.deltas
+                if k.startswith("text_encoder_2.") and k.partition(".")[2].startswith(_T5_TOP))
+    if t5:
+        raise AdapterError(f"adapter {adapter.method!r} changes FLUX's T5 encoder ({len(t5)} module(s), {t5[0]!r} "
+                           "first), which stock FluxPipeline.load_lora_weights does not load (it reads transformer and "
+                           "text_encoder LoRAs); export an adapter without text_encoder_2 deltas, or load this one "
+                           "with erasekit")
     factors = _factors(adapter, svd_rank)
     tensors, by_component = {}, {}
     for (component, path_), (down, up) in factors.items():
@@ -198,6 +216,11 @@ def to_kohya(adapter: Adapter, path: str | Path, *, sdxl: bool | None = None, sv
             ``text_encoder_2``.
         svd_rank: approximate full deltas by their best rank-``svd_rank`` factors (smaller, not exact).
     """
+    if "transformer" in adapter.components:
+        raise AdapterError(f"adapter {adapter.method!r} changes an MMDiT transformer (SD3, FLUX); the kohya layout "
+                           "names the original checkpoint's fused attention modules, not diffusers' ones, so erasekit "
+                           "exports it in the diffusers layout only (to_diffusers, `erasekit export --to "
+                           "diffusers`)")
     factors = _factors(adapter, svd_rank)
     prefixes = KOHYA_PREFIXES_SDXL if (_is_sdxl(adapter) if sdxl is None else sdxl) else KOHYA_PREFIXES
     tensors = {}

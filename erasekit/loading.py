@@ -36,9 +36,29 @@ def model_path(model: str | Path | None) -> str:
     return str(model)
 
 
-def _is_sdxl_folder(folder: Path) -> bool:
+def _model_index(folder: Path) -> dict:
     index = folder / "model_index.json"
-    return index.exists() and "XL" in json.loads(index.read_text()).get("_class_name", "")
+    return json.loads(index.read_text()) if index.exists() else {}
+
+
+def _is_sdxl_folder(folder: Path) -> bool:
+    return "XL" in _model_index(folder).get("_class_name", "")
+
+
+#: the diffusers pipeline class of an MMDiT model folder (``model_index.json``'s ``_class_name``)
+MMDIT_CLASSES = ("StableDiffusion3Pipeline", "FluxPipeline")
+
+
+def _mmdit_folder(path: Path, dtype):
+    """An SD3 or FLUX folder as its stock pipeline: components the folder lists as null (SD3 without T5:
+    ``text_encoder_3``/``tokenizer_3``) are passed as None, as ``from_pretrained`` needs."""
+    import diffusers
+
+    index = _model_index(path)
+    cls = getattr(diffusers, index["_class_name"].removeprefix("Erasure"))  # a folder an erasure pipeline saved
+    absent = {name: None for name, entry in index.items()
+              if not name.startswith("_") and isinstance(entry, list) and entry[:1] == [None]}
+    return cls.from_pretrained(str(path), torch_dtype=dtype, **absent)
 
 
 def _is_sdxl_file(path: Path) -> bool:
@@ -54,6 +74,8 @@ def _from(path: Path, source: str, dtype, config):
     """The pipeline from a diffusers folder, a single checkpoint file, or a hub id."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if path.is_dir() and _model_index(path).get("_class_name", "").removeprefix("Erasure") in MMDIT_CLASSES:
+        return _mmdit_folder(path, dtype)
     if path.is_dir():
         cls = StableDiffusionXLPipeline if _is_sdxl_folder(path) else StableDiffusionPipeline
         kwargs = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
@@ -75,7 +97,8 @@ def _from(path: Path, source: str, dtype, config):
 
 def load_pipeline(model: str | Path | None = None, *, device: str | torch.device | None = "auto",
                   dtype: str | torch.dtype | None = "auto", config: str | Path | None = None):
-    """Load a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+    """Load a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, or (from a diffusers folder)
+    ``StableDiffusion3Pipeline`` (without T5 when the folder has none) or ``FluxPipeline``.
 
     Args:
         model: hub id ("stable-diffusion-v1-5/stable-diffusion-v1-5"), a local diffusers folder, a single

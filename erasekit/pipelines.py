@@ -1,10 +1,14 @@
 """Stable Diffusion pipelines with erasure verbs named like diffusers' LoRA verbs (docs/design.md §3).
 
-``ErasureStableDiffusionPipeline`` and ``ErasureStableDiffusionXLPipeline`` are the stock diffusers pipelines plus
+``ErasureStableDiffusionPipeline``, ``ErasureStableDiffusionXLPipeline``, ``ErasureStableDiffusion3Pipeline`` and
+``ErasureFluxPipeline`` are the stock diffusers pipelines plus
 ``load_erasure`` / ``set_erasures`` / ``fuse_erasures`` / ``unfuse_erasures`` / ``unload_erasures`` /
 ``erasures`` / ``erasures_disabled``, all delegating to :mod:`erasekit.compose` (which works on any stock pipeline
 too). Generation itself is the parent's ``__call__``, unchanged: with no erasure loaded the output is the stock
-pipeline's, bit for bit. ``custom_pipeline_path()`` gives stock diffusers code the same pipeline as a custom pipeline.
+pipeline's, bit for bit. ``custom_pipeline_path()`` gives stock diffusers code the same pipeline as a custom pipeline
+(``"erasekit_sd"``, ``"erasekit_sd3"``). On the MMDiT pipelines (SD3, FLUX) erasures change the ``transformer``
+instead of a ``unet``; prompt gates (SPM) run on SD3, not on FLUX (its transformer's context is T5 rows only), and
+inference-time guards (SAFREE) need a UNet.
 """
 
 from __future__ import annotations
@@ -13,14 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from . import compose
 from .adapter import Adapter
 from .errors import AdapterError, AdapterMismatchError, ConfigError
 
 __all__ = ["ErasureLoaderMixin", "ErasureStableDiffusionPipeline", "ErasureStableDiffusionXLPipeline",
-           "custom_pipeline_path"]
+           "ErasureStableDiffusion3Pipeline", "ErasureFluxPipeline", "custom_pipeline_path"]
 
 _CUSTOM_PIPELINES = Path(__file__).resolve().parent / "custom_pipelines"
 
@@ -38,6 +42,8 @@ def custom_pipeline_path(name: str = "erasekit_sd") -> str:
         pipe = DiffusionPipeline.from_pretrained(erasekit.tinyworld.path(), custom_pipeline=custom_pipeline_path(),
                                                  trust_remote_code=True)
         pipe.load_erasure("circle.uce.safetensors", name="circle")
+
+    ``name="erasekit_sd3"`` is the SD3 pipeline (``ErasureStableDiffusion3Pipeline``).
     """
     shipped = sorted(p.parent.name for p in _CUSTOM_PIPELINES.glob("*/pipeline.py"))
     if name not in shipped:
@@ -140,3 +146,31 @@ class ErasureStableDiffusionXLPipeline(ErasureLoaderMixin, StableDiffusionXLPipe
     """
 
     _erasure_loadable_modules = ["unet", "text_encoder", "text_encoder_2"]
+
+
+class ErasureStableDiffusion3Pipeline(ErasureLoaderMixin, StableDiffusion3Pipeline):
+    """``StableDiffusion3Pipeline`` with composable erasures (docs/design.md §3): adapters change the MMDiT
+    ``transformer`` (module paths like ``transformer_blocks.0.attn.add_k_proj``) and the two CLIP encoders.
+
+    Static and gated (SPM) erasures, fuse/unfuse and unload work as on SD 1.x; guards (SAFREE) are refused (they
+    filter a UNet's context). Without T5 (``text_encoder_3=None, tokenizer_3=None``) the context's T5 rows are
+    zeros. Example::
+
+        pipe = ErasureStableDiffusion3Pipeline.from_pretrained(
+            "stabilityai/stable-diffusion-3-medium-diffusers", text_encoder_3=None, tokenizer_3=None)
+        pipe.load_erasure("vangogh.uce.safetensors", name="vangogh")
+        image = pipe("a starry night over a village").images[0]
+        pipe.unload_erasures()
+    """
+
+    _erasure_loadable_modules = ["transformer", "text_encoder", "text_encoder_2"]
+
+
+class ErasureFluxPipeline(ErasureLoaderMixin, FluxPipeline):
+    """``FluxPipeline`` with composable erasures: adapters change the ``transformer`` (FLUX's double-stream
+    ``transformer_blocks`` and single-stream ``single_transformer_blocks``), the CLIP ``text_encoder`` and the T5
+    ``text_encoder_2``. Static erasures only: a prompt gate reads the CLIP context SD pipelines pass to their
+    denoiser, and FLUX's transformer sees T5 rows alone (loading a gated adapter raises ``AdapterMismatchError``).
+    """
+
+    _erasure_loadable_modules = ["transformer", "text_encoder", "text_encoder_2"]

@@ -114,6 +114,28 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0):
     return pipe
 
 
+def tiny_flux_pipeline(seed: int = 0):
+    """A ``FluxPipeline`` with random weights at toy width: a ``FluxTransformer2DModel`` (one double-stream and one
+    single-stream block, 2×2-packed latents of the tiny VAE), a CLIP encoder (pooled) and a one-layer T5 encoder
+    (context) sharing the tiny CLIP tokenizer. Generate with ``height=width=16, max_sequence_length=77``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    parts = tiny_components("sd1", seed)
+    tokenizer, vae = parts["tokenizer"], parts["vae"]
+    vae.register_to_config(shift_factor=0.0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                 dropout_rate=0.0)).eval()  # built in code, a model is in training mode
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                        text_encoder=CLIPTextModel(_clip_config(tokenizer, 16)), tokenizer=tokenizer,
+                        text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _cast(model, dtype: torch.dtype):
     """``model`` in ``dtype`` (left alone in fp32: diffusers warns about any ``.to(dtype)`` of a model)."""
     return model if dtype == torch.float32 else model.to(dtype=dtype)

@@ -143,7 +143,7 @@ def test_header_record_and_modelspec(pipes, tmp_path):
             metadata = f.metadata()
         # weight adapters declare 1.0, the lowest version that holds them (guards need 1.1: tests/test_safree.py)
         assert metadata["format"] == "pt" and metadata[FORMAT_KEY] == KINDS["weights"] == "1.0"
-        assert FORMAT_VERSION == "1.2"
+        assert FORMAT_VERSION == "1.3"
         assert metadata["modelspec.sai_model_spec"] == "1.0.0" and metadata["modelspec.implementation"] == "diffusers"
         assert metadata["modelspec.title"] == "uce: erase cat, kitten"
         record = json.loads(metadata[METADATA_KEY])

@@ -133,3 +133,48 @@ def test_meets_bars_holds_each_bound_inclusively():
     assert not meets_bars({"canonical_rate": 0.11, "synonym_rate": 0.0}, 0.0, bars)
     assert not meets_bars({"canonical_rate": 0.0, "synonym_rate": 0.21}, 0.0, bars)
     assert not meets_bars({"canonical_rate": 0.0, "synonym_rate": 0.0}, 0.021, bars)
+
+
+def test_mmdit_training_writes_a_stock_sd3_folder_and_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """tinyworld-mmdit's trainer at toy size: the folder loads in stock diffusers (T5 dropped as diffusers documents),
+    and a run killed after its first checkpoint and started again ends with the uninterrupted run's weights."""
+    import json
+
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from erasekit.tinyworld import mmdit
+    from erasekit.tinyworld import train as stages
+
+    config = mmdit.MMDiTTrainConfig(n_images=16, steps=3, batch_size=2, checkpoint_every=1)
+    mmdit.train(tmp_path / "a", tmp_path / "work-a", config)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "a", text_encoder_3=None, tokenizer_3=None)
+    assert pipe("a red circle", num_inference_steps=1, output_type="np").images.shape == (1, 32, 32, 3)
+    manifest = json.loads((tmp_path / "a" / "tinyworld.json").read_text())
+    assert manifest["arch"] == "mmdit" and manifest["train_config"]["steps"] == 3
+
+    save = stages._save_ckpt
+
+    def killed_after_first_checkpoint(path, state):
+        save(path, state)
+        if path.name == "mmdit.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "_save_ckpt", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        mmdit.train(tmp_path / "b", tmp_path / "work-b", config)
+    assert not (tmp_path / "b").exists()
+    monkeypatch.setattr(stages, "_save_ckpt", save)
+    mmdit.train(tmp_path / "b", tmp_path / "work-b", config)
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"):
+        a, b = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_mmdit_train_config_names_the_bad_option():
+    from erasekit.errors import ConfigError
+    from erasekit.tinyworld.mmdit import MMDiTTrainConfig
+
+    for field, value in (("steps", 0), ("batch_size", -1), ("lr", 0.0), ("cond_dropout", 2.0), ("n_images", "8")):
+        with pytest.raises(ConfigError, match=f"^{field} must"):
+            MMDiTTrainConfig(**{field: value})

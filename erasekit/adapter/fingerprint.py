@@ -10,7 +10,7 @@ import warnings
 import torch
 
 from ..errors import AdapterMismatchError, BaseModelMismatchWarning, ConfigError
-from .model import COMPONENTS, Adapter
+from .model import COMPONENTS, DENOISERS, Adapter
 from .spec import split_key
 
 #: how many elements of each parameter the "weights" digest of :func:`fingerprint` reads, at most
@@ -26,6 +26,12 @@ def _canonical_name(name: str) -> str:
 
 def _pipeline_components(pipe) -> tuple[str, ...]:
     return tuple(c for c in COMPONENTS if getattr(pipe, c, None) is not None)
+
+
+def denoiser_component(pipe) -> str | None:
+    """The name of a pipeline's denoiser component: ``"unet"`` (SD 1.x, 2.x, SDXL) or ``"transformer"`` (SD3, FLUX);
+    None when it has neither."""
+    return next((c for c in DENOISERS if isinstance(getattr(pipe, c, None), torch.nn.Module)), None)
 
 
 def fingerprint_module(module: torch.nn.Module, sample: int = FINGERPRINT_SAMPLE) -> dict[str, str]:
@@ -49,16 +55,18 @@ def fingerprint_module(module: torch.nn.Module, sample: int = FINGERPRINT_SAMPLE
 def fingerprint(pipe, components=None) -> dict[str, dict[str, str]]:
     """Digests of a pipeline's base weights, stored in an adapter to recognise the model it was made on.
 
-    For each component (by default every one of ``unet``, ``text_encoder``, ``text_encoder_2`` the pipeline
-    has): ``"architecture"`` is the sha256 of the sorted (parameter name, shape) list, and ``"weights"`` the
-    sha256 of a sample of each parameter, cast to fp16: all of it up to ``FINGERPRINT_SAMPLE`` elements, else
-    ``FINGERPRINT_BLOCKS`` contiguous blocks of ``FINGERPRINT_SAMPLE // FINGERPRINT_BLOCKS`` elements starting at
-    ``i * (numel - block) // (FINGERPRINT_BLOCKS - 1)`` (the exact recipe: ``adapters/README.md`` §4), so
+    For each component (by default every one of ``unet`` or ``transformer`` (SD3, FLUX), ``text_encoder``,
+    ``text_encoder_2`` the pipeline has): ``"architecture"`` is the sha256 of the sorted (parameter name, shape) list,
+    and ``"weights"`` the sha256 of a sample of each parameter, cast to fp16: all of it up to ``FINGERPRINT_SAMPLE``
+    elements, else ``FINGERPRINT_BLOCKS`` contiguous blocks of ``FINGERPRINT_SAMPLE // FINGERPRINT_BLOCKS`` elements
+    starting at ``i * (numel - block) // (FINGERPRINT_BLOCKS - 1)`` (the exact recipe: ``adapters/README.md`` §4), so
     fp32 and fp16 loads of one checkpoint, on any device, give the same digests. Parameter names drop a leading
-    ``text_model.`` so that transformers 4 and 5 agree. Cost: a read of ≤ ``FINGERPRINT_SAMPLE`` elements per parameter.
+    ``text_model.`` so that transformers 4 and 5 agree. Cost: a read of ≤ ``FINGERPRINT_SAMPLE`` elements per
+    parameter.
 
     Args:
-        pipe: a diffusers pipeline (anything with ``unet``/``text_encoder``/``text_encoder_2`` attributes).
+        pipe: a diffusers pipeline (anything with ``unet`` or ``transformer``, ``text_encoder``, ``text_encoder_2``
+            attributes).
         components: names to fingerprint; default all present.
 
     Returns:
@@ -91,7 +99,7 @@ def find_module(root: torch.nn.Module, module_path: str) -> torch.nn.Module | No
 
 
 def resolve_module(pipe, key: str) -> torch.nn.Module:
-    """The module a delta key ("unet.<path>", "text_encoder.<path>" ...) names in ``pipe``.
+    """The module a delta key ("unet.<path>", "transformer.<path>", "text_encoder.<path>" ...) names in ``pipe``.
 
     Text-encoder paths resolve with or without the ``text_model.`` prefix, since transformers 5 dropped it
     from ``CLIPTextModel``.
@@ -111,6 +119,18 @@ def resolve_module(pipe, key: str) -> torch.nn.Module:
     if module is None:
         raise AdapterMismatchError(f"the pipeline's {component} has no module {module_path!r}")
     return module
+
+
+_DENOISER_NAMES = {"unet": "a UNet (SD 1.x, 2.x, SDXL)", "transformer": "an MMDiT transformer (SD3, FLUX)"}
+
+
+def _family_mismatch(component: str, pipe) -> str:
+    """Why a denoiser component is missing: the adapter was made for the other denoiser family ('' otherwise)."""
+    present = denoiser_component(pipe)
+    if component in _DENOISER_NAMES and present:
+        return (f"; it was made for a model whose denoiser is {_DENOISER_NAMES[component]}, and this pipeline's "
+                f"is {_DENOISER_NAMES[present]}")
+    return ""
 
 
 def _describe_adapter(adapter: Adapter) -> str:
@@ -145,9 +165,10 @@ def check_compatible(adapter: Adapter, pipe, *, strict: bool = False) -> None:
     for component in (*adapter.components, *recorded):
         root = getattr(pipe, component, None)
         if root is None:
+            family = _family_mismatch(component, pipe) or "; it was made for another model family"
             raise AdapterMismatchError(f"{what} changes the {component}, but this {type(pipe).__name__} has no "
-                                       f"{component} (it has {', '.join(_pipeline_components(pipe)) or 'none'}); "
-                                       f"it was made for another model family{base}")
+                                       f"{component} (it has {', '.join(_pipeline_components(pipe)) or 'none'})"
+                                       f"{family}{base}")
         expected = adapter.fingerprint.get(component) or {}
         if not (expected.get("architecture") or expected.get("weights")):
             continue

@@ -15,13 +15,20 @@ import torch
 
 from ..core.lora import ModuleDelta
 
-FORMAT_VERSION = "1.2"  # major.minor this erasekit reads and writes; a reader refuses an unknown major
+FORMAT_VERSION = "1.3"  # major.minor this erasekit reads and writes; a reader refuses an unknown major
 #: the format version that brought sparse full deltas (``….delta_values`` / ``_indices`` / ``_shape``): a file holding
 #: one declares at least this version; files without them keep the version of their kind
 SPARSE_SINCE = "1.2"
+#: the format version that brought the ``transformer`` component (MMDiT pipelines: SD3, FLUX): a file whose deltas or
+#: fingerprint name it declares at least this version (1.2 readers refuse its keys)
+TRANSFORMER_SINCE = "1.3"
 METADATA_KEY = "erasekit.adapter"
 FORMAT_KEY = "erasekit.format"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: the pipeline components an adapter may change: a UNet (SD 1.x/2.x/SDXL) or an MMDiT ``transformer`` (SD3, FLUX),
+#: and the text encoders
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+#: the components that denoise (exactly one of them per pipeline): prompt gates and guards read its text context
+DENOISERS = ("unet", "transformer")
 
 #: gating rule -> the fields it needs in ``Adapter.gating`` (besides "rule") and their JSON types
 GATING_RULES = {
@@ -50,7 +57,8 @@ class Adapter:
         concepts: what was erased, as the user named it.
         config: the strategy's full config (``dataclasses.asdict`` of its frozen config). Must be JSON-able:
             tuples are stored as lists (and come back as lists).
-        deltas: "<component>.<module path>" -> ModuleDelta, component in ``COMPONENTS``.
+        deltas: "<component>.<module path>" -> ModuleDelta, component in ``COMPONENTS`` (``unet`` or, for an MMDiT
+            pipeline such as SD3's, ``transformer``; ``text_encoder``, ``text_encoder_2``).
         base_model: id or path of the model the deltas were computed on.
         fingerprint: component -> {"architecture": hex digest, "weights": hex digest} of that base
             (see :func:`fingerprint`).

@@ -20,7 +20,7 @@ import torch
 from ..core.lora import ModuleDelta
 from ..errors import AdapterFileError, AdapterFormatError
 from .model import (COMPONENTS, FORMAT_KEY, FORMAT_VERSION, GATING_RULES, GUARD_RULES, KINDS, METADATA_KEY,
-                    SPARSE_SINCE, Adapter)
+                    SPARSE_SINCE, TRANSFORMER_SINCE, Adapter)
 from .spec import (DTYPES, FLOAT_DTYPES, SPARSE_PARTS, STATS_NAME, check_fingerprint, check_gating, check_guard, check_kind,
                    check_low_rank_shapes, hash_entry, split_key)
 
@@ -87,7 +87,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         if finite is not None and not bool(finite.all()):
             raise AdapterFileError(f"{path}: tensor {name!r} holds {int((~finite).sum())} NaN or infinite value(s) "
                                    f"of {finite.numel()}; an adapter's tensors must be finite (the file is broken)")
-    _check_sparse_version(path, record, header, layout)
+    _check_feature_versions(path, record, header, layout)
     deltas = {}
     for key, parts in layout["deltas"].items():
         if "delta" in parts:
@@ -115,13 +115,20 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     return adapter
 
 
-def _check_sparse_version(path: Path, record: dict, header: _Header, layout: dict) -> None:
-    sparse = [key for key, parts in layout["deltas"].items() if "values" in parts]
+def _check_feature_versions(path: Path, record: dict, header: _Header, layout: dict) -> None:
+    """A file using a later feature (a sparse delta: 1.2; the ``transformer`` component: 1.3) declares its version."""
     version = record.get("format_version") or header.metadata.get(FORMAT_KEY)
-    since = tuple(int(x) for x in SPARSE_SINCE.split("."))
-    if sparse and _parse_version(path, version, "format_version") < since:
+    found = _parse_version(path, version, "format_version")
+    sparse = [key for key, parts in layout["deltas"].items() if "values" in parts]
+    if sparse and found < tuple(int(x) for x in SPARSE_SINCE.split(".")):
         raise AdapterFileError(f"{path}: module {sparse[0]!r} is a sparse delta, which came in format {SPARSE_SINCE}, "
                                f"but the file says {version}")
+    mmdit = [f"module {key!r}" for key in sorted(layout["deltas"]) if key.startswith("transformer.")]
+    if "transformer" in record.get("fingerprint", {}):
+        mmdit.append("its fingerprint")
+    if mmdit and found < tuple(int(x) for x in TRANSFORMER_SINCE.split(".")):
+        raise AdapterFileError(f"{path}: {mmdit[0]} names the transformer component (MMDiT pipelines), which came in "
+                               f"format {TRANSFORMER_SINCE}, but the file says {version}")
 
 
 def _dense(path: Path, key: str, values: torch.Tensor, indices: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
@@ -151,7 +158,7 @@ def read_record(path: str | os.PathLike) -> dict:
     path = Path(path)
     header = _read_header(path)
     record = _read_record(path, header.metadata)
-    _check_sparse_version(path, record, header, _tensor_layout(path, header.tensors))
+    _check_feature_versions(path, record, header, _tensor_layout(path, header.tensors))
     return record
 
 

@@ -14,7 +14,7 @@ import torch
 from ..core.files import atomic_save_file
 from ..core.lora import ModuleDelta
 from ..errors import AdapterError, AdapterFileError, ConfigError
-from .model import COMPONENTS, FORMAT_KEY, KINDS, METADATA_KEY, SPARSE_SINCE, Adapter
+from .model import COMPONENTS, FORMAT_KEY, KINDS, METADATA_KEY, SPARSE_SINCE, TRANSFORMER_SINCE, Adapter
 from .spec import (DTYPE_NAMES, SPARSE_PARTS, STATS_NAME, check_fingerprint, check_gating, check_guard, check_kind,
                    check_low_rank_shapes, hash_entry, index_dtype, split_key, stored_sparse)
 
@@ -173,7 +173,9 @@ def _record(adapter: Adapter, tensors: dict[str, torch.Tensor], dtype: torch.dty
         raise AdapterError(f"adapter.base_model must be a str (hub id or path), got {adapter.base_model!r}")
     kind = {"kind": "guard", "guard": guard} if guard else {}  # weight adapters: the 1.0 record, unchanged
     sparse = any(name.endswith(SPARSE_PARTS["values"]) for name in tensors)
-    version = max(KINDS[adapter.kind], SPARSE_SINCE if sparse else "1.0", key=lambda v: tuple(map(int, v.split("."))))
+    mmdit = "transformer" in adapter.components or "transformer" in fp
+    version = max(KINDS[adapter.kind], SPARSE_SINCE if sparse else "1.0", TRANSFORMER_SINCE if mmdit else "1.0",
+                  key=lambda v: tuple(map(int, v.split("."))))
     return {
         "format_version": version,
         **kind,
@@ -224,9 +226,11 @@ def _modelspec(adapter: Adapter) -> dict[str, str]:
         "modelspec.title": f"{adapter.method}: erase {', '.join(adapter.concepts)}",
     }
     if adapter.is_low_rank:
-        # the architecture id needs the family; only SDXL can be told from the adapter itself
+        # the architecture id needs the family; only SDXL can be told from the adapter itself (two text encoders
+        # and a UNet: SD3 and FLUX have two text encoders and a transformer)
         family = adapter.info.get("architecture") if isinstance(adapter.info.get("architecture"), str) else None
-        if family is None and "text_encoder_2" in set(adapter.fingerprint) | set(adapter.components):
+        named = set(adapter.fingerprint) | set(adapter.components)
+        if family is None and "text_encoder_2" in named and "transformer" not in named:
             family = "stable-diffusion-xl-v1-base"
         if family:
             out["modelspec.architecture"] = f"{family}/lora"

@@ -1,6 +1,7 @@
 """Compose erasure adapters on a diffusers pipeline at generation time, without touching base weights.
 
-For every adapted ``nn.Linear``/``nn.Conv2d`` of ``unet``, ``text_encoder`` and ``text_encoder_2``::
+For every adapted ``nn.Linear``/``nn.Conv2d`` of the denoiser (``unet``; ``transformer`` for an MMDiT pipeline:
+SD3, FLUX), ``text_encoder`` and ``text_encoder_2``::
 
     W_eff = W + Σ_i w_i · γ_i(prompt) · B_i A_i          (or  + w_i · γ_i · Δ_i  for a full delta)
 
@@ -13,22 +14,23 @@ applier, shared with training), so base weights stay untouched: ``unload`` remov
 bit-identical to the base again. Weight 0 or a disabled adapter skips its term (bit-identical base output). ``fuse`` writes static adapters
 into the weights (keeping a CPU copy of the originals, restored bit-exactly by ``unfuse``).
 
-Gates are per sample. A forward pre-hook on the UNet reads ``encoder_hidden_states`` ``(B, L, D)`` and computes, for
-each row b and each gated adapter with erased prompts ``P``::
+Gates are per sample. A forward pre-hook on the denoiser reads ``encoder_hidden_states`` ``(B, L, D)`` (a keyword
+argument of the UNet's and the SD3 transformer's forward; SD3's ``L`` is 77 CLIP rows then 256 T5 rows, zeros without
+T5) and computes, for each row b and each gated adapter with erased prompts ``P``::
 
     γ_b = factor · max_{q ∈ P} max(clipcos(row_b, q), tokenuni(row_b, q))
-    clipcos(p, q)  = cos(flatten(E(p)), flatten(E(q)))        E = the pipeline's own prompt encoding (77 × D)
+    clipcos(p, q)  = cos(flatten(E(p)), flatten(E(q)))        E = the pipeline's own prompt encoding (L × D)
     tokenuni(p, q) = |tok(p) ∩ tok(q)| / |tok(q)|             special tokens removed
     tokencos(p, q) = mean_{j ∈ tok(q)} max(0, max_{i ∈ tok(p)} cos(W_i, W_j))   W: the encoder's token embeddings
 
-so a classifier-free-guidance batch ``[uncond…, cond…]`` gets each row's own gate (the unconditional row too —
-unlike the reference, which applies the positive prompt's γ to both branches). ``E(q)`` is computed once at load with
-``erasekit.core.sd.encode`` (what ``pipe.encode_prompt`` gives; hooks off). The token ids of a row are recovered by a forward hook on ``text_encoder`` that
-remembers the ids behind each hidden-state row it produced (rows are matched by a hash of their content; for SDXL
-the first encoder's slice of the context); where they are unknown (``prompt_embeds`` passed directly, ``clip_skip``)
-the gate falls back to clipcos alone. Gates are computed once per prompt batch: the denoising loop passes the same
-``encoder_hidden_states`` tensor at every step, and the last one's gates are reused. They are constants for autograd
-(no gradient flows through γ).
+so a classifier-free-guidance batch ``[uncond…, cond…]`` gets each row's own gate (the unconditional row too — unlike
+the reference, which applies the positive prompt's γ to both branches). ``E(q)`` is computed once at load with
+``erasekit.core.sd.encode`` (what ``pipe.encode_prompt`` gives; hooks off). The token ids of a row are recovered by a
+forward hook on ``text_encoder`` that remembers the ids behind each hidden-state row it produced (rows are matched by
+a hash of their content; for SDXL the first encoder's slice of the context, for SD3 its block of the CLIP rows); where
+they are unknown (``prompt_embeds`` passed directly, ``clip_skip``) the gate falls back to clipcos alone. Gates are
+computed once per prompt batch: the denoising loop passes the same ``encoder_hidden_states`` tensor at every step, and
+the last one's gates are reused. They are constants for autograd (no gradient flows through γ).
 
 ``tokencos`` (metric ``"tokencos"``, alone) is erasekit's soft ``tokenuni``: token identity is replaced by the
 cosine of the encoder's input token embeddings, so it is 1 where ``tokenuni`` is 1 and ≥ ``tokenuni`` everywhere,
@@ -54,12 +56,13 @@ each enabled guard, which replaces the rows of the prompts it flags (the uncondi
 tokens and is never flagged) for as many denoising steps as its rule says, and may scale the skip features of those
 rows in the first decoder blocks (:mod:`erasekit.compose.guards`). Gates are computed from the original context.
 A guard loads, lists (``kind: "guard"``), weighs, disables and unloads like any erasure; ``fuse`` refuses it by
-name and ``fuse()`` skips it.
+name and ``fuse()`` skips it. Guards need a UNet (its CLIP context and decoder): loading one on an MMDiT pipeline
+raises ``AdapterMismatchError``.
 
-State lives in one ``Composer`` per UNet, kept in a ``weakref.WeakKeyDictionary`` keyed by ``pipe.unet`` (the
-pipeline object is not modified; the composer holds its components weakly, so it goes away with them). The hooks live
-on the modules, so keying by the UNet means that pipelines sharing it (``Pipeline.from_pipe(pipe)``) share the erasures
-too, and any of them can list, disable or unload them.
+State lives in one ``Composer`` per denoiser, kept in a ``weakref.WeakKeyDictionary`` keyed by ``pipe.unet`` (or
+``pipe.transformer``; the pipeline object is not modified; the composer holds its components weakly, so it goes away
+with them). The hooks live on the modules, so keying by the denoiser means that pipelines sharing it
+(``Pipeline.from_pipe(pipe)``) share the erasures too, and any of them can list, disable or unload them.
 
 Example::
 
@@ -124,7 +127,8 @@ def load(pipe, adapter_or_path: Adapter | str | Path, name: str | None = None, w
     >>> compose.unload(pipe)                                   # the base model again, bit for bit
 
     Args:
-        pipe: a diffusers pipeline with ``unet`` (and ``text_encoder``/``text_encoder_2`` if the adapter changes them).
+        pipe: a diffusers pipeline with ``unet`` or ``transformer`` (and ``text_encoder``/``text_encoder_2`` if the
+            adapter changes them).
         adapter_or_path: an ``Adapter`` or the path of an adapter ``.safetensors`` file.
         name: the erasure's name; defaults to the file name without ``.safetensors``, or ``"<method>-<concepts>"``.
         weight: ``w`` in ``W + w·γ·B A``; 0 leaves the output bit-identical to the base.
@@ -221,7 +225,7 @@ def list_erasures(pipe) -> list[dict]:
 
 
 def gates(pipe, prompts: str | Sequence[str]) -> list[dict[str, float]]:
-    """γ of every gated erasure for each prompt (as the UNet would see it, clipcos and tokenuni), for inspection."""
+    """γ of every gated erasure for each prompt (as the denoiser would see it), for inspection."""
     composer = _composer(pipe)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     with torch.no_grad():

@@ -1,7 +1,9 @@
-"""The :class:`Composer`: the erasures loaded on one UNet, their per-module hooks, gates and fused weights."""
+"""The :class:`Composer`: the erasures loaded on one denoiser (a UNet, or an MMDiT transformer: SD3, FLUX), their
+per-module hooks, gates and fused weights."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import weakref
 from contextlib import contextmanager
@@ -11,7 +13,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from ..adapter import COMPONENTS, Adapter, ModuleDelta, check_compatible, find_module
+from ..adapter import COMPONENTS, Adapter, ModuleDelta, check_compatible, denoiser_component, find_module
 from ..core.lora import add_low_rank, project_down, project_up
 from ..errors import AdapterError, AdapterMismatchError
 from .gates import Gate, TokenMemory, build_gate, check_weight, parse_gating, similarity
@@ -96,13 +98,24 @@ _COMPOSERS: "weakref.WeakKeyDictionary[nn.Module, Composer]" = weakref.WeakKeyDi
 
 
 def _key(pipe):
-    """The registry key of a pipeline: its UNet, where the hooks live (the pipeline itself if it has none)."""
-    unet = getattr(pipe, "unet", None)
-    return unet if isinstance(unet, nn.Module) else pipe
+    """The registry key of a pipeline: its denoiser (``unet`` or ``transformer``), where the hooks live (the pipeline
+    itself if it has none)."""
+    name = denoiser_component(pipe)
+    return getattr(pipe, name) if name is not None else pipe
+
+
+def _positions(denoiser: nn.Module) -> dict[str, int]:
+    """The positional index of ``encoder_hidden_states`` and ``timestep`` in the denoiser's ``forward`` (a UNet takes
+    ``(sample, timestep, encoder_hidden_states)``, an SD3 transformer ``(hidden_states, encoder_hidden_states,
+    pooled_projections, timestep)``), for calls that pass them positionally."""
+    names = [n for n, p in inspect.signature(denoiser.forward).parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {n: names.index(n) for n in ("encoder_hidden_states", "timestep") if n in names}
 
 
 class Composer:
-    """The erasures loaded on one UNet (and the pipelines sharing it): adapters, per-module hooks, gates, fused state.
+    """The erasures loaded on one denoiser (and the pipelines sharing it): adapters, per-module hooks, gates, fused
+    state. The denoiser is the pipeline's ``unet`` (SD 1.x, 2.x, SDXL) or ``transformer`` (SD3, FLUX).
 
     Obtain it with ``Composer.of(pipe)``; the module-level functions (``load``, ``fuse``, ...) are thin wrappers.
     """
@@ -111,14 +124,16 @@ class Composer:
         self._components: dict[str, weakref.ref] = {
             c: weakref.ref(getattr(pipe, c)) for c in COMPONENTS if isinstance(getattr(pipe, c, None), nn.Module)
         }
+        self.denoiser_name = denoiser_component(pipe)  # "unet", "transformer" or None
         self.tokenizer = getattr(pipe, "tokenizer", None)
         self.tokenizer_2 = getattr(pipe, "tokenizer_2", None)
         self.adapters: dict[str, _Loaded] = {}
         self.slots: dict[str, _Slot] = {}
         self._suspended = 0  # > 0: every hook is a no-op (used while encoding the erased prompts)
-        self._context_handles: list = []  # the UNet pre/post hooks and the text-encoder hook (gates, guards)
+        self._positions: dict[str, int] = {}  # positional indices of the denoiser's forward arguments
+        self._context_handles: list = []  # the denoiser pre/post hooks and the text-encoder hook (gates, guards)
         self._current_gates: dict[str, torch.Tensor] | None = None
-        self._coefficients: dict[tuple, torch.Tensor] = {}  # w·γ shaped for one output layout, per UNet call
+        self._coefficients: dict[tuple, torch.Tensor] = {}  # w·γ shaped for one output layout, per denoiser call
         self._last_context: tuple | None = None  # (weakref to encoder_hidden_states, version, gates)
         encoder = self.component("text_encoder")
         self.tokens = TokenMemory(self.tokenizer, getattr(getattr(encoder, "config", None), "hidden_size", None))
@@ -143,6 +158,11 @@ class Composer:
         ref = self._components.get(name)
         return ref() if ref is not None else None
 
+    @property
+    def denoiser(self) -> nn.Module | None:
+        """The pipeline's ``unet`` or ``transformer``, whose ``encoder_hidden_states`` gates and guards read."""
+        return self.component(self.denoiser_name) if self.denoiser_name is not None else None
+
     # ---- names -----------------------------------------------------------------------------------------------
 
     def _get(self, name: str) -> _Loaded:
@@ -165,10 +185,21 @@ class Composer:
         if name in self.adapters:
             raise AdapterError(f"an erasure named {name!r} is already loaded; pass another name= or unload it first")
         weight = check_weight(weight, name)
+        if adapter.is_guard and self.denoiser_name != "unet":  # before the fingerprint: the clearer reason
+            raise AdapterMismatchError(
+                f"erasure {name!r} is an inference-time guard ({adapter.guard.get('rule')}), which filters a UNet's "
+                "CLIP text context and re-weights its decoder's skip features; this pipeline's denoiser is "
+                f"{'an MMDiT transformer (SD3, FLUX), which has no decoder' if self.denoiser_name else 'missing'}, so "
+                "guards do not run on it (weight erasures do)")
         check_compatible(adapter, pipe, strict=strict)
         if adapter.is_guard:
             return self._load_guard(adapter, name, weight)
         gate_spec = parse_gating(adapter, name)
+        if gate_spec is not None and type(self.denoiser).__name__ == "FluxTransformer2DModel":
+            raise AdapterMismatchError(
+                f"erasure {name!r} is gated by prompt similarity, which compares the denoiser's CLIP context with the "
+                "erased prompts' encoding; FLUX's transformer reads T5 rows alone, so gated erasures do not run on "
+                "FLUX (load it without its gate: a static adapter)")
 
         # 1. Resolve and check every module before changing anything.
         targets: list[tuple[str, nn.Module, ModuleDelta]] = []
@@ -179,10 +210,10 @@ class Composer:
             root = self.component(component)
             if root is None:
                 raise AdapterMismatchError(f"erasure {name!r} changes {component!r}, which this pipeline does not have")
-            if gate_spec is not None and component != "unet":
+            if gate_spec is not None and component != self.denoiser_name:
                 raise AdapterError(
                     f"erasure {name!r} is gated by prompt similarity but changes {key!r}: gates are computed from "
-                    "the UNet's encoder_hidden_states, so gated deltas must be on the unet only")
+                    f"the denoiser's encoder_hidden_states, so gated deltas must be on the {self.denoiser_name} only")
             module = find_module(root, path)
             if module is None:
                 raise AdapterMismatchError(f"erasure {name!r}: module {path!r} not found in pipe.{component}")
@@ -202,7 +233,7 @@ class Composer:
         if gate_spec is not None:
             with self._hooks_suspended(), torch.no_grad():  # the erased prompts, encoded as pipe.encode_prompt does
                 gate = build_gate(pipe, gate_spec, self.tokenizer, self.component("text_encoder"),
-                                  next(self.component("unet").parameters()).device)
+                                  next(self.denoiser.parameters()).device)
         else:
             gate = None
 
@@ -226,7 +257,7 @@ class Composer:
         encoders = [self.component(c) for c in ("text_encoder", "text_encoder_2") if self.component(c) is not None]
         guard = build_guard(adapter, name, [e.config.hidden_size for e in encoders])
         self.adapters[name] = _Loaded(name, adapter, weight, guard=guard)
-        self.guards.add(name, guard, self.component("unet"))
+        self.guards.add(name, guard, self.denoiser)
         self._ensure_context_hooks()
         return name
 
@@ -292,7 +323,7 @@ class Composer:
             return weight
         if self._current_gates is None or loaded.name not in self._current_gates:
             raise AdapterError(
-                f"gated erasure {loaded.name!r}: module {slot.key!r} ran outside a UNet forward with "
+                f"gated erasure {loaded.name!r}: module {slot.key!r} ran outside a {self.denoiser_name} forward with "
                 "encoder_hidden_states, so its prompt gate is unknown")
         memo = (loaded.name, weight, tuple(output.shape[:1]), output.ndim, output.dtype, output.device)
         if memo in self._coefficients:
@@ -324,12 +355,16 @@ class Composer:
         return total
 
     def _ensure_context_hooks(self) -> None:
-        """The UNet pre/post hooks (gates, guards) and the text-encoder hook that remembers token ids."""
+        """The denoiser's pre/post hooks (gates, guards) and the text-encoder hook that remembers token ids.
+
+        The pre-hook reads ``encoder_hidden_states`` as a keyword (how every diffusers pipeline passes it: the UNet's
+        and the SD3 transformer's) or at its position in the denoiser's ``forward``."""
         if self._context_handles:
             return
-        unet = self.component("unet")
-        self._context_handles.append(unet.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True))
-        self._context_handles.append(unet.register_forward_hook(self._unet_post_hook, always_call=True))
+        denoiser = self.denoiser
+        self._positions = _positions(denoiser)
+        self._context_handles.append(denoiser.register_forward_pre_hook(self._denoiser_pre_hook, with_kwargs=True))
+        self._context_handles.append(denoiser.register_forward_hook(self._denoiser_post_hook, always_call=True))
         encoder = self.component("text_encoder")
         if encoder is not None and self.tokenizer is not None:
             self._context_handles.append(encoder.register_forward_hook(self._text_encoder_hook, with_kwargs=True))
@@ -345,10 +380,17 @@ class Composer:
     def _text_encoder_hook(self, module, args, kwargs, output):
         return None if self._suspended else self.tokens.hook(module, args, kwargs, output)
 
-    def _unet_pre_hook(self, module, args, kwargs):
+    def _argument(self, name: str, args: tuple, kwargs: dict):
+        """A denoiser ``forward`` argument, passed as a keyword or positionally."""
+        if name in kwargs:
+            return kwargs[name]
+        index = self._positions.get(name)
+        return args[index] if index is not None and index < len(args) else None
+
+    def _denoiser_pre_hook(self, module, args, kwargs):
         if self._suspended:
             return None
-        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        context = self._argument("encoder_hidden_states", args, kwargs)
         if context is None:
             self._current_gates = None
             return None
@@ -362,16 +404,17 @@ class Composer:
         guards = [(n, a.weight) for n, a in self.adapters.items() if a.guard is not None and self._active(n)]
         if not guards:
             return None
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        timestep = self._argument("timestep", args, kwargs)
         encode = context_encoder(self.component, (self.tokenizer, self.tokenizer_2), self.tokens)
         filtered = self.guards.apply(context, timestep, guards, self._row_tokens, encode)
         if filtered is None:
             return None
         if "encoder_hidden_states" in kwargs:
             return args, {**kwargs, "encoder_hidden_states": filtered}
-        return (*args[:2], filtered, *args[3:]), kwargs
+        index = self._positions["encoder_hidden_states"]
+        return (*args[:index], filtered, *args[index + 1:]), kwargs
 
-    def _unet_post_hook(self, module, args, output):
+    def _denoiser_post_hook(self, module, args, output):
         self._current_gates = None
         self._coefficients.clear()
         self.guards.end_call()

@@ -1,5 +1,6 @@
 """Prompt-similarity gates (SPM's Facilitated Transport, Lyu et al. 2024, https://arxiv.org/abs/2312.16145):
-the gating record's checks and ``γ`` of each UNet context row. See :mod:`erasekit.compose` for the formulas."""
+the gating record's checks and ``γ`` of each denoiser context row (a UNet's, or an SD3 transformer's). See
+:mod:`erasekit.compose` for the formulas."""
 
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def similarity(gate: Gate, context: torch.Tensor, tokens: list[frozenset[int] | 
     embeds = gate.embeds  # (Q, L', D)
     if rows.shape[-1] != embeds.shape[-1]:
         raise AdapterMismatchError(
-            f"gate prompts encode to width {embeds.shape[-1]}, but the UNet context has width {rows.shape[-1]}")
+            f"gate prompts encode to width {embeds.shape[-1]}, but the denoiser's context has width {rows.shape[-1]}")
     length = min(rows.shape[1], embeds.shape[1])
     a = F.normalize(rows[:, :length].flatten(1), dim=1)
     b = F.normalize(embeds[:, :length].flatten(1), dim=1)
@@ -124,7 +125,7 @@ def _tokencos(embedding: torch.Tensor, tokens: list[frozenset[int] | None],
 
 
 def row_key(row: torch.Tensor) -> bytes:
-    """A content key for one hidden-state row (used to match UNet context rows to text-encoder calls)."""
+    """A content key for one hidden-state row (used to match denoiser context rows to text-encoder calls)."""
     data = row.detach().to("cpu").contiguous()
     digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
     digest.update(repr((tuple(data.shape), str(data.dtype))).encode())
@@ -140,15 +141,18 @@ def inner_ids(tokenizer, ids: list[int]) -> tuple[int, ...]:
 
 class TokenMemory:
     """The token ids behind each hidden-state row a text encoder produced (its forward hook, :meth:`hook`), so that
-    the UNet's pre-hook knows the prompt of each ``encoder_hidden_states`` row: gates' ``tokenuni``, guards' masks.
+    the denoiser's pre-hook knows the prompt of each ``encoder_hidden_states`` row: gates' ``tokenuni``, guards' masks.
 
-    Rows are matched by a hash of their content (for SDXL, the first encoder's slice of the context, whose
-    penultimate hidden states are remembered too). The last ``size`` rows are kept.
+    Rows are matched by a hash of their content: the whole row; for SDXL, the first encoder's slice of the context
+    (whose penultimate hidden states are remembered too); for SD3, whose context is ``[CLIP 1 | CLIP 2 | zero pad]``
+    over the 77 CLIP positions followed by the T5 rows, the first encoder's block (the first 77 positions of its
+    slice). The last ``size`` rows are kept.
     """
 
     def __init__(self, tokenizer, width: int | None, size: int = 1024):
         self.tokenizer, self.width, self.size = tokenizer, width, size
         self.rows: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
+        self.length: int | None = None  # the token length of the rows remembered (77 for CLIP)
         self._paused = 0
 
     @contextmanager
@@ -168,6 +172,7 @@ class TokenMemory:
         hidden_states = getattr(output, "hidden_states", None)
         if hidden_states is not None and len(hidden_states) > 1:
             states.append(hidden_states[-2])  # SDXL's penultimate-layer context
+        self.length = input_ids.shape[-1]
         for rows in states:
             for ids, row in zip(input_ids.tolist(), rows):
                 key = row_key(row)
@@ -182,6 +187,8 @@ class TokenMemory:
         tokens = self.rows.get(row_key(row))
         if tokens is None and self.width is not None and row.shape[-1] > self.width:
             tokens = self.rows.get(row_key(row[..., :self.width]))  # SDXL: [encoder 1 | encoder 2] context
+        if tokens is None and self.width is not None and self.length is not None and row.shape[0] > self.length:
+            tokens = self.rows.get(row_key(row[:self.length, :self.width]))  # SD3: CLIP rows, then T5 rows
         return tokens
 
     def clear(self) -> None:

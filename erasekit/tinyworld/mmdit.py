@@ -107,6 +107,35 @@ def encode(text_encoders, tokenizer, texts) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(hidden, -1), torch.cat(pooled, -1)
 
 
+class _Ema(torch.nn.Module):
+    """An exponential moving average of the trained modules' weights, taken in at the start of each step s > 0
+    (the weights after step s − 1, decay min(0.999, s / (9 + s))); a module, so that it is checkpointed in the same
+    file as the weights and a resumed run averages exactly as an uninterrupted one."""
+
+    def __init__(self, modules: dict):
+        super().__init__()
+        self.modules_ = modules
+        for key, module in modules.items():
+            for i, p in enumerate(module.parameters()):
+                self.register_buffer(f"{key}__{i}", p.detach().clone())
+
+    def pairs(self):
+        for key, module in self.modules_.items():
+            for i, p in enumerate(module.parameters()):
+                yield getattr(self, f"{key}__{i}"), p
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(0.999, (1 + step) / (10 + step))
+        for e, p in self.pairs():
+            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for e, p in self.pairs():
+            p.copy_(e)
+
+
 def train(out_dir: str | Path, work_dir: str | Path, config: MMDiTTrainConfig = MMDiTTrainConfig(),
           base: str | Path | None = None) -> dict:
     """Train tinyworld-mmdit (resuming from ``work_dir``) and write the pipeline + judge to ``out_dir``.
@@ -119,7 +148,7 @@ def train(out_dir: str | Path, work_dir: str | Path, config: MMDiTTrainConfig = 
     from ..core.mmdit import collapsed_padding
     from . import path as tinyworld_path
     from .judge import TinyworldJudge
-    from .train import _AuxHead, _check_folders, _cosine, _load_ckpt, _run_stage, _save_ckpt, _to_x, make_data
+    from .train import _AuxHead, _check_folders, _cosine, _run_stage, _to_x, make_data
 
     out_dir, work, base = Path(out_dir), Path(work_dir), Path(base or tinyworld_path())
     _check_folders(out_dir, work)
@@ -143,8 +172,7 @@ def train(out_dir: str | Path, work_dir: str | Path, config: MMDiTTrainConfig = 
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     trained = {"transformer": transformer, "text_encoder_2": text_encoder_2}
-    ema_path = work / "mmdit_ema.pt"
-    ema = _load_ckpt(ema_path) or {k: [p.detach().clone() for p in m.parameters()] for k, m in trained.items()}
+    ema = _Ema(trained)
 
     data = _to_x(images)
     with torch.no_grad():
@@ -176,31 +204,15 @@ def train(out_dir: str | Path, work_dir: str | Path, config: MMDiTTrainConfig = 
         aux_loss = sum(F.cross_entropy(logits[k], torch.tensor(aux_targets[k])) for k in ATTRIBUTES)
         return F.mse_loss(pred, noise - z0) + 0.05 * aux_loss
 
-    class _EmaStep:
-        last = None
+    def with_ema(step, gen):  # the average takes in the weights of the step before (a resumed run does the same)
+        if step:
+            ema.update(step - 1)
+        return step_fn(step, gen)
 
-        def __call__(self, step, gen):
-            if self.last is not None:
-                decay = min(0.999, (1 + self.last) / (10 + self.last))
-                with torch.no_grad():
-                    for key, module in trained.items():
-                        for e, p in zip(ema[key], module.parameters()):
-                            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-                if self.last % config.checkpoint_every == 0:
-                    _save_ckpt(ema_path, ema)
-            self.last = step
-            return step_fn(step, gen)
-
-    wrapped = _EmaStep()
-    with collapsed_padding(transformer, T5_ROWS):
-        _run_stage("mmdit", 4, config, work, {**trained, "aux": aux}, opt, config.steps, wrapped,
+    with collapsed_padding(transformer, T5_ROWS):  # the EMA is checkpointed with the weights, atomically
+        _run_stage("mmdit", 4, config, work, {**trained, "aux": aux, "ema": ema}, opt, config.steps, with_ema,
                    lambda s: _cosine(s, config.steps))
-    if wrapped.last is not None:
-        _save_ckpt(ema_path, ema)
-    with torch.no_grad():
-        for key, module in trained.items():
-            for e, p in zip(ema[key], module.parameters()):
-                p.copy_(e)
+    ema.copy_to()
 
     pipe = StableDiffusion3Pipeline(
         transformer=transformer.eval(), scheduler=make_scheduler(), vae=vae, text_encoder=text_encoder,
