@@ -149,9 +149,9 @@ def _row(with_: list[float], plain: list[float], steps: int, **extra) -> dict:
 
 
 def run(model: str, repeats: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
-        counts: tuple[int, ...] = (1, 4, 16), sd3_size: int = 32, pipe=None) -> dict:
+        counts: tuple[int, ...] = (1, 4, 16), sd3_size: int = 32, pipe=None, fused: bool = True) -> dict:
     """Time ``model`` (or ``pipe``, a pipeline of that family: tests pass a tiny one) with 0 and ``counts``
-    adapters of each kind, and 4 fused (where 4 is among ``counts``)."""
+    adapters of each kind, and 4 fused (where 4 is among ``counts`` and ``fused``)."""
     from erasekit import compose
 
     pipe = pipe if pipe is not None else load_model(model, device, dtype)
@@ -168,7 +168,7 @@ def run(model: str, repeats: int, device: str = "cpu", dtype: torch.dtype = torc
             rows[f"{kind}_{n}"] = _row(*paired_times(pipe, inputs, repeats), steps,
                                        modules_per_adapter=len(adapters[kind][0].deltas))
             print(f"{model}: {kind} ×{n}: {rows[f'{kind}_{n}']}", flush=True)
-            if kind == "static" and n == 4:
+            if kind == "static" and n == 4 and fused:
                 compose.fuse(pipe)
                 rows["fused_4"] = _row(*paired_times(pipe, inputs, repeats), steps)
                 print(f"{model}: fused ×4: {rows['fused_4']}", flush=True)
@@ -190,6 +190,7 @@ def main(argv=None, out: str | Path = "benchmarks/compose_overhead.json", pipe=N
                         help="default: tinyworld sd15 on CPU, sd15 sdxl on CUDA")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16], help="adapters of each kind loaded")
+    parser.add_argument("--no-fused", action="store_true", help="skip the 4 fused adapters' timing")
     parser.add_argument("--sd3-size", type=int, default=32,
                         help="sd3: latent side (32 = 256 px; SD3's native 1024 px is 128)")
     parser.add_argument("--device", default="cpu")
@@ -206,7 +207,7 @@ def main(argv=None, out: str | Path = "benchmarks/compose_overhead.json", pipe=N
     for model in models:
         data["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
         data[model] = run(model, args.repeats if model != "tinyworld" else max(args.repeats, 20), args.device, dtype,
-                          tuple(args.counts), args.sd3_size, pipe=pipe)
+                          tuple(args.counts), args.sd3_size, pipe=pipe, fused=not args.no_fused)
         data[model]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         data[model]["load_average_before"] = data.pop("load_average_before")
         data[model]["torch_threads"] = torch.get_num_threads()
