@@ -141,6 +141,8 @@ def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json", pipe=N
     parser.add_argument("--model", default="sd15", choices=["sd15", "sdxl", "sd3"])
     parser.add_argument("--many-repeats", type=int, default=None,
                         help="repeats of the 100-concept case (default: --repeats; 0: its breakdown only)")
+    parser.add_argument("--cases", nargs="+", default=["one", "many"], choices=["one", "many"],
+                        help="one: 1 concept; many: 100 concepts + 500 preserve prompts (default: both)")
     parser.add_argument("--pooled-sample", type=float, default=1.0,
                         help="sd3: fraction of the 100-concept case's prompts whose pooled keys the breakdown times")
     parser.add_argument("--device", default="cpu")
@@ -161,18 +163,19 @@ def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json", pipe=N
     results = {}
     mmdit = args.model == "sd3"
     many_repeats = args.repeats if args.many_repeats is None else args.many_repeats
-    one = timed(lambda: erase(pipe, "uce", ["crimson disc"]), args.repeats)
-    results["uce_1_concept"] = {"rank": one.pop("_result").info["rank"], **one}
-    log(f"1 concept: {results['uce_1_concept']}")
+    if "one" in args.cases:
+        one = timed(lambda: erase(pipe, "uce", ["crimson disc"]), args.repeats)
+        results["uce_1_concept"] = {"rank": one.pop("_result").info["rank"], **one}
+        log(f"1 concept: {results['uce_1_concept']}")
     many_name = "uce_100_concepts_500_preserve"
-    if many_repeats:
+    if "many" in args.cases and many_repeats:
         many = timed(lambda: erase(pipe, "uce", concepts, preserve=preserve), many_repeats)
         adapter = many.pop("_result")
         results[many_name] = {**many, "rank": adapter.info["rank"], "erase_keys": adapter.info["erase_keys"],
                               "preserve_keys": adapter.info["preserve_keys"],
                               "adapter_parameters": adapter.num_parameters}
         log(f"100 concepts: {results[many_name]}")
-    else:
+    elif "many" in args.cases:
         results[many_name] = {"end_to_end": "not run (--many-repeats 0): the time is the breakdown's sum"}
     if not mmdit:  # RealEra, TRCE and SAFREE refuse an MMDiT pipeline (the registry's architectures)
         for name, (erased, kept) in (("realera_closed_form_1_concept", (["crimson disc"], [])),
@@ -194,6 +197,8 @@ def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json", pipe=N
     # breakdown (one run of each step)
     for name, config in (("uce_1_concept", uce.UceConfig(concepts=("crimson disc",))),
                          (many_name, uce.UceConfig(concepts=tuple(concepts), preserve=tuple(preserve)))):
+        if name not in results:
+            continue
         steps, extra = {}, {}
         t = time.perf_counter()
         keys = uce.collect_keys(pipe, config)
