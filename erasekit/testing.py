@@ -4,7 +4,9 @@
 SD 1.x (conv ``proj_in``, one CLIP encoder), SD 2.x (linear projections, head dims per block),
 SDXL (two text encoders, the second with projection, ``text_time`` added conditioning, concatenated
 2-encoder context), SD3 (an ``SD3Transformer2DModel``: joint attention, two CLIP encoders with projection, no T5,
-flow matching). ``sd15_unet()`` / ``sd15_text_encoder()`` have SD 1.5's full shapes.
+flow matching). ``sd15_unet()`` / ``sd15_text_encoder()`` have SD 1.5's full shapes, ``sdxl_unet()`` /
+``sdxl_text_encoders()`` SDXL base's, ``sd3_medium_transformer()`` / ``sd3_text_encoders()`` SD3-medium's, and
+``real_shape_pipeline("sd15" | "sdxl" | "sd3")`` puts them in a pipeline.
 """
 
 from __future__ import annotations
@@ -181,12 +183,64 @@ def sdxl_text_encoders(tokenizer=None, dtype: torch.dtype = torch.float32):
     return one.to(dtype), two.to(dtype)
 
 
-def real_shape_pipeline(family: str = "sd15", dtype: torch.dtype = torch.float32, unet=None):
-    """A pipeline with a real model's UNet and text encoder(s) (random weights) and a tiny VAE: ``"sd15"`` or
-    ``"sdxl"``. For timing and memory, which do not depend on the weights. ``unet``: one built by the caller."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+#: Stable Diffusion 3 medium's transformer configuration (``stabilityai/stable-diffusion-3-medium-diffusers``,
+#: ``transformer/config.json``): 24 joint blocks 1536 wide (24 heads × 64), context 4096 wide (CLIP-L 768 + CLIP-G
+#: 1280, zero-padded to T5's 4096), pooled text 2048 (768 + 1280), 16 latent channels in 2×2 patches
+SD3_MEDIUM_CONFIG = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
 
-    if family == "sd15":
+
+def sd3_medium_transformer(dtype: torch.dtype = torch.float32):
+    """An ``SD3Transformer2DModel`` with Stable Diffusion 3 medium's configuration (:data:`SD3_MEDIUM_CONFIG`) and
+    random weights (≈ 2.03 B parameters, 8.1 GB in fp32). Build it under ``torch.device("meta")`` and
+    ``to_empty`` it where only shapes matter (as the perf benchmarks do): the full random init takes a while on a CPU."""
+    from diffusers import SD3Transformer2DModel
+
+    return _cast(SD3Transformer2DModel(**SD3_MEDIUM_CONFIG), dtype)
+
+
+def sd3_text_encoders(tokenizer=None, dtype: torch.dtype = torch.float32):
+    """SD3's two CLIP text encoders with random weights, both with projection (SD3 reads both pooled outputs):
+    CLIP ViT-L (768 wide, 12 layers) and OpenCLIP ViT-bigG (1280 wide, 32 layers). SD3's third encoder (T5-XXL) is
+    optional and left out (``text_encoder_3=None``)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    common = dict(vocab_size=max(len(tokenizer), 49408), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    one = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                     num_attention_heads=12, hidden_act="quick_gelu",
+                                                     projection_dim=768, **common))
+    two = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                     num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+                                                     **common))
+    return one.eval().to(dtype), two.eval().to(dtype)
+
+
+def sd3_small_vae():
+    """A tiny ``AutoencoderKL`` with SD3's latent interface: 16 latent channels, 8× downsampling (four blocks), SD3's
+    scaling and shift factors; so that an SD3-shaped pipeline's sizes are SD3's (1024 px ↔ 128×128 latents)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         norm_num_groups=4, sample_size=32, scaling_factor=1.5305, shift_factor=0.0609)
+
+
+def real_shape_pipeline(family: str = "sd15", dtype: torch.dtype = torch.float32, unet=None, transformer=None):
+    """A pipeline with a real model's denoiser and text encoder(s) (random weights) and a tiny VAE: ``"sd15"``,
+    ``"sdxl"`` or ``"sd3"`` (SD3-medium's transformer and CLIP encoders, no T5; a VAE with SD3's 16 latent channels).
+    For timing and memory, which do not depend on the weights. ``unet`` / ``transformer``: one built by the caller."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if family == "sd3":
+        parts = tiny_components("sd3")
+        parts["transformer"] = transformer if transformer is not None else sd3_medium_transformer(dtype)
+        parts["text_encoder"], parts["text_encoder_2"] = sd3_text_encoders(parts["tokenizer"], dtype)
+        parts["vae"] = sd3_small_vae()
+        pipe = StableDiffusion3Pipeline(**parts)
+    elif family == "sd15":
         parts = tiny_components("sd1")
         parts["unet"] = unet if unet is not None else sd15_unet(dtype)
         parts["text_encoder"] = sd15_text_encoder(parts["tokenizer"], dtype)
@@ -197,7 +251,7 @@ def real_shape_pipeline(family: str = "sd15", dtype: torch.dtype = torch.float32
         parts["text_encoder"], parts["text_encoder_2"] = sdxl_text_encoders(parts["tokenizer"], dtype)
         pipe = StableDiffusionXLPipeline(**parts)
     else:
-        raise ValueError(f"family must be 'sd15' or 'sdxl', got {family!r}")
+        raise ValueError(f"family must be 'sd15', 'sdxl' or 'sd3', got {family!r}")
     if dtype != torch.float32:
         pipe.vae.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -217,6 +271,21 @@ def unet_inputs(unet, batch: int, device, dtype, generator=None) -> dict:
                                     "time_ids": torch.tensor([[8 * size, 8 * size, 0, 0, 8 * size, 8 * size]] * batch,
                                                              device=device, dtype=dtype)}
     return out
+
+
+def sd3_inputs(transformer, batch: int, device, dtype, size: int | None = None, context_rows: int = 77 + 256,
+               generator=None) -> dict:
+    """Random inputs of one SD3 transformer call: latents (B, C, size, size) (``size``: latent side, default the
+    model's ``sample_size``), timestep, context (B, ``context_rows``, joint_attention_dim) (SD3's pipeline without
+    T5: 77 CLIP rows and 256 zero rows) and pooled projections."""
+    config = transformer.config
+    size = size or config.sample_size
+    gen = generator or torch.Generator().manual_seed(0)
+    return {"hidden_states": torch.randn(batch, config.in_channels, size, size, generator=gen).to(device, dtype),
+            "timestep": torch.full((batch,), 500.0, device=device),
+            "encoder_hidden_states": torch.randn(batch, context_rows, config.joint_attention_dim,
+                                                 generator=gen).to(device, dtype),
+            "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=gen).to(device, dtype)}
 
 
 def sd15_text_encoder(tokenizer=None, dtype: torch.dtype = torch.float32):

@@ -15,6 +15,10 @@ Five benchmarks (``erasekit bench perf --only NAME…`` runs some; each module a
 On the CPU they run on SD 1.5's shapes in fp32; with ``--device cuda`` on SD 1.5's and SDXL's in fp16. Outputs go to
 ``OUT_DIR/<benchmark>.json`` (``<benchmark>-<device>.json`` for a GPU run), each labelled with date, machine,
 versions and commit.
+
+SD3-medium's shapes (issue #25) are run module by module: ``closed_form --model sd3``, ``compose_overhead --models
+sd3``, ``train_memory --model sd3`` (→ ``benchmarks/*-sd3.json``); and :mod:`.flux_shapes` checks UCE's edit on
+FLUX.1-dev's text-reading modules built alone (the whole FLUX.1-dev does not fit a 24 GB machine).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Peak memory and time of one ESD-x training step on a UNet with SD 1.5's (or SDXL's) full shapes (random weights).
+"""Peak memory and time of one ESD-x training step on a UNet with SD 1.5's (SDXL's) full shapes, or on SD3-medium's
+transformer (random weights).
 
 Two variants, each measured in a fresh subprocess (peak RSS = ``ru_maxrss`` of that process):
 
@@ -19,6 +20,15 @@ measured the same way.
 
     erasekit bench perf                                    # → benchmarks/train_memory.json (and the others)
     python -m erasekit.bench.perf.train_memory --gradient-checkpointing [--model sdxl --device cuda --dtype float16]
+    python -m erasekit.bench.perf.train_memory --model sd3 --resolution 512 --gradient-checkpointing --variants ours \
+        --out benchmarks/train_memory-sd3.json
+
+SD3 (``--model sd3``): the esd-x modules of an MMDiT transformer are every Linear of the joint blocks' attention
+(``erasekit.methods.esd.select(pipe, "esd-x")``, 384 modules); the context is what erasekit's trainer feeds it without
+T5: the 77 CLIP rows and one zero row standing exactly for the 256 zero T5 rows
+(:func:`erasekit.core.mmdit.collapsed_padding`, in force for the whole step, backward and recomputation included);
+``--resolution`` sets the image size (default: native, 1024 px for SD3, whose step takes many minutes and more memory
+than a 24 GB machine has without checkpointing; the committed run is at 512 px).
 """
 
 from __future__ import annotations
@@ -42,8 +52,49 @@ def _peak_gb(device: str = "cpu") -> float:
     return peak_rss_mb() / 1024
 
 
+#: SD3 without T5 in erasekit's trainer: 77 CLIP rows + one zero row standing for the 256 T5 rows
+SD3_CONTEXT_ROWS, SD3_PADDING = 78, 256
+
+
+def build(model: str, dtype, device: str, resolution: int = 0, net=None):
+    """The denoiser (``net``: one built by the caller, e.g. a tiny one in tests), its esd-x module names, batch-1
+    inputs (x, t, cond, extra keyword arguments) and ``call(module, x, t, cond, extra) → prediction``."""
+    from erasekit.core import lora
+    from erasekit.methods.esd import MMDIT_PRESETS, PRESETS
+    from erasekit.testing import sd3_inputs, sd3_medium_transformer, sd15_unet, sdxl_unet, unet_inputs
+
+    if model == "sd3":
+        net = (net if net is not None else sd3_medium_transformer(dtype)).to(device).eval()
+        names = lora.select(net, MMDIT_PRESETS["esd-x"])  # = erasekit.methods.esd.select(pipe, "esd-x")
+        size = resolution // 8 if resolution else None
+        inputs = sd3_inputs(net, 1, device, dtype, size=size, context_rows=SD3_CONTEXT_ROWS)
+        extra = {"pooled_projections": inputs["pooled_projections"]}
+
+        def call(module, x, t, cond, extra):
+            return module(hidden_states=x, timestep=t, encoder_hidden_states=cond, return_dict=False, **extra)[0]
+
+        return net, names, (inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"], extra), call
+    net = (net if net is not None else (sd15_unet if model == "sd15" else sdxl_unet)(dtype)).to(device).eval()
+    names = lora.select(net, PRESETS["esd-x"])
+    inputs = unet_inputs(net, 1, device, dtype)
+    extra = {"added_cond_kwargs": inputs["added_cond_kwargs"]} if "added_cond_kwargs" in inputs else {}
+
+    def call(module, x, t, cond, extra):
+        return module(x, t, cond, **extra).sample
+
+    return net, names, (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], extra), call
+
+
+def _doubled(extra: dict) -> dict:
+    """Extra keyword arguments of a batch-1 call, for the same call on a batch of 2."""
+    import torch
+
+    return {k: _doubled(v) if isinstance(v, dict) else torch.cat([v, v]) for k, v in extra.items()}
+
+
 def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", device: str = "cpu",
-          dtype_name: str = "auto") -> dict:
+          dtype_name: str = "auto", resolution: int = 0, net=None) -> dict:
+    import contextlib
     import copy
 
     import torch
@@ -51,21 +102,15 @@ def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", dev
 
     from erasekit.core import lora
     from erasekit.core.device import resolve_dtype
+    from erasekit.core.mmdit import collapsed_padding
     from erasekit.core.provenance import reset_peak_rss
-    from erasekit.methods.esd import PRESETS
-    from erasekit.testing import sd15_unet, sdxl_unet, unet_inputs
 
     torch.manual_seed(0)
     dtype = resolve_dtype(dtype_name, torch.device(device))
     reset_peak_rss()  # Linux keeps the parent's ru_maxrss across exec
     baseline = _peak_gb(device)
-    unet = (sd15_unet if model == "sd15" else sdxl_unet)(dtype).to(device).eval()
-    names = lora.select(unet, PRESETS["esd-x"])
-    inputs = unet_inputs(unet, 1, device, dtype)
-    x, t, cond = inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]
-    extra = {"added_cond_kwargs": inputs["added_cond_kwargs"]} if "added_cond_kwargs" in inputs else {}
-    extra2 = ({"added_cond_kwargs": {k: torch.cat([v, v]) for k, v in extra["added_cond_kwargs"].items()}}
-              if extra else {})
+    unet, names, (x, t, cond, extra), call = build(model, dtype, device, resolution, net)
+    extra2 = _doubled(extra)
     uncond = torch.randn_like(cond)
     unet.requires_grad_(False)
     if variant == "ours":
@@ -78,22 +123,26 @@ def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", dev
         params = [p for n in names for p in modules[n].parameters()]
         for p in params:
             p.requires_grad_(True)
-        import contextlib
-
         teacher_context = contextlib.nullcontext
     if checkpointing:
         unet.enable_gradient_checkpointing()
     opt = torch.optim.Adam(params, lr=1e-5)
     after_setup = _peak_gb(device)
+    # SD3: the trainer's collapsed context, for the whole step (gradient checkpointing recomputes blocks in backward)
+    collapsed = [collapsed_padding(m, SD3_PADDING) for m in {id(unet): unet, id(teacher): teacher}.values()] \
+        if model == "sd3" else []
     started = time.perf_counter()
-    with teacher_context(), torch.no_grad():
-        e_null, e_cond = teacher(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]),
-                                 **extra2).sample.chunk(2)
-    target = e_null - 2.0 * (e_cond - e_null)
-    with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-        loss = F.mse_loss(unet(x, t, cond, **extra).sample.float(), target.float())
-    loss.backward()
-    opt.step()
+    with contextlib.ExitStack() as stack:
+        for c in collapsed:
+            stack.enter_context(c)
+        with teacher_context(), torch.no_grad():
+            e_null, e_cond = call(teacher, torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]),
+                                  extra2).chunk(2)
+        target = e_null - 2.0 * (e_cond - e_null)
+        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+            loss = F.mse_loss(call(unet, x, t, cond, extra).float(), target.float())
+        loss.backward()
+        opt.step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -102,14 +151,19 @@ def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", dev
             "rss_before_model_gb": round(baseline, 3), "step_seconds": round(seconds, 2),
             "trainable_parameters": sum(p.numel() for p in params), "adapted_modules": len(names),
             "unet_parameters": sum(p.numel() for p in unet.parameters()), "threads": torch.get_num_threads(),
-            "loss": float(loss)}
+            "latent": list(x.shape[1:]), "context": list(cond.shape[1:]),
+            **({"context_stands_for_rows": SD3_CONTEXT_ROWS - 1 + SD3_PADDING} if model == "sd3" else {}),
+            "loss": float(loss.detach())}
 
 
 def main(argv=None, out: str | Path = "benchmarks/train_memory.json") -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=4, help="rank of our low-rank deltas")
     p.add_argument("--gradient-checkpointing", action="store_true", help="in both variants")
-    p.add_argument("--model", default="sd15", choices=["sd15", "sdxl"])
+    p.add_argument("--model", default="sd15", choices=["sd15", "sdxl", "sd3"])
+    p.add_argument("--resolution", type=int, default=0, help="sd3: image size in px (default: native, 1024)")
+    p.add_argument("--variants", nargs="+", default=["ours", "two_unet"], choices=["ours", "two_unet"],
+                   help="two_unet holds two copies of the denoiser (SD3-medium: 2 × 8.1 GB in fp32)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="auto: float16 on CUDA, float32 on CPU")
     p.add_argument("--child", choices=["ours", "two_unet"], help=argparse.SUPPRESS)
@@ -117,14 +171,16 @@ def main(argv=None, out: str | Path = "benchmarks/train_memory.json") -> int:
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.rank, args.gradient_checkpointing, args.model, args.device,
-                               args.dtype)))
+                               args.dtype, args.resolution)))
         return 0
     from erasekit.core.provenance import run_record
 
     results = {}
-    for variant in ("ours", "two_unet"):
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    for variant in args.variants:
         cmd = [sys.executable, "-m", "erasekit.bench.perf.train_memory", "--child", variant, "--rank", str(args.rank),
-               "--model", args.model, "--device", args.device, "--dtype", args.dtype]
+               "--model", args.model, "--device", args.device, "--dtype", args.dtype,
+               "--resolution", str(args.resolution)]
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # see the module docstring
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -133,24 +189,32 @@ def main(argv=None, out: str | Path = "benchmarks/train_memory.json") -> int:
             return proc.returncode
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(json.dumps(results[variant]))
-    ratio = results["ours"]["peak_rss_gb"] / results["two_unet"]["peak_rss_gb"]
+    first = next(iter(results.values()))
+    denoiser = "SD3-medium transformer" if args.model == "sd3" else f"{args.model} UNet"
+    size = f"{args.resolution} px" if args.resolution else "native resolution"
     record = {
-        "benchmark": f"one ESD-x training step, {args.model} UNet shapes (random weights), {args.device} "
-                     f"{results['ours']['dtype']}, batch 1 at native resolution; peak memory of a fresh process "
+        "benchmark": f"one ESD-x training step, {denoiser} shapes (random weights), {args.device} "
+                     f"{first['dtype']}, batch 1 at {size}; peak memory of a fresh process "
                      "per variant (glibc mmap threshold fixed at 128 KiB on CPU)",
         "rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing, "results": results,
-        "peak_ratio_ours_over_two_unet": round(ratio, 3), "target_ratio": 0.6, "meets_target": ratio <= 0.6,
-        "run": run_record(),
+        "run": run_record(), "load_average_before": load_before,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
+    if len(results) == 2:
+        ratio = results["ours"]["peak_rss_gb"] / results["two_unet"]["peak_rss_gb"]
+        record.update(peak_ratio_ours_over_two_unet=round(ratio, 3), target_ratio=0.6, meets_target=ratio <= 0.6)
     out = Path(args.out)
     existing = json.loads(out.read_text()) if out.exists() else {}
     key = "gradient_checkpointing" if args.gradient_checkpointing else "default"
     if args.model != "sd15" or args.device != "cpu":
         key = f"{args.model}-{args.device}-{key}"
+    if args.resolution:
+        key = f"{key}-{args.resolution}px"
     existing = existing if isinstance(existing, dict) and "runs" in existing else {"runs": {}}
     existing["runs"][key] = record
     out.write_text(json.dumps(existing, indent=2) + "\n")
-    print(f"ours / two-UNet peak RSS = {ratio:.3f} (target ≤ 0.6) → {out}")
+    if "peak_ratio_ours_over_two_unet" in record:
+        print(f"ours / two-UNet peak RSS = {record['peak_ratio_ours_over_two_unet']:.3f} (target ≤ 0.6) → {out}")
     return 0
 
 
