@@ -116,3 +116,20 @@ def test_text_encoder_methods_erase_from_both_sd3_encoders_and_load(pipe, method
     finally:
         compose.unload(pipe, name)
     assert not torch.equal(before, after) and torch.equal(sd.encode(pipe, ["a cat"]).embeds, before)
+
+
+def test_pooled_keys_cut_at_the_end_token_equal_the_pipelines(pipe):
+    prompts = ["a cat", "", "a red dog on a blue car", "dog"]
+    assert torch.allclose(_text.pooled_embeddings(pipe, prompts, batch_size=3), sd.encode(pipe, prompts).pooled,
+                          atol=1e-5)
+
+
+def test_the_solve_on_the_keys_support_is_the_full_solve():
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randn(n, 12, generator=g, dtype=F64) for n in (3, 3, 5)]
+    for k in keys:
+        k[:, 8:] = 0  # SD3 without T5: columns no key spans
+    edit = uce.solve(uce.Keys(*keys), 1.0, 0.5, 0.1)
+    A = 0.1 * torch.eye(12, dtype=F64) + keys[0].T @ keys[0] + 0.5 * keys[2].T @ keys[2]
+    D = (keys[1] - keys[0]).T @ keys[0]
+    assert torch.allclose(edit.P @ edit.Q.T, D @ torch.linalg.inv(A), atol=1e-10)

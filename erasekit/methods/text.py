@@ -171,3 +171,24 @@ def align_tokens(pipe, source: str, destination: str) -> list[int]:
         index.append(min(j, length - 1))
         j += 1
     return index[:length]
+
+
+@torch.no_grad()
+def pooled_embeddings(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """(N, P) fp32: each prompt's pooled text embedding as SD3's ``encode_prompt`` gives it (both CLIP encoders'
+    projections, concatenated). CLIP pools at the first [EoT] token and is causal, so each batch of prompts (sorted
+    by length) is encoded only up to its longest member's [EoT]: the full-length result to float rounding, at a
+    fraction of the cost."""
+    tokens = tokenize(pipe, prompts)
+    n = len(prompts)
+    order = torch.argsort(tokens.last_index, stable=True)
+    out = None
+    for i in range(0, n, batch_size):
+        rows = order[i:i + batch_size]
+        length = min(int(tokens.last_index[rows].max()) + 2, tokens.attention_mask.shape[1])  # through [EoT]
+        parts = [enc(x[rows, :length].to(device_of(pipe)))[0].float()
+                 for (_, enc), x in zip(sd.encoders(pipe), tokens.input_ids)]
+        pooled = torch.cat(parts, -1)
+        out = pooled.new_zeros(n, pooled.shape[-1]) if out is None else out
+        out[rows.to(out.device)] = pooled
+    return out

@@ -337,10 +337,19 @@ def solve(keys: Keys, erase_scale, preserve_scale, lam: float, dtype: torch.dtyp
     c_e, c_g, c_p = (k.to(device=device, dtype=dtype) for k in (keys.erase, keys.guide, keys.preserve))
     w_e = _weights(erase_scale, len(c_e), dtype, device)
     w_p = _weights(preserve_scale, len(c_p), dtype, device)
-    C = (w_e * c_e).T @ c_e + (w_p * c_p).T @ c_p  # Eq. 7, right-hand sums
-    A = lam * torch.eye(c_e.shape[1], dtype=dtype, device=device) + C
+    # only the directions some key spans: where every key is 0 (SD3 without T5: the 4096-wide context's last 2048
+    # columns) A = λI, and A⁻¹ c_e is 0 there, so solving on the rest is exact and cheaper
+    support = torch.cat([c_e, c_g, c_p]).abs().sum(0) > 0
+    if bool(support.all()) or not bool(support.any()):
+        support = None
+    s_e, s_g, s_p = (c if support is None else c[:, support] for c in (c_e, c_g, c_p))
+    C = (w_e * s_e).T @ s_e + (w_p * s_p).T @ s_p  # Eq. 7, right-hand sums
+    A = lam * torch.eye(s_e.shape[1], dtype=dtype, device=device) + C
     P0 = (w_e * (c_g - c_e)).T  # (d, n): s_e (c_g − c_e), so that D = P0 c_e
-    Q0 = torch.linalg.solve(A, c_e.T)  # (d, n): A⁻¹ c_e
+    Q0 = torch.linalg.solve(A, s_e.T)  # (d, n): A⁻¹ c_e
+    if support is not None:
+        Q0 = torch.zeros(c_e.shape[1], Q0.shape[1], dtype=dtype, device=device).index_copy_(
+            0, support.nonzero().flatten(), Q0)
     return TextEdit(*compress(P0, Q0))
 
 
@@ -442,10 +451,14 @@ def pooled_keys(pipe, config) -> Keys:
     pairs = prompt_pairs(config.concepts, config.guides, config.expand_prompts, templated_guides=False)
     preserve = preserve_prompts(config)
 
+    unique = list(dict.fromkeys([e for e, _ in pairs] + [g for _, g in pairs] + preserve))
+    row = {p: i for i, p in enumerate(unique)}
+    emb = text.pooled_embeddings(pipe, unique)  # each prompt once (a guide is shared by every concept)
+
     def pooled(prompts):
         if not prompts:
-            return torch.zeros(0, int(sd.denoiser(pipe).config.pooled_projection_dim), device=text.device_of(pipe))
-        return torch.cat([sd.encode(pipe, prompts[i:i + 256]).pooled.float() for i in range(0, len(prompts), 256)])
+            return emb.new_zeros(0, emb.shape[-1])
+        return emb[torch.tensor([row[p] for p in prompts], dtype=torch.long, device=emb.device)]
 
     erase, guide = pooled([e for e, _ in pairs]), pooled([g for _, g in pairs])
     eta = getattr(config, "negative_guidance", 0.0)
