@@ -19,7 +19,7 @@ import copy
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,18 +59,9 @@ class MMDiTTrainConfig:
     checkpoint_every: int = field(default=250, metadata={"least": 1})
 
     def __post_init__(self):
-        for f in fields(self):
-            if "least" not in f.metadata:
-                continue
-            value, least = getattr(self, f.name), f.metadata["least"]
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
-            if least is not None and value < least:
-                raise ConfigError(f"{f.name} must be ≥ {least}, got {value}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.cond_dropout, (int, float)) and 0 <= self.cond_dropout <= 1):
-            raise ConfigError(f"cond_dropout must be in [0, 1], got {self.cond_dropout!r}")
+        from .train import validate
+
+        validate(self)
 
 
 def make_transformer():

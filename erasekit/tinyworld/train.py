@@ -47,18 +47,24 @@ class TrainConfig:
     checkpoint_every: int = field(default=250, metadata={"least": 1})
 
     def __post_init__(self):
-        for f in fields(self):  # the integer fields: their least value in their metadata (None: any integer)
-            if "least" not in f.metadata:
-                continue
-            value, least = getattr(self, f.name), f.metadata["least"]
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
-            if least is not None and value < least:
-                raise ConfigError(f"{f.name} must be ≥ {least}, got {value}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.cond_dropout, (int, float)) and 0 <= self.cond_dropout <= 1):
-            raise ConfigError(f"cond_dropout must be in [0, 1], got {self.cond_dropout!r}")
+        validate(self)
+
+
+def validate(config) -> None:
+    """The checks of a training config: each integer field at least the ``least`` of its metadata (None: any
+    integer), ``lr`` positive and finite, ``cond_dropout`` in [0, 1]; ConfigError naming the first bad field."""
+    for f in fields(config):
+        if "least" not in f.metadata:
+            continue
+        value, least = getattr(config, f.name), f.metadata["least"]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+        if least is not None and value < least:
+            raise ConfigError(f"{f.name} must be ≥ {least}, got {value}")
+    if not (isinstance(config.lr, (int, float)) and 0 < config.lr < math.inf):
+        raise ConfigError(f"lr must be a positive number, got {config.lr!r}")
+    if not (isinstance(config.cond_dropout, (int, float)) and 0 <= config.cond_dropout <= 1):
+        raise ConfigError(f"cond_dropout must be in [0, 1], got {config.cond_dropout!r}")
 
 
 def _gen(seed: int, stage: int, step: int) -> torch.Generator:
