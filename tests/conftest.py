@@ -16,6 +16,15 @@ def tinyworld_pipe():
 
 
 @pytest.fixture(scope="session")
+def tinyworld_mmdit_pipe():
+    """tinyworld-mmdit (SD3's architecture, flow matching) on CPU, without T5 as it was trained (session-wide; tests
+    must not leave adapters loaded)."""
+    from erasekit.loading import load_pipeline
+
+    return load_pipeline("tinyworld-mmdit", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def judge():
     from erasekit import tinyworld
 

@@ -393,18 +393,6 @@ def _tinyworld_mmdit_ready() -> bool:
     return (folder / "model_index.json").is_file() and (folder / "judge").is_dir()
 
 
-@pytest.fixture(scope="module")
-def tinyworld_mmdit_pipe():
-    """tinyworld-mmdit (SD3's architecture, flow matching) on CPU, without T5 as it was trained."""
-    from diffusers import StableDiffusion3Pipeline
-
-    from erasekit import tinyworld
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(tinyworld.path("mmdit"), text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.mark.skipif(not _tinyworld_ready(), reason="tinyworld weights not trained yet")
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_every_attack_succeeds_on_the_base_tinyworld_model(tinyworld_pipe, name):

@@ -45,6 +45,18 @@ def test_uce_edits_the_text_reading_layers_by_eq7(pipe):
         assert torch.allclose(got, expected, atol=1e-5 * float(expected.abs().max())), name
 
 
+def test_uce_pooled_guides_follow_the_context_keys(pipe):
+    """The pooled solve's guides: a guide of several prompts is their pooled keys' mean; with "aligned" keys each
+    templated erase prompt is guided by the same template filled with the guide (as its context keys are)."""
+    config = dict(concepts=("cat",), expand_prompts="object", key_mode="aligned")
+    both = uce.pooled_keys(pipe, uce.UceConfig(guides=("dog | cow",), **config))
+    one = [uce.pooled_keys(pipe, uce.UceConfig(guides=(g,), **config)) for g in ("dog", "cow")]
+    assert torch.allclose(both.guide, (one[0].guide + one[1].guide) / 2, atol=1e-6)
+    pairs = uce.prompt_pairs(("cat",), ("dog",), "object", templated_guides=True)
+    expected = _text.pooled_embeddings(pipe, [g for _, g in pairs])
+    assert pairs[1] == ("image of cat", "image of dog") and torch.allclose(one[0].guide, expected, atol=1e-6)
+
+
 def test_uce_merge_is_the_joint_solve_on_sd3(pipe):
     from erasekit.merge import merge
 

@@ -217,6 +217,32 @@ def test_preserve_related_adds_the_siblings_on_tinyworld_only(tinyworld_pipe, pi
     assert uce.preserve_prompts(for_model(config, on_tinyworld(pipes["sd1"]))) == ["a tree", "square"]  # not a tinyworld model: as given
 
 
+def test_a_guide_of_several_prompts_is_the_mean_of_their_keys(pipes):
+    """"square | triangle": each erase key is guided by the mean of the two prompts' keys (last_token: the prompts'
+    own keys; aligned: each templated prompt's aligned tokens), computed here from single-guide solves."""
+    pipe = pipes["sd1"]
+    for mode in ("last_token", "aligned"):
+        config = dict(concepts=("a red circle",), key_mode=mode, preserve=("a blue star",))
+        both = uce.collect_keys(pipe, uce.UceConfig(guides=("a red square | a red triangle",), **config))
+        one = [uce.collect_keys(pipe, uce.UceConfig(guides=(g,), **config)) for g in ("a red square", "a red triangle")]
+        assert torch.allclose(both.guide, (one[0].guide + one[1].guide) / 2, atol=1e-6), mode
+        assert torch.equal(both.erase, one[0].erase) and torch.equal(both.preserve, one[0].preserve)
+    with pytest.raises(ConfigError, match="several prompts needs key_mode"):
+        uce.collect_keys(pipe, uce.UceConfig(concepts=("cat",), guides=("dog | cow",), key_mode="tokens"))
+    for method in ("time", "realera"):
+        with pytest.raises(ConfigError, match="guide of several prompts"):
+            erase(pipe, method, ["cat"], guides=("dog | cow",))
+
+
+def test_guide_related_guides_each_concept_to_its_unerased_siblings(tinyworld_pipe, pipes):
+    config = uce.UceConfig(concepts=("circle", "square", "red"), guide_related=True)
+    guides = for_model(config, on_tinyworld(tinyworld_pipe)).guides
+    assert guides == ("triangle | star | cross | diamond",) * 2 + ("green | blue | yellow | purple | orange",)
+    assert for_model(config, on_tinyworld(pipes["sd1"])).guides == ("",)  # no vocabulary: as given
+    mine = dataclasses.replace(config, guides=("dog",))
+    assert for_model(mine, on_tinyworld(tinyworld_pipe)).guides == ("dog",)  # the user's guide wins
+
+
 def test_erase_templates_never_name_another_erased_concept():
     """Erasing circle and striped together: none of circle's templated erase prompts names striped (or a synonym),
     whose words there would hold striped's keys; one concept alone keeps every template."""

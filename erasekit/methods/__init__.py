@@ -74,9 +74,11 @@ TINYWORLD_TRCE = {"implied_synonyms": True, "preserve_related": True, "num_infer
 #: DUGE on tinyworld: ESD-x's tinyworld settings for each step (η = 2: the anchor-free target "∅" still draws the
 #: concept a share of the time on this model, so the target is pushed past it, as ESD's), the concept's siblings
 #: as the related concepts of the prior-preservation loss (benchmarks/continual_tinyworld.json).
-#: the closed forms on tinyworld-mmdit: η = 1 past the guide (the UNet model's preset) moves the other shapes (17.5
-#: points) and erases little there; η = 0.3 leaves circle in 25 % of its prompts (base 71 %), 4.2 points (1 seed)
-TINYWORLD_MMDIT_CLOSED_FORM = {"negative_guidance": 0.3}
+#: the closed forms on tinyworld-mmdit, whose shape comes from the pooled text (adaLN) more than from the context rows,
+#: and whose prompts without a shape draw a circle 42 % of the time: the guide "" (the UNet model's preset) cannot
+#: erase circle there (25 % left at η = 0.3, 58 % and 17.5 points lost at η = 1); the siblings' mean as the guide,
+#: templated as the erase prompt, with η = 0.3 (benchmarks/mmdit_tinyworld.json)
+TINYWORLD_MMDIT_CLOSED_FORM = {"negative_guidance": 0.3, "guide_related": True}
 TINYWORLD_DUGE = {"negative_guidance": 2.0, "preserve_related": True, "iterations": 400}
 
 

@@ -52,6 +52,19 @@ def related_concepts(config) -> dict:
     return {"preserve": tuple(dict.fromkeys((*config.preserve, *tinyworld.related_to(config.concepts))))}
 
 
+def related_guides(config) -> dict:
+    """``guides``, with ``guide_related`` and the default guide (""): each concept's guide is its siblings that are
+    not erased, as one guide of several prompts ("square | triangle | ..."; the other shapes for a shape)."""
+    if not config.guide_related or config.guides != ("",):
+        return {}
+    from .. import tinyworld
+    from .uce import GUIDE_SEPARATOR
+
+    siblings = tinyworld.related_to(config.concepts)
+    guides = tuple(GUIDE_SEPARATOR.join(s for s in tinyworld.related(c) if s in siblings) for c in config.concepts)
+    return {"guides": guides} if all(guides) else {}
+
+
 def implied_synonyms(config) -> dict:
     """TRCE's ``implied``, with ``implied_synonyms``: plus each erased concept's synonyms but its last one, which is
     held out of training so that leakage through a name never trained on stays measurable ("disc" for circle,
@@ -116,8 +129,8 @@ TINYWORLD_DATA: dict[type, tuple] = {
     spm.SpmConfig: (caption_templates,),
     advunlearn.AdvUnlearnConfig: (caption_templates, retain_values),
     fewshot.FewShotConfig: (rendered_images,),
-    uce.UceConfig: (related_concepts,),
-    rece.ReceConfig: (related_concepts,),
+    uce.UceConfig: (related_concepts, related_guides),
+    rece.ReceConfig: (related_concepts, related_guides),
     realera.RealEraConfig: (related_concepts,),
     trce.TrceConfig: (caption_templates, related_concepts, implied_synonyms, safe_siblings),
     duge.DugeConfig: (caption_templates, related_concepts),

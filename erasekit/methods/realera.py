@@ -121,6 +121,7 @@ class RealEraConfig:
     def __post_init__(self):
         uce.validate_config(self)
         trainer.validate_training(self)
+        uce.single_guides(self)
         uce.positive(self, "erase_scale", "lam", "neighbor_radius")
         uce.positive(self, "regularization_weight", "negative_guidance", strict=False)
         for name in ("neighbors", "beyond_samples", "iterations"):

@@ -49,6 +49,7 @@ class TimeConfig:
     def __post_init__(self):
         uce.validate_config(self)
         uce.positive(self, "lam")
+        uce.single_guides(self)
 
     @property
     def targets(self) -> tuple[str, ...]:

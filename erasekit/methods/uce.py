@@ -136,6 +136,10 @@ SOLVE_FIELDS: dict[str, tuple] = {
                        'by/style of X") or "tinyworld" (64 of tinyworld\'s caption templates, the concept in context).'),
     "negative_guidance": (float, 0.0, "η, push the erased keys' values past the guide's, away from the concept: "
                           "v* = W(c_g + η(c_g − c_e)); 0 = the paper's replace target (an extension, as ESD's η)."),
+    "guide_related": (bool, False, "guide each erased concept to the mean of its related concepts' keys (tinyworld: "
+                      "the other values of its attribute, e.g. the other shapes for \"circle\"), given as one guide "
+                      "of several prompts, \"square | triangle | ...\"; for a model whose prompts without the concept "
+                      "still draw it, where \"\" cannot be the guide; no effect on models without a vocabulary."),
     "preserve_related": (bool, False, "also preserve the concepts related to each erased one in the model's own "
                          "concept vocabulary (tinyworld: the other values of its attribute, e.g. the other shapes "
                          'for "circle"); no effect on models without one.'),
@@ -153,7 +157,8 @@ class UceConfig:
     Args:
         concepts: prompts to erase, e.g. ("Van Gogh",); any number, solved jointly.
         guides: what each erased concept is mapped to (v* = W·key of the guide); "" = unconditional. One for
-            all concepts, or one per concept.
+            all concepts, or one per concept. A guide may list several prompts separated by "|" ("square |
+            triangle"): its key is the mean of theirs, each templated as the guide would be.
         preserve: prompts whose key/value outputs must not change.
         erase_scale: s_e, weight of the erase sum in Eq. 7.
         preserve_scale: s_p, weight of the preserve sum in Eq. 7.
@@ -217,7 +222,26 @@ def templates_for(concept: str, preset: str, fallback: str | None = None, avoid=
 
 
 def _fill(template: str, word: str) -> str:
-    return " ".join(template.replace("{}", word).split())
+    return GUIDE_SEPARATOR.join(" ".join(template.replace("{}", w).split()) for w in alternatives(word))
+
+
+#: separates the prompts of a guide whose key is their mean ("square | triangle")
+GUIDE_SEPARATOR = " | "
+
+
+def alternatives(guide: str) -> list[str]:
+    """The prompts of a guide: "square | triangle" → ["square", "triangle"]; a plain guide → [guide]."""
+    return [g.strip() for g in guide.split("|")] if "|" in guide else [guide]
+
+
+def single_guides(config) -> None:
+    """Raise ConfigError if a guide of ``config`` lists several prompts (for the methods whose guides are used
+    beyond UCE's keys)."""
+    several = [g for g in getattr(config, "guides", ()) if "|" in g]
+    if several or getattr(config, "guide_related", False):
+        what = repr(several[0]) if several else "guide_related"
+        raise ConfigError(f"{type(config).__name__}: a guide of several prompts ({what}) is UCE's and RECE's; "
+                          "give one prompt per guide")
 
 
 def prompt_pairs(concepts, guides, preset: str = "none", templated_guides: bool = False) -> list[tuple[str, str]]:
@@ -259,21 +283,27 @@ def _collect_keys(pipe, config, batch_size: int) -> Keys:
     aligned = config.key_mode == "aligned"
     pairs = prompt_pairs(config.concepts, config.guides, config.expand_prompts, templated_guides=aligned)
     preserve = preserve_prompts(config)
-    unique = list(dict.fromkeys([e for e, _ in pairs] + [g for _, g in pairs] + preserve))
+    guides = [a for _, g in pairs for a in alternatives(g)]
+    unique = list(dict.fromkeys([e for e, _ in pairs] + guides + preserve))
     row = {p: i for i, p in enumerate(unique)}
     if config.key_mode == "last_token":
         emb = text.last_token_embeddings(pipe, unique, batch_size)  # (U, d)
         pick = lambda prompts: emb[torch.tensor([row[p] for p in prompts], dtype=torch.long)]  # noqa: E731
-        return Keys(pick([e for e, _ in pairs]), pick([g for _, g in pairs]), pick(preserve))
+        guide = torch.stack([pick(alternatives(g)).mean(0) for _, g in pairs]) if pairs else pick([])
+        return Keys(pick([e for e, _ in pairs]), guide, pick(preserve))
     emb = text.encode_prompts(pipe, unique, batch_size)  # (U, 77, d)
     if sd.is_mmdit(pipe):  # SD3: the CLIP rows; T5's follow no CLIP token (zeros alike in every prompt without T5)
         emb = emb[:, :77]
     dim = emb.shape[-1]
     cat = lambda xs: torch.cat(xs) if xs else emb.new_zeros(0, dim)  # noqa: E731
     if aligned:  # every token, to its aligned guide token (TIME's alignment)
-        guide = [emb[row[g]][torch.tensor(text.align_tokens(pipe, e, g), device=emb.device)] for e, g in pairs]
+        guide = [torch.stack([emb[row[a]][torch.tensor(text.align_tokens(pipe, e, a), device=emb.device)]
+                              for a in alternatives(g)]).mean(0) for e, g in pairs]
         return Keys(cat([emb[row[e]] for e, _ in pairs]), cat(guide), cat([emb[row[p]] for p in preserve]))
     # "tokens": paper-era keys, train_erase.py (old UCE code)
+    if any("|" in g for _, g in pairs):
+        raise ConfigError('a guide of several prompts needs key_mode "last_token" or "aligned" (the "tokens" '
+                          "keys pair each erase token with the guide's by position, and the guides' lengths differ)")
     last = text.tokenize(pipe, unique).last_index.tolist()
     length = emb.shape[1]
     erase, guide = [], []
@@ -447,11 +477,13 @@ POOLED_STAT_NAMES = tuple("pooled." + n for n in STAT_NAMES)
 
 def pooled_keys(pipe, config) -> Keys:
     """One pooled-text key per erase / guide / preserve prompt (SD3's ``pooled_projections``), prompts as in
-    :func:`collect_keys` (guide keys moved by ``negative_guidance``)."""
-    pairs = prompt_pairs(config.concepts, config.guides, config.expand_prompts, templated_guides=False)
+    :func:`collect_keys` (guide keys moved by ``negative_guidance``): with "aligned" keys each templated erase prompt
+    is guided by the same template filled with the guide, as its context keys are."""
+    pairs = prompt_pairs(config.concepts, config.guides, config.expand_prompts,
+                         templated_guides=config.key_mode == "aligned")
     preserve = preserve_prompts(config)
 
-    unique = list(dict.fromkeys([e for e, _ in pairs] + [g for _, g in pairs] + preserve))
+    unique = list(dict.fromkeys([e for e, _ in pairs] + [a for _, g in pairs for a in alternatives(g)] + preserve))
     row = {p: i for i, p in enumerate(unique)}
     emb = text.pooled_embeddings(pipe, unique)  # each prompt once (a guide is shared by every concept)
 
@@ -460,7 +492,8 @@ def pooled_keys(pipe, config) -> Keys:
             return emb.new_zeros(0, emb.shape[-1])
         return emb[torch.tensor([row[p] for p in prompts], dtype=torch.long, device=emb.device)]
 
-    erase, guide = pooled([e for e, _ in pairs]), pooled([g for _, g in pairs])
+    erase = pooled([e for e, _ in pairs])
+    guide = torch.stack([pooled(alternatives(g)).mean(0) for _, g in pairs]) if pairs else pooled([])
     eta = getattr(config, "negative_guidance", 0.0)
     return Keys(erase, guide + eta * (guide - erase) if eta else guide, pooled(preserve))
 
