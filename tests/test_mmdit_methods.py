@@ -73,11 +73,15 @@ def test_rece_on_sd3_keeps_ucEs_pooled_edit(pipe):
     assert set(adapter.deltas) == {"transformer.context_embedder", f"transformer.{uce.MMDIT_POOLED}"}
 
 
-@pytest.mark.parametrize("method, modules", [("esd-x", 15), ("esd-x-strict", 4)])
+@pytest.mark.parametrize("method, modules", [("esd-x", 15 + 2), ("esd-x-strict", 4)])
 def test_esd_trains_joint_attention(pipe, method, modules):
+    """esd-x: every Linear of joint attention and the pooled-text embedder's two; esd-x-strict: add_k/add_v."""
     adapter = erase(pipe, method, ["cat"], iterations=2, batch_size=1, num_inference_steps=3, progress=False)
     assert adapter.components == ("transformer",) and len(adapter.deltas) == modules
-    assert all(".attn." in k for k in adapter.deltas)
+    pooled = {f"transformer.time_text_embed.text_embedder.linear_{i}" for i in (1, 2)}
+    assert all(".attn." in k for k in set(adapter.deltas) - pooled)
+    assert (pooled <= set(adapter.deltas)) == (method == "esd-x")
+    assert not set(esd.select(pipe, "esd-u")) & set(esd.select(pipe, "esd-x"))  # esd-u: every other layer
     assert any(float(dense(d).abs().max()) > 0 for d in adapter.deltas.values())  # it moved
 
 
@@ -145,3 +149,21 @@ def test_the_solve_on_the_keys_support_is_the_full_solve():
     A = 0.1 * torch.eye(12, dtype=F64) + keys[0].T @ keys[0] + 0.5 * keys[2].T @ keys[2]
     D = (keys[1] - keys[0]).T @ keys[0]
     assert torch.allclose(edit.P @ edit.Q.T, D @ torch.linalg.inv(A), atol=1e-10)
+
+
+def test_spm_neutral_related_is_the_unerased_siblings_and_several_neutrals_average(tinyworld_pipe):
+    from erasekit.methods.presets import for_model
+    from erasekit.methods.trainer import Cond
+
+    config = spm.SpmConfig(concepts=("circle",), neutral_related=True)
+    assert for_model(config, True).neutral == "square | triangle | star | cross | diamond"
+    assert for_model(spm.SpmConfig(concepts=("circle", "square"), neutral_related=True), True).neutral == \
+        "triangle | star | cross | diamond"
+    assert for_model(spm.SpmConfig(concepts=("circle", "red"), neutral_related=True), True).neutral == ""  # 2 attributes
+    assert for_model(spm.SpmConfig(concepts=("circle",), neutral="blank", neutral_related=True), True).neutral == "blank"
+    assert for_model(config, False).neutral == ""  # no vocabulary
+    a = Cond(torch.ones(2, 3, 4), {"pooled_projections": torch.zeros(2, 5)}, padding=7)
+    b = Cond(3 * torch.ones(2, 3, 4), {"pooled_projections": torch.ones(2, 5)}, padding=7)
+    m = Cond.mean([a, b])
+    assert torch.equal(m.hidden, 2 * torch.ones(2, 3, 4)) and m.padding == 7
+    assert torch.equal(m.added["pooled_projections"], torch.full((2, 5), 0.5)) and Cond.mean([a]) is a

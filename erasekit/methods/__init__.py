@@ -39,6 +39,9 @@ TINYWORLD_CLOSED_FORM = {"expand_prompts": "tinyworld", "key_mode": "aligned", "
 #: costs the other shapes 21.5 points; holding the siblings' predictions (the preservation term, as UCE preserves
 #: them in closed form) keeps them at 0 points, with more iterations to erase as far (benchmarks/esd_tinyworld.json).
 TINYWORLD_ESD_X = {"preserve_related": True, "preserve_weight": 1.0, "iterations": 400}
+#: ESD-x on tinyworld-mmdit: its pooled-text embedder's deltas act on every prompt, and holding the siblings three
+#: times as hard keeps the other shapes (seed 0: 5.0 points lost at weight 1, none at 3; circle 0 % in both)
+TINYWORLD_MMDIT_ESD_X = {"preserve_weight": 3.0}
 
 #: SAFREE on tinyworld (benchmarks/safree_tinyworld.json). Its 3-layer text encoder, trained with the UNet alone,
 #: carries a token's meaning into the rows after it: projecting the trigger token alone leaves most circle prompts
@@ -80,6 +83,9 @@ TINYWORLD_TRCE = {"implied_synonyms": True, "preserve_related": True, "num_infer
 #: templated as the erase prompt, with η = 0.3 (benchmarks/mmdit_tinyworld.json)
 TINYWORLD_MMDIT_CLOSED_FORM = {"negative_guidance": 0.3, "guide_related": True}
 TINYWORLD_DUGE = {"negative_guidance": 2.0, "preserve_related": True, "iterations": 400}
+#: SPM on tinyworld-mmdit: the neutral prompt is the siblings' mean (as the closed forms' guide there): with "" in the
+#: concept's slot, a prompt that draws a circle 42 % of the time, the membrane leaves circle in 43 % of its prompts
+TINYWORLD_MMDIT_SPM = {"neutral_related": True}
 
 
 @dataclass(frozen=True)
@@ -184,7 +190,7 @@ METHODS: dict[str, MethodSpec] = {
                               "validation_judge": "tinyworld"},  # the reference's per-epoch model selection
                    family="closed-form", architectures=("unet", "mmdit"), mmdit=TINYWORLD_MMDIT_CLOSED_FORM),
         MethodSpec("esd-x", esd, esd.EsdConfig, {"train_method": "esd-x"}, "ESD-x: fine-tune cross-attention (low-rank) toward negative guidance",
-                   tinyworld=TINYWORLD_ESD_X, architectures=("unet", "mmdit")),
+                   tinyworld=TINYWORLD_ESD_X, architectures=("unet", "mmdit"), mmdit=TINYWORLD_MMDIT_ESD_X),
         MethodSpec("esd-x-strict", esd, esd.EsdConfig, {"train_method": "esd-x-strict"}, "ESD-x-strict: as ESD-x on cross-attention k/v only",
                    architectures=("unet", "mmdit")),
         MethodSpec("esd-u", esd, esd.EsdConfig, {"train_method": "esd-u"}, "ESD-u: fine-tune every UNet layer but cross-attention toward negative guidance",
@@ -199,7 +205,7 @@ METHODS: dict[str, MethodSpec] = {
                    summary="Few-shot erasing: gradient ascent on a few images' denoising loss, text-encoder MLPs",
                    architectures=("unet", "mmdit")),
         MethodSpec("spm", spm, spm.SpmConfig, summary="SPM: rank-1 membranes on the transformer blocks, Latent Anchoring, gated by prompt similarity",
-                   architectures=("unet", "mmdit")),
+                   architectures=("unet", "mmdit"), mmdit=TINYWORLD_MMDIT_SPM),
         MethodSpec("realera", realera, realera.RealEraConfig,
                    summary="RealEra: UCE's closed form over mined neighbour keys, siblings' k/v kept, plus a k/v LoRA",
                    tinyworld={**TINYWORLD_CLOSED_FORM, **TINYWORLD_REALERA}),

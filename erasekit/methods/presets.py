@@ -65,6 +65,18 @@ def related_guides(config) -> dict:
     return {"guides": guides} if all(guides) else {}
 
 
+def related_neutral(config) -> dict:
+    """SPM's ``neutral``, with ``neutral_related``, the default neutral ("") and concepts of one attribute: their
+    siblings that are not erased, as one neutral of several prompts ("square | triangle | ...")."""
+    if not config.neutral_related or config.neutral or not attribute_of(config.concepts):
+        return {}
+    from .. import tinyworld
+    from .uce import GUIDE_SEPARATOR
+
+    siblings = tinyworld.related_to(config.concepts)
+    return {"neutral": GUIDE_SEPARATOR.join(siblings)} if siblings else {}
+
+
 def implied_synonyms(config) -> dict:
     """TRCE's ``implied``, with ``implied_synonyms``: plus each erased concept's synonyms but its last one, which is
     held out of training so that leakage through a name never trained on stays measurable ("disc" for circle,
@@ -126,7 +138,7 @@ TINYWORLD_DATA: dict[type, tuple] = {
     ant.AntConfig: (caption_templates, related_concepts),
     doco.DocoConfig: (caption_templates, related_concepts, sibling_anchor),
     abo.AboConfig: (caption_templates,),
-    spm.SpmConfig: (caption_templates,),
+    spm.SpmConfig: (caption_templates, related_neutral),
     advunlearn.AdvUnlearnConfig: (caption_templates, retain_values),
     fewshot.FewShotConfig: (rendered_images,),
     uce.UceConfig: (related_concepts, related_guides),

@@ -56,6 +56,7 @@ from ..core import lora, sd
 from ..core.processes import WHOLE, Part
 from ..adapter import Adapter
 from ..errors import ConfigError
+from . import uce
 from .trainer import (Cond, PromptTable, ddim_scheduler, encode, latent_shape, predict, rollout, train,
                       training_options, training_templates, validate_rollout_training)
 
@@ -88,7 +89,11 @@ class SpmConfig:
             as in the paper, or tinyworld's caption templates on tinyworld (as ESD's ``training_templates``).
         neutral: c_neu, what takes the concept's place in the prompt the erased concept is steered toward: the
             neutral prompt is the same template with ``neutral`` in the concept's slot ("" in "{}" = the
-            unconditional prompt, the paper's c_neu; on tinyworld, the caption without the concept's word).
+            unconditional prompt, the paper's c_neu; on tinyworld, the caption without the concept's word). Several
+            prompts separated by "|" ("square | triangle"): c_neu is the mean of their encodings, each templated.
+        neutral_related: on a model with a concept vocabulary (tinyworld), the neutral is the erased concept's
+            related concepts that are not erased ("square | triangle | ..." for circle): for a model whose prompt
+            without the concept still draws it (tinyworld-mmdit draws a circle for 42 % of its shapeless prompts).
         negative_guidance: η in the erase target (the reference's ``guidance_scale``, 1).
         la_strength: weight of the Latent Anchoring loss (None: 1000, the paper's; 100 on tinyworld).
         num_anchors: anchors drawn per sample and step (the reference's ``sampling_batch_size``, 4).
@@ -113,6 +118,7 @@ class SpmConfig:
     concepts: tuple[str, ...]
     templates: tuple[str, ...] = ()
     neutral: str = ""
+    neutral_related: bool = False
     negative_guidance: float = 1.0
     la_strength: float | None = None
     num_anchors: int = 4
@@ -219,8 +225,10 @@ def objective(pipe, config: SpmConfig) -> Callable:
     """
     unet = sd.denoiser(pipe)
     n_concepts = len(config.concepts)
-    # the neutral prompt takes the concept's slot in the same template ("{}" alone: the paper's c_neu)
-    table = PromptTable(pipe, training_templates(config), [*config.concepts, config.neutral], config.resolution)
+    # the neutral prompt takes the concept's slot in the same template ("{}" alone: the paper's c_neu); several
+    # neutral prompts ("square | triangle"): the mean of their encodings
+    neutrals = uce.alternatives(config.neutral)
+    table = PromptTable(pipe, training_templates(config), [*config.concepts, *neutrals], config.resolution)
     uncond = table.uncond
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config.batch_size, config.resolution)
@@ -233,7 +241,8 @@ def objective(pipe, config: SpmConfig) -> Callable:
             steps = int(torch.randint(1, max(2, config.num_inference_steps), (), generator=gen))
             mine = part.rows(n)  # this process's samples of the batch (all of them on one process)
             everyone = table.batch(k, rows)  # the anchors of every sample are drawn, in order, on every process
-            target, neutral, r = everyone[mine], table.batch(n_concepts, rows[mine]), mine.stop - mine.start
+            neutral = Cond.mean([table.batch(n_concepts + j, rows[mine]) for j in range(len(neutrals))])
+            target, r = everyone[mine], mine.stop - mine.start
             # 1. x_t: a rollout of the model *with* the membrane (the reference's `with network:`)
             with torch.no_grad():
                 x, t = rollout(unet, scheduler, target, uncond, config.start_guidance, steps, shape, gen, mine)

@@ -431,6 +431,15 @@ class Cond:
         added = None if conds[0].added is None else {k: torch.cat([c.added[k] for c in conds]) for k in conds[0].added}
         return Cond(torch.cat([c.hidden for c in conds]), added, conds[0].padding)
 
+    @staticmethod
+    def mean(conds: list[Cond]) -> Cond:
+        """The element-wise mean of equally shaped conds (one cond returned as it is)."""
+        if len(conds) == 1:
+            return conds[0]
+        mean = lambda ts: torch.stack(ts).mean(0)  # noqa: E731
+        added = None if conds[0].added is None else {k: mean([c.added[k] for c in conds]) for k in conds[0].added}
+        return Cond(mean([c.hidden for c in conds]), added, conds[0].padding)
+
     def __getitem__(self, rows) -> Cond:
         return Cond(self.hidden[rows], None if self.added is None else {k: v[rows] for k, v in self.added.items()},
                     self.padding)
