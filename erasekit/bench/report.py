@@ -164,7 +164,7 @@ def write_results(path: Path, results: dict) -> None:
     if not made:  # no plottable row: nothing replaced it but an empty file
         path.with_suffix(".png").unlink()
     readme = path.parent.parent / "README.md"
-    marker = {"results.json": "quick", "results-full.json": "full"}.get(path.name)
+    marker = {"results.json": "quick", "results-full.json": "full", "results-mmdit.json": "quick-mmdit"}.get(path.name)
     if marker and readme.is_file():
         update_readme(readme, results, marker)
 
@@ -180,7 +180,7 @@ def update_readme(readme: Path, results: dict, marker: str) -> bool:
     if start not in text or end not in text:
         return False
     md = table(results)
-    block = md if marker == "quick" else "\n\n".join(md.split("\n\n")[:2]).strip() + "\n"
+    block = md if marker.startswith("quick") else "\n\n".join(md.split("\n\n")[:2]).strip() + "\n"
     head, rest = text.split(start, 1)
     new = head + start + block + end + rest.split(end, 1)[1]
     if new != text:
