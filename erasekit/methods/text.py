@@ -5,7 +5,9 @@
 *penultimate* hidden states of both encoders, concatenated on the feature axis: 768 + 1280 = 2048) computes it,
 in batches under ``torch.no_grad``, returned in fp32 whatever the pipeline's dtype. ``last_token_embeddings``
 returns the context vector at each prompt's last subject token (``attention_mask.sum() - 2``, the index the UCE
-code uses); since CLIP's text transformer is causal, only the tokens up to that index are run through it.
+code uses); since CLIP's text transformer is causal, only the tokens up to that index are run through it. On SD3,
+``last_token_and_pooled`` returns that vector and the pooled embedding (read at the [EoT] token right after it)
+from one pass.
 
 Prompt presets (UCE's ``--expand_prompts``, ``trainscripts/uce_sd_erase.py``) and TIME's augmentations
 (``apply_time.py --with_augs``) live here too, so that every method expands prompts the same way.
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import sd
+from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +91,17 @@ def _is_causal(model: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _encode_ids(pipe, ids: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+def _encode_ids(pipe, ids: list[torch.Tensor], mask: torch.Tensor, t5: bool = True) -> torch.Tensor:
     """Context (B, L, d) in fp32 for already tokenised (and possibly truncated) prompts
-    (:func:`erasekit.core.sd.encode_ids`)."""
-    return sd.encode_ids(pipe, ids, attention_mask=mask).embeds.float()
+    (:func:`erasekit.core.sd.encode_ids`; ``t5=False``: SD3's CLIP rows alone)."""
+    return sd.encode_ids(pipe, ids, attention_mask=mask, t5=t5).embeds.float()
+
+
+def _length_batches(lengths: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Row indices grouped by ``lengths`` (shortest first), at most ``batch_size`` rows per batch: a causal encoder
+    then runs each batch to exactly its prompts' length and computes no padding position."""
+    return [rows for value in torch.unique(lengths).tolist()
+            for rows in (lengths == value).nonzero().flatten().split(batch_size)]
 
 
 def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -121,7 +131,8 @@ def last_token_embeddings(pipe, prompts: list[str], batch_size: int = 256, offse
         rows = order[i:i + batch_size]
         last = (tokens.last_index[rows] + offset).clamp(max=tokens.attention_mask.shape[1] - 1)
         length = int(last.max()) + 1 if causal else tokens.attention_mask.shape[1]
-        hidden = _encode_ids(pipe, [x[rows, :length] for x in tokens.input_ids], tokens.attention_mask[rows, :length])
+        hidden = _encode_ids(pipe, [x[rows, :length] for x in tokens.input_ids], tokens.attention_mask[rows, :length],
+                             t5=False)  # SD3: the keys are CLIP rows
         out[rows.to(out.device)] = hidden[torch.arange(len(rows)), last.to(hidden.device)]
     return out
 
@@ -174,21 +185,36 @@ def align_tokens(pipe, source: str, destination: str) -> list[int]:
 
 
 @torch.no_grad()
+def last_token_and_pooled(pipe, prompts: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3: (N, d) each prompt's context vector at its last subject token (:func:`last_token_embeddings`) and (N, P)
+    its pooled text embedding (:func:`pooled_embeddings`), from one pass of the text encoders.
+
+    CLIP pools at the first [EoT] token, right after the last subject token, and is causal: each prompt is encoded
+    through its [EoT] only, in batches of prompts of one length (no padding position computed), and both vectors are
+    read from that pass (the context from the penultimate hidden states, the pooled output from the projection of
+    the last one): the two full-length encodings to float rounding, at the cost of one pass of each prompt's own
+    length. T5's rows (after the CLIP rows) are neither computed nor allocated.
+    """
+    if not sd.is_mmdit(pipe):
+        raise ConfigError(f"pooled text embeddings are SD3's; {type(pipe).__name__} has no MMDiT transformer")
+    tokens = tokenize(pipe, prompts)
+    n, width = len(prompts), tokens.attention_mask.shape[1]
+    device = device_of(pipe)
+    context = torch.zeros(n, context_dim(pipe), device=device)
+    pooled = torch.zeros(n, int(sd.denoiser(pipe).config.pooled_projection_dim), device=device)
+    causal = all(_is_causal(enc) for _, enc in sd.encoders(pipe))
+    length = (tokens.last_index + 2).clamp(max=width) if causal else torch.full((n,), width)  # through [EoT]
+    for rows in _length_batches(length, batch_size):
+        cut = int(length[rows[0]])
+        cond = sd.encode_ids(pipe, [x[rows, :cut] for x in tokens.input_ids],
+                             attention_mask=tokens.attention_mask[rows, :cut], t5=False)
+        hidden = cond.embeds.float()
+        context[rows.to(device)] = hidden[torch.arange(len(rows)), tokens.last_index[rows].to(hidden.device)].to(device)
+        pooled[rows.to(device)] = cond.pooled.float().to(device)
+    return context, pooled
+
+
 def pooled_embeddings(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
     """(N, P) fp32: each prompt's pooled text embedding as SD3's ``encode_prompt`` gives it (both CLIP encoders'
-    projections, concatenated). CLIP pools at the first [EoT] token and is causal, so each batch of prompts (sorted
-    by length) is encoded only up to its longest member's [EoT]: the full-length result to float rounding, at a
-    fraction of the cost."""
-    tokens = tokenize(pipe, prompts)
-    n = len(prompts)
-    order = torch.argsort(tokens.last_index, stable=True)
-    out = None
-    for i in range(0, n, batch_size):
-        rows = order[i:i + batch_size]
-        length = min(int(tokens.last_index[rows].max()) + 2, tokens.attention_mask.shape[1])  # through [EoT]
-        parts = [enc(x[rows, :length].to(device_of(pipe)))[0].float()
-                 for (_, enc), x in zip(sd.encoders(pipe), tokens.input_ids)]
-        pooled = torch.cat(parts, -1)
-        out = pooled.new_zeros(n, pooled.shape[-1]) if out is None else out
-        out[rows.to(out.device)] = pooled
-    return out
+    projections, concatenated), each prompt encoded through its [EoT] only (:func:`last_token_and_pooled`)."""
+    return last_token_and_pooled(pipe, prompts, batch_size)[1]
