@@ -167,3 +167,71 @@ def test_spm_neutral_related_is_the_unerased_siblings_and_several_neutrals_avera
     m = Cond.mean([a, b])
     assert torch.equal(m.hidden, 2 * torch.ones(2, 3, 4)) and m.padding == 7
     assert torch.equal(m.added["pooled_projections"], torch.full((2, 5), 0.5)) and Cond.mean([a]) is a
+
+
+PROMPTS = ["a cat", "", "a red dog on a blue car", "dog", "a dog", "a blue car", "car"]
+
+
+def test_one_pass_keys_equal_the_two_full_length_encodings(pipe):
+    """Context key at the last subject token and pooled key at [EoT], from one pass cut after each prompt's [EoT]
+    (prompts of five lengths, batched by length): the pipeline's full 77-token encoding, and the two separate
+    passes (the context one batches prompts of different lengths together, cut to the longest)."""
+    tokens = _text.tokenize(pipe, PROMPTS)
+    assert len(set(tokens.last_index.tolist())) == 5
+    full = sd.encode(pipe, PROMPTS)
+    for batch_size in (256, 1):
+        context, pooled = _text.last_token_and_pooled(pipe, PROMPTS, batch_size=batch_size)
+        assert torch.allclose(context, full.embeds[torch.arange(len(PROMPTS)), tokens.last_index], atol=1e-6)
+        assert torch.allclose(pooled, full.pooled, atol=1e-6)
+        assert torch.allclose(context, _text.last_token_embeddings(pipe, PROMPTS, batch_size=4), atol=1e-6)
+        assert torch.allclose(pooled, _text.pooled_embeddings(pipe, PROMPTS, batch_size=4), atol=1e-6)
+
+
+def test_length_batches_hold_one_length_each():
+    lengths = torch.tensor([5, 3, 5, 2, 5, 3, 5])
+    batches = _text._length_batches(lengths, 3)
+    assert sorted(torch.cat(batches).tolist()) == list(range(7))
+    assert [lengths[b].tolist() for b in batches] == [[2], [3, 3], [5, 5, 5], [5]]
+
+
+def _encoded_rows(pipe, fn):
+    """The prompts each text encoder runs through while ``fn()`` runs, and ``fn()``."""
+    rows = {"text_encoder": 0, "text_encoder_2": 0}
+    hooks = [getattr(pipe, n).register_forward_pre_hook(
+        lambda m, args, kwargs, n=n: rows.__setitem__(n, rows[n] + len(args[0] if args else kwargs["input_ids"])),
+        with_kwargs=True) for n in rows]
+    try:
+        return rows, fn()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("options", [
+    dict(preserve=("dog", "a red car")),
+    dict(preserve=("dog",), guides=("cow | a car",), expand_prompts="object", negative_guidance=0.5),
+])
+def test_uce_on_sd3_encodes_each_prompt_once_and_makes_the_two_pass_adapter(pipe, options):
+    """UCE ("last_token" keys) reads both keys of a prompt from one encoder pass: each distinct prompt runs through
+    each CLIP encoder once, and the deltas are those of the context and pooled keys computed separately."""
+    config = uce.UceConfig(concepts=("cat", "a blue car"), lam=0.1, **options)
+    rows, adapter = _encoded_rows(pipe, lambda: uce.erase(pipe, config))
+    distinct = len(uce._prompt_sets(config)[2])
+    assert rows == {"text_encoder": distinct, "text_encoder_2": distinct}
+    keys, pooled = uce.collect_keys(pipe, config), uce.pooled_keys(pipe, config)
+    for name, k in (("context_embedder", keys), (uce.MMDIT_POOLED, pooled)):
+        edit = uce.solve(k, config.erase_scale, config.preserve_scale, config.lam)
+        module = pipe.transformer.get_submodule(name)
+        expected = dense(uce.module_deltas({name: module}, edit.P, edit.Q, "transformer")[f"transformer.{name}"])
+        got = dense(adapter.deltas[f"transformer.{name}"])
+        assert torch.allclose(got, expected, atol=1e-6 * float(expected.abs().max())), name
+    for stat in ("keys.erase", "keys.guide", "keys.preserve"):
+        assert torch.allclose(adapter.stats[stat], getattr(keys, stat[5:]), atol=1e-6)
+        assert torch.allclose(adapter.stats["pooled." + stat], getattr(pooled, stat[5:]), atol=1e-6)
+
+
+def test_rece_last_token_on_sd3_has_ucEs_pooled_edit(pipe):
+    rece_adapter = erase(pipe, "rece", ["cat"], preserve=("dog",), epochs=1, uce_key_mode="last_token")
+    uce_adapter = erase(pipe, "uce", ["cat"], preserve=("dog",))
+    key = f"transformer.{uce.MMDIT_POOLED}"
+    assert torch.allclose(dense(rece_adapter.deltas[key]), dense(uce_adapter.deltas[key]), atol=1e-7)
