@@ -174,8 +174,8 @@ PROMPTS = ["a cat", "", "a red dog on a blue car", "dog", "a dog", "a blue car",
 
 def test_one_pass_keys_equal_the_two_full_length_encodings(pipe):
     """Context key at the last subject token and pooled key at [EoT], from one pass cut after each prompt's [EoT]
-    (prompts of five lengths, batched by length): the pipeline's full 77-token encoding, and the two separate
-    passes (the context one batches prompts of different lengths together, cut to the longest)."""
+    (prompts of five lengths, in one batch cut to the longest, or one at a time): the pipeline's full 77-token
+    encoding, and the two separate passes."""
     tokens = _text.tokenize(pipe, PROMPTS)
     assert len(set(tokens.last_index.tolist())) == 5
     full = sd.encode(pipe, PROMPTS)
@@ -187,11 +187,13 @@ def test_one_pass_keys_equal_the_two_full_length_encodings(pipe):
         assert torch.allclose(pooled, _text.pooled_embeddings(pipe, PROMPTS, batch_size=4), atol=1e-6)
 
 
-def test_length_batches_hold_one_length_each():
+def test_length_batches_merge_lengths_only_where_a_pass_costs_more_than_the_padding():
     lengths = torch.tensor([5, 3, 5, 2, 5, 3, 5])
-    batches = _text._length_batches(lengths, 3)
-    assert sorted(torch.cat(batches).tolist()) == list(range(7))
-    assert [lengths[b].tolist() for b in batches] == [[2], [3, 3], [5, 5, 5], [5]]
+    exact = _text._length_batches(lengths, 3, pass_positions=0)
+    assert [lengths[b].tolist() for b in exact] == [[2], [3, 3], [5, 5, 5], [5]]
+    merged = _text._length_batches(lengths, 3, pass_positions=1)
+    assert [lengths[b].tolist() for b in merged] == [[2, 3, 3], [5, 5, 5], [5]]
+    assert sorted(torch.cat(merged).tolist()) == list(range(7))
 
 
 def _encoded_rows(pipe, fn):
