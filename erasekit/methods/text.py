@@ -197,25 +197,47 @@ def align_tokens(pipe, source: str, destination: str) -> list[int]:
 
 
 @torch.no_grad()
-def last_token_and_pooled(pipe, prompts: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def last_token_and_pooled(pipe, prompts: list[str], batch_size: int = 256,
+                          shared_prefixes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """SD3: (N, d) each prompt's context vector at its last subject token (:func:`last_token_embeddings`) and (N, P)
     its pooled text embedding (:func:`pooled_embeddings`), from one pass of the text encoders.
 
     CLIP pools at the first [EoT] token, right after the last subject token, and is causal: each prompt is encoded
-    through its [EoT] only, in batches of prompts of one length or nearly (:func:`_length_batches`), and both vectors
-    are read from that pass (the context from the penultimate hidden states, the pooled output from the projection
-    of the last one): the two full-length encodings to float rounding, at the cost of one pass of each prompt's own
-    length. T5's rows (after the CLIP rows) are neither computed nor allocated.
+    through its [EoT] only and both vectors are read from that pass (the context from the penultimate hidden states,
+    the pooled output from the projection of the last one), T5's rows (after the CLIP rows) neither computed nor
+    allocated: the two full-length encodings to float rounding. With ``shared_prefixes``, CLIP encoders with a
+    projection (SD3's) run each distinct token prefix once, ``batch_size`` prompts at a time
+    (:func:`_clip_prefix_pass`); otherwise the encoders' own forward runs batches of prompts of one length or nearly
+    (:func:`_length_batches`).
     """
     if not sd.is_mmdit(pipe):
         raise ConfigError(f"pooled text embeddings are SD3's; {type(pipe).__name__} has no MMDiT transformer")
     tokens = tokenize(pipe, prompts)
     n, width = len(prompts), tokens.attention_mask.shape[1]
     device = device_of(pipe)
-    context = torch.zeros(n, context_dim(pipe), device=device)
+    dim = context_dim(pipe)
+    context = torch.zeros(n, dim, device=device)
     pooled = torch.zeros(n, int(sd.denoiser(pipe).config.pooled_projection_dim), device=device)
-    causal = all(_is_causal(enc) for _, enc in sd.encoders(pipe))
+    encoders = [enc for _, enc in sd.encoders(pipe)]
+    causal = all(_is_causal(enc) for enc in encoders)
     length = (tokens.last_index + 2).clamp(max=width) if causal else torch.full((n,), width)  # through [EoT]
+    if shared_prefixes and all(type(enc).__name__ == "CLIPTextModelWithProjection" for enc in encoders):
+        sequences = [[tuple(row[:k]) for row, k in zip(x.tolist(), length.tolist())] for x in tokens.input_ids]
+        order = sorted(range(n), key=lambda i: sequences[0][i])  # shared prefixes in one chunk
+        for start in range(0, n, batch_size):
+            rows = order[start:start + batch_size]
+            hidden, pool = [], []
+            for enc, seqs in zip(encoders, sequences):
+                penultimate, final, paths = _clip_prefix_pass(enc, [seqs[i] for i in rows])
+                last = torch.tensor([path[int(tokens.last_index[i])] for path, i in zip(paths, rows)])
+                eot = torch.tensor([path[-1] for path in paths])
+                hidden.append(penultimate[last.to(penultimate.device)])
+                pool.append(enc.text_projection(final[eot.to(final.device)]))
+            keys = torch.cat(hidden, -1).float()
+            index = torch.tensor(rows, device=device)
+            context[index] = torch.nn.functional.pad(keys, (0, dim - keys.shape[-1])).to(device)
+            pooled[index] = torch.cat(pool, -1).float().to(device)
+        return context, pooled
     for rows in _length_batches(length, batch_size):
         cut = int(length[rows].max())
         cond = sd.encode_ids(pipe, [x[rows, :cut] for x in tokens.input_ids],
@@ -226,7 +248,67 @@ def last_token_and_pooled(pipe, prompts: list[str], batch_size: int = 256) -> tu
     return context, pooled
 
 
+@torch.no_grad()
+def _clip_prefix_pass(encoder, sequences: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """Run a CLIP text encoder (causal) once per distinct prefix of the token ``sequences``.
+
+    Position i of a causal encoder depends on tokens 0..i only, so prompts that begin alike ("a striped box on ...",
+    "a striped disc on ...") share the states of their common prefix: each distinct prefix is one node of a prefix
+    tree, run once, its attention reading its ancestors' keys and values (the same numbers the encoder's causal mask
+    lets it read). Each layer runs on all nodes together, as the encoder's own layer does on (prompt, position)
+    rows: ``layer_norm1`` → q/k/v → scaled dot-product attention → ``out_proj``, residual; ``layer_norm2`` → MLP,
+    residual (``CLIPEncoderLayer``; tested equal to the encoder's forward).
+
+    Returns:
+        the penultimate hidden states (the input of the last layer: ``hidden_states[-2]``) (M, D), the last hidden
+        states after ``final_layer_norm`` (M, D), and for each sequence its node index at every position.
+    """
+    children: dict[tuple[int, int], int] = {}
+    parent, token, depth, paths = [], [], [], []
+    for seq in sequences:
+        path, node = [], -1
+        for i, t in enumerate(seq):
+            key = (node, t)
+            if key not in children:
+                children[key] = len(token)
+                parent.append(node)
+                token.append(t)
+                depth.append(i)
+            node = children[key]
+            path.append(node)
+        paths.append(path)
+    ancestors: list[list[int]] = []
+    for node, up in enumerate(parent):  # parents come before their children
+        ancestors.append((ancestors[up] if up >= 0 else []) + [node])
+    device = next(encoder.parameters()).device
+    groups = []
+    for d in sorted(set(depth)):
+        nodes = [i for i, x in enumerate(depth) if x == d]
+        groups.append((torch.tensor(nodes, device=device), torch.tensor([ancestors[i] for i in nodes], device=device)))
+    model = encoder.text_model
+    x = (model.embeddings.token_embedding(torch.tensor(token, device=device))
+         + model.embeddings.position_embedding(torch.tensor(depth, device=device)))
+    layers = model.encoder.layers
+    penultimate = x
+    for index, layer in enumerate(layers):
+        if index == len(layers) - 1:
+            penultimate = x
+        attn = layer.self_attn
+        h = layer.layer_norm1(x)
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        out = torch.empty_like(q)
+        split = lambda t: t.view(*t.shape[:-1], attn.num_heads, attn.head_dim).transpose(-3, -2)  # noqa: E731
+        for nodes, anc in groups:  # (N, heads, 1 or depth + 1, head_dim)
+            o = torch.nn.functional.scaled_dot_product_attention(split(q[nodes].unsqueeze(1)), split(k[anc]),
+                                                                 split(v[anc]), scale=attn.scale)
+            out[nodes] = o.transpose(-3, -2).reshape(len(nodes), -1)
+        x = x + attn.out_proj(out)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return penultimate, model.final_layer_norm(x), paths
+
+
 def pooled_embeddings(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
     """(N, P) fp32: each prompt's pooled text embedding as SD3's ``encode_prompt`` gives it (both CLIP encoders'
-    projections, concatenated), each prompt encoded through its [EoT] only (:func:`last_token_and_pooled`)."""
-    return last_token_and_pooled(pipe, prompts, batch_size)[1]
+    projections, concatenated), each prompt encoded through its [EoT] only by the encoders' own forward
+    (:func:`last_token_and_pooled`)."""
+    return last_token_and_pooled(pipe, prompts, batch_size, shared_prefixes=False)[1]
