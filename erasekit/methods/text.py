@@ -7,7 +7,7 @@ in batches under ``torch.no_grad``, returned in fp32 whatever the pipeline's dty
 returns the context vector at each prompt's last subject token (``attention_mask.sum() - 2``, the index the UCE
 code uses); since CLIP's text transformer is causal, only the tokens up to that index are run through it. On SD3,
 ``last_token_and_pooled`` returns that vector and the pooled embedding (read at the [EoT] token right after it)
-from one pass.
+from one pass, running each distinct token prefix of the prompts once.
 
 Prompt presets (UCE's ``--expand_prompts``, ``trainscripts/uce_sd_erase.py``) and TIME's augmentations
 (``apply_time.py --with_augs``) live here too, so that every method expands prompts the same way.

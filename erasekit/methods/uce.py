@@ -41,7 +41,8 @@ authors' FLUX edit changes these two (``uce_flux_edit.py``), and so does eraseki
 (``attn2.to_k``, ``attn2.to_v``) resolve to ``context_embedder`` on a transformer, which is then edited with the
 context keys above; the pooled embedder is edited by a second solve of Eq. 7 on the prompts' pooled embeddings
 (one key per prompt, same λ and scales), stored as ``pooled.*`` statistics. With "last_token" keys a prompt's context
-key and pooled key come from one pass of the CLIP encoders, cut after its [EoT] token (:func:`text_keys`).
+key and pooled key come from one pass of the CLIP encoders, cut after its [EoT] token, prompts that begin alike
+sharing their prefix's states (:func:`text_keys`).
 
 Keys (``key_mode``): "last_token" — one key per prompt, the context vector at ``attention_mask.sum() − 2`` (the
 last subject token; BOS for ""), as the authors' diffusers rewrite (``trainscripts/uce_sd_erase.py``);

@@ -17,11 +17,13 @@ average, since other work on the machine slows the wall clock. Targets: ≤ 2 s 
 ``--model sd3``: SD3-medium's transformer with CLIP-L and CLIP-G (no T5), UCE alone (the other methods here refuse
 an MMDiT pipeline). UCE edits ``context_embedder`` with the context keys and the pooled-text embedder with a second
 solve on the prompts' pooled embeddings (:mod:`erasekit.methods.uce`, "MMDiT"); the breakdown times both solves.
-Both keys of a prompt come from one pass of the causal CLIP encoders cut after its end token
-(:func:`erasekit.methods.uce.text_keys`, ``encode_prompts_s``). ``--two-pass-sample F`` checks them on a fraction F of
-the 100-concept case's prompts against the two separate computations (``uce.collect_keys``, ``uce.pooled_keys``: one
-pass for each key), timing both ways and scaling the times up to all the prompts (the cost is linear in the number of
-prompts of a length); ``--many-repeats 0`` skips that case's end-to-end run (its time is then the breakdown's sum).
+Both keys of a prompt come from one pass of the causal CLIP encoders cut after its end token, each distinct token
+prefix run once (:func:`erasekit.methods.uce.text_keys`, ``encode_prompts_s``). ``--two-pass-sample F`` checks them on
+a fraction F of the 100-concept case's prompts against the two separate computations (``uce.collect_keys``,
+``uce.pooled_keys``: the encoders' own forward, one pass for each key), timing both ways and scaling the times up to
+all the prompts (linear in the number of prompts of a length; a sample shares fewer prefixes, so the one-pass time
+scaled up overstates ``encode_prompts_s``); ``--many-repeats 0`` skips that case's end-to-end run (its time is then
+the breakdown's sum).
 """
 
 from __future__ import annotations
