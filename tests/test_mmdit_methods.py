@@ -167,3 +167,80 @@ def test_spm_neutral_related_is_the_unerased_siblings_and_several_neutrals_avera
     m = Cond.mean([a, b])
     assert torch.equal(m.hidden, 2 * torch.ones(2, 3, 4)) and m.padding == 7
     assert torch.equal(m.added["pooled_projections"], torch.full((2, 5), 0.5)) and Cond.mean([a]) is a
+
+
+PROMPTS = ["a cat", "", "a red dog on a blue car", "dog", "a dog", "a blue car", "car"]
+
+
+def test_one_pass_keys_equal_the_two_full_length_encodings(pipe):
+    """Context key at the last subject token and pooled key at [EoT], from one pass cut after each prompt's [EoT]
+    (prompts of five lengths, in one batch cut to the longest, or one at a time; each distinct prefix run once, or
+    the encoders' own forward): the pipeline's full 77-token encoding, and the two separate passes."""
+    tokens = _text.tokenize(pipe, PROMPTS)
+    assert len(set(tokens.last_index.tolist())) == 5
+    full = sd.encode(pipe, PROMPTS)
+    for batch_size, shared_prefixes in ((256, True), (1, True), (256, False), (1, False)):
+        context, pooled = _text.last_token_and_pooled(pipe, PROMPTS, batch_size, shared_prefixes)
+        assert torch.allclose(context, full.embeds[torch.arange(len(PROMPTS)), tokens.last_index], atol=1e-6)
+        assert torch.allclose(pooled, full.pooled, atol=1e-6)
+        assert torch.allclose(context, _text.last_token_embeddings(pipe, PROMPTS, batch_size=4), atol=1e-6)
+        assert torch.allclose(pooled, _text.pooled_embeddings(pipe, PROMPTS, batch_size=4), atol=1e-6)
+
+
+def test_length_batches_merge_lengths_only_where_a_pass_costs_more_than_the_padding():
+    lengths = torch.tensor([5, 3, 5, 2, 5, 3, 5])
+    exact = _text._length_batches(lengths, 3, pass_positions=0)
+    assert [lengths[b].tolist() for b in exact] == [[2], [3, 3], [5, 5, 5], [5]]
+    merged = _text._length_batches(lengths, 3, pass_positions=1)
+    assert [lengths[b].tolist() for b in merged] == [[2, 3, 3], [5, 5, 5], [5]]
+    assert sorted(torch.cat(merged).tolist()) == list(range(7))
+
+
+def _encoded_positions(pipe, fn):
+    """The token positions each text encoder embeds (and so runs through its layers) while ``fn()`` runs, and
+    ``fn()``."""
+    counts = {"text_encoder": 0, "text_encoder_2": 0}
+    hooks = [getattr(pipe, n).get_input_embeddings().register_forward_hook(
+        lambda m, args, out, n=n: counts.__setitem__(n, counts[n] + args[0].numel())) for n in counts]
+    try:
+        return counts, fn()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("options", [
+    dict(preserve=("dog", "a red car")),
+    dict(preserve=("dog",), guides=("cow | a car",), expand_prompts="object", negative_guidance=0.5),
+])
+def test_uce_on_sd3_encodes_each_prefix_once_and_makes_the_two_pass_adapter(pipe, options):
+    """UCE ("last_token" keys) reads both keys of a prompt from one encoder pass through its [EoT], each distinct
+    token prefix run once (prompts beginning alike share it): each CLIP encoder embeds the distinct prefixes of the
+    prompts, fewer positions than one pass of each prompt; the deltas and statistics are those of the context and
+    pooled keys computed separately (two passes): the keys to 1e-6, the deltas to 1e-5 (the solve amplifies the
+    keys' float rounding by cond(λI + C), about 6e3 here)."""
+    config = uce.UceConfig(concepts=("cat", "a blue car"), lam=0.1, **options)
+    counts, adapter = _encoded_positions(pipe, lambda: uce.erase(pipe, config))
+    prompts = uce._prompt_sets(config)[2]
+    tokens = _text.tokenize(pipe, prompts)
+    prefixes = {tuple(row[:k + 1]) for row, last in zip(tokens.input_ids[0].tolist(), tokens.last_index.tolist())
+                for k in range(last + 2)}
+    assert counts == {"text_encoder": len(prefixes), "text_encoder_2": len(prefixes)}
+    assert len(prefixes) < int((tokens.last_index + 2).sum())
+    keys, pooled = uce.collect_keys(pipe, config), uce.pooled_keys(pipe, config)
+    for name, k in (("context_embedder", keys), (uce.MMDIT_POOLED, pooled)):
+        edit = uce.solve(k, config.erase_scale, config.preserve_scale, config.lam)
+        module = pipe.transformer.get_submodule(name)
+        expected = dense(uce.module_deltas({name: module}, edit.P, edit.Q, "transformer")[f"transformer.{name}"])
+        got = dense(adapter.deltas[f"transformer.{name}"])
+        assert torch.allclose(got, expected, atol=1e-5 * float(expected.abs().max())), name
+    for stat in ("keys.erase", "keys.guide", "keys.preserve"):
+        assert torch.allclose(adapter.stats[stat], getattr(keys, stat[5:]), atol=1e-6)
+        assert torch.allclose(adapter.stats["pooled." + stat], getattr(pooled, stat[5:]), atol=1e-6)
+
+
+def test_rece_last_token_on_sd3_has_ucEs_pooled_edit(pipe):
+    rece_adapter = erase(pipe, "rece", ["cat"], preserve=("dog",), epochs=1, uce_key_mode="last_token")
+    uce_adapter = erase(pipe, "uce", ["cat"], preserve=("dog",))
+    key = f"transformer.{uce.MMDIT_POOLED}"
+    assert torch.allclose(dense(rece_adapter.deltas[key]), dense(uce_adapter.deltas[key]), atol=1e-7)

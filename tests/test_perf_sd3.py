@@ -35,16 +35,17 @@ def test_sd3_medium_pipeline_has_the_real_shapes():
 def test_closed_form_sd3_times_both_solves_and_checks_the_one_pass_keys(sd3, tmp_path):
     from erasekit.bench.perf import closed_form
 
-    report = closed_form.main(["--model", "sd3", "--repeats", "1", "--pooled-sample", "0.1",
+    report = closed_form.main(["--model", "sd3", "--repeats", "1", "--two-pass-sample", "0.1",
                                "--out", str(tmp_path / "cf.json")], pipe=sd3)
     results = report["results"]
     assert set(results) == {"uce_1_concept", "uce_100_concepts_500_preserve"}  # the others refuse MMDiT
     many = results["uce_100_concepts_500_preserve"]
     assert many["erase_keys"] == 100 and many["preserve_keys"] == 500 and many["rank"] >= 1
-    assert {"encode_prompts_s", "pooled_keys_s", "pooled_solve_s"} <= set(many["breakdown"])
-    assert "70 of the 700" in many["pooled_keys_s_scaled_from"]
-    diff = many["one_pass_max_abs_diff"]
-    assert diff["context_keys"] < 1e-5 * diff["key_scale"] and diff["pooled_keys"] < 1e-4
+    assert {"encode_prompts_s", "solve_s", "pooled_solve_s"} <= set(many["breakdown"])
+    check = many["two_pass_check"]
+    assert "61 of the 601 distinct prompts" in check["sample"]
+    diff = check["max_abs_diff"]
+    assert diff["context_keys"] < 1e-5 * diff["context_key_scale"] and diff["pooled_keys"] < 1e-5 * diff["pooled_key_scale"]
     assert (tmp_path / "cf.json").is_file()
 
 

@@ -168,7 +168,7 @@ def prompt_ids(pipe, prompts: Sequence[str]) -> list[torch.Tensor]:
 
 def encode_ids(pipe, ids: list[torch.Tensor],
                overrides: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
-               attention_mask: torch.Tensor | None = None) -> Cond:
+               attention_mask: torch.Tensor | None = None, t5: bool = True) -> Cond:
     """Run the text encoders on per-encoder ids (B, L) exactly as the pipeline's ``encode_prompt`` does.
 
     ``overrides[i]`` (optional) maps encoder i's token embeddings (B, L, D) to the embeddings to use instead;
@@ -177,11 +177,12 @@ def encode_ids(pipe, ids: list[torch.Tensor],
     states of both encoders concatenated, pooled output of the second. SD3: penultimate hidden states of both CLIP
     encoders concatenated and zero-padded to the transformer's ``joint_attention_dim``, then the T5 rows (the T5
     encoding of the decoded first-encoder ids, or ``max_sequence_length`` rows of zeros without T5); pooled: both
-    encoders' projections concatenated.
+    encoders' projections concatenated. ``t5=False`` (SD3): the CLIP rows alone, for readers of CLIP positions
+    (the T5 rows come after them and change none of them), without running T5 or allocating its rows.
     """
     overrides = list(overrides or [None] * len(ids))
     if is_mmdit(pipe):
-        return _encode_ids_sd3(pipe, ids, overrides, attention_mask)
+        return _encode_ids_sd3(pipe, ids, overrides, attention_mask, t5)
     sdxl = is_sdxl(pipe)
     hidden, pooled = [], None
     device = device_of(pipe)
@@ -208,7 +209,7 @@ def encode_ids(pipe, ids: list[torch.Tensor],
 SD3_T5_ROWS = 256
 
 
-def _encode_ids_sd3(pipe, ids, overrides, attention_mask) -> Cond:
+def _encode_ids_sd3(pipe, ids, overrides, attention_mask, t5: bool = True) -> Cond:
     device = device_of(pipe)
     hidden, pooled = [], []
     for (tok, enc), x, fn in zip(encoders(pipe), ids, overrides):
@@ -223,6 +224,8 @@ def _encode_ids_sd3(pipe, ids, overrides, attention_mask) -> Cond:
     clip = torch.cat(hidden, -1)
     width = int(pipe.transformer.config.joint_attention_dim)
     clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+    if not t5:
+        return Cond(clip, torch.cat(pooled, -1))
     if getattr(pipe, "text_encoder_3", None) is None:
         t5 = clip.new_zeros(clip.shape[0], SD3_T5_ROWS, width)
     else:

@@ -200,11 +200,13 @@ def erase(pipe, config: ReceConfig) -> Adapter:
                           lam=config.uce_lam, key_mode=config.uce_key_mode, targets=config.targets,
                           expand_prompts=config.expand_prompts, negative_guidance=config.negative_guidance,
                           preserve_related=config.preserve_related, save_stats=False)
-    pooled = {}  # MMDiT: UCE's pooled-text edit (uce module docstring, "MMDiT"); RECE's epochs act on the context
-    if sd.is_mmdit(pipe):
-        pooled = uce.pooled_edit(pipe, uce.pooled_keys(pipe, first), first.erase_scale, first.preserve_scale, first.lam)
+    # MMDiT: UCE's pooled-text edit (uce module docstring, "MMDiT"); RECE's epochs act on the context
+    keys, pooled_keys = uce.text_keys(pipe, first) if config.initial_uce else (None, None)
+    if pooled_keys is None and sd.is_mmdit(pipe):
+        pooled_keys = uce.pooled_keys(pipe, first)
+    pooled = {} if pooled_keys is None else uce.pooled_edit(pipe, pooled_keys, first.erase_scale,
+                                                             first.preserve_scale, first.lam)
     if config.initial_uce:  # 0. UCE from the base model
-        keys = uce.collect_keys(pipe, first)
         edit = uce.solve(keys, first.erase_scale, first.preserve_scale, first.lam, dtype)
         factors.append((edit.P, edit.Q))
         T = T + edit.P @ edit.Q.T

@@ -40,7 +40,9 @@ rows, before every joint block) and the pooled-text embedder ``time_text_embed.t
 authors' FLUX edit changes these two (``uce_flux_edit.py``), and so does erasekit. The default ``targets``
 (``attn2.to_k``, ``attn2.to_v``) resolve to ``context_embedder`` on a transformer, which is then edited with the
 context keys above; the pooled embedder is edited by a second solve of Eq. 7 on the prompts' pooled embeddings
-(one key per prompt, same λ and scales), stored as ``pooled.*`` statistics.
+(one key per prompt, same λ and scales), stored as ``pooled.*`` statistics. With "last_token" keys a prompt's context
+key and pooled key come from one pass of the CLIP encoders, cut after its [EoT] token, prompts that begin alike
+sharing their prefix's states (:func:`text_keys`).
 
 Keys (``key_mode``): "last_token" — one key per prompt, the context vector at ``attention_mask.sum() − 2`` (the
 last subject token; BOS for ""), as the authors' diffusers rewrite (``trainscripts/uce_sd_erase.py``);
@@ -272,25 +274,58 @@ def preserve_prompts(config) -> list[str]:
 def collect_keys(pipe, config: UceConfig, batch_size: int = 256) -> Keys:
     """Encode the erase, guide and preserve prompts of ``config`` into keys (fp32, on the text encoder's device);
     guide keys moved by ``negative_guidance``: c_g + η (c_g − c_e)."""
-    keys = _collect_keys(pipe, config, batch_size)
+    return _guided(_collect_keys(pipe, config, batch_size), config)
+
+
+def _guided(keys: Keys, config) -> Keys:
+    """``keys`` with the guide keys moved by ``negative_guidance``: c_g + η (c_g − c_e)."""
     eta = getattr(config, "negative_guidance", 0.0)
-    if eta:
-        keys = Keys(keys.erase, keys.guide + eta * (keys.guide - keys.erase), keys.preserve)
-    return keys
+    return Keys(keys.erase, keys.guide + eta * (keys.guide - keys.erase), keys.preserve) if eta else keys
+
+
+def _prompt_sets(config) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """(erase prompt, guide) pairs, the preserve prompts, and every distinct prompt among them (each encoded once:
+    a guide is shared by every concept), guides templated with "aligned" keys."""
+    pairs = prompt_pairs(config.concepts, config.guides, config.expand_prompts,
+                         templated_guides=config.key_mode == "aligned")
+    preserve = preserve_prompts(config)
+    guides = [a for _, g in pairs for a in alternatives(g)]
+    return pairs, preserve, list(dict.fromkeys([e for e, _ in pairs] + guides + preserve))
+
+
+def _gather(emb: torch.Tensor, unique: list[str], pairs, preserve: list[str]) -> Keys:
+    """One key per erase / guide / preserve prompt from ``emb`` (one row per prompt of ``unique``); a guide of
+    several prompts gets the mean of their keys."""
+    row = {p: i for i, p in enumerate(unique)}
+
+    def pick(prompts):
+        return emb[torch.tensor([row[p] for p in prompts], dtype=torch.long, device=emb.device)]
+
+    guide = torch.stack([pick(alternatives(g)).mean(0) for _, g in pairs]) if pairs else pick([])
+    return Keys(pick([e for e, _ in pairs]), guide, pick(preserve))
+
+
+def text_keys(pipe, config: UceConfig, batch_size: int = 256) -> tuple[Keys, Keys | None]:
+    """The context keys (:func:`collect_keys`) and, on an MMDiT pipeline, the pooled keys (:func:`pooled_keys`) of
+    ``config``'s prompts (None elsewhere). With "last_token" keys both come from one pass of the text encoders
+    (:func:`erasekit.methods.text.last_token_and_pooled`): the prompts are the same, and CLIP computes the last
+    subject token's vector on its way to the pooled output at the [EoT] token after it."""
+    if not sd.is_mmdit(pipe):
+        return collect_keys(pipe, config, batch_size), None
+    if config.key_mode != "last_token":
+        return collect_keys(pipe, config, batch_size), pooled_keys(pipe, config, batch_size)
+    pairs, preserve, unique = _prompt_sets(config)
+    context, pooled = text.last_token_and_pooled(pipe, unique, batch_size)
+    return (_guided(_gather(context, unique, pairs, preserve), config),
+            _guided(_gather(pooled, unique, pairs, preserve), config))
 
 
 def _collect_keys(pipe, config, batch_size: int) -> Keys:
     aligned = config.key_mode == "aligned"
-    pairs = prompt_pairs(config.concepts, config.guides, config.expand_prompts, templated_guides=aligned)
-    preserve = preserve_prompts(config)
-    guides = [a for _, g in pairs for a in alternatives(g)]
-    unique = list(dict.fromkeys([e for e, _ in pairs] + guides + preserve))
+    pairs, preserve, unique = _prompt_sets(config)
     row = {p: i for i, p in enumerate(unique)}
     if config.key_mode == "last_token":
-        emb = text.last_token_embeddings(pipe, unique, batch_size)  # (U, d)
-        pick = lambda prompts: emb[torch.tensor([row[p] for p in prompts], dtype=torch.long)]  # noqa: E731
-        guide = torch.stack([pick(alternatives(g)).mean(0) for _, g in pairs]) if pairs else pick([])
-        return Keys(pick([e for e, _ in pairs]), guide, pick(preserve))
+        return _gather(text.last_token_embeddings(pipe, unique, batch_size), unique, pairs, preserve)  # (U, d)
     emb = text.encode_prompts(pipe, unique, batch_size)  # (U, 77, d)
     if sd.is_mmdit(pipe):  # SD3: the CLIP rows; T5's follow no CLIP token (zeros alike in every prompt without T5)
         emb = emb[:, :77]
@@ -475,27 +510,13 @@ STAT_NAMES = ("keys.erase", "keys.guide", "keys.preserve", "weights.erase", "wei
 POOLED_STAT_NAMES = tuple("pooled." + n for n in STAT_NAMES)
 
 
-def pooled_keys(pipe, config) -> Keys:
+def pooled_keys(pipe, config, batch_size: int = 256) -> Keys:
     """One pooled-text key per erase / guide / preserve prompt (SD3's ``pooled_projections``), prompts as in
     :func:`collect_keys` (guide keys moved by ``negative_guidance``): with "aligned" keys each templated erase prompt
-    is guided by the same template filled with the guide, as its context keys are."""
-    pairs = prompt_pairs(config.concepts, config.guides, config.expand_prompts,
-                         templated_guides=config.key_mode == "aligned")
-    preserve = preserve_prompts(config)
-
-    unique = list(dict.fromkeys([e for e, _ in pairs] + [a for _, g in pairs for a in alternatives(g)] + preserve))
-    row = {p: i for i, p in enumerate(unique)}
-    emb = text.pooled_embeddings(pipe, unique)  # each prompt once (a guide is shared by every concept)
-
-    def pooled(prompts):
-        if not prompts:
-            return emb.new_zeros(0, emb.shape[-1])
-        return emb[torch.tensor([row[p] for p in prompts], dtype=torch.long, device=emb.device)]
-
-    erase = pooled([e for e, _ in pairs])
-    guide = torch.stack([pooled(alternatives(g)).mean(0) for _, g in pairs]) if pairs else pooled([])
-    eta = getattr(config, "negative_guidance", 0.0)
-    return Keys(erase, guide + eta * (guide - erase) if eta else guide, pooled(preserve))
+    is guided by the same template filled with the guide, as its context keys are. (:func:`text_keys` gives these
+    and the "last_token" context keys from one encoder pass.)"""
+    pairs, preserve, unique = _prompt_sets(config)
+    return _guided(_gather(text.pooled_embeddings(pipe, unique, batch_size), unique, pairs, preserve), config)
 
 
 def pooled_edit(pipe, keys: Keys, erase_scale, preserve_scale, lam: float) -> dict[str, ModuleDelta]:
@@ -510,12 +531,11 @@ def erase(pipe, config: UceConfig) -> Adapter:
     """Return the UCE edit of ``pipe``'s UNet as exact low-rank deltas; ``pipe`` is not modified."""
     start = time.perf_counter()
     modules = find_targets(pipe, config.targets)
-    keys = collect_keys(pipe, config)  # 1. keys and guide keys from the text encoder(s)
+    keys, pooled = text_keys(pipe, config)  # 1. keys and guide keys from the text encoder(s); MMDiT: pooled too
     edit = solve(keys, config.erase_scale, config.preserve_scale, config.lam)  # 2. one d×d solve
     deltas = module_deltas(modules, edit.P, edit.Q, denoiser_component(pipe))  # 3. per-layer ΔW = W P Qᵀ
     stats = key_stats(keys, config.erase_scale, config.preserve_scale) if config.save_stats else {}
-    if sd.is_mmdit(pipe):  # 4. the pooled text, its own solve (module docstring, "MMDiT")
-        pooled = pooled_keys(pipe, config)
+    if pooled is not None:  # 4. the pooled text, its own solve (module docstring, "MMDiT")
         deltas.update(pooled_edit(pipe, pooled, config.erase_scale, config.preserve_scale, config.lam))
         if config.save_stats:
             stats.update({"pooled." + k: v for k, v in key_stats(pooled, config.erase_scale,

@@ -16,18 +16,20 @@ average, since other work on the machine slows the wall clock. Targets: ≤ 2 s 
 
 ``--model sd3``: SD3-medium's transformer with CLIP-L and CLIP-G (no T5), UCE alone (the other methods here refuse
 an MMDiT pipeline). UCE edits ``context_embedder`` with the context keys and the pooled-text embedder with a second
-solve on the prompts' pooled embeddings (:mod:`erasekit.methods.uce`, "MMDiT"); the breakdown times both. The pooled
-keys come from a full 77-token pass of both CLIP encoders per prompt, the context keys from a pass cut after each
-prompt's last word (causal encoders); ``--pooled-sample F`` times the breakdown's pooled-key step on a fraction F of
-the 100-concept case's prompts and scales it up (the cost is linear in the number of prompts at fixed length), and
-``--many-repeats 0`` skips that case's end-to-end run (its time is then the sum of the breakdown). The breakdown also
-times one causal pass cut after each prompt's end token, which yields both keys (``one_pass_keys_s``, checked against
-UCE's keys): what the pooled step would cost computed that way.
+solve on the prompts' pooled embeddings (:mod:`erasekit.methods.uce`, "MMDiT"); the breakdown times both solves.
+Both keys of a prompt come from one pass of the causal CLIP encoders cut after its end token, each distinct token
+prefix run once (:func:`erasekit.methods.uce.text_keys`, ``encode_prompts_s``). ``--two-pass-sample F`` checks them on
+a fraction F of the 100-concept case's prompts against the two separate computations (``uce.collect_keys``,
+``uce.pooled_keys``: the encoders' own forward, one pass for each key), timing both ways and scaling the times up to
+all the prompts (linear in the number of prompts of a length; a sample shares fewer prefixes, so the one-pass time
+scaled up overstates ``encode_prompts_s``); ``--many-repeats 0`` skips that case's end-to-end run (its time is then
+the breakdown's sum).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -42,7 +44,6 @@ import torch
 
 from erasekit.api import erase
 from erasekit.methods import text, uce
-from erasekit.core import sd
 from erasekit.testing import real_shape_pipeline, sd3_medium_transformer, sd15_unet, sdxl_unet
 from erasekit.tinyworld.world import BACKGROUNDS, COLOURS, SHAPES, TEXTURES
 
@@ -86,25 +87,6 @@ def build_pipe(model: str, zero_init: bool, device: str, dtype: torch.dtype):
     return pipe.to(device, dtype)
 
 
-@torch.no_grad()
-def one_pass_keys(pipe, prompts: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """SD3: each prompt's context key (at its last word, as ``uce.collect_keys`` in "last_token" mode) and its
-    pooled key (as ``uce.pooled_keys``) from one pass of the causal CLIP encoders cut after the prompt's end token
-    (the pooled output is read there): prompts sorted by length, each batch cut to its longest member."""
-    tokens = text.tokenize(pipe, prompts)
-    keys = torch.zeros(len(prompts), text.context_dim(pipe))
-    pooled = torch.zeros(len(prompts), int(sd.denoiser(pipe).config.pooled_projection_dim))
-    order = torch.argsort(tokens.last_index, stable=True)
-    for i in range(0, len(prompts), batch_size):
-        rows = order[i:i + batch_size]
-        last = tokens.last_index[rows]
-        length = min(int(last.max()) + 2, tokens.attention_mask.shape[1])
-        cond = sd.encode_ids(pipe, [x[rows, :length] for x in tokens.input_ids])
-        keys[rows] = cond.embeds.float()[torch.arange(len(rows)), last].cpu()
-        pooled[rows] = cond.pooled.float().cpu()
-    return keys, pooled
-
-
 def prompts() -> tuple[list[str], list[str]]:
     """100 concepts ("crimson disc", ...) and 500 distinct preserve prompts ("a striped box on a night sky")."""
     colours = [n for names in COLOURS.values() for n in names]
@@ -115,6 +97,37 @@ def prompts() -> tuple[list[str], list[str]]:
     preserve = [f"a {t} {s} on a {b}" for t, s, b in itertools.product(textures, shapes, backgrounds)][:500]
     assert len(set(concepts)) == 100 and len(set(preserve)) == 500
     return concepts, preserve
+
+
+def two_pass_check(pipe, config, fraction: float) -> dict:
+    """SD3: on a fraction of ``config``'s prompts, UCE's one-pass keys (:func:`erasekit.methods.uce.text_keys`)
+    against the two separate computations (context keys, then pooled keys: two passes of each prompt); both timed,
+    the times scaled up to all of ``config``'s distinct prompts."""
+    sample = config if fraction >= 1 else dataclasses.replace(
+        config, concepts=config.concepts[:max(1, round(fraction * len(config.concepts)))],
+        preserve=config.preserve[:round(fraction * len(config.preserve))])
+    distinct = lambda c: len({*c.concepts, *c.guides, *c.preserve})  # noqa: E731  prompts encoded
+    scale = distinct(config) / distinct(sample)
+    t, cpu = time.perf_counter(), time.process_time()
+    one = uce.text_keys(pipe, sample)
+    one_s, one_cpu = time.perf_counter() - t, time.process_time() - cpu
+    t, cpu = time.perf_counter(), time.process_time()
+    two = (uce.collect_keys(pipe, sample), uce.pooled_keys(pipe, sample))
+    two_s, two_cpu = time.perf_counter() - t, time.process_time() - cpu
+    diff = lambda a, b: max(float((x - y).abs().max()) for x, y in zip(astuple(a), astuple(b))  # noqa: E731
+                            if x.numel())
+    return {"two_pass_check": {
+        "sample": f"{len(sample.concepts)} concepts + {len(sample.preserve)} preserve prompts: {distinct(sample)} of "
+                  f"the {distinct(config)} distinct prompts, times scaled up",
+        "one_pass_keys_s": round(one_s * scale, 3), "two_pass_keys_s": round(two_s * scale, 3),
+        "one_pass_keys_cpu_s": round(one_cpu * scale, 3), "two_pass_keys_cpu_s": round(two_cpu * scale, 3),
+        "max_abs_diff": {"context_keys": diff(one[0], two[0]), "pooled_keys": diff(one[1], two[1]),
+                         "context_key_scale": float(two[0].erase.abs().max()),
+                         "pooled_key_scale": float(two[1].erase.abs().max())}}}
+
+
+def astuple(keys: uce.Keys) -> tuple[torch.Tensor, ...]:
+    return keys.erase, keys.guide, keys.preserve
 
 
 def timed(fn, repeats: int) -> dict:
@@ -143,8 +156,9 @@ def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json", pipe=N
                         help="repeats of the 100-concept case (default: --repeats; 0: its breakdown only)")
     parser.add_argument("--cases", nargs="+", default=["one", "many"], choices=["one", "many"],
                         help="one: 1 concept; many: 100 concepts + 500 preserve prompts (default: both)")
-    parser.add_argument("--pooled-sample", type=float, default=1.0,
-                        help="sd3: fraction of the 100-concept case's prompts whose pooled keys the breakdown times")
+    parser.add_argument("--two-pass-sample", type=float, default=0.1,
+                        help="sd3: fraction of the 100-concept case's prompts on which the one-pass keys are checked "
+                             "against (and timed with) the separate context and pooled passes; 0: no check")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="auto: float16 on CUDA, float32 on CPU")
     parser.add_argument("--out", default=str(out))
@@ -200,9 +214,10 @@ def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json", pipe=N
         if name not in results:
             continue
         steps, extra = {}, {}
-        t = time.perf_counter()
-        keys = uce.collect_keys(pipe, config)
+        t, cpu = time.perf_counter(), time.process_time()
+        keys, pooled = uce.text_keys(pipe, config)  # SD3: the context and pooled keys from one pass
         steps["encode_prompts_s"] = time.perf_counter() - t
+        extra["encode_prompts_cpu_s"] = round(time.process_time() - cpu, 3)  # wall minus waiting for the CPU
         t = time.perf_counter()
         edit = uce.solve(keys, 1.0, 1.0, 0.5)
         steps["solve_s"] = time.perf_counter() - t
@@ -210,38 +225,11 @@ def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json", pipe=N
         uce.module_deltas(uce.find_targets(pipe, config.targets), edit.P, edit.Q)
         steps["layer_factors_s"] = time.perf_counter() - t
         if mmdit:  # the pooled-text embedder's solve (uce module docstring, "MMDiT")
-            fraction = args.pooled_sample if name == many_name else 1.0
-            sample = config if fraction >= 1 else uce.UceConfig(
-                concepts=config.concepts[:max(1, round(fraction * len(config.concepts)))],
-                preserve=config.preserve[:round(fraction * len(config.preserve))])
-            encodings = lambda c: 2 * len(c.concepts) + len(c.preserve)  # noqa: E731  erase, guide, preserve
             t = time.perf_counter()
-            pooled = uce.pooled_keys(pipe, sample)
-            steps["pooled_keys_s"] = (time.perf_counter() - t) * encodings(config) / encodings(sample)
-            if sample is not config:
-                extra["pooled_keys_s_scaled_from"] = (f"{len(sample.concepts)} concepts + {len(sample.preserve)} "
-                                                      f"preserve prompts: {encodings(sample)} of the "
-                                                      f"{encodings(config)} pooled encodings, time scaled up")
-            t = time.perf_counter()
-            uce.pooled_edit(pipe, pooled, 1.0, 1.0, 0.5)  # on the sampled keys: a d×d solve (d = 2048) either way
+            uce.pooled_edit(pipe, pooled, 1.0, 1.0, 0.5)
             steps["pooled_solve_s"] = time.perf_counter() - t
-            # the proposal: both keys from one causal pass cut after each prompt's end token
-            pairs = uce.prompt_pairs(config.concepts, config.guides)
-            unique = list(dict.fromkeys([e for e, _ in pairs] + [g for _, g in pairs] + list(config.preserve)))
-            t = time.perf_counter()
-            one_keys, one_pooled = one_pass_keys(pipe, unique)
-            extra["one_pass_keys_s"] = round(time.perf_counter() - t, 3)
-            row = {p: i for i, p in enumerate(unique)}
-            ref_prompts = [e for e, _ in pairs] + [g for _, g in pairs] + list(config.preserve)
-            ref_keys = torch.cat([keys.erase, keys.guide, keys.preserve]).float().cpu()
-            got = one_keys[[row[p] for p in ref_prompts]]
-            sample_pairs = uce.prompt_pairs(sample.concepts, sample.guides)
-            sample_prompts = [e for e, _ in sample_pairs] + [g for _, g in sample_pairs] + list(sample.preserve)
-            ref_pooled = torch.cat([pooled.erase, pooled.guide, pooled.preserve]).float().cpu()
-            extra["one_pass_max_abs_diff"] = {
-                "context_keys": float((got - ref_keys).abs().max()),
-                "pooled_keys": float((one_pooled[[row[p] for p in sample_prompts]] - ref_pooled).abs().max()),
-                "key_scale": float(ref_keys.abs().max())}
+            if args.two_pass_sample > 0:
+                extra.update(two_pass_check(pipe, config, args.two_pass_sample if name == many_name else 1.0))
         t = time.perf_counter()
         uce.base_fingerprint(pipe)
         steps["fingerprint_s"] = time.perf_counter() - t
