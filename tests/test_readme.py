@@ -21,6 +21,16 @@ def test_readme_shows_the_committed_benchmark_table():
     assert results["run"]["date"][:10] in README and results["run"]["machine"] in README
 
 
+def test_readme_shows_the_committed_tinyworld_mmdit_table():
+    results = json.loads((ROOT / "benchmarks" / "results-mmdit.json").read_text())
+    md = table(results)
+    assert md == (ROOT / "benchmarks" / "results-mmdit.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(rows) > 10
+    missing = [row for row in rows if row not in README.split("<!-- bench:quick-mmdit -->")[1]]
+    assert not missing, f"README's tinyworld-mmdit table is stale (rerun `erasekit bench --quick --model mmdit`): {missing[:3]}"
+
+
 def test_readme_shows_the_committed_full_suite_table():
     from erasekit.bench import SUITE
     from erasekit.methods import METHODS
