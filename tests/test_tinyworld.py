@@ -171,6 +171,33 @@ def test_mmdit_training_writes_a_stock_sd3_folder_and_resumes_where_it_stopped(t
         assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
+def test_unet_training_resumes_where_it_stopped_ema_included(tmp_path, monkeypatch):
+    """The UNet model's trainer at toy size: a run killed right after a diffusion checkpoint and started again ends
+    with the uninterrupted run's (EMA) weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    from erasekit.tinyworld import train as stages
+
+    config = stages.TrainConfig(n_images=16, vae_steps=1, judge_steps=1, unet_steps=4, batch_size=2,
+                                checkpoint_every=2)
+    stages.train(tmp_path / "a", tmp_path / "work-a", config)
+    save = stages._save_ckpt
+
+    def killed_after_first_checkpoint(path, state):
+        save(path, state)
+        if path.name == "diffusion.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "_save_ckpt", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        stages.train(tmp_path / "b", tmp_path / "work-b", config)
+    monkeypatch.setattr(stages, "_save_ckpt", save)
+    stages.train(tmp_path / "b", tmp_path / "work-b", config)
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
 def test_mmdit_train_config_names_the_bad_option():
     from erasekit.errors import ConfigError
     from erasekit.tinyworld.mmdit import MMDiTTrainConfig

@@ -100,35 +100,6 @@ def encode(text_encoders, tokenizer, texts) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(hidden, -1), torch.cat(pooled, -1)
 
 
-class _Ema(torch.nn.Module):
-    """An exponential moving average of the trained modules' weights, taken in at the start of each step s > 0
-    (the weights after step s − 1, decay min(0.999, s / (9 + s))); a module, so that it is checkpointed in the same
-    file as the weights and a resumed run averages exactly as an uninterrupted one."""
-
-    def __init__(self, modules: dict):
-        super().__init__()
-        self.modules_ = modules
-        for key, module in modules.items():
-            for i, p in enumerate(module.parameters()):
-                self.register_buffer(f"{key}__{i}", p.detach().clone())
-
-    def pairs(self):
-        for key, module in self.modules_.items():
-            for i, p in enumerate(module.parameters()):
-                yield getattr(self, f"{key}__{i}"), p
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = min(0.999, (1 + step) / (10 + step))
-        for e, p in self.pairs():
-            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-
-    @torch.no_grad()
-    def copy_to(self) -> None:
-        for e, p in self.pairs():
-            p.copy_(e)
-
-
 def train(out_dir: str | Path, work_dir: str | Path, config: MMDiTTrainConfig = MMDiTTrainConfig(),
           base: str | Path | None = None) -> dict:
     """Train tinyworld-mmdit (resuming from ``work_dir``) and write the pipeline + judge to ``out_dir``.
@@ -141,7 +112,7 @@ def train(out_dir: str | Path, work_dir: str | Path, config: MMDiTTrainConfig = 
     from ..core.mmdit import collapsed_padding
     from . import path as tinyworld_path
     from .judge import TinyworldJudge
-    from .train import _AuxHead, _check_folders, _cosine, _run_stage, _to_x, make_data
+    from .train import _AuxHead, _Ema, _check_folders, _cosine, _run_stage, _to_x, make_data
 
     out_dir, work, base = Path(out_dir), Path(work_dir), Path(base or tinyworld_path())
     _check_folders(out_dir, work)

@@ -205,14 +205,47 @@ class _AuxHead(torch.nn.Module):
         return {a: h(pooled) for a, h in self.heads.items()}
 
 
+class _Ema(torch.nn.Module):
+    """An exponential moving average of the trained modules' weights, taking in the weights after step s with
+    decay min(0.999, (1 + s) / (10 + s)); a module, so that it is checkpointed in the same file as the weights and a
+    resumed run averages exactly as an uninterrupted one. ``update`` takes each step in once (``steps_in`` counts
+    them), so repeating the last one after a resumed stage is harmless."""
+
+    def __init__(self, modules: dict):
+        super().__init__()
+        self.modules_ = modules
+        for key, module in modules.items():
+            for i, p in enumerate(module.parameters()):
+                self.register_buffer(f"{key}__{i}", p.detach().clone())
+        self.register_buffer("steps_in", torch.zeros((), dtype=torch.long))
+
+    def pairs(self):
+        for key, module in self.modules_.items():
+            for i, p in enumerate(module.parameters()):
+                yield getattr(self, f"{key}__{i}"), p
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        if step < int(self.steps_in):
+            return
+        decay = min(0.999, (1 + step) / (10 + step))
+        for e, p in self.pairs():
+            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        self.steps_in.fill_(step + 1)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for e, p in self.pairs():
+            p.copy_(e)
+
+
 def train_diffusion(config, work, images, labels, vae, tokenizer):
     torch.manual_seed(config.seed + 2)
     text_encoder = M.make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     unet = M.make_unet()
     aux = _AuxHead(M.HIDDEN)
     noise_scheduler = M.make_train_scheduler()
-    ema = {"unet": [p.detach().clone() for p in unet.parameters()],
-           "text_encoder": [p.detach().clone() for p in text_encoder.parameters()]}
+    ema = _Ema({"unet": unet, "text_encoder": text_encoder})
     params = list(unet.parameters()) + list(text_encoder.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
     for g in opt.param_groups:
@@ -256,35 +289,15 @@ def train_diffusion(config, work, images, labels, vae, tokenizer):
         aux_loss = sum(F.cross_entropy(logits[k], torch.tensor(aux_targets[k])) for k in ATTRIBUTES)
         return F.mse_loss(pred, noise) + 0.05 * aux_loss
 
-    def update_ema(step):
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for key, module in (("unet", unet), ("text_encoder", text_encoder)):
-                for e, p in zip(ema[key], module.parameters()):
-                    e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+    def with_ema(step, gen):  # the average takes in the weights of the step before (a resumed run does the same)
+        if step:
+            ema.update(step - 1)
+        return step_fn(step, gen)
 
-    class _EmaStep:  # wraps step_fn so the EMA is updated and checkpointed with the stage
-        def __init__(self):
-            self.last = None
-
-        def __call__(self, step, gen):
-            if self.last is not None:
-                update_ema(self.last)
-                if self.last % config.checkpoint_every == 0:
-                    _save_ckpt(ema_path, ema)
-            self.last = step
-            return step_fn(step, gen)
-
-    wrapped = _EmaStep()
-    _run_stage("diffusion", 3, config, work, {"unet": unet, "text_encoder": text_encoder, "aux": aux}, opt,
-               config.unet_steps, wrapped, lambda s: _cosine(s, config.unet_steps))
-    if wrapped.last is not None:
-        update_ema(wrapped.last)
-        _save_ckpt(ema_path, ema)
-    with torch.no_grad():
-        for key, module in (("unet", unet), ("text_encoder", text_encoder)):
-            for e, p in zip(ema[key], module.parameters()):
-                p.copy_(e)
+    _run_stage("diffusion", 3, config, work, {"unet": unet, "text_encoder": text_encoder, "aux": aux, "ema": ema},
+               opt, config.unet_steps, with_ema, lambda s: _cosine(s, config.unet_steps))
+    ema.update(config.unet_steps - 1)  # and the last step's, as the EMA always has here
+    ema.copy_to()
     return text_encoder.eval(), unet.eval()
 
 
