@@ -193,6 +193,15 @@ def test_unet_training_resumes_where_it_stopped_ema_included(tmp_path, monkeypat
         stages.train(tmp_path / "b", tmp_path / "work-b", config)
     monkeypatch.setattr(stages, "_save_ckpt", save)
     stages.train(tmp_path / "b", tmp_path / "work-b", config)
+    state = torch.load(tmp_path / "work-b" / "diffusion.pt", weights_only=True)  # an older trainer's checkpoint
+    del state["ema"]["steps_in"]
+    torch.save(state, tmp_path / "work-c-diffusion.pt")
+    (tmp_path / "work-b" / "diffusion.pt").unlink()
+    (tmp_path / "work-c-diffusion.pt").rename(tmp_path / "work-b" / "diffusion.pt")
+    from erasekit.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not match this trainer"):
+        stages.train(tmp_path / "c", tmp_path / "work-b", config)
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         a, b = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
         assert all(torch.equal(a[k], b[k]) for k in a), part

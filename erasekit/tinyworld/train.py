@@ -115,10 +115,17 @@ def _run_stage(name, stage, config, work, modules, opt, steps, step_fn, lr_fn=No
     state = _load_ckpt(path)
     start = 0
     if state is not None:
-        for key, module in modules.items():
-            module.load_state_dict(state[key])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
+        try:
+            for key, module in modules.items():
+                module.load_state_dict(state[key])
+            opt.load_state_dict(state["opt"])
+            start = state["step"]
+        except (KeyError, RuntimeError, ValueError) as e:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(f"the {name} checkpoint {path} does not match this trainer (written by another "
+                                  f"erasekit version or model: {str(e).splitlines()[0]}); start with a new work "
+                                  "folder, or delete it") from None
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, mininterval=2)
     for step in bar:
         if lr_fn is not None:
