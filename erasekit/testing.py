@@ -21,6 +21,18 @@ from .tinyworld.tokenizer import write_tokenizer_files
 FAMILIES = ("sd1", "sd2", "sdxl")  # UNet families
 MMDIT_FAMILIES = ("sd3",)  # transformer (MMDiT) families
 
+#: a budget of one or two steps per registered attack, for the tiny random pipelines (``tiny_pipeline``) whose
+#: prompts speak of cats, dogs and cars; the attacks' own presets are for real models and tinyworld
+TINY_ATTACKS = {
+    "unlearndiffatk": dict(n_timesteps=1, iterations=2),
+    "p4d": dict(iterations=2, eval_every=2),
+    "ring_a_bell": dict(length=3, population=6, generations=2, with_prompts=("a red cat",), without_prompts=("a red",)),
+    "cce": dict(steps=1, batch_size=2, gradient_accumulation=1, num_train_images=2),
+    "concept_arithmetic": dict(synonyms=("dog",), subtract=("car",), scales=(1.0,)),
+    "paraphrase": dict(synonyms=("dog", "car"), max_variants=2),
+    "sage": dict(iterations=2, eval_every=2, gradient_checkpointing=False),
+}
+
 
 def tiny_tokenizer(directory: str | Path | None = None):
     from transformers import CLIPTokenizer

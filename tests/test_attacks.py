@@ -15,6 +15,7 @@ from erasekit.attacks import ATTACKS, AttackResult, SoftPromptConfig, config, ru
 from erasekit.attacks.unlearndiffatk import project_simplex
 from erasekit.errors import ConfigError, ErasekitError, ModelNotFoundError
 from erasekit.judges import FunctionJudge, describe, verdict
+from erasekit.testing import TINY_ATTACKS
 
 STEPS = 1  # sampling steps of every generation in the tiny-pipeline tests
 
@@ -100,19 +101,8 @@ def test_insertion_layouts(pipe):
 
 # ------------------------------------------------------------------------------------------ the attacks
 
-TINY = {
-    "unlearndiffatk": dict(n_timesteps=1, iterations=2),
-    "p4d": dict(iterations=2, eval_every=2),
-    "ring_a_bell": dict(length=3, population=6, generations=2, with_prompts=("a red cat",), without_prompts=("a red",)),
-    "cce": dict(steps=1, batch_size=2, gradient_accumulation=1, num_train_images=2),
-    "concept_arithmetic": dict(synonyms=("dog",), subtract=("car",), scales=(1.0,)),
-    "paraphrase": dict(synonyms=("dog", "car"), max_variants=2),
-    "sage": dict(iterations=2, eval_every=2, gradient_checkpointing=False),
-}
-
-
 def test_every_registered_attack_has_a_tiny_case_and_presets():
-    assert set(TINY) == set(ATTACKS)
+    assert set(TINY_ATTACKS) == set(ATTACKS)
     for name, module in ATTACKS.items():
         assert {"paper", "tinyworld"} <= set(module.PRESETS)
         assert isinstance(module.PRESETS["paper"], module.CONFIG)
@@ -121,7 +111,7 @@ def test_every_registered_attack_has_a_tiny_case_and_presets():
 
 
 def runs_and_is_deterministic(pipe, target, name):
-    cfg = config(name, num_inference_steps=STEPS, **TINY[name])
+    cfg = config(name, num_inference_steps=STEPS, **TINY_ATTACKS[name])
     judge = brightness_judge(2.0)  # never fires: the whole budget runs
     a = run(name, pipe, "a red cat", judge, config=cfg, seed=1, target=target)
     b = run(name, pipe, "a red cat", judge, config=cfg, seed=1, target=target)
@@ -132,12 +122,12 @@ def runs_and_is_deterministic(pipe, target, name):
     return a
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(TINY_ATTACKS))
 def test_attack_runs_and_is_deterministic(pipe, target, name):
     runs_and_is_deterministic(pipe, target, name)
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(TINY_ATTACKS))
 def test_attack_runs_on_sd3_and_is_deterministic(sd3, sd3_target, name):
     """Every registered attack runs on SD3's architecture (MMDiT transformer, flow matching, two CLIP encoders);
     none of them is refused there."""
@@ -394,7 +384,7 @@ def _tinyworld_mmdit_ready() -> bool:
 
 
 @pytest.mark.skipif(not _tinyworld_ready(), reason="tinyworld weights not trained yet")
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(TINY_ATTACKS))
 def test_every_attack_succeeds_on_the_base_tinyworld_model(tinyworld_pipe, name):
     """Nothing is erased, so each attack (tinyworld budget) must make the judge see the concept on >= 90 % of the
     concept prompts: all 3 here."""
@@ -408,7 +398,7 @@ MMDIT_KNOWN_MISSES = {"cce": "CCE's learned token misses the red prompt on tinyw
 
 @pytest.mark.skipif(not _tinyworld_mmdit_ready(), reason="tinyworld-mmdit weights not trained yet")
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=MMDIT_KNOWN_MISSES[n], strict=True))
-                                  if n in MMDIT_KNOWN_MISSES else n for n in sorted(TINY)])
+                                  if n in MMDIT_KNOWN_MISSES else n for n in sorted(TINY_ATTACKS)])
 def test_every_attack_succeeds_on_the_base_tinyworld_mmdit_model(tinyworld_mmdit_pipe, name):
     """The same on tinyworld-mmdit (SD3's architecture): each attack, with its tinyworld budget, adapted to flow
     matching and two text encoders, finds the concept on all 3 prompts of the base model."""

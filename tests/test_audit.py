@@ -14,6 +14,7 @@ from erasekit import audit as A
 from erasekit.core import files
 from erasekit.errors import BaseModelMismatchWarning, ConfigError
 from erasekit.judges import FunctionJudge
+from erasekit.testing import TINY_ATTACKS
 
 # ------------------------------------------------------------------------------------------ metrics by hand
 
@@ -470,15 +471,7 @@ def test_base_cache_misses_another_seed_setting_batch_or_model(tinyworld_pipe, u
 # ------------------------------------------------------------------------------------------ SD3 (MMDiT, flow matching)
 
 #: a budget of one or two steps per attack (the papers' presets otherwise: the tiny SD3 pipeline is not tinyworld)
-SD3_ATTACKS = {
-    "unlearndiffatk": dict(n_timesteps=1, iterations=2),
-    "p4d": dict(iterations=2, eval_every=2),
-    "ring_a_bell": dict(length=3, population=6, generations=2, with_prompts=("a red cat",), without_prompts=("a red",)),
-    "cce": dict(steps=1, batch_size=2, gradient_accumulation=1, num_train_images=2),
-    "concept_arithmetic": dict(synonyms=("dog",), subtract=("car",), scales=(1.0,)),
-    "paraphrase": dict(synonyms=("dog",)),
-    "sage": dict(iterations=2, eval_every=2, gradient_checkpointing=False),
-}
+SD3_ATTACKS = {**TINY_ATTACKS, "paraphrase": dict(synonyms=("dog",))}
 
 
 def test_an_audit_runs_every_attack_on_sd3_and_shares_its_base_images(tmp_path, monkeypatch):

@@ -135,6 +135,26 @@ def test_meets_bars_holds_each_bound_inclusively():
     assert not meets_bars({"canonical_rate": 0.0, "synonym_rate": 0.0}, 0.021, bars)
 
 
+def train_killed_then_resumed(monkeypatch, train, out, work, config, checkpoint: str) -> None:
+    """``train(out, work, config)`` killed (KeyboardInterrupt) right after it first saves ``checkpoint``, leaving
+    no output folder, then run again in the same work folder to the end."""
+    from erasekit.tinyworld import train as stages
+
+    save = stages._save_ckpt
+
+    def killed_after_first_checkpoint(path, state):
+        save(path, state)
+        if path.name == checkpoint:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "_save_ckpt", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train(out, work, config)
+    assert not out.exists()
+    monkeypatch.setattr(stages, "_save_ckpt", save)
+    train(out, work, config)
+
+
 def test_mmdit_training_writes_a_stock_sd3_folder_and_resumes_where_it_stopped(tmp_path, monkeypatch):
     """tinyworld-mmdit's trainer at toy size: the folder loads in stock diffusers (T5 dropped as diffusers documents),
     and a run killed after its first checkpoint and started again ends with the uninterrupted run's weights."""
@@ -144,7 +164,6 @@ def test_mmdit_training_writes_a_stock_sd3_folder_and_resumes_where_it_stopped(t
     from safetensors.torch import load_file
 
     from erasekit.tinyworld import mmdit
-    from erasekit.tinyworld import train as stages
 
     config = mmdit.MMDiTTrainConfig(n_images=16, steps=3, batch_size=2, checkpoint_every=1)
     mmdit.train(tmp_path / "a", tmp_path / "work-a", config)
@@ -153,19 +172,7 @@ def test_mmdit_training_writes_a_stock_sd3_folder_and_resumes_where_it_stopped(t
     manifest = json.loads((tmp_path / "a" / "tinyworld.json").read_text())
     assert manifest["arch"] == "mmdit" and manifest["train_config"]["steps"] == 3
 
-    save = stages._save_ckpt
-
-    def killed_after_first_checkpoint(path, state):
-        save(path, state)
-        if path.name == "mmdit.pt":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(stages, "_save_ckpt", killed_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        mmdit.train(tmp_path / "b", tmp_path / "work-b", config)
-    assert not (tmp_path / "b").exists()
-    monkeypatch.setattr(stages, "_save_ckpt", save)
-    mmdit.train(tmp_path / "b", tmp_path / "work-b", config)
+    train_killed_then_resumed(monkeypatch, mmdit.train, tmp_path / "b", tmp_path / "work-b", config, "mmdit.pt")
     for part in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"):
         a, b = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
         assert all(torch.equal(a[k], b[k]) for k in a), part
@@ -181,27 +188,15 @@ def test_unet_training_resumes_where_it_stopped_ema_included(tmp_path, monkeypat
     config = stages.TrainConfig(n_images=16, vae_steps=1, judge_steps=1, unet_steps=4, batch_size=2,
                                 checkpoint_every=2)
     stages.train(tmp_path / "a", tmp_path / "work-a", config)
-    save = stages._save_ckpt
-
-    def killed_after_first_checkpoint(path, state):
-        save(path, state)
-        if path.name == "diffusion.pt":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(stages, "_save_ckpt", killed_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        stages.train(tmp_path / "b", tmp_path / "work-b", config)
-    monkeypatch.setattr(stages, "_save_ckpt", save)
-    stages.train(tmp_path / "b", tmp_path / "work-b", config)
-    state = torch.load(tmp_path / "work-b" / "diffusion.pt", weights_only=True)  # an older trainer's checkpoint
+    train_killed_then_resumed(monkeypatch, stages.train, tmp_path / "b", tmp_path / "work-b", config, "diffusion.pt")
+    state = torch.load(tmp_path / "work-b" / "diffusion.pt", weights_only=True)  # made an older trainer's checkpoint
     del state["ema"]["steps_in"]
-    torch.save(state, tmp_path / "work-c-diffusion.pt")
-    (tmp_path / "work-b" / "diffusion.pt").unlink()
-    (tmp_path / "work-c-diffusion.pt").rename(tmp_path / "work-b" / "diffusion.pt")
+    torch.save(state, tmp_path / "work-b" / "diffusion.pt")
     from erasekit.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="does not match this trainer"):
         stages.train(tmp_path / "c", tmp_path / "work-b", config)
+    assert not (tmp_path / "c").exists()
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         a, b = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
         assert all(torch.equal(a[k], b[k]) for k in a), part

@@ -18,6 +18,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+#: SD3's pooled-text embedder (``PixArtAlphaTextProjection``: linear_1, act, linear_2): the pooled prompt reaches
+#: the joint blocks' adaLN modulation only through it
+POOLED_TEXT_EMBEDDER = "time_text_embed.text_embedder"
+
 
 def is_mmdit(module_or_pipe) -> bool:
     """Whether a pipeline's denoiser (or a module) is an MMDiT transformer (SD3 or FLUX)."""

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ..adapter import Adapter
 from ..core import lora, sd
+from ..core.mmdit import POOLED_TEXT_EMBEDDER
 from ..core.processes import WHOLE, Part
 from ..errors import ConfigError
 from .trainer import (Cond, PromptTable, ddim_scheduler, latent_shape, predict, rollout, train,
@@ -158,8 +159,7 @@ def objective(pipe, config: EsdConfig) -> Callable:
     return loss_for
 
 
-#: the pooled-text embedder of an MMDiT transformer: the pooled prompt reaches the blocks only through it (adaLN)
-MMDIT_POOLED_TEXT = "time_text_embed.text_embedder."
+MMDIT_POOLED_TEXT = POOLED_TEXT_EMBEDDER + "."  # the pooled prompt's only way into the blocks
 #: the presets on an MMDiT transformer (module docstring)
 MMDIT_PRESETS: dict[str, Callable[[str, torch.nn.Module], bool]] = {
     "esd-x": lambda name, m: isinstance(m, torch.nn.Linear) and (

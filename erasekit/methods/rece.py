@@ -218,11 +218,9 @@ def erase(pipe, config: ReceConfig) -> Adapter:
     preserve = uce.preserve_prompts(dataclasses.replace(config, expand_prompts="none")) or [""] * len(config.concepts)
     unique = list(dict.fromkeys([c for c, _ in pairs] + [a for _, g in pairs for a in uce.alternatives(g)]
                                 + preserve))
-    row = {p: i for i, p in enumerate(unique)}
-    emb = text.encode_prompts(pipe, unique).to(dtype)  # (U, 77, d)
-    c = torch.stack([emb[row[p]] for p, _ in pairs])  # (n, 77, d) concept tokens
-    c_g = torch.cat([torch.stack([emb[row[a]] for a in uce.alternatives(g)]).mean(0) for _, g in pairs])  # (n·77, d)
-    c_p = torch.cat([emb[row[p]] for p in preserve])  # (m·77, d)
+    sequences = uce._gather(text.encode_prompts(pipe, unique).to(dtype), unique, pairs, preserve)  # each (·, 77, d)
+    c = sequences.erase  # (n, 77, d) concept tokens
+    c_g, c_p = sequences.guide.reshape(-1, dim), sequences.preserve.reshape(-1, dim)  # (n·77, d), (m·77, d)
     G = gram(modules, device, dtype) if config.epochs else None
 
     validation = _Validation(pipe, config, modules, pooled) if config.validation_judge else None

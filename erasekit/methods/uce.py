@@ -67,6 +67,7 @@ import torch
 
 from ..adapter import Adapter, ModuleDelta
 from ..core import sd
+from ..core.mmdit import POOLED_TEXT_EMBEDDER
 from ..core.config import shared_fields
 from ..errors import ConfigError
 from . import text
@@ -78,7 +79,7 @@ DEFAULT_TARGETS: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")
 #: what the default targets mean on an MMDiT transformer (module docstring, "MMDiT")
 MMDIT_TARGETS: tuple[str, ...] = ("context_embedder",)
 #: the pooled-text embedder of SD3's transformer, edited by the pooled solve
-MMDIT_POOLED = "time_text_embed.text_embedder.linear_1"
+MMDIT_POOLED = f"{POOLED_TEXT_EMBEDDER}.linear_1"
 RTOL = 1e-10  # singular values below RTOL·σ_max of the text-space edit are numerically zero (fp64)
 
 
@@ -185,6 +186,10 @@ class UceConfig:
         validate_config(self)
         positive(self, "erase_scale", "lam")
         positive(self, "preserve_scale", "negative_guidance", strict=False)
+        if self.key_mode == "tokens" and any("|" in g for g in self.guides):
+            raise ConfigError('a guide of several prompts needs key_mode "last_token" or "aligned" (the "tokens" '
+                              "keys pair each erase token with the guide's by position, and the guides' lengths "
+                              "differ)")
 
 
 # ------------------------------------------------------------------------------------------------ keys
@@ -336,9 +341,6 @@ def _collect_keys(pipe, config, batch_size: int) -> Keys:
                               for a in alternatives(g)]).mean(0) for e, g in pairs]
         return Keys(cat([emb[row[e]] for e, _ in pairs]), cat(guide), cat([emb[row[p]] for p in preserve]))
     # "tokens": paper-era keys, train_erase.py (old UCE code)
-    if any("|" in g for _, g in pairs):
-        raise ConfigError('a guide of several prompts needs key_mode "last_token" or "aligned" (the "tokens" '
-                          "keys pair each erase token with the guide's by position, and the guides' lengths differ)")
     last = text.tokenize(pipe, unique).last_index.tolist()
     length = emb.shape[1]
     erase, guide = [], []
