@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     from erasekit import compose, tinyworld
     from erasekit.api import erase
     from erasekit.core.provenance import run_record
+    from erasekit.core.sd import generation_settings
     from erasekit.loading import load_pipeline
     from erasekit.tinyworld.eval import erasure, meets_bars
 
@@ -52,9 +53,12 @@ def main(argv=None) -> int:
     judge = tinyworld.load_judge(tinyworld.path("mmdit"))
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    same = results.get("concept") == args.concept and results.get("seeds") == args.seeds
-    rows = results.get("rows", {}) if same else {}
-    results = {"concept": args.concept, "seeds": args.seeds, "model": "tinyworld-mmdit", "bars": BARS, "rows": rows}
+    steps, guidance = generation_settings(pipe, None, None)
+    generation = {"num_inference_steps": steps, "guidance_scale": guidance}
+    same = (results.get("concept"), results.get("seeds"), results.get("generation")) == (args.concept, args.seeds, generation)
+    rows = results.get("rows", {}) if same else {}  # rows made at other settings are not resumed
+    results = {"concept": args.concept, "seeds": args.seeds, "model": "tinyworld-mmdit", "generation": generation,
+               "bars": BARS, "rows": rows}
 
     def save():
         results["run"] = run_record()
