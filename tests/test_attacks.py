@@ -391,14 +391,8 @@ def test_every_attack_succeeds_on_the_base_tinyworld_model(tinyworld_pipe, name)
     attack_succeeds_on_every_prompt(tinyworld_pipe, name)
 
 
-#: measured on tinyworld-mmdit (seed 0, 10 steps): CCE's token, learned in 100 (or 200) steps with logit-normal or
-#: uniform σ, brings circle back on the green and orange prompts (judge 0.99) but not on the red one (0.29-0.48)
-MMDIT_KNOWN_MISSES = {"cce": "CCE's learned token misses the red prompt on tinyworld-mmdit (judge 0.29; 2 of 3)"}
-
-
 @pytest.mark.skipif(not _tinyworld_mmdit_ready(), reason="tinyworld-mmdit weights not trained yet")
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=MMDIT_KNOWN_MISSES[n], strict=True))
-                                  if n in MMDIT_KNOWN_MISSES else n for n in sorted(TINY_ATTACKS)])
+@pytest.mark.parametrize("name", sorted(TINY_ATTACKS))
 def test_every_attack_succeeds_on_the_base_tinyworld_mmdit_model(tinyworld_mmdit_pipe, name):
     """The same on tinyworld-mmdit (SD3's architecture): each attack, with its tinyworld budget, adapted to flow
     matching and two text encoders, finds the concept on all 3 prompts of the base model."""
