@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from erasekit import compose, tinyworld
     from erasekit.api import erase
     from erasekit.core.provenance import run_record
-    from erasekit.core.sd import generation_settings
+    from erasekit.core.sd import model_defaults
     from erasekit.loading import load_pipeline
     from erasekit.tinyworld.eval import erasure, meets_bars
 
@@ -53,9 +53,9 @@ def main(argv=None) -> int:
     judge = tinyworld.load_judge(tinyworld.path("mmdit"))
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    steps, guidance = generation_settings(pipe, None, None)
-    generation = {"num_inference_steps": steps, "guidance_scale": guidance}
-    same = (results.get("concept"), results.get("seeds"), results.get("generation")) == (args.concept, args.seeds, generation)
+    generation = model_defaults(pipe)  # what ``erasure`` generates with
+    made = (results.get("concept"), results.get("seeds"), results.get("generation"))
+    same = made == (args.concept, args.seeds, generation)
     rows = results.get("rows", {}) if same else {}  # rows made at other settings are not resumed
     results = {"concept": args.concept, "seeds": args.seeds, "model": "tinyworld-mmdit", "generation": generation,
                "bars": BARS, "rows": rows}
