@@ -37,8 +37,10 @@ TINY_ATTACKS = {
 def tiny_tokenizer(directory: str | Path | None = None):
     from transformers import CLIPTokenizer
 
-    directory = Path(directory or tempfile.mkdtemp(prefix="erasekit-tok-"))
-    return CLIPTokenizer.from_pretrained(str(write_tokenizer_files(directory, extra_words=("cat", "dog", "car"))))
+    if directory is None:  # the files are read once: nothing is left behind
+        with tempfile.TemporaryDirectory(prefix="erasekit-tok-") as scratch:
+            return tiny_tokenizer(scratch)
+    return CLIPTokenizer.from_pretrained(str(write_tokenizer_files(Path(directory), extra_words=("cat", "dog", "car"))))
 
 
 def _clip_config(tokenizer, hidden: int, layers: int = 2, projection: int | None = None):
