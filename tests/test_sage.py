@@ -143,6 +143,21 @@ def test_both_searches_run_with_two_text_encoders():
         assert len(result.info["adv_token_ids"]) == (1 if space == "both" else 0)
 
 
+def test_sd15_shapes():
+    """SD 1.5's UNet (its exact configuration, random weights; an 8×8 latent to keep it short) and a text encoder of
+    its width: two steps of both searches run through the real modules' shapes."""
+    from erasekit.testing import sd15_shapes_pipeline, sd15_unet
+
+    torch.manual_seed(0)
+    unet = sd15_unet()
+    unet.register_to_config(sample_size=8)  # the default size only: every weight keeps SD 1.5's shape
+    pipe = sd15_shapes_pipeline(unet)
+    cfg = config("sage", iterations=2, eval_every=2, num_inference_steps=1, gradient_checkpointing=False)
+    result = run("sage", pipe, "a cat", brightness_judge(2.0), config=cfg, seed=0)
+    assert result.steps == 2 and result.info["latent"]["relative_change"] > 0
+    assert len(result.info["adv_token_ids"]) == 1
+
+
 def test_the_audit_knows_its_cost():
     from erasekit.audit.runner import _TINYWORLD_IMAGES_PER_ATTACK
 
