@@ -9,8 +9,11 @@ Two rows, both with the registry's tinyworld presets:
 After each step, on tinyworld's standard grid (every shape × colour × texture on black, ``seeds`` per prompt):
 for every concept erased so far, the share of its canonical prompts (and of its synonym prompts) in which the judge
 still sees it; for every attribute an erased concept belongs to, the judge's accuracy on the scenes whose value of
-that attribute is *not* erased, against the base model's on the same scenes (the drop). The issue's bars: every
-erased concept ≥ 90 % erased (canonical rate ≤ 10 %), the non-erased values lose ≤ 5 points.
+that attribute is *not* erased and that show no erased concept at all, against the base model's on the same scenes
+(the drop; ``kept``), as the bench's multi-concept entry measures preservation: once square is erased, "a blue
+square" rightly changes, and its colour is no kept value to judge. ``kept_every_scene`` also counts the scenes that
+show an erased concept of another attribute (the first version's measure). The issue's bars: every erased concept
+≥ 90 % erased (canonical rate ≤ 10 %), the non-erased values lose ≤ 5 points.
 
 The JSON is written after every step; a rerun resumes (steps already in the JSON are kept; DUGE's next step needs
 the previous step's adapter in ``--work-dir``).
@@ -78,13 +81,18 @@ def judge_grid(pipe, judge, concepts, seeds) -> dict:
     return out
 
 
-def kept_accuracy(result: dict, attribute: str, erased) -> float:
-    """The judge's accuracy on ``attribute`` over the grid's images whose value of it is not erased."""
+def kept_accuracy(result: dict, attribute: str, erased, clean: bool = True) -> float:
+    """The judge's accuracy on ``attribute`` over the grid's images whose value of it is not erased; ``clean``:
+    only those that show no erased concept at all (of any attribute), as the bench's multi-concept entry measures
+    preservation (erasing square rightly changes "a blue square", so its colour is no preserved value there)."""
+    from erasekit.tinyworld import concept_attribute
     from erasekit.tinyworld.world import canonical
 
     names = {canonical(c) for c in erased}
+    shown = {(concept_attribute(c), canonical(c)) for c in erased}
     pairs = [(ok, s) for ok, s in zip(result["correct"][attribute], result["scenes"])
-             if getattr(s, attribute) not in names]
+             if getattr(s, attribute) not in names
+             and not (clean and any(getattr(s, a) == value for a, value in shown))]
     return sum(ok for ok, _ in pairs) / max(1, len(pairs))
 
 
@@ -92,15 +100,17 @@ def step_entry(result: dict, base: dict, erased) -> dict:
     from erasekit.tinyworld import concept_attribute
 
     attributes = sorted({concept_attribute(c) for c in erased})
-    kept = {}
+    kept, every_scene = {}, {}
     for attribute in attributes:
         now, before = kept_accuracy(result, attribute, erased), kept_accuracy(base, attribute, erased)
         kept[attribute] = {"accuracy": round(now, 4), "base": round(before, 4), "drop": round(before - now, 4)}
+        now, before = (kept_accuracy(r, attribute, erased, clean=False) for r in (result, base))
+        every_scene[attribute] = {"accuracy": round(now, 4), "base": round(before, 4), "drop": round(before - now, 4)}
     rates = {c: {"canonical_rate": round(result["shows"][c], 4), "synonym_rate": round(result["synonyms"][c], 4)}
              for c in erased}
     meets = (all(r["canonical_rate"] <= BARS["canonical_rate_max"] for r in rates.values())
              and all(k["drop"] <= BARS["kept_accuracy_drop_max"] for k in kept.values()))
-    return {"erased": rates, "kept": kept, "meets": meets}
+    return {"erased": rates, "kept": kept, "kept_every_scene": every_scene, "meets": meets}
 
 
 def markdown(record: dict) -> str:
