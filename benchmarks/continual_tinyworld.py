@@ -20,6 +20,12 @@ the previous step's adapter in ``--work-dir``).
 
     OMP_NUM_THREADS=1 nice python benchmarks/continual_tinyworld.py          # → benchmarks/continual_tinyworld.json
     python benchmarks/continual_tinyworld.py --rows duge --seeds 0
+    python benchmarks/continual_tinyworld.py --rows esd-x-stacked --rejudge   # the saved adapters, judged again
+
+Known issue (2026-12-03): judged in the process that had made the ``duge`` row, the ``esd-x-stacked`` adapters
+showed circle in 14.6 % (step 1) and 35.4 % (step 2) of its prompts; the same files judged in a fresh process, and
+the first version's run, 2.1 % and 2.1 %. Not reproduced in isolation (train, load, judge, unload sequences of both
+methods in one process judge alike), so that row is judged again in a fresh process (``--rejudge``).
 """
 
 from __future__ import annotations
@@ -136,6 +142,9 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "erasekit-continual"),
                    help="where the adapters of the steps are kept (for resuming)")
     p.add_argument("--table", action="store_true", help="print the JSON as a markdown table and exit")
+    p.add_argument("--rejudge", action="store_true",
+                   help="judge the rows' saved adapters again in this process (no training) and replace the judged "
+                        "fields of their steps")
     args = p.parse_args(argv)
     if args.table:
         print(markdown(json.loads(Path(args.out).read_text())))
@@ -163,6 +172,22 @@ def main(argv=None) -> int:
 
     base = judge_grid(pipe, judge, sequence, seeds)
     record["base"] = {c: {"canonical_rate": base["shows"][c], "synonym_rate": base["synonyms"][c]} for c in sequence}
+    if args.rejudge:
+        for row in args.rows:
+            steps = record["rows"].get(row, {}).get("steps", [])
+            for k, step in enumerate(steps):
+                layers = [work / f"{row}-{k + 1}-{sequence[k]}.safetensors"] if row == "duge" else [
+                    work / f"{row}-{i + 1}-{c}.safetensors" for i, c in enumerate(sequence[:k + 1])]
+                names = [compose.load(pipe, str(layer), name=f"step{i}") for i, layer in enumerate(layers)]
+                try:
+                    result = judge_grid(pipe, judge, sequence[:k + 1], seeds)
+                finally:
+                    compose.unload(pipe, names)
+                step.update(step_entry(result, base, sequence[:k + 1]), judged="again, in a fresh process")
+                step["meets"] = step["meets"] and step["train_minutes"] <= BARS["train_minutes_max"]
+                logging.info("%s step %d judged again: %s", row, k + 1, json.dumps(step["erased"]))
+                save()
+        return 0
     for row in args.rows:
         steps = record["rows"].setdefault(row, {"steps": []})["steps"]
         method = "duge" if row == "duge" else "esd-x"
