@@ -92,31 +92,47 @@ def kept_accuracy(result: dict, attribute: str, erased, clean: bool = True) -> f
     only those that show no erased concept at all (of any attribute), as the bench's multi-concept entry measures
     preservation (erasing square rightly changes "a blue square", so its colour is no preserved value there)."""
     from erasekit.tinyworld import concept_attribute
-    from erasekit.tinyworld.world import canonical
+    from erasekit.tinyworld.world import ATTRIBUTES, canonical
 
-    names = {canonical(c) for c in erased}
-    shown = {(concept_attribute(c), canonical(c)) for c in erased}
+    erased_values = {(concept_attribute(c), canonical(c)) for c in erased}
+    looked_at = tuple(ATTRIBUTES) if clean else (attribute,)
     pairs = [(ok, s) for ok, s in zip(result["correct"][attribute], result["scenes"])
-             if getattr(s, attribute) not in names
-             and not (clean and any(getattr(s, a) == value for a, value in shown))]
+             if not any((a, getattr(s, a)) in erased_values for a in looked_at)]
     return sum(ok for ok, _ in pairs) / max(1, len(pairs))
 
 
-def step_entry(result: dict, base: dict, erased) -> dict:
+def step_entry(result: dict, base: dict, erased, train_minutes: float) -> dict:
+    """A step's judged fields: the erased concepts' rates, the kept values' drops (both measures) and the bars."""
     from erasekit.tinyworld import concept_attribute
 
     attributes = sorted({concept_attribute(c) for c in erased})
-    kept, every_scene = {}, {}
-    for attribute in attributes:
-        now, before = kept_accuracy(result, attribute, erased), kept_accuracy(base, attribute, erased)
-        kept[attribute] = {"accuracy": round(now, 4), "base": round(before, 4), "drop": round(before - now, 4)}
-        now, before = (kept_accuracy(r, attribute, erased, clean=False) for r in (result, base))
-        every_scene[attribute] = {"accuracy": round(now, 4), "base": round(before, 4), "drop": round(before - now, 4)}
+    drops = {}
+    for measure, clean in (("kept", True), ("kept_every_scene", False)):
+        drops[measure] = {}
+        for attribute in attributes:
+            now, before = (kept_accuracy(r, attribute, erased, clean) for r in (result, base))
+            drops[measure][attribute] = {"accuracy": round(now, 4), "base": round(before, 4),
+                                         "drop": round(before - now, 4)}
     rates = {c: {"canonical_rate": round(result["shows"][c], 4), "synonym_rate": round(result["synonyms"][c], 4)}
              for c in erased}
     meets = (all(r["canonical_rate"] <= BARS["canonical_rate_max"] for r in rates.values())
-             and all(k["drop"] <= BARS["kept_accuracy_drop_max"] for k in kept.values()))
-    return {"erased": rates, "kept": kept, "kept_every_scene": every_scene, "meets": meets}
+             and all(k["drop"] <= BARS["kept_accuracy_drop_max"] for k in drops["kept"].values())
+             and train_minutes <= BARS["train_minutes_max"])
+    return {"erased": rates, **drops, "meets": meets}
+
+
+def judge_step(pipe, judge, work: Path, row: str, sequence: list[str], k: int, seeds) -> dict:
+    """:func:`judge_grid` after step ``k + 1`` of ``row``: DUGE's last adapter alone, or the first k + 1 ESD-x adapters
+    composed; unloaded after."""
+    from erasekit import compose
+
+    layers = [work / f"{row}-{k + 1}-{sequence[k]}.safetensors"] if row == "duge" else [
+        work / f"{row}-{i + 1}-{c}.safetensors" for i, c in enumerate(sequence[:k + 1])]
+    names = [compose.load(pipe, str(layer), name=f"step{i}") for i, layer in enumerate(layers)]
+    try:
+        return judge_grid(pipe, judge, sequence[:k + 1], seeds)
+    finally:
+        compose.unload(pipe, names)
 
 
 def markdown(record: dict) -> str:
@@ -152,7 +168,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
 
-    from erasekit import compose, tinyworld
+    from erasekit import tinyworld
     from erasekit.core.provenance import run_record
     from erasekit.loading import load_pipeline
     from erasekit.methods import METHODS
@@ -176,15 +192,9 @@ def main(argv=None) -> int:
         for row in args.rows:
             steps = record["rows"].get(row, {}).get("steps", [])
             for k, step in enumerate(steps):
-                layers = [work / f"{row}-{k + 1}-{sequence[k]}.safetensors"] if row == "duge" else [
-                    work / f"{row}-{i + 1}-{c}.safetensors" for i, c in enumerate(sequence[:k + 1])]
-                names = [compose.load(pipe, str(layer), name=f"step{i}") for i, layer in enumerate(layers)]
-                try:
-                    result = judge_grid(pipe, judge, sequence[:k + 1], seeds)
-                finally:
-                    compose.unload(pipe, names)
-                step.update(step_entry(result, base, sequence[:k + 1]), judged="again, in a fresh process")
-                step["meets"] = step["meets"] and step["train_minutes"] <= BARS["train_minutes_max"]
+                result = judge_step(pipe, judge, work, row, sequence, k, seeds)
+                step.update(step_entry(result, base, sequence[:k + 1], step["train_minutes"]),
+                            judged="again, in a fresh process")
                 logging.info("%s step %d judged again: %s", row, k + 1, json.dumps(step["erased"]))
                 save()
         return 0
@@ -204,20 +214,13 @@ def main(argv=None) -> int:
             adapter = spec.erase(pipe, config)
             minutes = (time.perf_counter() - started) / 60
             adapter.save(path)
-            layers = [path] if row == "duge" else [work / f"{row}-{i + 1}-{c}.safetensors"
-                                                   for i, c in enumerate(sequence[:k + 1])]
-            names = [compose.load(pipe, str(layer), name=f"step{i}") for i, layer in enumerate(layers)]
-            try:
-                result = judge_grid(pipe, judge, sequence[:k + 1], seeds)
-            finally:
-                compose.unload(pipe, names)
+            result = judge_step(pipe, judge, work, row, sequence, k, seeds)
             entry = {"step": k + 1, "concept": concept, "train_minutes": round(minutes, 2),
                      "iterations": config.iterations, "loss_first": adapter.info["training"]["loss_first"],
                      "loss_last": adapter.info["training"]["loss_last"], "adapter_concepts": list(adapter.concepts),
                      "parameters": adapter.num_parameters,
                      "config": {k: v for k, v in adapter.config.items() if k != "templates"},
-                     **step_entry(result, base, sequence[:k + 1])}
-            entry["meets"] = entry["meets"] and minutes <= BARS["train_minutes_max"]
+                     **step_entry(result, base, sequence[:k + 1], minutes)}
             steps.append(entry)
             logging.info("%s step %d (%s): %s", row, k + 1, concept, json.dumps(entry))
             save()
