@@ -243,6 +243,50 @@ def test_guide_related_guides_each_concept_to_its_unerased_siblings(tinyworld_pi
     assert for_model(mine, on_tinyworld(tinyworld_pipe)).guides == ("dog",)  # the user's guide wins
 
 
+def test_guide_choice_nearest_takes_the_closest_prompt(pipes):
+    """guide_choice="nearest": each concept's guide of several prompts narrows to the one whose last-subject-token
+    vector (the pipeline's own encode_prompt, re-derived here) has the highest cosine with the concept's; its keys are
+    then that single guide's; "mean" and single guides are left as given."""
+    for family in ("sd1", "sdxl"):
+        pipe = pipes[family]
+        options = ["a red square", "a blue star", "a photo of a dog"]
+        config = uce.UceConfig(concepts=("a red circle", "cat"), guides=(" | ".join(options), "dog"),
+                               key_mode="aligned", guide_choice="nearest")
+
+        def vector(prompt):
+            ids = pipe.tokenizer(prompt).input_ids
+            if family == "sdxl":
+                embeds = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                            do_classifier_free_guidance=False)[0]
+            else:
+                embeds = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+            return embeds[0, len(ids) - 2].double()
+
+        target = vector("a red circle")
+        cosines = [float(torch.nn.functional.cosine_similarity(vector(o), target, dim=0)) for o in options]
+        assert len(set(cosines)) == len(cosines)
+        chosen = uce.choose_guides(pipe, config)
+        assert chosen == (options[cosines.index(max(cosines))], "dog"), (family, cosines)
+        assert uce.choose_guides(pipe, dataclasses.replace(config, guide_choice="mean")) == config.guides
+        adapter = erase(pipe, "uce", config.concepts, guides=config.guides, guide_choice="nearest", save_stats=True)
+        assert tuple(adapter.config["guides"]) == chosen  # the adapter records the guide it used
+        single = erase(pipe, "uce", config.concepts, guides=chosen, save_stats=True)
+        torch.testing.assert_close(adapter.stats["keys.guide"], single.stats["keys.guide"])
+
+
+def test_tinyworld_preset_guides_to_the_nearest_unerased_sibling(tinyworld_pipe):
+    """UCE's and RECE's tinyworld preset: each concept to one sibling not erased (circle → square, or another shape
+    while square is erased too), never to an erased concept."""
+    from erasekit.tinyworld import related
+
+    for method in ("uce", "rece"):
+        alone = erase(tinyworld_pipe, method, ["circle"], **({"epochs": 0, "validation_judge": ""} if method == "rece" else {}))
+        assert tuple(alone.config["guides"]) == ("square",)
+    concepts = ["circle", "square", "red", "striped"]
+    guides = erase(tinyworld_pipe, "uce", concepts).config["guides"]
+    assert len(guides) == 4 and all(g in related(c) and g not in concepts for c, g in zip(concepts, guides)), guides
+
+
 def test_erase_templates_never_name_another_erased_concept():
     """Erasing circle and striped together: none of circle's templated erase prompts names striped (or a synonym),
     whose words there would hold striped's keys; one concept alone keeps every template."""
@@ -460,14 +504,16 @@ def test_rece_keeps_the_epoch_its_validation_judges_best(tinyworld_pipe):
 
 def test_rece_lowers_what_uce_leaves_under_synonyms(tinyworld_pipe, judge):
     """RECE's claim (Gong et al., ECCV 2024): its adversarial epochs erase what the UCE solve it starts from leaves.
-    Measured with the papers' replace target (η = 0), under which tinyworld's UCE leaves circle in about half of its
-    synonym prompts (with the preset's η = 1 it leaves nothing, and RECE keeps that solve: epoch 0)."""
+    Measured with the papers' replace target (η = 0) and guide ("", not the preset's nearest sibling), under which
+    tinyworld's UCE leaves circle in about half of its synonym prompts (with the preset's η = 1 it leaves nothing,
+    and RECE keeps that solve: epoch 0)."""
     from erasekit import erase
     from erasekit.tinyworld.eval import standard_grid
 
     circles = [s for s in standard_grid() if s.shape == "circle"][::3]  # 8 of the grid's 24 circle scenes
     prompts = [s.prompt(names={"shape": word}) for s in circles for word in ("disc", "round shape")]
     seen = {method: _judged_shapes(tinyworld_pipe, judge, erase(tinyworld_pipe, method, ["circle"],
-                                                                negative_guidance=0.0), prompts, (0,)).count("circle")
+                                                                negative_guidance=0.0, guide_related=False),
+                                          prompts, (0,)).count("circle")
             for method in ("uce", "rece")}
     assert seen["uce"] >= 4 and seen["rece"] <= seen["uce"] - 4, seen

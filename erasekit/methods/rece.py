@@ -195,6 +195,7 @@ def erase(pipe, config: ReceConfig) -> Adapter:
     factors: list[tuple[torch.Tensor, torch.Tensor]] = []
     keys_total = 0
 
+    config = dataclasses.replace(config, guides=uce.choose_guides(pipe, config))  # guide_choice="nearest"
     first = uce.UceConfig(concepts=config.concepts, guides=config.guides, preserve=config.preserve,
                           erase_scale=config.erase_scale, preserve_scale=config.uce_preserve_scale,
                           lam=config.uce_lam, key_mode=config.uce_key_mode, targets=config.targets,

@@ -54,6 +54,16 @@ erase *and* preserve prompt, each templated erase prompt mapped to the concept's
 loop ``zip(erase_concepts, preserve_concepts)`` expands nothing without preserve prompts and appends the templated
 *erase* prompts to the preserve list, cancelling part of the erasure; that is not reproduced.) The reference
 code's default guide for art is "art"; here the guide is always what ``guides`` says ("" unless given).
+
+Guides of several prompts ("square | triangle", or ``guide_related``'s siblings): with ``guide_choice="mean"`` the
+target is the mean of their keys; with "nearest" each concept is guided to the one prompt nearest it under the
+text encoder (cosine of the bare prompts' last-subject-token vectors), chosen once before any key is collected and
+recorded in the adapter's ``guides``. This follows Bui et al., ICLR 2025 ("Fantastic Targets for Concept Erasure
+in Diffusion Models and Where To Find Them", https://arxiv.org/abs/2501.18950, §3-4): the effect of erasing a
+concept is local in concept space, so a close, benign target erases with fewer side effects than a generic one (the
+paper learns its target as a mixture; here the nearest candidate is taken, no training). It matters where every
+image shows some value of the concept's attribute: a tinyworld texture guided to "" or to the mean of the other
+textures is drawn again wherever the model picks the texture itself (benchmarks/closed_form_tinyworld.json).
 """
 
 import dataclasses
@@ -143,6 +153,10 @@ SOLVE_FIELDS: dict[str, tuple] = {
                       "the other values of its attribute, e.g. the other shapes for \"circle\"), given as one guide "
                       "of several prompts, \"square | triangle | ...\"; for a model whose prompts without the concept "
                       "still draw it, where \"\" cannot be the guide; no effect on models without a vocabulary."),
+    "guide_choice": (Literal["mean", "nearest"], "mean",
+                     'how a guide of several prompts ("square | triangle", or guide_related\'s) becomes the target: '
+                     '"mean", the mean of their keys; "nearest", the one prompt nearest the erased concept under the '
+                     "text encoder (Bui et al., ICLR 2025), recorded in the adapter's guides."),
     "preserve_related": (bool, False, "also preserve the concepts related to each erased one in the model's own "
                          "concept vocabulary (tinyworld: the other values of its attribute, e.g. the other shapes "
                          'for "circle"); no effect on models without one.'),
@@ -239,6 +253,24 @@ GUIDE_SEPARATOR = " | "
 def alternatives(guide: str) -> list[str]:
     """The prompts of a guide: "square | triangle" → ["square", "triangle"]; a plain guide → [guide]."""
     return [g.strip() for g in guide.split("|")] if "|" in guide else [guide]
+
+
+@torch.no_grad()
+def choose_guides(pipe, config) -> tuple[str, ...]:
+    """``config.guides``, one per concept; with ``guide_choice="nearest"`` a guide of several prompts is narrowed
+    to the one whose last-subject-token vector has the highest cosine with the concept's (bare prompts)."""
+    guides = tuple(config.guides) * len(config.concepts) if len(config.guides) == 1 else tuple(config.guides)
+    if getattr(config, "guide_choice", "mean") != "nearest" or not any("|" in g for g in guides):
+        return guides
+    out = []
+    for concept, guide in zip(config.concepts, guides):
+        options = alternatives(guide)
+        if len(options) == 1:
+            out.append(guide)
+            continue
+        vectors = torch.nn.functional.normalize(text.last_token_embeddings(pipe, [concept, *options]).float(), dim=-1)
+        out.append(options[int((vectors[1:] @ vectors[0]).argmax())])
+    return tuple(out)
 
 
 def single_guides(config) -> None:
@@ -533,6 +565,7 @@ def erase(pipe, config: UceConfig) -> Adapter:
     """Return the UCE edit of ``pipe``'s UNet as exact low-rank deltas; ``pipe`` is not modified."""
     start = time.perf_counter()
     modules = find_targets(pipe, config.targets)
+    config = dataclasses.replace(config, guides=choose_guides(pipe, config))  # guide_choice="nearest": one each
     keys, pooled = text_keys(pipe, config)  # 1. keys and guide keys from the text encoder(s); MMDiT: pooled too
     edit = solve(keys, config.erase_scale, config.preserve_scale, config.lam)  # 2. one d×d solve
     deltas = module_deltas(modules, edit.P, edit.Q, denoiser_component(pipe))  # 3. per-layer ΔW = W P Qᵀ
