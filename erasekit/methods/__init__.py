@@ -87,7 +87,7 @@ TINYWORLD_TRCE = {"implied_synonyms": True, "preserve_related": True, "num_infer
 #: and whose prompts without a shape draw a circle 42 % of the time: the guide "" (the UNet model's preset) cannot
 #: erase circle there (25 % left at η = 0.3, 58 % and 17.5 points lost at η = 1); the siblings' mean as the guide,
 #: templated as the erase prompt, with η = 0.3 (benchmarks/mmdit_tinyworld.json)
-TINYWORLD_MMDIT_CLOSED_FORM = {"negative_guidance": 0.3, "guide_related": True}
+TINYWORLD_MMDIT_CLOSED_FORM = {"negative_guidance": 0.3, "guide_related": True, "guide_choice": "mean"}
 TINYWORLD_DUGE = {"negative_guidance": 2.0, "preserve_related": True, "iterations": 400}
 #: SPM on tinyworld-mmdit: the neutral prompt is the siblings' mean (as the closed forms' guide there): with "" in the
 #: concept's slot, a prompt that draws a circle 42 % of the time, the membrane leaves circle in 43 % of its prompts
