@@ -10,7 +10,8 @@ RECE's adversarial epochs are meant to lower what UCE leaves of a concept, but t
 nothing to lower (its targets are pushed past the guide, η = 1). ``--settings`` runs UCE and RECE under two other
 settings (``SETTINGS``), the same for both, so that RECE's epoch 0 is exactly that UCE; rows carry ``"settings"``:
 
-* ``replace``: the tinyworld presets with the papers' replace target (η = 0);
+* ``replace``: the tinyworld presets with the papers' replace target (η = 0) and guide ("", not the preset's
+  nearest sibling);
 * ``paper``: the papers' settings, no tinyworld preset (bare-word keys from the last subject token through the
   padding, as the paper-era UCE code that RECE starts from; no related concepts preserved; no model selection).
 
@@ -33,11 +34,13 @@ CONCEPTS = ("circle", "red", "striped")
 #: options over the registry's tinyworld presets (MethodSpec.tinyworld), per setting and method
 SETTINGS = {
     "tinyworld": {},
-    "replace": {"uce": {"negative_guidance": 0.0}, "rece": {"negative_guidance": 0.0}},
+    "replace": {"uce": {"negative_guidance": 0.0, "guide_related": False},
+                "rece": {"negative_guidance": 0.0, "guide_related": False}},
     "paper": {
-        "uce": {"expand_prompts": "none", "key_mode": "tokens", "negative_guidance": 0.0, "preserve_related": False},
+        "uce": {"expand_prompts": "none", "key_mode": "tokens", "negative_guidance": 0.0, "preserve_related": False,
+                "guide_related": False},
         "rece": {"expand_prompts": "none", "uce_key_mode": "tokens", "negative_guidance": 0.0,
-                 "preserve_related": False, "validation_judge": ""},
+                 "preserve_related": False, "guide_related": False, "validation_judge": ""},
     },
 }
 

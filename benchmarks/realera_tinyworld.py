@@ -44,7 +44,8 @@ BARS = {"canonical_rate_max": 0.10, "synonym_rate_max": 0.20, "other_accuracy_dr
 #: options over the registry's tinyworld presets, per setting (the same for both methods)
 SETTINGS = {"tinyworld": {}, "replace": {"negative_guidance": 0.0}}
 #: the rows' methods: registry name and options; "realera-closed-form" is RealEra without its LoRA (an ablation)
-METHODS = {"uce": ("uce", {}), "realera": ("realera", {"progress": False}),
+#: (UCE with the guide "" as RealEra: the nearest-sibling guide of UCE's tinyworld preset is not RealEra's)
+METHODS = {"uce": ("uce", {"guide_related": False}), "realera": ("realera", {"progress": False}),
            "realera-closed-form": ("realera", {"iterations": 0})}
 #: phrasings of a scene that no template of the project uses (the world's are in erasekit/tinyworld/world.py)
 HELDOUT_PHRASINGS = (
