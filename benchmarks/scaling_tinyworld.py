@@ -4,8 +4,10 @@ canonical prompts × seeds 0, 1 per concept, their synonyms, 16 prompts showing 
 
     python benchmarks/scaling_tinyworld.py [METHOD ...]      # default: uce rece spm-composed
 
-A method is a registry name (one adapter erases the k concepts together) or ``NAME-composed`` (one adapter per
-concept, erased separately and loaded together; each concept's adapter is made once and reused for every k).
+A method is a registry name (one adapter erases the k concepts together), ``NAME-composed`` (one adapter per
+concept, erased separately and loaded together; each concept's adapter is made once and reused for every k) or
+``NAME-gated`` (the same adapters, each loaded gated by the prompt's ``tokencos`` similarity to its concept:
+:func:`erasekit.compose.gated`).
 Rows are written as they finish to ``benchmarks/scaling_tinyworld.json`` (resumable, and several methods may run
 side by side, one process each: a row is added to the file as it is then; the cache is
 ``benchmarks/.bench-scaling``), and the plot to ``benchmarks/scaling_tinyworld.png``: erased % (canonical and
@@ -41,10 +43,22 @@ PLOT = OUT.with_suffix(".png")
 WORK = Path(__file__).with_name(".bench-scaling")
 
 
+#: the gate of ``NAME-gated`` rows: tinyworld's 64-wide encoder does not separate prompts by the flattened clipcos
+GATE_METRIC = "tokencos"
+
+
+def split(method: str) -> tuple[str, bool]:
+    """(registry name, composed?) of a row's method."""
+    for suffix in ("-composed", "-gated"):
+        if method.endswith(suffix):
+            return method[:-len(suffix)], True
+    return method, False
+
+
 def adapters_for(pipe, method: str, concepts: tuple[str, ...]) -> tuple[list[Path], float]:
     """The adapter files for one row (made, or found in the cache with the same config) and the seconds spent
     erasing them (for composed rows: the sum of the single-concept erasures)."""
-    base, composed = (method[:-len("-composed")], True) if method.endswith("-composed") else (method, False)
+    base, composed = split(method)
     jobs = [(c,) for c in concepts] if composed else [concepts]
     paths, seconds = [], 0.0
     for job in jobs:
@@ -117,7 +131,8 @@ def main(methods: list[str]) -> dict:
                 continue
             print(f"{key}: {', '.join(concepts)}", flush=True)
             started = time.time()
-            names = [compose.load(pipe, p) for p in paths]
+            gate = (lambda p: compose.gated(p, metric=GATE_METRIC)) if method.endswith("-gated") else (lambda p: p)
+            names = [compose.load(pipe, gate(p), name=p.stem) for p in paths]
             try:
                 audited = audit_entry(pipe, Entry(f"k{k}", concepts), BUDGET, WORK / "audits" / key, (),
                                       progress=False, base_cache=WORK / "base-images")
@@ -125,7 +140,8 @@ def main(methods: list[str]) -> dict:
                 compose.unload(pipe, names)
             rows[key] = {"method": method, "k": k, "concepts": list(concepts), "erase_seconds": round(seconds, 2),
                          "adapter_mb": round(sum(p.stat().st_size for p in paths) / 1e6, 3),
-                         "adapters": len(paths), **audited, "row_seconds": round(time.time() - started, 1),
+                         "adapters": len(paths), **({"gate": GATE_METRIC} if method.endswith("-gated") else {}),
+                         **audited, "row_seconds": round(time.time() - started, 1),
                          "made": {f: results["run"].get(f) for f in ("date", "git_commit")},
                          "load_average": [round(x, 1) for x in os.getloadavg()], "config": made_with}
             save_row(results, key)

@@ -85,3 +85,20 @@ def test_audit_bad_batch_size_is_a_usage_error_that_creates_nothing(tmp_path, ca
 def test_audit_unknown_attack_is_one_clear_error(tmp_path, capsys):
     code = main(["audit", "--concept", "circle", "--attack", "nope", "--out-dir", str(tmp_path / "a")])
     assert code == 2 and "unknown attack 'nope'" in capsys.readouterr().err
+
+
+def test_erase_gate_writes_a_gated_adapter_and_refuses_text_encoder_deltas(tmp_path, capsys):
+    """--gate: the adapter file carries a prompt-similarity gate on its concept; a method whose deltas are on the
+    text encoder (few-shot) gets one clear error and no file."""
+    from erasekit.adapter import load_adapter
+
+    out = tmp_path / "c.safetensors"
+    assert main(["erase", "--method", "uce", "--concept", "circle", "--gate", "tokencos", "--out", str(out)]) == 0
+    assert load_adapter(out).gating["metric"] == "tokencos" and load_adapter(out).gating["prompts"] == ["circle"]
+    bad = tmp_path / "f.safetensors"
+    code = main(["erase", "--method", "fewshot", "--concept", "circle", "--epochs", "1", "--gate", "tokencos",
+                 "--out", str(bad)])
+    err = capsys.readouterr().err
+    assert code != 0 and "changes text_encoder" in err and "Traceback" not in err and not bad.exists()
+    assert main(["erase", "--method", "uce", "--concept", "circle", "--gate", "cosine", "--out", str(bad)]) == 2
+    assert not bad.exists()

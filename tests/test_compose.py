@@ -202,6 +202,45 @@ def test_gated_and_static_on_the_same_modules_stack_exactly(family, pipe, base):
     np.testing.assert_allclose(generate(pipe, "a cat", guidance_scale=1.0), cat, atol=1e-5)
 
 
+def test_gated_gives_a_static_adapter_a_prompt_gate(family, pipe, base, tmp_path):
+    """compose.gated: the same deltas, acting in full on the adapter's concept (γ = 1, the static adapter's images)
+    and not at all on a prompt sharing none of its tokens (γ = 0, the base's images); the record survives a file."""
+    static = random_adapter(pipe, TARGETS[family], seed=7, components=("unet",), concepts=("a cat",))
+    gated_copy = compose.gated(static, metric="tokenuni")
+    assert gated_copy.gating == {"rule": "prompt_similarity", "prompts": ["a cat"], "metric": "tokenuni",
+                                 "facilitate_factor": 1.0, "combine": "sum"}
+    assert static.gating == {"rule": "static"} and gated_copy.deltas is static.deltas  # a copy; deltas shared
+    compose.load(pipe, static, name="static")
+    want = generate(pipe, ["a cat", "red car"], seeds=(0, 1), guidance_scale=1.0)
+    compose.unload(pipe)
+    path = tmp_path / "gated.safetensors"
+    gated_copy.save(path)
+    compose.load(pipe, path, name="gated")
+    assert [g["gated"] for g in compose.gates(pipe, ["a cat", "red car"])] == pytest.approx([1.0, 0.0])
+    got = generate(pipe, ["a cat", "red car"], seeds=(0, 1), guidance_scale=1.0)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+    compose.unload(pipe)
+    plain = generate(pipe, ["a cat", "red car"], seeds=(0, 1), guidance_scale=1.0)
+    assert np.array_equal(got[1], plain[1]) and np.abs(want[1] - plain[1]).max() > 1e-3
+    assert compose.gated(static, prompts=["dog"]).gating["prompts"] == ["dog"]
+
+
+def test_gated_refuses_what_it_cannot_gate(family, pipe):
+    both = random_adapter(pipe, TARGETS[family], components=("unet", "text_encoder"))
+    with pytest.raises(AdapterError, match="changes text_encoder"):
+        compose.gated(both)
+    unet = random_adapter(pipe, TARGETS[family], components=("unet",))
+    with pytest.raises(AdapterError, match="unknown gate metric 'cosine'"):
+        compose.gated(unet, metric="cosine")
+    with pytest.raises(AdapterError, match="non-empty prompt"):
+        compose.gated(unet, prompts=[" "])
+    with pytest.raises(AdapterError, match="must be finite"):
+        compose.gated(unet, facilitate_factor=float("nan"))
+    guard = Adapter(method="safree", concepts=("cat",), config={}, deltas={}, guard={"rule": "safree"})
+    with pytest.raises(AdapterError, match="inference-time guard"):
+        compose.gated(guard)
+
+
 def test_tokencos_gate_is_a_soft_tokenuni(family, pipe, base):
     """tokencos(p, q) = mean over q's tokens of max(0, the best cosine to one of p's token embeddings)."""
     adapter = random_adapter(pipe, ("attn2.to_k",), components=("unet",), gating=gated(["a cat"], metric="tokencos"))

@@ -42,6 +42,7 @@ EXAMPLES = {
     "erase": """examples:
   erasekit erase --method uce --concept circle --out circle.safetensors
   erasekit erase --method uce --concept circle --concept red --preserve square --out two.safetensors
+  erasekit erase --method esd-x --concept circle --gate tokencos --out c.safetensors   # acts on circle prompts only
   erasekit erase --method uce --help            # every option of a method
   erasekit erase --method rece --concept circle --config rece.toml --model ./my-sd15 --out c.safetensors""",
     "generate": """examples:
@@ -85,6 +86,7 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 def erase_parser(method: str | None) -> tuple[argparse.ArgumentParser, object]:
     from .config import add_config_arguments
+    from ..compose import GATE_METRICS
     from ..methods import METHODS
 
     methods = "\n".join(f"  {name:<17} {spec.summary}" for name, spec in METHODS.items())
@@ -94,6 +96,10 @@ def erase_parser(method: str | None) -> tuple[argparse.ArgumentParser, object]:
     p.add_argument("--out", required=True, type=out_file(".safetensors"), help="adapter file to write (.safetensors)")
     p.add_argument("--config", default=None, type=in_file, help="TOML file of method options (flags override it)")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"], help="tensor dtype in the file")
+    p.add_argument("--gate", default=None, choices=GATE_METRICS, metavar="METRIC",
+                   help="write the adapter gated by the prompt's similarity to its concepts (erasekit.compose.gated: "
+                   f"for composing many; one of {', '.join(GATE_METRICS)}); its deltas must be on the UNet or "
+                   "transformer")
     _add_runtime(p)
     spec = None
     if method is not None:

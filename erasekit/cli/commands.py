@@ -53,6 +53,10 @@ def erase_command(args, method_spec) -> int:
     started = time.perf_counter()
     adapter = method_spec.erase(pipe, config)
     seconds = time.perf_counter() - started
+    if args.gate:
+        from .. import compose
+
+        adapter = compose.gated(adapter, metric=args.gate)
     from ..core import processes
 
     if not processes.current().is_main_process:  # launched data parallel: every process has the adapter, one writes
