@@ -35,10 +35,11 @@ from . import duge  # trained: continual unlearning, one concept after another
 TINYWORLD_CLOSED_FORM = {"expand_prompts": "tinyworld", "key_mode": "aligned", "negative_guidance": 1.0,
                          "preserve_related": True}
 #: UCE and RECE on tinyworld also guide each concept to its nearest sibling that is not erased (``guide_related`` with
-#: ``guide_choice="nearest"``: circle → square, or triangle while square is erased too; striped → solid). Every
+#: ``guide_choice="nearest"``: circle → square, or cross while square is erased too; striped → solid). Every
 #: tinyworld image shows some shape, colour and texture, so "" (the attribute left unsaid) lets the model draw the
 #: erased value again where it picks one itself: erased with circle, square and red, striped stayed in 9 % of its
-#: grid prompts, and in 32 % when guided to the mean of the other textures' keys (benchmarks/closed_form_tinyworld.json).
+#: grid prompts, and in 32 % when guided to the mean of the other textures' keys; with the nearest sibling, 1 of 144
+#: (README, "Many concepts at once"; alone: benchmarks/closed_form_tinyworld.json).
 TINYWORLD_UCE = {**TINYWORLD_CLOSED_FORM, "guide_related": True, "guide_choice": "nearest"}
 
 #: ESD-x on tinyworld: its to_q/to_out deltas act on every prompt, and with the paper's loss alone erasing circle

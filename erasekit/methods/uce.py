@@ -63,7 +63,7 @@ in Diffusion Models and Where To Find Them", https://arxiv.org/abs/2501.18950, Â
 concept is local in concept space, so a close, benign target erases with fewer side effects than a generic one (the
 paper learns its target as a mixture; here the nearest candidate is taken, no training). It matters where every
 image shows some value of the concept's attribute: a tinyworld texture guided to "" or to the mean of the other
-textures is drawn again wherever the model picks the texture itself (benchmarks/closed_form_tinyworld.json).
+textures is drawn again wherever the model picks the texture itself (README, "Many concepts at once").
 """
 
 import dataclasses
