@@ -259,9 +259,9 @@ def alternatives(guide: str) -> list[str]:
 def choose_guides(pipe, config) -> tuple[str, ...]:
     """``config.guides``, one per concept; with ``guide_choice="nearest"`` a guide of several prompts is narrowed
     to the one whose last-subject-token vector has the highest cosine with the concept's (bare prompts)."""
+    if getattr(config, "guide_choice", "mean") != "nearest" or not any("|" in g for g in config.guides):
+        return tuple(config.guides)
     guides = tuple(config.guides) * len(config.concepts) if len(config.guides) == 1 else tuple(config.guides)
-    if getattr(config, "guide_choice", "mean") != "nearest" or not any("|" in g for g in guides):
-        return guides
     out = []
     for concept, guide in zip(config.concepts, guides):
         options = alternatives(guide)
