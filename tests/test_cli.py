@@ -102,3 +102,18 @@ def test_erase_gate_writes_a_gated_adapter_and_refuses_text_encoder_deltas(tmp_p
     assert code != 0 and "changes text_encoder" in err and "Traceback" not in err and not bad.exists()
     assert main(["erase", "--method", "uce", "--concept", "circle", "--gate", "cosine", "--out", str(bad)]) == 2
     assert not bad.exists()
+
+
+def test_registry_says_what_each_adapter_changes(tinyworld_pipe):
+    """``MethodSpec.changes`` (which --gate checks before any work) matches the components of real adapters."""
+    from pathlib import Path
+
+    from erasekit import erase
+    from erasekit.adapter import load_adapter
+    from erasekit.methods import METHODS
+
+    reference = Path(__file__).parent / "reference"
+    for stem in ("uce", "rece", "time", "esd-x", "spm", "advunlearn", "fewshot"):
+        components = {key.split(".", 1)[0] for key in load_adapter(reference / f"{stem}.safetensors").deltas}
+        assert components == {"unet" if METHODS[stem].changes == "denoiser" else METHODS[stem].changes}, stem
+    assert METHODS["safree"].changes == "nothing" and erase(tinyworld_pipe, "safree", ["circle"]).is_guard

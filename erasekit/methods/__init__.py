@@ -113,6 +113,8 @@ class MethodSpec:
         architectures: the denoisers the strategy erases from: "unet" (SD 1.x, 2.x, SDXL) and/or "mmdit" (SD3's
             transformer); ``erase`` refuses the others by name.
         mmdit: option values for the tinyworld-mmdit model, applied over ``tinyworld`` there.
+        changes: what the adapter's deltas change: "denoiser" (the UNet or transformer), "text_encoder", or
+            "nothing" (an inference-time guard); ``erasekit erase --gate`` checks it before any work.
     """
 
     name: str
@@ -124,6 +126,7 @@ class MethodSpec:
     family: str = "trained"
     architectures: tuple[str, ...] = ("unet",)
     mmdit: dict = field(default_factory=dict)
+    changes: str = "denoiser"
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -205,12 +208,13 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("abo", abo, abo.AboConfig, summary="All-but-One: steer the target's guidance term to a replacement, unconditional score pinned"),
         MethodSpec("advunlearn", advunlearn, advunlearn.AdvUnlearnConfig,
                    summary="AdvUnlearn: adversarial training of the text encoder (inner soft-prompt attack, ESD target, retain loss)",
-                   architectures=("unet", "mmdit")),
+                   architectures=("unet", "mmdit"), changes="text_encoder"),
         MethodSpec("advunlearn-fast", advunlearn, advunlearn.AdvUnlearnConfig, {"attack_method": "fast_at"},
-                   "AdvUnlearn with the fast_at inner attack (Adam on the gradient's sign)", architectures=("unet", "mmdit")),
+                   "AdvUnlearn with the fast_at inner attack (Adam on the gradient's sign)", architectures=("unet", "mmdit"),
+                   changes="text_encoder"),
         MethodSpec("fewshot", fewshot, fewshot.FewShotConfig,
                    summary="Few-shot erasing: gradient ascent on a few images' denoising loss, text-encoder MLPs",
-                   architectures=("unet", "mmdit")),
+                   architectures=("unet", "mmdit"), changes="text_encoder"),
         MethodSpec("spm", spm, spm.SpmConfig, summary="SPM: rank-1 membranes on the transformer blocks, Latent Anchoring, gated by prompt similarity",
                    architectures=("unet", "mmdit"), mmdit=TINYWORLD_MMDIT_SPM),
         MethodSpec("realera", realera, realera.RealEraConfig,
@@ -218,7 +222,7 @@ METHODS: dict[str, MethodSpec] = {
                    tinyworld={**TINYWORLD_CLOSED_FORM, **TINYWORLD_REALERA}),
         MethodSpec("safree", safree, safree.SafreeConfig,
                    summary="SAFREE: inference-time guard, trigger tokens projected off the concept subspace (no weights change)",
-                   tinyworld=TINYWORLD_SAFREE, family="closed-form"),
+                   tinyworld=TINYWORLD_SAFREE, family="closed-form", changes="nothing"),
         MethodSpec("ant", ant, ant.AntConfig,
                    summary="ANT: CFG direction reversed in mid-to-late steps only, early score kept, saliency-masked weights",
                    tinyworld=TINYWORLD_ANT),
