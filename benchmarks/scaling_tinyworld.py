@@ -131,8 +131,9 @@ def main(methods: list[str]) -> dict:
                 continue
             print(f"{key}: {', '.join(concepts)}", flush=True)
             started = time.time()
-            gate = (lambda p: compose.gated(p, metric=GATE_METRIC)) if method.endswith("-gated") else (lambda p: p)
-            names = [compose.load(pipe, gate(p), name=p.stem) for p in paths]
+            gated = method.endswith("-gated")
+            names = [compose.load(pipe, compose.gated(p, metric=GATE_METRIC) if gated else p, name=p.stem)
+                     for p in paths]
             try:
                 audited = audit_entry(pipe, Entry(f"k{k}", concepts), BUDGET, WORK / "audits" / key, (),
                                       progress=False, base_cache=WORK / "base-images")
@@ -140,7 +141,7 @@ def main(methods: list[str]) -> dict:
                 compose.unload(pipe, names)
             rows[key] = {"method": method, "k": k, "concepts": list(concepts), "erase_seconds": round(seconds, 2),
                          "adapter_mb": round(sum(p.stat().st_size for p in paths) / 1e6, 3),
-                         "adapters": len(paths), **({"gate": GATE_METRIC} if method.endswith("-gated") else {}),
+                         "adapters": len(paths), **({"gate": GATE_METRIC} if gated else {}),
                          **audited, "row_seconds": round(time.time() - started, 1),
                          "made": {f: results["run"].get(f) for f in ("date", "git_commit")},
                          "load_average": [round(x, 1) for x in os.getloadavg()], "config": made_with}

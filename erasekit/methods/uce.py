@@ -262,14 +262,14 @@ def choose_guides(pipe, config) -> tuple[str, ...]:
     if getattr(config, "guide_choice", "mean") != "nearest" or not any("|" in g for g in config.guides):
         return tuple(config.guides)
     guides = tuple(config.guides) * len(config.concepts) if len(config.guides) == 1 else tuple(config.guides)
+    prompts = list(dict.fromkeys([*config.concepts, *(a for g in guides for a in alternatives(g))]))
+    vectors = torch.nn.functional.normalize(text.last_token_embeddings(pipe, prompts).float(), dim=-1)  # one pass
+    row = {p: i for i, p in enumerate(prompts)}
     out = []
     for concept, guide in zip(config.concepts, guides):
         options = alternatives(guide)
-        if len(options) == 1:
-            out.append(guide)
-            continue
-        vectors = torch.nn.functional.normalize(text.last_token_embeddings(pipe, [concept, *options]).float(), dim=-1)
-        out.append(options[int((vectors[1:] @ vectors[0]).argmax())])
+        cosines = vectors[[row[o] for o in options]] @ vectors[row[concept]]
+        out.append(guide if len(options) == 1 else options[int(cosines.argmax())])
     return tuple(out)
 
 
