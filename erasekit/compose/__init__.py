@@ -83,7 +83,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..adapter import Adapter, load_adapter
+from ..adapter import DENOISERS, Adapter, load_adapter
 from ..core import sd
 from ..errors import AdapterError
 from .composer import Composer
@@ -138,7 +138,7 @@ def gated(adapter_or_path: Adapter | str | Path, metric: str = "clipcos_tokenuni
     if adapter.is_guard:
         raise AdapterError(f"erasure {name!r} is an inference-time guard: it has no deltas to gate "
                            "(it decides per prompt already)")
-    outside = sorted({k.split(".", 1)[0] for k in adapter.deltas} - {"unet", "transformer"})
+    outside = sorted({k.split(".", 1)[0] for k in adapter.deltas} - set(DENOISERS))
     if outside:
         raise AdapterError(f"erasure {name!r} changes {', '.join(outside)}: gates are computed from the denoiser's "
                            "text context, so only adapters whose deltas are all on the denoiser can be gated")
