@@ -116,6 +116,29 @@ def test_rows_made_with_another_config_are_redone(bench, monkeypatch):
     assert again["rows"]["uce/shape"]["erasure_rate"] == results["rows"]["uce/shape"]["erasure_rate"]
 
 
+def test_rows_that_record_no_config_are_redone(bench, monkeypatch):
+    """A cached row or adapter from before rows recorded their config cannot be checked, so it is made again."""
+    out, results = bench
+    work = out / ".bench-test"
+    state = work / "results-test.json"
+    saved = json.loads(state.read_text())
+    del saved["rows"]["uce/colour"]["config"]
+    saved["rows"]["uce/colour"]["erasure_rate"] = -1
+    state.write_text(json.dumps(saved))
+    info = json.loads((work / "uce" / "colour" / "erase.json").read_text())
+    del info["config"]
+    (work / "uce" / "colour" / "erase.json").write_text(json.dumps(info))
+    erased = []
+    import erasekit.api
+
+    real = erasekit.api.erase
+    monkeypatch.setattr(erasekit.api, "erase", lambda *a, **k: erased.append(a[2]) or real(*a, **k))
+    again = run_suite(TINY, out, methods=["uce"], attacks=["paraphrase"], progress=False)
+    assert erased == [["red"]]  # that row only, its adapter too
+    assert again["rows"]["uce/colour"]["erasure_rate"] == results["rows"]["uce/colour"]["erasure_rate"]
+    assert "config" in again["rows"]["uce/colour"]
+
+
 def test_entry_subsets_share_the_cache_and_another_budget_redoes_its_rows(bench, monkeypatch):
     out, _ = bench
     work = out / ".bench-test"

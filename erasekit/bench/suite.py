@@ -15,7 +15,8 @@ erased separately and loaded together; for UCE, ESD-x, SPM and AdvUnlearn). For 
 Rows are appended to ``results.json`` as they finish, and to a copy in the ``--work`` cache: a rerun with the same
 cache skips finished rows (adapters and audits are cached there too, and the original images of the audits, which
 every row shares: ``base-images``) unless the method's resolved config or the
-budget changed since (a new preset or default: :func:`recipe`), so a killed bench loses at most the row it was in,
+budget changed since (a new preset or default: :func:`recipe`; a cached row or adapter that records no config, made
+by an erasekit from before rows recorded one, cannot be checked and is made again), so a killed bench loses at most the row it was in,
 while a fresh clone (no cache) runs the methods it is asked for again rather than resuming their committed rows,
 and keeps the committed rows of every other method: ``erasekit bench --methods NAME`` adds a new method's rows to
 the committed results. Runs of different
@@ -420,10 +421,10 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
     def finished(key: str, made_with) -> list[dict]:  # by this run or another one into the cache
         found = [r for r in [rows.get(key), *siblings.get(key, [])] if r]
         method = key.split("/")[0]
-        return ([r for r in found if "config" in r and same_recipe(r["config"], made_with, method)]
-                or [r for r in found if "config" not in r])
+        # a row that records no config (made before rows recorded one) cannot be checked: it is made again
+        return [r for r in found if "config" in r and same_recipe(r["config"], made_with, method)]
 
-    def adopt(key: str, made_with) -> bool:  # rows from before configs pass
+    def adopt(key: str, made_with) -> bool:
         done = finished(key, made_with)
         if done:
             rows[key] = done[0]
@@ -514,7 +515,7 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
     erase_info = json.loads(erase_info_path.read_text()) if erase_info_path.exists() else None
     if not (all(path.exists() for path in adapter_paths) and erase_info
             and erase_info.get("options") == json.loads(json.dumps(options))
-            and same_recipe(erase_info.get("config", made_with), made_with, method)
+            and "config" in erase_info and same_recipe(erase_info["config"], made_with, method)
             and spec.same_as(erase_info.get("budget", budget_record))):
         shutil.rmtree(job_dir)  # made with another config or budget (or unfinished): adapter and audits are stale
         job_dir.mkdir(parents=True)
