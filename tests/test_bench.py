@@ -232,6 +232,15 @@ def test_cli_bench_processes(monkeypatch, capsys):
     assert main(["bench", "--processes", "0"]) == 2 and "must be at least 1" in capsys.readouterr().err
 
 
+def test_bench_help_names_every_suite_entry():
+    """The CLI's help lists the entries without importing the suite (torch): it must keep up with SUITE."""
+    from erasekit.cli import build_parser
+
+    bench = next(a for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions
+                 if "--entries" in a.option_strings)
+    assert bench.help.split(":", 1)[1].split("(")[0].split() == [e.name for e in SUITE]
+
+
 def test_rows_are_dealt_longest_first_to_the_least_loaded_process():
     from erasekit.bench.shards import deal, longest_first
 
