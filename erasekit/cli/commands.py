@@ -49,11 +49,12 @@ def erase_command(args, method_spec) -> int:
 
     out = args.out
     config = erase_config(args, method_spec)  # a bad option fails here, before the model is loaded
-    if args.gate and method_spec.changes != "denoiser":
-        what = ("is an inference-time guard: it has no deltas to gate" if method_spec.changes == "nothing" else
-                f"changes {method_spec.changes}: gates are computed from the denoiser's text context, so only "
-                "adapters whose deltas are all on the UNet or transformer can be gated")
-        raise ConfigError(f"--gate: method {method_spec.name!r} {what}")
+    if args.gate:
+        from ..compose import why_not_gated
+
+        refusal = why_not_gated([] if method_spec.changes == "nothing" else [method_spec.changes])
+        if refusal:
+            raise ConfigError(f"--gate: method {method_spec.name!r} {refusal}")
     pipe = _load(args)
     started = time.perf_counter()
     adapter = method_spec.erase(pipe, config)

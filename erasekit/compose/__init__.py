@@ -91,7 +91,7 @@ from .gates import GATE_COMBINES, GATE_METRICS
 
 __all__ = [
     "Composer", "load", "set_weights", "enable", "disable", "disabled", "fuse", "unfuse", "unload",
-    "list_erasures", "gates", "gated", "as_adapter", "GATE_METRICS", "GATE_COMBINES",
+    "list_erasures", "gates", "gated", "why_not_gated", "as_adapter", "GATE_METRICS", "GATE_COMBINES",
 ]
 
 
@@ -105,6 +105,19 @@ def as_adapter(adapter_or_path) -> tuple[Adapter, str]:
         name = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.stem
         return load_adapter(path), name
     raise AdapterError(f"expected an Adapter or a path to an adapter file, got {type(adapter_or_path).__name__}")
+
+
+def why_not_gated(changes: Sequence[str]) -> str | None:
+    """Why an erasure whose deltas change the components ``changes`` cannot be given a prompt gate (``gated``,
+    ``erasekit erase --gate``), as the end of a sentence about it; ``None`` where it can. No components: an
+    inference-time guard; "denoiser" stands for either denoiser (a method's ``MethodSpec.changes``)."""
+    if not changes:
+        return "is an inference-time guard: it has no deltas to gate (it decides per prompt already)"
+    outside = [c for c in changes if c not in (*DENOISERS, "denoiser")]
+    if outside:
+        return (f"changes {', '.join(outside)}: gates are computed from the denoiser's text context, so only "
+                "adapters whose deltas are all on the denoiser (UNet or transformer) can be gated")
+    return None
 
 
 def gated(adapter_or_path: Adapter | str | Path, metric: str = "clipcos_tokenuni",
@@ -135,13 +148,9 @@ def gated(adapter_or_path: Adapter | str | Path, metric: str = "clipcos_tokenuni
     from .gates import check_weight
 
     adapter, name = as_adapter(adapter_or_path)
-    if adapter.is_guard:
-        raise AdapterError(f"erasure {name!r} is an inference-time guard: it has no deltas to gate "
-                           "(it decides per prompt already)")
-    outside = sorted({k.split(".", 1)[0] for k in adapter.deltas} - set(DENOISERS))
-    if outside:
-        raise AdapterError(f"erasure {name!r} changes {', '.join(outside)}: gates are computed from the denoiser's "
-                           "text context, so only adapters whose deltas are all on the denoiser can be gated")
+    refusal = why_not_gated(sorted({k.split(".", 1)[0] for k in adapter.deltas}))
+    if refusal:
+        raise AdapterError(f"erasure {name!r} {refusal}")
     if metric not in GATE_METRICS:
         raise AdapterError(f"unknown gate metric {metric!r}; expected one of {GATE_METRICS}")
     prompts = [prompts] if isinstance(prompts, str) else list(adapter.concepts if prompts is None else prompts)
