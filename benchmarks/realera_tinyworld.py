@@ -1,10 +1,11 @@
 """RealEra against UCE on tinyworld: does mining neighbour concepts lower what leaks through other phrasings, at
 matched preservation?
 
-Protocol (issue 23). Each concept (circle, red, striped) is erased by UCE and by RealEra under two settings, the same
-for both methods: ``tinyworld`` (the registry's tinyworld presets: UCE's keys, templates, siblings preserved, values
-pushed past the guide, η = 1; RealEra adds its mining, beyond-concept samples and LoRA) and ``replace`` (the same
-with the papers' replace target, η = 0, under which UCE leaves more of a concept). Every row is judged by tinyworld's
+Protocol (issue 23). Each concept (circle, red, striped) is erased by UCE and by RealEra under three settings, the
+same for both methods: ``tinyworld`` (the registry's tinyworld presets: UCE's keys, templates, siblings preserved,
+values pushed past the guide, η = 1, each concept guided to its nearest sibling; RealEra adds its mining,
+beyond-concept samples and LoRA), ``guide-empty`` (the same with the guide "", the presets before 2026-12-04) and
+``replace`` (the guide "" with the papers' replace target, η = 0, under which UCE leaves more of a concept). Every row is judged by tinyworld's
 judge on
 
 * the erasure protocol (``erasekit.tinyworld.eval.erasure``, 4 seeds × the standard grid): the share of the concept's
@@ -41,11 +42,13 @@ OUT = Path(__file__).with_name("realera_tinyworld.json")
 CONCEPTS = ("circle", "red", "striped")
 #: the issue's bars on circle (RealEra, tinyworld presets) and the matched-preservation limit of the comparison
 BARS = {"canonical_rate_max": 0.10, "synonym_rate_max": 0.20, "other_accuracy_drop_max": 0.02}
-#: options over the registry's tinyworld presets, per setting (the same for both methods)
-SETTINGS = {"tinyworld": {}, "replace": {"negative_guidance": 0.0}}
+#: options over the registry's tinyworld presets, per setting (the same for both methods): ``tinyworld``, the presets
+#: themselves (each concept guided to its nearest sibling under the text encoder); ``guide-empty``, the guide "" (the
+#: presets before 2026-12-04); ``replace``, the guide "" with the papers' replace target
+SETTINGS = {"tinyworld": {"guide_related": True, "guide_choice": "nearest"}, "guide-empty": {"guide_related": False},
+            "replace": {"negative_guidance": 0.0, "guide_related": False}}
 #: the rows' methods: registry name and options; "realera-closed-form" is RealEra without its LoRA (an ablation)
-#: (UCE with the guide "" as RealEra: the nearest-sibling guide of UCE's tinyworld preset is not RealEra's)
-METHODS = {"uce": ("uce", {"guide_related": False}), "realera": ("realera", {"progress": False}),
+METHODS = {"uce": ("uce", {}), "realera": ("realera", {"progress": False}),
            "realera-closed-form": ("realera", {"iterations": 0})}
 #: phrasings of a scene that no template of the project uses (the world's are in erasekit/tinyworld/world.py)
 HELDOUT_PHRASINGS = (

@@ -113,6 +113,25 @@ def test_without_mining_and_lora_it_is_uce(pipes):
         torch.testing.assert_close(ours.deltas[key].dense(), theirs.deltas[key].dense(), rtol=1e-5, atol=1e-7)
 
 
+def test_nearest_guide_is_narrowed_before_mining_and_training(pipes):
+    """guide_choice="nearest" (RealEra's tinyworld preset, as UCE's): a guide of several prompts becomes the one
+    ``uce.choose_guides`` picks, recorded in the adapter, and the adapter is the one that single guide gives (closed
+    form and LoRA, the same seed); "mean" is refused, since the LoRA's anchor needs one prompt."""
+    pipe = pipes["sd1"]
+    options = dict(preserve=["dog"], neighbors=2, beyond_samples=1, **FAST)
+    guide = "a red square | a blue star | a photo of a cow"
+    chosen = uce.choose_guides(pipe, uce.UceConfig(concepts=("cat",), guides=(guide,), guide_choice="nearest"))
+    assert len(chosen) == 1 and chosen[0] in guide.split(" | ")
+    narrowed = erase(pipe, "realera", ["cat"], guides=[guide], guide_choice="nearest", **options)
+    single = erase(pipe, "realera", ["cat"], guides=list(chosen), **options)
+    assert tuple(narrowed.config["guides"]) == chosen
+    assert set(narrowed.deltas) == set(single.deltas)
+    for key in narrowed.deltas:
+        torch.testing.assert_close(narrowed.deltas[key].dense(), single.deltas[key].dense())
+    with pytest.raises(ConfigError, match="needs guide_choice='nearest'"):
+        erase(pipe, "realera", ["cat"], guides=[guide], guide_choice="mean", **options)
+
+
 # ------------------------------------------------------------------------------------------------ LoRA, adapter
 def test_lora_loss_decreases(tinyworld_pipe):
     """Step 4's loss (noise alignment of mined neighbours + k/v preservation) on one fixed draw: a short fit lowers

@@ -143,7 +143,7 @@ TINYWORLD_DATA: dict[type, tuple] = {
     fewshot.FewShotConfig: (rendered_images,),
     uce.UceConfig: (related_concepts, related_guides),
     rece.ReceConfig: (related_concepts, related_guides),
-    realera.RealEraConfig: (related_concepts,),
+    realera.RealEraConfig: (related_concepts, related_guides),
     trce.TrceConfig: (caption_templates, related_concepts, implied_synonyms, safe_siblings),
     duge.DugeConfig: (caption_templates, related_concepts),
 }

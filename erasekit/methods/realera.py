@@ -303,6 +303,7 @@ def erase(pipe, config: RealEraConfig) -> Adapter:
     ``pipe`` is left as it was."""
     start = time.perf_counter()
     modules = uce.find_targets(pipe, config.targets)
+    config = dataclasses.replace(config, guides=uce.choose_guides(pipe, config))  # guide_choice="nearest": one each
     deltas, mined, rank = closed_form(pipe, config, modules, torch.Generator().manual_seed(config.seed))
     info = {"rank": rank, "erase_keys": int(len(mined.keys.erase)), "preserve_keys": int(len(mined.keys.preserve)),
             "targets": list(config.targets), "closed_form_seconds": round(time.perf_counter() - start, 3)}

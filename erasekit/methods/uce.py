@@ -275,12 +275,14 @@ def choose_guides(pipe, config) -> tuple[str, ...]:
 
 def single_guides(config) -> None:
     """Raise ConfigError if a guide of ``config`` lists several prompts (for the methods whose guides are used
-    beyond UCE's keys)."""
+    beyond UCE's keys), unless ``guide_choice="nearest"`` narrows each to one (:func:`choose_guides`) before use."""
+    if getattr(config, "guide_choice", "mean") == "nearest":
+        return
     several = [g for g in getattr(config, "guides", ()) if "|" in g]
     if several or getattr(config, "guide_related", False):
         what = repr(several[0]) if several else "guide_related"
-        raise ConfigError(f"{type(config).__name__}: a guide of several prompts ({what}) is UCE's and RECE's; "
-                          "give one prompt per guide")
+        raise ConfigError(f"{type(config).__name__}: a guide of several prompts ({what}) needs "
+                          "guide_choice='nearest' here (one prompt per guide is used beyond the keys)")
 
 
 def prompt_pairs(concepts, guides, preset: str = "none", templated_guides: bool = False) -> list[tuple[str, str]]:
