@@ -22,7 +22,7 @@ def bench(tmp_path_factory):
 
 def test_suite_rows_have_every_measure(bench):
     out, results = bench
-    assert set(results["rows"]) == {f"uce/{e.name}" for e in SUITE}
+    assert set(results["rows"]) == {f"uce/{e.name}" for e in SUITE if not e.methods or "uce" in e.methods}
     shape = results["rows"]["uce/shape"]
     assert shape["erasure_rate"] == 1.0 and shape["preservation_drop"] <= 0.5  # UCE erases circle on tinyworld
     assert set(shape["asr"]) == {"paraphrase"} and shape["seconds_per_attacked_prompt"]["paraphrase"] > 0
@@ -51,6 +51,33 @@ def test_outputs_table_plot_and_missing_items(bench):
     older = json.loads(json.dumps(results))
     older["rows"]["uce/shape"]["made"]["git_commit"] = "0123abc"  # a row resumed or adopted from an earlier commit
     assert f"commit {older['run']['git_commit']} (rows made earlier at 0123abc) ·" in table(older)
+
+
+def test_gated_entry_loads_the_composed_adapters_gated(tmp_path, monkeypatch):
+    """A gated entry audits the composed entry's four adapters (copied, not erased again) each loaded through
+    compose.gated: the row names its gate, and the audited pipeline held gated erasures; alone it erases its own."""
+    import erasekit.api
+    import erasekit.bench.suite as suite
+    from erasekit import compose
+
+    entries = (suite.Entry("composed", ("circle", "red"), composed=True),
+               suite.Entry("gated", ("circle", "red"), composed=True, gate="tokencos"))
+    monkeypatch.setattr(suite, "SUITE", entries)
+    erased, gated, real_erase, real_gated = [], [], erasekit.api.erase, compose.gated
+    monkeypatch.setattr(erasekit.api, "erase", lambda *a, **k: erased.append(a[2]) or real_erase(*a, **k))
+    monkeypatch.setattr(compose, "gated", lambda *a, **k: gated.append(k["metric"]) or real_gated(*a, **k))
+    rows = run_suite(TINY, tmp_path, methods=["uce"], attacks=[], progress=False)["rows"]
+    assert erased == [["circle"], ["red"]] and gated == ["tokencos"] * 2  # each adapter gated once, then loaded
+    assert rows["uce/gated"]["gate"] == "tokencos" and "gate" not in rows["uce/composed"]
+    assert rows["uce/gated"]["erase_seconds"] == rows["uce/composed"]["erase_seconds"]
+    assert rows["uce/gated"]["adapters"] == 2 and rows["uce/gated"]["erasure_rate"] >= 0.5
+    for name in ("adapter-circle.safetensors", "adapter-red.safetensors"):
+        assert ((tmp_path / ".bench-test" / "uce" / "gated" / name).read_bytes()
+                == (tmp_path / ".bench-test" / "uce" / "composed" / name).read_bytes())
+    erased.clear()
+    monkeypatch.setattr(suite, "SUITE", entries[1:])  # no composed entry made: the gated one erases its own
+    rows = run_suite(TINY, tmp_path / "alone", methods=["uce"], attacks=[], progress=False)["rows"]
+    assert erased == [["circle"], ["red"]] and set(rows) == {"uce/gated"}
 
 
 def test_rerun_resumes_without_recomputing(bench, monkeypatch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -33,8 +32,9 @@ def peak_memory(device: torch.device):
     out["kind"] = "peak_rss" if reset else "peak_rss_since_start"
 
 
-def generation_overhead(pipe, adapter_paths: Sequence[Path], repeats: int = 3) -> dict:
-    """Seconds per image (4-image batch, the model's default steps) without and with the adapters loaded."""
+def generation_overhead(pipe, adapters: Sequence, repeats: int = 3) -> dict:
+    """Seconds per image (4-image batch, the model's default steps) without and with the adapters (paths or
+    ``Adapter`` objects) loaded."""
     from .. import compose
     from ..generate import generate
 
@@ -49,7 +49,7 @@ def generation_overhead(pipe, adapter_paths: Sequence[Path], repeats: int = 3) -
         return min(times) / len(prompts)
 
     plain = best()
-    names = [compose.load(pipe, path) for path in adapter_paths]
+    names = [compose.load(pipe, adapter, name=f"adapter-{i}") for i, adapter in enumerate(adapters)]
     try:
         loaded = best()
     finally:

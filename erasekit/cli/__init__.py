@@ -244,7 +244,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "uce_reference; default: all)")
     b.add_argument("--methods", nargs="+", default=None, help="registry names (default: all)")
     b.add_argument("--attacks", nargs="+", default=None, help="attack names (default: all)")
-    b.add_argument("--entries", nargs="+", default=None, help="suite entries: shape colour texture multi composed (default: all)")
+    b.add_argument("--entries", nargs="+", default=None, help="suite entries: shape colour texture multi composed gated (default: all)")
     b.add_argument("--out-dir", default="benchmarks", type=out_dir, help="where results.json / .md / .png go")
     b.add_argument("--work", default=None, type=out_dir,
                    help="cache of adapters and audits (default: OUT_DIR/.bench-BUDGET)")
