@@ -6,6 +6,9 @@ time, and the share of the concept's canonical prompts that the judge calls the 
 
     python benchmarks/esd_tinyworld.py                     # → benchmarks/esd_tinyworld.json
     python benchmarks/esd_tinyworld.py --seeds 0 1 --methods esd-x
+
+Rerunning some ``--methods`` with the same concept and seeds keeps the other methods' entries in the file (the base
+model's numbers must come out the same, as they do: generation is seeded); each entry records its ``run``.
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ def main(argv=None) -> int:
     logging.info("base: %s, %s share %.3f", base.as_dict(), args.replace_with, base_share)
     record = {"concept": args.concept, "seeds": list(seeds), "bars": BARS,
               "base": base.as_dict() | {f"{args.replace_with}_share": base_share}, "methods": {}}
+    old = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    if (old.get("concept"), old.get("seeds"), old.get("base")) == (record["concept"], record["seeds"], record["base"]):
+        record["methods"] = {m: e for m, e in old["methods"].items() if m not in args.methods}  # the others' rows stay
     for method in args.methods:
         spec = METHODS[method]
         options = {"replace_with": args.replace_with} if method == "abo" else {}
@@ -106,9 +112,9 @@ def main(argv=None) -> int:
         }
         if method == "abo":
             entry["meets"]["replacement_share"] = share >= BARS["abo_replacement_share_min"]
+        entry["run"] = record["run"] = run_record()
         record["methods"][method] = entry
         logging.info("%s: %s", method, json.dumps({k: v for k, v in entry.items() if k != "config"}))
-        record["run"] = run_record()
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")  # after every method
     return 0
 

@@ -533,6 +533,8 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
     source = next((e for e in SUITE if entry.gate and e.composed and not e.gate and e.concepts == entry.concepts),
                   None)
     if erase_info is None and source is not None and made_in(job_dir.with_name(source.name)) is not None:
+        shutil.rmtree(job_dir)  # audits of other adapters are stale
+        job_dir.mkdir(parents=True)
         for path in [*adapter_paths, erase_info_path]:  # the composed entry's adapters: the same erasures
             shutil.copyfile(job_dir.with_name(source.name) / path.name, path.with_suffix(".tmp"))
             path.with_suffix(".tmp").replace(path)
