@@ -70,12 +70,12 @@ TINYWORLD_SAFREE = {"mask_token_id": -1, "subspace": "tokens", "subspace_rank": 
                     "alpha": 0.163, "project": "following", "svf_midpoint": 0.0, "reattention_s1": 1.5}
 
 
-#: RealEra's LoRA stage on tinyworld (the closed-form part takes UCE's tinyworld settings above): tinyworld-sized
-#: rollouts and steps, as ESD-x's preset (the paper's hyper-parameters are not published).
-#: Against UCE (issue 23, benchmarks/realera_tinyworld.json) this preset leaks less on red only: on circle the closed
-#: form already meets the LoRA's target (loss 0.0019 -> 0.0018 in 100 steps) and the steps add leak (200 steps: 2.1 %
-#: canonical), on striped the mined closed form alone leaks more than UCE. 16 neighbours with lr 3e-4 tie UCE on
-#: circle and red and still lose on striped (canonical 10.4 % vs 9.7 %); no preset tried beat UCE on every measure.
+#: RealEra's LoRA stage on tinyworld (the closed-form part takes UCE's tinyworld settings above, its nearest-sibling
+#: guide included since 2026-12-04): tinyworld-sized rollouts and steps, as ESD-x's preset (the paper's
+#: hyper-parameters are not published). Against UCE (issue 23, benchmarks/realera_tinyworld.json), both guided to the
+#: nearest sibling, neither leaves circle, red or striped in any canonical, synonym or held-out prompt (4 seeds), and
+#: the paraphrase attack succeeds alike (red 25 % for both); with the guide "" RealEra leaked less than UCE on red
+#: only and left striped in 12.5 % of its prompts.
 TINYWORLD_REALERA = {"iterations": 100, "lr": 1e-3, "batch_size": 4, "num_inference_steps": 10}
 #: TRCE on tinyworld: 10-step rollouts as its generation (the early steps: the first 5, as the reference's first 25
 #: of 50), the synonyms but the last as implied terms, the siblings preserved; lr 5e-3 (the paper's 300 steps at
@@ -223,7 +223,7 @@ METHODS: dict[str, MethodSpec] = {
                    architectures=("unet", "mmdit"), mmdit=TINYWORLD_MMDIT_SPM),
         MethodSpec("realera", realera, realera.RealEraConfig,
                    summary="RealEra: UCE's closed form over mined neighbour keys, siblings' k/v kept, plus a k/v LoRA",
-                   tinyworld={**TINYWORLD_CLOSED_FORM, **TINYWORLD_REALERA}),
+                   tinyworld={**TINYWORLD_UCE, **TINYWORLD_REALERA}),
         MethodSpec("safree", safree, safree.SafreeConfig,
                    summary="SAFREE: inference-time guard, trigger tokens projected off the concept subspace (no weights change)",
                    tinyworld=TINYWORLD_SAFREE, family="closed-form", changes="nothing"),
