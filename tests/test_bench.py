@@ -336,7 +336,8 @@ def test_a_second_bench_on_the_same_results_is_refused_and_writes_nothing(tmp_pa
 
 def test_a_row_another_bench_is_making_is_left_to_it(tmp_path, monkeypatch):
     """Runs of other --entries share the cache; a row that one of them is making (its job lock held) is not made
-    twice: the run leaves it out, saves the rest and says so."""
+    twice: the run leaves it out, saves the rest and says so; a row of that key made with another config is not
+    taken for it."""
     from erasekit.errors import BusyError
     from erasekit.core.files import exclusive_lock
     import erasekit.api
@@ -344,6 +345,9 @@ def test_a_row_another_bench_is_making_is_left_to_it(tmp_path, monkeypatch):
     erased = []
     monkeypatch.setattr(erasekit.api, "erase", lambda *a, **k: erased.append(a[1]))
     (tmp_path / "work" / "uce").mkdir(parents=True)
+    stale = {"method": "uce", "entry": "shape", "config": {"concepts": ["circle"], "lam": 123.0}, "erasure_rate": 0.5}
+    (tmp_path / "work" / "results-test-other.json").write_text(  # another run's row of another config: not adopted
+        json.dumps({"budget": TINY.record(), "rows": {"uce/shape": stale}}))
     with exclusive_lock(tmp_path / "work" / "uce" / ".shape.lock", "a bench of other entries"):
         with pytest.raises(BusyError, match="uce/shape are being made by another erasekit bench"):
             run_suite(TINY, tmp_path, methods=["uce"], attacks=["paraphrase"], entries=["shape"],

@@ -477,8 +477,10 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
         rows, busy = shards.merge(proc, rows, mine, busy, before, [f"{m}/{e.name}" for m, e, _, _ in jobs])
         results["rows"] = rows
     siblings = _rows_of_other_runs(work, state, spec)
-    for key in busy:
-        rows.update({key: r[0]} if (r := siblings.get(key)) else {})
+    made_with_of = {f"{m}/{e.name}": w for m, e, _, w in jobs}
+    for key in busy:  # made by the other run meanwhile, with this run's config: else it is not this run's row
+        if not adopt(key, made_with_of[key]):
+            rows.pop(key, None)
     if proc.is_main_process:
         save()
         shards.remove_rank_files(state)  # their rows are in the state now
