@@ -470,6 +470,20 @@ def test_small_adapter_round_trip(tmp_path):
     assert_same_adapter(load_adapter(path), small_adapter())
 
 
+def test_digest_is_what_the_adapter_does(tmp_path):
+    """The digest survives a float32 file round trip and changes with any tensor, the gating or the config (an audit
+    keys its resumable results on it)."""
+    adapter = small_adapter()
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(small_adapter_bytes())
+    assert load_adapter(path).digest == adapter.digest == small_adapter().digest
+    nudged = {k: ModuleDelta(delta=d.delta + 1e-6) if d.delta is not None else d for k, d in adapter.deltas.items()}
+    others = [small_adapter(deltas=nudged), small_adapter(gating={"rule": "static"}),
+              small_adapter(config={"rank": 2, "targets": ["attn2"]}), small_adapter(concepts=("square",)),
+              small_adapter(stats={})]
+    assert len({adapter.digest, *(o.digest for o in others)}) == 1 + len(others)
+
+
 # ----------------------------------------------------------------------------------------- compatibility
 
 def test_check_compatible_missing_module(pipes):

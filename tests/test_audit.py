@@ -401,6 +401,21 @@ def erased_audit(pipe, adapter, out_dir, seeds=(0,), **kw):
         compose.unload(pipe, name)
 
 
+def test_an_audit_folder_is_not_resumed_for_another_adapter_of_the_same_name(tinyworld_pipe, uce_circle, tmp_path):
+    """The manifest records each erasure's digest: auditing a different adapter (here: the same file's edit at a
+    lower strength, same name, method and concept) into the folder of a finished audit is refused with one
+    ConfigError, where its records would otherwise be taken as this erasure's; the same adapter resumes."""
+    import erasekit
+
+    erased_audit(tinyworld_pipe, uce_circle, tmp_path / "audit")
+    weaker = tmp_path / "other" / "uce.safetensors"  # the same file name: the same erasure name
+    weaker.parent.mkdir()
+    erasekit.erase(tinyworld_pipe, "uce", ["circle"], erase_scale=0.5).save(weaker)
+    with pytest.raises(ConfigError, match="other model"):
+        erased_audit(tinyworld_pipe, weaker, tmp_path / "audit")
+    erased_audit(tinyworld_pipe, uce_circle, tmp_path / "audit")  # resumes
+
+
 def count_originals(monkeypatch) -> list[int]:
     """Sizes of the generation calls made with erasures loaded but all disabled (the audit's originals)."""
     from erasekit import compose

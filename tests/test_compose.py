@@ -315,7 +315,8 @@ def test_errors_name_the_problem(family, pipe):
         compose.load(pipe, te_gated, name="te")
     assert [e["name"] for e in compose.list_erasures(pipe)] == ["a"]  # failed loads leave nothing behind
     assert compose.list_erasures(pipe)[0] == dict(name="a", method="test", concepts=["cat"], weight=1.0,
-                                                  enabled=True, fused=False, gated=False, kind="weights")
+                                                  enabled=True, fused=False, gated=False, kind="weights",
+                                                  digest=adapter.digest)
 
 
 def test_fp16_module_output_matches_fused(family):

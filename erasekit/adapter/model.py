@@ -7,6 +7,8 @@ The file format's names (``FORMAT_VERSION``, the metadata keys, ``COMPONENTS``, 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +109,24 @@ class Adapter:
     def is_low_rank(self) -> bool:
         """True when every delta is a (lora_A, lora_B) pair: the layout stock diffusers LoRA loading accepts."""
         return bool(self.deltas) and all(d.delta is None for d in self.deltas.values())
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 (hex) of what this erasure does: method, concepts, config, gating, guard and every tensor (deltas
+        and stats, with dtype and shape). Two adapters with one digest act alike; an audit records it per erasure,
+        so that its results are not resumed for another adapter of the same name."""
+        h = hashlib.sha256()
+        record = {"method": self.method, "concepts": list(self.concepts), "config": self.config,
+                  "gating": self.gating, "guard": self.guard}
+        h.update(json.dumps(record, sort_keys=True, default=str).encode())
+        tensors = {f"delta.{k}.{part}": t for k, d in self.deltas.items()
+                   for part, t in (("down", d.down), ("up", d.up), ("delta", d.delta)) if t is not None}
+        tensors.update({f"stats.{k}": t for k, t in self.stats.items()})
+        for name in sorted(tensors):
+            t = tensors[name].detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def save(self, path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32) -> Path:
         """Write this adapter to one ``.safetensors`` file, atomically. See :func:`save_adapter`."""

@@ -277,7 +277,7 @@ def unload(pipe, names: str | Sequence[str] | None = None) -> None:
 
 def list_erasures(pipe) -> list[dict]:
     """One dict per loaded erasure: ``name, method, concepts, weight, enabled, fused, gated, kind`` ("weights" or
-    "guard", an inference-time guard)."""
+    "guard", an inference-time guard) and ``digest`` (:attr:`erasekit.adapter.Adapter.digest`: what it does)."""
     composer = Composer.of(pipe, create=False)
     return composer.listing() if composer is not None else []
 

@@ -532,6 +532,7 @@ class Composer:
     def listing(self) -> list[dict]:
         return [
             dict(name=a.name, method=a.adapter.method, concepts=list(a.adapter.concepts), weight=a.weight,
-                 enabled=a.enabled, fused=a.fused, gated=a.gate is not None, kind=a.adapter.kind)
+                 enabled=a.enabled, fused=a.fused, gated=a.gate is not None, kind=a.adapter.kind,
+                 digest=a.adapter.digest)
             for a in self.adapters.values()
         ]
