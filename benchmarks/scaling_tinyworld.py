@@ -2,7 +2,7 @@
 shapes, colours and textures; the same nested lists for every method), at the full suite's erasure budget (8
 canonical prompts × seeds 0, 1 per concept, their synonyms, 16 prompts showing none of the k), without attacks.
 
-    python benchmarks/scaling_tinyworld.py [METHOD ...]      # default: uce rece spm-composed
+    python benchmarks/scaling_tinyworld.py [METHOD ...] [--ks K ...]     # default: uce rece spm-composed, every k
 
 A method is a registry name (one adapter erases the k concepts together), ``NAME-composed`` (one adapter per
 concept, erased separately and loaded together; each concept's adapter is made once and reused for every k) or
@@ -16,9 +16,9 @@ synonyms) and preservation drop against k, erase time and adapter size against k
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -116,13 +116,13 @@ def save_row(results: dict, key: str) -> None:
     atomic_write(OUT, json.dumps(results, indent=1, default=str).encode())
 
 
-def main(methods: list[str]) -> dict:
+def main(methods: list[str], ks: tuple[int, ...] = KS) -> dict:
     pipe = load_pipeline(None, device="cpu")
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     results.update(budget=BUDGET.record(), concepts=list(CONCEPTS), run=run_record())
     rows = results.setdefault("rows", {})
     for method in methods:
-        for k in KS:
+        for k in ks:
             key = f"{method}/k{k}"
             concepts = CONCEPTS[:k]
             paths, seconds = adapters_for(pipe, method, concepts)
@@ -134,8 +134,11 @@ def main(methods: list[str]) -> dict:
             gated = method.endswith("-gated")
             names = [compose.load(pipe, compose.gated(p, metric=GATE_METRIC) if gated else p, name=p.stem)
                      for p in paths]
+            # one audit folder per set of adapters: a killed row resumes, a row of new adapters starts afresh
+            made = "".join(e["digest"] for e in compose.list_erasures(pipe))
+            folder = WORK / "audits" / key / hashlib.sha256(made.encode()).hexdigest()[:12]
             try:
-                audited = audit_entry(pipe, Entry(f"k{k}", concepts), BUDGET, WORK / "audits" / key, (),
+                audited = audit_entry(pipe, Entry(f"k{k}", concepts), BUDGET, folder, (),
                                       progress=False, base_cache=WORK / "base-images")
             finally:
                 compose.unload(pipe, names)
@@ -155,4 +158,10 @@ def main(methods: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["uce", "rece", "spm-composed"])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("methods", nargs="*", default=["uce", "rece", "spm-composed"])
+    parser.add_argument("--ks", nargs="+", type=int, default=list(KS), choices=KS, help="the k to run (default: all)")
+    args = parser.parse_args()
+    main(args.methods, tuple(args.ks))
