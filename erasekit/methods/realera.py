@@ -83,7 +83,9 @@ class RealEraConfig:
     Args:
         concepts: prompts to erase, e.g. ("circle",); solved jointly.
         guides: the anchor each erased concept is mapped to (v* = W·key of the anchor); "" = unconditional. One
-            for all concepts, or one per concept.
+            for all concepts, or one per concept; with ``guide_choice="nearest"`` a guide of several prompts (or
+            ``guide_related``'s siblings, the tinyworld preset) is first narrowed to the one nearest the concept
+            under the text encoder (:func:`erasekit.methods.uce.choose_guides`), which the LoRA's anchor uses too.
         preserve: irrelevant concepts whose keys and values (hence attention maps) must not change.
         neighbors: K, draws of mined neighbour concepts in the closed form (K mined keys per erase key; 0: none).
         neighbor_radius: D₁, the bound on ‖η‖ relative to ‖e‖ (e: a concept token's embedding).

@@ -281,8 +281,9 @@ def single_guides(config) -> None:
     several = [g for g in getattr(config, "guides", ()) if "|" in g]
     if several or getattr(config, "guide_related", False):
         what = repr(several[0]) if several else "guide_related"
-        raise ConfigError(f"{type(config).__name__}: a guide of several prompts ({what}) needs "
-                          "guide_choice='nearest' here (one prompt per guide is used beyond the keys)")
+        fix = ("needs guide_choice='nearest' here (one prompt per guide is used beyond the keys)"
+               if hasattr(config, "guide_choice") else "is UCE's and RECE's; give one prompt per guide")
+        raise ConfigError(f"{type(config).__name__}: a guide of several prompts ({what}) {fix}")
 
 
 def prompt_pairs(concepts, guides, preset: str = "none", templated_guides: bool = False) -> list[tuple[str, str]]:
