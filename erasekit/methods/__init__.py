@@ -26,6 +26,7 @@ from . import trce  # closed form + trained: two-stage erasure
 from . import ant  # trained: mid-to-late guidance reversal, saliency-selected weights
 from . import doco  # trained: adversarial domain correction, concept-preserving gradient
 from . import duge  # trained: continual unlearning, one concept after another
+from . import layered  # closed form + trained: UCE's cross-attention edit and ESD-u, one adapter
 
 
 #: closed-form settings on tinyworld, whose jointly trained text encoder spreads a concept over the tokens after
@@ -185,6 +186,12 @@ TINYWORLD_ANT = {"train_method": "esd-x", "num_inference_steps": 10, "early_step
 #: DoCo on tinyworld: a 10-step rollout, cross-attention k/v as the authors', the siblings preserved at λ = 4 (λ = 1:
 #: 3.96 points lost on the other shapes), lr 1e-3 (the authors' 1e-5 barely moves this model in 200 steps); circle is
 #: then 0 % seen, 0.8 points lost (benchmarks/saliency_tinyworld.json).
+#: Layered erasure on tinyworld: ESD-u with the siblings held (without them ESD-u costs the other shapes 56 points in
+#: the full suite), 400 iterations as ESD-x's preset; the UCE part takes UCE's tinyworld preset
+#: (benchmarks/robust_tinyworld.json, candidate "uce+esd-u").
+TINYWORLD_LAYERED = {"preserve_related": True, "preserve_weight": 1.0, "iterations": 400}
+
+
 TINYWORLD_DOCO = {"num_inference_steps": 10, "lr": 1e-3, "batch_size": 4, "preserve_related": True,
                   "preserve_weight": 4.0}
 
@@ -239,6 +246,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("duge", duge, duge.DugeConfig,
                    summary="DUGE: continual unlearning, each step on top of the last (--continue-from), memory-regularized",
                    tinyworld=TINYWORLD_DUGE),
+        MethodSpec("layered", layered, layered.LayeredConfig,
+                   summary="Layered: UCE's closed-form cross-attention edit + ESD-u on every other UNet layer, one adapter",
+                   tinyworld=TINYWORLD_LAYERED),
     )
 }
 

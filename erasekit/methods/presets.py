@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import ConfigError
-from . import abo, advunlearn, ant, doco, duge, esd, fewshot, realera, rece, spm, trce, uce
+from . import abo, advunlearn, ant, doco, duge, esd, fewshot, layered, realera, rece, spm, trce, uce
 
 
 #: config class -> (the paper's values, tinyworld's values) of the fields a user may leave ``None``.
@@ -146,6 +146,7 @@ TINYWORLD_DATA: dict[type, tuple] = {
     realera.RealEraConfig: (related_concepts, related_guides),
     trce.TrceConfig: (caption_templates, related_concepts, implied_synonyms, safe_siblings),
     duge.DugeConfig: (caption_templates, related_concepts),
+    layered.LayeredConfig: (caption_templates, related_concepts),
 }
 
 

@@ -1,0 +1,81 @@
+"""Layered erasure (erasekit.methods.layered): UCE's cross-attention edit and ESD-u's fine-tuning, one adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from erasekit import compose
+from erasekit.adapter import Adapter
+from erasekit.api import erase
+from erasekit.errors import ConfigError
+from erasekit.testing import tiny_pipeline
+
+FAST = dict(iterations=2, num_inference_steps=3, batch_size=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {family: tiny_pipeline(family) for family in ("sd1", "sdxl")}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_the_adapter_is_uce_and_esd_u_each_as_erased_alone(pipes, family, tmp_path):
+    pipe = pipes[family]
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    options = dict(preserve=("dog",), preserve_weight=1.0, seed=3, **FAST)
+    layered = erase(pipe, "layered", ["cat"], **options)
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())  # pipe left as it was
+    cross = erase(pipe, "uce", ["cat"])
+    rest = erase(pipe, "esd-u", ["cat"], **options)
+    assert set(layered.deltas) == set(cross.deltas) | set(rest.deltas) and not set(cross.deltas) & set(rest.deltas)
+    assert all(".attn2.to_" in k for k in cross.deltas) and not any(".attn2." in k for k in rest.deltas)
+    for part in (cross, rest):
+        for key, delta in part.deltas.items():
+            assert torch.allclose(layered.deltas[key].dense(), delta.dense(), rtol=0, atol=1e-6), key
+    assert layered.method == "layered" and layered.concepts == ("cat",) and layered.is_static
+    assert [p["method"] for p in layered.info["parts"]] == ["uce", "esd-u"]
+    assert list(layered.info["parts"][1]["config"]["preserve"]) == ["dog"]  # this config's ESD fields reach ESD-u
+    path = tmp_path / "layered.safetensors"
+    layered.save(path)
+    loaded = Adapter.load(path)
+    assert loaded.method == "layered" and loaded.config["iterations"] == 2 and set(loaded.deltas) == set(layered.deltas)
+    name = compose.load(pipe, path)
+    compose.unload(pipe, name)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(preserve_related=True), "preserve_weight"),
+    (dict(preserve=("dog",)), "preserve_weight"),
+    (dict(train_method="esd-x"), "unknown option 'train_method'"),
+    (dict(iterations=0), "iterations"),
+    (dict(templates=("no slot",)), "templates"),
+])
+def test_bad_config_raises_config_error(pipes, options, match):
+    with pytest.raises(ConfigError, match=match):
+        erase(pipes["sd1"], "layered", ["cat"], **options)
+
+
+def test_tinyworld_circle_is_gone_and_other_shapes_stay(tinyworld_pipe, judge):
+    """Judged on tinyworld (the attacks: benchmarks/robust_tinyworld.py and the full suite's layered rows)."""
+    from erasekit.generate import generate
+    from erasekit.tinyworld.prompts import concept_prompts, preserve_prompts, scene_of
+
+    adapter = erase(tinyworld_pipe, "layered", ["circle"], iterations=20, progress=False)  # preset: 400
+    assert adapter.config["preserve"] == ("square", "triangle", "star", "cross", "diamond")  # TINYWORLD_DATA
+    assert adapter.info["parts"][0]["config"]["guide_choice"] == "nearest"  # UCE's own tinyworld preset
+    circles = concept_prompts("circle")[1::6]
+    circles += [scene_of(p).prompt(names={"shape": word}) for p, word in zip(circles, ("disc", "round shape") * 2)]
+    others = preserve_prompts("circle", 8)
+    seeds = (0, 1)
+    prompts = [p for p in circles + others for _ in seeds]
+    name = compose.load(tinyworld_pipe, adapter)
+    try:
+        images = generate(tinyworld_pipe, prompts, [s for _ in circles + others for s in seeds], output_type="np")
+    finally:
+        compose.unload(tinyworld_pipe, name)
+    shapes = judge(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).labels("shape")
+    n = len(circles) * len(seeds)
+    assert sum(s == "circle" for s in shapes[:n]) <= 1, shapes[:n]
+    expected = [scene_of(p).shape for p in others for _ in seeds]
+    assert sum(s == w for s, w in zip(shapes[n:], expected)) >= len(expected) - 1, list(zip(shapes[n:], expected))
