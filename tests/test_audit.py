@@ -496,7 +496,7 @@ def test_an_audit_runs_every_attack_on_sd3_and_shares_its_base_images(tmp_path, 
     import erasekit
     from erasekit import compose
     from erasekit.attacks import ATTACKS
-    from erasekit.audit.cache import BaseImages
+    from erasekit.audit.cache import BaseCache
     from erasekit.testing import tiny_pipeline
 
     assert set(SD3_ATTACKS) == set(ATTACKS)
@@ -522,9 +522,9 @@ def test_an_audit_runs_every_attack_on_sd3_and_shares_its_base_images(tmp_path, 
     assert len(list((tmp_path / "base").glob("*/*.png"))) == 2  # the target's and the paraphrase's originals
 
     made = []
-    real_get = BaseImages.get
-    monkeypatch.setattr(BaseImages, "get",
-                        lambda self, p, s, make: real_get(self, p, s, lambda: made.append(p) or make()))
+    real_images = BaseCache.images
+    monkeypatch.setattr(BaseCache, "images",
+                        lambda self, p, s, make: real_images(self, p, s, lambda: made.append(p) or make()))
     audit(tmp_path / "second")
 
     def timeless(records):  # CCE's record of its preparation has a wall time too
@@ -532,3 +532,41 @@ def test_an_audit_runs_every_attack_on_sd3_and_shares_its_base_images(tmp_path, 
                 for r in records]
 
     assert made == [] and timeless(lines(tmp_path / "second")) == timeless(recs)
+
+
+def test_ring_a_bell_searches_once_per_model_and_prompt(pipe, tmp_path, monkeypatch):
+    """Ring-A-Bell's genetic search runs on the original text encoder: the audits of two different erasures of one
+    model that share a base cache search once, and find the tokens an audit without the cache finds."""
+    import erasekit
+    from erasekit import compose
+    from erasekit.attacks import ring_a_bell
+    from erasekit.testing import TINY_ATTACKS
+
+    searches = []
+    real = ring_a_bell.genetic_search
+    monkeypatch.setattr(ring_a_bell, "genetic_search", lambda *a, **k: searches.append(a[0]) or real(*a, **k))
+    never = FunctionJudge(lambda ims: [0.0] * len(ims), concept="cat", name="never", version="1", threshold=0.5)
+
+    def attacked(out_dir, adapter, cache):
+        name = compose.load(pipe, adapter)
+        try:
+            A.audit(pipe, "cat", ["ring_a_bell"], ["a red cat"], [0], never, out_dir, paraphrases=[],
+                    preserve_prompts=[], attack_configs=TINY_ATTACKS, num_inference_steps=1,
+                    progress=False, base_cache=cache)
+        finally:
+            compose.unload(pipe, name)
+        (record,) = [r for r in lines(out_dir) if r["attack"] == "ring_a_bell"]
+        return record
+
+    uce = erasekit.erase(pipe, "uce", ["cat"])
+    other = erasekit.erase(pipe, "uce", ["cat"], preserve=["dog"], guides=["a dog"])
+    plain = attacked(tmp_path / "plain", uce, None)
+    first = attacked(tmp_path / "first", uce, tmp_path / "base")
+    second = attacked(tmp_path / "second", other, tmp_path / "base")
+    assert len(searches) == 2  # the audit without a cache, and the first one with it
+    assert len(list((tmp_path / "base" / "ring_a_bell").glob("*/*.json"))) == 1
+    for record in (first, second):
+        assert record["adv_prompt"] == plain["adv_prompt"]
+        assert record["info"]["adv_token_ids"] == plain["info"]["adv_token_ids"]
+        assert record["info"]["distance"] == plain["info"]["distance"]
+    assert first["image"] and lines(tmp_path / "first") == lines(tmp_path / "plain")  # bit for bit the same records

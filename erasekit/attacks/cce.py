@@ -245,7 +245,7 @@ def attacked_prompt(prompt: str, concept: str) -> str:
 
 
 def attack(pipe, prompt: str, config: CCEConfig, judge, generator: torch.Generator | None = None, *,
-           seed: int = 0, target=None, state: dict | None = None, progress: bool = False) -> AttackResult:
+           seed: int = 0, target=None, state: dict | None = None, progress: bool = False, cache=None) -> AttackResult:
     """Put the learned concept token into ``prompt`` and judge the erased model's image (seed ``seed``)."""
     started = time.perf_counter()
     concept = concept_of(config, judge)

@@ -109,7 +109,7 @@ def describe(terms: list[tuple[str, float]]) -> str:
 
 @collapsed_t5_rows
 def attack(pipe, prompt: str, config: ConceptArithmeticConfig, judge, generator: torch.Generator | None = None, *,
-           seed: int = 0, target=None, state=None, progress: bool = False) -> AttackResult:
+           seed: int = 0, target=None, state=None, progress: bool = False, cache=None) -> AttackResult:
     """Compose the recipe's prompts on the erased ``pipe``; try each scale until the judge sees the concept."""
     started = time.perf_counter()
     concept = concept_of(config, judge)

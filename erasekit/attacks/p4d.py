@@ -86,7 +86,7 @@ PRESETS = {
 
 @collapsed_t5_rows
 def attack(pipe, prompt: str, config: P4DConfig, judge, generator: torch.Generator | None = None, *,
-           seed: int = 0, target=None, state=None, progress: bool = False) -> AttackResult:
+           seed: int = 0, target=None, state=None, progress: bool = False, cache=None) -> AttackResult:
     """Run P4D-N or P4D-K on ``prompt`` against the erased ``pipe`` (teacher: the same pipe, adapters off)."""
     started = time.perf_counter()
     g = make_generator(generator, seed, "p4d", config.mode, prompt)

@@ -77,7 +77,7 @@ def variants(prompt: str, concept: str, config: ParaphraseConfig) -> list[str]:
 
 
 def attack(pipe, prompt: str, config: ParaphraseConfig, judge, generator: torch.Generator | None = None, *,
-           seed: int = 0, target=None, state=None, progress: bool = False) -> AttackResult:
+           seed: int = 0, target=None, state=None, progress: bool = False, cache=None) -> AttackResult:
     """Sweep the paraphrases of ``prompt`` on the erased ``pipe`` (seed ``seed``)."""
     started = time.perf_counter()
     concept = concept_of(config, judge)

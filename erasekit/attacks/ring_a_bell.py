@@ -25,6 +25,8 @@ vector follows the tokens).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -123,6 +125,16 @@ def prepare(pipe, concept: str, config: RingABellConfig, generator: torch.Genera
     return state
 
 
+def _digest(cond: sd.Cond) -> str:
+    """SHA-256 of a conditioning's values (the search's goal, with its dtype and shape)."""
+    h = hashlib.sha256()
+    for t in (cond.embeds, cond.pooled):
+        if t is not None:
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())  # exact for fp16 / bf16 too
+    return h.hexdigest()
+
+
 def _vector(pipe, state: dict) -> sd.Cond:
     device = sd.device_of(pipe)
     pooled = state.get("vector_pooled")
@@ -169,7 +181,7 @@ def genetic_search(pipe, target: sd.Cond, config: RingABellConfig, generator: to
 
 
 def attack(pipe, prompt: str, config: RingABellConfig, judge, generator: torch.Generator | None = None, *,
-           seed: int = 0, target=None, state: dict | None = None, progress: bool = False) -> AttackResult:
+           seed: int = 0, target=None, state: dict | None = None, progress: bool = False, cache=None) -> AttackResult:
     """Ring-A-Bell on ``prompt``; ``state`` = :func:`prepare`'s output (computed here when not given)."""
     started = time.perf_counter()
     concept = concept_of(config, judge)
@@ -184,8 +196,19 @@ def attack(pipe, prompt: str, config: RingABellConfig, judge, generator: torch.G
         image, score, hit = evaluate_cond(pipe, goal, seed, config, judge)
         info["seconds"] = round(time.perf_counter() - started, 3)
         return AttackResult(prompt, f"{prompt} (+{config.eta:g}·v[{concept}])", hit, score, 0, image, info)
-    with compose.disabled(pipe):
-        ids, distance = genetic_search(pipe, goal, config, g, progress)
+
+    def search() -> dict:  # on the original text encoder(s): the same for every erasure of one model
+        with compose.disabled(pipe):
+            ids, distance = genetic_search(pipe, goal, config, g, progress)
+        return {"ids": ids, "distance": distance}
+
+    if cache is None:
+        found = search()
+    else:  # shared by the audits of one model (erasekit.audit.cache): the same tokens, bit for bit
+        found = cache.result("ring_a_bell", {"config": dataclasses.asdict(config), "goal": _digest(goal),
+                                             "generator": hashlib.sha256(g.get_state().numpy().tobytes()).hexdigest()},
+                             search)
+    ids, distance = found["ids"], found["distance"]
     adv = sd.decode(pipe.tokenizer, ids)
     image, score, hit = evaluate_prompt(pipe, adv, seed, config, judge)
     info.update(adv_token_ids=ids, distance=distance, queries=1, seconds=round(time.perf_counter() - started, 3))

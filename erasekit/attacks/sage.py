@@ -297,7 +297,7 @@ def _surrogate(config: SageConfig, judge) -> str:
 
 @collapsed_t5_rows
 def attack(pipe, prompt: str, config: SageConfig, judge, generator: torch.Generator | None = None, *,
-           seed: int = 0, target=None, state=None, progress: bool = False) -> AttackResult:
+           seed: int = 0, target=None, state=None, progress: bool = False, cache=None) -> AttackResult:
     """Search adversarial prompt tokens and/or the initial latent of (``prompt``, ``seed``) on the erased ``pipe``
     until the judge sees its concept; judged generations start from the searched latent."""
     started = time.perf_counter()

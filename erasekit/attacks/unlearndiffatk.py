@@ -345,7 +345,7 @@ PRESETS = {
 
 
 def attack(pipe, prompt: str, config: UnlearnDiffAtkConfig, judge, generator: torch.Generator | None = None, *,
-           seed: int = 0, target=None, state=None, progress: bool = False) -> AttackResult:
+           seed: int = 0, target=None, state=None, progress: bool = False, cache=None) -> AttackResult:
     """Attack ``prompt`` on the erased ``pipe``; judged generations use ``seed``.
 
     ``target``: the original model's image for (prompt, seed) if already made (else generated here with the

@@ -1,6 +1,8 @@
-"""A folder of base-model images that audits share: the original image of a (prompt, seed), made with every erasure
+"""A folder of base-model results that audits share: the original image of a (prompt, seed), made with every erasure
 disabled, is the same for every erasure audited on one model, so an audit given ``base_cache`` reads it from there
-instead of generating it again (``erasekit bench`` gives one folder to all its rows).
+instead of generating it again (``erasekit bench`` gives one folder to all its rows). So are the results of attack
+steps that run on the base model alone (Ring-A-Bell's genetic search, on the original text encoder: attacks get
+the cache as ``cache`` and keep such results with :meth:`BaseCache.result`).
 
 An image is found by the sha256 of everything its pixels depend on: the model (its id, the pipeline and scheduler
 classes and the scheduler's config, the default image size, a digest of each component's weights and architecture
@@ -8,8 +10,9 @@ as :mod:`erasekit.adapter.fingerprint` reads them, taken with the erasures disab
 guidance, each component's dtype, the device type, torch's CPU threads, the torch / diffusers / transformers
 versions) and the call that made it: the (prompt, seed) pairs generated together and the image's place among them,
 since a batched call may round differently from a single one. So a hit is bit for bit the image a fresh call would
-give. Images are PNG files (lossless for the pipeline's 8-bit RGB images), each written atomically: audits sharing
-the folder from several processes never read half a file.
+give. Images are PNG files (lossless for the pipeline's 8-bit RGB images), an attack's result a JSON file found by
+the same identity and the attack's own description of the call; each is written atomically: audits sharing the
+folder from several processes never read half a file.
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ def base_identity(pipe, generation: dict) -> dict:
     return json.loads(json.dumps(identity, sort_keys=True, default=str))
 
 
-class BaseImages:
-    """The base-model images of one pipeline and generation in the cache folder ``folder``."""
+class BaseCache:
+    """The base-model images and results of one pipeline and generation in the cache folder ``folder``."""
 
     def __init__(self, folder: str | Path, pipe, generation: dict):
         self.folder = Path(folder)
@@ -68,7 +71,7 @@ class BaseImages:
             out.append(self.folder / digest[:2] / f"{digest}.png")
         return out
 
-    def get(self, prompts: Sequence[str], seeds: Sequence[int], make: Callable[[], list]) -> list:
+    def images(self, prompts: Sequence[str], seeds: Sequence[int], make: Callable[[], list]) -> list:
         """The call's images from the folder when all are there, else ``make()``'s (then saved for the next)."""
         paths = self.paths(prompts, seeds)
         if all(p.is_file() for p in paths):
@@ -81,3 +84,19 @@ class BaseImages:
             with replacing(path) as tmp:
                 image.save(tmp, format="PNG")
         return images
+
+    def result(self, kind: str, call: dict, make: Callable[[], dict]) -> dict:
+        """The JSON result of a computation on the base model (``kind``, e.g. "ring_a_bell") described by ``call``
+        (everything it depends on besides the model: JSON, e.g. digests of its inputs), from the folder when there,
+        else ``make()``'s (then saved for the next)."""
+        text = json.dumps({"base": self.identity, "kind": kind, "call": call}, sort_keys=True)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        path = self.folder / kind / digest[:2] / f"{digest}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):  # not there yet (or damaged): made again below
+            pass
+        result = make()
+        with replacing(path) as tmp:
+            Path(tmp).write_text(json.dumps(result))
+        return result

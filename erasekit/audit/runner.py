@@ -24,7 +24,7 @@ from ..core import sd
 from ..core.files import atomic_write, exclusive_lock, remove_stale_temporaries
 from ..errors import ConfigError
 from ..tinyworld.prompts import concept_prompts
-from .cache import BaseImages
+from .cache import BaseCache
 from .metrics import summarize
 from .report import AuditReport, write_report
 from .store import (
@@ -156,11 +156,11 @@ class UnitRunner:
     """Computes the lines of one (kind, prompt, seed) group that are not in the results yet."""
 
     def __init__(self, pipe, judge, plans, states, out_dir, generation, done, writer, paraphrase_groups, bar,
-                 base_images: BaseImages | None = None):
+                 base_images: BaseCache | None = None):
         self.pipe, self.judge, self.plans, self.states = pipe, judge, plans, states
         self.out_dir, self.generation, self.done, self.writer = out_dir, generation, done, writer
         self.paraphrase_groups, self.bar = paraphrase_groups, bar
-        self.base_images = base_images  # the cache of original images (None: each is generated)
+        self.base_images = base_images  # the cache of base-model images and results (None: each is made)
         self.images: dict[tuple, tuple] = {}  # (kind, prompt, seed) -> (original, erased, seconds), from prefetch
 
     def _pending_pair(self, unit: tuple) -> bool:
@@ -202,7 +202,7 @@ class UnitRunner:
             with compose.disabled(self.pipe):
                 return generate(self.pipe, prompts, seeds, **self.generation)
 
-        return make() if self.base_images is None else self.base_images.get(prompts, seeds, make)
+        return make() if self.base_images is None else self.base_images.images(prompts, seeds, make)
 
     def group(self, kind: str, prompt: str, seed: int) -> None:
         if kind == "target":
@@ -259,7 +259,7 @@ class UnitRunner:
         original = load_image(self.out_dir, target["original_image"])
         result = plan.module.attack(self.pipe, prompt, plan.config, self.judge,
                                     make_generator(None, seed, plan.label, prompt), seed=seed, target=original,
-                                    state=self.states.get(plan.label))
+                                    state=self.states.get(plan.label), cache=self.base_images)
         record.update(success=bool(result.success), score=float(result.score), steps=int(result.steps),
                       adv_prompt=result.adv_prompt, info=result.info,
                       image=save_image(result.image, self.out_dir, key, "attacked") if result.image is not None else None,
@@ -420,7 +420,7 @@ class AuditRun:
                        if ("attack", p, s, plan.label) not in done)
         bar = tqdm(total=pending, unit="image pair or attack",
                    desc=f"audit {self.concept}" + (f" [{rank}/{world}]" if world > 1 else ""), disable=not progress)
-        base_images = None if self.base_cache is None else BaseImages(self.base_cache, self.pipe, self.generation)
+        base_images = None if self.base_cache is None else BaseCache(self.base_cache, self.pipe, self.generation)
         runner = UnitRunner(self.pipe, self.judge, self.plans, states, self.out_dir, self.generation, done,
                             ResultsWriter(own_file), dict(self.paraphrases), bar, base_images)
         try:

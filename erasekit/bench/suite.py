@@ -14,9 +14,9 @@ loaded gated by prompt similarity (:func:`erasekit.compose.gated`). For each (me
 3. times generation with the adapter loaded against the bare model (overhead per image).
 
 Rows are appended to ``results.json`` as they finish, and to a copy in the ``--work`` cache: a rerun with the same
-cache skips finished rows (adapters and audits are cached there too, and the original images of the audits, which
-every row shares: ``base-images``) unless the method's resolved config or the budget changed since (a new preset or
-default: :func:`recipe`; a cached row or adapter that records no config, made by an erasekit from before rows
+cache skips finished rows (adapters and audits are cached there too, and what every row's audits share: the
+original images and Ring-A-Bell's searches on the original text encoder, ``base-images``) unless the method's
+resolved config or the budget changed since (a new preset or default: :func:`recipe`; a cached row or adapter that records no config, made by an erasekit from before rows
 recorded one, cannot be checked and is made again), so a killed bench loses at most the row it was in, while a fresh
 clone (no cache) runs the methods it is asked for again rather than resuming their committed rows,
 and keeps the committed rows of every other method: ``erasekit bench --methods NAME`` adds a new method's rows to
