@@ -128,9 +128,9 @@ def gated(adapter_or_path: Adapter | str | Path, metric: str = "clipcos_tokenuni
 
     Each static adapter of a method such as ESD-x changes its layers for every prompt; alone it may hold the other
     concepts (ESD-x's tinyworld preset trains on keeping the siblings' predictions), but several summed act on
-    every prompt at once (tinyworld: ESD-x ×4 loaded together cost the other shapes, colours and textures 74, 48
-    and 47 points of the judge's accuracy; each one gated by ``tokencos``, 0.0, 0.8 and −0.8; README, "Many
-    concepts at once"). The gate is computed at generation, as for SPM's membranes; the deltas are unchanged.
+    every prompt at once (tinyworld, the full suite: four ESD-x adapters for circle, square, red and striped loaded
+    together erase 86 % of them at a 25-point loss on the values not erased; each loaded gated by ``tokencos``, 92 %
+    at 0.0 points; README, "Many concepts at once"). The gate is computed at generation, as for SPM's membranes; the deltas are unchanged.
 
     >>> from erasekit import compose
     >>> compose.load(pipe, compose.gated("esd-x-circle.safetensors", metric="tokencos"))   # doctest: +SKIP
