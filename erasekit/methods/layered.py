@@ -23,8 +23,8 @@ bring back. On tinyworld (benchmarks/robust_tinyworld.py, issue #22 §2's first 
 against every attack (README, "Limits").
 
 The UCE part takes UCE's own presets for the model it erases from (:func:`erasekit.methods.presets.resolve`, as
-``erasekit erase --method uce`` would); the ESD-u part takes this config's ESD fields. The adapter records both
-parts' configs (``info["parts"]``).
+``erasekit erase --method uce`` would) and this config's ``preserve``; the ESD-u part takes this config's ESD
+fields. The adapter records both parts' configs (``info["parts"]``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class LayeredConfig:
         negative_guidance: ESD-u's η, the strength of the negative guidance in its target.
         preserve_weight: λ of ESD-u's preservation term (the preserved prompts' predictions held); 0 = the paper's
             ESD-u alone.
-        preserve: prompts whose predictions ESD-u holds (needs preserve_weight > 0).
+        preserve: prompts both parts keep: UCE's preserved keys, and the prompts whose predictions ESD-u holds
+            (needs preserve_weight > 0).
         preserve_related: on tinyworld, ESD-u also holds the erased concepts' siblings (needs preserve_weight > 0).
         rank: rank of each ESD-u delta; 0 trains full-rank deltas, as the authors' code does.
     """
@@ -76,7 +77,7 @@ def erase(pipe, config: LayeredConfig) -> Adapter:
     from . import METHODS
     from .presets import resolve
 
-    cross = METHODS["uce"].erase(pipe, resolve("uce", pipe, {}, config.concepts))
+    cross = METHODS["uce"].erase(pipe, resolve("uce", pipe, {"preserve": config.preserve}, config.concepts))
     rest = METHODS["esd-u"].erase(pipe, config.esd_u())
     overlap = sorted(set(cross.deltas) & set(rest.deltas))
     if overlap:  # the module selections are disjoint by construction; a stack of overlapping parts would add up
