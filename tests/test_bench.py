@@ -80,6 +80,35 @@ def test_gated_entry_loads_the_composed_adapters_gated(tmp_path, monkeypatch):
     assert erased == [["circle"], ["red"]] and set(rows) == {"uce/gated"}
 
 
+def test_a_killed_composed_row_resumes_from_the_adapters_it_finished(tmp_path, monkeypatch):
+    """A composed row saves each adapter as it is made: killed while making the second, the rerun makes only that."""
+    import erasekit.api
+    import erasekit.bench.suite as suite
+
+    monkeypatch.setattr(suite, "SUITE", (suite.Entry("composed", ("circle", "red"), composed=True),))
+    erased, real_erase = [], erasekit.api.erase
+
+    def killed_at_red(*a, **k):
+        erased.append(a[2])
+        if a[2] == ["red"]:
+            raise KeyboardInterrupt
+        return real_erase(*a, **k)
+
+    monkeypatch.setattr(erasekit.api, "erase", killed_at_red)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(TINY, tmp_path, methods=["uce"], attacks=[], progress=False)
+    job = tmp_path / ".bench-test" / "uce" / "composed"
+    assert sorted(p.name for p in job.iterdir()) == ["adapter-circle.json", "adapter-circle.safetensors"]
+    circle = (job / "adapter-circle.safetensors").read_bytes()
+    first = json.loads((job / "adapter-circle.json").read_text())["erase_seconds"]
+    erased.clear()
+    monkeypatch.setattr(erasekit.api, "erase", lambda *a, **k: erased.append(a[2]) or real_erase(*a, **k))
+    row = run_suite(TINY, tmp_path, methods=["uce"], attacks=[], progress=False)["rows"]["uce/composed"]
+    assert erased == [["red"]] and (job / "adapter-circle.safetensors").read_bytes() == circle
+    red = json.loads((job / "adapter-red.json").read_text())["erase_seconds"]
+    assert row["adapters"] == 2 and row["erase_seconds"] == round(first + red, 2) and row["erasure_rate"] >= 0.5
+
+
 def test_rerun_resumes_without_recomputing(bench, monkeypatch):
     out, results = bench
     state = out / ".bench-test" / "results-test.json"  # the resume state, in the cache
@@ -284,6 +313,21 @@ def test_rows_are_dealt_longest_first_to_the_least_loaded_process():
 def test_table_of_empty_results_names_every_method():
     md = table({"budget": {"name": "quick"}, "run": {}, "rows": {}})
     assert all(f"method {m}" in md for m in METHODS)
+
+
+def test_table_gives_each_concept_of_a_multi_concept_row_its_union_asr(bench):
+    out, results = bench
+    assert "| uce | multi | circle | 100 | 100 | not attacked | – |" in (out / "results-test.md").read_text()
+    rows = json.loads(json.dumps(results["rows"]))
+    per = {"circle": {"erasure_rate": 1.0, "paraphrase_erasure_rate": 0.5, "union_asr": 1 / 3,
+                      "asr": {"p4d": 1 / 6, "cce": 1 / 3}},
+           "red": {"erasure_rate": 0.75, "paraphrase_erasure_rate": 1.0, "union_asr": 0.0,
+                   "asr": {"p4d": 0.0, "cce": 0.0}}}
+    rows["uce/multi"].update(per_concept=per, asr={"p4d": 1 / 12, "cce": 1 / 6}, union_asr=1 / 6)
+    md = table({**results, "rows": rows})
+    assert "| uce | multi | circle | 100 | 50 | 33 | cce (33) |" in md
+    assert "| uce | multi | red | 75 | 100 | 0 | p4d (0) |" in md
+    assert "| uce | shape | circle |" not in md  # one concept: the main table says it all
 
 
 def test_real_shape_pipelines_have_the_real_widths():

@@ -14,15 +14,16 @@ loaded gated by prompt similarity (:func:`erasekit.compose.gated`). For each (me
 3. times generation with the adapter loaded against the bare model (overhead per image).
 
 Rows are appended to ``results.json`` as they finish, and to a copy in the ``--work`` cache: a rerun with the same
-cache skips finished rows (adapters and audits are cached there too, and what every row's audits share: the
-original images and Ring-A-Bell's searches on the original text encoder, ``base-images``) unless the method's
-resolved config or the budget changed since (a new preset or default: :func:`recipe`; a cached row or adapter that records no config, made by an erasekit from before rows
-recorded one, cannot be checked and is made again), so a killed bench loses at most the row it was in, while a fresh
-clone (no cache) runs the methods it is asked for again rather than resuming their committed rows,
-and keeps the committed rows of every other method: ``erasekit bench --methods NAME`` adds a new method's rows to
-the committed results. Runs of different
-``--entries`` (which write ``results-full-<entries>.json``) can share one cache, side by side. A Markdown table
-(``results.md``) and plots (``results.png``) are rebuilt from ``results.json`` after every row.
+cache skips finished rows (adapters and audits are cached there too, and what every row's audits share: the original
+images and Ring-A-Bell's searches on the original text encoder, ``base-images``) unless the method's resolved config
+or the budget changed since (a new preset or default: :func:`recipe`; a cached row or adapter that records no
+config, made by an erasekit from before rows recorded one, cannot be checked and is made again), so a killed bench
+loses at most the row it was in (of a composed row, the adapter it was making: each is kept as it is made), while a
+fresh clone (no cache) runs the methods it is asked for again rather than resuming their committed rows, and keeps
+the committed rows of every other method: ``erasekit bench --methods NAME`` adds a new method's rows to the
+committed results. Runs of different ``--entries`` (which write ``results-full-<entries>.json``) can share one
+cache, side by side. A Markdown table (``results.md``) and plots (``results.png``) are rebuilt from ``results.json``
+after every row.
 
 Launched on several processes (``accelerate launch -m erasekit.cli bench ...``, on one machine or several), the
 processes share the rows: each makes its share, one at a time as one process would, and the main process writes
@@ -503,12 +504,60 @@ def _row_seconds(path: Path, spec: Budget) -> dict[str, float]:
             if isinstance(r, dict) and isinstance(r.get("row_seconds"), (int, float))}
 
 
+def _erase_job(pipe, method: str, erasures: list[tuple[str, ...]], adapter_paths: list[Path], options: dict,
+               made_with: list[dict], spec: Budget, job_dir: Path) -> dict:
+    """Make a row's adapters into ``job_dir``, each saved with its own record (``<adapter>.json``: time, peak
+    memory, config, budget) as soon as it is made, so that a killed composed row (four trained adapters) resumes
+    from the adapters it finished; everything else in ``job_dir`` (audits of other adapters) is removed. Returns
+    the row's erase record: summed time, the largest peak."""
+    from ..api import erase
+
+    budget_record = spec.record()
+
+    def finished(path: Path, recipe_: dict) -> dict | None:
+        info_path = path.with_suffix(".json")
+        info = json.loads(info_path.read_text()) if info_path.exists() and path.exists() else None
+        if (info and info.get("options") == json.loads(json.dumps(options)) and "config" in info
+                and same_recipe(info["config"], recipe_, method) and spec.same_as(info.get("budget", budget_record))):
+            return info
+        return None
+
+    done = {path: finished(path, r) for path, r in zip(adapter_paths, made_with)}
+    keep = {p for p, info in done.items() if info} | {p.with_suffix(".json") for p, info in done.items() if info}
+    for item in job_dir.iterdir() if job_dir.exists() else ():  # stale: other adapters, their audits
+        if item not in keep:
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+    job_dir.mkdir(parents=True, exist_ok=True)
+    made_here = not keep
+    try:
+        for concepts, path, recipe_ in zip(erasures, adapter_paths, made_with):
+            if done[path]:
+                continue
+            with peak_memory(pipe.device) as peak:
+                t0 = time.perf_counter()
+                adapter = erase(pipe, method, list(concepts), **options)
+                seconds = time.perf_counter() - t0
+            adapter.save(path)  # atomic
+            done[path] = {"erase_seconds": round(seconds, 2), "peak_memory_mb": peak["mb"],
+                          "peak_memory_kind": peak["kind"], "options": options, "config": recipe_,
+                          "budget": budget_record}
+            atomic_write(path.with_suffix(".json"), json.dumps(done[path]).encode())
+    except BaseException:
+        if made_here and not any(job_dir.iterdir()):
+            job_dir.rmdir()  # nothing made: no empty folder left behind
+        raise
+    infos = [done[p] for p in adapter_paths]
+    peak_info = max(infos, key=lambda i: i["peak_memory_mb"])
+    return {"erase_seconds": round(sum(i["erase_seconds"] for i in infos), 2),
+            "peak_memory_mb": peak_info["peak_memory_mb"], "peak_memory_kind": peak_info["peak_memory_kind"],
+            "options": options, "budget": budget_record}
+
+
 def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, spec: Budget, job_dir: Path,
              attacks, results: dict, progress: bool, base_cache: Path) -> None:
     """Erase, audit and time one row into ``results["rows"]``, holding the job's lock; the audits share the
     original images in ``base_cache``."""
     from .. import compose
-    from ..api import erase
 
     budget_record = spec.record()
     rows = results["rows"]
@@ -542,21 +591,9 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
             path.with_suffix(".tmp").replace(path)
         erase_info = made_in(job_dir)
     if erase_info is None:
-        shutil.rmtree(job_dir)  # made with another config or budget (or unfinished): adapter and audits are stale
-        job_dir.mkdir(parents=True)
-        try:
-            with peak_memory(pipe.device) as peak:
-                t0 = time.perf_counter()
-                adapters = [erase(pipe, method, list(concepts), **options) for concepts in erasures]
-                seconds = time.perf_counter() - t0
-        except BaseException:
-            job_dir.rmdir()  # nothing made: no empty folder left behind
-            raise
-        for adapter, path in zip(adapters, adapter_paths):
-            adapter.save(path)  # atomic
-        erase_info = {"erase_seconds": round(seconds, 2), "peak_memory_mb": peak["mb"],
-                      "peak_memory_kind": peak["kind"], "options": options, "config": made_with,
-                      "budget": budget_record}
+        erase_info = _erase_job(pipe, method, erasures, adapter_paths, options,
+                                made_with if entry.composed else [made_with], spec, job_dir)
+        erase_info["config"] = made_with
         atomic_write(erase_info_path, json.dumps(erase_info).encode())
     row = {"method": method, "entry": entry.name, "concepts": list(entry.concepts),
            **{k: v for k, v in erase_info.items() if k != "budget"},  # the results file records the budget
