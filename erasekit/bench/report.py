@@ -72,6 +72,7 @@ def table(results: dict) -> str:
                 cost = "" if sec is None else f" ({sec:.1f} s" + (f" + {once:.0f} s" if once is not None else "") + ")"
                 cells.append(f"{_pct(r['asr'].get(a))}{cost}")
             lines.append(f"| {r['method']} | {r['entry']} | {_pct(r.get('pre_asr'))} | " + " | ".join(cells) + " |")
+    lines += _per_concept_table(rows.values())
     from ..attacks import ATTACKS
 
     missing = dict(results.get("missing", {}))
@@ -93,6 +94,27 @@ def table(results: dict) -> str:
         lines += ["", f"Row time: {total / 60:.1f} min, summed over the rows above (erase + audit + generation timing; "
                       f"model loading excluded{shared})."]
     return "\n".join(lines) + "\n"
+
+
+def _per_concept_table(rows) -> list[str]:
+    """Lines of the table of the rows that erase several concepts (the 4-concept entries), one line per concept:
+    its erasure rates, union ASR and the attack that brings it back most often (issue #22 §3 asks for each
+    concept's union ASR, which the main table averages)."""
+    several = [r for r in rows if len(r.get("per_concept") or {}) > 1]
+    if not several:
+        return []
+    lines = ["", "Rows that erase several concepts, per concept (each concept's own prompts and attacks)", "",
+             "| method | entry | concept | erased % (canonical) | erased % (synonyms) | union ASR % | "
+             "strongest attack (ASR %) |", "|---|---|---|---|---|---|---|"]
+    for r in several:
+        for concept, c in r["per_concept"].items():
+            asr = c.get("asr") or {}
+            top = max(asr, key=lambda a: (asr[a] or 0), default=None)
+            strongest = "–" if top is None else f"{top} ({_pct(asr[top])})"
+            union = _pct(c.get("union_asr")) if asr else "not attacked"
+            lines.append(f"| {r['method']} | {r['entry']} | {concept} | {_pct(c.get('erasure_rate'))} | "
+                         f"{_pct(c.get('paraphrase_erasure_rate'))} | {union} | {strongest} |")
+    return lines
 
 
 def unrun_rows(results: dict) -> list[str]:
