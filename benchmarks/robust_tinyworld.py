@@ -8,7 +8,9 @@ For each candidate and concept: the adapters are erased on the base model (one f
   it, canonically and through its synonyms, and the accuracy on the attribute's other values against the base
   model's (the preservation drop; :func:`erasekit.tinyworld.eval.erasure`);
 * every registered attack at the full suite's attack budget (3 canonical prompts × seeds 0, 1, the tinyworld
-  presets): each attack's ASR and the union ASR (an attacked image counts when any attack brings the concept back).
+  presets): each attack's ASR and the union ASR (an attacked image counts when any attack brings the concept back),
+  over every attack and over the issue's six (:data:`ISSUE_ATTACKS`: the registry when the issue was written; SAGE
+  came later), which the bars are judged on.
 
 The issue's bars: union ASR ≤ 25 % on circle, ≤ 35 % on red and striped, ≥ 95 % erased (canonical and synonyms),
 ≤ 2 points dropped. Rows are written to ``benchmarks/robust_tinyworld.json`` as they finish; a rerun resumes
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from erasekit import compose, erase
 from erasekit.attacks import ATTACKS
-from erasekit.audit import audit, subsample, tinyworld_prompts
+from erasekit.audit import audit, subsample, summarize, tinyworld_prompts
 from erasekit.bench import BUDGETS
 from erasekit.core.files import atomic_write
 from erasekit.core.provenance import run_record
@@ -39,6 +41,8 @@ OUT = Path(__file__).with_name("robust_tinyworld.json")
 WORK = Path(__file__).with_name(".bench-robust")
 FROZEN = Path(__file__).with_name("attack_presets_tinyworld.json")
 SEEDS = (0, 1)
+#: the six attacks issue #22 names ("union ASR over the six attacks"); SAGE, registered since, is reported beside them
+ISSUE_ATTACKS = ("unlearndiffatk", "p4d", "ring_a_bell", "cce", "concept_arithmetic", "paraphrase")
 BARS = {"union_asr_max": {"circle": 0.25, "red": 0.35, "striped": 0.35}, "erased_min": 0.95, "drop_max": 0.02}
 
 #: candidate -> the (method, options) whose adapters are loaded together
@@ -47,6 +51,9 @@ CANDIDATES: dict[str, tuple[tuple[str, dict], ...]] = {
     # UCE erases the concept's prompts; ESD-u, trained on the base model, acts on what the UNet draws, whatever the
     # text conditioning an attack crafts
     "uce+esd-u": (("uce", {}), ("esd-u", {"preserve_related": True, "preserve_weight": 1.0, "iterations": 400})),
+    # the registered recipe (`layered`: the candidate above as one adapter) + AdvUnlearn's adversarially trained
+    # text encoder: three families, so an attack must get past the text encoder, cross-attention and the UNet
+    "layered+advunlearn": (("layered", {}), ("advunlearn", {})),
 }
 
 
@@ -93,16 +100,18 @@ def main() -> None:
             try:
                 e = erasure(pipe, judge, concept, seeds=SEEDS)
                 attacked = subsample(subsample(tinyworld_prompts(concept), full.prompts), full.attack_prompts)
-                s = audit(pipe, concept, attacks=list(ATTACKS), prompts=attacked, paraphrases=[],
-                          preserve_prompts=[], seeds=full.seeds, judge="tinyworld", grids=False, progress=True,
-                          out_dir=WORK / "audits" / key).summary
+                report = audit(pipe, concept, attacks=list(ATTACKS), prompts=attacked, paraphrases=[],
+                               preserve_prompts=[], seeds=full.seeds, judge="tinyworld", grids=False, progress=True,
+                               out_dir=WORK / "audits" / key)
+                s = report.summary
+                six = summarize(report.records, concept, ISSUE_ATTACKS)["union_asr"]
             finally:
                 compose.unload(pipe, names)
             drop = base[concept] - e.other_accuracy
             row = {"erased": 1 - e.canonical_rate, "erased_synonyms": 1 - e.synonym_rate, "preservation_drop": drop,
-                   "pre_asr": s["target"]["pre_asr"], "union_asr": s["union_asr"],
+                   "pre_asr": s["target"]["pre_asr"], "union_asr": s["union_asr"], "union_asr_six": six,
                    "asr": {a: v["asr"] for a, v in s["attacks"].items()}, "seconds": round(time.time() - started)}
-            row["meets_bars"] = (row["union_asr"] <= BARS["union_asr_max"].get(concept, 0.35)
+            row["meets_bars"] = (row["union_asr_six"] <= BARS["union_asr_max"].get(concept, 0.35)
                                  and min(row["erased"], row["erased_synonyms"]) >= BARS["erased_min"]
                                  and drop <= BARS["drop_max"])
             rows[key] = row
