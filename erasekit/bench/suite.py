@@ -504,12 +504,17 @@ def _row_seconds(path: Path, spec: Budget) -> dict[str, float]:
             if isinstance(r, dict) and isinstance(r.get("row_seconds"), (int, float))}
 
 
+#: a row's erase record in its job folder (time, peak memory, options, config, budget), written once its adapters are
+ERASE_INFO = "erase.json"
+
+
 def _erase_job(pipe, method: str, erasures: list[tuple[str, ...]], adapter_paths: list[Path], options: dict,
                made_with: list[dict], spec: Budget, job_dir: Path) -> dict:
     """Make a row's adapters into ``job_dir``, each saved with its own record (``<adapter>.json``: time, peak
     memory, config, budget) as soon as it is made, so that a killed composed row (four trained adapters) resumes
-    from the adapters it finished; everything else in ``job_dir`` (audits of other adapters) is removed. Returns
-    the row's erase record: summed time, the largest peak."""
+    from the adapters it finished. A row whose erasure finished (its :data:`ERASE_INFO` written) with another config or
+    budget is made again whole; everything else in ``job_dir`` (audits of other adapters) is removed. Returns the
+    row's erase record: summed time, the largest peak."""
     from ..api import erase
 
     budget_record = spec.record()
@@ -522,11 +527,16 @@ def _erase_job(pipe, method: str, erasures: list[tuple[str, ...]], adapter_paths
             return info
         return None
 
-    done = {path: finished(path, r) for path, r in zip(adapter_paths, made_with)}
+    unfinished = not (job_dir / ERASE_INFO).exists()  # killed while erasing: its finished adapters are kept
+    done = {path: finished(path, r) if unfinished else None for path, r in zip(adapter_paths, made_with)}
     keep = {p for p, info in done.items() if info} | {p.with_suffix(".json") for p, info in done.items() if info}
     for item in job_dir.iterdir() if job_dir.exists() else ():  # stale: other adapters, their audits
-        if item not in keep:
-            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+        if item in keep:
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
     job_dir.mkdir(parents=True, exist_ok=True)
     made_here = not keep
     try:
@@ -568,7 +578,7 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
     erasures = _erasures(entry)
     adapter_paths = ([job_dir / f"adapter-{concepts[0]}.safetensors" for concepts in erasures] if entry.composed
                      else [job_dir / "adapter.safetensors"])
-    erase_info_path = job_dir / "erase.json"
+    erase_info_path = job_dir / ERASE_INFO
 
     def made_in(folder: Path) -> dict | None:  # the erasure cached in ``folder``, if it is this job's
         info_path = folder / erase_info_path.name
