@@ -504,41 +504,41 @@ def _row_seconds(path: Path, spec: Budget) -> dict[str, float]:
             if isinstance(r, dict) and isinstance(r.get("row_seconds"), (int, float))}
 
 
-#: a row's erase record in its job folder (time, peak memory, options, config, budget), written once its adapters are
+#: a row's erase record in its job folder (time, peak memory, options, config, budget), written once all its
+#: adapters are made
 ERASE_INFO = "erase.json"
+
+
+def _same_erasure(info: dict | None, options: dict, made_with, method: str, spec: Budget) -> bool:
+    """Whether an erase record (a row's, or one adapter's) was made with these options, this recipe and budget."""
+    return bool(info and info.get("options") == json.loads(json.dumps(options)) and "config" in info
+                and same_recipe(info["config"], made_with, method) and spec.same_as(info.get("budget", spec.record())))
 
 
 def _erase_job(pipe, method: str, erasures: list[tuple[str, ...]], adapter_paths: list[Path], options: dict,
                made_with: list[dict], spec: Budget, job_dir: Path) -> dict:
-    """Make a row's adapters into ``job_dir``, each saved with its own record (``<adapter>.json``: time, peak
-    memory, config, budget) as soon as it is made, so that a killed composed row (four trained adapters) resumes
-    from the adapters it finished. A row whose erasure finished (its :data:`ERASE_INFO` written) with another config or
-    budget is made again whole; everything else in ``job_dir`` (audits of other adapters) is removed. Returns the
-    row's erase record: summed time, the largest peak."""
+    """Make a row's adapters into ``job_dir``, each saved with its own erase record (``<adapter>.json``) as soon as
+    it is made, so that a killed composed row (four trained adapters) resumes from the adapters it finished. A row
+    whose erasure finished (its :data:`ERASE_INFO` written) with another config or budget is made again whole;
+    everything else in ``job_dir`` (audits of other adapters) is removed. Returns what was measured: the summed
+    time and the largest peak."""
     from ..api import erase
 
-    budget_record = spec.record()
-
     def finished(path: Path, recipe_: dict) -> dict | None:
-        info_path = path.with_suffix(".json")
-        info = json.loads(info_path.read_text()) if info_path.exists() and path.exists() else None
-        if (info and info.get("options") == json.loads(json.dumps(options)) and "config" in info
-                and same_recipe(info["config"], recipe_, method) and spec.same_as(info.get("budget", budget_record))):
-            return info
-        return None
+        record = path.with_suffix(".json")
+        info = json.loads(record.read_text()) if record.exists() and path.exists() else None
+        return info if _same_erasure(info, options, recipe_, method, spec) else None
 
     unfinished = not (job_dir / ERASE_INFO).exists()  # killed while erasing: its finished adapters are kept
     done = {path: finished(path, r) if unfinished else None for path, r in zip(adapter_paths, made_with)}
     keep = {p for p, info in done.items() if info} | {p.with_suffix(".json") for p, info in done.items() if info}
-    for item in job_dir.iterdir() if job_dir.exists() else ():  # stale: other adapters, their audits
+    for item in job_dir.iterdir():  # stale: other adapters, their audits
         if item in keep:
             continue
         if item.is_dir() and not item.is_symlink():
             shutil.rmtree(item)
         else:
             item.unlink()
-    job_dir.mkdir(parents=True, exist_ok=True)
-    made_here = not keep
     try:
         for concepts, path, recipe_ in zip(erasures, adapter_paths, made_with):
             if done[path]:
@@ -550,17 +550,16 @@ def _erase_job(pipe, method: str, erasures: list[tuple[str, ...]], adapter_paths
             adapter.save(path)  # atomic
             done[path] = {"erase_seconds": round(seconds, 2), "peak_memory_mb": peak["mb"],
                           "peak_memory_kind": peak["kind"], "options": options, "config": recipe_,
-                          "budget": budget_record}
+                          "budget": spec.record()}
             atomic_write(path.with_suffix(".json"), json.dumps(done[path]).encode())
     except BaseException:
-        if made_here and not any(job_dir.iterdir()):
+        if not any(job_dir.iterdir()):
             job_dir.rmdir()  # nothing made: no empty folder left behind
         raise
     infos = [done[p] for p in adapter_paths]
     peak_info = max(infos, key=lambda i: i["peak_memory_mb"])
     return {"erase_seconds": round(sum(i["erase_seconds"] for i in infos), 2),
-            "peak_memory_mb": peak_info["peak_memory_mb"], "peak_memory_kind": peak_info["peak_memory_kind"],
-            "options": options, "budget": budget_record}
+            "peak_memory_mb": peak_info["peak_memory_mb"], "peak_memory_kind": peak_info["peak_memory_kind"]}
 
 
 def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, spec: Budget, job_dir: Path,
@@ -583,12 +582,8 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
     def made_in(folder: Path) -> dict | None:  # the erasure cached in ``folder``, if it is this job's
         info_path = folder / erase_info_path.name
         info = json.loads(info_path.read_text()) if info_path.exists() else None
-        if (all((folder / p.name).exists() for p in adapter_paths) and info
-                and info.get("options") == json.loads(json.dumps(options))
-                and "config" in info and same_recipe(info["config"], made_with, method)
-                and spec.same_as(info.get("budget", budget_record))):
-            return info
-        return None
+        cached = all((folder / p.name).exists() for p in adapter_paths)
+        return info if cached and _same_erasure(info, options, made_with, method, spec) else None
 
     erase_info = made_in(job_dir)
     source = next((e for e in SUITE if entry.gate and e.composed and not e.gate and e.concepts == entry.concepts),
@@ -601,9 +596,9 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
             path.with_suffix(".tmp").replace(path)
         erase_info = made_in(job_dir)
     if erase_info is None:
-        erase_info = _erase_job(pipe, method, erasures, adapter_paths, options,
-                                made_with if entry.composed else [made_with], spec, job_dir)
-        erase_info["config"] = made_with
+        measured = _erase_job(pipe, method, erasures, adapter_paths, options,
+                              made_with if entry.composed else [made_with], spec, job_dir)
+        erase_info = {**measured, "options": options, "config": made_with, "budget": budget_record}
         atomic_write(erase_info_path, json.dumps(erase_info).encode())
     row = {"method": method, "entry": entry.name, "concepts": list(entry.concepts),
            **{k: v for k, v in erase_info.items() if k != "budget"},  # the results file records the budget
