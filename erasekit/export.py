@@ -22,6 +22,7 @@ exported with a warning.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -343,10 +344,16 @@ def bake(pipe, adapters: Sequence, out_dir: str | Path, *, overwrite: bool = Fal
 
 
 def _stock_pipeline(pipe):
-    """``pipe`` as its nearest diffusers class (sharing components), so ``model_index.json`` names a stock class."""
+    """``pipe`` as its nearest diffusers class (sharing components), so ``model_index.json`` names a stock class.
+
+    Built from ``pipe``'s components and config rather than with ``from_pipe``, which casts every shared component
+    to one dtype (float32 unless told otherwise): an fp16 pipeline would leave ``bake`` in fp32, and one with its
+    VAE kept in fp32 would lose that."""
     for cls in type(pipe).__mro__:
         if cls.__module__.split(".")[0] == "diffusers" and hasattr(cls, "from_pipe"):
             if cls is type(pipe):
                 return pipe
-            return cls.from_pipe(pipe)
+            accepted = inspect.signature(cls.__init__).parameters
+            given = {**{k: v for k, v in pipe.config.items() if not k.startswith("_")}, **pipe.components}
+            return cls(**{k: v for k, v in given.items() if k in accepted})
     raise AdapterError(f"{type(pipe).__name__} has no diffusers pipeline class to save as")

@@ -216,6 +216,29 @@ def test_bake_saves_a_stock_pipeline_with_the_fused_output(tmp_path):
         export.bake(pipe, [first], out)
 
 
+def test_bake_keeps_each_components_dtype_and_the_pipeline_as_it_was(tmp_path):
+    """diffusers' ``from_pipe`` casts every shared component to one dtype (float32 by default): baking an fp16
+    pipeline must neither save it in fp32 nor leave the user's pipeline in fp32, and a VAE kept in fp32 stays so."""
+    from erasekit.pipelines import ErasureStableDiffusionPipeline
+
+    pipe = ErasureStableDiffusionPipeline.from_pipe(tiny_pipeline("sd1"))
+    pipe.unet.half()
+    pipe.text_encoder.half()
+    state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    adapter = random_adapter(pipe, ("attn2.to_k",), components=("unet",), seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = export.bake(pipe, [adapter], tmp_path / "baked")
+    assert (pipe.unet.dtype, pipe.text_encoder.dtype, pipe.vae.dtype) == (torch.float16, torch.float16, torch.float32)
+    assert all(torch.equal(v, state[k]) for k, v in pipe.unet.state_dict().items())
+    saved = {}
+    for component in ("unet", "text_encoder", "vae"):
+        [weights] = (out / component).glob("*.safetensors")
+        with safe_open(str(weights), "pt") as f:
+            saved[component] = {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()}
+    assert saved == {"unet": {torch.float16}, "text_encoder": {torch.float16}, "vae": {torch.float32}}
+
+
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600)])
 def test_exported_files_and_baked_folder_follow_the_umask(tmp_path, mask, mode):
     import os

@@ -38,6 +38,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def synchronize() -> None:
+    """Wait for the queued CUDA work, if any (kernels run asynchronously: a clock read without this times their
+    launch, not their run)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def generators(seeds: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One seeded generator per image, so each image is reproducible on its own whatever the batch."""
     return [torch.Generator(device=torch.device(device).type if torch.device(device).type != "mps" else "cpu")

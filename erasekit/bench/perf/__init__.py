@@ -58,14 +58,15 @@ def run_perf(out_dir: str | Path = "benchmarks", device: str = "cpu", quick: boo
             if "train_memory" in paths and train_memory.main(["--model", model, "--device", device, *extra],
                                                              out=paths["train_memory"]):
                 raise RuntimeError(f"train_memory failed for {model} {extra}")
+    rounds = 4 if device.startswith("cuda") else 1  # a GPU step takes milliseconds: more rounds, same wall time
     if "compose_overhead" in paths:
         compose_models = ["tinyworld"] if quick else (["sd15", "sdxl"] if device.startswith("cuda")
                                                       else ["tinyworld", "sd15"])
-        compose_overhead.main(["--models", *compose_models, "--device", device, "--repeats", "3" if quick else "5"],
-                              out=paths["compose_overhead"])
+        compose_overhead.main(["--models", *compose_models, "--device", device,
+                               "--repeats", str((3 if quick else 5) * rounds)], out=paths["compose_overhead"])
     for name in ("peft_compare", "uce_reference"):
         if name in paths:
-            peers.run(name, "sd15", 3 if quick else 5 if name == "peft_compare" else 3, out_dir, device)
+            peers.run(name, "sd15", (3 if quick else 5 if name == "peft_compare" else 3) * rounds, out_dir, device)
     return paths
 
 

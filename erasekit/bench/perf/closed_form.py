@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from erasekit.api import erase
+from erasekit.core.device import synchronize
 from erasekit.methods import text, uce
 from erasekit.testing import real_shape_pipeline, sd3_medium_transformer, sd15_unet, sdxl_unet
 from erasekit.tinyworld.world import BACKGROUNDS, COLOURS, SHAPES, TEXTURES
@@ -56,6 +57,13 @@ def log(message: str) -> None:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def peak_cuda_mb() -> float | None:
+    """Peak CUDA memory allocated by this process (None without CUDA in use)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 #: the denoiser parameters UCE reads, per model (random under ``--zero-init``; the rest is zero)
@@ -133,8 +141,10 @@ def astuple(keys: uce.Keys) -> tuple[torch.Tensor, ...]:
 def timed(fn, repeats: int) -> dict:
     walls, cpus, result = [], [], None
     for _ in range(repeats):
+        synchronize()
         w, c = time.perf_counter(), time.process_time()
         result = fn()
+        synchronize()  # CUDA: to the end of the queued kernels
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
     return {"wall_s_best": round(min(walls), 3), "wall_s_median": round(statistics.median(walls), 3),
@@ -170,7 +180,7 @@ def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json", pipe=N
     pipe = pipe if pipe is not None else build_pipe(args.model, args.zero_init, args.device, dtype)
     build_s = time.perf_counter() - t
     log(f"model built in {build_s:.1f} s")
-    rss_model = peak_rss_mb()
+    rss_model, cuda_model = peak_rss_mb(), peak_cuda_mb()
     concepts, preserve = prompts()
     tokens = text.tokenize(pipe, concepts + preserve).attention_mask.sum(1).float()
 
@@ -206,7 +216,7 @@ def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json", pipe=N
         rank = guard.pop("_result").info["subspace_rank"]
         results["safree_1_concept"] = {**guard, "subspace_rank": rank}
         log(f"safree, 1 concept: {results['safree_1_concept']}")
-    rss_after = peak_rss_mb()
+    rss_after, cuda_after = peak_rss_mb(), peak_cuda_mb()
 
     # breakdown (one run of each step)
     for name, config in (("uce_1_concept", uce.UceConfig(concepts=("crimson disc",))),
@@ -214,24 +224,30 @@ def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json", pipe=N
         if name not in results:
             continue
         steps, extra = {}, {}
+        synchronize()
         t, cpu = time.perf_counter(), time.process_time()
         keys, pooled = uce.text_keys(pipe, config)  # SD3: the context and pooled keys from one pass
+        synchronize()
         steps["encode_prompts_s"] = time.perf_counter() - t
         extra["encode_prompts_cpu_s"] = round(time.process_time() - cpu, 3)  # wall minus waiting for the CPU
         t = time.perf_counter()
         edit = uce.solve(keys, 1.0, 1.0, 0.5)
+        synchronize()
         steps["solve_s"] = time.perf_counter() - t
         t = time.perf_counter()
         uce.module_deltas(uce.find_targets(pipe, config.targets), edit.P, edit.Q)
+        synchronize()
         steps["layer_factors_s"] = time.perf_counter() - t
         if mmdit:  # the pooled-text embedder's solve (uce module docstring, "MMDiT")
             t = time.perf_counter()
             uce.pooled_edit(pipe, pooled, 1.0, 1.0, 0.5)
+            synchronize()
             steps["pooled_solve_s"] = time.perf_counter() - t
             if args.two_pass_sample > 0:
                 extra.update(two_pass_check(pipe, config, args.two_pass_sample if name == many_name else 1.0))
         t = time.perf_counter()
         uce.base_fingerprint(pipe)
+        synchronize()
         steps["fingerprint_s"] = time.perf_counter() - t
         results[name]["breakdown"] = {k: round(v, 3) for k, v in steps.items()}
         results[name]["breakdown_sum_s"] = round(sum(steps.values()), 3)
@@ -257,6 +273,8 @@ def main(argv=None, out: str | Path = "benchmarks/closed_form_perf.json", pipe=N
         "model_build_s": round(build_s, 1),
         "peak_rss_mb": {"after_model_build": round(rss_model), "after_erasing": round(rss_after),
                         "erasing_increase": round(rss_after - rss_model)},
+        **({"peak_cuda_mb": {"after_model_build": round(cuda_model), "after_erasing": round(cuda_after),
+                             "erasing_increase": round(cuda_after - cuda_model)}} if cuda_after is not None else {}),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from erasekit.core import sd
+from erasekit.core.device import synchronize
 
 TARGETS = {"gated_4_sd15_max": 0.05, "fused_max": 0.01, "static_4_sd3_max": 0.01, "gated_4_sd3_max": 0.05}
 #: denoising steps of one image (the models' usual settings; SD3's pipeline default is 28)
@@ -112,18 +113,15 @@ def make_adapter(pipe, kind: str, seed: int, targets: tuple[str, ...] | None = N
 
 def step_times(pipe, inputs: dict, repeats: int, warmup: bool = True) -> list[float]:
     denoiser = sd.denoiser(pipe)
-    cuda = denoiser.device.type == "cuda"
     times = []
     with torch.no_grad():
         if warmup:
             denoiser(**inputs)  # warm-up (and gates, once)
         for _ in range(repeats):
-            if cuda:
-                torch.cuda.synchronize()
+            synchronize()
             started = time.perf_counter()
             denoiser(**inputs)
-            if cuda:
-                torch.cuda.synchronize()
+            synchronize()  # CUDA: to the end of the step's kernels
             times.append(time.perf_counter() - started)
     return times
 

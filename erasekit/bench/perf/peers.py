@@ -1,6 +1,6 @@
 """Side by side with peers' code paths: each pair is timed in one process, alternately (A B … B A …), medians and
-ratios, with the outputs checked to agree. Random weights with SD 1.5's shapes, fp32 (timing does not depend on the
-weights).
+ratios, with the outputs checked to agree. Random weights with SD 1.5's shapes, fp32 on the CPU, fp16 on CUDA (timing
+does not depend on the weights); on CUDA every timed call ends with a synchronize.
 
 * :func:`peft_comparison` → ``benchmarks/peft_compare.json``: one UNet step (64×64 latents) with 4 static rank-4
   adapters on the cross-attention ``attn2.to_q/to_k/to_v/to_out.0``, loaded (a) by diffusers' PEFT backend
@@ -34,10 +34,13 @@ from pathlib import Path
 import torch
 
 from erasekit.core import sd
+from erasekit.core.device import synchronize
 
 ADAPTER_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 GOALS = {"static_over_peft_max": 0.9, "gated_over_peft_max": 1.0}
 AGREE_RTOL = {"peft_compare": 1e-4, "uce_reference": 1e-5}
+#: peft_compare's tolerance in half precision: PEFT and erasekit add the same low-rank terms in another order
+HALF_RTOL = {torch.float16: 5e-3, torch.bfloat16: 4e-2}
 BENCHMARKS = ("peft_compare", "uce_reference")
 
 
@@ -67,12 +70,14 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
     """Seconds of each callable, called in turn ``repeats`` times, the order reversed every other round so that no
-    variant always runs first (or after the same one)."""
+    variant always runs first (or after the same one); on CUDA each call is timed to the end of its kernels."""
     names, times = list(fns), {n: [] for n in fns}
     for r in range(repeats):
         for n in (names if r % 2 == 0 else names[::-1]):
+            synchronize()
             started = time.perf_counter()
             fns[n]()
+            synchronize()
             times[n].append(time.perf_counter() - started)
     return times
 
@@ -88,7 +93,7 @@ def shared_view(pipe, own: tuple[str, ...] = ()):
     for name, module in view.named_modules():
         if own and name.endswith(own):
             module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=False)
-    return type(pipe).from_pipe(pipe, unet=view)
+    return type(pipe).from_pipe(pipe, unet=view, torch_dtype=unet.dtype)  # from_pipe casts to float32 by default
 
 
 def peft_comparison(pipe, repeats: int = 5, count: int = 4, rank: int = 4, scale: float = 0.02,
@@ -136,7 +141,7 @@ def peft_comparison(pipe, repeats: int = 5, count: int = 4, rank: int = 4, scale
                         "relative_to_output": relative(out[k], out["peft"]),
                         "relative_to_adapter_effect": relative(out[k] - out["plain"], effect)}
     agreement["adapter_effect_relative_to_output"] = relative(effect + out["plain"], out["plain"])
-    agreement["rtol"] = AGREE_RTOL["peft_compare"]
+    agreement["rtol"] = HALF_RTOL.get(pipe.unet.dtype, AGREE_RTOL["peft_compare"])
     agreement["agree"] = all(agreement[k]["relative_to_output"] <= agreement["rtol"]
                              for k in ("erasekit_static", "fused"))
 
@@ -182,7 +187,7 @@ def reference_uce(weights: dict[str, torch.Tensor], keys, erase_scale: float, pr
     for name, weight in weights.items():
         W = weight.detach().to(dtype)
         mat1 = lam * W
-        mat2 = lam * torch.eye(W.shape[1], dtype=dtype)
+        mat2 = lam * torch.eye(W.shape[1], dtype=dtype, device=W.device)
         for c_e, c_g in zip(keys.erase.to(dtype), keys.guide.to(dtype)):
             context, value = c_e[:, None], W @ c_g[:, None]
             mat1 += erase_scale * (value @ context.T)
@@ -203,6 +208,7 @@ def uce_case(pipe, config, repeats: int) -> dict:
     modules = uce.find_targets(pipe, config.targets)
     started = time.perf_counter()
     keys = uce.collect_keys(pipe, config)
+    synchronize()
     keys_s = time.perf_counter() - started
     weights = {n: m.weight for n, m in modules.items()}
     s_e, s_p, lam = config.erase_scale, config.preserve_scale, config.lam
@@ -230,7 +236,7 @@ def uce_case(pipe, config, repeats: int) -> dict:
             worst[key] = max(worst[key], value)
     median = {k: statistics.median(v) for k, v in times.items()}
     C, _ = uce.statistics(keys, s_e, s_p)  # fp32 rounding in the inverse grows with cond(λI + C)
-    condition = float(torch.linalg.cond(lam * torch.eye(C.shape[0], dtype=C.dtype) + C))
+    condition = float(torch.linalg.cond(lam * torch.eye(C.shape[0], dtype=C.dtype, device=C.device) + C))
     return {
         "concepts": len(config.concepts), "preserve_prompts": len(config.preserve),
         "erase_keys": int(keys.erase.shape[0]), "preserve_keys": int(keys.preserve.shape[0]),
@@ -257,15 +263,19 @@ def uce_comparison(pipe, cases: dict[str, tuple[list[str], list[str]]], repeats:
 
 # ------------------------------------------------------------------------------------------------ runs
 TIMED = {"peft_compare": "median seconds of one UNet step per variant, the variants stepped in turn each round "
-                         "(order reversed every other round), fp32",
+                         "(order reversed every other round)",
          "uce_reference": "median seconds of the solve from the same keys (keys collected once by erasekit, "
                           "timed apart): erasekit = uce.solve + uce.module_deltas (low-rank factors per layer); "
                           "reference = the per-layer transcription with an explicit inverse (full new weights)"}
 
 
-def run(name: str, model: str, repeats: int, out_dir: str | Path, device: str = "cpu", batch: int = 2) -> Path:
+def run(name: str, model: str, repeats: int, out_dir: str | Path, device: str = "cpu", batch: int = 2,
+        dtype: str = "auto") -> Path:
     """Run benchmark ``name`` on ``model`` ("sd15", or "sd1" for the tiny test pipeline) and write
-    ``OUT_DIR/<name>.json`` atomically (with the run record and the machine's load before and after)."""
+    ``OUT_DIR/<name>.json`` (``<name>-cuda.json`` on a GPU) atomically, with the run record and the machine's load
+    before and after. ``dtype`` of ``peft_compare``'s UNet ("auto": fp16 on CUDA, fp32 on CPU); ``uce_reference``
+    compares arithmetic and always runs in fp32."""
+    from erasekit.core.device import resolve_dtype
     from erasekit.core.provenance import run_record
     from erasekit.testing import real_shape_pipeline, tiny_pipeline
 
@@ -274,7 +284,8 @@ def run(name: str, model: str, repeats: int, out_dir: str | Path, device: str = 
     load_before = machine_load()
     started = time.perf_counter()
     if name == "peft_compare":
-        pipe = (tiny_pipeline(model) if model == "sd1" else real_shape_pipeline(model)).to(device)
+        torch_dtype = resolve_dtype(dtype, torch.device(device))
+        pipe = (tiny_pipeline(model) if model == "sd1" else real_shape_pipeline(model)).to(device, torch_dtype)
         results = peft_comparison(pipe, repeats, batch=batch)
     elif name == "uce_reference":
         pipe = tiny_pipeline(model) if model == "sd1" else build_pipe(model, True, device, torch.float32)
@@ -300,9 +311,11 @@ def main(argv=None) -> list[Path]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=2, choices=[1, 2],
                         help="peft_compare's UNet batch: 2 = a CFG batch [uncond, cond], 1 = cond alone")
+    parser.add_argument("--dtype", default="auto", help="peft_compare: auto = float16 on CUDA, float32 on CPU")
     parser.add_argument("--out-dir", default="benchmarks")
     args = parser.parse_args(argv)
-    return [run(name, args.model, args.repeats, args.out_dir, args.device, args.batch) for name in args.only]
+    return [run(name, args.model, args.repeats, args.out_dir, args.device, args.batch, args.dtype)
+            for name in args.only]
 
 
 if __name__ == "__main__":

@@ -93,7 +93,9 @@ def _doubled(extra: dict) -> dict:
 
 
 def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", device: str = "cpu",
-          dtype_name: str = "auto", resolution: int = 0, net=None) -> dict:
+          dtype_name: str = "auto", resolution: int = 0, net=None, steps: int = 1) -> dict:
+    """One variant's setup and ``steps`` training steps (the last one's time is reported: on CUDA the first pays
+    for kernel selection and the allocator's growth; the peak memory covers them all, Adam's state included)."""
     import contextlib
     import copy
 
@@ -101,7 +103,7 @@ def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", dev
     import torch.nn.functional as F
 
     from erasekit.core import lora
-    from erasekit.core.device import resolve_dtype
+    from erasekit.core.device import resolve_dtype, synchronize
     from erasekit.core.mmdit import collapsed_padding
     from erasekit.core.provenance import reset_peak_rss
 
@@ -131,24 +133,28 @@ def child(variant: str, rank: int, checkpointing: bool, model: str = "sd15", dev
     # SD3: the trainer's collapsed context, for the whole step (gradient checkpointing recomputes blocks in backward)
     collapsed = [collapsed_padding(m, SD3_PADDING) for m in {id(unet): unet, id(teacher): teacher}.values()] \
         if model == "sd3" else []
-    started = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        for c in collapsed:
-            stack.enter_context(c)
-        with teacher_context(), torch.no_grad():
-            e_null, e_cond = call(teacher, torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]),
-                                  extra2).chunk(2)
-        target = e_null - 2.0 * (e_cond - e_null)
-        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-            loss = F.mse_loss(call(unet, x, t, cond, extra).float(), target.float())
-        loss.backward()
-        opt.step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    seconds = []
+    for _ in range(steps):
+        synchronize()
+        started = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            for c in collapsed:
+                stack.enter_context(c)
+            with teacher_context(), torch.no_grad():
+                e_null, e_cond = call(teacher, torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]),
+                                      extra2).chunk(2)
+            target = e_null - 2.0 * (e_cond - e_null)
+            with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+                loss = F.mse_loss(call(unet, x, t, cond, extra).float(), target.float())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        synchronize()
+        seconds.append(time.perf_counter() - started)
     return {"variant": variant, "model": model, "device": device, "dtype": str(dtype)[6:],
             "peak_rss_gb": round(_peak_gb(device), 3), "rss_after_setup_gb": round(after_setup, 3),
-            "rss_before_model_gb": round(baseline, 3), "step_seconds": round(seconds, 2),
+            "rss_before_model_gb": round(baseline, 3), "step_seconds": round(seconds[-1], 3 if steps > 1 else 2),
+            "steps": steps, **({"first_step_seconds": round(seconds[0], 3)} if steps > 1 else {}),
             "trainable_parameters": sum(p.numel() for p in params), "adapted_modules": len(names),
             "unet_parameters": sum(p.numel() for p in unet.parameters()), "threads": torch.get_num_threads(),
             "latent": list(x.shape[1:]), "context": list(cond.shape[1:]),
@@ -166,12 +172,15 @@ def main(argv=None, out: str | Path = "benchmarks/train_memory.json") -> int:
                    help="two_unet holds two copies of the denoiser (SD3-medium: 2 × 8.1 GB in fp32)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="auto: float16 on CUDA, float32 on CPU")
+    p.add_argument("--steps", type=int, default=0,
+                   help="training steps per variant, the last one timed (default: 1 on CPU, 3 on CUDA)")
     p.add_argument("--child", choices=["ours", "two_unet"], help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(out))
     args = p.parse_args(argv)
+    args.steps = args.steps or (3 if args.device.startswith("cuda") else 1)
     if args.child:
         print(json.dumps(child(args.child, args.rank, args.gradient_checkpointing, args.model, args.device,
-                               args.dtype, args.resolution)))
+                               args.dtype, args.resolution, steps=args.steps)))
         return 0
     from erasekit.core.provenance import run_record
 
@@ -180,7 +189,7 @@ def main(argv=None, out: str | Path = "benchmarks/train_memory.json") -> int:
     for variant in args.variants:
         cmd = [sys.executable, "-m", "erasekit.bench.perf.train_memory", "--child", variant, "--rank", str(args.rank),
                "--model", args.model, "--device", args.device, "--dtype", args.dtype,
-               "--resolution", str(args.resolution)]
+               "--resolution", str(args.resolution), "--steps", str(args.steps)]
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # see the module docstring
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
