@@ -227,7 +227,7 @@ def uce_case(pipe, config, repeats: int) -> dict:
              "edit_vs_reference_fp64": 0.0, "reference_fp32_vs_fp64": 0.0}
     for name, W in weights.items():
         W64 = W.detach().double()
-        ours_new = W64 + results["ours"][f"unet.{name}"].dense().double()
+        ours_new = W64 + results["ours"][f"unet.{name}"].dense().to(W64)  # factors live on the CPU
         ref32, ref64 = results["reference"][name].double(), reference64[name]
         for key, value in (("reference_fp32", relative(ours_new, ref32)), ("reference_fp64", relative(ours_new, ref64)),
                            ("edit_vs_reference_fp32", relative(ours_new - W64, ref32 - W64)),
