@@ -202,6 +202,37 @@ def test_gated_and_static_on_the_same_modules_stack_exactly(family, pipe, base):
     np.testing.assert_allclose(generate(pipe, "a cat", guidance_scale=1.0), cat, atol=1e-5)
 
 
+def test_a_gated_steps_cached_projection_follows_every_change(family, pipe, base):
+    """The per-sample up-projection with the gates folded in is kept across the steps of one prompt batch (the same
+    context tensor); a weight change, a disable or a new prompt batch must be seen at the very next step."""
+    gate = random_adapter(pipe, TARGETS[family], seed=6, components=("unet",), gating=gated(["a cat"]))
+    compose.load(pipe, gate, name="gated")
+    kwargs = {}
+    if family == "sdxl":
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(2, 24), "time_ids": torch.zeros(2, 6)}
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def step(context, recorded=False):
+        with torch.set_grad_enabled(recorded):  # recorded: the uncached out-of-place path, the reference
+            return pipe.unet(sample.clone().requires_grad_(recorded), 10, context, **kwargs).sample.detach()
+
+    context = sd.encode(pipe, ["a cat", "red car"]).embeds
+    other = sd.encode(pipe, ["red car", "a cat"]).embeds  # another batch: the gates swap rows
+    first = step(context)
+    torch.testing.assert_close(step(context), first, atol=0, rtol=0)  # the cached step is the same step
+    torch.testing.assert_close(step(other), step(other, recorded=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step(context), first, atol=0, rtol=0)
+    compose.set_weights(pipe, "gated", 0.5)
+    torch.testing.assert_close(step(context), step(context, recorded=True), atol=1e-5, rtol=1e-5)
+    assert (step(context) - first).abs().max() > 1e-4
+    compose.disable(pipe, "gated")
+    plain = step(context)
+    compose.enable(pipe, "gated")
+    with compose.disabled(pipe):
+        torch.testing.assert_close(step(context), plain, atol=0, rtol=0)
+    torch.testing.assert_close(step(context), step(context, recorded=True), atol=1e-5, rtol=1e-5)
+
+
 def test_gated_gives_a_static_adapter_a_prompt_gate(family, pipe, base, tmp_path):
     """compose.gated: the same deltas, acting in full on the adapter's concept (γ = 1, the static adapter's images)
     and not at all on a prompt sharing none of its tokens (γ = 0, the base's images); the record survives a file."""

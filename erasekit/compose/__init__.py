@@ -232,14 +232,14 @@ def disabled(pipe):
     fused = [n for n, a in composer.adapters.items() if a.fused]
     enabled = {n: a.enabled for n, a in composer.adapters.items()}
     composer.unfuse()
-    for loaded in composer.adapters.values():
-        loaded.enabled = False
+    for name in enabled:
+        composer.set_enabled(name, False)
     try:
         yield
     finally:
         for name, was_enabled in enabled.items():
             if name in composer.adapters:
-                composer.adapters[name].enabled = was_enabled
+                composer.set_enabled(name, was_enabled)
         still = [n for n in fused if n in composer.adapters]
         if still:
             composer.fuse(still)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..adapter import COMPONENTS, Adapter, ModuleDelta, check_compatible, denoiser_component, find_module
-from ..core.lora import add_low_rank, project_down, project_up
+from ..core.lora import add_low_rank, add_low_rank_per_sample, column_scale, project_down, project_up
 from ..errors import AdapterError, AdapterMismatchError
 from .gates import Gate, TokenMemory, build_gate, check_weight, parse_gating, similarity
 from .guards import GuardSet, build_guard, context_encoder
@@ -52,6 +52,7 @@ class _Slot:
     original: torch.Tensor | None = None  # CPU copy of the base weight while any adapter is fused
     _stack_of: list = field(default_factory=list)  # the term tensors behind _stack
     _stack: tuple = ()
+    plans: dict = field(default_factory=dict)  # Composer state id, weight dtype, device -> _Plan (the latest few)
 
     def down(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return project_down(self.module, x, w)
@@ -81,6 +82,23 @@ class _Slot:
         """``output + Σ_i B_i (c_i A_i x)`` with the stacked factors (see ``erasekit.core.lora.add_low_rank``)."""
         down, up, ranks = self.stacked(terms)
         return add_low_rank(self.module, x, output, down, up, coefs, ranks)
+
+
+@dataclass
+class _Plan:
+    """What one slot's hook does in one state of the composer (what is loaded, enabled, weighted, fused: its
+    ``state_id``) and for one dtype/device of the module's weight (a moved module re-casts its terms): its active
+    terms sorted by how they are applied."""
+
+    full: list  # [(term, loaded)]: full deltas, added one by one
+    low: list  # [(term, loaded)]: low-rank terms, one stacked down- and up-projection
+    factored: list  # [(term, loaded)]: gated with combine="factors" (SPM's reference form)
+    gated: bool  # some low-rank term has a per-sample gate
+    folded: tuple = ()  # (gates, batch, dtype, up): the stacked up-projection with w_i γ_i folded in, per sample
+
+    @property
+    def empty(self) -> bool:
+        return not (self.full or self.low or self.factored)
 
 
 @dataclass
@@ -130,6 +148,9 @@ class Composer:
         self.adapters: dict[str, _Loaded] = {}
         self.slots: dict[str, _Slot] = {}
         self._suspended = 0  # > 0: every hook is a no-op (used while encoding the erased prompts)
+        self._loads = 0  # counts loads and unloads
+        self._state_ids: dict[tuple, int] = {}  # every state seen -> its id (toggling back finds the earlier plans)
+        self.state_id = 0  # what is loaded, enabled, weighted and fused now: the key of the hooks' plans
         self._positions: dict[str, int] = {}  # positional indices of the denoiser's forward arguments
         self._context_handles: list = []  # the denoiser pre/post hooks and the text-encoder hook (gates, guards)
         self._current_gates: dict[str, torch.Tensor] | None = None
@@ -246,6 +267,7 @@ class Composer:
                 slot.handle = module.register_forward_hook(self._make_hook(slot))
             slot.terms[name] = _Term(name, delta)
             slot.terms[name].cast(module.weight)  # cast once at load
+        self.changed(loads=True)
         if gate is not None:
             self._ensure_context_hooks()
         return name
@@ -257,6 +279,7 @@ class Composer:
         encoders = [self.component(c) for c in ("text_encoder", "text_encoder_2") if self.component(c) is not None]
         guard = build_guard(adapter, name, [e.config.hidden_size for e in encoders])
         self.adapters[name] = _Loaded(name, adapter, weight, guard=guard)
+        self.changed(loads=True)
         self.guards.add(name, guard, self.denoiser)
         self._ensure_context_hooks()
         return name
@@ -288,33 +311,78 @@ class Composer:
             return None
         return loaded
 
+    def changed(self, loads: bool = False) -> None:
+        """Something loaded (``loads``), enabled, weighted or fused changed: the hooks take the plans of the new
+        state (made at their next call, or kept from when the composer was last in it: ``compose.disabled``
+        toggles between two states)."""
+        if loads:  # plans of earlier loads hold unloaded terms' tensors
+            self._loads += 1
+            for slot in self.slots.values():
+                slot.plans.clear()
+        state = (self._loads, *((n, a.enabled, a.fused, a.weight) for n, a in self.adapters.items()))
+        self.state_id = self._state_ids.setdefault(state, len(self._state_ids))
+
+    def _plan(self, slot: _Slot) -> _Plan:
+        weight = slot.module.weight
+        key = (self.state_id, weight.dtype, weight.device)
+        plan = slot.plans.get(key)
+        if plan is not None:
+            return plan
+        full, low, factored = [], [], []
+        for term in slot.terms.values():
+            loaded = self._active(term.name)
+            if loaded is None:
+                continue
+            if loaded.gate is not None and loaded.gate.combine == "factors":
+                factored.append((term, loaded))
+            else:
+                (low if term.low_rank else full).append((term, loaded))
+        while len(slot.plans) >= 4:  # the latest states only
+            slot.plans.pop(next(iter(slot.plans)))
+        slot.plans[key] = plan = _Plan(full, low, factored, any(loaded.gate is not None for _, loaded in low))
+        return plan
+
     def _make_hook(self, slot: _Slot):
         def hook(module, args, output):
             if self._suspended:
                 return None
-            active = [(t, loaded) for t in slot.terms.values() if (loaded := self._active(t.name)) is not None]
-            if not active:
+            plan = self._plan(slot)
+            if plan.empty:
                 return None  # bit-identical base output
             x = args[0]
-            factored, low_rank, coefs = [], [], []
-            for term, loaded in active:
-                if loaded.gate is not None and loaded.gate.combine == "factors":
-                    factored.append((term, loaded))
-                    continue
+            for term, loaded in plan.full:
                 coef = self._coefficient(loaded, output, slot)
-                if term.low_rank:  # stacked below: Σ_i B_i (c_i A_i x) as one down- and one up-projection
-                    low_rank.append(term)
-                    coefs.append(coef)
-                    continue
                 delta = slot.term(x, term)
                 output = output + (delta if isinstance(coef, float) and coef == 1.0 else delta * coef)
-            if low_rank:  # the full-size output is touched once, however many low-rank adapters
-                output = slot.add_low_rank(x, output, low_rank, coefs)
-            if factored:
-                output = output + self._factored_term(x, output, slot, factored)
+            if plan.low:  # the full-size output is touched once, however many low-rank adapters
+                output = self._add_low_rank(slot, plan, x, output)
+            if plan.factored:
+                output = output + self._factored_term(x, output, slot, plan.factored)
             return output
 
         return hook
+
+    def _add_low_rank(self, slot: _Slot, plan: _Plan, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``output + Σ_i B_i (c_i A_i x)`` over the plan's low-rank terms: one stacked down-projection and one
+        up-projection. With per-sample gates, ``c_i`` is folded into a per-sample up-projection that is kept while
+        the prompt batch's gates are (every denoising step of one generation), so a gated step costs the two
+        projections alone, as a static one does."""
+        terms = [term for term, _ in plan.low]
+        batch, conv = output.shape[0], isinstance(slot.module, nn.Conv2d)
+        down, up, ranks = slot.stacked(terms)
+        if plan.gated and not torch.is_grad_enabled() and output.is_contiguous() and (
+                (output.ndim, x.ndim) == (3, 3) and not conv or output.ndim == 4 and conv and up.shape[2:] == (1, 1)):
+            folded = plan.folded
+            if not (folded and folded[0] is self._current_gates and folded[1:3] == (batch, output.dtype)
+                    and folded[3].device == output.device):
+                coefs = [self._coefficient(loaded, output, slot) for _, loaded in plan.low]
+                scale = column_scale(coefs, ranks, output.new_empty(batch, 1), 1).to(up.dtype)  # (B, R)
+                up_b = up.reshape(up.shape[0], -1)[None] * scale[:, None, :]  # (B, out, R): c_i B_i per sample
+                up_b = (up_b if conv else up_b.transpose(1, 2)).contiguous()
+                plan.folded = folded = (self._current_gates, batch, output.dtype, up_b)
+            return add_low_rank_per_sample(slot.module, x, output, down, folded[3])
+        coefs = [self._coefficient(loaded, output, slot) for _, loaded in plan.low]
+        return slot.add_low_rank(x, output, terms, coefs)
 
     def _coefficient(self, loaded: _Loaded, output: torch.Tensor, slot: _Slot, with_weight: bool = True):
         """``w_i`` (a float) for a static adapter; ``w_i γ_i`` per sample, shaped to broadcast, for a gated one."""
@@ -444,12 +512,14 @@ class Composer:
         if loaded.fused and weight != loaded.weight:
             raise AdapterError(f"erasure {name!r} is fused into the weights; call unfuse() before changing its weight")
         loaded.weight = weight
+        self.changed()
 
     def set_enabled(self, name: str, enabled: bool) -> None:
         loaded = self._get(name)
         if loaded.fused and not enabled:
             raise AdapterError(f"erasure {name!r} is fused into the weights; call unfuse() before disabling it")
         loaded.enabled = enabled
+        self.changed()
 
     # ---- fuse --------------------------------------------------------------------------------------------------
 
@@ -477,12 +547,14 @@ class Composer:
                     raise AdapterError(f"erasure {name!r} is disabled; enable it before fusing")
         for name in chosen:
             self.adapters[name].fused = True
+        self.changed()
         self._sync_fused_weights([s for s in self.slots.values() if any(n in s.terms for n in chosen)])
         return chosen
 
     def unfuse(self) -> None:
         for loaded in self.adapters.values():
             loaded.fused = False
+        self.changed()
         self._sync_fused_weights([s for s in self.slots.values() if s.original is not None])
 
     def _sync_fused_weights(self, slots: Sequence[_Slot]) -> None:
@@ -510,6 +582,7 @@ class Composer:
         for name in names:
             if self.adapters.pop(name).guard is not None:
                 self.guards.remove(name)
+        self.changed(loads=True)
         touched = []
         for key, slot in list(self.slots.items()):
             if not any(n in slot.terms for n in names):

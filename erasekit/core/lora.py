@@ -101,7 +101,7 @@ def add_low_rank(module: nn.Module, x: torch.Tensor, output: torch.Tensor, down:
     """
     h = project_down(module, x, down)
     if coefs is not None and not all(isinstance(c, float) and c == 1.0 for c in coefs):
-        h = h * _column_scale(coefs, ranks, h, 1 if isinstance(module, nn.Conv2d) else h.ndim - 1)
+        h = h * column_scale(coefs, ranks, h, 1 if isinstance(module, nn.Conv2d) else h.ndim - 1)
     recording = torch.is_grad_enabled() and (output.requires_grad or h.requires_grad)
     if recording or not output.is_contiguous() or up.shape[2:] not in ((), (1, 1)):
         return output + project_up(module, h, up)
@@ -113,7 +113,22 @@ def add_low_rank(module: nn.Module, x: torch.Tensor, output: torch.Tensor, down:
     return output
 
 
-def _column_scale(coefs: list, ranks: list[int], h: torch.Tensor, channel: int) -> torch.Tensor:
+def add_low_rank_per_sample(module: nn.Module, x: torch.Tensor, output: torch.Tensor, down: torch.Tensor,
+                            up: torch.Tensor) -> torch.Tensor:
+    """``output_b + U_b (A x_b)`` for each sample ``b``, in place: ``down`` = the stacked ``A`` ``(R, in[, kh, kw])``;
+    ``up`` = per-sample up-projections with the coefficients folded in, ``(B, R, out)`` for a Linear on
+    ``(B, N, in)``, ``(B, out, R)`` for a Conv2d. For inference (nothing recorded for autograd), ``output``
+    contiguous: two kernels whatever the number of terms and gates."""
+    h = project_down(module, x, down)
+    if isinstance(module, nn.Conv2d):  # (B, C, HW) += (B, C, R) @ (B, R, HW)
+        b, c = output.shape[:2]
+        output.view(b, c, -1).baddbmm_(up, h.reshape(b, up.shape[2], -1))
+    else:  # (B, N, out) += (B, N, R) @ (B, R, out)
+        output.baddbmm_(h, up)
+    return output
+
+
+def column_scale(coefs: list, ranks: list[int], h: torch.Tensor, channel: int) -> torch.Tensor:
     """Per-sample, per-rank-column factors ``c_i`` (floats, or ``(B, 1, …)`` gate tensors), shaped to multiply ``h``."""
     batch = h.shape[0]
     columns = [h.new_full((batch, r), c) if isinstance(c, float) else c.reshape(-1, 1).expand(batch, r)
