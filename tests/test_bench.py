@@ -310,6 +310,19 @@ def test_rows_are_dealt_longest_first_to_the_least_loaded_process():
     assert longest_first(keys, seconds) == ["a", "e", "c", "d", "b"] and longest_first(keys, {}) == keys
 
 
+def test_rows_without_earlier_times_are_dealt_by_a_guess_that_spreads_the_trained_ones():
+    from erasekit.bench.shards import deal
+    from erasekit.bench.suite import BUDGETS, SUITE, _guessed_seconds
+
+    entries = {e.name: e for e in SUITE}
+    jobs = [(m, entries[e], {}, None) for m, e in [("uce", "shape"), ("esd-x", "shape"), ("uce", "colour"),
+                                                   ("spm", "shape"), ("uce", "composed"), ("time", "shape")]]
+    guess = _guessed_seconds(jobs, BUDGETS["quick"])
+    assert guess["esd-x/shape"] > guess["uce/shape"] > guess["uce/composed"] > guess["uce/colour"]
+    shares = [deal(list(guess), r, 2, guess) for r in (0, 1)]
+    assert {len(share & {"esd-x/shape", "spm/shape"}) for share in shares} == {1}  # one trained row each
+
+
 def test_table_of_empty_results_names_every_method():
     md = table({"budget": {"name": "quick"}, "run": {}, "rows": {}})
     assert all(f"method {m}" in md for m in METHODS)
