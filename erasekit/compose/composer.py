@@ -78,11 +78,6 @@ class _Slot:
                            [d.shape[0] for d, _ in tensors])
         return self._stack
 
-    def add_low_rank(self, x: torch.Tensor, output: torch.Tensor, terms: list[_Term], coefs: list) -> torch.Tensor:
-        """``output + Σ_i B_i (c_i A_i x)`` with the stacked factors (see ``erasekit.core.lora.add_low_rank``)."""
-        down, up, ranks = self.stacked(terms)
-        return add_low_rank(self.module, x, output, down, up, coefs, ranks)
-
 
 @dataclass
 class _Plan:
@@ -382,7 +377,7 @@ class Composer:
                 plan.folded = folded = (self._current_gates, batch, output.dtype, up_b)
             return add_low_rank_per_sample(slot.module, x, output, down, folded[3])
         coefs = [self._coefficient(loaded, output, slot) for _, loaded in plan.low]
-        return slot.add_low_rank(x, output, terms, coefs)
+        return add_low_rank(slot.module, x, output, down, up, coefs, ranks)
 
     def _coefficient(self, loaded: _Loaded, output: torch.Tensor, slot: _Slot, with_weight: bool = True):
         """``w_i`` (a float) for a static adapter; ``w_i γ_i`` per sample, shaped to broadcast, for a gated one."""
