@@ -89,6 +89,7 @@ class _Plan:
     low: list  # [(term, loaded)]: low-rank terms, one stacked down- and up-projection
     factored: list  # [(term, loaded)]: gated with combine="factors" (SPM's reference form)
     gated: bool  # some low-rank term has a per-sample gate
+    stack: tuple = ()  # the low-rank terms' stacked (down, up, ranks), on the module's dtype/device
     folded: tuple = ()  # (gates, batch, dtype, up): the stacked up-projection with w_i γ_i folded in, per sample
 
     @property
@@ -334,7 +335,8 @@ class Composer:
                 (low if term.low_rank else full).append((term, loaded))
         while len(slot.plans) >= 4:  # the latest states only
             slot.plans.pop(next(iter(slot.plans)))
-        slot.plans[key] = plan = _Plan(full, low, factored, any(loaded.gate is not None for _, loaded in low))
+        stack = slot.stacked([term for term, _ in low]) if low else ()
+        slot.plans[key] = plan = _Plan(full, low, factored, any(loaded.gate is not None for _, loaded in low), stack)
         return plan
 
     def _make_hook(self, slot: _Slot):
@@ -362,9 +364,8 @@ class Composer:
         up-projection. With per-sample gates, ``c_i`` is folded into a per-sample up-projection that is kept while
         the prompt batch's gates are (every denoising step of one generation), so a gated step costs the two
         projections alone, as a static one does."""
-        terms = [term for term, _ in plan.low]
         batch, conv = output.shape[0], isinstance(slot.module, nn.Conv2d)
-        down, up, ranks = slot.stacked(terms)
+        down, up, ranks = plan.stack
         if plan.gated and not torch.is_grad_enabled() and output.is_contiguous() and (
                 (output.ndim, x.ndim) == (3, 3) and not conv or output.ndim == 4 and conv and up.shape[2:] == (1, 1)):
             folded = plan.folded
