@@ -68,6 +68,7 @@ textures is drawn again wherever the model picks the texture itself (README, "Ma
 
 import dataclasses
 import logging
+import random
 import time
 import typing
 from dataclasses import dataclass
@@ -185,6 +186,10 @@ class UceConfig:
             of the prompt, each mapped to its aligned token of the prompt with the guide in the concept's place,
             TIME's alignment: for templates with the concept mid-sentence, whose later tokens carry it too).
         save_stats: store the keys and weights of the solve so that adapters can be merged exactly.
+        random_prefixes: N more erase prompts per concept and N more per preserve prompt: its templated prompts
+            in turn, each after 1–3 words drawn (seeded) from the tokenizer's vocabulary, the same words before
+            an erase prompt and its guide. A causal text encoder gives the concept's token another key after
+            other words: UnlearnDiffAtk's attack is such a prefix (an extension, not in the paper; 0 = off).
     """
 
     concepts: tuple[str, ...]
@@ -195,11 +200,12 @@ class UceConfig:
     lam: float = 0.5
     key_mode: Literal["last_token", "tokens", "aligned"] = "last_token"
     save_stats: bool = True
+    random_prefixes: int = 0
 
     def __post_init__(self):
         validate_config(self)
         positive(self, "erase_scale", "lam")
-        positive(self, "preserve_scale", "negative_guidance", strict=False)
+        positive(self, "preserve_scale", "negative_guidance", "random_prefixes", strict=False)
         if self.key_mode == "tokens" and any("|" in g for g in self.guides):
             raise ConfigError('a guide of several prompts needs key_mode "last_token" or "aligned" (the "tokens" '
                               "keys pair each erase token with the guide's by position, and the guides' lengths "
@@ -286,29 +292,54 @@ def single_guides(config) -> None:
         raise ConfigError(f"{type(config).__name__}: a guide of several prompts ({what}) {fix}")
 
 
-def prompt_pairs(concepts, guides, preset: str = "none", templated_guides: bool = False) -> list[tuple[str, str]]:
+def prompt_pairs(concepts, guides, preset: str = "none", templated_guides: bool = False,
+                 prefixes: typing.Sequence[str] = ()) -> list[tuple[str, str]]:
     """(erase prompt, guide prompt) pairs: each concept and its templated forms, mapped to its guide (or, with
     ``templated_guides``, to the same template filled with the guide). A concept's templates never name another
     erased concept: "a striped {}" among circle's would hold striped's keys where striped is erased too (the words
-    before a concept encode alike in the erase and guide prompts, so a templated guide keeps them)."""
+    before a concept encode alike in the erase and guide prompts, so a templated guide keeps them). Each of
+    ``prefixes`` adds one more pair per concept: its templates in turn with the prefix before them."""
     guides = tuple(guides) * len(concepts) if len(guides) == 1 else tuple(guides)
     pairs = []
     for c, g in zip(concepts, guides):
         pairs.append((c, g))
         others = tuple(x for x in concepts if x != c)
-        pairs += [(_fill(t, c), _fill(t, g) if templated_guides else g) for t in templates_for(c, preset, avoid=others)]
+        templates = list(templates_for(c, preset, avoid=others))
+        templates += _prefixed(prefixes, templates)
+        pairs += [(_fill(t, c), _fill(t, g) if templated_guides else g) for t in templates]
     return pairs
 
 
-def preserve_prompts(config) -> list[str]:
+def _prefixed(prefixes: typing.Sequence[str], templates: typing.Sequence[str]) -> list[str]:
+    """One template per prefix: the bare concept and ``templates`` in turn, the prefix before it."""
+    cycle = ["{}", *templates]
+    return [f"{prefix} {cycle[i % len(cycle)]}" for i, prefix in enumerate(prefixes)]
+
+
+def preserve_prompts(config, prefixes: typing.Sequence[str] = ()) -> list[str]:
     """``config.preserve``, each with its templated forms, none of which names an erased concept (a preserved
     "a red triangle" would hold what erasing red removes); with ``preserve_related`` on tinyworld the presets have
-    added the erased concepts' related concepts (:func:`erasekit.methods.presets.related_concepts`)."""
+    added the erased concepts' related concepts (:func:`erasekit.methods.presets.related_concepts`). Each of
+    ``prefixes`` adds one more prompt per preserve prompt, as in :func:`prompt_pairs`."""
     out = []
     for p in config.preserve:
         out.append(p)
-        out += [_fill(t, p) for t in templates_for(p, config.expand_prompts, config.concepts[0], config.concepts)]
+        templates = list(templates_for(p, config.expand_prompts, config.concepts[0], config.concepts))
+        out += [_fill(t, p) for t in templates + _prefixed(prefixes, templates)]
     return out
+
+
+def random_prefixes(pipe, count: int, seed: int = 0) -> list[str]:
+    """``count`` prefixes of 1–3 words drawn (seeded) from the words of ``pipe``'s tokenizer (its whole-word
+    tokens, alphabetic, two letters or more)."""
+    if not count:
+        return []
+    vocab = pipe.tokenizer.get_vocab()
+    words = sorted({w[:-4] for w in vocab if w.endswith("</w>") and w[:-4].isalpha() and len(w) > 5})
+    if not words:
+        raise ConfigError("random_prefixes: the tokenizer has no whole-word tokens to draw prefixes from")
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 3))) for _ in range(count)]
 
 
 def collect_keys(pipe, config: UceConfig, batch_size: int = 256) -> Keys:
@@ -323,12 +354,13 @@ def _guided(keys: Keys, config) -> Keys:
     return Keys(keys.erase, keys.guide + eta * (keys.guide - keys.erase), keys.preserve) if eta else keys
 
 
-def _prompt_sets(config) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+def _prompt_sets(pipe, config) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """(erase prompt, guide) pairs, the preserve prompts, and every distinct prompt among them (each encoded once:
     a guide is shared by every concept), guides templated with "aligned" keys."""
+    prefixes = random_prefixes(pipe, getattr(config, "random_prefixes", 0))
     pairs = prompt_pairs(config.concepts, config.guides, config.expand_prompts,
-                         templated_guides=config.key_mode == "aligned")
-    preserve = preserve_prompts(config)
+                         templated_guides=config.key_mode == "aligned", prefixes=prefixes)
+    preserve = preserve_prompts(config, prefixes)
     guides = [a for _, g in pairs for a in alternatives(g)]
     return pairs, preserve, list(dict.fromkeys([e for e, _ in pairs] + guides + preserve))
 
@@ -354,7 +386,7 @@ def text_keys(pipe, config: UceConfig, batch_size: int = 256) -> tuple[Keys, Key
         return collect_keys(pipe, config, batch_size), None
     if config.key_mode != "last_token":
         return collect_keys(pipe, config, batch_size), pooled_keys(pipe, config, batch_size)
-    pairs, preserve, unique = _prompt_sets(config)
+    pairs, preserve, unique = _prompt_sets(pipe, config)
     context, pooled = text.last_token_and_pooled(pipe, unique, batch_size)
     return (_guided(_gather(context, unique, pairs, preserve), config),
             _guided(_gather(pooled, unique, pairs, preserve), config))
@@ -362,7 +394,7 @@ def text_keys(pipe, config: UceConfig, batch_size: int = 256) -> tuple[Keys, Key
 
 def _collect_keys(pipe, config, batch_size: int) -> Keys:
     aligned = config.key_mode == "aligned"
-    pairs, preserve, unique = _prompt_sets(config)
+    pairs, preserve, unique = _prompt_sets(pipe, config)
     row = {p: i for i, p in enumerate(unique)}
     if config.key_mode == "last_token":
         return _gather(text.last_token_embeddings(pipe, unique, batch_size), unique, pairs, preserve)  # (U, d)
@@ -552,7 +584,7 @@ def pooled_keys(pipe, config, batch_size: int = 256) -> Keys:
     :func:`collect_keys` (guide keys moved by ``negative_guidance``): with "aligned" keys each templated erase prompt
     is guided by the same template filled with the guide, as its context keys are. (:func:`text_keys` gives these
     and the "last_token" context keys from one encoder pass.)"""
-    pairs, preserve, unique = _prompt_sets(config)
+    pairs, preserve, unique = _prompt_sets(pipe, config)
     return _guided(_gather(text.pooled_embeddings(pipe, unique, batch_size), unique, pairs, preserve), config)
 
 
