@@ -86,7 +86,11 @@ def main() -> None:
     pipe, judge = load_pipeline(device="cpu"), load_judge()
     full = BUDGETS["full"]
 
-    def save():
+    def save():  # rows another run of this script wrote meanwhile (other concepts or candidates) are kept
+        if OUT.exists():
+            written = json.loads(OUT.read_text())
+            for part in ("rows", "base_other_accuracy"):
+                results[part].update({k: v for k, v in written.get(part, {}).items() if k not in results[part]})
         results["run"] = run_record()
         atomic_write(OUT, (json.dumps(results, indent=1) + "\n").encode())
 
