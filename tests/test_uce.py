@@ -199,6 +199,9 @@ def test_random_prefixes_put_the_same_words_before_an_erase_prompt_and_its_guide
     assert prefixes == uce.random_prefixes(pipe, 5) and uce.random_prefixes(pipe, 0) == []
     words = {w[:-4] for w in pipe.tokenizer.get_vocab() if w.endswith("</w>")}
     assert all(1 <= len(p.split()) <= 3 and set(p.split()) <= words for p in prefixes)
+    assert not any("cat" in p.split() for p in uce.random_prefixes(pipe, 200, avoid={"Cat"}))
+    assert "cat" in " ".join(uce.random_prefixes(pipe, 200)).split()  # drawn when not avoided
+    assert uce._concept_words(["circle", "Van Gogh"]) >= {"circle", "disc", "round", "van", "gogh"}
     plain = uce.prompt_pairs(("cat",), ("dog | cow",), "object", templated_guides=True)
     pairs = uce.prompt_pairs(("cat",), ("dog | cow",), "object", templated_guides=True, prefixes=prefixes)
     assert pairs[:len(plain)] == plain and len(pairs) == len(plain) + 5

@@ -329,17 +329,34 @@ def preserve_prompts(config, prefixes: typing.Sequence[str] = ()) -> list[str]:
     return out
 
 
-def random_prefixes(pipe, count: int, seed: int = 0) -> list[str]:
+def random_prefixes(pipe, count: int, seed: int = 0, avoid: typing.Iterable[str] = ()) -> list[str]:
     """``count`` prefixes of 1–3 words drawn (seeded) from the words of ``pipe``'s tokenizer (its whole-word
-    tokens, alphabetic, two letters or more)."""
+    tokens, alphabetic, two letters or more), none of the words in ``avoid`` (a preserve prompt after an erased
+    concept's name would hold that concept's keys)."""
     if not count:
         return []
     vocab = pipe.tokenizer.get_vocab()
-    words = sorted({w[:-4] for w in vocab if w.endswith("</w>") and w[:-4].isalpha() and len(w) > 5})
+    avoid = {w.lower() for w in avoid}
+    words = sorted({w[:-4] for w in vocab if w.endswith("</w>") and w[:-4].isalpha() and len(w) > 5
+                    and w[:-4].lower() not in avoid})
     if not words:
         raise ConfigError("random_prefixes: the tokenizer has no whole-word tokens to draw prefixes from")
     rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 3))) for _ in range(count)]
+
+
+def _concept_words(concepts: typing.Sequence[str]) -> set[str]:
+    """The words of ``concepts`` and, for tinyworld concepts, of their synonyms ("circle": circle, disc, round,
+    shape)."""
+    from ..tinyworld.world import synonyms
+
+    names = set(concepts)
+    for concept in concepts:
+        try:
+            names.update(synonyms(concept))
+        except KeyError:
+            pass  # not a tinyworld concept
+    return {word for name in names for word in name.lower().split()}
 
 
 def collect_keys(pipe, config: UceConfig, batch_size: int = 256) -> Keys:
@@ -357,7 +374,7 @@ def _guided(keys: Keys, config) -> Keys:
 def _prompt_sets(pipe, config) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """(erase prompt, guide) pairs, the preserve prompts, and every distinct prompt among them (each encoded once:
     a guide is shared by every concept), guides templated with "aligned" keys."""
-    prefixes = random_prefixes(pipe, getattr(config, "random_prefixes", 0))
+    prefixes = random_prefixes(pipe, getattr(config, "random_prefixes", 0), avoid=_concept_words(config.concepts))
     pairs = prompt_pairs(config.concepts, config.guides, config.expand_prompts,
                          templated_guides=config.key_mode == "aligned", prefixes=prefixes)
     preserve = preserve_prompts(config, prefixes)
