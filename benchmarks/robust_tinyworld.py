@@ -54,10 +54,6 @@ CANDIDATES: dict[str, tuple[tuple[str, dict], ...]] = {
     # the registered recipe (`layered`: the candidate above as one adapter) + AdvUnlearn's adversarially trained
     # text encoder: three families, so an attack must get past the text encoder, cross-attention and the UNet
     "layered+advunlearn": (("layered", {}), ("advunlearn", {})),
-    # the first candidate with UCE's keys also taken after 128 random 1–3-word prefixes (UnlearnDiffAtk's attack is a
-    # token prefix, and a causal text encoder gives the concept's token another key after other words)
-    "uce-prefixed+esd-u": (("uce", {"random_prefixes": 128}),
-                           ("esd-u", {"preserve_related": True, "preserve_weight": 1.0, "iterations": 400})),
 }
 
 

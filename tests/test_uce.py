@@ -193,31 +193,6 @@ def test_uce_key_modes_and_expansion(pipes):
         assert rel(adapter.deltas[key].dense().to(F64), dense_uce(W, keys, 1.0, 1.0, 0.5)) < 1e-5
 
 
-def test_random_prefixes_put_the_same_words_before_an_erase_prompt_and_its_guide(pipes):
-    pipe = pipes["sd1"]
-    prefixes = uce.random_prefixes(pipe, 5)
-    assert prefixes == uce.random_prefixes(pipe, 5) and uce.random_prefixes(pipe, 0) == []
-    words = {w[:-4] for w in pipe.tokenizer.get_vocab() if w.endswith("</w>")}
-    assert all(1 <= len(p.split()) <= 3 and set(p.split()) <= words for p in prefixes)
-    assert not any("cat" in p.split() for p in uce.random_prefixes(pipe, 200, avoid={"Cat"}))
-    assert "cat" in " ".join(uce.random_prefixes(pipe, 200)).split()  # drawn when not avoided
-    assert uce._concept_words(["circle", "Van Gogh"]) >= {"circle", "disc", "round", "van", "gogh"}
-    plain = uce.prompt_pairs(("cat",), ("dog | cow",), "object", templated_guides=True)
-    pairs = uce.prompt_pairs(("cat",), ("dog | cow",), "object", templated_guides=True, prefixes=prefixes)
-    assert pairs[:len(plain)] == plain and len(pairs) == len(plain) + 5
-    assert pairs[len(plain)] == (f"{prefixes[0]} cat", f"{prefixes[0]} dog | {prefixes[0]} cow")  # the bare concept
-    assert pairs[len(plain) + 1] == (f"{prefixes[1]} image of cat",
-                                     f"{prefixes[1]} image of dog | {prefixes[1]} image of cow")
-    config = uce.UceConfig(concepts=("cat",), expand_prompts="object", preserve=("dog",), random_prefixes=4)
-    keys = uce.collect_keys(pipe, config)
-    assert keys.erase.shape[0] == 6 + 4 and keys.preserve.shape[0] == 6 + 4
-    adapter = uce.erase(pipe, config)  # the same solve over more keys
-    for key, W in weights(pipe, adapter).items():
-        assert rel(adapter.deltas[key].dense().to(F64), dense_uce(W, keys, 1.0, 1.0, 0.5)) < 1e-5
-    with pytest.raises(ConfigError, match="random_prefixes"):
-        uce.UceConfig(concepts=("cat",), random_prefixes=-1)
-
-
 def test_preserved_templates_never_name_an_erased_concept():
     """Erasing circle, square, red and striped at once, the preserved siblings' templated forms show no erased
     value (a preserved "a red triangle" would hold what erasing red removes: the 4-concept erasure fell to 47 %)."""
@@ -508,19 +483,6 @@ def test_tinyworld_circle_is_gone_and_other_shapes_stay(tinyworld_pipe, judge, m
     adapter = erase(tinyworld_pipe, method, ["circle"])
     assert {k.rsplit(".", 1)[-1] for k in adapter.deltas} == {"to_k", "to_v"}
     assert all(".attn2." in k and k.startswith("unet.") for k in adapter.deltas)
-    seeds = (0, 1)
-    shapes = _judged_shapes(tinyworld_pipe, judge, adapter, TW_CONCEPT_PROMPTS + [p for p, _ in TW_OTHER], seeds)
-    n = len(TW_CONCEPT_PROMPTS) * len(seeds)
-    assert sum(s == "circle" for s in shapes[:n]) <= 1, shapes[:n]
-    expected = [want for _, want in TW_OTHER for _ in seeds]
-    assert sum(s == w for s, w in zip(shapes[n:], expected)) >= len(expected) - 1, list(zip(shapes[n:], expected))
-
-
-def test_tinyworld_circle_is_gone_with_random_prefixes_and_other_shapes_stay(tinyworld_pipe, judge):
-    """UCE's keys also taken after random words (against prefix attacks such as UnlearnDiffAtk's,
-    benchmarks/robust_tinyworld.json): circle is still gone and the other shapes drawn."""
-    adapter = erase(tinyworld_pipe, "uce", ["circle"], random_prefixes=64)
-    assert adapter.info["erase_keys"] > erase(tinyworld_pipe, "uce", ["circle"]).info["erase_keys"]
     seeds = (0, 1)
     shapes = _judged_shapes(tinyworld_pipe, judge, adapter, TW_CONCEPT_PROMPTS + [p for p, _ in TW_OTHER], seeds)
     n = len(TW_CONCEPT_PROMPTS) * len(seeds)

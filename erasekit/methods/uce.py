@@ -68,7 +68,6 @@ textures is drawn again wherever the model picks the texture itself (README, "Ma
 
 import dataclasses
 import logging
-import random
 import time
 import typing
 from dataclasses import dataclass
@@ -186,10 +185,6 @@ class UceConfig:
             of the prompt, each mapped to its aligned token of the prompt with the guide in the concept's place,
             TIME's alignment: for templates with the concept mid-sentence, whose later tokens carry it too).
         save_stats: store the keys and weights of the solve so that adapters can be merged exactly.
-        random_prefixes: N more erase prompts per concept and N more per preserve prompt: its templated prompts
-            in turn, each after 1–3 words drawn (seeded) from the tokenizer's vocabulary, the same words before
-            an erase prompt and its guide. A causal text encoder gives the concept's token another key after
-            other words: UnlearnDiffAtk's attack is such a prefix (an extension, not in the paper; 0 = off).
     """
 
     concepts: tuple[str, ...]
@@ -200,12 +195,11 @@ class UceConfig:
     lam: float = 0.5
     key_mode: Literal["last_token", "tokens", "aligned"] = "last_token"
     save_stats: bool = True
-    random_prefixes: int = 0
 
     def __post_init__(self):
         validate_config(self)
         positive(self, "erase_scale", "lam")
-        positive(self, "preserve_scale", "negative_guidance", "random_prefixes", strict=False)
+        positive(self, "preserve_scale", "negative_guidance", strict=False)
         if self.key_mode == "tokens" and any("|" in g for g in self.guides):
             raise ConfigError('a guide of several prompts needs key_mode "last_token" or "aligned" (the "tokens" '
                               "keys pair each erase token with the guide's by position, and the guides' lengths "
@@ -292,71 +286,29 @@ def single_guides(config) -> None:
         raise ConfigError(f"{type(config).__name__}: a guide of several prompts ({what}) {fix}")
 
 
-def prompt_pairs(concepts, guides, preset: str = "none", templated_guides: bool = False,
-                 prefixes: typing.Sequence[str] = ()) -> list[tuple[str, str]]:
+def prompt_pairs(concepts, guides, preset: str = "none", templated_guides: bool = False) -> list[tuple[str, str]]:
     """(erase prompt, guide prompt) pairs: each concept and its templated forms, mapped to its guide (or, with
     ``templated_guides``, to the same template filled with the guide). A concept's templates never name another
     erased concept: "a striped {}" among circle's would hold striped's keys where striped is erased too (the words
-    before a concept encode alike in the erase and guide prompts, so a templated guide keeps them). Each of
-    ``prefixes`` adds one more pair per concept: its templates in turn with the prefix before them."""
+    before a concept encode alike in the erase and guide prompts, so a templated guide keeps them)."""
     guides = tuple(guides) * len(concepts) if len(guides) == 1 else tuple(guides)
     pairs = []
     for c, g in zip(concepts, guides):
         pairs.append((c, g))
         others = tuple(x for x in concepts if x != c)
-        templates = list(templates_for(c, preset, avoid=others))
-        templates += _prefixed(prefixes, templates)
-        pairs += [(_fill(t, c), _fill(t, g) if templated_guides else g) for t in templates]
+        pairs += [(_fill(t, c), _fill(t, g) if templated_guides else g) for t in templates_for(c, preset, avoid=others)]
     return pairs
 
 
-def _prefixed(prefixes: typing.Sequence[str], templates: typing.Sequence[str]) -> list[str]:
-    """One template per prefix: the bare concept and ``templates`` in turn, the prefix before it."""
-    cycle = ["{}", *templates]
-    return [f"{prefix} {cycle[i % len(cycle)]}" for i, prefix in enumerate(prefixes)]
-
-
-def preserve_prompts(config, prefixes: typing.Sequence[str] = ()) -> list[str]:
+def preserve_prompts(config) -> list[str]:
     """``config.preserve``, each with its templated forms, none of which names an erased concept (a preserved
     "a red triangle" would hold what erasing red removes); with ``preserve_related`` on tinyworld the presets have
-    added the erased concepts' related concepts (:func:`erasekit.methods.presets.related_concepts`). Each of
-    ``prefixes`` adds one more prompt per preserve prompt, as in :func:`prompt_pairs`."""
+    added the erased concepts' related concepts (:func:`erasekit.methods.presets.related_concepts`)."""
     out = []
     for p in config.preserve:
         out.append(p)
-        templates = list(templates_for(p, config.expand_prompts, config.concepts[0], config.concepts))
-        out += [_fill(t, p) for t in templates + _prefixed(prefixes, templates)]
+        out += [_fill(t, p) for t in templates_for(p, config.expand_prompts, config.concepts[0], config.concepts)]
     return out
-
-
-def random_prefixes(pipe, count: int, seed: int = 0, avoid: typing.Iterable[str] = ()) -> list[str]:
-    """``count`` prefixes of 1–3 words drawn (seeded) from the words of ``pipe``'s tokenizer (its whole-word
-    tokens, alphabetic, two letters or more), none of the words in ``avoid`` (a preserve prompt after an erased
-    concept's name would hold that concept's keys)."""
-    if not count:
-        return []
-    vocab = pipe.tokenizer.get_vocab()
-    avoid = {w.lower() for w in avoid}
-    words = sorted({w[:-4] for w in vocab if w.endswith("</w>") and w[:-4].isalpha() and len(w) > 5
-                    and w[:-4].lower() not in avoid})
-    if not words:
-        raise ConfigError("random_prefixes: the tokenizer has no whole-word tokens to draw prefixes from")
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 3))) for _ in range(count)]
-
-
-def _concept_words(concepts: typing.Sequence[str]) -> set[str]:
-    """The words of ``concepts`` and, for tinyworld concepts, of their synonyms ("circle": circle, disc, round,
-    shape)."""
-    from ..tinyworld.world import synonyms
-
-    names = set(concepts)
-    for concept in concepts:
-        try:
-            names.update(synonyms(concept))
-        except KeyError:
-            pass  # not a tinyworld concept
-    return {word for name in names for word in name.lower().split()}
 
 
 def collect_keys(pipe, config: UceConfig, batch_size: int = 256) -> Keys:
@@ -371,13 +323,12 @@ def _guided(keys: Keys, config) -> Keys:
     return Keys(keys.erase, keys.guide + eta * (keys.guide - keys.erase), keys.preserve) if eta else keys
 
 
-def _prompt_sets(pipe, config) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+def _prompt_sets(config) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """(erase prompt, guide) pairs, the preserve prompts, and every distinct prompt among them (each encoded once:
     a guide is shared by every concept), guides templated with "aligned" keys."""
-    prefixes = random_prefixes(pipe, getattr(config, "random_prefixes", 0), avoid=_concept_words(config.concepts))
     pairs = prompt_pairs(config.concepts, config.guides, config.expand_prompts,
-                         templated_guides=config.key_mode == "aligned", prefixes=prefixes)
-    preserve = preserve_prompts(config, prefixes)
+                         templated_guides=config.key_mode == "aligned")
+    preserve = preserve_prompts(config)
     guides = [a for _, g in pairs for a in alternatives(g)]
     return pairs, preserve, list(dict.fromkeys([e for e, _ in pairs] + guides + preserve))
 
@@ -403,7 +354,7 @@ def text_keys(pipe, config: UceConfig, batch_size: int = 256) -> tuple[Keys, Key
         return collect_keys(pipe, config, batch_size), None
     if config.key_mode != "last_token":
         return collect_keys(pipe, config, batch_size), pooled_keys(pipe, config, batch_size)
-    pairs, preserve, unique = _prompt_sets(pipe, config)
+    pairs, preserve, unique = _prompt_sets(config)
     context, pooled = text.last_token_and_pooled(pipe, unique, batch_size)
     return (_guided(_gather(context, unique, pairs, preserve), config),
             _guided(_gather(pooled, unique, pairs, preserve), config))
@@ -411,7 +362,7 @@ def text_keys(pipe, config: UceConfig, batch_size: int = 256) -> tuple[Keys, Key
 
 def _collect_keys(pipe, config, batch_size: int) -> Keys:
     aligned = config.key_mode == "aligned"
-    pairs, preserve, unique = _prompt_sets(pipe, config)
+    pairs, preserve, unique = _prompt_sets(config)
     row = {p: i for i, p in enumerate(unique)}
     if config.key_mode == "last_token":
         return _gather(text.last_token_embeddings(pipe, unique, batch_size), unique, pairs, preserve)  # (U, d)
@@ -601,7 +552,7 @@ def pooled_keys(pipe, config, batch_size: int = 256) -> Keys:
     :func:`collect_keys` (guide keys moved by ``negative_guidance``): with "aligned" keys each templated erase prompt
     is guided by the same template filled with the guide, as its context keys are. (:func:`text_keys` gives these
     and the "last_token" context keys from one encoder pass.)"""
-    pairs, preserve, unique = _prompt_sets(pipe, config)
+    pairs, preserve, unique = _prompt_sets(config)
     return _guided(_gather(text.pooled_embeddings(pipe, unique, batch_size), unique, pairs, preserve), config)
 
 
