@@ -495,9 +495,9 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
 
 
 def _guessed_seconds(jobs: list, spec: Budget) -> dict[str, float]:
-    """A rough time for each row, to deal the rows when no earlier results file times them: trained erasures take minutes,
-    closed-form ones seconds, and an attacked row a minute or two more (tinyworld's quick budget, 2026-12: trained
-    rows 50–210 s, closed-form 5–80 s; only the order matters)."""
+    """A rough time for each row, to deal the rows when no earlier results file times them: trained erasures take
+    minutes, closed-form ones seconds, and an attacked row a minute or two more (tinyworld's quick budget, 2026-12:
+    trained rows 50–210 s, closed-form 5–80 s; only the order matters)."""
     guess = {}
     for method, entry, _, _ in jobs:
         trained = METHODS[method].family == "trained"

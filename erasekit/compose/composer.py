@@ -50,8 +50,6 @@ class _Slot:
     terms: dict[str, _Term] = field(default_factory=dict)
     handle: object = None
     original: torch.Tensor | None = None  # CPU copy of the base weight while any adapter is fused
-    _stack_of: list = field(default_factory=list)  # the term tensors behind _stack
-    _stack: tuple = ()
     plans: dict = field(default_factory=dict)  # Composer state id, weight dtype, device -> _Plan (the latest few)
 
     def down(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -67,16 +65,12 @@ class _Slot:
         return self.down(x, tensors[0])  # a full delta is applied like the module itself, without bias
 
     def stacked(self, terms: list[_Term]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """``[A_1; …; A_n]``, ``[B_1 … B_n]`` and the ranks of low-rank terms, cached while the terms' tensors stay."""
+        """``[A_1; …; A_n]``, ``[B_1 … B_n]`` and the ranks of low-rank terms (made once per plan)."""
         tensors = [term.cast(self.module.weight) for term in terms]
         if len(tensors) == 1:
             return tensors[0][0], tensors[0][1], [tensors[0][0].shape[0]]
-        flat = [t for pair in tensors for t in pair]
-        if len(flat) != len(self._stack_of) or any(a is not b for a, b in zip(flat, self._stack_of)):
-            self._stack_of = flat
-            self._stack = (torch.cat([d for d, _ in tensors], 0), torch.cat([u for _, u in tensors], 1),
-                           [d.shape[0] for d, _ in tensors])
-        return self._stack
+        return (torch.cat([d for d, _ in tensors], 0), torch.cat([u for _, u in tensors], 1),
+                [d.shape[0] for d, _ in tensors])
 
 
 @dataclass

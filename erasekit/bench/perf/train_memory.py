@@ -12,7 +12,8 @@ One step = the teacher's ε(x_t, ∅) and ε(x_t, c) (no grad, batch 2), the stu
 backward and one Adam step; batch 1 at the model's native resolution (SD 1.5: 64×64 latents, context 77×768).
 The partial DDIM rollout that produces x_t is left out: it runs without gradients on the teacher and costs both
 variants the same. On CUDA each variant runs 3 steps and the last is timed (``--steps``: the first pays for kernel
-selection and the allocator's growth); the peak covers all of them. Peak memory: the process's peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+selection and the allocator's growth); the peak covers all of them. Peak memory: the process's peak RSS on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA.
 On CPU the children run with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``): by default
 glibc raises that threshold as large blocks are freed and then keeps later freed tensors in its heap, so the
 peak RSS would measure the allocator's history rather than the tensors alive at the peak (what CUDA's counter
