@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from erasekit.core import sd
-from erasekit.core.device import synchronize
+from erasekit.core.device import DTYPES, synchronize
 
 ADAPTER_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 GOALS = {"static_over_peft_max": 0.9, "gated_over_peft_max": 1.0}
@@ -311,7 +311,8 @@ def main(argv=None) -> list[Path]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=2, choices=[1, 2],
                         help="peft_compare's UNet batch: 2 = a CFG batch [uncond, cond], 1 = cond alone")
-    parser.add_argument("--dtype", default="auto", help="peft_compare: auto = float16 on CUDA, float32 on CPU")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="peft_compare: auto = float16 on CUDA, float32 on CPU")
     parser.add_argument("--out-dir", default="benchmarks")
     args = parser.parse_args(argv)
     return [run(name, args.model, args.repeats, args.out_dir, args.device, args.batch, args.dtype)

@@ -179,6 +179,8 @@ def main(argv=None, out: str | Path = "benchmarks/train_memory.json") -> int:
     p.add_argument("--child", choices=["ours", "two_unet"], help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(out))
     args = p.parse_args(argv)
+    if args.steps < 0:
+        p.error(f"--steps must be >= 0 (0: the device's default), got {args.steps}")
     args.steps = args.steps or (3 if args.device.startswith("cuda") else 1)
     if args.child:
         print(json.dumps(child(args.child, args.rank, args.gradient_checkpointing, args.model, args.device,
