@@ -80,6 +80,36 @@ def test_gated_entry_loads_the_composed_adapters_gated(tmp_path, monkeypatch):
     assert erased == [["circle"], ["red"]] and set(rows) == {"uce/gated"}
 
 
+@pytest.mark.parametrize("order", ["single first", "composed first"])
+def test_rows_of_a_method_share_the_same_erasure_instead_of_making_it_twice(tmp_path, monkeypatch, order):
+    """The composed row's circle adapter is the shape row's erasure (same method, options, config, budget): whichever
+    row comes second copies it, bit for bit, with the time its making took, and names where it came from; the
+    composed row makes the erasures no other row makes first. The rows equal those of runs that make every adapter."""
+    import erasekit.api
+    import erasekit.bench.suite as suite
+
+    shape, composed = suite.Entry("shape", ("circle",)), suite.Entry("composed", ("circle", "red"), composed=True)
+    monkeypatch.setattr(suite, "SUITE", (shape, composed) if order == "single first" else (composed, shape))
+    erased, real_erase = [], erasekit.api.erase
+    monkeypatch.setattr(erasekit.api, "erase", lambda *a, **k: erased.append(a[2]) or real_erase(*a, **k))
+    rows = run_suite(TINY, tmp_path, methods=["uce"], attacks=[], progress=False)["rows"]
+    assert erased == ([["circle"], ["red"]] if order == "single first" else [["red"], ["circle"]])
+    job = tmp_path / ".bench-test" / "uce"
+    assert (job / "shape" / "adapter.safetensors").read_bytes() == (job / "composed" / "adapter-circle.safetensors").read_bytes()
+    copied, source = (("composed", "shape/adapter.safetensors") if order == "single first"
+                      else ("shape", "composed/adapter-circle.safetensors"))
+    assert rows[f"uce/{copied}"]["reused"] == [source]
+    assert rows["uce/composed"]["erase_seconds"] == round(sum(
+        json.loads((job / "composed" / f"adapter-{c}.json").read_text())["erase_seconds"] for c in ("circle", "red")), 2)
+    for entry in (shape, composed):  # each row alone, every adapter made: the same numbers
+        monkeypatch.setattr(suite, "SUITE", (entry,))
+        alone = run_suite(TINY, tmp_path / entry.name, methods=["uce"], attacks=[], progress=False)["rows"]
+        key = f"uce/{entry.name}"
+        assert "reused" not in alone[key]
+        for measure in ("per_concept", "erasure_rate", "preservation_drop", "adapter_mb"):
+            assert alone[key][measure] == rows[key][measure], (key, measure)
+
+
 def test_a_killed_composed_row_resumes_from_the_adapters_it_finished(tmp_path, monkeypatch):
     """A composed row saves each adapter as it is made: killed while making the second, the rerun makes only that."""
     import erasekit.api

@@ -18,7 +18,9 @@ cache skips finished rows (adapters and audits are cached there too, and what ev
 images and Ring-A-Bell's searches on the original text encoder, ``base-images``) unless the method's resolved config
 or the budget changed since (a new preset or default: :func:`recipe`; a cached row or adapter that records no
 config, made by an erasekit from before rows recorded one, cannot be checked and is made again), so a killed bench
-loses at most the row it was in (of a composed row, the adapter it was making: each is kept as it is made), while a
+loses at most the row it was in (of a composed row, the adapter it was making: each is kept as it is made; a
+composed row copies the adapters the single-concept rows made with the same erasure, circle's from the shape row,
+and they copy its), while a
 fresh clone (no cache) runs the methods it is asked for again rather than resuming their committed rows, and keeps
 the committed rows of every other method: ``erasekit bench --methods NAME`` adds a new method's rows to the
 committed results. Runs of different ``--entries`` (which write ``results-full-<entries>.json``) can share one
@@ -528,13 +530,45 @@ def _same_erasure(info: dict | None, options: dict, made_with, method: str, spec
                 and same_recipe(info["config"], made_with, method) and spec.same_as(info.get("budget", spec.record())))
 
 
+def _made_by_other_rows(method: str, concepts: tuple[str, ...], job_dir: Path) -> bool:
+    """Whether another suite entry that ``method`` runs erases ``concepts`` too (one of a composed entry's adapters
+    is a single-concept entry's: circle is the shape entry's erasure)."""
+    return any(job_dir.name != e.name and not e.gate and (not e.methods or method in e.methods)
+               and concepts in _erasures(e) for e in SUITE)
+
+
+def _reuse(job_dir: Path, path: Path, same) -> dict | None:
+    """An adapter another row of the method made with the same erasure (``same(record)``: options, resolved config
+    and budget), copied to ``path`` with its record, which says where it came from; None if there is none. The
+    erasure is deterministic (seeded), so the copy is the adapter this row would make, bit for bit, and its record
+    keeps the time and memory its making took."""
+    for other in sorted(job_dir.parent.iterdir()):
+        if other == job_dir or not other.is_dir():
+            continue
+        for source in sorted(other.glob("adapter*.safetensors")):
+            record = source.with_suffix(".json")
+            try:
+                info = json.loads(record.read_text()) if record.exists() else None
+                if not same(info):
+                    continue
+                shutil.copyfile(source, path.with_suffix(".tmp"))
+            except (OSError, ValueError):  # being remade by another process: look further, or erase
+                continue
+            path.with_suffix(".tmp").replace(path)
+            info = {**info, "reused_from": f"{other.name}/{source.name}"}
+            atomic_write(path.with_suffix(".json"), json.dumps(info).encode())
+            return info
+    return None
+
+
 def _erase_job(pipe, method: str, erasures: list[tuple[str, ...]], adapter_paths: list[Path], options: dict,
                made_with: list[dict], spec: Budget, job_dir: Path) -> dict:
     """Make a row's adapters into ``job_dir``, each saved with its own erase record (``<adapter>.json``) as soon as
     it is made, so that a killed composed row (four trained adapters) resumes from the adapters it finished. A row
     whose erasure finished (its :data:`ERASE_INFO` written) with another config or budget is made again whole;
-    everything else in ``job_dir`` (audits of other adapters) is removed. Returns what was measured: the summed
-    time and the largest peak."""
+    everything else in ``job_dir`` (audits of other adapters) is removed. An adapter another row of the method made
+    with the same erasure is copied rather than made again (:func:`_reuse`). Returns what was measured: the summed
+    time and the largest peak (a copied adapter's as recorded where it was made), and which adapters were copied."""
     from ..api import erase
 
     def finished(path: Path, recipe_: dict) -> dict | None:
@@ -553,7 +587,13 @@ def _erase_job(pipe, method: str, erasures: list[tuple[str, ...]], adapter_paths
         else:
             item.unlink()
     try:
-        for concepts, path, recipe_ in zip(erasures, adapter_paths, made_with):
+        # the erasures another row of the method also makes last, so that one made there meanwhile is reused
+        order = sorted(range(len(erasures)), key=lambda i: _made_by_other_rows(method, erasures[i], job_dir))
+        for i in order:
+            concepts, path, recipe_ = erasures[i], adapter_paths[i], made_with[i]
+            if done[path]:
+                continue
+            done[path] = _reuse(job_dir, path, lambda info: _same_erasure(info, options, recipe_, method, spec))
             if done[path]:
                 continue
             with peak_memory(pipe.device) as peak:
@@ -571,8 +611,10 @@ def _erase_job(pipe, method: str, erasures: list[tuple[str, ...]], adapter_paths
         raise
     infos = [done[p] for p in adapter_paths]
     peak_info = max(infos, key=lambda i: i["peak_memory_mb"])
+    reused = [i["reused_from"] for i in infos if "reused_from" in i]
     return {"erase_seconds": round(sum(i["erase_seconds"] for i in infos), 2),
-            "peak_memory_mb": peak_info["peak_memory_mb"], "peak_memory_kind": peak_info["peak_memory_kind"]}
+            "peak_memory_mb": peak_info["peak_memory_mb"], "peak_memory_kind": peak_info["peak_memory_kind"],
+            **({"reused": reused} if reused else {})}
 
 
 def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, spec: Budget, job_dir: Path,
