@@ -54,6 +54,12 @@ CANDIDATES: dict[str, tuple[tuple[str, dict], ...]] = {
     # the registered recipe (`layered`: the candidate above as one adapter) + AdvUnlearn's adversarially trained
     # text encoder: three families, so an attack must get past the text encoder, cross-attention and the UNet
     "layered+advunlearn": (("layered", {}), ("advunlearn", {})),
+    # the first candidate with ESD-u's `unsaid` term: half (a quarter) of its samples leave the concept unsaid and are
+    # pushed away from it, erasing it from what the model draws when no word names a shape
+    "uce+esd-u-unsaid": (("uce", {}), ("esd-u", {"preserve_related": True, "preserve_weight": 1.0, "iterations": 400,
+                                                 "unsaid": 0.5})),
+    "uce+esd-u-unsaid-quarter": (("uce", {}), ("esd-u", {"preserve_related": True, "preserve_weight": 1.0,
+                                                         "iterations": 400, "unsaid": 0.25})),
 }
 
 

@@ -312,6 +312,38 @@ def test_esd_preserve_prompts_are_held_too(sd1, tinyworld_pipe):
         esd.EsdConfig(concepts=("cat",), preserve_weight=1.0, preserve="a dog")
 
 
+def test_esd_unsaid_samples_leave_the_concept_unsaid_and_are_pushed_away_from_it(sd1, monkeypatch):
+    """With ``unsaid`` = ½ and 2 samples, the second is rolled out from and trained on "a photo of " (the concept
+    left unsaid), with the target ε₀(T("")) − η[ε₀(T(c)) − ε₀(T(""))]; the first is ESD's. Re-derived from the
+    captured x_t: the loss at the base model (student = teacher) is η² times their mean squared distances."""
+    config = esd.EsdConfig(concepts=("cat",), templates=("a photo of {}",), num_inference_steps=4, batch_size=2,
+                           negative_guidance=1.5, unsaid=0.5, progress=False)
+    seen = {}
+
+    def spy(unet, scheduler, cond, uncond, *args, **kwargs):
+        seen["cond"], seen["xt"] = cond, trainer.rollout(unet, scheduler, cond, uncond, *args, **kwargs)
+        return seen["xt"]
+
+    monkeypatch.setattr(esd, "rollout", spy)
+    with torch.no_grad(), lora.attach(sd1.unet, esd.select(sd1, "esd-x"), 0, torch.Generator().manual_seed(0)) as deltas:
+        loss = float(trainer.total(esd.objective(sd1, config)(deltas)(0, trainer.step_generator(7, 0))))
+        (said, unsaid), uncond = trainer.encode(sd1, ["a photo of cat", "a photo of "])
+        assert torch.equal(seen["cond"].hidden, torch.cat([said.hidden, unsaid.hidden]))
+        (x, t), eta = seen["xt"], config.negative_guidance
+        with deltas.disabled():
+            e = {name: trainer.predict(sd1.unet, x, t, trainer.Cond.cat([c, c])).float()
+                 for name, c in (("said", said), ("unsaid", unsaid), ("uncond", uncond))}
+    expected = eta ** 2 * (((e["said"][0] - e["uncond"][0]) ** 2).mean() + ((e["said"][1] - e["unsaid"][1]) ** 2).mean()) / 2
+    assert loss == pytest.approx(float(expected), rel=1e-4)
+    plain = dataclasses.replace(config, unsaid=0.0)
+    with torch.no_grad(), lora.attach(sd1.unet, esd.select(sd1, "esd-x"), 0, torch.Generator().manual_seed(0)) as deltas:
+        esd.objective(sd1, plain)(deltas)(0, trainer.step_generator(7, 0))
+    assert torch.equal(seen["cond"].hidden, torch.cat([said.hidden, said.hidden]))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="unsaid"):
+            esd.EsdConfig(concepts=("cat",), unsaid=bad)
+
+
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_structures_smoke(family):
     pipe = tiny_pipeline(family)

@@ -14,6 +14,13 @@ prompt. With ``preserve`` prompts P (or ``preserve_related`` on tinyworld: the e
 step also adds ``λ‖ε_θ(x_t, p) − ε_θ₀(x_t, p)‖²`` for one p drawn from P, in the concept's templates: a retain
 loss like AdvUnlearn's utility term, for modules such as ``to_q``/``to_out`` whose deltas act on every prompt.
 
+With ``unsaid`` (erasekit's addition, not in the paper) a share of each step's samples are prompts that leave the
+concept unsaid, ``T("")`` for a template ``T`` ("a solid red  on a black background"), rolled out from the frozen
+model and pushed away from the concept *in that context*:
+``ε_θ(x_t, T(""), t) ← ε_θ₀(x_t, T("")) − η [ε_θ₀(x_t, T(c)) − ε_θ₀(x_t, T(""))]``. A model draws some concepts
+when nothing names them (its prior: on tinyworld a prompt without a shape draws a circle a third of the time), and
+attacks that find text the erasure does not recognise land there; the term erases the concept from that prior.
+
 The trainable ``ΔW`` are low-rank (``rank``) or full (``rank=0``) deltas on the preset's modules, attached with
 hooks (``erasekit.core.lora``): the frozen teacher is the same UNet with the hooks disabled, so one UNet is in
 memory. Presets: ``esd-x`` (every Linear of the cross-attention ``attn2``), ``esd-x-strict`` (``attn2.to_k``/
@@ -86,6 +93,9 @@ class EsdConfig:
         preserve_related: on tinyworld, also preserve the erased concepts' siblings (the other shapes for a
             shape; needs preserve_weight > 0).
         rank: rank of each delta; 0 trains full-rank deltas, as the authors' code does.
+        unsaid: share of each step's samples whose prompt leaves the concept unsaid (a template with "" in the
+            concept's slot: what the model draws when no word asks for the concept, its prior), pushed away from
+            the concept in that context (module docstring); 0 = the paper's ESD.
     """
 
     concepts: tuple[str, ...]
@@ -96,9 +106,12 @@ class EsdConfig:
     preserve_weight: float = 0.0
     preserve: tuple[str, ...] = ()
     preserve_related: bool = False
+    unsaid: float = 0.0
 
     def __post_init__(self):
         validate_rollout_training(self)
+        if not 0 <= self.unsaid < 1:
+            raise ConfigError(f"unsaid must be in [0, 1), got {self.unsaid}")
         if self.preserve_weight < 0:
             raise ConfigError(f"preserve_weight must be ≥ 0, got {self.preserve_weight}")
         if isinstance(self.preserve, str) or not all(isinstance(p, str) and p.strip() for p in self.preserve):
@@ -122,12 +135,14 @@ def objective(pipe, config: EsdConfig) -> Callable:
     n_concepts = len(config.concepts)
     sources = [config.erase_from or c for c in config.concepts]  # what x_t is drawn from and the student sees
     kept = preserved(config)
-    table = PromptTable(pipe, training_templates(config), list(config.concepts) + sources + kept,
-                        config.resolution)
+    table = PromptTable(pipe, training_templates(config), list(config.concepts) + sources + kept
+                        + ([""] if config.unsaid else []), config.resolution)
     uncond = table.uncond
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config.batch_size, config.resolution)
     n, eta = shape[0], config.negative_guidance
+    n_unsaid = round(config.unsaid * n)  # the batch's last samples leave the concept unsaid
+    unsaid_row = len(table.names) - 1
 
     def loss_for(deltas: lora.Deltas):
         def loss_fn(step: int, gen: torch.Generator, part: Part = WHOLE) -> torch.Tensor:
@@ -135,8 +150,12 @@ def objective(pipe, config: EsdConfig) -> Callable:
             rows = torch.randint(len(table.templates), (n,), generator=gen).tolist()
             steps = int(torch.randint(config.num_inference_steps, (), generator=gen))
             mine = part.rows(n)  # this process's samples of the batch (all of them on one process)
+            unsaid = torch.arange(n)[mine] >= n - n_unsaid  # this process's samples that leave the concept unsaid
             rows, m = rows[mine], mine.stop - mine.start
             erased, source = table.batch(k, rows), table.batch(n_concepts + k, rows)
+            if unsaid.any():
+                source = Cond.cat([table.batch(unsaid_row if u else n_concepts + k, [r])
+                                   for u, r in zip(unsaid.tolist(), rows)])
             with deltas.disabled(), torch.no_grad():  # the frozen teacher: the same UNet without deltas
                 x, t = rollout(unet, scheduler, source, uncond, config.start_guidance, steps, shape, gen, mine)
                 held = [uncond.repeat(m)]  # what the preservation term holds: ∅, and one preserved prompt
@@ -145,7 +164,10 @@ def objective(pipe, config: EsdConfig) -> Callable:
                 teacher = Cond.cat([erased, source] + held)
                 e_erase, e_from, *e_held = predict(unet, torch.cat([x] * (2 + len(held))), t,
                                                    teacher).float().chunk(2 + len(held))
-            target = e_from - eta * (e_erase - e_held[0])
+            base = e_held[0]  # ∅; for a sample that leaves the concept unsaid, its own prompt
+            if unsaid.any():
+                base = torch.where(unsaid.view(-1, *[1] * (base.ndim - 1)), e_from, base)
+            target = e_from - eta * (e_erase - base)
             if not config.preserve_weight:
                 return part.mean(F.mse_loss(predict(unet, x, t, source).float(), target), n)
             student, *s_held = predict(unet, torch.cat([x] * (1 + len(held))), t,
