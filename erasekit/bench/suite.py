@@ -540,8 +540,8 @@ def _made_by_other_rows(method: str, concepts: tuple[str, ...], job_dir: Path) -
 def _reuse(job_dir: Path, path: Path, same) -> dict | None:
     """An adapter another row of the method made with the same erasure (``same(record)``: options, resolved config
     and budget), copied to ``path`` with its record, which says where it came from; None if there is none. The
-    erasure is deterministic (seeded), so the copy is the adapter this row would make, bit for bit, and its record
-    keeps the time and memory its making took."""
+    erasure is deterministic (seeded), so the copy holds the tensors this row would make, bit for bit (checked for
+    ESD-x made in two processes), and its record keeps the time and memory its making took."""
     for other in sorted(job_dir.parent.iterdir()):
         if other == job_dir or not other.is_dir():
             continue
