@@ -197,7 +197,8 @@ def test_rows_made_with_another_config_are_redone(bench, monkeypatch):
     real = erasekit.api.erase
     monkeypatch.setattr(erasekit.api, "erase", lambda *a, **k: erased.append(a[1]) or real(*a, **k))
     again = run_suite(TINY, out, methods=["uce"], attacks=[], progress=False)
-    assert erased == ["uce"]  # that row only, its stale adapter too
+    # that row only, its stale adapter too: copied from the composed row, which made circle with the current config
+    assert erased == [] and again["rows"]["uce/shape"]["reused"] == ["composed/adapter-circle.safetensors"]
     assert again["rows"]["uce/shape"]["config"]["lam"] != 0.123
     assert again["rows"]["uce/shape"]["erasure_rate"] == results["rows"]["uce/shape"]["erasure_rate"]
 
@@ -220,7 +221,8 @@ def test_rows_that_record_no_config_are_redone(bench, monkeypatch):
     real = erasekit.api.erase
     monkeypatch.setattr(erasekit.api, "erase", lambda *a, **k: erased.append(a[2]) or real(*a, **k))
     again = run_suite(TINY, out, methods=["uce"], attacks=["paraphrase"], progress=False)
-    assert erased == [["red"]]  # that row only, its adapter too
+    # that row only, its adapter too: copied from the composed row, which records its config
+    assert erased == [] and again["rows"]["uce/colour"]["reused"] == ["composed/adapter-red.safetensors"]
     assert again["rows"]["uce/colour"]["erasure_rate"] == results["rows"]["uce/colour"]["erasure_rate"]
     assert "config" in again["rows"]["uce/colour"]
 
