@@ -339,9 +339,9 @@ def test_esd_unsaid_samples_leave_the_concept_unsaid_and_are_pushed_away_from_it
     with torch.no_grad(), lora.attach(sd1.unet, esd.select(sd1, "esd-x"), 0, torch.Generator().manual_seed(0)) as deltas:
         esd.objective(sd1, plain)(deltas)(0, trainer.step_generator(7, 0))
     assert torch.equal(seen["cond"].hidden, torch.cat([said.hidden, said.hidden]))
-    for bad in (-0.1, 1.0):
+    for bad in (dict(unsaid=-0.1), dict(unsaid=1.0), dict(unsaid=0.5, batch_size=1)):
         with pytest.raises(ConfigError, match="unsaid"):
-            esd.EsdConfig(concepts=("cat",), unsaid=bad)
+            esd.EsdConfig(concepts=("cat",), **bad)
 
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])

@@ -39,6 +39,7 @@ tinyworld-mmdit, whose shapes come from the pooled text, attention alone leaves 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -93,9 +94,10 @@ class EsdConfig:
         preserve_related: on tinyworld, also preserve the erased concepts' siblings (the other shapes for a
             shape; needs preserve_weight > 0).
         rank: rank of each delta; 0 trains full-rank deltas, as the authors' code does.
-        unsaid: share of each step's samples whose prompt leaves the concept unsaid (a template with "" in the
-            concept's slot: what the model draws when no word asks for the concept, its prior), pushed away from
-            the concept in that context (module docstring); 0 = the paper's ESD.
+        unsaid: share of each step's samples (rounded up; at least one names the concept) whose prompt leaves the
+            concept unsaid (a template with "" in the concept's slot: what the model draws when no word asks for
+            the concept, its prior), pushed away from the concept in that context (module docstring); 0 = the
+            paper's ESD.
     """
 
     concepts: tuple[str, ...]
@@ -112,6 +114,9 @@ class EsdConfig:
         validate_rollout_training(self)
         if not 0 <= self.unsaid < 1:
             raise ConfigError(f"unsaid must be in [0, 1), got {self.unsaid}")
+        if self.unsaid and self.batch_size < 2:
+            raise ConfigError("unsaid needs batch_size ≥ 2 (a step's samples: some leave the concept unsaid, "
+                              "at least one names it)")
         if self.preserve_weight < 0:
             raise ConfigError(f"preserve_weight must be ≥ 0, got {self.preserve_weight}")
         if isinstance(self.preserve, str) or not all(isinstance(p, str) and p.strip() for p in self.preserve):
@@ -141,7 +146,7 @@ def objective(pipe, config: EsdConfig) -> Callable:
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config.batch_size, config.resolution)
     n, eta = shape[0], config.negative_guidance
-    n_unsaid = round(config.unsaid * n)  # the batch's last samples leave the concept unsaid
+    n_unsaid = min(math.ceil(config.unsaid * n), n - 1)  # the batch's last samples leave the concept unsaid
     unsaid_row = len(table.names) - 1
 
     def loss_for(deltas: lora.Deltas):
