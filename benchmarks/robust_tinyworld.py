@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from erasekit import compose, erase
+from erasekit.adapter import Adapter
 from erasekit.attacks import ATTACKS
 from erasekit.audit import audit, subsample, summarize, tinyworld_prompts
 from erasekit.bench import BUDGETS
@@ -76,13 +77,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("candidates", nargs="*", help=f"default: all ({', '.join(CANDIDATES)})")
     ap.add_argument("--concepts", nargs="+", default=["circle", "red", "striped"])
+    ap.add_argument("--files", nargs="+", metavar="FILE", help="judge these adapter files, loaded together, as the "
+                    "one candidate named (made elsewhere, e.g. by adversarial_esd_tinyworld.py; one concept)")
     args = ap.parse_args()
+    if args.files and (len(args.candidates) != 1 or len(args.concepts) != 1):
+        ap.error("--files needs one candidate name and one --concepts value")
+    if args.files:
+        CANDIDATES[args.candidates[0]] = tuple(("file", {"path": f}) for f in args.files)
     if set(args.candidates) - set(CANDIDATES):
         ap.error(f"unknown candidate(s) {sorted(set(args.candidates) - set(CANDIDATES))}; choose from {list(CANDIDATES)}")
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     results.update(bars=BARS, seeds=list(SEEDS), attack_presets=f"{FROZEN.name} (frozen at "
-                   f"{json.loads(FROZEN.read_text())['commit']})", candidates={k: [list(m) for m in v]
-                                                                           for k, v in CANDIDATES.items()})
+                   f"{json.loads(FROZEN.read_text())['commit']})", candidates={
+                       **results.get("candidates", {}), **{k: [list(m) for m in v] for k, v in CANDIDATES.items()
+                                                           if not args.files}})
     rows = results.setdefault("rows", {})
     base = results.setdefault("base_other_accuracy", {})
     pipe, judge = load_pipeline(device="cpu"), load_judge()
@@ -105,7 +113,7 @@ def main() -> None:
             if key in rows:
                 continue
             started = time.time()
-            paths = [adapter_file(pipe, m, concept, o) for m, o in CANDIDATES[name]]
+            paths = [Path(o["path"]) if m == "file" else adapter_file(pipe, m, concept, o) for m, o in CANDIDATES[name]]
             names = [compose.load(pipe, p) for p in paths]
             try:
                 e = erasure(pipe, judge, concept, seeds=SEEDS)
@@ -121,6 +129,8 @@ def main() -> None:
             row = {"erased": 1 - e.canonical_rate, "erased_synonyms": 1 - e.synonym_rate, "preservation_drop": drop,
                    "pre_asr": s["target"]["pre_asr"], "union_asr": s["union_asr"], "union_asr_six": six,
                    "asr": {a: v["asr"] for a, v in s["attacks"].items()}, "seconds": round(time.time() - started)}
+            if args.files:  # made elsewhere: the files, and how their records say they were made
+                row["files"] = [{"path": str(p), "info": Adapter.load(p).info} for p in paths]
             row["meets_bars"] = (row["union_asr_six"] <= BARS["union_asr_max"].get(concept, 0.35)
                                  and min(row["erased"], row["erased_synonyms"]) >= BARS["erased_min"]
                                  and drop <= BARS["drop_max"])

@@ -1,0 +1,102 @@
+"""An experiment toward issue #22 §2 (not a registered method): the `layered` recipe whose ESD-u part is trained
+against soft-prompt attacks on the student UNet, AdvUnlearn's bi-level loop (Zhang et al., NeurIPS 2024, Eq. 4–5)
+moved from the text encoder to the UNet layers ESD-u trains (as RACE, Kim et al., ECCV 2024, trains ESD against
+adversarial text embeddings).
+
+Each step draws ESD's batch (tinyworld's templates, the siblings held: ESD-u's preset in `layered`), rolls it out
+from the frozen model, and before the student's update runs `erasekit.attacks.unlearndiffatk.soft_prompt_attack`
+for ``INNER`` steps against the *student* on the first sample, with the frozen model's ε₀(x_t, T(c)) as the target,
+alternating between UnlearnDiffAtk's threat (3 free token embeddings before the prompt) and P4D-N's (16 free token
+embeddings, no prompt), each warm-started from its last round; the first sample's student input is the attacked
+prompt, its target ESD's. With ``--unsaid S`` a share of the samples leave the concept unsaid (ESD's ``unsaid``).
+The ESD-u adapter is stacked with UCE's (tinyworld preset) into one file; ``robust_tinyworld.py --files`` judges it.
+
+    python benchmarks/adversarial_esd_tinyworld.py circle OUT [--inner 30] [--unsaid 0.25]
+    python benchmarks/robust_tinyworld.py NAME --concepts circle --files OUT.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from erasekit import erase
+from erasekit.attacks.unlearndiffatk import SoftPromptConfig, soft_prompt_attack
+from erasekit.core import sd
+from erasekit.loading import load_pipeline
+from erasekit.merge import stack
+from erasekit.methods import esd, trainer
+from erasekit.methods.presets import resolve
+from erasekit.methods.trainer import Cond, PromptTable, ddim_scheduler, latent_shape, predict, rollout
+
+ESD_U = {"preserve_related": True, "preserve_weight": 1.0, "iterations": 400}  # `layered`'s tinyworld ESD-u part
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("concept")
+    ap.add_argument("out", help="file stem: OUT.safetensors (UCE + ESD-u) and OUT-esdu.safetensors")
+    ap.add_argument("--inner", type=int, default=30, help="inner attack steps per outer step")
+    ap.add_argument("--mode", choices=["prefix", "free", "both"], default="both")
+    ap.add_argument("--unsaid", type=float, default=0.0)
+    ap.add_argument("--iterations", type=int, default=ESD_U["iterations"])
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    pipe = load_pipeline(None, device="cpu")
+    config = resolve("esd-u", pipe, {**ESD_U, "iterations": args.iterations}, (args.concept,))
+    unet = sd.denoiser(pipe)
+    kept, templates = esd.preserved(config), trainer.training_templates(config)
+    table = PromptTable(pipe, templates, [args.concept, args.concept] + kept + ([""] if args.unsaid else []),
+                        config.resolution)
+    uncond, scheduler = table.uncond, ddim_scheduler(pipe, config.num_inference_steps)
+    shape = latent_shape(pipe, config.batch_size, config.resolution)
+    n, eta = shape[0], config.negative_guidance
+    threats = {"prefix": SoftPromptConfig(k=3, insertion="prefix_k", space="word_embedding", steps=args.inner,
+                                          lr=1e-2, weight_decay=0.0, timesteps="random"),
+               "free": SoftPromptConfig(k=16, insertion="prefix_k", space="word_embedding", steps=args.inner,
+                                        lr=1e-2, weight_decay=0.0, timesteps="random")}
+    state = {"prefix": None, "free": None}
+
+    def loss_for(deltas):
+        def loss_fn(step, gen, part=None):
+            rows = torch.randint(len(templates), (n,), generator=gen).tolist()
+            steps = int(torch.randint(config.num_inference_steps, (), generator=gen))
+            n_unsaid = min(-(-int(args.unsaid * n * 100) // 100), n - 1) if args.unsaid else 0
+            unsaid = torch.arange(n) >= n - n_unsaid
+            erased = table.batch(0, rows)
+            source = Cond.cat([table.batch(len(table.names) - 1 if u else 0, [r])
+                               for u, r in zip(unsaid.tolist(), rows)])
+            with deltas.disabled(), torch.no_grad():  # the frozen teacher
+                x, t = rollout(unet, scheduler, source, uncond, config.start_guidance, steps, shape, gen)
+                held = [uncond.repeat(n), table.batch(2 + int(torch.randint(len(kept), (), generator=gen)), rows)]
+                e_erase, e_from, *e_held = predict(unet, torch.cat([x] * 4), t,
+                                                   Cond.cat([erased, source] + held)).float().chunk(4)
+            target = e_from - eta * (e_erase - torch.where(unsaid.view(-1, 1, 1, 1), e_from, e_held[0]))
+            kind = args.mode if args.mode != "both" else ("free" if step % 2 else "prefix")
+            prompt = "" if kind == "free" else templates[rows[0]].replace("{}", args.concept)
+            soft = soft_prompt_attack(pipe, prompt, config=threats[kind], init=state[kind], generator=gen,
+                                      target_fn=lambda s, g: (x[:1], t, e_erase[:1]))  # against the student
+            state[kind] = soft.delta
+            with torch.no_grad():
+                attacked = Cond(soft.cond(pipe).embeds.to(x.dtype))
+            student, *s_held = predict(unet, torch.cat([x] * 3), t,
+                                       Cond.cat([Cond.cat([attacked, source[1:]])] + held)).float().chunk(3)
+            return F.mse_loss(student, target), config.preserve_weight * sum(
+                F.mse_loss(s, e) for s, e in zip(s_held, e_held))
+        return loss_fn
+
+    made_by = {"script": "benchmarks/adversarial_esd_tinyworld.py", "inner": args.inner, "mode": args.mode,
+               "unsaid": args.unsaid}  # the file's config is ESD-u's; this records the loop around it
+    rest = trainer.train(pipe, config, esd.select(pipe, "esd-u"), loss_for, "esd-u")
+    rest = dataclasses.replace(rest, info={**rest.info, "adversarial": made_by})
+    rest.save(f"{args.out}-esdu.safetensors")
+    both = stack([erase(pipe, "uce", [args.concept]), rest], [1.0, 1.0])
+    dataclasses.replace(both, info={**both.info, "adversarial": made_by}).save(f"{args.out}.safetensors")
+    print("saved", f"{args.out}.safetensors")
+
+
+if __name__ == "__main__":
+    main()
