@@ -17,6 +17,10 @@ The issue's bars: union ASR ≤ 25 % on circle, ≤ 35 % on red and striped, ≥
 (audits resume from their folders in the cache).
 
     python benchmarks/robust_tinyworld.py [CANDIDATE ...] [--concepts circle red striped]
+    python benchmarks/robust_tinyworld.py NAME --concepts circle --files A.safetensors [B.safetensors ...]
+
+``--files`` judges adapter files made elsewhere (``adversarial_esd_tinyworld.py``) as candidate NAME; the row
+records each file's path and provenance (its ``info``).
 """
 
 from __future__ import annotations
