@@ -634,23 +634,10 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
                      else [job_dir / "adapter.safetensors"])
     erase_info_path = job_dir / ERASE_INFO
 
-    def made_in(folder: Path) -> dict | None:  # the erasure cached in ``folder``, if it is this job's
-        info_path = folder / erase_info_path.name
-        info = json.loads(info_path.read_text()) if info_path.exists() else None
-        cached = all((folder / p.name).exists() for p in adapter_paths)
-        return info if cached and _same_erasure(info, options, made_with, method, spec) else None
-
-    erase_info = made_in(job_dir)
-    source = next((e for e in SUITE if entry.gate and e.composed and not e.gate and e.concepts == entry.concepts),
-                  None)
-    if erase_info is None and source is not None and made_in(job_dir.with_name(source.name)) is not None:
-        shutil.rmtree(job_dir)  # audits of other adapters are stale
-        job_dir.mkdir(parents=True)
-        for path in [*adapter_paths, erase_info_path]:  # the composed entry's adapters: the same erasures
-            shutil.copyfile(job_dir.with_name(source.name) / path.name, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
-        erase_info = made_in(job_dir)
-    if erase_info is None:
+    erase_info = json.loads(erase_info_path.read_text()) if erase_info_path.exists() else None  # this job's?
+    if not (all(p.exists() for p in adapter_paths) and _same_erasure(erase_info, options, made_with, method, spec)):
+        erase_info = None
+    if erase_info is None:  # (a gated entry's adapters are copied from the composed entry's: _erase_job's _reuse)
         measured = _erase_job(pipe, method, erasures, adapter_paths, options,
                               made_with if entry.composed else [made_with], spec, job_dir)
         erase_info = {**measured, "options": options, "config": made_with, "budget": budget_record}
