@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,8 @@ def main() -> None:
     uncond, scheduler = table.uncond, ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config.batch_size, config.resolution)
     n, eta = shape[0], config.negative_guidance
+    n_unsaid = min(math.ceil(args.unsaid * n), n - 1) if args.unsaid else 0  # as ESD's `unsaid`
+    unsaid = torch.arange(n) >= n - n_unsaid  # the batch's last samples leave the concept unsaid
     threats = {"prefix": SoftPromptConfig(k=3, insertion="prefix_k", space="word_embedding", steps=args.inner,
                                           lr=1e-2, weight_decay=0.0, timesteps="random"),
                "free": SoftPromptConfig(k=16, insertion="prefix_k", space="word_embedding", steps=args.inner,
@@ -64,8 +67,6 @@ def main() -> None:
         def loss_fn(step, gen, part=None):
             rows = torch.randint(len(templates), (n,), generator=gen).tolist()
             steps = int(torch.randint(config.num_inference_steps, (), generator=gen))
-            n_unsaid = min(-(-int(args.unsaid * n * 100) // 100), n - 1) if args.unsaid else 0
-            unsaid = torch.arange(n) >= n - n_unsaid
             erased = table.batch(0, rows)
             source = Cond.cat([table.batch(len(table.names) - 1 if u else 0, [r])
                                for u, r in zip(unsaid.tolist(), rows)])

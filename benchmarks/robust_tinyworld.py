@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from erasekit import compose, erase
-from erasekit.adapter import Adapter
+from erasekit.adapter import read_record
 from erasekit.attacks import ATTACKS
 from erasekit.audit import audit, subsample, summarize, tinyworld_prompts
 from erasekit.bench import BUDGETS
@@ -134,7 +134,7 @@ def main() -> None:
                    "pre_asr": s["target"]["pre_asr"], "union_asr": s["union_asr"], "union_asr_six": six,
                    "asr": {a: v["asr"] for a, v in s["attacks"].items()}, "seconds": round(time.time() - started)}
             if args.files:  # made elsewhere: the files, and how their records say they were made
-                row["files"] = [{"path": str(p), "info": Adapter.load(p).info} for p in paths]
+                row["files"] = [{"path": str(p), "info": read_record(p)["info"]} for p in paths]
             row["meets_bars"] = (row["union_asr_six"] <= BARS["union_asr_max"].get(concept, 0.35)
                                  and min(row["erased"], row["erased_synonyms"]) >= BARS["erased_min"]
                                  and drop <= BARS["drop_max"])
