@@ -8,10 +8,14 @@ from the frozen model, and before the student's update runs `erasekit.attacks.un
 for ``INNER`` steps against the *student* on the first sample, with the frozen model's ε₀(x_t, T(c)) as the target,
 alternating between UnlearnDiffAtk's threat (3 free token embeddings before the prompt) and P4D-N's (16 free token
 embeddings, no prompt), each warm-started from its last round; the first sample's student input is the attacked
-prompt, its target ESD's. With ``--unsaid S`` a share of the samples leave the concept unsaid (ESD's ``unsaid``).
+prompt, its target ESD's. ``--mode pez`` replaces the free-embedding threat by P4D's own: 16 *vocabulary tokens*
+found by PEZ (continuous embeddings projected onto the nearest tokens, straight-through, AdamW lr 0.1, as
+`erasekit.attacks.p4d`), ``--pez-inner`` steps per outer step against the student on the first ``--pez-rows``
+samples, warm-started and restarted at random every ``--pez-reset`` outer steps; the attacked tokens are then those
+samples' student input. With ``--unsaid S`` a share of the samples leave the concept unsaid (ESD's ``unsaid``).
 The ESD-u adapter is stacked with UCE's (tinyworld preset) into one file; ``robust_tinyworld.py --files`` judges it.
 
-    python benchmarks/adversarial_esd_tinyworld.py circle OUT [--inner 30] [--unsaid 0.25]
+    python benchmarks/adversarial_esd_tinyworld.py circle OUT [--inner 30] [--unsaid 0.25] [--mode pez]
     python benchmarks/robust_tinyworld.py NAME --concepts circle --files OUT.safetensors
 """
 
@@ -41,7 +45,11 @@ def main() -> None:
     ap.add_argument("concept")
     ap.add_argument("out", help="file stem: OUT.safetensors (UCE + ESD-u) and OUT-esdu.safetensors")
     ap.add_argument("--inner", type=int, default=30, help="inner attack steps per outer step")
-    ap.add_argument("--mode", choices=["prefix", "free", "both"], default="both")
+    ap.add_argument("--mode", choices=["prefix", "free", "both", "pez"], default="both")
+    ap.add_argument("--pez-inner", type=int, default=10, help="pez: adversary steps per outer step")
+    ap.add_argument("--pez-rows", type=int, default=2, help="pez: samples the adversary attacks and the student sees")
+    ap.add_argument("--pez-reset", type=int, default=25,
+                    help="pez: a fresh random start at the outer steps that are multiples of this")
     ap.add_argument("--unsaid", type=float, default=0.0)
     ap.add_argument("--iterations", type=int, default=ESD_U["iterations"])
     args = ap.parse_args()
@@ -62,6 +70,36 @@ def main() -> None:
                "free": SoftPromptConfig(k=16, insertion="prefix_k", space="word_embedding", steps=args.inner,
                                         lr=1e-2, weight_decay=0.0, timesteps="random")}
     state = {"prefix": None, "free": None}
+    E = sd.token_embeddings(pipe)[0].float()
+    allowed = sd.allowed_token_ids(pipe)
+    En = F.normalize(E[allowed], dim=-1)
+    lay = sd.layout(pipe.tokenizer, "", 16, "replace_k")
+    pez = {}  # the PEZ adversary's continuous embeddings and optimiser, kept across outer steps
+
+    def pez_cond(ids, cont=None):
+        slots = E[ids] if cont is None else cont + (E[ids] - cont).detach()
+        return Cond(sd.encode_ids(pipe, sd.ids_per_encoder(pipe, lay.ids(ids.tolist())),
+                                  [sd.slot_override(lay, slots[None])]).embeds)
+
+    def pez_attack(step, gen, x, t, target):
+        """P4D-N's threat (the audit's ``p4d``): 16 vocabulary tokens, AdamW lr 0.1 on continuous embeddings whose
+        nearest tokens (cosine) are what the loss sees (PEZ, straight-through); the student's ε is matched to
+        ``target``."""
+        if step % args.pez_reset == 0 or "cont" not in pez:
+            init = allowed[torch.randint(len(allowed), (16,), generator=gen)]
+            pez["cont"] = E[init].clone().requires_grad_(True)
+            pez["opt"] = torch.optim.AdamW([pez["cont"]], lr=0.1, weight_decay=0.1)
+        cont, opt = pez["cont"], pez["opt"]
+        for _ in range(args.pez_inner):
+            with torch.no_grad():
+                ids = allowed[(F.normalize(cont, dim=-1) @ En.T).argmax(-1)]
+            cond = pez_cond(ids, cont)
+            loss = F.mse_loss(predict(unet, x, t, cond.repeat(x.shape[0])).float(), target)
+            cont.grad, = torch.autograd.grad(loss, cont)
+            opt.step()
+        with torch.no_grad():
+            ids = allowed[(F.normalize(cont, dim=-1) @ En.T).argmax(-1)]
+            return pez_cond(ids)
 
     def loss_for(deltas):
         def loss_fn(step, gen, part=None):
@@ -76,21 +114,29 @@ def main() -> None:
                 e_erase, e_from, *e_held = predict(unet, torch.cat([x] * 4), t,
                                                    Cond.cat([erased, source] + held)).float().chunk(4)
             target = e_from - eta * (e_erase - torch.where(unsaid.view(-1, 1, 1, 1), e_from, e_held[0]))
-            kind = args.mode if args.mode != "both" else ("free" if step % 2 else "prefix")
-            prompt = "" if kind == "free" else templates[rows[0]].replace("{}", args.concept)
-            soft = soft_prompt_attack(pipe, prompt, config=threats[kind], init=state[kind], generator=gen,
-                                      target_fn=lambda s, g: (x[:1], t, e_erase[:1]))  # against the student
-            state[kind] = soft.delta
-            with torch.no_grad():
-                attacked = Cond(soft.cond(pipe).embeds.to(x.dtype))
+            if args.mode == "pez" and step % 2:
+                r = args.pez_rows
+                attacked = pez_attack(step, gen, x[:r], t, e_erase[:r])
+                attacked = Cond(attacked.hidden.to(x.dtype)).repeat(r)
+                first = Cond.cat([attacked, source[r:]])
+            else:
+                kind = args.mode if args.mode not in ("both", "pez") else ("free" if step % 2 else "prefix")
+                prompt = "" if kind == "free" else templates[rows[0]].replace("{}", args.concept)
+                soft = soft_prompt_attack(pipe, prompt, config=threats[kind], init=state[kind], generator=gen,
+                                          target_fn=lambda s, g: (x[:1], t, e_erase[:1]))  # against the student
+                state[kind] = soft.delta
+                with torch.no_grad():
+                    attacked = Cond(soft.cond(pipe).embeds.to(x.dtype))
+                first = Cond.cat([attacked, source[1:]])
             student, *s_held = predict(unet, torch.cat([x] * 3), t,
-                                       Cond.cat([Cond.cat([attacked, source[1:]])] + held)).float().chunk(3)
+                                       Cond.cat([first] + held)).float().chunk(3)
             return F.mse_loss(student, target), config.preserve_weight * sum(
                 F.mse_loss(s, e) for s, e in zip(s_held, e_held))
         return loss_fn
 
     made_by = {"script": "benchmarks/adversarial_esd_tinyworld.py", "inner": args.inner, "mode": args.mode,
-               "unsaid": args.unsaid}  # the file's config is ESD-u's; this records the loop around it
+               "unsaid": args.unsaid, "pez_inner": args.pez_inner, "pez_rows": args.pez_rows,
+               "pez_reset": args.pez_reset}  # the file's config is ESD-u's; this records the loop around it
     rest = trainer.train(pipe, config, esd.select(pipe, "esd-u"), loss_for, "esd-u")
     rest = dataclasses.replace(rest, info={**rest.info, "adversarial": made_by})
     rest.save(f"{args.out}-esdu.safetensors")
