@@ -52,10 +52,11 @@ def main() -> None:
                     help="pez: a fresh random start at the outer steps that are multiples of this")
     ap.add_argument("--unsaid", type=float, default=0.0)
     ap.add_argument("--iterations", type=int, default=ESD_U["iterations"])
+    ap.add_argument("--rank", type=int, default=4, help="ESD-u's LoRA rank (its preset: 4)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     pipe = load_pipeline(None, device="cpu")
-    config = resolve("esd-u", pipe, {**ESD_U, "iterations": args.iterations}, (args.concept,))
+    config = resolve("esd-u", pipe, {**ESD_U, "iterations": args.iterations, "rank": args.rank}, (args.concept,))
     unet = sd.denoiser(pipe)
     kept, templates = esd.preserved(config), trainer.training_templates(config)
     table = PromptTable(pipe, templates, [args.concept, args.concept] + kept + ([""] if args.unsaid else []),
