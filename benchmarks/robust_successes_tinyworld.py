@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--labels", help="a person's reading of the sheet: {index: 'concept' | 'other'}")
     args = ap.parse_args()
     rows = successes(args.concept)
+    if not rows:
+        raise SystemExit(f"no judged attack successes on {args.concept!r} in {AUDITS}: run robust_tinyworld.py first")
     stem = HERE / f"robust_successes_tinyworld-{args.concept}"
     sheet(rows, stem.with_suffix(".png"))
     record = {"concept": args.concept, "successes": rows}
