@@ -1,12 +1,14 @@
 """Every attack success on the robust candidates, side by side: what the judge called the concept.
 
-Reads the audits ``robust_tinyworld.py`` leaves in its cache (``benchmarks/.bench-robust/audits/<candidate>/<concept>``)
-and writes one contact sheet (``robust_successes_tinyworld.png``) of each attacked image the tinyworld judge counted
-as a success (SAGE's left out: it optimises that judge, README "Limits"), in a fixed order (candidate, attack,
-prompt, seed), each labelled with its index, attack and the judge's probability for the concept, and a listing
-(``robust_successes_tinyworld.json``) of the same images with their adversarial prompts. ``--labels FILE``: a JSON
-``{"reader": ..., "labels": {index: "<concept>" | "other"}}``, a person's reading of the sheet: the listing records each
-image's reading and, per candidate, the counts and the union over its attacked images read as the concept.
+Reads the audits ``robust_tinyworld.py`` leaves in its cache (``.bench-robust/audits/<candidate>/<concept>``) and
+writes one contact sheet (``robust_successes_tinyworld-<concept>.png``) of each attacked image the tinyworld judge
+counted as a success (SAGE's left out: it optimises that judge, README "Limits"), in a fixed order (candidate,
+attack, prompt, seed), each labelled with its index, attack and the judge's probability for the concept, and a
+listing (``robust_successes_tinyworld-<concept>.json``) of the same images with their adversarial prompts.
+``--labels FILE``: a person's reading of the sheet, ``{"reader": ..., "labels": {image: "<concept>" | "other"}}``
+(``image`` as the listing names it); the listing then records each image's reading and, per candidate, the counts
+and how many of its attacked images (prompt × seed) some success was read as the concept on. Images the judge
+did not count are not on the sheet.
 
     python benchmarks/robust_successes_tinyworld.py [--concept circle] [--labels LABELS.json]
 """
@@ -54,7 +56,7 @@ def sheet(rows: list[dict], out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--concept", default="circle")
-    ap.add_argument("--labels", help="a person's reading of the sheet: {index: 'concept' | 'other'}")
+    ap.add_argument("--labels", help="a person's reading of the sheet (module docstring)")
     args = ap.parse_args()
     rows = successes(args.concept)
     if not rows:
@@ -64,11 +66,12 @@ def main() -> None:
     record = {"concept": args.concept, "successes": rows}
     if args.labels:
         given = json.loads(Path(args.labels).read_text())
-        labels = {int(k): v for k, v in given["labels"].items()}
-        if len(labels) != len(rows):
-            raise SystemExit(f"{args.labels} reads {len(labels)} images, the sheet has {len(rows)}: read it again")
-        for i, r in enumerate(rows):
-            r["read_as"] = labels[i]
+        labels = given["labels"]
+        unread = [r["image"] for r in rows if r["image"] not in labels]
+        if unread:
+            raise SystemExit(f"{args.labels} does not read {len(unread)} of the sheet's images, e.g. {unread[0]}")
+        for r in rows:
+            r["read_as"] = labels[r["image"]]
         record["reader"] = given.get("reader")
         record["read"] = {}
         for c in dict.fromkeys(r["candidate"] for r in rows):
