@@ -11,6 +11,11 @@ and how many of its attacked images (prompt × seed) some success was read as th
 did not count are not on the sheet.
 
     python benchmarks/robust_successes_tinyworld.py [--concept circle] [--labels LABELS.json]
+    python benchmarks/robust_successes_tinyworld.py --concept striped --audit .bench-full/layered/texture/striped-attacks \
+        .bench-full/layered/multi/striped-attacks
+
+``--audit DIR ...`` sheets those audit folders (any ``erasekit audit`` output, relative to ``benchmarks/``) instead,
+into ``robust_successes_tinyworld-<concept>-audits.png`` / ``.json``.
 """
 
 from __future__ import annotations
@@ -29,14 +34,17 @@ AUDITS = HERE / ".bench-robust" / "audits"
 CELL = 96
 
 
-def successes(concept: str) -> list[dict]:
+def successes(concept: str, folders: list[Path] | None = None) -> list[dict]:
     rows = []
-    for folder in sorted(AUDITS.glob(f"*/{concept}")):
+    for folder in folders or sorted(AUDITS.glob(f"*/{concept}")):
+        if not (folder / "results.jsonl").is_file():
+            raise SystemExit(f"{folder} is not an audit folder (no results.jsonl)")
+        name = str(folder.relative_to(HERE)) if folders else folder.parent.name
         for line in (folder / "results.jsonl").read_text().splitlines():
             r = json.loads(line)
             if r["attack"] in ("none", "sage") or not r.get("success") or not r.get("image"):
                 continue
-            rows.append({"candidate": folder.parent.name, "attack": r["attack"], "prompt": r["prompt"],
+            rows.append({"candidate": name, "attack": r["attack"], "prompt": r["prompt"],
                          "seed": r["seed"], "adv_prompt": r.get("adv_prompt"), "judge_score": round(r["score"], 3),
                          "image": str((folder / r["image"]).relative_to(HERE))})
     return sorted(rows, key=lambda r: (r["candidate"], r["attack"], r["prompt"], r["seed"]))
@@ -57,11 +65,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--concept", default="circle")
     ap.add_argument("--labels", help="a person's reading of the sheet (module docstring)")
+    ap.add_argument("--audit", nargs="+", help="audit folders (relative to benchmarks/) instead of the robust cache")
     args = ap.parse_args()
-    rows = successes(args.concept)
+    rows = successes(args.concept, [HERE / a for a in args.audit] if args.audit else None)
     if not rows:
-        raise SystemExit(f"no judged attack successes on {args.concept!r} in {AUDITS}: run robust_tinyworld.py first")
-    stem = HERE / f"robust_successes_tinyworld-{args.concept}"
+        raise SystemExit(f"no judged attack successes on {args.concept!r} in {args.audit or AUDITS}")
+    stem = HERE / f"robust_successes_tinyworld-{args.concept}{'-audits' if args.audit else ''}"
     sheet(rows, stem.with_suffix(".png"))
     record = {"concept": args.concept, "successes": rows}
     if args.labels:
