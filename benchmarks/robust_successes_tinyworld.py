@@ -11,8 +11,8 @@ and how many of its attacked images (prompt × seed) some success was read as th
 did not count are not on the sheet.
 
     python benchmarks/robust_successes_tinyworld.py [--concept circle] [--labels LABELS.json]
-    python benchmarks/robust_successes_tinyworld.py --concept striped --audit .bench-full/layered/texture/striped-attacks \
-        .bench-full/layered/multi/striped-attacks
+    python benchmarks/robust_successes_tinyworld.py --concept striped \
+        --audit .bench-full/layered/texture/striped-attacks .bench-full/layered/multi/striped-attacks
 
 ``--audit DIR ...`` sheets those audit folders (any ``erasekit audit`` output, relative to ``benchmarks/``) instead,
 into ``robust_successes_tinyworld-<concept>-audits.png`` / ``.json``.
