@@ -20,7 +20,8 @@ The issue's bars: union ASR ≤ 25 % on circle, ≤ 35 % on red and striped, ≥
     python benchmarks/robust_tinyworld.py NAME --concepts circle --files A.safetensors [B.safetensors ...]
 
 ``--files`` judges adapter files made elsewhere (``adversarial_esd_tinyworld.py``) as candidate NAME; the row
-records each file's path and provenance (its ``info``).
+records each file's path and provenance (its ``info``). Each row records when and at which commit it was made
+(``made``; the earliest rows have none, ``rows_note``).
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ def main() -> None:
             row["meets_bars"] = (row["union_asr_six"] <= BARS["union_asr_max"].get(concept, 0.35)
                                  and min(row["erased"], row["erased_synonyms"]) >= BARS["erased_min"]
                                  and drop <= BARS["drop_max"])
+            made = run_record()  # the row's own date and commit: the file's "run" is only the last run's
+            row["made"] = {"date": made["date"], "git_commit": made["git_commit"]}
             rows[key] = row
             save()
             print(key, json.dumps(row), flush=True)
