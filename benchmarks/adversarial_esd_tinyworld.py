@@ -11,9 +11,11 @@ embeddings, no prompt), each warm-started from its last round; the first sample'
 prompt, its target ESD's. ``--mode pez`` replaces the free-embedding threat by P4D's own: 16 *vocabulary tokens*
 found by PEZ (continuous embeddings projected onto the nearest tokens, straight-through, AdamW lr 0.1, as
 `erasekit.attacks.p4d`), ``--pez-inner`` steps per outer step against the student on the first ``--pez-rows``
-samples, warm-started and restarted at random every ``--pez-reset`` outer steps; the attacked tokens are then those
-samples' student input. With ``--unsaid S`` a share of the samples leave the concept unsaid (ESD's ``unsaid``).
-The ESD-u adapter is stacked with UCE's (tinyworld preset) into one file; ``robust_tinyworld.py --files`` judges it.
+samples (the odd outer steps are its rounds; the even ones run the prefix threat), warm-started and restarted at
+random every ``--pez-reset`` of its rounds (odd: at the outer steps that are odd multiples of it); the attacked
+tokens are then those samples' student input. With ``--unsaid S`` a share of the samples leave the concept unsaid
+(ESD's ``unsaid``). The ESD-u adapter is stacked with UCE's (tinyworld preset) into one file;
+``robust_tinyworld.py --files`` judges it.
 
     python benchmarks/adversarial_esd_tinyworld.py circle OUT [--inner 30] [--unsaid 0.25] [--mode pez]
     python benchmarks/robust_tinyworld.py NAME --concepts circle --files OUT.safetensors
@@ -49,11 +51,15 @@ def main() -> None:
     ap.add_argument("--pez-inner", type=int, default=10, help="pez: adversary steps per outer step")
     ap.add_argument("--pez-rows", type=int, default=2, help="pez: samples the adversary attacks and the student sees")
     ap.add_argument("--pez-reset", type=int, default=25,
-                    help="pez: a fresh random start at the outer steps that are multiples of this")
+                    help="pez: a fresh random start every this many of its rounds (odd; module docstring)")
     ap.add_argument("--unsaid", type=float, default=0.0)
     ap.add_argument("--iterations", type=int, default=ESD_U["iterations"])
     ap.add_argument("--rank", type=int, default=4, help="ESD-u's LoRA rank (its preset: 4)")
     args = ap.parse_args()
+    if args.pez_reset < 1 or args.pez_reset % 2 == 0:  # the PEZ rounds are the odd steps: an even multiple is none
+        ap.error(f"--pez-reset must be odd and ≥ 1, got {args.pez_reset}")
+    if args.pez_rows < 1:
+        ap.error(f"--pez-rows must be ≥ 1, got {args.pez_rows}")
     torch.set_num_threads(1)
     pipe = load_pipeline(None, device="cpu")
     config = resolve("esd-u", pipe, {**ESD_U, "iterations": args.iterations, "rank": args.rank}, (args.concept,))
@@ -64,6 +70,8 @@ def main() -> None:
     uncond, scheduler = table.uncond, ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config.batch_size, config.resolution)
     n, eta = shape[0], config.negative_guidance
+    if args.pez_rows > n:  # the batch size is the preset's, known once it is resolved
+        ap.error(f"--pez-rows must be at most ESD-u's batch size {n}, got {args.pez_rows}")
     n_unsaid = min(math.ceil(args.unsaid * n), n - 1) if args.unsaid else 0  # as ESD's `unsaid`
     unsaid = torch.arange(n) >= n - n_unsaid  # the batch's last samples leave the concept unsaid
     threats = {"prefix": SoftPromptConfig(k=3, insertion="prefix_k", space="word_embedding", steps=args.inner,
@@ -76,6 +84,10 @@ def main() -> None:
     En = F.normalize(E[allowed], dim=-1)
     lay = sd.layout(pipe.tokenizer, "", 16, "replace_k")
     pez = {}  # the PEZ adversary's continuous embeddings and optimiser, kept across outer steps
+
+    def nearest(cont):  # the vocabulary token nearest each slot by cosine (PEZ's projection)
+        with torch.no_grad():
+            return allowed[(F.normalize(cont, dim=-1) @ En.T).argmax(-1)]
 
     def pez_cond(ids, cont=None):
         slots = E[ids] if cont is None else cont + (E[ids] - cont).detach()
@@ -92,15 +104,12 @@ def main() -> None:
             pez["opt"] = torch.optim.AdamW([pez["cont"]], lr=0.1, weight_decay=0.1)
         cont, opt = pez["cont"], pez["opt"]
         for _ in range(args.pez_inner):
-            with torch.no_grad():
-                ids = allowed[(F.normalize(cont, dim=-1) @ En.T).argmax(-1)]
-            cond = pez_cond(ids, cont)
+            cond = pez_cond(nearest(cont), cont)
             loss = F.mse_loss(predict(unet, x, t, cond.repeat(x.shape[0])).float(), target)
             cont.grad, = torch.autograd.grad(loss, cont)
             opt.step()
         with torch.no_grad():
-            ids = allowed[(F.normalize(cont, dim=-1) @ En.T).argmax(-1)]
-            return pez_cond(ids)
+            return pez_cond(nearest(cont))
 
     def loss_for(deltas):
         def loss_fn(step, gen, part=None):
