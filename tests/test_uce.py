@@ -65,6 +65,7 @@ def test_registry_entries_and_configs():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="uce", concepts=()), "at least one concept"),
     (dict(method="uce", concepts=("",)), "empty"),
+    (dict(method="uce", concepts=("cat", "dog", " cat")), "'cat' is given more than once"),
     (dict(method="uce", concepts=("cat",), lamda=0.3), "lamda.*valid options.*lam"),
     (dict(method="uce", concepts=("cat", "dog", "car"), guides=("a", "b")), "one guide"),
     (dict(method="time", concepts=("cat",), guides=("a", "b")), "one guide"),

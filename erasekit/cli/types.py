@@ -116,8 +116,9 @@ def adapter_arg(value: str) -> tuple[Path, float]:
     if colon:
         try:
             path, weight = head, float(tail)
-        except ValueError:
-            pass  # the ':' belongs to the file name
+        except ValueError:  # the ':' belongs to the file name, unless the name before it is the file
+            if Path(head).is_file() and not Path(value).exists():
+                raise argparse.ArgumentTypeError(f"{value!r}: the weight after ':' must be a number, got {tail!r}")
     if not (math.isfinite(weight) and abs(weight) <= ADAPTER_WEIGHT_LIMIT):
         raise argparse.ArgumentTypeError(f"{value!r}: the weight must be a number from -{ADAPTER_WEIGHT_LIMIT:g} "
                                          f"to {ADAPTER_WEIGHT_LIMIT:g}, got {tail!r}")

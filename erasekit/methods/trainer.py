@@ -349,10 +349,20 @@ def run_settings(config) -> dict:
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_RUN}
 
 
+def check_distinct(concepts, owner: str) -> None:
+    """A concept named twice (``("circle", "circle")``) is an error, not a double weight."""
+    seen = set()
+    for c in concepts:
+        if c.strip() in seen:
+            raise ConfigError(f"{owner}: the concept {c.strip()!r} is given more than once; give each concept once")
+        seen.add(c.strip())
+
+
 def validate_training(config) -> None:
     """Checks shared by every trained method's config (concepts, rank, lr, precision, resume, templates)."""
     if isinstance(config.concepts, str) or not config.concepts or not all(c.strip() for c in config.concepts):
         raise ConfigError("concepts must be a non-empty tuple of non-empty prompts, e.g. ('circle',)")
+    check_distinct(config.concepts, type(config).__name__)
     for name in ("rank", "resolution", "checkpoint_every"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be ≥ 0, got {getattr(config, name)}")

@@ -81,7 +81,7 @@ from ..core.mmdit import POOLED_TEXT_EMBEDDER
 from ..core.config import shared_fields
 from ..errors import ConfigError
 from . import text
-from .trainer import package
+from .trainer import check_distinct, package
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ def validate_config(config) -> None:
         raise ConfigError(f"{name}: give at least one concept to erase")
     if any(not c.strip() for c in config.concepts):
         raise ConfigError(f"{name}: a concept is empty ({config.concepts!r})")
+    check_distinct(config.concepts, name)
     guides = getattr(config, "guides", None)
     if guides is not None and len(guides) not in (1, len(config.concepts)):
         raise ConfigError(f"{name}: give one guide for all concepts or one per concept; got {len(guides)} guides "
