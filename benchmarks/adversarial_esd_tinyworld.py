@@ -47,12 +47,20 @@ def main() -> None:
     ap.add_argument("concept")
     ap.add_argument("out", help="file stem: OUT.safetensors (UCE + ESD-u) and OUT-esdu.safetensors")
     ap.add_argument("--inner", type=int, default=30, help="inner attack steps per outer step")
-    ap.add_argument("--mode", choices=["prefix", "free", "both", "pez"], default="both")
+    ap.add_argument("--mode", choices=["prefix", "free", "both", "pez", "hidden", "none"],
+                    default="both", help="the threat in the loop; none: plain ESD-u (the same loss, no adversary)")
+    ap.add_argument("--anchor", default="",
+                    help="the erased samples' target is the frozen model's ε on the same template naming this "
+                         "concept instead of ESD's negatively guided ε (Concept Ablation's model-based target)")
+    ap.add_argument("--anchor-guided", action="store_true",
+                    help="with --anchor: the anchor's ε negatively guided away from the concept, "
+                         "ε₀(T(a)) − η[ε₀(T(c)) − ε₀(T(a))], instead of the anchor's ε alone")
     ap.add_argument("--pez-inner", type=int, default=10, help="pez: adversary steps per outer step")
     ap.add_argument("--pez-rows", type=int, default=2, help="pez: samples the adversary attacks and the student sees")
     ap.add_argument("--pez-reset", type=int, default=25,
                     help="pez: a fresh random start every this many of its rounds (odd; module docstring)")
     ap.add_argument("--unsaid", type=float, default=0.0)
+    ap.add_argument("--hidden-lr", type=float, default=1e-2, help="hidden: the adversary's Adam learning rate")
     ap.add_argument("--iterations", type=int, default=ESD_U["iterations"])
     ap.add_argument("--rank", type=int, default=4, help="ESD-u's LoRA rank (its preset: 4)")
     args = ap.parse_args()
@@ -65,8 +73,8 @@ def main() -> None:
     config = resolve("esd-u", pipe, {**ESD_U, "iterations": args.iterations, "rank": args.rank}, (args.concept,))
     unet = sd.denoiser(pipe)
     kept, templates = esd.preserved(config), trainer.training_templates(config)
-    table = PromptTable(pipe, templates, [args.concept, args.concept] + kept + ([""] if args.unsaid else []),
-                        config.resolution)
+    table = PromptTable(pipe, templates, [args.concept, args.concept] + kept + ([""] if args.unsaid or args.mode == "hidden" else [])
+                        + ([args.anchor] if args.anchor else []), config.resolution)
     uncond, scheduler = table.uncond, ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config.batch_size, config.resolution)
     n, eta = shape[0], config.negative_guidance
@@ -74,6 +82,7 @@ def main() -> None:
         ap.error(f"--pez-rows must be at most ESD-u's batch size {n}, got {args.pez_rows}")
     n_unsaid = min(math.ceil(args.unsaid * n), n - 1) if args.unsaid else 0  # as ESD's `unsaid`
     unsaid = torch.arange(n) >= n - n_unsaid  # the batch's last samples leave the concept unsaid
+    unsaid_row = 2 + len(kept)
     threats = {"prefix": SoftPromptConfig(k=3, insertion="prefix_k", space="word_embedding", steps=args.inner,
                                           lr=1e-2, weight_decay=0.0, timesteps="random"),
                "free": SoftPromptConfig(k=16, insertion="prefix_k", space="word_embedding", steps=args.inner,
@@ -111,26 +120,53 @@ def main() -> None:
         with torch.no_grad():
             return pez_cond(nearest(cont))
 
+    hid = {}  # the hidden-state adversary's perturbation, kept across its rounds
+
+    def hidden_attack(step, gen, x, t, start, target):
+        """The text encoder's output itself attacked (the threat every prompt lies in): a perturbation of the
+        hidden states of ``start`` (the template with the concept unsaid), Adam lr ``--hidden-lr`` for ``--inner``
+        steps, so that the student's ε matches ``target``; warm-started, zeroed every ``--pez-reset`` rounds."""
+        if step % args.pez_reset == 0 or "delta" not in hid:
+            hid["delta"] = torch.zeros_like(start.hidden, requires_grad=True)
+            hid["opt"] = torch.optim.Adam([hid["delta"]], lr=args.hidden_lr)
+        delta, opt = hid["delta"], hid["opt"]
+        for _ in range(args.inner):
+            loss = F.mse_loss(predict(unet, x, t, Cond(start.hidden + delta)).float(), target)
+            delta.grad, = torch.autograd.grad(loss, delta)
+            opt.step()
+        return Cond((start.hidden + delta).detach())
+
     def loss_for(deltas):
         def loss_fn(step, gen, part=None):
             rows = torch.randint(len(templates), (n,), generator=gen).tolist()
             steps = int(torch.randint(config.num_inference_steps, (), generator=gen))
             erased = table.batch(0, rows)
-            source = Cond.cat([table.batch(len(table.names) - 1 if u else 0, [r])
+            source = Cond.cat([table.batch(unsaid_row if u else 0, [r])
                                for u, r in zip(unsaid.tolist(), rows)])
             with deltas.disabled(), torch.no_grad():  # the frozen teacher
                 x, t = rollout(unet, scheduler, source, uncond, config.start_guidance, steps, shape, gen)
                 held = [uncond.repeat(n), table.batch(2 + int(torch.randint(len(kept), (), generator=gen)), rows)]
-                e_erase, e_from, *e_held = predict(unet, torch.cat([x] * 4), t,
-                                                   Cond.cat([erased, source] + held)).float().chunk(4)
+                anchor = [table.batch(len(table.names) - 1, rows)] if args.anchor else []
+                e_erase, e_from, *e_held = predict(unet, torch.cat([x] * (4 + len(anchor))), t,
+                                                   Cond.cat([erased, source] + held + anchor)).float().chunk(
+                                                       4 + len(anchor))
+                e_anchor = e_held.pop() if args.anchor else None
             target = e_from - eta * (e_erase - torch.where(unsaid.view(-1, 1, 1, 1), e_from, e_held[0]))
+            if args.anchor:  # the samples that name the concept go to the anchor's ε instead
+                to = e_anchor - eta * (e_erase - e_anchor) if args.anchor_guided else e_anchor
+                target = torch.where(unsaid.view(-1, 1, 1, 1), target, to)
             if args.mode == "pez" and step % 2:
                 r = args.pez_rows
                 attacked = pez_attack(step, gen, x[:r], t, e_erase[:r])
                 attacked = Cond(attacked.hidden.to(x.dtype)).repeat(r)
                 first = Cond.cat([attacked, source[r:]])
+            elif args.mode == "hidden" and step % 2:
+                first = Cond.cat([hidden_attack(step, gen, x[:1], t, table.batch(unsaid_row, rows[:1]),
+                                                e_erase[:1]), source[1:]])
+            elif args.mode == "none":
+                first = source
             else:
-                kind = args.mode if args.mode not in ("both", "pez") else ("free" if step % 2 else "prefix")
+                kind = args.mode if args.mode not in ("both", "pez", "hidden") else ("free" if step % 2 else "prefix")
                 prompt = "" if kind == "free" else templates[rows[0]].replace("{}", args.concept)
                 soft = soft_prompt_attack(pipe, prompt, config=threats[kind], init=state[kind], generator=gen,
                                           target_fn=lambda s, g: (x[:1], t, e_erase[:1]))  # against the student
@@ -146,7 +182,8 @@ def main() -> None:
 
     made_by = {"script": "benchmarks/adversarial_esd_tinyworld.py", "inner": args.inner, "mode": args.mode,
                "unsaid": args.unsaid, "pez_inner": args.pez_inner, "pez_rows": args.pez_rows,
-               "pez_reset": args.pez_reset}  # the file's config is ESD-u's; this records the loop around it
+               "pez_reset": args.pez_reset, "anchor": args.anchor, "anchor_guided": args.anchor_guided,
+               "hidden_lr": args.hidden_lr}  # the file's config is ESD-u's; this records the loop around it
     rest = trainer.train(pipe, config, esd.select(pipe, "esd-u"), loss_for, "esd-u")
     rest = dataclasses.replace(rest, info={**rest.info, "adversarial": made_by})
     rest.save(f"{args.out}-esdu.safetensors")

@@ -18,6 +18,7 @@ The issue's bars: union ASR ≤ 25 % on circle, ≤ 35 % on red and striped, ≥
 
     python benchmarks/robust_tinyworld.py [CANDIDATE ...] [--concepts circle red striped]
     python benchmarks/robust_tinyworld.py NAME --concepts circle --files A.safetensors [B.safetensors ...]
+    python benchmarks/robust_tinyworld.py --table      # every row of the JSON as one markdown table
 
 ``--files`` judges adapter files made elsewhere (``adversarial_esd_tinyworld.py``) as candidate NAME; the row
 records each file's path and provenance (its ``info``). Each row records when and at which commit it was made
@@ -78,13 +79,35 @@ def adapter_file(pipe, method: str, concept: str, options: dict) -> Path:
     return path
 
 
+def table(results: dict) -> str:
+    """Every row of ``results`` as a markdown table: erasure, each of the issue's six attacks, their union, SAGE."""
+    pct = lambda v: f"{100 * v:.0f}"  # noqa: E731
+    head = ["candidate", "concept", "erased % (synonyms)", "drop (pts)", *ISSUE_ATTACKS, "union of six", "sage",
+            "union of all", "made"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, r in results["rows"].items():
+        name, concept = key.rsplit("/", 1)
+        made = r.get("made", {})
+        lines.append("| " + " | ".join([
+            name, concept, f"{pct(r['erased'])} ({pct(r['erased_synonyms'])})", f"{100 * r['preservation_drop']:.1f}",
+            *[pct(r["asr"][a]) for a in ISSUE_ATTACKS],
+            f"**{pct(r['union_asr_six'])}**" if "union_asr_six" in r else "—", pct(r["asr"].get("sage", float("nan"))),
+            pct(r["union_asr"]),
+            " ".join(str(made[k]) for k in ("date", "git_commit") if k in made) or "—"]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("candidates", nargs="*", help=f"default: all ({', '.join(CANDIDATES)})")
     ap.add_argument("--concepts", nargs="+", default=["circle", "red", "striped"])
     ap.add_argument("--files", nargs="+", metavar="FILE", help="judge these adapter files, loaded together, as the "
                     "one candidate named (made elsewhere, e.g. by adversarial_esd_tinyworld.py; one concept)")
+    ap.add_argument("--table", action="store_true", help="print every row as a markdown table and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(OUT.read_text())))
+        return
     if args.files and (len(args.candidates) != 1 or len(args.concepts) != 1):
         ap.error("--files needs one candidate name and one --concepts value")
     if args.files:
