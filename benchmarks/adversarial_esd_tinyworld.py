@@ -14,7 +14,13 @@ found by PEZ (continuous embeddings projected onto the nearest tokens, straight-
 samples (the odd outer steps are its rounds; the even ones run the prefix threat), warm-started and restarted at
 random every ``--pez-reset`` of its rounds (odd: at the outer steps that are odd multiples of it); the attacked
 tokens are then those samples' student input. With ``--unsaid S`` a share of the samples leave the concept unsaid
-(ESD's ``unsaid``). The ESD-u adapter is stacked with UCE's (tinyworld preset) into one file;
+(ESD's ``unsaid``). ``--mode hidden`` attacks the text encoder's output itself, the space every prompt lands in: a
+perturbation of the hidden states of the first sample's template with the concept unsaid, ``--inner`` Adam steps
+(``--hidden-lr``) against the student, warm-started and zeroed every ``--pez-reset`` of its rounds (the odd steps;
+the even ones run the prefix threat). ``--mode none`` runs no adversary (plain ESD-u with this loss). ``--anchor A``
+sends the samples that name the concept to the frozen model's ε on the same template naming A instead of ESD's
+negatively guided ε (Concept Ablation's model-based target, Kumari et al., ICCV 2023); with ``--anchor-guided`` to
+``ε₀(T(A)) − η[ε₀(T(c)) − ε₀(T(A))]``. The ESD-u adapter is stacked with UCE's (tinyworld preset) into one file;
 ``robust_tinyworld.py --files`` judges it.
 
     python benchmarks/adversarial_esd_tinyworld.py circle OUT [--inner 30] [--unsaid 0.25] [--mode pez]
@@ -58,22 +64,31 @@ def main() -> None:
     ap.add_argument("--pez-inner", type=int, default=10, help="pez: adversary steps per outer step")
     ap.add_argument("--pez-rows", type=int, default=2, help="pez: samples the adversary attacks and the student sees")
     ap.add_argument("--pez-reset", type=int, default=25,
-                    help="pez: a fresh random start every this many of its rounds (odd; module docstring)")
+                    help="pez, hidden: a fresh start every this many of its rounds (odd; module docstring)")
     ap.add_argument("--unsaid", type=float, default=0.0)
     ap.add_argument("--hidden-lr", type=float, default=1e-2, help="hidden: the adversary's Adam learning rate")
     ap.add_argument("--iterations", type=int, default=ESD_U["iterations"])
     ap.add_argument("--rank", type=int, default=4, help="ESD-u's LoRA rank (its preset: 4)")
+    ap.add_argument("--preserve-weight", type=float, default=ESD_U["preserve_weight"],
+                    help="ESD-u's weight on holding the siblings (its preset in `layered`: 1)")
+    ap.add_argument("--negative-guidance", type=float, help="ESD's η (default: its tinyworld preset's)")
     args = ap.parse_args()
     if args.pez_reset < 1 or args.pez_reset % 2 == 0:  # the PEZ rounds are the odd steps: an even multiple is none
         ap.error(f"--pez-reset must be odd and ≥ 1, got {args.pez_reset}")
+    if args.anchor_guided and not args.anchor:
+        ap.error("--anchor-guided needs --anchor")
     if args.pez_rows < 1:
         ap.error(f"--pez-rows must be ≥ 1, got {args.pez_rows}")
     torch.set_num_threads(1)
     pipe = load_pipeline(None, device="cpu")
-    config = resolve("esd-u", pipe, {**ESD_U, "iterations": args.iterations, "rank": args.rank}, (args.concept,))
+    options = {**ESD_U, "iterations": args.iterations, "rank": args.rank, "preserve_weight": args.preserve_weight}
+    if args.negative_guidance is not None:
+        options["negative_guidance"] = args.negative_guidance
+    config = resolve("esd-u", pipe, options, (args.concept,))
     unet = sd.denoiser(pipe)
     kept, templates = esd.preserved(config), trainer.training_templates(config)
-    table = PromptTable(pipe, templates, [args.concept, args.concept] + kept + ([""] if args.unsaid or args.mode == "hidden" else [])
+    empty = [""] if args.unsaid or args.mode == "hidden" else []  # the templates with the concept unsaid
+    table = PromptTable(pipe, templates, [args.concept, args.concept] + kept + empty
                         + ([args.anchor] if args.anchor else []), config.resolution)
     uncond, scheduler = table.uncond, ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config.batch_size, config.resolution)
