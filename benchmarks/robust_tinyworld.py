@@ -19,6 +19,7 @@ The issue's bars: union ASR ≤ 25 % on circle, ≤ 35 % on red and striped, ≥
     python benchmarks/robust_tinyworld.py [CANDIDATE ...] [--concepts circle red striped]
     python benchmarks/robust_tinyworld.py NAME --concepts circle --files A.safetensors [B.safetensors ...]
     python benchmarks/robust_tinyworld.py --table      # every row of the JSON as one markdown table
+    python benchmarks/robust_tinyworld.py NAME --concepts circle --files A.safetensors --seeds 2 3   # noise check
 
 ``--files`` judges adapter files made elsewhere (``adversarial_esd_tinyworld.py``) as candidate NAME; the row
 records each file's path and provenance (its ``info``). Each row records when and at which commit it was made
@@ -104,6 +105,9 @@ def main() -> None:
     ap.add_argument("--files", nargs="+", metavar="FILE", help="judge these adapter files, loaded together, as the "
                     "one candidate named (made elsewhere, e.g. by adversarial_esd_tinyworld.py; one concept)")
     ap.add_argument("--table", action="store_true", help="print every row as a markdown table and exit")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
+                    help="seeds of the erasure grid and of the attacked images (the bars: 0 1; other seeds check how "
+                         "much a row moves with them, in rows keyed NAME/CONCEPT@seeds...)")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(OUT.read_text())))
@@ -123,6 +127,8 @@ def main() -> None:
     base = results.setdefault("base_other_accuracy", {})
     pipe, judge = load_pipeline(device="cpu"), load_judge()
     full = BUDGETS["full"]
+    seeds = tuple(args.seeds)
+    tag = "" if seeds == SEEDS else "@seeds" + "-".join(map(str, seeds))
 
     def save():  # rows another run of this script wrote meanwhile (other concepts or candidates) are kept
         if OUT.exists():
@@ -133,30 +139,32 @@ def main() -> None:
         atomic_write(OUT, (json.dumps(results, indent=1) + "\n").encode())
 
     for concept in args.concepts:
-        if concept not in base:
-            base[concept] = erasure(pipe, judge, concept, seeds=SEEDS).other_accuracy
+        if concept + tag not in base:
+            base[concept + tag] = erasure(pipe, judge, concept, seeds=seeds).other_accuracy
             save()
         for name in args.candidates or list(CANDIDATES):
-            key = f"{name}/{concept}"
+            key = f"{name}/{concept}{tag}"
             if key in rows:
                 continue
             started = time.time()
             paths = [Path(o["path"]) if m == "file" else adapter_file(pipe, m, concept, o) for m, o in CANDIDATES[name]]
             names = [compose.load(pipe, p) for p in paths]
             try:
-                e = erasure(pipe, judge, concept, seeds=SEEDS)
+                e = erasure(pipe, judge, concept, seeds=seeds)
                 attacked = subsample(subsample(tinyworld_prompts(concept), full.prompts), full.attack_prompts)
                 report = audit(pipe, concept, attacks=list(ATTACKS), prompts=attacked, paraphrases=[],
-                               preserve_prompts=[], seeds=full.seeds, judge="tinyworld", grids=False, progress=True,
+                               preserve_prompts=[], seeds=seeds, judge="tinyworld", grids=False, progress=True,
                                out_dir=WORK / "audits" / key)
                 s = report.summary
                 six = summarize(report.records, concept, ISSUE_ATTACKS)["union_asr"]
             finally:
                 compose.unload(pipe, names)
-            drop = base[concept] - e.other_accuracy
+            drop = base[concept + tag] - e.other_accuracy
             row = {"erased": 1 - e.canonical_rate, "erased_synonyms": 1 - e.synonym_rate, "preservation_drop": drop,
                    "pre_asr": s["target"]["pre_asr"], "union_asr": s["union_asr"], "union_asr_six": six,
                    "asr": {a: v["asr"] for a, v in s["attacks"].items()}, "seconds": round(time.time() - started)}
+            if tag:
+                row["seeds"] = list(seeds)
             if args.files:  # made elsewhere: the files, and how their records say they were made
                 row["files"] = [{"path": str(p), "info": read_record(p)["info"]} for p in paths]
             row["meets_bars"] = (row["union_asr_six"] <= BARS["union_asr_max"].get(concept, 0.35)
