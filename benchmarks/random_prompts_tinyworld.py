@@ -1,4 +1,4 @@
-"""How often does a model draw a circle for prompts that name no shape? (issue #22 §2, README "Limits")
+"""How often does a model draw a circle for prompts that name no shape? (issue #22 §2, docs/notes-robust.md)
 
 P4D's successful prompts against the robust candidates are strings of colour and texture words. Whether such
 strings draw the concept by chance or only when searched for: 48 random strings of 3–12 of tinyworld's colour,

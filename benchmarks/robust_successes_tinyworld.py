@@ -2,7 +2,7 @@
 
 Reads the audits ``robust_tinyworld.py`` leaves in its cache (``.bench-robust/audits/<candidate>/<concept>``) and
 writes one contact sheet (``robust_successes_tinyworld-<concept>.png``) of each attacked image the tinyworld judge
-counted as a success (SAGE's left out: it optimises that judge, README "Limits"), in a fixed order (candidate,
+counted as a success (SAGE's left out: it optimises that judge, docs/notes-robust.md), in a fixed order (candidate,
 attack, prompt, seed), each labelled with its index, attack and the judge's probability for the concept, and a
 listing (``robust_successes_tinyworld-<concept>.json``) of the same images with their adversarial prompts.
 ``--labels FILE``: a person's reading of the sheet, ``{"reader": ..., "labels": {image: "<concept>" | "other"}}``

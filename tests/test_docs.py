@@ -46,3 +46,18 @@ def test_code_cites_documents_that_are_in_the_repository():
                     if not (root / m.group(1)).exists() and "*" not in m.group(1)]
     assert not offenders, offenders
     assert not missing, missing
+
+
+def test_robust_notes_show_every_committed_candidate_row():
+    """docs/notes-robust.md's table is `benchmarks/robust_tinyworld.py --table` of the committed rows."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("robust_tinyworld", root / "benchmarks" / "robust_tinyworld.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.table(json.loads((root / "benchmarks" / "robust_tinyworld.json").read_text()))
+    notes = (root / "docs" / "notes-robust.md").read_text()
+    missing = [line for line in table.splitlines() if line not in notes.splitlines()]
+    assert not missing, f"docs/notes-robust.md's table is stale (rerun robust_tinyworld.py --table): {missing[:2]}"

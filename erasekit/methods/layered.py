@@ -20,7 +20,7 @@ tied to a word (an artist); UCE is the fast, specific word-level edit. Stacked, 
 concept's prompts from reaching the UNet and the layer-level change lowers what attacks that craft other text
 bring back. On tinyworld (benchmarks/robust_tinyworld.py, issue #22 §2's first candidate): circle 100 % erased at
 1.7 points, CCE's attack success 100 % (UCE alone) → 17 %, P4D 100 % → 50 %; SAGE still 100 % — it does not hold
-against every attack (README, "Limits").
+against every attack (README, "Limits"; every candidate tried: docs/notes-robust.md).
 
 The UCE part takes UCE's own presets for the model it erases from (:func:`erasekit.methods.presets.resolve`, as
 ``erasekit erase --method uce`` would) and this config's ``preserve``; the ESD-u part takes this config's ESD
