@@ -20,8 +20,9 @@ perturbation of the hidden states of the first sample's template with the concep
 the even ones run the prefix threat). ``--mode none`` runs no adversary (plain ESD-u with this loss). ``--anchor A``
 sends the samples that name the concept to the frozen model's ε on the same template naming A instead of ESD's
 negatively guided ε (Concept Ablation's model-based target, Kumari et al., ICCV 2023); with ``--anchor-guided`` to
-``ε₀(T(A)) − η[ε₀(T(c)) − ε₀(T(A))]``. The ESD-u adapter is stacked with UCE's (tinyworld preset) into one file;
-``robust_tinyworld.py --files`` judges it.
+``ε₀(T(A)) − η[ε₀(T(c)) − ε₀(T(A))]``. With several anchors a sample's is the one its template's index picks
+(index mod their count), so each template keeps one anchor. The ESD-u adapter is stacked with UCE's (tinyworld
+preset) into one file; ``robust_tinyworld.py --files`` judges it.
 
     python benchmarks/adversarial_esd_tinyworld.py circle OUT [--inner 30] [--unsaid 0.25] [--mode pez]
     python benchmarks/robust_tinyworld.py NAME --concepts circle --files OUT.safetensors
@@ -55,9 +56,10 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=30, help="inner attack steps per outer step")
     ap.add_argument("--mode", choices=["prefix", "free", "both", "pez", "hidden", "none"],
                     default="both", help="the threat in the loop; none: plain ESD-u (the same loss, no adversary)")
-    ap.add_argument("--anchor", default="",
+    ap.add_argument("--anchor", nargs="+", default=[],
                     help="the erased samples' target is the frozen model's ε on the same template naming this "
-                         "concept instead of ESD's negatively guided ε (Concept Ablation's model-based target)")
+                         "concept instead of ESD's negatively guided ε (Concept Ablation's model-based target); "
+                         "several: each sample's by its template (module docstring)")
     ap.add_argument("--anchor-guided", action="store_true",
                     help="with --anchor: the anchor's ε negatively guided away from the concept, "
                          "ε₀(T(a)) − η[ε₀(T(c)) − ε₀(T(a))], instead of the anchor's ε alone")
@@ -89,7 +91,8 @@ def main() -> None:
     kept, templates = esd.preserved(config), trainer.training_templates(config)
     empty = [""] if args.unsaid or args.mode == "hidden" else []  # the templates with the concept unsaid
     table = PromptTable(pipe, templates, [args.concept, args.concept] + kept + empty
-                        + ([args.anchor] if args.anchor else []), config.resolution)
+                        + args.anchor, config.resolution)
+    first_anchor = len(table.names) - len(args.anchor)
     uncond, scheduler = table.uncond, ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config.batch_size, config.resolution)
     n, eta = shape[0], config.negative_guidance
@@ -161,7 +164,8 @@ def main() -> None:
             with deltas.disabled(), torch.no_grad():  # the frozen teacher
                 x, t = rollout(unet, scheduler, source, uncond, config.start_guidance, steps, shape, gen)
                 held = [uncond.repeat(n), table.batch(2 + int(torch.randint(len(kept), (), generator=gen)), rows)]
-                anchor = [table.batch(len(table.names) - 1, rows)] if args.anchor else []
+                anchor = [] if not args.anchor else [table.batch(first_anchor, rows)] if len(args.anchor) == 1 else [
+                    Cond.cat([table.batch(first_anchor + r % len(args.anchor), [r]) for r in rows])]
                 e_erase, e_from, *e_held = predict(unet, torch.cat([x] * (4 + len(anchor))), t,
                                                    Cond.cat([erased, source] + held + anchor)).float().chunk(
                                                        4 + len(anchor))
