@@ -164,8 +164,8 @@ def main() -> None:
             with deltas.disabled(), torch.no_grad():  # the frozen teacher
                 x, t = rollout(unet, scheduler, source, uncond, config.start_guidance, steps, shape, gen)
                 held = [uncond.repeat(n), table.batch(2 + int(torch.randint(len(kept), (), generator=gen)), rows)]
-                anchor = [] if not args.anchor else [table.batch(first_anchor, rows)] if len(args.anchor) == 1 else [
-                    Cond.cat([table.batch(first_anchor + r % len(args.anchor), [r]) for r in rows])]
+                anchor = [Cond.cat([table.batch(first_anchor + r % len(args.anchor), [r]) for r in rows])
+                          ] if args.anchor else []  # each template keeps one anchor
                 e_erase, e_from, *e_held = predict(unet, torch.cat([x] * (4 + len(anchor))), t,
                                                    Cond.cat([erased, source] + held + anchor)).float().chunk(
                                                        4 + len(anchor))
