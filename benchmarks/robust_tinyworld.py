@@ -18,11 +18,12 @@ The issue's bars: union ASR ≤ 25 % on circle, ≤ 35 % on red and striped, ≥
 
     python benchmarks/robust_tinyworld.py [CANDIDATE ...] [--concepts circle red striped]
     python benchmarks/robust_tinyworld.py NAME --concepts circle --files A.safetensors [B.safetensors ...]
-    python benchmarks/robust_tinyworld.py --table      # every row of the JSON as one markdown table
+    python benchmarks/robust_tinyworld.py --table      # every row as one markdown table (also into the notes)
     python benchmarks/robust_tinyworld.py NAME --concepts circle --files A.safetensors --seeds 2 3   # noise check
 
-``--files`` judges adapter files made elsewhere (``adversarial_esd_tinyworld.py``) as candidate NAME; the row
-records each file's path and provenance (its ``info``). Each row records when and at which commit it was made
+Every row written also rewrites the table of ``docs/notes-robust.md`` (between its markers). ``--files`` judges
+adapter files made elsewhere (``adversarial_esd_tinyworld.py``) as candidate NAME; the row records each file's path
+and provenance (its ``info``). Each row records when and at which commit it was made
 (``made``; the earliest rows have none, ``rows_note``).
 """
 
@@ -39,13 +40,14 @@ from erasekit.adapter import read_record
 from erasekit.attacks import ATTACKS
 from erasekit.audit import audit, subsample, summarize, tinyworld_prompts
 from erasekit.bench import BUDGETS
-from erasekit.core.files import atomic_write
+from erasekit.core.files import atomic_write, replace_between
 from erasekit.core.provenance import run_record
 from erasekit.loading import load_pipeline
 from erasekit.tinyworld import load_judge
 from erasekit.tinyworld.eval import erasure
 
 OUT = Path(__file__).with_name("robust_tinyworld.json")
+NOTES = Path(__file__).parents[1] / "docs" / "notes-robust.md"  # its table (between its markers) is :func:`table`'s
 WORK = Path(__file__).with_name(".bench-robust")
 FROZEN = Path(__file__).with_name("attack_presets_tinyworld.json")
 SEEDS = (0, 1)
@@ -98,19 +100,27 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def write_table(results: dict) -> str:
+    """:func:`table` of ``results``, also put between the table markers of docs/notes-robust.md."""
+    md = table(results)
+    replace_between(NOTES, "<!-- robust:table -->\n", "<!-- /robust:table -->", md + "\n")
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("candidates", nargs="*", help=f"default: all ({', '.join(CANDIDATES)})")
     ap.add_argument("--concepts", nargs="+", default=["circle", "red", "striped"])
     ap.add_argument("--files", nargs="+", metavar="FILE", help="judge these adapter files, loaded together, as the "
                     "one candidate named (made elsewhere, e.g. by adversarial_esd_tinyworld.py; one concept)")
-    ap.add_argument("--table", action="store_true", help="print every row as a markdown table and exit")
+    ap.add_argument("--table", action="store_true",
+                    help="print every row as a markdown table, put it into docs/notes-robust.md, and exit")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
                     help="seeds of the erasure grid and of the attacked images (the bars: 0 1; other seeds check how "
                          "much a row moves with them, in rows keyed NAME/CONCEPT@seeds...)")
     args = ap.parse_args()
     if args.table:
-        print(table(json.loads(OUT.read_text())))
+        print(write_table(json.loads(OUT.read_text())))
         return
     if args.files and (len(args.candidates) != 1 or len(args.concepts) != 1):
         ap.error("--files needs one candidate name and one --concepts value")
@@ -137,6 +147,7 @@ def main() -> None:
                 results[part].update({k: v for k, v in written.get(part, {}).items() if k not in results[part]})
         results["run"] = run_record()
         atomic_write(OUT, (json.dumps(results, indent=1) + "\n").encode())
+        write_table(results)
 
     for concept in args.concepts:
         if concept + tag not in base:

@@ -60,4 +60,4 @@ def test_robust_notes_show_every_committed_candidate_row():
     table = module.table(json.loads((root / "benchmarks" / "robust_tinyworld.json").read_text()))
     notes = (root / "docs" / "notes-robust.md").read_text()
     missing = [line for line in table.splitlines() if line not in notes.splitlines()]
-    assert not missing, f"docs/notes-robust.md's table is stale (rerun robust_tinyworld.py --table): {missing[:2]}"
+    assert not missing, f"docs/notes-robust.md's table is stale (run robust_tinyworld.py --table): {missing[:2]}"

@@ -195,18 +195,10 @@ def update_readme(readme: Path, results: dict, marker: str) -> bool:
     """Put the table of ``results`` between ``<!-- bench:MARKER -->`` and ``<!-- /bench:MARKER -->`` in ``readme``
     (the quick run's whole table; the full suite's header and main table, its per-attack table stays in
     ``results-full.md``), so that a bench run keeps the README's tables true. False when the markers are absent."""
-    from ..core.files import atomic_write
+    from ..core.files import replace_between
 
-    text = readme.read_text()
-    start, end = f"<!-- bench:{marker} -->\n", f"<!-- /bench:{marker} -->"
-    if start not in text or end not in text:
-        return False
     md = table(results)
     block = md if marker.startswith("quick") else "\n\n".join(md.split("\n\n")[:2]).strip() + "\n"
-    head, rest = text.split(start, 1)
-    new = head + start + block + end + rest.split(end, 1)[1]
-    if new != text:
-        atomic_write(readme, new.encode())
-    return True
+    return replace_between(readme, f"<!-- bench:{marker} -->\n", f"<!-- /bench:{marker} -->", block)
 
 

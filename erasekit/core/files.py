@@ -51,6 +51,19 @@ def atomic_write(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def replace_between(path: Path, start: str, end: str, block: str) -> bool:
+    """Put ``block`` between the markers ``start`` and ``end`` of the text file ``path`` (atomically, only when it
+    changes); False when a marker is absent."""
+    text = path.read_text()
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    new = head + start + block + end + rest.split(end, 1)[1]
+    if new != text:
+        atomic_write(path, new.encode())
+    return True
+
+
 def atomic_save_file(tensors: dict, metadata: dict[str, str], path: Path) -> None:
     """safetensors ``save_file`` to ``path`` atomically (see :func:`replacing`)."""
     from safetensors.torch import save_file
