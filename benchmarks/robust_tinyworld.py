@@ -70,6 +70,9 @@ CANDIDATES: dict[str, tuple[tuple[str, dict], ...]] = {
                                                  "unsaid": 0.5})),
     "uce+esd-u-unsaid-quarter": (("uce", {}), ("esd-u", {"preserve_related": True, "preserve_weight": 1.0,
                                                          "iterations": 400, "unsaid": 0.25})),
+    # the registered best so far (`layered-adv`): `layered` whose ESD-u part is trained against soft prompts on
+    # itself and guided away from the concept from its siblings, the siblings held twice as hard
+    "layered-adv": (("layered-adv", {}),),
 }
 
 

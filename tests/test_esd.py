@@ -344,6 +344,120 @@ def test_esd_unsaid_samples_leave_the_concept_unsaid_and_are_pushed_away_from_it
             esd.EsdConfig(concepts=("cat",), **bad)
 
 
+def test_esd_anchors_guide_the_concept_away_from_it_from_its_templates_anchor(sd1, monkeypatch):
+    """With ``anchors`` (a, b) and two templates, a sample in template j is sent to ε₀(T_j(anchor j mod 2)) −
+    η[ε₀(T_j(c)) − ε₀(T_j(anchor))]. Re-derived from the captured x_t: at the base model (student = teacher) the loss
+    is (1 + η)² times the mean squared distance of each sample's concept and anchor predictions."""
+    templates = ("a photo of {}", "a drawing of {}")
+    config = esd.EsdConfig(concepts=("cat",), templates=templates, anchors=("a dog", "a car"), num_inference_steps=4,
+                           batch_size=4, negative_guidance=1.5, progress=False)
+    seen = {}
+
+    def spy(unet, scheduler, cond, uncond, *args, **kwargs):
+        seen["cond"], seen["xt"] = cond, trainer.rollout(unet, scheduler, cond, uncond, *args, **kwargs)
+        return seen["xt"]
+
+    monkeypatch.setattr(esd, "rollout", spy)
+    with torch.no_grad(), lora.attach(sd1.unet, esd.select(sd1, "esd-x"), 0, torch.Generator().manual_seed(0)) as deltas:
+        loss = float(trainer.total(esd.objective(sd1, config)(deltas)(0, trainer.step_generator(3, 0))))
+        cat, _ = trainer.encode(sd1, [t.replace("{}", "cat") for t in templates])
+        anchor, _ = trainer.encode(sd1, [templates[0].replace("{}", "a dog"), templates[1].replace("{}", "a car")])
+        rows = [next(j for j in range(2) if torch.equal(h, cat[j].hidden[0])) for h in seen["cond"].hidden]
+        assert set(rows) == {0, 1}  # both templates drawn at this seed: both anchors checked
+        (x, t), eta = seen["xt"], config.negative_guidance
+        with deltas.disabled():
+            e_c = trainer.predict(sd1.unet, x, t, trainer.Cond.cat([cat[r] for r in rows])).float()
+            e_a = trainer.predict(sd1.unet, x, t, trainer.Cond.cat([anchor[r] for r in rows])).float()
+    assert loss == pytest.approx(float((1 + eta) ** 2 * ((e_c - e_a) ** 2).mean()), rel=1e-4)
+    for bad, match in ((dict(anchors=("cat",)), "anchor 'cat' is one of the concepts"), (dict(anchors=(" ",)), "anchors"),
+                       (dict(anchors="a dog"), "anchors"), (dict(adversary_steps=-1), "adversary_steps")):
+        with pytest.raises(ConfigError, match=match):
+            esd.EsdConfig(concepts=("cat",), **bad)
+
+
+def test_esd_anchor_related_are_the_siblings_on_tinyworld_only(sd1, tinyworld_pipe):
+    config = esd.EsdConfig(concepts=("red",), anchor_related=True)
+    assert for_model(config, on_tinyworld(tinyworld_pipe)).anchors == ("green", "blue", "yellow", "purple", "orange")
+    assert for_model(config, on_tinyworld(sd1)).anchors == ()
+    given = dataclasses.replace(config, anchors=("blue",))
+    assert for_model(given, on_tinyworld(tinyworld_pipe)).anchors == ("blue",)  # the user's anchors win
+
+
+def test_esd_adversary_attacks_the_student_and_its_first_sample_sees_the_attack(sd1, monkeypatch):
+    """With ``adversary_steps`` the soft-prompt attack runs against the student before the update: 3 tokens before
+    the first sample's prompt on even steps, 16 alone on odd ones, each warm-started from its own last δ; the first
+    sample's student input is the attacked prompt (the loss re-derived from the captured attack), the target ESD's."""
+    from erasekit.attacks import unlearndiffatk
+
+    config = esd.EsdConfig(concepts=("cat",), templates=("a photo of {}",), num_inference_steps=4, batch_size=2,
+                           adversary_steps=2, progress=False)
+    calls = []
+
+    def spy(pipe, prompt, config=None, init=None, generator=None, target_fn=None, **kwargs):
+        x, t, target = target_fn(0, generator)
+        init = None if init is None else init.clone()  # the state the objective warm-starts from, before it moves
+        soft = unlearndiffatk.soft_prompt_attack(pipe, prompt, config=config, init=init, generator=generator,
+                                                 target_fn=target_fn, **kwargs)
+        calls.append(dict(prompt=prompt, k=config.k, steps=config.steps, init=None if init is None else init.clone(),
+                          soft=soft, x=x, t=t, target=target))
+        return soft
+
+    monkeypatch.setattr(esd, "soft_prompt_attack", spy)
+    rolled = {}
+
+    def rollout_spy(*args, **kwargs):
+        rolled["xt"] = trainer.rollout(*args, **kwargs)
+        return rolled["xt"]
+
+    monkeypatch.setattr(esd, "rollout", rollout_spy)
+    state = esd.adversary_state(sd1, config)
+    with lora.attach(sd1.unet, esd.select(sd1, "esd-x"), 2, torch.Generator().manual_seed(0)) as deltas:
+        with torch.no_grad():
+            for p in deltas.params.values():
+                p.normal_(std=0.05)  # a student that differs from the teacher
+        fn = esd.objective(sd1, config, state)(deltas)
+        loss = float(trainer.total(fn(0, trainer.step_generator(3, 0))))
+        first = calls[0]
+        assert (first["prompt"], first["k"], first["steps"], first["init"]) == ("a photo of cat", 3, 2, None)
+        assert torch.equal(state["prefix"], first["soft"].delta) and not state["free"].abs().sum()
+        with torch.no_grad():  # the attacked first sample and the plain second one, against ESD's targets
+            (said,), uncond = trainer.encode(sd1, ["a photo of cat"])
+            attacked = trainer.Cond(first["soft"].cond(sd1).embeds)
+            x, t = rolled["xt"]
+            assert torch.equal(first["x"], x[:1])
+            with deltas.disabled():
+                e_c = trainer.predict(sd1.unet, x, t, said.repeat(2)).float()
+                e_0 = trainer.predict(sd1.unet, x, t, uncond.repeat(2)).float()
+            torch.testing.assert_close(first["target"].float(), e_c[:1], rtol=1e-4, atol=1e-5)  # the frozen ε on T(c)
+            target = e_c - config.negative_guidance * (e_c - e_0)
+            student = trainer.predict(sd1.unet, x, t, trainer.Cond.cat([attacked, said])).float()
+        assert loss == pytest.approx(float(((student - target) ** 2).mean()), rel=1e-4)
+        plain = trainer.predict(sd1.unet, x, t, said.repeat(2)).float().detach()
+        assert float(((plain - target) ** 2).mean()) != pytest.approx(loss, rel=1e-3)  # the attack mattered
+        fn(1, trainer.step_generator(3, 1))
+        fn(2, trainer.step_generator(3, 2))
+        assert (calls[1]["prompt"], calls[1]["k"], calls[1]["init"]) == ("", 16, None)
+        assert calls[2]["k"] == 3 and torch.equal(calls[2]["init"], first["soft"].delta)  # warm start, its own δ
+    with pytest.raises(ConfigError, match="adversary_steps needs a UNet with one text encoder"):
+        esd.erase(tiny_pipeline("sdxl"), dataclasses.replace(config, iterations=1))
+
+
+def test_esd_adversary_state_is_checkpointed_and_resume_matches(sd1, tmp_path):
+    base = dict(concepts=("cat",), num_inference_steps=4, batch_size=2, progress=False, lr=1e-2, adversary_steps=2)
+    full = esd.erase(sd1, esd.EsdConfig(iterations=4, **base))
+    esd.erase(sd1, esd.EsdConfig(iterations=3, checkpoint_dir=str(tmp_path), **base))  # "killed" after 3 steps
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / trainer.CHECKPOINT), "pt") as f:  # each threat's δ, as the third step left it
+        assert f.get_tensor("param.adversary.prefix").shape == (3, sd1.text_encoder.config.hidden_size)
+        assert f.get_tensor("param.adversary.free").abs().sum() > 0
+    resumed = esd.erase(sd1, esd.EsdConfig(iterations=4, checkpoint_dir=str(tmp_path), resume=True, **base))
+    for key, d in full.deltas.items():  # the fourth step warm-starts from the checkpointed δ, as it did unbroken
+        torch.testing.assert_close(resumed.deltas[key].up, d.up, rtol=0, atol=1e-6)
+        torch.testing.assert_close(resumed.deltas[key].down, d.down, rtol=0, atol=1e-6)
+    assert "adversary.prefix" not in str(list(full.deltas))  # the adversary's state is not part of the adapter
+
+
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_structures_smoke(family):
     pipe = tiny_pipeline(family)

@@ -21,6 +21,21 @@ model and pushed away from the concept *in that context*:
 when nothing names them (its prior: on tinyworld a prompt without a shape draws a circle a third of the time), and
 attacks that find text the erasure does not recognise land there; the term erases the concept from that prior.
 
+With ``anchors`` (erasekit's addition) the samples that name the concept are sent away from it *toward* an anchor
+in the same template instead of toward ∅:
+``ε_θ(x_t, T(c), t) ← ε_θ₀(x_t, T(a)) − η [ε_θ₀(x_t, T(c)) − ε_θ₀(x_t, T(a))]``, each template keeping one anchor
+(its index mod their count); η = 0 is Concept Ablation's model-based target (Kumari et al., ICCV 2023, Eq. 3). On
+tinyworld the anchors may be the concept's siblings (``anchor_related``: the other shapes for circle), so the
+concept's prompts draw one of them and the guidance points away from the concept from every one of them.
+
+With ``adversary_steps`` (erasekit's addition after RACE, Kim et al., ECCV 2024, which trains ESD against
+adversarial text embeddings, and AdvUnlearn's bi-level loop, Zhang et al., NeurIPS 2024, Eq. 4–5, moved from the
+text encoder to the denoiser) each step first runs the audit's soft-prompt attack
+(:func:`erasekit.attacks.unlearndiffatk.soft_prompt_attack`) against the *student* on the batch's first sample:
+free token embeddings that make the student reproduce the frozen model's ε_θ₀(x_t, T(c)) — on even steps 3 before
+the prompt (UnlearnDiffAtk's threat), on odd steps 16 with no prompt (P4D-N's) — each warm-started from its last
+round and checkpointed with the run; that sample's student input is then the attacked prompt, its target ESD's.
+
 The trainable ``ΔW`` are low-rank (``rank``) or full (``rank=0``) deltas on the preset's modules, attached with
 hooks (``erasekit.core.lora``): the frozen teacher is the same UNet with the hooks disabled, so one UNet is in
 memory. Presets: ``esd-x`` (every Linear of the cross-attention ``attn2``), ``esd-x-strict`` (``attn2.to_k``/
@@ -48,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapter import Adapter
+from ..attacks.unlearndiffatk import SoftPromptConfig, soft_prompt_attack
 from ..core import lora, sd
 from ..core.mmdit import POOLED_TEXT_EMBEDDER
 from ..core.processes import WHOLE, Part
@@ -98,6 +114,11 @@ class EsdConfig:
             concept unsaid (a template with "" in the concept's slot: what the model draws when no word asks for
             the concept, its prior), pushed away from the concept in that context (module docstring); 0 = the
             paper's ESD.
+        anchors: prompts the erased samples are guided toward instead of ∅, each template keeping one:
+            ``ε_θ₀(T(a)) − η[ε_θ₀(T(c)) − ε_θ₀(T(a))]`` (module docstring); empty = the paper's ESD.
+        anchor_related: on tinyworld, the anchors are the erased concepts' siblings (the other shapes for a shape).
+        adversary_steps: steps of the soft-prompt attack run against the student before each update (module
+            docstring; SD 1.x/2.x-style UNets with one text encoder); 0 = no adversary, the paper's ESD.
     """
 
     concepts: tuple[str, ...]
@@ -109,6 +130,9 @@ class EsdConfig:
     preserve: tuple[str, ...] = ()
     preserve_related: bool = False
     unsaid: float = 0.0
+    anchors: tuple[str, ...] = ()
+    anchor_related: bool = False
+    adversary_steps: int = 0
 
     def __post_init__(self):
         validate_rollout_training(self)
@@ -123,6 +147,14 @@ class EsdConfig:
             raise ConfigError(f"preserve must be a tuple of non-empty prompts, got {self.preserve!r}")
         if (self.preserve or self.preserve_related) and not self.preserve_weight:
             raise ConfigError("preserve / preserve_related need preserve_weight > 0 (the preservation term's weight)")
+        if isinstance(self.anchors, str) or not all(isinstance(a, str) and a.strip() for a in self.anchors):
+            raise ConfigError(f"anchors must be a tuple of non-empty prompts, got {self.anchors!r}")
+        erased = {c.strip() for c in self.concepts}
+        if any(a.strip() in erased for a in self.anchors):
+            raise ConfigError(f"anchor {next(a for a in self.anchors if a.strip() in erased)!r} is one of the "
+                              "concepts being erased")
+        if self.adversary_steps < 0:
+            raise ConfigError(f"adversary_steps must be ≥ 0, got {self.adversary_steps}")
         if self.train_method not in PRESETS:
             raise ConfigError(f"train_method must be one of {', '.join(PRESETS)}, got {self.train_method!r}")
 
@@ -134,20 +166,23 @@ def preserved(config) -> list[str]:
     return [p for p in dict.fromkeys(config.preserve) if p not in config.concepts]
 
 
-def objective(pipe, config: EsdConfig) -> Callable:
-    """``loss_for(deltas) -> loss_fn(step, generator)``: the ESD loss of one step (module docstring)."""
+def objective(pipe, config: EsdConfig, adversary_state: dict[str, torch.Tensor] | None = None) -> Callable:
+    """``loss_for(deltas) -> loss_fn(step, generator)``: the ESD loss of one step (module docstring).
+    ``adversary_state`` (:func:`adversary_state`) holds the soft-prompt adversary's δ across rounds and checkpoints."""
     unet = sd.denoiser(pipe)
     n_concepts = len(config.concepts)
     sources = [config.erase_from or c for c in config.concepts]  # what x_t is drawn from and the student sees
-    kept = preserved(config)
-    table = PromptTable(pipe, training_templates(config), list(config.concepts) + sources + kept
-                        + ([""] if config.unsaid else []), config.resolution)
+    kept, anchors = preserved(config), list(config.anchors)
+    templates = training_templates(config)
+    names = list(config.concepts) + sources + kept
+    unsaid_row, first_anchor = len(names), len(names) + bool(config.unsaid)
+    table = PromptTable(pipe, templates, names + ([""] if config.unsaid else []) + anchors, config.resolution)
     uncond = table.uncond
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config.batch_size, config.resolution)
     n, eta = shape[0], config.negative_guidance
     n_unsaid = min(math.ceil(config.unsaid * n), n - 1)  # the batch's last samples leave the concept unsaid
-    unsaid_row = len(table.names) - 1
+    threats = adversary_threats(pipe, config)
 
     def loss_for(deltas: lora.Deltas):
         def loss_fn(step: int, gen: torch.Generator, part: Part = WHOLE) -> torch.Tensor:
@@ -166,24 +201,74 @@ def objective(pipe, config: EsdConfig) -> Callable:
                 held = [uncond.repeat(m)]  # what the preservation term holds: ∅, and one preserved prompt
                 if kept:  # drawn after the rollout: x_t is the same with or without preserve prompts
                     held.append(table.batch(2 * n_concepts + int(torch.randint(len(kept), (), generator=gen)), rows))
-                teacher = Cond.cat([erased, source] + held)
-                e_erase, e_from, *e_held = predict(unet, torch.cat([x] * (2 + len(held))), t,
-                                                   teacher).float().chunk(2 + len(held))
+                anchor = [Cond.cat([table.batch(first_anchor + r % len(anchors), [r]) for r in rows])
+                          ] if anchors else []  # each template keeps one anchor
+                teacher = Cond.cat([erased, source] + held + anchor)
+                e_erase, e_from, *e_held = predict(unet, torch.cat([x] * (2 + len(held) + len(anchor))), t,
+                                                   teacher).float().chunk(2 + len(held) + len(anchor))
             base = e_held[0]  # ∅; for a sample that leaves the concept unsaid, its own prompt
             if unsaid.any():
                 base = torch.where(unsaid.view(-1, *[1] * (base.ndim - 1)), e_from, base)
             target = e_from - eta * (e_erase - base)
+            if anchors:  # the samples that name the concept: guided away from it from their anchor
+                e_anchor = e_held.pop()
+                target = torch.where(unsaid.view(-1, *[1] * (base.ndim - 1)), target,
+                                     e_anchor - eta * (e_erase - e_anchor))
+            seen = source  # what the student sees: the first sample's prompt attacked, with an adversary
+            if threats and mine.start == 0:
+                seen = Cond.cat([adversary(step, gen, x[:1], t, e_erase[:1], templates[rows[0]].replace(
+                    "{}", config.concepts[k])), source[1:]])
             if not config.preserve_weight:
-                return part.mean(F.mse_loss(predict(unet, x, t, source).float(), target), n)
+                return part.mean(F.mse_loss(predict(unet, x, t, seen).float(), target), n)
             student, *s_held = predict(unet, torch.cat([x] * (1 + len(held))), t,
-                                       Cond.cat([source] + held)).float().chunk(1 + len(held))
+                                       Cond.cat([seen] + held)).float().chunk(1 + len(held))
             forget = part.mean(F.mse_loss(student, target), n)  # (forgetting, retaining): fit adds them, or
             return forget, part.mean(config.preserve_weight * sum(  # deconflicts them (gradient_surgery)
                 F.mse_loss(s, e) for s, e in zip(s_held, e_held)), n)
 
         return loss_fn
 
+    def adversary(step: int, gen: torch.Generator, x: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+                  prompt: str) -> Cond:
+        """The soft-prompt attack on the student (the hooked UNet) for this step's threat (module docstring):
+        free tokens before ``prompt`` on even steps, alone on odd ones, warm-started from that threat's last δ."""
+        kind = ADVERSARY_THREATS[step % 2]
+        previous = adversary_state[kind] if adversary_state is not None else None
+        warm = previous is not None and bool(previous.abs().sum() > 0)  # zeros: not drawn yet
+        soft = soft_prompt_attack(pipe, prompt if kind == "prefix" else "", config=threats[kind],
+                                  init=previous if warm else None, generator=gen,
+                                  target_fn=lambda _, __: (x, t, target))
+        if adversary_state is not None:
+            with torch.no_grad():
+                adversary_state[kind].copy_(soft.delta)
+        with torch.no_grad():
+            return Cond(soft.cond(pipe).embeds.to(x.dtype))
+
     return loss_for
+
+
+#: the adversary's two threats, taken in turn (even steps, odd steps)
+ADVERSARY_THREATS = ("prefix", "free")
+
+
+def adversary_threats(pipe, config: EsdConfig) -> dict[str, SoftPromptConfig]:
+    """The adversary's attack settings (module docstring), or {} without one: word-embedding δ, Adam lr 1e-2 (the
+    audit's UnlearnDiffAtk), ``adversary_steps`` steps; 3 tokens before the prompt, or 16 tokens alone."""
+    if not config.adversary_steps:
+        return {}
+    if sd.is_sdxl(pipe) or sd.is_mmdit(pipe):
+        raise ConfigError("adversary_steps needs a UNet with one text encoder (SD 1.x/2.x); this model has "
+                          f"{len(sd.encoders(pipe))}: use adversary_steps=0")
+    threat = dict(insertion="prefix_k", space="word_embedding", steps=config.adversary_steps, lr=1e-2,
+                  weight_decay=0.0, timesteps="random")
+    return {"prefix": SoftPromptConfig(k=3, **threat), "free": SoftPromptConfig(k=16, **threat)}
+
+
+def adversary_state(pipe, config: EsdConfig) -> dict[str, torch.Tensor]:
+    """The adversary's δ per threat (zeros = not drawn yet), checkpointed with the run; {} without an adversary."""
+    width = sd.token_embeddings(pipe)[0].shape[1]
+    return {kind: torch.zeros(threat.k, width, device=sd.device_of(pipe))
+            for kind, threat in adversary_threats(pipe, config).items()}
 
 
 MMDIT_POOLED_TEXT = POOLED_TEXT_EMBEDDER + "."  # the pooled prompt's only way into the blocks
@@ -208,4 +293,6 @@ def erase(pipe, config: EsdConfig) -> Adapter:
     if sd.is_sdxl(pipe) and config.train_method in ("esd-u", "esd-all"):
         logger.warning("%s on SDXL is experimental (the authors report artifacts); esd-x is recommended",
                        config.train_method)
-    return train(pipe, config, select(pipe, config.train_method), objective(pipe, config), config.train_method)
+    state = adversary_state(pipe, config)
+    return train(pipe, config, select(pipe, config.train_method), objective(pipe, config, state), config.train_method,
+                 extra_params={f"adversary.{kind}": delta for kind, delta in state.items()})

@@ -52,6 +52,17 @@ def related_concepts(config) -> dict:
     return {"preserve": tuple(dict.fromkeys((*config.preserve, *tinyworld.related_to(config.concepts))))}
 
 
+def related_anchors(config) -> dict:
+    """ESD's ``anchors``, with ``anchor_related`` and none given: the erased concepts' siblings (the other shapes for
+    a shape, in their order)."""
+    if not config.anchor_related or config.anchors:
+        return {}
+    from .. import tinyworld
+
+    siblings = tuple(tinyworld.related_to(config.concepts))
+    return {"anchors": siblings} if siblings else {}
+
+
 def related_guides(config) -> dict:
     """``guides``, with ``guide_related`` and the default guide (""): each concept's guide is its siblings that are
     not erased, as one guide of several prompts ("square | triangle | ..."; the other shapes for a shape)."""
@@ -134,7 +145,7 @@ def rendered_images(config) -> dict:
 
 #: config class -> what tinyworld's data fills in, in order (each: config -> changed fields)
 TINYWORLD_DATA: dict[type, tuple] = {
-    esd.EsdConfig: (caption_templates, related_concepts),
+    esd.EsdConfig: (caption_templates, related_concepts, related_anchors),
     ant.AntConfig: (caption_templates, related_concepts),
     doco.DocoConfig: (caption_templates, related_concepts, sibling_anchor),
     abo.AboConfig: (caption_templates,),
@@ -146,7 +157,7 @@ TINYWORLD_DATA: dict[type, tuple] = {
     realera.RealEraConfig: (related_concepts, related_guides),
     trce.TrceConfig: (caption_templates, related_concepts, implied_synonyms, safe_siblings),
     duge.DugeConfig: (caption_templates, related_concepts),
-    layered.LayeredConfig: (caption_templates, related_concepts),
+    layered.LayeredConfig: (caption_templates, related_concepts, related_anchors),
 }
 
 

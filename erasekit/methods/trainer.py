@@ -565,9 +565,10 @@ def denoiser_component(pipe) -> str:
     return "transformer" if sd.is_mmdit(pipe) else "unet"
 
 
-def train(pipe, config, names: list[str], loss_for: Callable, method: str) -> Adapter:
+def train(pipe, config, names: list[str], loss_for: Callable, method: str,
+          extra_params: dict[str, torch.Tensor] | None = None) -> Adapter:
     """Shared body of the trained denoiser methods: :func:`fit_deltas`, then package an Adapter of the denoiser."""
-    deltas, info = fit_deltas(pipe, config, names, loss_for, method)
+    deltas, info = fit_deltas(pipe, config, names, loss_for, method, extra_params)
     return package(pipe, config, method, deltas, [denoiser_component(pipe)], info)
 
 
