@@ -345,11 +345,11 @@ def test_esd_unsaid_samples_leave_the_concept_unsaid_and_are_pushed_away_from_it
 
 
 def test_esd_anchors_guide_the_concept_away_from_it_from_its_templates_anchor(sd1, monkeypatch):
-    """With ``anchors`` (a, b) and two templates, a sample in template j is sent to ε₀(T_j(anchor j mod 2)) −
+    """With the anchor "a dog | a car" and two templates, a sample in template j is sent to ε₀(T_j(prompt j mod 2)) −
     η[ε₀(T_j(c)) − ε₀(T_j(anchor))]. Re-derived from the captured x_t: at the base model (student = teacher) the loss
     is (1 + η)² times the mean squared distance of each sample's concept and anchor predictions."""
     templates = ("a photo of {}", "a drawing of {}")
-    config = esd.EsdConfig(concepts=("cat",), templates=templates, anchors=("a dog", "a car"), num_inference_steps=4,
+    config = esd.EsdConfig(concepts=("cat",), templates=templates, anchors=("a dog | a car",), num_inference_steps=4,
                            batch_size=4, negative_guidance=1.5, progress=False)
     seen = {}
 
@@ -369,15 +369,34 @@ def test_esd_anchors_guide_the_concept_away_from_it_from_its_templates_anchor(sd
             e_c = trainer.predict(sd1.unet, x, t, trainer.Cond.cat([cat[r] for r in rows])).float()
             e_a = trainer.predict(sd1.unet, x, t, trainer.Cond.cat([anchor[r] for r in rows])).float()
     assert loss == pytest.approx(float((1 + eta) ** 2 * ((e_c - e_a) ** 2).mean()), rel=1e-4)
-    for bad, match in ((dict(anchors=("cat",)), "anchor 'cat' is one of the concepts"), (dict(anchors=(" ",)), "anchors"),
-                       (dict(anchors="a dog"), "anchors"), (dict(adversary_steps=-1), "adversary_steps")):
+    per_concept = dataclasses.replace(config, concepts=("cat", "bird"), templates=("a photo of {}",),
+                                      anchors=("a dog", "a car"))  # one anchor per concept: bird's is the car
+    with torch.no_grad(), lora.attach(sd1.unet, esd.select(sd1, "esd-x"), 0, torch.Generator().manual_seed(0)) as deltas:
+        losses = {}
+        for step in range(6):  # until both concepts were drawn
+            loss = float(trainer.total(esd.objective(sd1, per_concept)(deltas)(step, trainer.step_generator(3, step))))
+            (cat, bird, dog, car), _ = trainer.encode(sd1, [f"a photo of {w}" for w in ("cat", "bird", "a dog", "a car")])
+            concept, anchor = (cat, dog) if torch.equal(seen["cond"].hidden[0], cat.hidden[0]) else (bird, car)
+            x, t = seen["xt"]
+            with deltas.disabled():
+                e_c = trainer.predict(sd1.unet, x, t, concept.repeat(4)).float()
+                e_a = trainer.predict(sd1.unet, x, t, anchor.repeat(4)).float()
+            losses[concept is cat] = (loss, float((1 + eta) ** 2 * ((e_c - e_a) ** 2).mean()))
+    assert len(losses) == 2 and all(got == pytest.approx(want, rel=1e-4) for got, want in losses.values())
+    for bad, match in ((dict(anchors=("a dog | cat",)), "anchor 'cat' is one of the concepts"),
+                       (dict(anchors=(" ",)), "anchors"), (dict(anchors=("a dog | ",)), "anchors"),
+                       (dict(anchors="a dog"), "anchors"), (dict(anchors=("a dog", "a car")), "one per concept"),
+                       (dict(adversary_steps=-1), "adversary_steps")):
         with pytest.raises(ConfigError, match=match):
             esd.EsdConfig(concepts=("cat",), **bad)
 
 
 def test_esd_anchor_related_are_the_siblings_on_tinyworld_only(sd1, tinyworld_pipe):
     config = esd.EsdConfig(concepts=("red",), anchor_related=True)
-    assert for_model(config, on_tinyworld(tinyworld_pipe)).anchors == ("green", "blue", "yellow", "purple", "orange")
+    assert for_model(config, on_tinyworld(tinyworld_pipe)).anchors == ("green | blue | yellow | purple | orange",)
+    several = esd.EsdConfig(concepts=("circle", "square", "red"), anchor_related=True)  # each its own, none erased
+    assert for_model(several, on_tinyworld(tinyworld_pipe)).anchors == (
+        "triangle | star | cross | diamond", "triangle | star | cross | diamond", "green | blue | yellow | purple | orange")
     assert for_model(config, on_tinyworld(sd1)).anchors == ()
     given = dataclasses.replace(config, anchors=("blue",))
     assert for_model(given, on_tinyworld(tinyworld_pipe)).anchors == ("blue",)  # the user's anchors win

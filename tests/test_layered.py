@@ -74,7 +74,8 @@ def test_layered_adv_preset_and_bad_options(tinyworld_pipe, pipes):
     from erasekit.methods import METHODS
 
     config = METHODS["layered-adv"].make_config("circle", tinyworld=True)
-    assert config.anchors == config.preserve == ("square", "triangle", "star", "cross", "diamond")
+    assert config.preserve == ("square", "triangle", "star", "cross", "diamond")
+    assert config.anchors == ("square | triangle | star | cross | diamond",)
     assert (config.adversary_steps, config.preserve_weight, config.iterations) == (30, 2.0, 400)
     esd_u = config.esd_u()  # the ESD-u part trains with them
     assert (esd_u.anchors, esd_u.adversary_steps, esd_u.train_method) == (config.anchors, 30, "esd-u")

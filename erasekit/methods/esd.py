@@ -23,10 +23,12 @@ attacks that find text the erasure does not recognise land there; the term erase
 
 With ``anchors`` (erasekit's addition) the samples that name the concept are sent away from it *toward* an anchor
 in the same template instead of toward ∅:
-``ε_θ(x_t, T(c), t) ← ε_θ₀(x_t, T(a)) − η [ε_θ₀(x_t, T(c)) − ε_θ₀(x_t, T(a))]``, each template keeping one anchor
-(its index mod their count); η = 0 is Concept Ablation's model-based target (Kumari et al., ICCV 2023, Eq. 3). On
-tinyworld the anchors may be the concept's siblings (``anchor_related``: the other shapes for circle), so the
-concept's prompts draw one of them and the guidance points away from the concept from every one of them.
+``ε_θ(x_t, T(c), t) ← ε_θ₀(x_t, T(a)) − η [ε_θ₀(x_t, T(c)) − ε_θ₀(x_t, T(a))]``; η = 0 is Concept Ablation's
+model-based target (Kumari et al., ICCV 2023, Eq. 3). As UCE's guides, there is one anchor for every concept or one
+per concept, and an anchor may list several prompts ("square | triangle"): each template keeps one of them (its index
+mod their count). On tinyworld a concept's anchor may be its siblings (``anchor_related``: "square | triangle | star |
+cross | diamond" for circle), so the concept's prompts draw one of them and the guidance points away from the concept
+from every one of them.
 
 With ``adversary_steps`` (erasekit's addition after RACE, Kim et al., ECCV 2024, which trains ESD against
 adversarial text embeddings, and AdvUnlearn's bi-level loop, Zhang et al., NeurIPS 2024, Eq. 4–5, moved from the
@@ -70,6 +72,7 @@ from ..core.processes import WHOLE, Part
 from ..errors import ConfigError
 from .trainer import (Cond, PromptTable, ddim_scheduler, latent_shape, predict, rollout, train,
                       rollout_options, training_options, training_templates, validate_rollout_training)
+from .uce import alternatives
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +117,11 @@ class EsdConfig:
             concept unsaid (a template with "" in the concept's slot: what the model draws when no word asks for
             the concept, its prior), pushed away from the concept in that context (module docstring); 0 = the
             paper's ESD.
-        anchors: prompts the erased samples are guided toward instead of ∅, each template keeping one:
-            ``ε_θ₀(T(a)) − η[ε_θ₀(T(c)) − ε_θ₀(T(a))]`` (module docstring); empty = the paper's ESD.
-        anchor_related: on tinyworld, the anchors are the erased concepts' siblings (the other shapes for a shape).
+        anchors: what the erased samples are guided toward instead of ∅, ``ε_θ₀(T(a)) − η[ε_θ₀(T(c)) −
+            ε_θ₀(T(a))]`` (module docstring): one for all concepts, or one per concept; an anchor may list several
+            prompts separated by "|" ("square | triangle"), each template keeping one. Empty = the paper's ESD.
+        anchor_related: on tinyworld, each concept's anchor is its siblings that are not erased (the other shapes
+            for a shape).
         adversary_steps: steps of the soft-prompt attack run against the student before each update (module
             docstring; SD 1.x/2.x-style UNets with one text encoder); 0 = no adversary, the paper's ESD.
     """
@@ -147,12 +152,16 @@ class EsdConfig:
             raise ConfigError(f"preserve must be a tuple of non-empty prompts, got {self.preserve!r}")
         if (self.preserve or self.preserve_related) and not self.preserve_weight:
             raise ConfigError("preserve / preserve_related need preserve_weight > 0 (the preservation term's weight)")
-        if isinstance(self.anchors, str) or not all(isinstance(a, str) and a.strip() for a in self.anchors):
+        if isinstance(self.anchors, str) or not all(isinstance(a, str) and all(p.strip() for p in alternatives(a))
+                                                    for a in self.anchors):
             raise ConfigError(f"anchors must be a tuple of non-empty prompts, got {self.anchors!r}")
+        if len(self.anchors) not in (0, 1, len(self.concepts)):
+            raise ConfigError(f"anchors must be one for all concepts or one per concept ({len(self.concepts)}), "
+                              f"got {len(self.anchors)}")
         erased = {c.strip() for c in self.concepts}
-        if any(a.strip() in erased for a in self.anchors):
-            raise ConfigError(f"anchor {next(a for a in self.anchors if a.strip() in erased)!r} is one of the "
-                              "concepts being erased")
+        named = [p for a in self.anchors for p in alternatives(a) if p in erased]
+        if named:
+            raise ConfigError(f"anchor {named[0]!r} is one of the concepts being erased")
         if self.adversary_steps < 0:
             raise ConfigError(f"adversary_steps must be ≥ 0, got {self.adversary_steps}")
         if self.train_method not in PRESETS:
@@ -172,11 +181,12 @@ def objective(pipe, config: EsdConfig, adversary_state: dict[str, torch.Tensor] 
     unet = sd.denoiser(pipe)
     n_concepts = len(config.concepts)
     sources = [config.erase_from or c for c in config.concepts]  # what x_t is drawn from and the student sees
-    kept, anchors = preserved(config), list(config.anchors)
-    templates = training_templates(config)
-    names = list(config.concepts) + sources + kept
-    unsaid_row, first_anchor = len(names), len(names) + bool(config.unsaid)
-    table = PromptTable(pipe, templates, names + ([""] if config.unsaid else []) + anchors, config.resolution)
+    kept, templates = preserved(config), training_templates(config)
+    names = list(config.concepts) + sources + kept + ([""] if config.unsaid else [])
+    unsaid_row = len(names) - 1
+    anchors = [alternatives(a) for a in config.anchors] * (n_concepts if len(config.anchors) == 1 else 1)
+    anchor_row = {p: len(names) + i for i, p in enumerate(dict.fromkeys(p for a in anchors for p in a))}
+    table = PromptTable(pipe, templates, names + list(anchor_row), config.resolution)
     uncond = table.uncond
     scheduler = ddim_scheduler(pipe, config.num_inference_steps)
     shape = latent_shape(pipe, config.batch_size, config.resolution)
@@ -201,8 +211,8 @@ def objective(pipe, config: EsdConfig, adversary_state: dict[str, torch.Tensor] 
                 held = [uncond.repeat(m)]  # what the preservation term holds: ∅, and one preserved prompt
                 if kept:  # drawn after the rollout: x_t is the same with or without preserve prompts
                     held.append(table.batch(2 * n_concepts + int(torch.randint(len(kept), (), generator=gen)), rows))
-                anchor = [Cond.cat([table.batch(first_anchor + r % len(anchors), [r]) for r in rows])
-                          ] if anchors else []  # each template keeps one anchor
+                anchor = [Cond.cat([table.batch(anchor_row[anchors[k][r % len(anchors[k])]], [r]) for r in rows])
+                          ] if anchors else []  # each template keeps one of the concept's anchor prompts
                 teacher = Cond.cat([erased, source] + held + anchor)
                 e_erase, e_from, *e_held = predict(unet, torch.cat([x] * (2 + len(held) + len(anchor))), t,
                                                    teacher).float().chunk(2 + len(held) + len(anchor))

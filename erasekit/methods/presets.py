@@ -53,14 +53,16 @@ def related_concepts(config) -> dict:
 
 
 def related_anchors(config) -> dict:
-    """ESD's ``anchors``, with ``anchor_related`` and none given: the erased concepts' siblings (the other shapes for
-    a shape, in their order)."""
+    """ESD's ``anchors``, with ``anchor_related`` and none given: each concept's siblings that are not erased, as one
+    anchor of several prompts ("square | triangle | ..." for circle)."""
     if not config.anchor_related or config.anchors:
         return {}
     from .. import tinyworld
+    from .uce import GUIDE_SEPARATOR
 
-    siblings = tuple(tinyworld.related_to(config.concepts))
-    return {"anchors": siblings} if siblings else {}
+    siblings = tinyworld.related_to(config.concepts)
+    anchors = tuple(GUIDE_SEPARATOR.join(s for s in tinyworld.related(c) if s in siblings) for c in config.concepts)
+    return {"anchors": anchors} if all(anchors) else {}
 
 
 def related_guides(config) -> dict:
