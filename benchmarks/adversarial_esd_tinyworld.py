@@ -22,7 +22,9 @@ sends the samples that name the concept to the frozen model's ε on the same tem
 negatively guided ε (Concept Ablation's model-based target, Kumari et al., ICCV 2023); with ``--anchor-guided`` to
 ``ε₀(T(A)) − η[ε₀(T(c)) − ε₀(T(A))]``. With several anchors a sample's is the one its template's index picks
 (index mod their count), so each template keeps one anchor. The ESD-u adapter is stacked with UCE's (tinyworld
-preset) into one file; ``robust_tinyworld.py --files`` judges it.
+preset) into one file; ``robust_tinyworld.py --files`` judges it. The ``both`` threat with several guided anchors is
+registered as the method ``layered-adv`` (ESD's ``adversary_steps`` and ``anchors``, :mod:`erasekit.methods.esd`);
+this script keeps the other threats and the records of the rows it made.
 
     python benchmarks/adversarial_esd_tinyworld.py circle OUT [--inner 30] [--unsaid 0.25] [--mode pez]
     python benchmarks/robust_tinyworld.py NAME --concepts circle --files OUT.safetensors
