@@ -191,8 +191,9 @@ TINYWORLD_ANT = {"train_method": "esd-x", "num_inference_steps": 10, "early_step
 #: (benchmarks/robust_tinyworld.json, candidate "uce+esd-u").
 TINYWORLD_LAYERED = {"preserve_related": True, "preserve_weight": 1.0, "iterations": 400}
 #: Layered with its ESD-u part trained against soft prompts and guided away from the concept from its siblings, the
-#: siblings held twice as hard: with weight 1 the guidance from five anchors costs the other shapes 5.4 points, with 2
-#: 0.8, the union of the six attacks 50 % for both (docs/notes-robust.md, issue #22 §2).
+#: siblings held twice as hard: for circle, with weight 1 the guidance from the five other shapes cost them 5.4 points,
+#: with 2 0.8, the union of the six attacks 50 % for both (the experiment, docs/notes-robust.md, issue #22 §2); on red
+#: and striped the guidance costs 18 points at weight 2 (full suite).
 TINYWORLD_LAYERED_ADV = {**TINYWORLD_LAYERED, "preserve_weight": 2.0, "anchor_related": True}
 
 

@@ -25,8 +25,10 @@ against every attack (README, "Limits"; every candidate tried: docs/notes-robust
 ``layered-adv`` (issue #22 §2's best candidate so far) trains the ESD-u part against the audit's soft-prompt attack
 (``adversary_steps``: RACE's adversarial ESD, Kim et al., ECCV 2024) and guides the concept's prompts away from it
 from its siblings (``anchors``; on tinyworld ``anchor_related``: the other shapes for circle), the siblings held
-twice as hard (:mod:`erasekit.methods.esd`). On tinyworld, circle: 100 % erased at 0.8 points, the union of the six
-attacks 50 % (from 100 % for ``layered``; docs/notes-robust.md).
+twice as hard (:mod:`erasekit.methods.esd`). On tinyworld (full suite, 2026-12-05), circle: 100 % erased at 3.1
+points, the union of the six attacks 50 % (``layered``: 83 %); red and striped: 100 % erased, union 67 % (``layered``:
+100 %), at 18.8 points of the other colours and textures (``layered``: 6.2 and 0) — it does not hold against every
+attack either (README, "Limits"; docs/notes-robust.md).
 
 The UCE part takes UCE's own presets for the model it erases from (:func:`erasekit.methods.presets.resolve`, as
 ``erasekit erase --method uce`` would) and this config's ``preserve``; the ESD-u part takes this config's ESD
