@@ -173,10 +173,11 @@ def _advunlearn_objective(pipe):
 
 @pytest.mark.parametrize("build", [
     _unet_objective("esd-x", dict(batch_size=3, num_inference_steps=3, preserve_weight=1.0, preserve=("a dog",))),
+    _unet_objective("esd-x", dict(batch_size=3, num_inference_steps=3, adversary_steps=2, anchors=("a dog | a car",))),
     _unet_objective("abo", dict(batch_size=3, num_inference_steps=3)),
     _unet_objective("spm", dict(batch_size=3, num_inference_steps=3, num_anchors=2)),
     _advunlearn_objective,
-], ids=["esd-x", "abo", "spm", "advunlearn"])
+], ids=["esd-x", "esd-x-anchors-adversary", "abo", "spm", "advunlearn"])
 def test_the_parts_of_a_step_sum_to_the_whole_step(build):
     """Each process's weighted loss of its rows, drawn from the same step generator: their sum is the batch's loss
     and gradient (what the processes' all-reduce adds up)."""
