@@ -110,6 +110,24 @@ def write_table(results: dict) -> str:
     return md
 
 
+def full_suite_unions(methods: list[str]) -> dict:
+    """The union ASR over the issue's six attacks of each concept of ``methods``' full-suite rows, from the audit
+    records the bench saved in its cache (``benchmarks/.bench-full``; the bench's tables report every attack's rate and
+    the union over all seven, SAGE included): {method: {entry: {concept: rate}}}."""
+    from erasekit.bench import SUITE
+
+    out = {}
+    for method in methods:
+        for entry in SUITE:
+            for concept in entry.concepts:
+                path = OUT.parent / ".bench-full" / method / entry.name / f"{concept}-attacks" / "results.jsonl"
+                if path.is_file():
+                    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                    out.setdefault(method, {}).setdefault(entry.name, {})[concept] = summarize(
+                        records, concept, ISSUE_ATTACKS)["union_asr"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("candidates", nargs="*", help=f"default: all ({', '.join(CANDIDATES)})")
@@ -121,7 +139,20 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
                     help="seeds of the erasure grid and of the attacked images (the bars: 0 1; other seeds check how "
                          "much a row moves with them, in rows keyed NAME/CONCEPT@seeds...)")
+    ap.add_argument("--full-suite", nargs="+", metavar="METHOD",
+                    help="record the union over the six attacks of each concept of these methods' full-suite rows, "
+                         "from the bench's saved audits (full_suite_unions in the results), and exit")
     args = ap.parse_args()
+    if args.full_suite:
+        results = json.loads(OUT.read_text())
+        unions = full_suite_unions(args.full_suite)
+        made = run_record()
+        for method, entries in unions.items():
+            results.setdefault("full_suite_unions", {})[method] = {**entries, "made": {
+                "date": made["date"], "git_commit": made["git_commit"]}}
+        atomic_write(OUT, (json.dumps(results, indent=1) + "\n").encode())
+        print(json.dumps(unions, indent=1))
+        return
     if args.table:
         print(write_table(json.loads(OUT.read_text())))
         return
