@@ -61,9 +61,10 @@ class LayeredConfig:
             (needs preserve_weight > 0).
         preserve_related: on tinyworld, ESD-u also holds the erased concepts' siblings (needs preserve_weight > 0).
         rank: rank of each ESD-u delta; 0 trains full-rank deltas, as the authors' code does.
-        anchors: prompts ESD-u guides the concept's prompts toward, away from the concept, instead of ∅ (ESD's
-            ``anchors``); empty = ESD-u's own target.
-        anchor_related: on tinyworld, the anchors are the erased concepts' siblings.
+        anchors: what ESD-u guides the concepts' prompts toward, away from the concept, instead of ∅ (ESD's
+            ``anchors``): one for all concepts or one per concept, each one prompt or several separated by "|";
+            empty = ESD-u's own target.
+        anchor_related: on tinyworld, each concept's anchor is its siblings that are not erased.
         adversary_steps: steps of the soft-prompt attack run against ESD-u's student before each update (ESD's
             ``adversary_steps``); 0 = no adversary.
     """
