@@ -312,12 +312,9 @@ def test_esd_preserve_prompts_are_held_too(sd1, tinyworld_pipe):
         esd.EsdConfig(concepts=("cat",), preserve_weight=1.0, preserve="a dog")
 
 
-def test_esd_unsaid_samples_leave_the_concept_unsaid_and_are_pushed_away_from_it(sd1, monkeypatch):
-    """With ``unsaid`` = ½ and 2 samples, the second is rolled out from and trained on "a photo of " (the concept
-    left unsaid), with the target ε₀(T("")) − η[ε₀(T(c)) − ε₀(T(""))]; the first is ESD's. Re-derived from the
-    captured x_t: the loss at the base model (student = teacher) is η² times their mean squared distances."""
-    config = esd.EsdConfig(concepts=("cat",), templates=("a photo of {}",), num_inference_steps=4, batch_size=2,
-                           negative_guidance=1.5, unsaid=0.5, progress=False)
+@pytest.fixture
+def rollouts(monkeypatch) -> dict:
+    """ESD's rollouts, spied on: the last one's cond (``"cond"``) and its (x_t, t) (``"xt"``)."""
     seen = {}
 
     def spy(unet, scheduler, cond, uncond, *args, **kwargs):
@@ -325,6 +322,16 @@ def test_esd_unsaid_samples_leave_the_concept_unsaid_and_are_pushed_away_from_it
         return seen["xt"]
 
     monkeypatch.setattr(esd, "rollout", spy)
+    return seen
+
+
+def test_esd_unsaid_samples_leave_the_concept_unsaid_and_are_pushed_away_from_it(sd1, rollouts):
+    """With ``unsaid`` = ½ and 2 samples, the second is rolled out from and trained on "a photo of " (the concept
+    left unsaid), with the target ε₀(T("")) − η[ε₀(T(c)) − ε₀(T(""))]; the first is ESD's. Re-derived from the
+    captured x_t: the loss at the base model (student = teacher) is η² times their mean squared distances."""
+    config = esd.EsdConfig(concepts=("cat",), templates=("a photo of {}",), num_inference_steps=4, batch_size=2,
+                           negative_guidance=1.5, unsaid=0.5, progress=False)
+    seen = rollouts
     with torch.no_grad(), lora.attach(sd1.unet, esd.select(sd1, "esd-x"), 0, torch.Generator().manual_seed(0)) as deltas:
         loss = float(trainer.total(esd.objective(sd1, config)(deltas)(0, trainer.step_generator(7, 0))))
         (said, unsaid), uncond = trainer.encode(sd1, ["a photo of cat", "a photo of "])
@@ -344,20 +351,14 @@ def test_esd_unsaid_samples_leave_the_concept_unsaid_and_are_pushed_away_from_it
             esd.EsdConfig(concepts=("cat",), **bad)
 
 
-def test_esd_anchors_guide_the_concept_away_from_it_from_its_templates_anchor(sd1, monkeypatch):
+def test_esd_anchors_guide_the_concept_away_from_it_from_its_templates_anchor(sd1, rollouts):
     """With the anchor "a dog | a car" and two templates, a sample in template j is sent to ε₀(T_j(prompt j mod 2)) −
     η[ε₀(T_j(c)) − ε₀(T_j(anchor))]. Re-derived from the captured x_t: at the base model (student = teacher) the loss
     is (1 + η)² times the mean squared distance of each sample's concept and anchor predictions."""
     templates = ("a photo of {}", "a drawing of {}")
     config = esd.EsdConfig(concepts=("cat",), templates=templates, anchors=("a dog | a car",), num_inference_steps=4,
                            batch_size=4, negative_guidance=1.5, progress=False)
-    seen = {}
-
-    def spy(unet, scheduler, cond, uncond, *args, **kwargs):
-        seen["cond"], seen["xt"] = cond, trainer.rollout(unet, scheduler, cond, uncond, *args, **kwargs)
-        return seen["xt"]
-
-    monkeypatch.setattr(esd, "rollout", spy)
+    seen = rollouts
     with torch.no_grad(), lora.attach(sd1.unet, esd.select(sd1, "esd-x"), 0, torch.Generator().manual_seed(0)) as deltas:
         loss = float(trainer.total(esd.objective(sd1, config)(deltas)(0, trainer.step_generator(3, 0))))
         cat, _ = trainer.encode(sd1, [t.replace("{}", "cat") for t in templates])
@@ -373,9 +374,9 @@ def test_esd_anchors_guide_the_concept_away_from_it_from_its_templates_anchor(sd
                                       anchors=("a dog", "a car"))  # one anchor per concept: bird's is the car
     with torch.no_grad(), lora.attach(sd1.unet, esd.select(sd1, "esd-x"), 0, torch.Generator().manual_seed(0)) as deltas:
         losses = {}
+        (cat, bird, dog, car), _ = trainer.encode(sd1, [f"a photo of {w}" for w in ("cat", "bird", "a dog", "a car")])
         for step in range(6):  # until both concepts were drawn
             loss = float(trainer.total(esd.objective(sd1, per_concept)(deltas)(step, trainer.step_generator(3, step))))
-            (cat, bird, dog, car), _ = trainer.encode(sd1, [f"a photo of {w}" for w in ("cat", "bird", "a dog", "a car")])
             concept, anchor = (cat, dog) if torch.equal(seen["cond"].hidden[0], cat.hidden[0]) else (bird, car)
             x, t = seen["xt"]
             with deltas.disabled():
@@ -402,7 +403,7 @@ def test_esd_anchor_related_are_the_siblings_on_tinyworld_only(sd1, tinyworld_pi
     assert for_model(given, on_tinyworld(tinyworld_pipe)).anchors == ("blue",)  # the user's anchors win
 
 
-def test_esd_adversary_attacks_the_student_and_its_first_sample_sees_the_attack(sd1, monkeypatch):
+def test_esd_adversary_attacks_the_student_and_its_first_sample_sees_the_attack(sd1, monkeypatch, rollouts):
     """With ``adversary_steps`` the soft-prompt attack runs against the student before the update: 3 tokens before
     the first sample's prompt on even steps, 16 alone on odd ones, each warm-started from its own last δ; the first
     sample's student input is the attacked prompt (the loss re-derived from the captured attack), the target ESD's."""
@@ -422,13 +423,6 @@ def test_esd_adversary_attacks_the_student_and_its_first_sample_sees_the_attack(
         return soft
 
     monkeypatch.setattr(esd, "soft_prompt_attack", spy)
-    rolled = {}
-
-    def rollout_spy(*args, **kwargs):
-        rolled["xt"] = trainer.rollout(*args, **kwargs)
-        return rolled["xt"]
-
-    monkeypatch.setattr(esd, "rollout", rollout_spy)
     state = esd.adversary_state(sd1, config)
     with lora.attach(sd1.unet, esd.select(sd1, "esd-x"), 2, torch.Generator().manual_seed(0)) as deltas:
         with torch.no_grad():
@@ -442,7 +436,7 @@ def test_esd_adversary_attacks_the_student_and_its_first_sample_sees_the_attack(
         with torch.no_grad():  # the attacked first sample and the plain second one, against ESD's targets
             (said,), uncond = trainer.encode(sd1, ["a photo of cat"])
             attacked = trainer.Cond(first["soft"].cond(sd1).embeds)
-            x, t = rolled["xt"]
+            x, t = rollouts["xt"]
             assert torch.equal(first["x"], x[:1])
             with deltas.disabled():
                 e_c = trainer.predict(sd1.unet, x, t, said.repeat(2)).float()
