@@ -21,7 +21,12 @@ the even ones run the prefix threat). ``--mode none`` runs no adversary (plain E
 sends the samples that name the concept to the frozen model's ε on the same template naming A instead of ESD's
 negatively guided ε (Concept Ablation's model-based target, Kumari et al., ICCV 2023); with ``--anchor-guided`` to
 ``ε₀(T(A)) − η[ε₀(T(c)) − ε₀(T(A))]``. With several anchors a sample's is the one its template's index picks
-(index mod their count), so each template keeps one anchor. The ESD-u adapter is stacked with UCE's (tinyworld
+(index mod their count), so each template keeps one anchor. With ``--unsaid-anchored`` (and ``--unsaid``,
+``--anchor-guided``) the samples that leave the concept unsaid are guided from their anchor too, so that the model
+draws a sibling, not a blob, where nothing names the shape. ``--bank-every K`` keeps the attacked sample's text
+encoding every K steps in a bank (STEREO's "search thoroughly enough" set, Srivatsan et al., 2024, replayed instead
+of erased once at the end): each step the ``--bank-rows`` samples after the attacked ones see a random bank entry.
+The bank and the adversaries' states live in memory only: a run interrupted starts again. The ESD-u adapter is stacked with UCE's (tinyworld
 preset) into one file; ``robust_tinyworld.py --files`` judges it. The ``both`` threat with several guided anchors is
 registered as the method ``layered-adv`` (ESD's ``adversary_steps`` and ``anchors``, :mod:`erasekit.methods.esd`);
 this script keeps the other threats and the records of the rows it made.
@@ -70,6 +75,12 @@ def main() -> None:
     ap.add_argument("--pez-reset", type=int, default=25,
                     help="pez, hidden: a fresh start every this many of its rounds (odd; module docstring)")
     ap.add_argument("--unsaid", type=float, default=0.0)
+    ap.add_argument("--unsaid-anchored", action="store_true",
+                    help="with --unsaid and --anchor-guided: the unsaid samples too are guided from their anchor")
+    ap.add_argument("--bank-every", type=int, default=0,
+                    help="keep the attacked prompt's encoding every this many steps (0: no bank)")
+    ap.add_argument("--bank-rows", type=int, default=1,
+                    help="samples after the attacked ones whose student input is a random bank entry")
     ap.add_argument("--hidden-lr", type=float, default=1e-2, help="hidden: the adversary's Adam learning rate")
     ap.add_argument("--iterations", type=int, default=ESD_U["iterations"])
     ap.add_argument("--rank", type=int, default=4, help="ESD-u's LoRA rank (its preset: 4)")
@@ -81,6 +92,10 @@ def main() -> None:
         ap.error(f"--pez-reset must be odd and ≥ 1, got {args.pez_reset}")
     if args.anchor_guided and not args.anchor:
         ap.error("--anchor-guided needs --anchor")
+    if args.unsaid_anchored and not (args.unsaid and args.anchor_guided):
+        ap.error("--unsaid-anchored needs --unsaid and --anchor-guided")
+    if args.bank_every < 0 or args.bank_rows < 1:
+        ap.error("--bank-every must be ≥ 0 and --bank-rows ≥ 1")
     if args.pez_rows < 1:
         ap.error(f"--pez-rows must be ≥ 1, got {args.pez_rows}")
     torch.set_num_threads(1)
@@ -100,6 +115,8 @@ def main() -> None:
     n, eta = shape[0], config.negative_guidance
     if args.pez_rows > n:  # the batch size is the preset's, known once it is resolved
         ap.error(f"--pez-rows must be at most ESD-u's batch size {n}, got {args.pez_rows}")
+    if args.bank_every and args.bank_rows + (args.pez_rows if args.mode == "pez" else 1) > n:
+        ap.error(f"--bank-rows and the attacked samples must fit in ESD-u's batch of {n}")
     n_unsaid = min(math.ceil(args.unsaid * n), n - 1) if args.unsaid else 0  # as ESD's `unsaid`
     unsaid = torch.arange(n) >= n - n_unsaid  # the batch's last samples leave the concept unsaid
     unsaid_row = 2 + len(kept)
@@ -156,6 +173,8 @@ def main() -> None:
             opt.step()
         return Cond((start.hidden + delta).detach())
 
+    bank = []  # past attacked encodings (STEREO's search-thoroughly-enough set, replayed)
+
     def loss_for(deltas):
         def loss_fn(step, gen, part=None):
             rows = torch.randint(len(templates), (n,), generator=gen).tolist()
@@ -175,7 +194,7 @@ def main() -> None:
             target = e_from - eta * (e_erase - torch.where(unsaid.view(-1, 1, 1, 1), e_from, e_held[0]))
             if args.anchor:  # the samples that name the concept go to the anchor's ε instead
                 to = e_anchor - eta * (e_erase - e_anchor) if args.anchor_guided else e_anchor
-                target = torch.where(unsaid.view(-1, 1, 1, 1), target, to)
+                target = to if args.unsaid_anchored else torch.where(unsaid.view(-1, 1, 1, 1), target, to)
             if args.mode == "pez" and step % 2:
                 r = args.pez_rows
                 attacked = pez_attack(step, gen, x[:r], t, e_erase[:r])
@@ -195,6 +214,15 @@ def main() -> None:
                 with torch.no_grad():
                     attacked = Cond(soft.cond(pipe).embeds.to(x.dtype))
                 first = Cond.cat([attacked, source[1:]])
+            if args.bank_every:
+                if step % args.bank_every == 0 and args.mode != "none":
+                    bank.append(first.hidden[:1].detach().clone())
+                if bank:
+                    b = args.bank_rows
+                    pick = torch.randint(len(bank), (b,), generator=gen).tolist()
+                    replay = Cond(torch.cat([bank[i] for i in pick]).to(x.dtype))
+                    skip = args.pez_rows if (args.mode == "pez" and step % 2) else 1
+                    first = Cond.cat([Cond(first.hidden[:skip]), replay, Cond(first.hidden[skip + b:])])
             student, *s_held = predict(unet, torch.cat([x] * 3), t,
                                        Cond.cat([first] + held)).float().chunk(3)
             return F.mse_loss(student, target), config.preserve_weight * sum(
@@ -204,7 +232,8 @@ def main() -> None:
     made_by = {"script": "benchmarks/adversarial_esd_tinyworld.py", "inner": args.inner, "mode": args.mode,
                "unsaid": args.unsaid, "pez_inner": args.pez_inner, "pez_rows": args.pez_rows,
                "pez_reset": args.pez_reset, "anchor": args.anchor, "anchor_guided": args.anchor_guided,
-               "hidden_lr": args.hidden_lr}  # the file's config is ESD-u's; this records the loop around it
+               "hidden_lr": args.hidden_lr, "bank_every": args.bank_every, "bank_rows": args.bank_rows,
+               "unsaid_anchored": args.unsaid_anchored}  # the file's config is ESD-u's; this records the loop around it
     rest = trainer.train(pipe, config, esd.select(pipe, "esd-u"), loss_for, "esd-u")
     rest = dataclasses.replace(rest, info={**rest.info, "adversarial": made_by})
     rest.save(f"{args.out}-esdu.safetensors")
