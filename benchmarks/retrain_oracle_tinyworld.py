@@ -79,9 +79,12 @@ def main() -> None:
             posts = [pipe.vae.encode(x[i:i + 512]).latent_dist for i in tqdm(range(0, len(x), 512), desc="encode")]
         scale = pipe.vae.config.scaling_factor
         torch.save({"mean": torch.cat([p.mean for p in posts]) * scale, "std": torch.cat([p.std for p in posts]) * scale,
-                    "scenes": scenes}, work / "data.tmp.pt")
+                    "scenes": scenes, "concept": args.concept}, work / "data.tmp.pt")
         (work / "data.tmp.pt").replace(data)
     d = torch.load(data)
+    if d.get("concept") != args.concept or len(d["scenes"]) != args.images:
+        ap.error(f"{work} holds {len(d['scenes'])} renders without {d.get('concept')!r}; "
+                 f"use another --work for {args.images} without {args.concept!r}")
     mean, std = d["mean"], d["std"]
     scenes = [Scene(**s) for s in d["scenes"]]
 
@@ -100,14 +103,14 @@ def main() -> None:
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=defaults.lr, weight_decay=1e-2)
     alphas = M.make_train_scheduler().alphas_cumprod
-    ckpt, start, losses = work / "unet.pt", 0, []
+    ckpt, start, losses, spent = work / "unet.pt", 0, [], 0.0
     if ckpt.exists():
         state = torch.load(ckpt)
         unet.load_state_dict(state["unet"])
         opt.load_state_dict(state["opt"])
         ema = state["ema"]
-        start, losses = state["step"], state["losses"]
-    started = time.time() - (torch.load(ckpt)["seconds"] if ckpt.exists() else 0.0)
+        start, losses, spent = state["step"], state["losses"], state["seconds"]
+    started = time.time() - spent  # the training time of every run so far
     text = pipe.text_encoder.requires_grad_(False)
     bar = tqdm(range(start, args.steps), desc="oracle unet", initial=start, total=args.steps, mininterval=2)
     for step in bar:
