@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import random
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from erasekit.loading import load_pipeline
 from erasekit.tinyworld import ATTRIBUTES, concept_attribute
 from erasekit.tinyworld import model as M
 
-from erasekit.tinyworld.train import TrainConfig
+from erasekit.tinyworld.train import TrainConfig, _cosine
 from erasekit.tinyworld.world import Scene, caption, random_scene, render
 
 
@@ -60,11 +59,14 @@ def main() -> None:
     attribute = concept_attribute(args.concept)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    data = work / "data.pt"
+    d = torch.load(data) if data.exists() else None  # a folder made for another concept is refused before loading
+    if d is not None and (d.get("concept") != args.concept or len(d["scenes"]) != args.images):
+        ap.error(f"{work} holds {len(d['scenes'])} renders without {d.get('concept')!r}; "
+                 f"use another --work for {args.images} without {args.concept!r}")
     pipe = load_pipeline(None, device="cpu")
     base = sd.denoiser(pipe)
-
-    data = work / "data.pt"
-    if not data.exists():  # renders of every other value of the attribute, encoded once by the frozen VAE
+    if d is None:  # renders of every other value of the attribute, encoded once by the frozen VAE
         rng, images, scenes = random.Random(defaults.seed), [], []
         with tqdm(total=args.images, desc="render") as bar:
             while len(images) < args.images:
@@ -81,10 +83,7 @@ def main() -> None:
         torch.save({"mean": torch.cat([p.mean for p in posts]) * scale, "std": torch.cat([p.std for p in posts]) * scale,
                     "scenes": scenes, "concept": args.concept}, work / "data.tmp.pt")
         (work / "data.tmp.pt").replace(data)
-    d = torch.load(data)
-    if d.get("concept") != args.concept or len(d["scenes"]) != args.images:
-        ap.error(f"{work} holds {len(d['scenes'])} renders without {d.get('concept')!r}; "
-                 f"use another --work for {args.images} without {args.concept!r}")
+        d = torch.load(data)
     mean, std = d["mean"], d["std"]
     scenes = [Scene(**s) for s in d["scenes"]]
 
@@ -115,10 +114,8 @@ def main() -> None:
     bar = tqdm(range(start, args.steps), desc="oracle unet", initial=start, total=args.steps, mininterval=2)
     for step in bar:
         gen = torch.Generator().manual_seed(1_000_003 * step + 7)
-        lr = defaults.lr * (min(1.0, (step + 1) / 100) if step < 100 else
-                            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 100) / max(1, args.steps - 100))))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = defaults.lr * _cosine(step, args.steps)  # the shipped trainer's warmup and cosine decay
         idx = torch.randint(0, len(mean), (args.batch_size,), generator=gen)
         rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
         texts = [caption(scenes[i], rng) if rng.random() >= defaults.cond_dropout else "" for i in idx.tolist()]
