@@ -13,11 +13,19 @@ from x_t = √ᾱ z_concept + √(1−ᾱ) ε is z_partner, i.e. ε* = ε + √�
 min(1, (1−ᾱ)/ᾱ) so that the low-noise end (ε* large) does not dominate.
 
 The trained modules are ESD-u's (every Linear/Conv2d weight outside cross-attention), full-rank; the deltas are
-written as an adapter, stacked by ``robust_tinyworld.py --files`` with UCE's (which handles the concept's words).
-Renders and their latents are made once in ``--work``; training is resumable (a checkpoint every 100 steps).
+written as an adapter that ``robust_tinyworld.py --files`` judges alone (stacked with UCE's cross-attention edit it
+erased less: the two maps fight and draw blobs).
+Renders and their latents are made once in ``--work``; training is resumable (a checkpoint every 100 steps; the
+adversary's warm starts live in memory and start again on a resume). With ``--adversary-steps`` a soft-prompt attack
+on the student runs before each update (AdvUnlearn's inner maximisation) and its conditioning replaces the first
+samples'. The row ``paired-square-adv-6000`` in ``robust_tinyworld.json`` (circle: union over the six attacks 0 %) is
+3000 plain steps, then resumed to 6000 with ``--adversary-steps 10 --adversary-rows 1`` (stopped and resumed at 3600
+and 4800).
 
-    python benchmarks/paired_suppression_tinyworld.py circle OUT.safetensors --work DIR [--steps 600]
-    python benchmarks/robust_tinyworld.py NAME --concepts circle --files UCE.safetensors OUT.safetensors
+    python benchmarks/paired_suppression_tinyworld.py circle OUT.safetensors --work DIR --steps 3000
+    python benchmarks/paired_suppression_tinyworld.py circle OUT.safetensors --work DIR --steps 6000 \
+        --adversary-steps 10 --adversary-rows 1
+    python benchmarks/robust_tinyworld.py NAME --concepts circle --files OUT.safetensors
 """
 
 from __future__ import annotations
