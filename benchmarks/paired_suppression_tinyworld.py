@@ -140,13 +140,18 @@ def main() -> None:
     alphas = M.make_train_scheduler().alphas_cumprod
     text = pipe.text_encoder.requires_grad_(False)
     tok = pipe.tokenizer
-    ckpt, start, losses, spent = work / "student.pt", 0, [], 0.0
+    ckpt, start, losses, spent, segments = work / "student.pt", 0, [], 0.0, []
     if ckpt.exists():
         state = torch.load(ckpt)
         student.load_state_dict(state["unet"])
         opt.load_state_dict(state["opt"])
         start, losses, spent = state["step"], state["losses"], state["seconds"]
+        segments = state.get("segments", [])
     started = time.time() - spent
+    # each run's steps and settings: a resumed run may change the adversary or the weights, and the file says so
+    segments.append({"from_step": start, "to_step": args.steps, "lr": args.lr, "keep_weight": args.keep_weight,
+                     "hidden_noise": args.hidden_noise, "min_t": args.min_t,
+                     "adversary_steps": args.adversary_steps, "adversary_rows": args.adversary_rows})
 
     def encode(texts: list[str]) -> torch.Tensor:
         ids = tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -231,7 +236,8 @@ def main() -> None:
             bar.set_postfix(erase=f"{e:.4f}", keep=f"{k:.5f}")
         if (step + 1) % 100 == 0 or step + 1 == args.steps:
             torch.save({"unet": student.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                        "losses": losses, "seconds": time.time() - started}, work / "student.tmp.pt")
+                        "losses": losses, "seconds": time.time() - started, "segments": segments},
+                       work / "student.tmp.pt")
             (work / "student.tmp.pt").replace(ckpt)
 
     shipped = base.state_dict()
@@ -243,6 +249,7 @@ def main() -> None:
                                    "lr": args.lr, "keep_weight": args.keep_weight, "hidden_noise": args.hidden_noise,
                                    "min_t": args.min_t, "images": args.images, "kinds": KINDS,
                                    "adversary_steps": args.adversary_steps, "adversary_rows": args.adversary_rows,
+                                   "segments": segments,
                                    "loss_erase_last_50": float(e), "loss_keep_last_50": float(k),
                                    "seconds": round(time.time() - started)}}
     adapter = Adapter(method="paired-suppression", concepts=(args.concept,), config={"concepts": [args.concept]},
