@@ -153,10 +153,12 @@ def main() -> None:
                      "hidden_noise": args.hidden_noise, "min_t": args.min_t,
                      "adversary_steps": args.adversary_steps, "adversary_rows": args.adversary_rows})
 
-    def encode(texts: list[str]) -> torch.Tensor:
-        ids = tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    def ids(prompt: str) -> list[int]:
+        return tok(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+
+    def encode(rows: list[list[int]]) -> torch.Tensor:
         with torch.no_grad():
-            return text(ids)[0]
+            return text(torch.tensor(rows))[0]
 
     kinds, shares = list(KINDS), list(KINDS.values())
     special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
@@ -176,38 +178,37 @@ def main() -> None:
         rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
         b = args.batch_size
         idx = torch.randint(0, d["n"], (b,), generator=gen)
-        # the concept's samples, each under a conditioning of one kind
-        contexts = []
-        for i in idx.tolist():
+        # the concept's samples, each under a conditioning of one kind, encoded in one batch
+        rows, noisy = [], []
+        for j, i in enumerate(idx.tolist()):
             kind = rng.choices(kinds, shares)[0]
             scene = scenes[i]
-            if kind == "concept" or kind == "noisy_hidden":
-                c = encode([caption(scene, rng)])
-                if kind == "noisy_hidden":
-                    c = c + args.hidden_noise * c.std(dim=-1, keepdim=True) * torch.randn(c.shape, generator=gen)
+            if kind in ("concept", "noisy_hidden"):
+                rows.append(ids(caption(scene, rng)))
             elif kind == "partner":
-                c = encode([caption(dataclasses.replace(scene, **{attribute: args.partner}), rng)])
+                rows.append(ids(caption(dataclasses.replace(scene, **{attribute: args.partner}), rng)))
             elif kind == "empty":
-                c = encode([""])
+                rows.append(ids(""))
             else:
-                ids = [tok.bos_token_id, *rng.choices(vocab, k=rng.randint(1, 12)), tok.eos_token_id]
-                ids += [tok.pad_token_id] * (77 - len(ids))
-                with torch.no_grad():
-                    c = text(torch.tensor([ids]))[0]
-            contexts.append(c)
-        ctx = torch.cat(contexts)
+                row = [tok.bos_token_id, *rng.choices(vocab, k=rng.randint(1, 12)), tok.eos_token_id]
+                rows.append(row + [tok.pad_token_id] * (77 - len(row)))
+            if kind == "noisy_hidden":
+                noisy.append(j)
+        ctx = encode(rows)
+        for j in noisy:
+            ctx[j] += args.hidden_noise * ctx[j].std(dim=-1, keepdim=True) * torch.randn(ctx[j].shape, generator=gen)
         if args.adversary_steps:
             kind = "prefix" if step % 2 == 0 else "replace"
+            student.requires_grad_(False)
             for row in range(min(args.adversary_rows, b)):
-                student.requires_grad_(False)
                 soft = soft_prompt_attack(student_pipe, caption(scenes[idx[row]], rng), config=threats[kind],
                                           target_latents=d["z_concept"][idx[row]][None], init=warm[kind],
                                           generator=gen)
-                for name, p in student.named_parameters():
-                    p.requires_grad_(name in weights)
                 warm[kind] = soft.delta
                 with torch.no_grad():
                     ctx[row] = soft.cond(student_pipe).embeds[0]
+            for name, p in student.named_parameters():
+                p.requires_grad_(name in weights)
         zc, zp = d["z_concept"][idx], d["z_partner"][idx]
         noise = torch.randn(zc.shape, generator=gen)
         t = torch.randint(args.min_t, 1000, (b,), generator=gen)
@@ -218,7 +219,7 @@ def main() -> None:
         loss_erase = (w * (student(xt, t, ctx).sample - target) ** 2).mean()
         # the other values, held at the frozen model's prediction under their own captions
         kidx = torch.randint(0, len(others), (b,), generator=gen)
-        kctx = encode([caption(others[i], rng) if rng.random() >= 0.1 else "" for i in kidx.tolist()])
+        kctx = encode([ids(caption(others[i], rng) if rng.random() >= 0.1 else "") for i in kidx.tolist()])
         zk = d["z_keep"][kidx]
         kt = torch.randint(0, 1000, (b,), generator=gen)
         ka = alphas[kt].view(-1, 1, 1, 1)
