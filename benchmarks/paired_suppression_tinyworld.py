@@ -41,14 +41,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from erasekit.adapter import Adapter, fingerprint
 from erasekit.attacks.unlearndiffatk import SoftPromptConfig, soft_prompt_attack
 from erasekit.core import sd
-from erasekit.core.lora import ModuleDelta
+from erasekit.core.files import replacing
 from erasekit.loading import load_pipeline
 from erasekit.tinyworld import ATTRIBUTES, concept_attribute
 from erasekit.tinyworld import model as M
 from erasekit.tinyworld.world import Scene, caption, random_scene, render
+from retrain_oracle_tinyworld import save_unet_weights  # this folder (the script's own) is on sys.path
 
 #: conditioning kinds of the concept's samples and their shares (module docstring)
 KINDS = {"concept": 0.35, "partner": 0.1, "empty": 0.15, "random_tokens": 0.2, "noisy_hidden": 0.2}
@@ -123,8 +123,8 @@ def main() -> None:
     pipe = load_pipeline(None, device="cpu")
     if d is None:
         d = make_data(pipe, args.concept, args.partner, args.images, args.seed)
-        torch.save(d, work / "data.tmp.pt")
-        (work / "data.tmp.pt").replace(data)
+        with replacing(data) as tmp:
+            torch.save(d, tmp)
     scenes = [Scene(**s) for s in d["scenes"]]
     others = [Scene(**s) for s in d["others"]]
 
@@ -236,14 +236,10 @@ def main() -> None:
             e, k = np.mean(losses[-50:], axis=0)
             bar.set_postfix(erase=f"{e:.4f}", keep=f"{k:.5f}")
         if (step + 1) % 100 == 0 or step + 1 == args.steps:
-            torch.save({"unet": student.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                        "losses": losses, "seconds": time.time() - started, "segments": segments},
-                       work / "student.tmp.pt")
-            (work / "student.tmp.pt").replace(ckpt)
+            with replacing(ckpt) as tmp:
+                torch.save({"unet": student.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                            "losses": losses, "seconds": time.time() - started, "segments": segments}, tmp)
 
-    shipped = base.state_dict()
-    deltas = {f"unet.{n}": ModuleDelta(delta=(m.weight.detach() - shipped[f"{n}.weight"]).contiguous())
-              for n, m in trained.items()}
     e, k = np.mean(losses[-50:], axis=0)
     info = {"paired_suppression": {"script": "benchmarks/paired_suppression_tinyworld.py", "concept": args.concept,
                                    "partner": args.partner, "steps": args.steps, "batch_size": args.batch_size,
@@ -253,11 +249,8 @@ def main() -> None:
                                    "segments": segments,
                                    "loss_erase_last_50": float(e), "loss_keep_last_50": float(k),
                                    "seconds": round(time.time() - started)}}
-    adapter = Adapter(method="paired-suppression", concepts=(args.concept,), config={"concepts": [args.concept]},
-                      deltas=deltas, base_model=sd.model_id(pipe), fingerprint=dict(fingerprint(pipe, ["unet"])),
-                      info=info)
-    adapter.save(args.out)
-    print("saved", args.out, info)
+    save_unet_weights(pipe, "paired-suppression", args.concept, {n: m.weight for n, m in trained.items()}, args.out,
+                      info)
 
 
 if __name__ == "__main__":

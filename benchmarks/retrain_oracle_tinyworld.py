@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from erasekit.adapter import Adapter, fingerprint
 from erasekit.core import sd
+from erasekit.core.files import replacing
 from erasekit.core.lora import ModuleDelta
 from erasekit.loading import load_pipeline
 from erasekit.tinyworld import ATTRIBUTES, concept_attribute
@@ -44,6 +45,17 @@ from erasekit.tinyworld.world import Scene, caption, random_scene, render
 def trainable(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The modules whose weight is trained from scratch (and written as a full delta): every Linear and Conv2d."""
     return {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+
+
+def save_unet_weights(pipe, method: str, concept: str, weights: dict[str, torch.Tensor], out: str, info: dict) -> None:
+    """Write trained UNet weights (module name -> weight) as an adapter of full deltas against ``pipe``'s UNet, so that
+    ``robust_tinyworld.py --files`` audits them as any erasure (also used by ``paired_suppression_tinyworld.py``)."""
+    shipped = sd.denoiser(pipe).state_dict()
+    deltas = {f"unet.{n}": ModuleDelta(delta=(w.detach() - shipped[f"{n}.weight"]).contiguous())
+              for n, w in weights.items()}
+    Adapter(method=method, concepts=(concept,), config={"concepts": [concept]}, deltas=deltas,
+            base_model=sd.model_id(pipe), fingerprint=dict(fingerprint(pipe, ["unet"])), info=info).save(out)
+    print("saved", out, info)
 
 
 def main() -> None:
@@ -80,9 +92,9 @@ def main() -> None:
         with torch.no_grad():
             posts = [pipe.vae.encode(x[i:i + 512]).latent_dist for i in tqdm(range(0, len(x), 512), desc="encode")]
         scale = pipe.vae.config.scaling_factor
-        torch.save({"mean": torch.cat([p.mean for p in posts]) * scale, "std": torch.cat([p.std for p in posts]) * scale,
-                    "scenes": scenes, "concept": args.concept}, work / "data.tmp.pt")
-        (work / "data.tmp.pt").replace(data)
+        with replacing(data) as tmp:
+            torch.save({"mean": torch.cat([p.mean for p in posts]) * scale,
+                        "std": torch.cat([p.std for p in posts]) * scale, "scenes": scenes, "concept": args.concept}, tmp)
         d = torch.load(data)
     mean, std = d["mean"], d["std"]
     scenes = [Scene(**s) for s in d["scenes"]]
@@ -138,23 +150,17 @@ def main() -> None:
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % 250 == 0 or step + 1 == args.steps:
-            torch.save({"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step + 1,
-                        "losses": losses, "seconds": time.time() - started}, work / "unet.tmp.pt")
-            (work / "unet.tmp.pt").replace(ckpt)
+            with replacing(ckpt) as tmp:
+                torch.save({"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step + 1,
+                            "losses": losses, "seconds": time.time() - started}, tmp)
 
-    deltas = {f"unet.{n}": ModuleDelta(delta=(e - shipped[f"{n}.weight"]).contiguous())
-              for (n, _), e in zip(trained.items(), ema)}
     info = {"retrain_oracle": {"script": "benchmarks/retrain_oracle_tinyworld.py", "concept": args.concept,
                                "attribute": attribute, "left_out": args.concept, "steps": args.steps,
                                "images": args.images, "batch_size": args.batch_size,
                                "loss_last_50": float(np.mean(losses[-50:])),
                                "seconds": round(time.time() - started),
                                "values": [v for v in ATTRIBUTES[attribute] if v != args.concept]}}
-    adapter = Adapter(method="retrain-oracle", concepts=(args.concept,), config={"concepts": [args.concept]},
-                      deltas=deltas, base_model=sd.model_id(pipe), fingerprint=dict(fingerprint(pipe, ["unet"])),
-                      info=info)
-    adapter.save(args.out)
-    print("saved", args.out, info)
+    save_unet_weights(pipe, "retrain-oracle", args.concept, {n: e for n, e in zip(trained, ema)}, args.out, info)
 
 
 if __name__ == "__main__":
