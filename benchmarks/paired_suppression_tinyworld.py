@@ -92,7 +92,8 @@ def make_data(pipe, concept: str, partner: str, n: int, seed: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("concept")
+    ap.add_argument("concept", choices=[v for values in ATTRIBUTES.values() for v in values],
+                    metavar="CONCEPT", help="a tinyworld concept (canonical name: circle, red, striped, ...)")
     ap.add_argument("out")
     ap.add_argument("--work", required=True, help="folder for the renders and the resumable checkpoint")
     ap.add_argument("--partner", default="square", help="the value the concept's images are denoised into")
@@ -110,6 +111,16 @@ def main() -> None:
                     "conditioning replaces the first --adversary-rows samples' (module docstring)")
     ap.add_argument("--adversary-rows", type=int, default=2)
     args = ap.parse_args()
+    for name in ("steps", "batch_size", "lr", "images"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("keep_weight", "hidden_noise", "adversary_steps", "adversary_rows"):
+        if getattr(args, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(args, name)}")
+    if not 0 <= args.min_t < 1000:
+        ap.error(f"--min-t must be in [0, 999], got {args.min_t}")
+    if not args.out.endswith(".safetensors") or Path(args.out).is_dir():
+        ap.error(f"OUT must be a .safetensors file to write, got {args.out!r}")
     attribute = concept_attribute(args.concept)
     if args.partner not in ATTRIBUTES[attribute] or args.partner == args.concept:
         ap.error(f"--partner must be another {attribute} than {args.concept!r}: one of "

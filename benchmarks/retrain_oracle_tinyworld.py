@@ -60,7 +60,8 @@ def save_unet_weights(pipe, method: str, concept: str, weights: dict[str, torch.
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("concept")
+    ap.add_argument("concept", choices=[v for values in ATTRIBUTES.values() for v in values],
+                    metavar="CONCEPT", help="a tinyworld concept (canonical name: circle, red, striped, ...)")
     ap.add_argument("out")
     ap.add_argument("--work", required=True, help="folder for the rendered data and the resumable checkpoint")
     defaults = TrainConfig()
@@ -68,6 +69,11 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=defaults.n_images)
     ap.add_argument("--batch-size", type=int, default=defaults.batch_size)
     args = ap.parse_args()
+    for name in ("steps", "images", "batch_size"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not args.out.endswith(".safetensors") or Path(args.out).is_dir():
+        ap.error(f"OUT must be a .safetensors file to write, got {args.out!r}")
     attribute = concept_attribute(args.concept)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
