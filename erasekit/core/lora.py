@@ -290,10 +290,19 @@ def applied(model: nn.Module, deltas: dict[str, ModuleDelta], prefix: str = "une
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """``requires_grad=False`` on every parameter of ``model`` for the block; previous flags restored after."""
-    flags = {p: p.requires_grad for p in model.parameters()}
-    model.requires_grad_(False)
-    try:
+    with frozen_params(model.parameters()):
         yield model
+
+
+@contextlib.contextmanager
+def frozen_params(params) -> Iterator[None]:
+    """``requires_grad=False`` on the tensors ``params`` for the block (e.g. trained deltas while an attack
+    optimises the prompt against them); previous flags restored after."""
+    flags = {p: p.requires_grad for p in params}
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        yield
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

@@ -27,6 +27,7 @@ from . import ant  # trained: mid-to-late guidance reversal, saliency-selected w
 from . import doco  # trained: adversarial domain correction, concept-preserving gradient
 from . import duge  # trained: continual unlearning, one concept after another
 from . import layered  # closed form + trained: UCE's cross-attention edit and ESD-u, one adapter
+from . import paired  # trained: image-domain paired suppression, adversarial
 
 
 #: closed-form settings on tinyworld, whose jointly trained text encoder spreads a concept over the tokens after
@@ -197,6 +198,13 @@ TINYWORLD_LAYERED = {"preserve_related": True, "preserve_weight": 1.0, "iteratio
 TINYWORLD_LAYERED_ADV = {**TINYWORLD_LAYERED, "preserve_weight": 2.0, "anchor_related": True}
 
 
+#: Paired suppression on tinyworld (issue #22 §2): renders of the concept with its first sibling in its place
+#: (circle → square, red → green, striped → solid), 4000 pairs, the soft-prompt adversary from the start
+#: (docs/notes-robust.md).
+TINYWORLD_PAIRED = {"tinyworld_images": True, "partner_related": True, "num_images": 4000, "iterations": 3000,
+                    "adversary_steps": 10, "adversary_start": 1500}
+
+
 TINYWORLD_DOCO = {"num_inference_steps": 10, "lr": 1e-3, "batch_size": 4, "preserve_related": True,
                   "preserve_weight": 4.0}
 
@@ -257,6 +265,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("layered-adv", layered, layered.LayeredConfig, {"adversary_steps": 30},
                    summary="Layered, its ESD-u part trained against soft-prompt attacks and guided away from the concept "
                            "from anchors", tinyworld=TINYWORLD_LAYERED_ADV),
+        MethodSpec("paired", paired, paired.PairedConfig,
+                   summary="Paired suppression: noised images of the concept denoised into its partner under any text, "
+                           "against soft prompts", tinyworld=TINYWORLD_PAIRED),
     )
 }
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import ConfigError
-from . import abo, advunlearn, ant, doco, duge, esd, fewshot, layered, realera, rece, spm, trce, uce
+from . import abo, advunlearn, ant, doco, duge, esd, fewshot, layered, paired, realera, rece, spm, trce, uce
 
 
 #: config class -> (the paper's values, tinyworld's values) of the fields a user may leave ``None``.
@@ -128,6 +128,21 @@ def sibling_anchor(config) -> dict:
     return {"anchor": next((s for s in tinyworld.related(config.concepts[0]) if s in siblings), "")}
 
 
+def sibling_partners(config) -> dict:
+    """Paired suppression's ``partners``, with ``partner_related`` and none given: each concept's first sibling that
+    is not erased (square for circle, green for red, solid for striped)."""
+    if not config.partner_related or config.partners:
+        return {}
+    from .. import tinyworld
+
+    siblings = tinyworld.related_to(config.concepts)
+    try:
+        partners = tuple(next((s for s in tinyworld.related(c) if s in siblings), "") for c in config.concepts)
+    except KeyError:
+        return {}
+    return {"partners": partners} if all(partners) else {}
+
+
 def retain_values(config) -> dict:
     """AdvUnlearn's ``retain``, if empty: the attribute's other values in the training templates."""
     attribute = attribute_of(config.concepts)
@@ -160,6 +175,7 @@ TINYWORLD_DATA: dict[type, tuple] = {
     trce.TrceConfig: (caption_templates, related_concepts, implied_synonyms, safe_siblings),
     duge.DugeConfig: (caption_templates, related_concepts),
     layered.LayeredConfig: (caption_templates, related_concepts, related_anchors),
+    paired.PairedConfig: (sibling_partners,),
 }
 
 
