@@ -49,7 +49,7 @@ from ..attacks.unlearndiffatk import soft_prompt_attack
 from ..core import lora, sd
 from ..errors import ConfigError
 from . import esd
-from .trainer import (Cond, check_distinct, encode, latent_shape, predict, train, training_options,
+from .trainer import (Cond, encode, latent_shape, predict, train, training_options,
                       validate_training)
 
 #: the kinds of conditioning a concept sample is trained under, in the order of ``condition_shares``
