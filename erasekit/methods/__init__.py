@@ -202,7 +202,8 @@ TINYWORLD_LAYERED_ADV = {**TINYWORLD_LAYERED, "preserve_weight": 2.0, "anchor_re
 #: (circle → square, red → green, striped → solid), 4000 pairs, the other values held 2×, the soft-prompt adversary
 #: (10 steps) before every one of 1600 updates. Circle (benchmarks/robust_tinyworld.json, "paired-reg-A-1600"): union of
 #: the six attacks 17 %, 100 % erased (synonyms 100 %), 0.4 points, 0 of 40 held-out phrasings, 32 minutes of one
-#: thread beside another run; with 5 adversary steps and 2000 updates (as long) the union was 33 % (docs/notes-robust.md).
+#: thread beside another run (the full suite: 17 % at 0.0 points); with 5 adversary steps and 2000 updates (as long)
+#: the union was 33 %. Red (67 %) and striped (83 %, 21.9 points) are not held yet (docs/notes-robust.md).
 TINYWORLD_PAIRED = {"tinyworld_images": True, "partner_related": True, "num_images": 4000, "iterations": 1600,
                     "adversary_steps": 10, "preserve_weight": 2.0}
 
