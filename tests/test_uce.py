@@ -53,7 +53,7 @@ def test_registry_entries_and_configs():
         assert hints["concepts"] == tuple[str, ...]
         for f in fields:
             assert f"{f.name}:" in cls.__doc__, f"{name}: field {f.name} undocumented"
-            simple = (str, int, float, bool, tuple[str, ...], tuple[int, ...])
+            simple = (str, int, float, bool, tuple[str, ...], tuple[int, ...], tuple[float, ...])
             hint = hints[f.name]
             optional = [a for a in typing.get_args(hint) if a is not type(None)] if type(None) in typing.get_args(hint) else []
             assert hint in simple or typing.get_origin(hint) is typing.Literal or (len(optional) == 1 and (
