@@ -44,7 +44,7 @@ from ..core import lora, sd
 from ..core.processes import WHOLE, Part
 from ..errors import ConfigError
 from .esd import PRESETS, TrainMethod, select, preserved
-from .trainer import (Cond, PromptTable, ddim_scheduler, guided_steps, latent_shape, predict, rollout_options, train,
+from .trainer import (Cond, PromptTable, check_prompts, ddim_scheduler, guided_steps, latent_shape, predict, rollout_options, train,
                       training_options, training_templates, validate_rollout_training)
 
 @dataclass(frozen=True)
@@ -100,8 +100,7 @@ class AntConfig:
         for name in ("alpha_early", "alpha_uncond", "preserve_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        if isinstance(self.preserve, str) or not all(isinstance(p, str) and p.strip() for p in self.preserve):
-            raise ConfigError(f"preserve must be a tuple of non-empty prompts, got {self.preserve!r}")
+        check_prompts(self, "preserve")
         if (self.preserve or self.preserve_related) and not self.preserve_weight:
             raise ConfigError("preserve / preserve_related need preserve_weight > 0 (the preservation term's weight)")
 

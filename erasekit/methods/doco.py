@@ -41,7 +41,7 @@ from ..adapter import Adapter
 from ..core import lora
 from ..errors import ConfigError
 from .esd import PRESETS, TrainMethod, preserved
-from .trainer import (Cond, PromptTable, ddim_scheduler, fit_deltas, latent_shape, package, predict, rollout,
+from .trainer import (Cond, PromptTable, check_prompts, ddim_scheduler, fit_deltas, latent_shape, package, predict, rollout,
                       rollout_options, training_options, training_templates, validate_rollout_training)
 
 
@@ -96,8 +96,7 @@ class DocoConfig:
         if not self.discriminator_lr > 0 or self.discriminator_width < 1:
             raise ConfigError(f"discriminator_lr must be > 0 and discriminator_width ≥ 1, got "
                               f"{self.discriminator_lr} and {self.discriminator_width}")
-        if isinstance(self.preserve, str) or not all(isinstance(p, str) and p.strip() for p in self.preserve):
-            raise ConfigError(f"preserve must be a tuple of non-empty prompts, got {self.preserve!r}")
+        check_prompts(self, "preserve")
         if self.gradient_surgery and not self.preserve_weight:
             raise ConfigError("DoCo's concept-preserving gradient needs a retaining loss: preserve_weight > 0 (or set "
                               "gradient_surgery to False)")

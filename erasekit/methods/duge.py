@@ -56,7 +56,7 @@ from ..core import lora
 from ..core.processes import WHOLE, Part
 from ..errors import AdapterError, ConfigError
 from .esd import PRESETS, TrainMethod
-from .trainer import (Cond, PromptTable, ddim_scheduler, fit_deltas, latent_shape, package, predict, rollout,
+from .trainer import (Cond, PromptTable, check_prompts, ddim_scheduler, fit_deltas, latent_shape, package, predict, rollout,
                       rollout_options, training_options, training_templates, validate_rollout_training)
 
 #: prompts of each step kept in the adapter's record, for the next steps' regularization memory
@@ -100,8 +100,7 @@ class DugeConfig:
         for name in ("negative_guidance", "prior_weight", "regularization_weight"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        if isinstance(self.preserve, str) or not all(isinstance(p, str) and p.strip() for p in self.preserve):
-            raise ConfigError(f"preserve must be a tuple of non-empty prompts, got {self.preserve!r}")
+        check_prompts(self, "preserve")
         if self.train_method not in PRESETS:
             raise ConfigError(f"train_method must be one of {', '.join(PRESETS)}, got {self.train_method!r}")
         if self.anchor.strip() in {c.strip() for c in self.concepts}:

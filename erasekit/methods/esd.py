@@ -70,7 +70,7 @@ from ..core import lora, sd
 from ..core.mmdit import POOLED_TEXT_EMBEDDER
 from ..core.processes import WHOLE, Part
 from ..errors import ConfigError
-from .trainer import (Cond, PromptTable, ddim_scheduler, latent_shape, predict, rollout, train,
+from .trainer import (Cond, PromptTable, check_prompts, ddim_scheduler, latent_shape, predict, rollout, train,
                       rollout_options, training_options, training_templates, validate_rollout_training)
 from .uce import alternatives
 
@@ -148,8 +148,7 @@ class EsdConfig:
                               "at least one names it)")
         if self.preserve_weight < 0:
             raise ConfigError(f"preserve_weight must be ≥ 0, got {self.preserve_weight}")
-        if isinstance(self.preserve, str) or not all(isinstance(p, str) and p.strip() for p in self.preserve):
-            raise ConfigError(f"preserve must be a tuple of non-empty prompts, got {self.preserve!r}")
+        check_prompts(self, "preserve")
         if (self.preserve or self.preserve_related) and not self.preserve_weight:
             raise ConfigError("preserve / preserve_related need preserve_weight > 0 (the preservation term's weight)")
         if isinstance(self.anchors, str) or not all(isinstance(a, str) and all(p.strip() for p in alternatives(a))

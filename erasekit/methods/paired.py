@@ -49,7 +49,7 @@ from ..attacks.unlearndiffatk import soft_prompt_attack
 from ..core import lora, sd
 from ..errors import ConfigError
 from . import esd
-from .trainer import (Cond, encode, latent_shape, predict, train, training_options,
+from .trainer import (Cond, check_prompts, encode, latent_shape, predict, train, training_options,
                       validate_training)
 
 #: the kinds of conditioning a concept sample is trained under, in the order of ``condition_shares``
@@ -122,8 +122,7 @@ class PairedConfig:
         for name in ("preserve_weight", "hidden_noise", "adversary_steps", "adversary_start", "guidance_scale"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        if isinstance(self.partners, str) or not all(isinstance(p, str) and p.strip() for p in self.partners):
-            raise ConfigError(f"partners must be a tuple of non-empty prompts, got {self.partners!r}")
+        check_prompts(self, "partners")
         if len(self.partners) not in (0, 1, len(self.concepts)):
             raise ConfigError(f"partners must be one for all concepts or one per concept ({len(self.concepts)}), "
                               f"got {len(self.partners)}")
@@ -131,8 +130,7 @@ class PairedConfig:
         named = [p for p in self.partners if p.strip() in erased]
         if named:
             raise ConfigError(f"partner {named[0]!r} is one of the concepts being erased")
-        if isinstance(self.preserve, str) or not all(isinstance(p, str) and p.strip() for p in self.preserve):
-            raise ConfigError(f"preserve must be a tuple of non-empty prompts, got {self.preserve!r}")
+        check_prompts(self, "preserve")
         if (len(self.condition_shares) != len(CONDITIONS) or any(not s >= 0 for s in self.condition_shares)
                 or not sum(self.condition_shares) > 0):
             raise ConfigError(f"condition_shares must be {len(CONDITIONS)} shares ≥ 0 ({', '.join(CONDITIONS)}), "
@@ -266,7 +264,7 @@ def paired_target(pipe, x0: torch.Tensor, partner: torch.Tensor, noise: torch.Te
     """(x_t of the concept's latents ``x0``, the prediction that denoises it into ``partner``, the weight
     min(1, (1−ᾱ)/ᾱ)) (module docstring); ε-prediction or v-prediction."""
     a = sd.alphas_cumprod(pipe)[t].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    x_t = sd.add_noise(pipe, x0, noise, t)
     eps = noise + (a / (1 - a)).sqrt() * (x0 - partner)
     if pipe.scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
         target = a.sqrt() * eps - (1 - a).sqrt() * partner

@@ -349,6 +349,13 @@ def run_settings(config) -> dict:
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_RUN}
 
 
+def check_prompts(config, name: str) -> None:
+    """ConfigError unless the field ``name`` of ``config`` is a tuple of non-empty prompts (empty is fine)."""
+    value = getattr(config, name)
+    if isinstance(value, str) or not all(isinstance(p, str) and p.strip() for p in value):
+        raise ConfigError(f"{name} must be a tuple of non-empty prompts, got {value!r}")
+
+
 def check_distinct(concepts, owner: str) -> None:
     """A concept named twice (``("circle", "circle")``) is an error, not a double weight."""
     seen = set()
