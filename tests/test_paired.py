@@ -132,6 +132,8 @@ def test_bad_config_raises_config_error(pipes, options, match):
 
 
 def test_bad_tinyworld_partner_and_adversary_on_sdxl(tinyworld_pipe, pipes):
+    with pytest.raises(ConfigError, match=r"^'dog' is no tinyworld concept \(one of circle, "):
+        erase(tinyworld_pipe, "paired", ["dog"], partners=["cat"], progress=False)
     with pytest.raises(ConfigError, match="no tinyworld shape"):
         erase(tinyworld_pipe, "paired", ["circle"], partners=["red"], progress=False)
     with pytest.raises(ConfigError, match="adversary_steps needs a UNet with one text encoder"):

@@ -168,12 +168,15 @@ def tinyworld_pairs(pipe, config: PairedConfig) -> Pairs:
     from ..tinyworld import world
 
     rng = random.Random(config.seed)
-    try:
-        attributes = [world.concept_attribute(c) for c in config.concepts]
-        names = [world.canonical(c) for c in config.concepts]
-    except KeyError as e:
-        raise ConfigError(f"{e.args[0]!r} is no tinyworld concept; train on the model's own images "
-                          "(tinyworld_images=False)") from e
+    attributes, names = [], []
+    for concept in config.concepts:
+        try:
+            attributes.append(world.concept_attribute(concept))
+            names.append(world.canonical(concept))
+        except KeyError as e:
+            known = ", ".join(v for values in world.ATTRIBUTES.values() for v in values)
+            raise ConfigError(f"{concept!r} is no tinyworld concept (one of {known}); train on the model's own "
+                              "images (tinyworld_images=False)") from e
     partners = partners_of(config)
     for partner, attribute in zip(partners, attributes):
         if partner not in world.ATTRIBUTES[attribute]:
