@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
 import torch
 
 from erasekit.api import erase
-from erasekit.core import sd
+from erasekit.core import lora, sd
 from erasekit.errors import ConfigError
-from erasekit.methods import METHODS, paired
+from erasekit.methods import METHODS, esd, paired
 from erasekit.testing import tiny_pipeline
 from erasekit.tinyworld import synonyms
 
@@ -116,6 +117,36 @@ def test_adversarial_run_resumes_to_the_same_adapter(pipes, tmp_path):
         torch.testing.assert_close(resumed.deltas[key].dense(), delta.dense(), atol=1e-6, rtol=1e-5)
 
 
+def test_random_words_are_strings_of_the_training_captions_words(pipes, monkeypatch):
+    """With ``random_words=1`` and every sample a random string, each concept conditioning is 1–16 words of the
+    captions (the discrete attacks' kind of prompt); with 0 they are vocabulary tokens."""
+    pipe = pipes["sd1"]
+    config = paired.PairedConfig(concepts=("cat",), partners=("dog",), templates=("a photo of a {}",),
+                                 preserve=("a tree",), condition_shares=(0, 0, 0, 1, 0), random_words=1.0,
+                                 **{**FAST, "batch_size": 32})
+    data = paired.pairs(pipe, config)
+    words = paired.caption_words(data)
+    assert words == sorted({"a", "photo", "of", "cat", "dog", "tree"})
+    seen, encode = [], paired.encode
+
+    def spy(pipe, prompts, *rest):
+        seen.append(list(prompts))
+        return encode(pipe, prompts, *rest)
+
+    monkeypatch.setattr(paired, "encode", spy)
+    deltas = lora.Deltas(sd.denoiser(pipe), esd.select(pipe, "esd-u"), rank=0)
+    loss_fn = paired.objective(pipe, config, data)(deltas)
+    loss_fn(0, torch.Generator().manual_seed(0))
+    concept_prompts = seen[0]
+    assert len(concept_prompts) == 32
+    assert all(p and set(p.split()) <= set(words) and len(p.split()) <= 16 for p in concept_prompts), concept_prompts
+    assert len({len(p.split()) for p in concept_prompts}) > 4  # lengths vary
+    seen.clear()
+    tokens = dataclasses.replace(config, random_words=0.0)
+    paired.objective(pipe, tokens, data)(deltas)(0, torch.Generator().manual_seed(0))
+    assert not all(set(p.split()) <= set(words) for p in seen[0] if p)
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(), "needs partners"),
     (dict(partners=("cat",)), "is one of the concepts"),
@@ -125,6 +156,7 @@ def test_adversarial_run_resumes_to_the_same_adapter(pipes, tmp_path):
     (dict(partners=("dog",), num_images=0), "num_images"),
     (dict(partners=("dog",), preserve_weight=-1.0), "preserve_weight"),
     (dict(partners=("dog",), train_method="esd-q"), "train_method"),
+    (dict(partners=("dog",), random_words=1.5), "random_words"),
 ])
 def test_bad_config_raises_config_error(pipes, options, match):
     with pytest.raises(ConfigError, match=match):

@@ -17,7 +17,9 @@ from ``x_t = √ᾱ z_c + √(1−ᾱ) ε`` is z_p, i.e. (DDPM's ε-parametrisat
 z_p``). The conditioning ``c`` of each sample is drawn from five kinds (``condition_shares``, in the order of
 :data:`CONDITIONS`): the pair's concept caption; its partner caption; no text; a random token string; the concept
 caption's encoding with Gaussian noise of ``hidden_noise`` × its per-token scale added (the text encoder's output
-space, where soft prompts live). A distillation term holds everything else at the frozen model
+space, where soft prompts live). A share ``random_words`` of the random strings are words of the training captions
+instead of vocabulary tokens: the hard prompts the discrete attacks find (P4D's "circle circle shapes …", "violet
+purple starburst hollow …") are such word strings, under which a colourless prompt drew red again. A distillation term holds everything else at the frozen model
 (``‖ε_θ(x_t, t, c_k) − ε_θ₀(x_t, t, c_k)‖²`` on noised images the concept is not in: on tinyworld renders of scenes
 without it, elsewhere the partner's images and the ``preserve`` prompts' generations; a tenth of them unconditioned),
 weighted ``preserve_weight``.
@@ -79,6 +81,8 @@ class PairedConfig:
         condition_shares: shares of the conditioning kinds :data:`CONDITIONS` (concept caption, partner caption, no
             text, random tokens, noisy concept encoding), normalised.
         hidden_noise: σ of the noise added to a noisy encoding, relative to each token row's standard deviation.
+        random_words: share of the random strings drawn as 1–16 words of the training captions (concept, partner
+            and held captions) rather than 1–12 vocabulary tokens.
         adversary_steps: steps of the soft-prompt attack on the student before each update (0: none; SD 1.x/2.x).
         adversary_start: the update from which the adversary runs.
         train_method: the UNet modules trained (ESD's module sets: esd-u, esd-x, esd-x-strict, esd-all).
@@ -102,6 +106,7 @@ class PairedConfig:
     preserve_weight: float = 1.0
     condition_shares: tuple[float, ...] = (0.35, 0.1, 0.15, 0.2, 0.2)
     hidden_noise: float = 1.0
+    random_words: float = 0.0
     adversary_steps: int = 0
     adversary_start: int = 0
     train_method: esd.TrainMethod = "esd-u"
@@ -135,6 +140,8 @@ class PairedConfig:
                 or not sum(self.condition_shares) > 0):
             raise ConfigError(f"condition_shares must be {len(CONDITIONS)} shares ≥ 0 ({', '.join(CONDITIONS)}), "
                               f"not all zero; got {self.condition_shares!r}")
+        if not 0 <= self.random_words <= 1:
+            raise ConfigError(f"random_words must be a share in [0, 1], got {self.random_words}")
         if self.train_method not in esd.PRESETS:
             raise ConfigError(f"train_method must be one of {', '.join(esd.PRESETS)}, got {self.train_method!r}")
         if self.rank < 0:
@@ -262,6 +269,19 @@ def random_prompt(tokenizer, vocab: int, gen: torch.Generator) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+def random_words(words: list[str], gen: torch.Generator) -> str:
+    """1–16 words drawn (with repeats) from ``words``, as text."""
+    n = int(torch.randint(1, 17, (), generator=gen))
+    return " ".join(words[i] for i in torch.randint(len(words), (n,), generator=gen).tolist())
+
+
+def caption_words(data: Pairs) -> list[str]:
+    """The words of every training caption (concept, partner and held), each once, in a fixed order."""
+    captions = [c for pairs in data.captions for pair in pairs for c in pair]
+    captions += [c for held in data.held_captions for c in held]
+    return sorted({w for c in captions for w in c.split()})
+
+
 def paired_target(pipe, x0: torch.Tensor, partner: torch.Tensor, noise: torch.Tensor,
                   t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t of the concept's latents ``x0``, the prediction that denoises it into ``partner``, the weight
@@ -287,6 +307,7 @@ def objective(pipe, config: PairedConfig, data: Pairs,
     T = sd.num_train_timesteps(pipe)
     threats = esd.adversary_threats(pipe, config)
     n, b = len(data.captions), config.batch_size
+    words = caption_words(data) if config.random_words else []
 
     def pick(options: list, gen: torch.Generator):
         return options[int(torch.randint(len(options), (), generator=gen))]
@@ -299,6 +320,9 @@ def objective(pipe, config: PairedConfig, data: Pairs,
             for row, kind in zip(rows, kinds):
                 concept, partner = pick(data.captions[row], gen)
                 name = CONDITIONS[kind]
+                if name == "random_tokens" and words and float(torch.rand((), generator=gen)) < config.random_words:
+                    prompts.append(random_words(words, gen))
+                    continue
                 prompts.append(partner if name == "partner" else "" if name == "empty" else
                                random_prompt(tokenizer, vocab, gen) if name == "random_tokens" else concept)
             cond = Cond.cat(encode(pipe, prompts, config.resolution)[0])
