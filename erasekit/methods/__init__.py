@@ -4,9 +4,9 @@
 tests derive everything from it. Adding a method = one module + one entry here.
 
 Every config dataclass has ``concepts: tuple[str, ...]`` as its first field, documents each field in a
-Google-style ``Args:`` docstring, uses simple field types (str, int, float, bool, tuples of str, int or float, Literal[...])
-and validates itself in ``__post_init__`` (raising :class:`erasekit.errors.ConfigError`). The trained methods'
-configs end with the shared training fields (:func:`erasekit.methods.trainer.training_options`).
+Google-style ``Args:`` docstring, uses simple field types (str, int, float, bool, tuples of str, int or float,
+Literal[...]) and validates itself in ``__post_init__`` (raising :class:`erasekit.errors.ConfigError`). The trained
+methods' configs end with the shared training fields (:func:`erasekit.methods.trainer.training_options`).
 """
 
 from __future__ import annotations

@@ -44,8 +44,8 @@ from ..core import lora, sd
 from ..core.processes import WHOLE, Part
 from ..errors import ConfigError
 from .esd import PRESETS, TrainMethod, select, preserved
-from .trainer import (Cond, PromptTable, check_prompts, ddim_scheduler, guided_steps, latent_shape, predict, rollout_options, train,
-                      training_options, training_templates, validate_rollout_training)
+from .trainer import (Cond, PromptTable, check_prompts, ddim_scheduler, guided_steps, latent_shape, predict,
+                      rollout_options, train, training_options, training_templates, validate_rollout_training)
 
 @dataclass(frozen=True)
 @training_options

@@ -41,8 +41,8 @@ from ..adapter import Adapter
 from ..core import lora
 from ..errors import ConfigError
 from .esd import PRESETS, TrainMethod, preserved
-from .trainer import (Cond, PromptTable, check_prompts, ddim_scheduler, fit_deltas, latent_shape, package, predict, rollout,
-                      rollout_options, training_options, training_templates, validate_rollout_training)
+from .trainer import (Cond, PromptTable, check_prompts, ddim_scheduler, fit_deltas, latent_shape, package, predict,
+                      rollout, rollout_options, training_options, training_templates, validate_rollout_training)
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,8 @@ from ..core import lora
 from ..core.processes import WHOLE, Part
 from ..errors import AdapterError, ConfigError
 from .esd import PRESETS, TrainMethod
-from .trainer import (Cond, PromptTable, check_prompts, ddim_scheduler, fit_deltas, latent_shape, package, predict, rollout,
-                      rollout_options, training_options, training_templates, validate_rollout_training)
+from .trainer import (Cond, PromptTable, check_prompts, ddim_scheduler, fit_deltas, latent_shape, package, predict,
+                      rollout, rollout_options, training_options, training_templates, validate_rollout_training)
 
 #: prompts of each step kept in the adapter's record, for the next steps' regularization memory
 MEMORY_PROMPTS = 16

@@ -20,11 +20,11 @@ caption's encoding with Gaussian noise of ``hidden_noise`` × its per-token scal
 space, where soft prompts live). A share ``random_words`` of the random strings are words of the training captions
 instead of vocabulary tokens: the hard prompts the discrete attacks find (P4D's "circle circle shapes …", "violet
 purple starburst hollow …") are such word strings, under which a colourless prompt drew red again (on red, 0.75 of
-them took P4D from 67 % to 0–33 % in four runs, but not the other attacks with it, at 3.8–13 points lost on the other
-colours: docs/notes-robust.md; off in the presets). A distillation term holds everything else at the frozen model
-(``‖ε_θ(x_t, t, c_k) − ε_θ₀(x_t, t, c_k)‖²`` on noised images the concept is not in: on tinyworld renders of scenes
-without it, elsewhere the partner's images and the ``preserve`` prompts' generations; a tenth of them unconditioned),
-weighted ``preserve_weight``.
+them took P4D from 67 % to 0–33 % in four runs, but not the other attacks with it, at 3.8–13 points lost on the
+other colours: docs/notes-robust.md; off in the presets). A distillation term holds everything else at the frozen
+model (``‖ε_θ(x_t, t, c_k) − ε_θ₀(x_t, t, c_k)‖²`` on noised images the concept is not in: on tinyworld renders of
+scenes without it, elsewhere the partner's images and the ``preserve`` prompts' generations; a tenth of them
+unconditioned), weighted ``preserve_weight``.
 
 With ``adversary_steps``, before each update from ``adversary_start`` on, a soft-prompt attack on the student
 (UnlearnDiffAtk's 3 free tokens before the caption on even steps, 16 free tokens alone on odd ones, each warm-started
@@ -183,9 +183,8 @@ def tinyworld_pairs(pipe, config: PairedConfig) -> Pairs:
             attributes.append(world.concept_attribute(concept))
             names.append(world.canonical(concept))
         except KeyError as e:
-            known = ", ".join(v for values in world.ATTRIBUTES.values() for v in values)
-            raise ConfigError(f"{concept!r} is no tinyworld concept (one of {known}); train on the model's own "
-                              "images (tinyworld_images=False)") from e
+            raise ConfigError(f"{concept!r} is no tinyworld concept (one of {', '.join(world.concept_names())}); "
+                              "train on the model's own images (tinyworld_images=False)") from e
     partners = partners_of(config)
     for partner, attribute in zip(partners, attributes):
         if partner not in world.ATTRIBUTES[attribute]:

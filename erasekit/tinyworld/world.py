@@ -95,14 +95,18 @@ def fill_template(template: str, words: dict[str, str]) -> str:
     return " ".join(_SEGMENT.sub(segment, template).format(**words).split())
 
 
+def concept_names() -> list[str]:
+    """Every attribute's values, canonical names, attribute by attribute ("circle", ..., "red", ...)."""
+    return [name for table in ATTRIBUTES.values() for name in table]
+
+
 def concept_attribute(concept: str) -> str:
     """Return which attribute ('shape', 'colour', ...) a canonical concept or synonym belongs to."""
     for attribute, table in ATTRIBUTES.items():
         for name, names in table.items():
             if concept == name or concept in names:
                 return attribute
-    known = ", ".join(n for t in ATTRIBUTES.values() for n in t)
-    raise KeyError(f"unknown tinyworld concept {concept!r}; known concepts: {known}")
+    raise KeyError(f"unknown tinyworld concept {concept!r}; known concepts: {', '.join(concept_names())}")
 
 
 def canonical(concept: str) -> str:
