@@ -1,12 +1,14 @@
-"""How often does a model draw a circle for prompts that name no shape? (issue #22 §2, docs/notes-robust.md)
+"""How often does a model draw a concept for prompts that do not name it? (issue #22 §2, docs/notes-robust.md)
 
-P4D's successful prompts against the robust candidates are strings of colour and texture words. Whether such
-strings draw the concept by chance or only when searched for: 48 random strings of 3–12 of tinyworld's colour,
-texture and background words, and 48 random strings of 16 vocabulary tokens (fixed by ``--seed``), generated at each
-of ``--image-seeds`` on the base model and with each adapter file loaded, judged by tinyworld's judge.
-Writes ``random_prompts_tinyworld.json`` (counts per model and image seed, each file's provenance).
+P4D's successful prompts against the robust candidates are strings of tinyworld's own words that do not name the
+concept. Whether such strings draw it by chance or only when searched for: 48 random strings of 3–12 of tinyworld's
+colour, texture and background words (for a colour or a texture: its own names left out, the shape names added), and
+48 random strings of 16 vocabulary tokens (fixed by ``--seed``), generated at each of ``--image-seeds`` on the base
+model and with each adapter file loaded, judged by tinyworld's judge. Writes ``random_prompts_tinyworld.json``
+(circle; another concept: ``random_prompts_tinyworld-<concept>.json``): counts per model and image seed, each file's
+provenance.
 
-    python benchmarks/random_prompts_tinyworld.py [--concept circle] FILE.safetensors ...
+    python benchmarks/random_prompts_tinyworld.py [--concept circle|red|striped] FILE.safetensors ...
 """
 
 from __future__ import annotations
@@ -26,30 +28,38 @@ from erasekit.core.provenance import run_record
 from erasekit.generate import generate
 from erasekit.loading import load_pipeline
 from erasekit.tinyworld import load_judge
-from erasekit.tinyworld.world import COLOURS, TEXTURES
+from erasekit.tinyworld.world import COLOURS, SHAPES, TEXTURES, concept_attribute
 
-OUT = Path(__file__).with_name("random_prompts_tinyworld.json")
 WORDS = [w for names in [*COLOURS.values(), *TEXTURES.values()] for w in names] + [
     "black", "white", "dark", "background", "plain", "big", "small", "drawn", "night", "on", "a", "with"]
 
 
-def prompts(pipe, seed: int) -> dict[str, list[str]]:
+def words(concept: str) -> list[str]:
+    """:data:`WORDS` for a shape; for a colour or a texture, without the names of ``concept`` and with the shapes'."""
+    if concept_attribute(concept) == "shape":
+        return WORDS
+    own = {"colour": COLOURS, "texture": TEXTURES}[concept_attribute(concept)][concept]
+    return [w for w in WORDS if w not in own] + [w for names in SHAPES.values() for w in names]
+
+
+def prompts(pipe, seed: int, concept: str = "circle") -> dict[str, list[str]]:
     rng = random.Random(seed)
     allowed = sd.allowed_token_ids(pipe).tolist()
-    return {"words": [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(48)],
+    vocabulary = words(concept)
+    return {"words": [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(3, 12))) for _ in range(48)],
             "tokens": [pipe.tokenizer.decode([rng.choice(allowed) for _ in range(16)]) for _ in range(48)]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*")
-    ap.add_argument("--concept", default="circle")
+    ap.add_argument("--concept", choices=["circle", "red", "striped"], default="circle")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     ap.add_argument("--image-seeds", type=int, nargs="+", default=[0, 1])
     args = ap.parse_args()
     torch.set_num_threads(1)
     pipe, judge = load_pipeline(None, device="cpu"), load_judge()
-    sets = prompts(pipe, args.seed)
+    sets = prompts(pipe, args.seed, args.concept)
 
     def count() -> dict:
         out = {}
@@ -66,7 +76,10 @@ def main() -> None:
         models[Path(f).name] = {"counts": count(), "path": f, "info": read_record(f)["info"]}
         compose.unload(pipe, name)
     record = {"concept": args.concept, "prompts": sets, "per_set": 48, "models": models, "run": run_record()}
-    atomic_write(OUT, (json.dumps(record, indent=1) + "\n").encode())
+    out = Path(__file__).with_suffix(".json")
+    if args.concept != "circle":
+        out = out.with_name(f"{out.stem}-{args.concept}.json")
+    atomic_write(out, (json.dumps(record, indent=1) + "\n").encode())
     for m, v in models.items():
         print(m, v["counts"])
 
