@@ -8,7 +8,7 @@ model and with each adapter file loaded, judged by tinyworld's judge. Writes ``r
 (circle; another concept: ``random_prompts_tinyworld-<concept>.json``): counts per model and image seed, each file's
 provenance.
 
-    python benchmarks/random_prompts_tinyworld.py [--concept circle|red|striped] FILE.safetensors ...
+    python benchmarks/random_prompts_tinyworld.py [--concept circle|red|striped|...] FILE.safetensors ...
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def prompts(pipe, seed: int, concept: str = "circle") -> dict[str, list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*")
-    ap.add_argument("--concept", choices=["circle", "red", "striped"], default="circle")
+    ap.add_argument("--concept", choices=[*SHAPES, *COLOURS, *TEXTURES], default="circle")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     ap.add_argument("--image-seeds", type=int, nargs="+", default=[0, 1])
     args = ap.parse_args()
