@@ -28,17 +28,19 @@ from erasekit.core.provenance import run_record
 from erasekit.generate import generate
 from erasekit.loading import load_pipeline
 from erasekit.tinyworld import load_judge
-from erasekit.tinyworld.world import COLOURS, SHAPES, TEXTURES, concept_attribute
+from erasekit.tinyworld.world import ATTRIBUTES, COLOURS, SHAPES, TEXTURES, concept_attribute
 
+OUT = Path(__file__).with_suffix(".json")  # circle's; another concept's: random_prompts_tinyworld-<concept>.json
 WORDS = [w for names in [*COLOURS.values(), *TEXTURES.values()] for w in names] + [
     "black", "white", "dark", "background", "plain", "big", "small", "drawn", "night", "on", "a", "with"]
 
 
 def words(concept: str) -> list[str]:
     """:data:`WORDS` for a shape; for a colour or a texture, without the names of ``concept`` and with the shapes'."""
-    if concept_attribute(concept) == "shape":
+    attribute = concept_attribute(concept)
+    if attribute == "shape":
         return WORDS
-    own = {"colour": COLOURS, "texture": TEXTURES}[concept_attribute(concept)][concept]
+    own = ATTRIBUTES[attribute][concept]
     return [w for w in WORDS if w not in own] + [w for names in SHAPES.values() for w in names]
 
 
@@ -76,9 +78,7 @@ def main() -> None:
         models[Path(f).name] = {"counts": count(), "path": f, "info": read_record(f)["info"]}
         compose.unload(pipe, name)
     record = {"concept": args.concept, "prompts": sets, "per_set": 48, "models": models, "run": run_record()}
-    out = Path(__file__).with_suffix(".json")
-    if args.concept != "circle":
-        out = out.with_name(f"{out.stem}-{args.concept}.json")
+    out = OUT if args.concept == "circle" else OUT.with_name(f"{OUT.stem}-{args.concept}.json")
     atomic_write(out, (json.dumps(record, indent=1) + "\n").encode())
     for m, v in models.items():
         print(m, v["counts"])
