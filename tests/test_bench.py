@@ -203,6 +203,38 @@ def test_rows_made_with_another_config_are_redone(bench, monkeypatch):
     assert again["rows"]["uce/shape"]["erasure_rate"] == results["rows"]["uce/shape"]["erasure_rate"]
 
 
+def test_rows_audited_on_another_preservation_set_are_audited_again(bench, monkeypatch):
+    """A row whose preservation prompts are not today's (``preserve_set``) is marked in the table and audited again
+    by the next run: its cached adapter kept (nothing erased), the time its making took kept; a run of other
+    methods then adopts a row another run audited again (an ``--entries`` run into the same cache)."""
+    import erasekit.api
+    from erasekit.bench.suite import preservation_digest
+
+    out, results = bench
+    work = out / ".bench-test"
+    state = work / "results-test.json"
+    saved = json.loads(state.read_text())
+    texture = next(e for e in SUITE if e.name == "texture")
+    assert saved["rows"]["uce/texture"]["preserve_set"] == preservation_digest(texture, TINY.preserve)
+    row = saved["rows"]["uce/texture"]
+    row["preserve_set"], row["row_seconds"], row["preservation_drop"] = "0123456789ab", 123.0, 0.5
+    state.write_text(json.dumps(saved))
+    line = next(l for l in table(saved).splitlines() if l.startswith("| uce | texture |"))
+    assert "50.0 °" in line and "° 1 rows' preservation drop" in table(saved)
+    erased = []
+    real = erasekit.api.erase
+    monkeypatch.setattr(erasekit.api, "erase", lambda *a, **k: erased.append(a[1]) or real(*a, **k))
+    sub = run_suite(TINY, out, methods=["uce"], attacks=["paraphrase"], entries=["texture"], progress=False)
+    again = sub["rows"]["uce/texture"]
+    assert erased == [] and again["preserve_set"] == preservation_digest(texture, TINY.preserve)
+    assert again["preservation_drop"] == results["rows"]["uce/texture"]["preservation_drop"]
+    assert again["row_seconds"] == 123.0 and again["reaudit_seconds"] > 0
+    assert json.loads(state.read_text())["rows"]["uce/texture"]["preservation_drop"] == 0.5  # not this file's run
+    whole = run_suite(TINY, out, methods=["time"], attacks=[], progress=False)  # uce's rows: assembled
+    assert erased == ["time"] * 4 and whole["rows"]["uce/texture"] == json.loads(json.dumps(again))
+    assert "°" not in table(whole)
+
+
 def test_rows_that_record_no_config_are_redone(bench, monkeypatch):
     """A cached row or adapter from before rows recorded their config cannot be checked, so it is made again."""
     out, results = bench

@@ -36,6 +36,33 @@ def test_captions_use_only_training_templates_and_name_the_shape():
         assert "  " not in text and not text.endswith((" on a", ","))
 
 
+@pytest.mark.parametrize("concept", ["circle", "red", "striped", "white"])
+@pytest.mark.parametrize("limit", [6, 16])
+def test_preserve_prompts_cover_every_value_evenly(concept, limit):
+    """The preservation set never shows the concept and spreads over every attribute: each other value of the
+    concept's attribute within one of its fair share, and as many shapes and colours as the set has room for (an
+    even step over the grid once gave a texture 16 solid prompts of 16)."""
+    from collections import Counter
+
+    from erasekit.tinyworld.prompts import preserve_prompts, scene_of
+
+    prompts = preserve_prompts(concept, limit)
+    scenes = [scene_of(p) for p in prompts]
+    assert len(set(prompts)) == limit and None not in scenes
+    attribute = world.concept_attribute(concept)
+    assert all(getattr(s, attribute) != concept for s in scenes)
+    others = [v for v in world.ATTRIBUTES[attribute] if v != concept]
+    counts = Counter(getattr(s, attribute) for s in scenes)
+    assert set(counts) == set(others[:limit]) and max(counts.values()) - min(counts.values()) <= 1, counts
+    for a in ("shape", "colour"):
+        if a != attribute:
+            assert len({getattr(s, a) for s in scenes}) == min(limit, len(world.ATTRIBUTES[a])), (a, scenes)
+    if attribute != "background":
+        textures = len(world.ATTRIBUTES["texture"]) - (attribute == "texture")
+        assert len({s.texture for s in scenes}) == min(limit, textures)
+    assert preserve_prompts(concept, limit) == prompts  # deterministic
+
+
 def test_render_is_deterministic_and_differs_by_concept():
     a = world.render(world.Scene("circle", "red", "solid", "black"), random.Random(1))
     b = world.render(world.Scene("circle", "red", "solid", "black"), random.Random(1))

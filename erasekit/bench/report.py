@@ -44,10 +44,15 @@ def table(results: dict) -> str:
              "| method | entry | erased % (canonical) | erased % (synonyms) | preservation drop (pts) | "
              "ASR % (all attacks) | erase s | peak MB | adapter MB | generation overhead |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    current = _preservation_digests(budget)
+    earlier = []
     for row in rows.values():
         gen = row.get("generation", {})
         drop = row.get("preservation_drop")
         drop = "–" if drop is None else f"{100 * drop:.1f}"
+        if current and drop != "–" and row.get("preserve_set") != current.get(row["entry"]):
+            drop += " °"
+            earlier.append(f"{row['method']}/{row['entry']}")
         overhead = "–" if not gen else f"{100 * gen['overhead']:+.0f} %"
         asr = _pct(row.get("union_asr")) if row.get("asr") else "not attacked"
         lines.append(
@@ -56,6 +61,11 @@ def table(results: dict) -> str:
             f"{asr} | {_s(row.get('erase_seconds'))} | "
             f"{_s(row.get('peak_memory_mb'))} | {row.get('adapter_mb')} | "
             f"{overhead} |")
+    if earlier:
+        lines += ["", f"° {len(earlier)} rows' preservation drop was measured on an earlier set of prompts of other "
+                      "concepts (before 2026-12-05 every k-th grid scene: a texture's 16 were all solid, the quick "
+                      "budget's colour ones all green); `erasekit bench --methods M --entries E` audits the row "
+                      "again (its adapter too is made again unless the work cache holds it)."]
     attacked = [r for r in rows.values() if r.get("asr")]
     if attacked:
         names = sorted({a for r in attacked for a in r["asr"]})
@@ -94,6 +104,15 @@ def table(results: dict) -> str:
         lines += ["", f"Row time: {total / 60:.1f} min, summed over the rows above (erase + audit + generation timing; "
                       f"model loading excluded{shared})."]
     return "\n".join(lines) + "\n"
+
+
+def _preservation_digests(budget: dict) -> dict[str, str]:
+    """Each suite entry's current preservation set (:func:`erasekit.bench.suite.preservation_digest`) under a
+    results file's budget record ({} if it records no ``preserve``)."""
+    from .suite import preservation_digest
+
+    count = budget.get("preserve")
+    return {e.name: preservation_digest(e, count) for e in SUITE} if isinstance(count, int) else {}
 
 
 def _per_concept_table(rows) -> list[str]:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -234,11 +235,31 @@ def _safe_prompts(concepts: Sequence[str], n: int) -> list[str]:
     return subsample([s.prompt() for s in scenes], n)
 
 
+def preservation_prompts(entry: Entry, count: int) -> list[str]:
+    """The ``count`` prompts of other concepts the erasure audit of ``entry`` judges preservation on (a budget's
+    ``preserve``): for one concept,
+    tinyworld's balanced set of its attribute's other values (:func:`erasekit.tinyworld.prompts.preserve_prompts`);
+    for several, canonical grid prompts that show none of them (one set, shared by the concepts)."""
+    from ..audit import tinyworld_preserve_prompts
+
+    if len(entry.concepts) == 1:
+        return tinyworld_preserve_prompts(entry.concepts[0], count)
+    return _safe_prompts(entry.concepts, count)
+
+
+def preservation_digest(entry: Entry, count: int) -> str:
+    """A short digest of :func:`preservation_prompts` (what a row records as ``preserve_set``): a row audited on
+    another set is not finished (its erasure audit is made again; the adapter and attack audits are kept when the
+    cache has them), and the table marks a committed row that was."""
+    text = "\n".join(preservation_prompts(entry, count))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def audit_entry(pipe, entry: Entry, budget: Budget, work: Path, attacks: Sequence[str], progress: bool,
                 base_cache: Path | None = None) -> dict:
     """Audit every concept of ``entry`` on ``pipe`` (its adapter loaded); metrics averaged over the concepts.
     ``base_cache``: the audits' shared folder of base-model images (``erasekit.audit.audit``'s)."""
-    from ..audit import audit, subsample, tinyworld_paraphrases, tinyworld_preserve_prompts, tinyworld_prompts
+    from ..audit import audit, subsample, tinyworld_paraphrases, tinyworld_prompts
 
     from ..audit.metrics import preservation
     from ..tinyworld import concept_attribute
@@ -249,8 +270,7 @@ def audit_entry(pipe, entry: Entry, budget: Budget, work: Path, attacks: Sequenc
     for concept in entry.concepts:
         canonical = subsample(tinyworld_prompts(concept), budget.prompts)
         paraphrases = [p for p, group in tinyworld_paraphrases(concept, canonical) if group == "synonym"]
-        preserve = (tinyworld_preserve_prompts(concept, budget.preserve) if len(entry.concepts) == 1
-                    else _safe_prompts(entry.concepts, budget.preserve) if shared is None else [])
+        preserve = preservation_prompts(entry, budget.preserve) if shared is None else []
         attacked = subsample(canonical, budget.attack_prompts)
         kwargs = dict(seeds=budget.seeds, judge="tinyworld", grids=False, progress=progress,
                       batch_size=budget.batch_size, base_cache=base_cache)
@@ -427,11 +447,14 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
                 made_with = [recipe(pipe, method, concepts, options) for concepts in _erasures(entry)]
                 jobs.append((method, entry, options, made_with if entry.composed else made_with[0]))
 
+    digests = {e.name: preservation_digest(e, spec.preserve) for e in SUITE}
+
     def finished(key: str, made_with) -> list[dict]:  # by this run or another one into the cache
         found = [r for r in [rows.get(key), *siblings.get(key, [])] if r]
-        method = key.split("/")[0]
+        method, entry = key.split("/")
         # a row that records no config (made before rows recorded one) cannot be checked: it is made again
-        return [r for r in found if "config" in r and same_recipe(r["config"], made_with, method)]
+        return [r for r in found if "config" in r and same_recipe(r["config"], made_with, method)
+                and r.get("preserve_set") == digests[entry]]
 
     def adopt(key: str, made_with) -> bool:
         done = finished(key, made_with)
@@ -466,9 +489,12 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
                 logger.info("[%d/%d] %s%s", i + 1, len(jobs), key, where)
                 if progress:
                     print(f"[{i + 1}/{len(jobs)}] {key}{where}", flush=True)
+                # a row of this erasure audited on another preservation set: its adapter is audited again
+                earlier = next((r for r in [rows.get(key), *siblings.get(key, [])]
+                                if r and "config" in r and same_recipe(r["config"], made_with, method)), None)
                 with processes.alone():  # the row's erasure and audits are this process's own
                     _run_job(pipe, method, entry, options, made_with, spec, job_dir, attacks, results, progress,
-                             work / BASE_IMAGES)
+                             work / BASE_IMAGES, earlier)
         except BusyError:  # a run of other --entries is making this row: adopt it at the end
             busy.append(key)
             continue
@@ -482,6 +508,11 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
         results["rows"] = rows
     siblings = _rows_of_other_runs(work, state, spec)
     made_with_of = {f"{m}/{e.name}": w for m, e, _, w in jobs}
+    for key, row in list(rows.items()):  # rows of other methods that another run has audited again since
+        method, entry = key.split("/")
+        if key not in made_with_of and row.get("preserve_set") != digests.get(entry, ""):
+            rows[key] = next((r for r in siblings.get(key, []) if r.get("preserve_set") == digests.get(entry)
+                              and "config" in r and same_recipe(r["config"], row.get("config"), method)), row)
     for key in busy:  # made by the other run meanwhile, with this run's config: else it is not this run's row
         if not adopt(key, made_with_of[key]):
             rows.pop(key, None)
@@ -618,9 +649,11 @@ def _erase_job(pipe, method: str, erasures: list[tuple[str, ...]], adapter_paths
 
 
 def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, spec: Budget, job_dir: Path,
-             attacks, results: dict, progress: bool, base_cache: Path) -> None:
+             attacks, results: dict, progress: bool, base_cache: Path, earlier: dict | None = None) -> None:
     """Erase, audit and time one row into ``results["rows"]``, holding the job's lock; the audits share the
-    original images in ``base_cache``."""
+    original images in ``base_cache``. ``earlier``: a row of the same erasure audited on another preservation set;
+    if the cache holds its adapter (the same making: the erase time it records), the row keeps that row's time
+    (what making it cost) and records the audit's own as ``reaudit_seconds``."""
     from .. import compose
 
     budget_record = spec.record()
@@ -637,6 +670,7 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
     erase_info = json.loads(erase_info_path.read_text()) if erase_info_path.exists() else None  # this job's?
     if not (all(p.exists() for p in adapter_paths) and _same_erasure(erase_info, options, made_with, method, spec)):
         erase_info = None
+    cached = erase_info is not None
     if erase_info is None:  # (a gated entry's adapters are copied from the composed entry's: _erase_job's _reuse)
         measured = _erase_job(pipe, method, erasures, adapter_paths, options,
                               made_with if entry.composed else [made_with], spec, job_dir)
@@ -652,9 +686,14 @@ def _run_job(pipe, method: str, entry: Entry, options: dict, made_with: dict, sp
     names = [compose.load(pipe, adapter, name=path.stem) for adapter, path in zip(adapters, adapter_paths)]
     try:
         row.update(audit_entry(pipe, entry, spec, job_dir, attacks, progress, base_cache))
+        row["preserve_set"] = preservation_digest(entry, spec.preserve)
     finally:
         compose.unload(pipe, names)
     row["generation"] = generation_overhead(pipe, adapters, spec.timing_repeats)
-    row["row_seconds"] = round(time.time() - row_started, 1)
+    seconds = round(time.time() - row_started, 1)
+    if cached and earlier and earlier.get("row_seconds") and earlier.get("erase_seconds") == row["erase_seconds"]:
+        row["row_seconds"], row["reaudit_seconds"] = earlier["row_seconds"], seconds
+    else:
+        row["row_seconds"] = seconds
     row["made"] = {k: results["run"].get(k) for k in ("date", "git_commit")}  # rows outlive runs (resume, adopt)
     rows[key] = row

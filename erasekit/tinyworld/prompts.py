@@ -80,7 +80,13 @@ def paraphrases(concept: str, prompts: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def preserve_prompts(concept: str, limit: int = 36) -> list[str]:
-    """Canonical prompts of the *other* values of the concept's attribute (evenly subsampled to ``limit``)."""
+    """Canonical prompts of the *other* values of the concept's attribute: ``limit`` scenes of the standard grid
+    (for a background, solid scenes on the other backgrounds), balanced over every attribute (:func:`balanced`).
+
+    The other values of the concept's own attribute come in turn (16 prompts of a texture: 6, 5 and 5 of the
+    other three), and each pick shows the shapes, colours and textures shown least so far, so that a preservation
+    drop measured on them covers every value rather than a subset the grid's order happens to repeat.
+    """
     from .eval import standard_grid
 
     attribute, name = concept_of(concept)
@@ -89,8 +95,41 @@ def preserve_prompts(concept: str, limit: int = 36) -> list[str]:
                   for s in SHAPES for c in COLOURS]
     else:
         scenes = [s for s in standard_grid() if getattr(s, attribute) != name]
-    step = max(1, len(scenes) // limit)
-    return [s.prompt() for s in scenes[::step][:limit]]
+    return [s.prompt() for s in balanced(scenes, limit, attribute)]
+
+
+def balanced(scenes: Sequence[Scene], limit: int, first: str) -> list[Scene]:
+    """``limit`` of ``scenes`` (all of them when there are no more), chosen one at a time: the scene whose value of
+    attribute ``first`` has been chosen least, then whose values of the other attributes have been chosen least
+    (summed), then whose pairs of values have; ties go to the earlier scene. Deterministic, and no aliasing with
+    the order of ``scenes`` (an even step over the grid chose one texture only: every sixth scene is solid)."""
+    remaining = list(scenes)
+    if len(remaining) <= limit:
+        return remaining
+    names = ("shape", "colour", "texture", "background")
+    others = [a for a in names if a != first]
+    seen: dict[tuple, int] = {}
+
+    def count(*key) -> int:
+        return seen.get(key, 0)
+
+    def cost(scene: Scene) -> tuple[int, int, int]:
+        values = {a: getattr(scene, a) for a in names}
+        pairs = [(a, values[a], b, values[b]) for i, a in enumerate(names) for b in names[i + 1:]]
+        return (count(first, values[first]), sum(count(a, values[a]) for a in others),
+                sum(count(*pair) for pair in pairs))
+
+    chosen = []
+    for _ in range(limit):
+        pick = min(range(len(remaining)), key=lambda i: cost(remaining[i]))
+        scene = remaining.pop(pick)
+        chosen.append(scene)
+        values = {a: getattr(scene, a) for a in names}
+        for i, a in enumerate(names):
+            seen[(a, values[a])] = count(a, values[a]) + 1
+            for b in names[i + 1:]:
+                seen[(a, values[a], b, values[b])] = count(a, values[a], b, values[b]) + 1
+    return chosen
 
 
 def concept_pairs(concept: str) -> tuple[list[str], list[str]]:
