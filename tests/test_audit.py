@@ -79,7 +79,13 @@ def test_summary_by_hand():
     p = s["preservation"]
     assert (p["accuracy_original"], p["accuracy_erased"], p["drop"]) == (1.0, 0.5, 0.5)
     assert (p["other_attributes_original"], p["other_attributes_erased"]) == (1.0, 0.5)
+    assert p["broken"] == 0.5
     assert s["harmonic_mean"] == pytest.approx(A.harmonic_mean(0.75, 0.5))
+    mended = {"kind": "preserve", "prompt": "r3", "seed": 0, "attack": "none", "attribute": "shape",
+              "expected": {"shape": "star", "colour": "blue"}, "original_labels": {"shape": "cross", "colour": "blue"},
+              "labels": {"shape": "star", "colour": "blue"}}  # an original error the erasure mends
+    p = A.summarize(records + [mended], "circle", ["x", "y"])["preservation"]
+    assert p["drop"] == pytest.approx(0.0) and p["broken"] == pytest.approx(1 / 3)  # the drop nets them, not broken
     assert "| x | 4 | 25.0 % | 50.0 % |" in A.summary_table(s)
 
 

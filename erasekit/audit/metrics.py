@@ -119,7 +119,9 @@ def summarize(records: Sequence[dict], concept: str, attacks: Sequence[str]) -> 
 
 def preservation(rows: Sequence[dict]) -> dict:
     """Preservation measures of the "preserve" records: the judge's accuracy on the other concepts (and on the other
-    attributes) with the erasure off and on, and their drops; the CLIP scores when the judge gives them."""
+    attributes) with the erasure off and on, and their drops; ``broken``: the share of images the original drew as
+    asked and the erased model does not (the drop counts, against these, the original's errors the erasure mends);
+    the CLIP scores when the judge gives them."""
     if not rows:
         return {}
     out: dict = {"images": len(rows)}
@@ -134,6 +136,11 @@ def preservation(rows: Sequence[dict]) -> dict:
                                                              [r["expected"][a] for r in labelled]) for a in others])
         out["attribute"] = attribute
         out["drop"] = preservation_drop(out["accuracy_original"], out["accuracy_erased"])
+        # the drop nets images the erasure spoils against original errors it happens to mend: the spoiled ones alone
+        def right(r, field_):
+            return r[field_][attribute] == r["expected"][attribute]
+
+        out["broken"] = rate([right(r, "original_labels") and not right(r, "labels") for r in labelled])
         out["other_attributes_drop"] = preservation_drop(out["other_attributes_original"], out["other_attributes_erased"])
     clipped = [r for r in rows if "clip" in r]
     if clipped:

@@ -57,7 +57,8 @@ def summary_table(summary: dict) -> str:
     pres = summary.get("preservation") or {}
     if "accuracy_original" in pres:
         lines += [f"| preservation: {pres['attribute']} accuracy on other concepts, original → erased | "
-                  f"{_pct(pres['accuracy_original'])} → {_pct(pres['accuracy_erased'])} (drop {_pct(pres['drop'])}) |",
+                  f"{_pct(pres['accuracy_original'])} → {_pct(pres['accuracy_erased'])} (drop {_pct(pres['drop'])}; "
+                  f"drawn as asked before, not after: {_pct(pres.get('broken'))}) |",
                   f"| preservation: other attributes, original → erased | {_pct(pres['other_attributes_original'])} → "
                   f"{_pct(pres['other_attributes_erased'])} |"]
     if "clip_original" in pres:
@@ -215,7 +216,7 @@ def write_report(out_dir: Path, summary: dict, records: Sequence[dict], attacks:
     if "accuracy_original" in pres:
         pres_html = (f"<p>Preservation ({cell(pres['attribute'])} accuracy on other concepts): "
                      f"{_pct(pres['accuracy_original'])} → {_pct(pres['accuracy_erased'])} "
-                     f"(drop {_pct(pres['drop'])})</p>")
+                     f"(drop {_pct(pres['drop'])}; drawn as asked before, not after: {_pct(pres.get('broken'))})</p>")
     if "clip_original" in pres:
         pres_html += (f"<p>CLIP score on other prompts: {_num(pres['clip_original'], 3)} → "
                       f"{_num(pres['clip_erased'], 3)}</p>")
