@@ -25,6 +25,7 @@ def test_suite_rows_have_every_measure(bench):
     assert set(results["rows"]) == {f"uce/{e.name}" for e in SUITE if not e.methods or "uce" in e.methods}
     shape = results["rows"]["uce/shape"]
     assert shape["erasure_rate"] == 1.0 and shape["preservation_drop"] <= 0.5  # UCE erases circle on tinyworld
+    assert 0 <= shape["preservation_broken"] <= 1 and shape["preservation_broken"] >= shape["preservation_drop"]
     assert set(shape["asr"]) == {"paraphrase"} and shape["seconds_per_attacked_prompt"]["paraphrase"] > 0
     assert shape["erase_seconds"] > 0 and shape["peak_memory_mb"] > 100 and shape["adapter_mb"] > 0
     assert "overhead" in shape["generation"]

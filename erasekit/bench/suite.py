@@ -283,6 +283,7 @@ def audit_entry(pipe, entry: Entry, budget: Budget, work: Path, attacks: Sequenc
         row = {"erasure_rate": erasure["target"]["erasure_rate"],
                "paraphrase_erasure_rate": erasure["paraphrase"]["erasure_rate"],
                "preservation_drop": erasure["preservation"].get("drop"),
+               "preservation_broken": erasure["preservation"].get("broken"),
                "other_attributes_drop": erasure["preservation"].get("other_attributes_drop")}
         if attack:
             summary = audit(pipe, concept, attacks=attacks, prompts=attacked, paraphrases=[], preserve_prompts=[],
@@ -301,8 +302,8 @@ def _average(rows: list[dict]) -> dict:
     from ..audit import mean
 
     out = {}
-    for key in ("erasure_rate", "paraphrase_erasure_rate", "preservation_drop", "other_attributes_drop", "pre_asr",
-                "union_asr"):
+    for key in ("erasure_rate", "paraphrase_erasure_rate", "preservation_drop", "preservation_broken",
+                "other_attributes_drop", "pre_asr", "union_asr"):
         values = [r[key] for r in rows if r.get(key) is not None]
         out[key] = mean(values) if values else None
     for key in ("asr", "seconds_per_attacked_prompt", "seconds_per_concept"):
@@ -439,13 +440,13 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
         atomic_write(state, json.dumps(results, indent=1, default=str).encode())
         write_results(path, results)
 
-    jobs = []
-    for method in methods:
-        for entry in entries_for(method, spec.trained_entries):
-            if not entries or entry.name in entries:
-                options = trained_options(method, entry.concepts, spec.scale_for(method))
-                made_with = [recipe(pipe, method, concepts, options) for concepts in _erasures(entry)]
-                jobs.append((method, entry, options, made_with if entry.composed else made_with[0]))
+    def job(method: str, entry: Entry) -> tuple:  # (method, entry, options, resolved config(s) it is made with)
+        options = trained_options(method, entry.concepts, spec.scale_for(method))
+        made_with = [recipe(pipe, method, concepts, options) for concepts in _erasures(entry)]
+        return method, entry, options, made_with if entry.composed else made_with[0]
+
+    jobs = [job(method, entry) for method in methods for entry in entries_for(method, spec.trained_entries)
+            if not entries or entry.name in entries]
 
     digests = {e.name: preservation_digest(e, spec.preserve) for e in SUITE}
 
@@ -508,11 +509,11 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
         results["rows"] = rows
     siblings = _rows_of_other_runs(work, state, spec)
     made_with_of = {f"{m}/{e.name}": w for m, e, _, w in jobs}
-    for key, row in list(rows.items()):  # rows of other methods that another run has audited again since
+    entries_of = {e.name: e for e in SUITE}
+    for key in list(rows):  # rows of other methods that another run into the cache has made again since
         method, entry = key.split("/")
-        if key not in made_with_of and row.get("preserve_set") != digests.get(entry, ""):
-            rows[key] = next((r for r in siblings.get(key, []) if r.get("preserve_set") == digests.get(entry)
-                              and "config" in r and same_recipe(r["config"], row.get("config"), method)), row)
+        if key not in made_with_of and method in METHODS and entry in entries_of and siblings.get(key):
+            adopt(key, job(method, entries_of[entry])[3])  # kept if it is one of today's itself
     for key in busy:  # made by the other run meanwhile, with this run's config: else it is not this run's row
         if not adopt(key, made_with_of[key]):
             rows.pop(key, None)
