@@ -16,8 +16,10 @@ loaded gated by prompt similarity (:func:`erasekit.compose.gated`). For each (me
 Rows are appended to ``results.json`` as they finish, and to a copy in the ``--work`` cache: a rerun with the same
 cache skips finished rows (adapters and audits are cached there too, and what every row's audits share: the original
 images and Ring-A-Bell's searches on the original text encoder, ``base-images``) unless the method's resolved config
-or the budget changed since (a new preset or default: :func:`recipe`; a cached row or adapter that records no
-config, made by an erasekit from before rows recorded one, cannot be checked and is made again), so a killed bench
+or the budget changed since (a new preset or default: :func:`recipe`; a row audited on other preservation
+prompts than today's, :func:`preservation_digest`, is audited again, its cached adapter kept; a cached row or
+adapter that records no config, made by an erasekit from before rows recorded one, cannot be checked and is made
+again), so a killed bench
 loses at most the row it was in (of a composed row, the adapter it was making: each is kept as it is made; a
 composed row copies the adapters the single-concept rows made with the same erasure, circle's from the shape row,
 and they copy its), while a
@@ -236,10 +238,10 @@ def _safe_prompts(concepts: Sequence[str], n: int) -> list[str]:
 
 
 def preservation_prompts(entry: Entry, count: int) -> list[str]:
-    """The ``count`` prompts of other concepts the erasure audit of ``entry`` judges preservation on (a budget's
-    ``preserve``): for one concept,
-    tinyworld's balanced set of its attribute's other values (:func:`erasekit.tinyworld.prompts.preserve_prompts`);
-    for several, canonical grid prompts that show none of them (one set, shared by the concepts)."""
+    """The ``count`` prompts of other concepts (a budget's ``preserve``) the erasure audit of ``entry`` judges
+    preservation on: for one concept, tinyworld's balanced set of its attribute's other values
+    (:func:`erasekit.tinyworld.prompts.preserve_prompts`); for several, canonical grid prompts that show none of
+    them (one set, shared by the concepts)."""
     from ..audit import tinyworld_preserve_prompts
 
     if len(entry.concepts) == 1:
