@@ -35,7 +35,7 @@ the one results file with the rows one process gives (:mod:`erasekit.bench.shard
 
 Budgets (:data:`BUDGETS`): ``quick`` audits fewer prompts, runs the trained methods on the shape entry only at
 half their tinyworld iterations (AdvUnlearn at a quarter of its iterations and inner attack steps), and attacks the
-shape entry only (about 20 minutes on a 2-core CPU, 30 rows); ``full`` runs every method on every entry at its
+shape entry only (about 31 minutes on a 2-core CPU, 32 rows); ``full`` runs every method on every entry at its
 tinyworld defaults and attacks every entry.
 
 >>> from erasekit.bench import run_suite
