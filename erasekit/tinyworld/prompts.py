@@ -4,6 +4,7 @@ Shared by the audit, the prompt-level attacks, the CLI's demo and render, and th
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Sequence
 
 from ..errors import ConfigError
@@ -83,7 +84,7 @@ def preserve_prompts(concept: str, limit: int = 36) -> list[str]:
     """Canonical prompts of the *other* values of the concept's attribute: ``limit`` scenes of the standard grid
     (for a background, solid scenes on the other backgrounds), balanced over every attribute (:func:`balanced`).
 
-    The other values of the concept's own attribute come in turn (16 prompts of a texture: 6, 5 and 5 of the
+    The other values of the concept's own attribute come in turn (16 prompts of a texture: 5 or 6 of each of the
     other three), and each pick shows the shapes, colours and textures shown least so far, so that a preservation
     drop measured on them covers every value rather than a subset the grid's order happens to repeat.
     """
@@ -107,28 +108,23 @@ def balanced(scenes: Sequence[Scene], limit: int, first: str) -> list[Scene]:
     if len(remaining) <= limit:
         return remaining
     names = ("shape", "colour", "texture", "background")
-    others = [a for a in names if a != first]
-    seen: dict[tuple, int] = {}
+    seen: Counter = Counter()  # how often each (attribute, value) and each pair of them has been chosen
 
-    def count(*key) -> int:
-        return seen.get(key, 0)
+    def keys(scene: Scene) -> tuple[list, list]:
+        values = [(a, getattr(scene, a)) for a in names]
+        return values, [(x, y) for i, x in enumerate(values) for y in values[i + 1:]]
 
     def cost(scene: Scene) -> tuple[int, int, int]:
-        values = {a: getattr(scene, a) for a in names}
-        pairs = [(a, values[a], b, values[b]) for i, a in enumerate(names) for b in names[i + 1:]]
-        return (count(first, values[first]), sum(count(a, values[a]) for a in others),
-                sum(count(*pair) for pair in pairs))
+        values, pairs = keys(scene)
+        return (seen[(first, getattr(scene, first))], sum(seen[v] for v in values if v[0] != first),
+                sum(seen[p] for p in pairs))
 
     chosen = []
     for _ in range(limit):
-        pick = min(range(len(remaining)), key=lambda i: cost(remaining[i]))
-        scene = remaining.pop(pick)
+        scene = remaining.pop(min(range(len(remaining)), key=lambda i: cost(remaining[i])))
         chosen.append(scene)
-        values = {a: getattr(scene, a) for a in names}
-        for i, a in enumerate(names):
-            seen[(a, values[a])] = count(a, values[a]) + 1
-            for b in names[i + 1:]:
-                seen[(a, values[a], b, values[b])] = count(a, values[a], b, values[b]) + 1
+        values, pairs = keys(scene)
+        seen.update(values + pairs)
     return chosen
 
 
