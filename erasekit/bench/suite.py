@@ -452,12 +452,13 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
 
     digests = {e.name: preservation_digest(e, spec.preserve) for e in SUITE}
 
-    def finished(key: str, made_with) -> list[dict]:  # by this run or another one into the cache
+    def made_alike(key: str, made_with) -> list[dict]:  # rows of this erasure, by this run or another into the cache
         found = [r for r in [rows.get(key), *siblings.get(key, [])] if r]
-        method, entry = key.split("/")
         # a row that records no config (made before rows recorded one) cannot be checked: it is made again
-        return [r for r in found if "config" in r and same_recipe(r["config"], made_with, method)
-                and r.get("preserve_set") == digests[entry]]
+        return [r for r in found if "config" in r and same_recipe(r["config"], made_with, key.split("/")[0])]
+
+    def finished(key: str, made_with) -> list[dict]:  # ... audited on today's preservation set
+        return [r for r in made_alike(key, made_with) if r.get("preserve_set") == digests[key.split("/")[1]]]
 
     def adopt(key: str, made_with) -> bool:
         done = finished(key, made_with)
@@ -493,8 +494,7 @@ def _run_jobs(pipe, spec: Budget, methods, attacks, entries, work: Path, state: 
                 if progress:
                     print(f"[{i + 1}/{len(jobs)}] {key}{where}", flush=True)
                 # a row of this erasure audited on another preservation set: its adapter is audited again
-                earlier = next((r for r in [rows.get(key), *siblings.get(key, [])]
-                                if r and "config" in r and same_recipe(r["config"], made_with, method)), None)
+                earlier = next(iter(made_alike(key, made_with)), None)
                 with processes.alone():  # the row's erasure and audits are this process's own
                     _run_job(pipe, method, entry, options, made_with, spec, job_dir, attacks, results, progress,
                              work / BASE_IMAGES, earlier)

@@ -107,7 +107,7 @@ def balanced(scenes: Sequence[Scene], limit: int, first: str) -> list[Scene]:
     remaining = list(scenes)
     if len(remaining) <= limit:
         return remaining
-    names = ("shape", "colour", "texture", "background")
+    names = tuple(ATTRIBUTES)
     seen: Counter = Counter()  # how often each (attribute, value) and each pair of them has been chosen
 
     def keys(scene: Scene) -> tuple[list, list]:
